@@ -1,0 +1,69 @@
+"""The `onnx-resync` command line: a thin face over the Python API.
+
+Each subcommand lives in onnx_resync/commands/<name>.py and exposes `register(subparsers)`, which
+adds its parser and sets `func` (args -> exit code). Results go to stdout, logs to stderr.
+Exit codes: 0 pass, 1 check failed, 2 usage, 3+ load or runtime error (one line, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from .errors import ResyncError
+
+COMMANDS = ("demo", "groups", "permute", "resync", "verify", "audit")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="onnx-resync",
+        description="Find, apply, undo and recover neuron permutations in ONNX models.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"onnx_resync.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"onnx_resync.commands.{name}":
+                raise
+            continue  # command not built yet
+        module.register(sub)
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except ResyncError as exc:
+        print(f"onnx-resync: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("onnx-resync: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("onnx-resync: error: out of memory", file=sys.stderr)
+        return 4
+    except Exception as exc:  # last line of defence: never a traceback unless asked for
+        if os.environ.get("ONNX_RESYNC_DEBUG"):
+            raise
+        print(f"onnx-resync: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 5
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""Model I/O: safe loading (with external data), weight access, atomic saving.
+
+Weights live in two places in real files: graph initializers and Constant nodes. `WeightStore` hides
+the difference so the rest of the package reads and writes both the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import LoadError, UsageError
+
+# protobuf cannot serialize a message past 2 GiB; leave headroom for the graph itself.
+INLINE_LIMIT_BYTES = 2**31 - 2**26
+
+
+def _iter_graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto that may carry weight data, subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.TENSORS:
+                yield from attr.tensors
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _iter_graph_tensors(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for g in attr.graphs:
+                    yield from _iter_graph_tensors(g)
+
+
+def _external_info(tensor: onnx.TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in tensor.external_data}
+
+
+def check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
+    """Refuse external data that points outside the model's folder or is missing/short."""
+    root = base_dir.resolve()
+    for tensor in _iter_graph_tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = _external_info(tensor)
+        location = info.get("location", "")
+        if not location:
+            raise LoadError(f"tensor {tensor.name!r} has external data without a location")
+        if os.path.isabs(location) or location.startswith(("/", "\\")):
+            raise LoadError(f"tensor {tensor.name!r}: external data path {location!r} is absolute; refused")
+        target = (root / location).resolve()
+        if root not in target.parents:
+            raise LoadError(f"tensor {tensor.name!r}: external data path {location!r} leaves the model's folder; refused")
+        if not target.is_file():
+            raise LoadError(f"tensor {tensor.name!r}: external data file {location!r} is missing")
+        try:
+            offset = int(info.get("offset", 0))
+            length = int(info["length"]) if "length" in info else None
+        except ValueError:
+            raise LoadError(f"tensor {tensor.name!r}: external data offset/length is not an integer") from None
+        size = target.stat().st_size
+        if offset < 0 or offset > size or (length is not None and (length < 0 or offset + length > size)):
+            raise LoadError(f"tensor {tensor.name!r}: external data file {location!r} is too short")
+
+
+def load_model(path: str | os.PathLike, *, load_weights: bool = True) -> onnx.ModelProto:
+    """Load an ONNX file, turning every failure into a one-line LoadError.
+
+    With load_weights=False, external data is left on disk (the walker needs shapes only).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise LoadError(f"{path}: no such file")
+    if not path.is_file():
+        raise LoadError(f"{path}: not a regular file")
+    try:
+        model = onnx.load_model(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning, ValueError...
+        raise LoadError(f"{path}: not a readable ONNX protobuf ({type(exc).__name__})") from None
+    if not model.HasField("graph") or model.ir_version <= 0:
+        raise LoadError(f"{path}: not an ONNX model (no graph or ir_version)")
+    check_external_data(model, path.parent)
+    if load_weights:
+        try:
+            onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+        except Exception as exc:
+            raise LoadError(f"{path}: cannot read external data ({exc})") from None
+    try:
+        onnx.checker.check_model(model) if model.ByteSize() < INLINE_LIMIT_BYTES else None
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
+        raise LoadError(f"{path}: invalid ONNX model: {first}") from None
+    except Exception as exc:
+        raise LoadError(f"{path}: invalid ONNX model ({type(exc).__name__})") from None
+    return model
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def refuse_overwrite(out_path: str | os.PathLike, inputs: Iterable[str | os.PathLike]) -> None:
+    """Raise UsageError when out_path names one of the inputs (or their external data)."""
+    out = Path(out_path)
+    for inp in inputs:
+        inp = Path(inp)
+        if out.resolve() == inp.resolve() or _same_file(out, inp):
+            raise UsageError(f"output {out} is an input file; refusing to overwrite it")
+
+
+def save_model(
+    model: onnx.ModelProto, out_path: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = ()
+) -> Path:
+    """Write atomically: temp files in the target folder, then rename; never over an input.
+
+    Models past the protobuf limit get their large tensors in '<name>.data' beside the file.
+    A run killed at any point leaves the old output or the complete new one.
+    """
+    out = Path(out_path)
+    refuse_overwrite(out, inputs)
+    folder = out.parent
+    if not folder.is_dir():
+        raise UsageError(f"output folder {folder} does not exist")
+    data_name = out.name + ".data"
+    external = model.ByteSize() >= INLINE_LIMIT_BYTES
+    if external:
+        refuse_overwrite(folder / data_name, [Path(p).parent / _data_file(p) for p in inputs])
+    tmp_paths: list[Path] = []
+    try:
+        moved: list[tuple[onnx.TensorProto, bytes]] = []
+        if external:
+            data_tmp = _temp_path(folder, data_name)
+            tmp_paths.append(data_tmp)
+            moved = _write_external_data(model, data_tmp, data_name)
+        model_tmp = _temp_path(folder, out.name)
+        tmp_paths.append(model_tmp)
+        try:
+            _write_bytes(model_tmp, model.SerializeToString())
+        finally:
+            for tensor, raw in moved:  # give the caller's model its data back
+                tensor.ClearField("external_data")
+                tensor.data_location = onnx.TensorProto.DEFAULT
+                tensor.raw_data = raw
+        if external:
+            os.replace(data_tmp, folder / data_name)
+        os.replace(model_tmp, out)
+    finally:
+        for p in tmp_paths:
+            if p.exists():
+                p.unlink()
+    return out
+
+
+def _data_file(model_path: str | os.PathLike) -> str:
+    return Path(model_path).name + ".data"
+
+
+def _write_bytes(path: Path, payload: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(payload)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _write_external_data(
+    model: onnx.ModelProto, data_path: Path, location: str
+) -> list[tuple[onnx.TensorProto, bytes]]:
+    """Move every large tensor's bytes into data_path; return what was moved so it can be restored."""
+    moved = []
+    with open(data_path, "wb") as fh:
+        for tensor in _iter_graph_tensors(model.graph):
+            if not tensor.HasField("raw_data") or len(tensor.raw_data) < 1024:
+                continue
+            offset = fh.tell()
+            raw = tensor.raw_data
+            fh.write(raw)
+            moved.append((tensor, raw))
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+        fh.flush()
+        os.fsync(fh.fileno())
+    return moved
+
+
+def _temp_path(folder: Path, name: str) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    return Path(tmp)
+
+
+class WeightStore:
+    """Read and write weights by tensor name, whether initializer or Constant-node output."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self._tensors: dict[str, onnx.TensorProto] = {}
+        for init in model.graph.initializer:
+            self._tensors[init.name] = init
+        for node in model.graph.node:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output:
+                for attr in node.attribute:
+                    if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                        self._tensors[node.output[0]] = attr.t
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._tensors
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in self._tensors[name].dims)
+
+    def dtype(self, name: str) -> np.dtype:
+        return onnx.helper.tensor_dtype_to_np_dtype(self._tensors[name].data_type)
+
+    def get(self, name: str) -> np.ndarray:
+        try:
+            return numpy_helper.to_array(self._tensors[name])
+        except Exception as exc:
+            raise LoadError(f"weight {name!r} cannot be read ({exc})") from None
+
+    def set(self, name: str, array: np.ndarray) -> None:
+        """Replace a weight's values in place, keeping its name and dtype."""
+        old = self._tensors[name]
+        new = numpy_helper.from_array(np.ascontiguousarray(array).astype(self.dtype(name), copy=False), name=old.name)
+        old.ClearField("external_data")
+        old.data_location = onnx.TensorProto.DEFAULT
+        for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+            old.ClearField(field)
+        old.raw_data = new.raw_data
+        del old.dims[:]
+        old.dims.extend(new.dims)
