@@ -63,9 +63,28 @@ def check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
             length = int(info["length"]) if "length" in info else None
         except ValueError:
             raise LoadError(f"tensor {tensor.name!r}: external data offset/length is not an integer") from None
+        if length is None:
+            length = _expected_nbytes(tensor)
         size = target.stat().st_size
         if offset < 0 or offset > size or (length is not None and (length < 0 or offset + length > size)):
             raise LoadError(f"tensor {tensor.name!r}: external data file {location!r} is too short")
+
+
+_FIXED_ITEMSIZE = {
+    onnx.TensorProto.FLOAT: 4, onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.FLOAT16: 2,
+    onnx.TensorProto.BFLOAT16: 2, onnx.TensorProto.INT8: 1, onnx.TensorProto.UINT8: 1,
+    onnx.TensorProto.INT16: 2, onnx.TensorProto.UINT16: 2, onnx.TensorProto.INT32: 4,
+    onnx.TensorProto.UINT32: 4, onnx.TensorProto.INT64: 8, onnx.TensorProto.UINT64: 8,
+    onnx.TensorProto.BOOL: 1,
+}
+
+
+def _expected_nbytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes a tensor's data must have; None where not simple (strings, sub-byte types)."""
+    itemsize = _FIXED_ITEMSIZE.get(tensor.data_type)
+    if itemsize is None:
+        return None
+    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
 
 
 def load_model(path: str | os.PathLike, *, load_weights: bool = True) -> onnx.ModelProto:
@@ -91,7 +110,13 @@ def load_model(path: str | os.PathLike, *, load_weights: bool = True) -> onnx.Mo
         except Exception as exc:
             raise LoadError(f"{path}: cannot read external data ({exc})") from None
     try:
-        onnx.checker.check_model(model) if model.ByteSize() < INLINE_LIMIT_BYTES else None
+        external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in _iter_graph_tensors(model.graph))
+        if external or model.ByteSize() >= INLINE_LIMIT_BYTES:
+            # Unloaded external data is resolved against the model's folder only when checked by path
+            # (checking the proto looks in the current directory); a path check also has no 2 GiB limit.
+            onnx.checker.check_model(str(path))
+        else:
+            onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
         raise LoadError(f"{path}: invalid ONNX model: {first}") from None
@@ -135,19 +160,21 @@ def save_model(
         refuse_overwrite(folder / data_name, [Path(p).parent / _data_file(p) for p in inputs])
     tmp_paths: list[Path] = []
     try:
-        moved: list[tuple[onnx.TensorProto, bytes]] = []
-        if external:
-            data_tmp = _temp_path(folder, data_name)
-            tmp_paths.append(data_tmp)
-            moved = _write_external_data(model, data_tmp, data_name)
-        model_tmp = _temp_path(folder, out.name)
-        tmp_paths.append(model_tmp)
+        moved: list[tuple[onnx.TensorProto, bytes, bool]] = []
         try:
+            if external:
+                data_tmp = _temp_path(folder, data_name)
+                tmp_paths.append(data_tmp)
+                _write_external_data(model, data_tmp, data_name, moved)
+            model_tmp = _temp_path(folder, out.name)
+            tmp_paths.append(model_tmp)
             _write_bytes(model_tmp, model.SerializeToString())
         finally:
-            for tensor, raw in moved:  # give the caller's model its data back
+            for tensor, raw, had_location in moved:  # give the caller's model its data back, byte for byte
                 tensor.ClearField("external_data")
-                tensor.data_location = onnx.TensorProto.DEFAULT
+                tensor.ClearField("data_location")
+                if had_location:  # proto2: an explicitly set default is serialized, an unset one is not
+                    tensor.data_location = onnx.TensorProto.DEFAULT
                 tensor.raw_data = raw
         if external:
             os.replace(data_tmp, folder / data_name)
@@ -171,10 +198,10 @@ def _write_bytes(path: Path, payload: bytes) -> None:
 
 
 def _write_external_data(
-    model: onnx.ModelProto, data_path: Path, location: str
-) -> list[tuple[onnx.TensorProto, bytes]]:
-    """Move every large tensor's bytes into data_path; return what was moved so it can be restored."""
-    moved = []
+    model: onnx.ModelProto, data_path: Path, location: str, moved: list[tuple[onnx.TensorProto, bytes, bool]]
+) -> None:
+    """Move every large tensor's bytes into data_path, recording in `moved` (as it goes, so that a
+    failure half-way can still be undone) what to restore."""
     with open(data_path, "wb") as fh:
         for tensor in _iter_graph_tensors(model.graph):
             if not tensor.HasField("raw_data") or len(tensor.raw_data) < 1024:
@@ -182,7 +209,7 @@ def _write_external_data(
             offset = fh.tell()
             raw = tensor.raw_data
             fh.write(raw)
-            moved.append((tensor, raw))
+            moved.append((tensor, raw, tensor.HasField("data_location")))
             tensor.ClearField("raw_data")
             tensor.data_location = onnx.TensorProto.EXTERNAL
             for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
@@ -190,13 +217,25 @@ def _write_external_data(
                 entry.key, entry.value = key, value
         fh.flush()
         os.fsync(fh.fileno())
-    return moved
 
 
 def _temp_path(folder: Path, name: str) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
+    try:
+        # mkstemp makes the file 0600; a saved model should get the usual mode (or keep the old file's).
+        target = folder / name
+        os.fchmod(fd, target.stat().st_mode & 0o777 if target.exists() else 0o666 & ~_umask())
+    except (AttributeError, OSError):  # no fchmod on Windows
+        pass
+    finally:
+        os.close(fd)
     return Path(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 class WeightStore:
@@ -235,8 +274,9 @@ class WeightStore:
         """Replace a weight's values in place, keeping its name and dtype."""
         old = self._tensors[name]
         new = numpy_helper.from_array(np.ascontiguousarray(array).astype(self.dtype(name), copy=False), name=old.name)
-        old.ClearField("external_data")
-        old.data_location = onnx.TensorProto.DEFAULT
+        if old.data_location == onnx.TensorProto.EXTERNAL:
+            old.ClearField("external_data")
+            old.ClearField("data_location")  # not DEFAULT: proto2 would serialize it, changing the bytes
         for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
             old.ClearField(field)
         old.raw_data = new.raw_data

@@ -1,0 +1,106 @@
+"""Elements and labels: the vocabulary of the channel-flow model (DESIGN.md, walk).
+
+An *element* is one hidden channel, created by a producer (Conv, Gemm, ...). A *label* says, for
+each position of one tensor axis, which element sits there (`elem`) and which sub-position of that
+element's block (`sub`, non-zero after Flatten merges a channel with trailing axes). Binary ops
+*union* elements (a residual stream is one neuron across many producers); anything the walker
+cannot follow *pins* them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True, eq=False)
+class Label:
+    """Which element (and sub-position) sits at each position of one tensor axis."""
+
+    elem: np.ndarray  # int64, one element id per position
+    sub: np.ndarray  # int64, sub-position inside the element's block
+
+    def __len__(self) -> int:
+        return len(self.elem)
+
+    @staticmethod
+    def of(elem: np.ndarray, sub: np.ndarray | None = None) -> "Label":
+        elem = np.asarray(elem, dtype=np.int64)
+        sub = np.zeros_like(elem) if sub is None else np.asarray(sub, dtype=np.int64)
+        return Label(elem, sub)
+
+    def take(self, index: np.ndarray) -> "Label":
+        """The label of a gathered/sliced axis."""
+        return Label(self.elem[index], self.sub[index])
+
+    def repeat_blocks(self, inner: int) -> "Label":
+        """Each position becomes a block of `inner` positions (Flatten/Reshape merging trailing axes)."""
+        if inner == 1:
+            return self
+        elem = np.repeat(self.elem, inner)
+        sub = (self.sub[:, None] * inner + np.arange(inner)[None, :]).reshape(-1)
+        return Label(elem, sub)
+
+    def tile(self, outer: int) -> "Label":
+        """The whole label repeated `outer` times (merging with leading axes); sub tells copies apart."""
+        if outer == 1:
+            return self
+        n = len(self)
+        sub = (np.arange(outer)[:, None] * (int(self.sub.max(initial=0)) + 1) + self.sub[None, :]).reshape(-1)
+        return Label(np.tile(self.elem, outer), sub)
+
+    @staticmethod
+    def concat(labels: list["Label"]) -> "Label":
+        return Label(np.concatenate([l.elem for l in labels]), np.concatenate([l.sub for l in labels]))
+
+
+class ElementTable:
+    """Allocates elements, unions them (union-find) and records pins with their reasons."""
+
+    def __init__(self) -> None:
+        self._parent: list[int] = []
+        self.origin: list[int] = []  # which producer record created each element
+        self.origins: list[dict] = []  # producer records: node name, op, output, kind
+        self.pins: dict[int, str] = {}  # element -> first reason it was pinned
+        self.tags: dict[int, list] = {}  # element -> extra constraints (e.g. grouped-conv block)
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def new(self, count: int, *, node: str, op: str, kind: str = "producer", output: str = "") -> Label:
+        start = len(self._parent)
+        self._parent.extend(range(start, start + count))
+        self.origin.extend([len(self.origins)] * count)
+        self.origins.append({"node": node, "op": op, "kind": kind, "output": output, "start": start, "count": count})
+        return Label.of(np.arange(start, start + count))
+
+    def find(self, e: int) -> int:
+        parent = self._parent
+        root = e
+        while parent[root] != root:
+            root = parent[root]
+        while parent[e] != root:
+            parent[e], e = root, parent[e]
+        return root
+
+    def union(self, a: np.ndarray, b: np.ndarray) -> None:
+        for x, y in zip(a.tolist(), b.tolist()):
+            rx, ry = self.find(x), self.find(y)
+            if rx != ry:
+                # keep the older element as root so roots follow topological order
+                if rx < ry:
+                    self._parent[ry] = rx
+                else:
+                    self._parent[rx] = ry
+
+    def pin(self, elems: np.ndarray, reason: str) -> None:
+        for e in np.unique(elems).tolist():
+            self.pins.setdefault(int(e), reason)
+
+    def tag(self, elems: np.ndarray, tags) -> None:
+        for e, t in zip(np.asarray(elems).tolist(), tags):
+            self.tags.setdefault(int(e), []).append(t)
+
+    def roots(self, elems: np.ndarray) -> np.ndarray:
+        return np.fromiter((self.find(e) for e in elems.tolist()), dtype=np.int64, count=len(elems))

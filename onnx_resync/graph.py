@@ -1,0 +1,221 @@
+"""A read-only view of an ONNX graph for the walker: topological order, shapes, constants, weights.
+
+Shapes come from ONNX shape inference run on a *skeleton* of the model (large weights replaced by
+typed inputs), so walking a big model never copies or parses its weight bytes.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+from typing import Iterable
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .errors import UnsupportedError
+
+# Initializers up to this many elements keep their data in the skeleton: shape inference needs
+# the values of Reshape shapes, Slice starts, Split sizes, and those are small.
+SMALL_CONSTANT_ELEMENTS = 64
+
+# Ops that only re-view a weight: a weight passed through them is still that weight.
+WEIGHT_VIEW_OPS = {"Identity", "Cast", "DequantizeLinear", "Unsqueeze", "Squeeze", "Reshape", "Transpose"}
+
+
+class GraphView:
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        graph = model.graph
+        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.constant_nodes = {
+            n.output[0]: n for n in graph.node if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and n.output
+        }
+        init_names = set(self.initializers)
+        self.graph_inputs = [i.name for i in graph.input if i.name not in init_names]
+        self.graph_outputs = [o.name for o in graph.output]
+        self.nodes = _topological_order(graph)
+        self.producer = {out: node for node in self.nodes for out in node.output if out}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in self.nodes:
+            for name in node_inputs(node):
+                self.consumers[name].append(node)
+        self.shapes = _infer_shapes(model)
+        self._const_cache: dict[str, np.ndarray | None] = {}
+        self.weight_names = self._find_weights()
+
+    # ---- constants and weights -------------------------------------------------------------
+    def is_weight(self, name: str) -> bool:
+        return name in self.weight_names
+
+    def stored_tensor(self, name: str) -> onnx.TensorProto | None:
+        if name in self.initializers:
+            return self.initializers[name]
+        node = self.constant_nodes.get(name)
+        if node is not None:
+            for attr in node.attribute:
+                if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                    return attr.t
+        return None
+
+    def constant(self, name: str, max_elements: int = 1 << 16) -> np.ndarray | None:
+        """The value of a small constant input (shape, axes, sizes), or None if not constant."""
+        if not name:
+            return None
+        if name in self._const_cache:
+            return self._const_cache[name]
+        value = None
+        tensor = self.stored_tensor(name)
+        if tensor is not None:
+            count = int(np.prod(tensor.dims)) if len(tensor.dims) else 1
+            if count <= max_elements:
+                value = numpy_helper.to_array(tensor)
+        else:
+            node = self.constant_nodes.get(name)
+            if node is not None:
+                value = _constant_attr_value(node)
+        self._const_cache[name] = value
+        return value
+
+    def _find_weights(self) -> set[str]:
+        """Initializers, Constant outputs, and weight views (Identity/Cast/Dequantize... of weights)."""
+        weights = set(self.initializers) | {
+            name for name in self.constant_nodes if self.stored_tensor(name) is not None
+        }
+        for node in self.nodes:
+            if node.op_type in WEIGHT_VIEW_OPS and node.domain in ("", "ai.onnx"):
+                data_inputs = [i for i in node.input if i]
+                if data_inputs and all(i in weights for i in data_inputs):
+                    weights.update(o for o in node.output if o)
+        return weights
+
+    # ---- shapes -----------------------------------------------------------------------------
+    def shape(self, name: str) -> list | None:
+        """Dims as ints (known) or str/None (symbolic/unknown); None if the rank is unknown."""
+        if name in self.shapes:
+            return self.shapes[name]
+        tensor = self.stored_tensor(name)
+        if tensor is not None:
+            return [int(d) for d in tensor.dims]
+        return None
+
+    def rank(self, name: str) -> int | None:
+        shape = self.shape(name)
+        return None if shape is None else len(shape)
+
+    def producer_op_count(self) -> int:
+        return len(self.nodes)
+
+
+def node_inputs(node: onnx.NodeProto) -> list[str]:
+    """Explicit inputs plus outer-scope names that the node's subgraphs read implicitly."""
+    names = [i for i in node.input if i]
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for g in graphs:
+            names.extend(sorted(_outer_scope_names(g)))
+    return names
+
+
+def _outer_scope_names(graph: onnx.GraphProto) -> set[str]:
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    used: set[str] = set()
+    for node in graph.node:
+        for name in node_inputs(node):
+            if name not in defined:
+                used.add(name)
+        defined.update(o for o in node.output if o)
+    return used - defined
+
+
+def _topological_order(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    produced_by: dict[str, int] = {}
+    for idx, node in enumerate(graph.node):
+        for out in node.output:
+            if out:
+                if out in produced_by:
+                    raise UnsupportedError(f"tensor {out!r} is produced by two nodes")
+                produced_by[out] = idx
+    deps: list[set[int]] = []
+    users: dict[int, list[int]] = defaultdict(list)
+    for idx, node in enumerate(graph.node):
+        d = {produced_by[n] for n in node_inputs(node) if n in produced_by}
+        deps.append(d)
+        for p in d:
+            users[p].append(idx)
+    remaining = [len(d) for d in deps]
+    ready = deque(i for i, r in enumerate(remaining) if r == 0)
+    order = []
+    while ready:
+        i = ready.popleft()
+        order.append(graph.node[i])
+        for u in users[i]:
+            remaining[u] -= 1
+            if remaining[u] == 0:
+                ready.append(u)
+    if len(order) != len(graph.node):
+        stuck = next(graph.node[i] for i, r in enumerate(remaining) if r > 0)
+        raise UnsupportedError(f"graph has a cycle (node {stuck.name or stuck.op_type!r} never becomes ready)")
+    return order
+
+
+def _constant_attr_value(node: onnx.NodeProto) -> np.ndarray | None:
+    for attr in node.attribute:
+        if attr.name == "value_float":
+            return np.array(attr.f, dtype=np.float32)
+        if attr.name == "value_floats":
+            return np.array(list(attr.floats), dtype=np.float32)
+        if attr.name == "value_int":
+            return np.array(attr.i, dtype=np.int64)
+        if attr.name == "value_ints":
+            return np.array(list(attr.ints), dtype=np.int64)
+    return None
+
+
+def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model without large initializer data: those become typed graph inputs."""
+    graph = model.graph
+    skel = onnx.ModelProto()
+    skel.ir_version = model.ir_version
+    skel.opset_import.extend(model.opset_import)
+    g = skel.graph
+    g.name = graph.name
+    g.node.extend(graph.node)
+    g.output.extend(graph.output)
+    g.value_info.extend(graph.value_info)
+    declared = {i.name for i in graph.input}
+    g.input.extend(graph.input)
+    for init in graph.initializer:
+        count = int(np.prod(init.dims)) if len(init.dims) else 1
+        if count <= SMALL_CONSTANT_ELEMENTS and init.data_location != onnx.TensorProto.EXTERNAL:
+            g.initializer.append(init)
+        elif init.name not in declared:
+            g.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    return skel
+
+
+def _infer_shapes(model: onnx.ModelProto) -> dict[str, list]:
+    try:
+        inferred = onnx.shape_inference.infer_shapes(_skeleton(model), data_prop=True)
+    except Exception:
+        inferred = _skeleton(model)  # shape inference failed: fall back to what the file declares
+    shapes: dict[str, list] = {}
+    g = inferred.graph
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+            continue
+        dims = []
+        for d in vi.type.tensor_type.shape.dim:
+            if d.HasField("dim_value"):
+                dims.append(int(d.dim_value))
+            elif d.HasField("dim_param"):
+                dims.append(d.dim_param)
+            else:
+                dims.append(None)
+        shapes[vi.name] = dims
+    return shapes
+
+
+def known(dims: Iterable) -> bool:
+    return all(isinstance(d, int) for d in dims)

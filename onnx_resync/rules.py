@@ -1,0 +1,1030 @@
+"""One rule per ONNX op: how channel labels flow from a node's inputs to its outputs.
+
+A rule reads `ctx.get(tensor)` (axis -> Label), writes `ctx.set(output, labels)`, declares weight
+slots with `ctx.slot(weight, axis, label)`, creates elements with `ctx.new(...)` (producers), unions
+elements that must move together, and pins what it cannot follow. Anything not handled exactly pins:
+nothing is guessed. The table at the bottom reads like the ONNX operator list.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from .channels import Label
+
+
+def attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _norm_axis(axis: int, rank: int | None) -> int | None:
+    if axis < 0:
+        return None if rank is None else axis + rank
+    return axis
+
+
+def _inputs(node, idx):
+    return node.input[idx] if len(node.input) > idx and node.input[idx] else ""
+
+
+# ---- fallbacks ------------------------------------------------------------------------------
+def unknown_op(ctx, node) -> None:
+    """No rule: every labelled input pins; outputs carry no label."""
+    for name in node.input:
+        ctx.pin_all(name, f"consumed by {node.op_type} (no rule)")
+    from .graph import node_inputs
+
+    for name in node_inputs(node)[len(node.input):]:
+        ctx.pin_all(name, f"read inside a {node.op_type} subgraph")
+
+
+def pin_op(reason: str):
+    def rule(ctx, node):
+        for name in node.input:
+            ctx.pin_all(name, reason.format(op=node.op_type))
+
+    return rule
+
+
+def passthrough(ctx, node) -> None:
+    """Elementwise on one data input: every output carries the input's labels."""
+    labels = ctx.get(node.input[0]) if node.input else {}
+    for out in node.output:
+        ctx.set(out, labels)
+
+
+def shape_only(ctx, node) -> None:
+    """Reads shapes, not data: no constraint."""
+
+
+# ---- elementwise with broadcasting ----------------------------------------------------------
+def broadcast(ctx, node, data_inputs=None) -> None:
+    """Numpy broadcasting: labels on the same output axis are unioned; weights become slots."""
+    names = [n for n in (data_inputs if data_inputs is not None else node.input) if n]
+    out = node.output[0]
+    out_rank = ctx.rank(out)
+    ranks = [ctx.rank(n) for n in names]
+    labelled = [n for n in names if ctx.get(n)]
+    if not labelled:
+        return
+    if out_rank is None or any(r is None for r in ranks):
+        for n in labelled:
+            ctx.pin_all(n, f"{node.op_type} with unknown ranks")
+        return
+    out_labels: dict[int, Label] = {}
+    for n, r in zip(names, ranks):
+        for axis, label in ctx.get(n).items():
+            oa = axis + out_rank - r
+            if oa in out_labels:
+                ctx.union(out_labels[oa], label)
+            else:
+                out_labels[oa] = label
+    for oa, label in out_labels.items():
+        for n, r in zip(names, ranks):
+            ia = oa - (out_rank - r)
+            if ia < 0 or ia in ctx.get(n):
+                continue
+            dim = ctx.dim(n, ia)
+            if dim == 1:
+                continue
+            if ctx.is_weight(n):
+                ctx.slot(n, ia, label)
+            else:
+                ctx.pin(label, f"{node.op_type} mixes channels with an unlabelled tensor {n!r}")
+    # outputs beyond the first (rare) carry the same labels
+    for o in node.output:
+        ctx.set(o, out_labels)
+
+
+def variadic(ctx, node) -> None:
+    broadcast(ctx, node)
+
+
+def where(ctx, node) -> None:
+    broadcast(ctx, node)
+
+
+# ---- producers ------------------------------------------------------------------------------
+def conv(ctx, node) -> None:
+    x, w, b = node.input[0], node.input[1], _inputs(node, 2)
+    out = node.output[0]
+    group = int(attr(node, "group", 1))
+    wshape = ctx.shape(w)
+    x_labels = ctx.get(x)
+    if wshape is None or not ctx.is_weight(w):
+        for n in (x, w):
+            ctx.pin_all(n, "Conv with a computed weight")
+        return
+    for axis, label in x_labels.items():
+        if axis != 1:
+            ctx.pin(label, "Conv over a channel-carrying spatial axis")
+    in_label = x_labels.get(1)
+    m, c_per_group = wshape[0], wshape[1]
+    if group == 1:
+        if in_label is not None:
+            ctx.slot(w, 1, in_label)
+        fresh = ctx.new(m, node, out)
+        ctx.slot(w, 0, fresh)
+        ctx.slot(b, 0, fresh)
+        ctx.set(out, {1: fresh})
+        return
+    m_per_group = m // group
+    if c_per_group == 1 and in_label is not None:
+        # depthwise (with channel multiplier): output k*mult+j belongs to input channel k
+        out_label = in_label.repeat_blocks(m_per_group)
+        ctx.slot(w, 0, out_label)
+        ctx.slot(b, 0, out_label)
+        ctx.set(out, {1: out_label})
+        return
+    if in_label is not None:
+        ctx.pin(in_label, f"input of a grouped Conv (group={group}): cross-group layout not modelled")
+    fresh = ctx.new(m, node, out)
+    # a grouped conv's output channel reads its own input group: moves stay inside a group
+    ctx.elements.tag(fresh.elem, [("conv-group", node.name, k // m_per_group) for k in range(m)])
+    ctx.slot(w, 0, fresh)
+    ctx.slot(b, 0, fresh)
+    ctx.set(out, {1: fresh})
+
+
+def conv_transpose(ctx, node) -> None:
+    x, w, b = node.input[0], node.input[1], _inputs(node, 2)
+    out = node.output[0]
+    group = int(attr(node, "group", 1))
+    wshape = ctx.shape(w)
+    x_labels = ctx.get(x)
+    if wshape is None or not ctx.is_weight(w) or group != 1:
+        for n in (x, w):
+            ctx.pin_all(n, f"ConvTranspose with group={group} or computed weight")
+        if wshape is not None:
+            ctx.pin(ctx.new(wshape[1] * group, node, out), "output of a grouped ConvTranspose")
+        return
+    for axis, label in x_labels.items():
+        if axis == 1:
+            ctx.slot(w, 0, label)
+        else:
+            ctx.pin(label, "ConvTranspose over a channel-carrying spatial axis")
+    fresh = ctx.new(wshape[1], node, out)
+    ctx.slot(w, 1, fresh)
+    ctx.slot(b, 0, fresh)
+    ctx.set(out, {1: fresh})
+
+
+def gemm(ctx, node) -> None:
+    a, b, c = node.input[0], node.input[1], _inputs(node, 2)
+    out = node.output[0]
+    trans_a, trans_b = int(attr(node, "transA", 0)), int(attr(node, "transB", 0))
+    if not ctx.is_weight(b) or ctx.is_weight(a):
+        for n in (a, b, c):
+            ctx.pin_all(n, "Gemm without a weight as its second input")
+        return
+    bshape = ctx.shape(b)
+    k_axis_b, n_axis_b = (1, 0) if trans_b else (0, 1)
+    for axis, label in ctx.get(a).items():
+        if axis == (0 if trans_a else 1):
+            ctx.slot(b, k_axis_b, label)
+        else:
+            ctx.pin(label, "Gemm over a channel-carrying batch axis")
+    fresh = ctx.new(bshape[n_axis_b], node, out)
+    ctx.slot(b, n_axis_b, fresh)
+    if c:
+        _bias_slot(ctx, node, c, fresh, out_rank=2)
+    ctx.set(out, {1: fresh})
+
+
+def _bias_slot(ctx, node, bias, label, out_rank) -> None:
+    """A bias broadcast onto the last output axis."""
+    if ctx.get(bias):
+        ctx.pin_all(bias, f"{node.op_type} bias computed from activations")
+        ctx.pin(label, f"{node.op_type} bias computed from activations")
+        return
+    shape = ctx.shape(bias)
+    if shape is None:
+        ctx.pin(label, f"{node.op_type} bias of unknown shape")
+        return
+    if len(shape) >= 1 and shape[-1] != 1:
+        if len(shape) >= 2 and any(d != 1 for d in shape[:-1]):
+            ctx.pin(label, f"{node.op_type} bias varies along rows")
+            return
+        ctx.slot(bias, len(shape) - 1, label)
+
+
+def matmul(ctx, node) -> None:
+    a, b = node.input[0], node.input[1]
+    out = node.output[0]
+    ra, rb, ro = ctx.rank(a), ctx.rank(b), ctx.rank(out)
+    if ra is None or rb is None or ro is None or ra < 2 or rb < 2:
+        for n in (a, b):
+            ctx.pin_all(n, "MatMul with unknown or vector ranks")
+        return
+    la, lb = ctx.get(a), ctx.get(b)
+    out_labels: dict[int, Label] = {}
+    # batch axes broadcast like elementwise ops
+    for name, labels, r in ((a, la, ra), (b, lb, rb)):
+        for axis, label in labels.items():
+            if axis < r - 2:
+                oa = axis + ro - r
+                if oa in out_labels:
+                    ctx.union(out_labels[oa], label)
+                else:
+                    out_labels[oa] = label
+    for oa, label in list(out_labels.items()):
+        for name, labels, r in ((a, la, ra), (b, lb, rb)):
+            ia = oa - (ro - r)
+            if ia >= 0 and ia not in labels and ctx.dim(name, ia) not in (1, None):
+                if ctx.is_weight(name):
+                    ctx.slot(name, ia, label)
+                else:
+                    ctx.pin(label, "MatMul batch axis meets an unlabelled tensor")
+    # contracted axis: a's last with b's second-to-last
+    ka, kb = la.get(ra - 1), lb.get(rb - 2)
+    if ka is not None and kb is not None:
+        ctx.union(ka, kb)
+    elif ka is not None:
+        _contract_with(ctx, b, rb - 2, ka, node)
+    elif kb is not None:
+        _contract_with(ctx, a, ra - 1, kb, node)
+    # free axes: a's rows and b's columns
+    rows, cols = la.get(ra - 2), lb.get(rb - 1)
+    if rows is not None:
+        out_labels[ro - 2] = rows
+    elif ctx.is_weight(a) and not ctx.is_weight(b):
+        fresh = ctx.new(ctx.dim(a, ra - 2), node, out)
+        ctx.slot(a, ra - 2, fresh)
+        out_labels[ro - 2] = fresh
+    if cols is not None:
+        out_labels[ro - 1] = cols
+    elif ctx.is_weight(b) and not ctx.is_weight(a):
+        fresh = ctx.new(ctx.dim(b, rb - 1), node, out)
+        ctx.slot(b, rb - 1, fresh)
+        out_labels[ro - 1] = fresh
+    ctx.set(out, out_labels)
+
+
+def _contract_with(ctx, other, axis, label, node) -> None:
+    if ctx.is_weight(other):
+        ctx.slot(other, axis, label)
+    else:
+        ctx.pin(label, f"{node.op_type} contracts channels with an unlabelled tensor")
+
+
+def gather(ctx, node) -> None:
+    data, indices = node.input[0], node.input[1]
+    out = node.output[0]
+    axis = int(attr(node, "axis", 0))
+    r = ctx.rank(data)
+    axis = _norm_axis(axis, r)
+    if ctx.is_weight(data) and not ctx.get(data):
+        # embedding lookup: rows are picked by index, the remaining axes are weight axes
+        shape = ctx.shape(data)
+        if axis == 0 and shape is not None and len(shape) == 2:
+            fresh = ctx.new(shape[1], node, out)
+            ctx.slot(data, 1, fresh)
+            ro = ctx.rank(out)
+            if ro is not None:
+                ctx.set(out, {ro - 1: fresh})
+            else:
+                ctx.pin(fresh, "embedding output of unknown rank")
+            ctx.pin_all(indices, "used as Gather indices")
+        return
+    idx = ctx.const(indices)
+    ctx.pin_all(indices, "used as Gather indices")
+    labels = ctx.get(data)
+    if not labels:
+        return
+    if axis is None:
+        for l in labels.values():
+            ctx.pin(l, "Gather with unknown rank")
+        return
+    idx_rank = 0 if idx is None else idx.ndim
+    out_labels = {}
+    for a, label in labels.items():
+        if a < axis:
+            out_labels[a] = label
+        elif a > axis:
+            out_labels[a + idx_rank - 1] = label
+        elif idx is not None and idx.ndim == 1:
+            out_labels[a] = label.take(np.where(idx < 0, idx + len(label), idx))
+        else:
+            ctx.pin(label, "Gather on the channel axis with non-constant or multi-dim indices")
+    ctx.set(out, out_labels)
+
+
+# ---- normalization --------------------------------------------------------------------------
+def batch_norm(ctx, node) -> None:
+    x = node.input[0]
+    labels = ctx.get(x)
+    label = labels.get(1)
+    for a, l in labels.items():
+        if a != 1:
+            ctx.pin(l, "BatchNormalization over a channel-carrying spatial axis")
+    if label is not None:
+        for p in node.input[1:]:
+            _param_slot(ctx, node, p, 0, label)
+    ctx.set(node.output[0], labels)
+    for extra in node.output[1:]:
+        ctx.set(extra, {0: label} if label is not None else {})
+
+
+def _param_slot(ctx, node, param, axis, label) -> None:
+    if not param:
+        return
+    if ctx.is_weight(param):
+        ctx.slot(param, axis, label)
+    elif ctx.get(param):
+        ctx.union(ctx.get(param).get(axis, label), label) if axis in ctx.get(param) else ctx.pin(label, "bad param")
+    else:
+        ctx.pin(label, f"{node.op_type} parameter {param!r} is computed from unlabelled data")
+
+
+def instance_norm(ctx, node) -> None:
+    labels = ctx.get(node.input[0])
+    label = labels.get(1)
+    for a, l in labels.items():
+        if a != 1:
+            ctx.pin(l, "InstanceNormalization over a channel-carrying axis")
+    if label is not None:
+        _param_slot(ctx, node, node.input[1], 0, label)
+        _param_slot(ctx, node, _inputs(node, 2), 0, label)
+    ctx.set(node.output[0], labels)
+
+
+def layer_norm(ctx, node) -> None:
+    x = node.input[0]
+    r = ctx.rank(x)
+    labels = ctx.get(x)
+    axis = _norm_axis(int(attr(node, "axis", -1)), r)
+    if labels and axis is None:
+        for l in labels.values():
+            ctx.pin(l, "LayerNormalization with unknown rank")
+        return
+    for a, label in labels.items():
+        if a >= axis:
+            # statistics over these axes are order-invariant; scale/bias follow the channels
+            for p in node.input[1:3]:
+                if p:
+                    pr = ctx.rank(p)
+                    pa = a - (r - pr) if pr is not None else None
+                    if pa is not None and pa >= 0:
+                        _param_slot(ctx, node, p, pa, label)
+    ctx.set(node.output[0], labels)
+    for extra in node.output[1:]:
+        for label in labels.values():
+            if extra and ctx.view.consumers.get(extra):
+                ctx.pin(label, "LayerNormalization statistics output is used")
+
+
+def group_norm(ctx, node) -> None:
+    x = node.input[0]
+    labels = ctx.get(x)
+    label = labels.get(1)
+    groups = int(attr(node, "num_groups", 1))
+    for a, l in labels.items():
+        if a != 1:
+            ctx.pin(l, "GroupNormalization over a channel-carrying axis")
+    if label is not None:
+        per = len(label) // groups
+        # statistics are per channel group: moves stay inside a group
+        ctx.elements.tag(label.elem, [("norm-group", node.name, k // per) for k in range(len(label))])
+        for p in node.input[1:3]:
+            shape = ctx.shape(p) if p else None
+            if shape and shape[0] == len(label):
+                _param_slot(ctx, node, p, 0, label)
+            elif shape and shape[0] == groups and groups > 1:
+                ctx.pin(label, "GroupNormalization with per-group parameters")
+    ctx.set(node.output[0], labels)
+
+
+# ---- layout ---------------------------------------------------------------------------------
+def transpose(ctx, node) -> None:
+    x = node.input[0]
+    labels = ctx.get(x)
+    r = ctx.rank(x)
+    perm = attr(node, "perm")
+    if labels and r is None and perm is None:
+        for l in labels.values():
+            ctx.pin(l, "Transpose with unknown rank")
+        return
+    perm = list(perm) if perm is not None else list(reversed(range(r or 0)))
+    out = {}
+    for new_axis, old_axis in enumerate(perm):
+        if old_axis in labels:
+            out[new_axis] = labels[old_axis]
+    ctx.set(node.output[0], out)
+
+
+def _axes_input(ctx, node, idx=1):
+    axes = attr(node, "axes")
+    if axes is None and len(node.input) > idx and node.input[idx]:
+        value = ctx.const(node.input[idx])
+        axes = None if value is None else [int(v) for v in np.atleast_1d(value)]
+    return axes
+
+
+def squeeze(ctx, node) -> None:
+    x = node.input[0]
+    labels = ctx.get(x)
+    if not labels:
+        return
+    r = ctx.rank(x)
+    axes = _axes_input(ctx, node)
+    shape = ctx.shape(x)
+    if r is None or (axes is None and shape is None):
+        for l in labels.values():
+            ctx.pin(l, "Squeeze with unknown shape")
+        return
+    if axes is None:
+        axes = [i for i, d in enumerate(shape) if d == 1]
+    axes = sorted(a % r for a in axes)
+    out = {}
+    for a, l in labels.items():
+        if a in axes:
+            ctx.pin(l, "Squeeze of a channel axis")  # cannot happen for len > 1
+            continue
+        out[a - sum(1 for s in axes if s < a)] = l
+    ctx.set(node.output[0], out)
+
+
+def unsqueeze(ctx, node) -> None:
+    x = node.input[0]
+    labels = ctx.get(x)
+    if not labels:
+        return
+    axes = _axes_input(ctx, node)
+    ro = ctx.rank(node.output[0])
+    if axes is None or ro is None:
+        for l in labels.values():
+            ctx.pin(l, "Unsqueeze with unknown axes")
+        return
+    axes = sorted(a % ro for a in axes)
+    kept = [i for i in range(ro) if i not in axes]
+    ctx.set(node.output[0], {kept[a]: l for a, l in labels.items()})
+
+
+def flatten(ctx, node) -> None:
+    x = node.input[0]
+    labels = ctx.get(x)
+    if not labels:
+        return
+    shape = ctx.shape(x)
+    r = len(shape) if shape is not None else None
+    axis = _norm_axis(int(attr(node, "axis", 1)), r)
+    if shape is None or axis is None:
+        for l in labels.values():
+            ctx.pin(l, "Flatten with unknown shape")
+        return
+    _merge_axes(ctx, node, labels, shape, [list(range(0, axis)), list(range(axis, r))])
+
+
+def _merge_axes(ctx, node, labels, in_shape, groups_of_axes) -> None:
+    """Each output axis i is the merge of input axes groups_of_axes[i] (row-major)."""
+    out = {}
+    for new_axis, axes in enumerate(groups_of_axes):
+        inside = [a for a in axes if a in labels]
+        if not inside:
+            continue
+        if len(inside) > 1:
+            for a in inside:
+                ctx.pin(labels[a], f"{node.op_type} merges two channel axes")
+            continue
+        a = inside[0]
+        before = [in_shape[b] for b in axes if b < a]
+        after = [in_shape[b] for b in axes if b > a]
+        if not all(isinstance(d, int) for d in before + after):
+            ctx.pin(labels[a], f"{node.op_type} merges the channel axis with a symbolic axis")
+            continue
+        out[new_axis] = labels[a].repeat_blocks(int(np.prod(after, dtype=np.int64))).tile(
+            int(np.prod(before, dtype=np.int64))
+        )
+    ctx.set(node.output[0], out)
+
+
+def reshape(ctx, node) -> None:
+    x = node.input[0]
+    labels = ctx.get(x)
+    if not labels:
+        return
+    in_shape, out_shape = ctx.shape(x), ctx.shape(node.output[0])
+    if in_shape is None or out_shape is None:
+        for l in labels.values():
+            ctx.pin(l, "Reshape with unknown shapes")
+        return
+    mapping = _reshape_groups(in_shape, out_shape)
+    if mapping is None:
+        for l in labels.values():
+            ctx.pin(l, "Reshape that mixes the channel axis in a way the walker cannot follow")
+        return
+    out: dict[int, Label] = {}
+    for in_axes, out_axes in mapping:
+        inside = [a for a in in_axes if a in labels]
+        if not inside:
+            continue
+        if len(inside) > 1:
+            for a in inside:
+                ctx.pin(labels[a], "Reshape merges two channel axes")
+            continue
+        a = inside[0]
+        label = labels[a]
+        real_out = [o for o in out_axes if out_shape[o] != 1]
+        if len(real_out) == 1:
+            before = [in_shape[b] for b in in_axes if b < a]
+            after = [in_shape[b] for b in in_axes if b > a]
+            out[real_out[0]] = label.repeat_blocks(int(np.prod(after, dtype=np.int64))).tile(
+                int(np.prod(before, dtype=np.int64))
+            )
+        elif len(real_out) == 0:
+            continue  # cannot happen: a label has more than one position
+        else:
+            split = _split_label(label, [out_shape[o] for o in real_out], in_shape, in_axes, a)
+            if split is None:
+                ctx.pin(label, "Reshape splits the channel axis (e.g. into heads)")
+                continue
+            out[real_out[split[0]]] = split[1]
+    ctx.set(node.output[0], out)
+
+
+def _split_label(label, out_dims, in_shape, in_axes, a):
+    """A split whose trailing pieces only cut an element's block (undoing a Flatten): keep the label."""
+    if len(in_axes) != 1 or not all(isinstance(d, int) for d in out_dims):
+        return None
+    lead = out_dims[0]
+    inner = int(np.prod(out_dims[1:], dtype=np.int64))
+    elem = label.elem.reshape(lead, inner)
+    sub = label.sub.reshape(lead, inner)
+    if not (elem == elem[:, :1]).all():
+        return None
+    base = sub[:, :1]
+    if not (sub - base == np.arange(inner)[None, :]).all() or (base % inner).any():
+        return None
+    return 0, Label(elem[:, 0].copy(), (base[:, 0] // inner).copy())
+
+
+def _reshape_groups(in_shape, out_shape):
+    """Pair up runs of input and output axes with equal products (size-1 axes attach anywhere)."""
+    if not all(isinstance(d, int) and d >= 0 for d in in_shape[1:]) and in_shape[:1] != out_shape[:1]:
+        return None
+    groups = []
+    i = j = 0
+    # a shared leading symbolic/unknown batch axis maps to itself
+    if in_shape and out_shape and not isinstance(in_shape[0], int) and in_shape[0] == out_shape[0]:
+        groups.append(([0], [0]))
+        i = j = 1
+    while i < len(in_shape) or j < len(out_shape):
+        gi, gj = [], []
+        pi = pj = 1
+        if i < len(in_shape):
+            gi.append(i)
+            pi = in_shape[i]
+            i += 1
+        if j < len(out_shape):
+            gj.append(j)
+            pj = out_shape[j]
+            j += 1
+        if not isinstance(pi, int) or not isinstance(pj, int):
+            return None
+        while pi != pj:
+            if pi < pj and i < len(in_shape):
+                if not isinstance(in_shape[i], int):
+                    return None
+                pi *= in_shape[i]
+                gi.append(i)
+                i += 1
+            elif pj < pi and j < len(out_shape):
+                if not isinstance(out_shape[j], int):
+                    return None
+                pj *= out_shape[j]
+                gj.append(j)
+                j += 1
+            else:
+                return None
+        groups.append((gi, gj))
+    return groups
+
+
+def concat(ctx, node) -> None:
+    out = node.output[0]
+    names = [n for n in node.input if n]
+    r = ctx.rank(out)
+    axis = _norm_axis(int(attr(node, "axis", 0)), r)
+    if not any(ctx.get(n) for n in names):
+        return
+    if axis is None:
+        for n in names:
+            ctx.pin_all(n, "Concat with unknown rank")
+        return
+    pieces = []
+    for n in names:
+        label = ctx.get(n).get(axis)
+        if label is None:
+            dim = ctx.dim(n, axis)
+            if not isinstance(dim, int):
+                for m in names:
+                    ctx.pin_all(m, "Concat with an unlabelled piece of unknown size")
+                return
+            if dim == 0:
+                continue
+            label = ctx.new(dim, node, n, kind="fixed")
+            ctx.pin(label, "concatenated with an unlabelled tensor")
+        pieces.append(label)
+    out_labels = {axis: Label.concat(pieces)} if any(ctx.get(n).get(axis) is not None for n in names) else {}
+    # other axes behave like an elementwise op
+    other: dict[int, Label] = {}
+    for n in names:
+        for a, label in ctx.get(n).items():
+            if a == axis:
+                continue
+            if a in other:
+                ctx.union(other[a], label)
+            else:
+                other[a] = label
+    for a, label in other.items():
+        for n in names:
+            if a not in ctx.get(n) and ctx.dim(n, a) != 1:
+                ctx.pin(label, "Concat along another axis with an unlabelled tensor")
+    out_labels.update(other)
+    ctx.set(out, out_labels)
+
+
+def split(ctx, node) -> None:
+    x = node.input[0]
+    labels = ctx.get(x)
+    if not labels:
+        return
+    r = ctx.rank(x)
+    axis = _norm_axis(int(attr(node, "axis", 0)), r)
+    sizes = attr(node, "split")
+    if sizes is None and len(node.input) > 1 and node.input[1]:
+        value = ctx.const(node.input[1])
+        sizes = None if value is None else [int(v) for v in np.atleast_1d(value)]
+    if sizes is None and axis is not None:
+        dims = [ctx.dim(o, axis) for o in node.output]
+        sizes = dims if all(isinstance(d, int) for d in dims) else None
+    if axis is None or sizes is None:
+        for l in labels.values():
+            ctx.pin(l, "Split with unknown sizes")
+        return
+    start = 0
+    for out, size in zip(node.output, sizes):
+        out_labels = dict(labels)
+        if axis in labels:
+            out_labels[axis] = labels[axis].take(np.arange(start, start + size))
+        start += size
+        ctx.set(out, out_labels)
+
+
+def slice_(ctx, node) -> None:
+    x = node.input[0]
+    labels = ctx.get(x)
+    if not labels:
+        return
+    shape = ctx.shape(x)
+    r = ctx.rank(x)
+    starts, ends = ctx.const(_inputs(node, 1)), ctx.const(_inputs(node, 2))
+    axes, steps = ctx.const(_inputs(node, 3)), ctx.const(_inputs(node, 4))
+    if starts is None and attr(node, "starts") is not None:  # opset < 10
+        starts, ends, axes = attr(node, "starts"), attr(node, "ends"), attr(node, "axes")
+    if starts is None or ends is None or r is None:
+        for l in labels.values():
+            ctx.pin(l, "Slice with non-constant bounds")
+        return
+    starts, ends = np.atleast_1d(starts).tolist(), np.atleast_1d(ends).tolist()
+    axes = list(range(len(starts))) if axes is None else [int(a) % r for a in np.atleast_1d(axes)]
+    steps = [1] * len(starts) if steps is None else np.atleast_1d(steps).tolist()
+    out = dict(labels)
+    for a, s, e, st in zip(axes, starts, ends, steps):
+        if a in labels:
+            out[a] = labels[a].take(np.arange(len(labels[a]))[slice(*_clamp(s, e, st, len(labels[a])))])
+    ctx.set(node.output[0], out)
+
+
+def _clamp(start, end, step, n):
+    # numpy slicing already clamps; only the INT64 sentinels need taming
+    big = 1 << 62
+    start = max(min(start, big), -big)
+    end = max(min(end, big), -big)
+    return int(start), int(end), int(step)
+
+
+def pad(ctx, node) -> None:
+    x = node.input[0]
+    labels = ctx.get(x)
+    r = ctx.rank(x)
+    pads = attr(node, "pads")
+    if pads is None and len(node.input) > 1:
+        value = ctx.const(node.input[1])
+        pads = None if value is None else value.tolist()
+    axes = ctx.const(_inputs(node, 3))
+    if labels and (pads is None or r is None):
+        for l in labels.values():
+            ctx.pin(l, "Pad with non-constant pads")
+        return
+    if labels:
+        axes = list(range(r)) if axes is None else [int(a) % r for a in axes]
+        n = len(axes)
+        for i, a in enumerate(axes):
+            if a in labels and (pads[i] != 0 or pads[i + n] != 0):
+                ctx.pin(labels[a], "Pad on the channel axis")
+    passthrough(ctx, node)
+
+
+def resize(ctx, node) -> None:
+    x = node.input[0]
+    labels = ctx.get(x)
+    for a, l in labels.items():
+        if ctx.dim(node.output[0], a) != len(l):
+            ctx.pin(l, "Resize along the channel axis")
+    ctx.set(node.output[0], {a: l for a, l in labels.items() if ctx.dim(node.output[0], a) == len(l)})
+
+
+def pool(ctx, node) -> None:
+    labels = ctx.get(node.input[0])
+    for a, l in labels.items():
+        if a != 1:
+            ctx.pin(l, f"{node.op_type} over a channel-carrying axis")
+    ctx.set(node.output[0], {1: labels[1]} if 1 in labels else {})
+    for extra in node.output[1:]:
+        if extra and ctx.view.consumers.get(extra) and 1 in labels:
+            ctx.pin(labels[1], f"{node.op_type} indices output is used")
+
+
+def softmax(ctx, node) -> None:
+    passthrough(ctx, node)  # equivariant along its axis, elementwise along the others
+
+
+def reduce(ctx, node) -> None:
+    x = node.input[0]
+    labels = ctx.get(x)
+    if not labels:
+        return
+    r = ctx.rank(x)
+    keepdims = int(attr(node, "keepdims", 1))
+    axes = _axes_input(ctx, node)
+    if r is None:
+        for l in labels.values():
+            ctx.pin(l, f"{node.op_type} with unknown rank")
+        return
+    if axes is None or len(axes) == 0:
+        noop = int(attr(node, "noop_with_empty_axes", 0))
+        axes = [] if noop else list(range(r))
+    axes = sorted(a % r for a in axes)
+    out = {}
+    for a, l in labels.items():
+        if a in axes:
+            continue  # reduction over channels is order-invariant
+        out[a if keepdims else a - sum(1 for s in axes if s < a)] = l
+    ctx.set(node.output[0], out)
+
+
+def arg_reduce(ctx, node) -> None:
+    x = node.input[0]
+    r = ctx.rank(x)
+    axis = _norm_axis(int(attr(node, "axis", 0)), r)
+    keepdims = int(attr(node, "keepdims", 1))
+    out = {}
+    for a, l in ctx.get(x).items():
+        if a == axis or axis is None:
+            ctx.pin(l, f"{node.op_type} returns channel indices")
+        else:
+            out[a if keepdims or a < axis else a - 1] = l
+    ctx.set(node.output[0], out)
+
+
+def expand(ctx, node) -> None:
+    labels = ctx.get(node.input[0])
+    r, ro = ctx.rank(node.input[0]), ctx.rank(node.output[0])
+    if labels and (r is None or ro is None):
+        for l in labels.values():
+            ctx.pin(l, "Expand with unknown ranks")
+        return
+    ctx.set(node.output[0], {a + ro - r: l for a, l in labels.items()} if labels else {})
+
+
+def tile(ctx, node) -> None:
+    labels = ctx.get(node.input[0])
+    reps = ctx.const(_inputs(node, 1))
+    out = {}
+    for a, l in labels.items():
+        if reps is not None and int(reps[a]) == 1:
+            out[a] = l
+        else:
+            ctx.pin(l, "Tile along the channel axis")
+    ctx.set(node.output[0], out)
+
+
+def prelu(ctx, node) -> None:
+    broadcast(ctx, node)
+
+
+def clip(ctx, node) -> None:
+    # min/max are scalars; a per-channel bound would be a weight slot (handled by broadcast)
+    broadcast(ctx, node, [node.input[0]] + [n for n in node.input[1:] if n])
+
+
+def quantize_linear(ctx, node) -> None:
+    x, scale, zp = node.input[0], _inputs(node, 1), _inputs(node, 2)
+    labels = ctx.get(x)
+    r = ctx.rank(x)
+    axis = _norm_axis(int(attr(node, "axis", 1)), r)
+    sshape = ctx.shape(scale) if scale else None
+    per_channel = sshape is not None and len(sshape) == 1 and sshape[0] > 1
+    for a, l in labels.items():
+        if per_channel and a == axis:
+            ctx.slot(scale, 0, l)
+            if zp:
+                ctx.slot(zp, 0, l)
+    ctx.set(node.output[0], labels)
+
+
+def dynamic_quantize_linear(ctx, node) -> None:
+    # scale and zero point come from the tensor's min/max: order-invariant
+    ctx.set(node.output[0], ctx.get(node.input[0]))
+
+
+def rnn(ctx, node) -> None:
+    """LSTM/GRU/RNN: input features are a slot; hidden units of a forward layer are a group."""
+    x, w, r_w = node.input[0], node.input[1], node.input[2]
+    b = _inputs(node, 3)
+    direction = attr(node, "direction", b"forward")
+    direction = direction.decode() if isinstance(direction, bytes) else direction
+    hidden = int(attr(node, "hidden_size", 0))
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[node.op_type]
+    layout = int(attr(node, "layout", 0))
+    x_labels = ctx.get(x)
+    for a, l in x_labels.items():
+        if a == (1 if layout else 2) and ctx.is_weight(w):
+            ctx.slot(w, 2, l)
+        else:
+            ctx.pin(l, f"{node.op_type} input on a non-feature axis")
+    ok = (direction == "forward" or direction == "reverse") and layout == 0 and hidden > 0
+    ok = ok and all(ctx.is_weight(t) for t in (w, r_w) if t) and (not b or ctx.is_weight(b))
+    extra = [node.input[i] for i in range(4, len(node.input)) if node.input[i]]
+    if not ok:
+        for t in extra:
+            ctx.pin_all(t, f"{node.op_type} state")
+        fresh = ctx.new(max(hidden, 1) * (2 if direction == "bidirectional" else 1), node, node.output[0] if node.output else "")
+        ctx.pin(fresh, f"{node.op_type} hidden units ({direction}, layout={layout}) not modelled")
+        return
+    fresh = ctx.new(hidden, node, node.output[0] if node.output else "")
+    gate_label = fresh.tile(gates)
+    ctx.slot(w, 1, gate_label)
+    ctx.slot(r_w, 1, gate_label)
+    ctx.slot(r_w, 2, fresh)
+    if b:
+        ctx.slot(b, 1, fresh.tile(2 * gates))
+    # sequence_lens (4) reads no channels; initial_h (5), initial_c (6), P (7, LSTM peepholes)
+    for idx, name in enumerate(node.input):
+        if idx == 4 or idx < 4 or not name:
+            continue
+        if idx == 7:
+            ctx.slot(name, 1, fresh.tile(3))
+        elif ctx.is_weight(name):
+            ctx.slot(name, 2, fresh)
+        elif ctx.get(name).get(2) is not None:
+            ctx.union(ctx.get(name)[2], fresh)
+        else:
+            ctx.pin(fresh, f"{node.op_type} initial state from an unlabelled tensor")
+    outs = list(node.output) + [""] * 3
+    ctx.set(outs[0], {3: fresh})
+    ctx.set(outs[1], {2: fresh})
+    ctx.set(outs[2], {2: fresh})
+
+
+def matmul_integer(ctx, node) -> None:
+    """Like MatMul with a weight B; B's zero point is per column."""
+    b = node.input[1]
+    b_zp = _inputs(node, 3)
+    matmul(ctx, node)
+    out_labels = ctx.get(node.output[0])
+    ro = ctx.rank(node.output[0])
+    if b_zp and ro is not None and (ro - 1) in out_labels and ctx.is_weight(b):
+        zshape = ctx.shape(b_zp)
+        if zshape and zshape[-1] > 1:
+            ctx.slot(b_zp, len(zshape) - 1, out_labels[ro - 1])
+
+
+def conv_integer(ctx, node) -> None:
+    conv(ctx, node)
+    w_zp = _inputs(node, 3)
+    out_label = ctx.get(node.output[0]).get(1)
+    if w_zp and out_label is not None:
+        zshape = ctx.shape(w_zp)
+        if zshape and zshape[0] > 1:
+            ctx.slot(w_zp, 0, out_label)
+
+
+def resolve_weight_axes(view, name: str, axis: int):
+    """Map an axis of a weight (or of a view of weights) to the stored tensors' axes it indexes.
+
+    Returns [(stored_name, axis), ...], or None when the view scrambles axes (cannot index).
+    """
+    if view.stored_tensor(name) is not None:
+        return [(name, axis)]
+    node = view.producer.get(name)
+    if node is None:
+        return None
+    op = node.op_type
+    src = node.input[0]
+    if op in ("Identity", "Cast"):
+        return resolve_weight_axes(view, src, axis)
+    if op == "DequantizeLinear":
+        targets = resolve_weight_axes(view, src, axis)
+        if targets is None:
+            return None
+        scale_shape = view.shape(node.input[1])
+        q_axis = attr(node, "axis", 1)
+        rank = view.rank(src)
+        if scale_shape and len(scale_shape) == 1 and scale_shape[0] > 1 and rank and q_axis % rank == axis:
+            for extra in node.input[1:3]:
+                if extra:
+                    more = resolve_weight_axes(view, extra, 0)
+                    if more is None:
+                        return None
+                    targets = targets + more
+        return targets
+    if op == "Transpose":
+        perm = attr(node, "perm")
+        rank = view.rank(src)
+        perm = list(perm) if perm is not None else list(reversed(range(rank or 0)))
+        return resolve_weight_axes(view, src, perm[axis]) if axis < len(perm) else None
+    if op in ("Unsqueeze", "Squeeze", "Reshape"):
+        in_shape, out_shape = view.shape(src), view.shape(name)
+        if in_shape is None or out_shape is None:
+            return None
+        in_real = [i for i, d in enumerate(in_shape) if d != 1]
+        out_real = [i for i, d in enumerate(out_shape) if d != 1]
+        if [in_shape[i] for i in in_real] != [out_shape[i] for i in out_real] or axis not in out_real:
+            return None
+        return resolve_weight_axes(view, src, in_real[out_real.index(axis)])
+    return None
+
+
+UNARY = (
+    "Relu LeakyRelu Elu Selu Celu Sigmoid HardSigmoid HardSwish Tanh Softplus Softsign Gelu Mish Erf Exp Log "
+    "Abs Neg Sqrt Reciprocal Floor Ceil Round Sign Sin Cos Tan Asin Acos Atan Sinh Cosh Asinh Acosh Atanh "
+    "ThresholdedRelu Shrink IsNaN IsInf Not Identity Cast CastLike Dropout Swish BitwiseNot"
+).split()
+BINARY = "Add Sub Mul Div Pow Max Min Mean Sum Mod Equal Less Greater LessOrEqual GreaterOrEqual And Or Xor BitShift".split()
+
+RULES = {op: passthrough for op in UNARY}
+RULES.update({op: broadcast for op in BINARY})
+RULES.update(
+    {
+        "Conv": conv,
+        "ConvTranspose": conv_transpose,
+        "ConvInteger": conv_integer,
+        "Gemm": gemm,
+        "MatMul": matmul,
+        "MatMulInteger": matmul_integer,
+        "Gather": gather,
+        "BatchNormalization": batch_norm,
+        "InstanceNormalization": instance_norm,
+        "LayerNormalization": layer_norm,
+        "GroupNormalization": group_norm,
+        "PRelu": prelu,
+        "Clip": clip,
+        "Where": where,
+        "MaxPool": pool,
+        "AveragePool": pool,
+        "LpPool": pool,
+        "GlobalAveragePool": pool,
+        "GlobalMaxPool": pool,
+        "GlobalLpPool": pool,
+        "Resize": resize,
+        "Upsample": resize,
+        "Pad": pad,
+        "Concat": concat,
+        "Split": split,
+        "Slice": slice_,
+        "Flatten": flatten,
+        "Reshape": reshape,
+        "Transpose": transpose,
+        "Squeeze": squeeze,
+        "Unsqueeze": unsqueeze,
+        "Softmax": softmax,
+        "LogSoftmax": softmax,
+        "ReduceMean": reduce,
+        "ReduceSum": reduce,
+        "ReduceMax": reduce,
+        "ReduceMin": reduce,
+        "ReduceProd": reduce,
+        "ReduceL1": reduce,
+        "ReduceL2": reduce,
+        "ReduceLogSumExp": reduce,
+        "ReduceSumSquare": reduce,
+        "ArgMax": arg_reduce,
+        "ArgMin": arg_reduce,
+        "Expand": expand,
+        "Tile": tile,
+        "Shape": shape_only,
+        "Size": shape_only,
+        "QuantizeLinear": quantize_linear,
+        "DequantizeLinear": quantize_linear,
+        "DynamicQuantizeLinear": dynamic_quantize_linear,
+        "LSTM": rnn,
+        "GRU": rnn,
+        "RNN": rnn,
+    }
+)

@@ -1,0 +1,319 @@
+"""The graph walker: propagate channel labels through the graph and form permutable groups.
+
+Pure analysis of one graph: reads shapes and small constants, never weight values.
+See DESIGN.md (the channel-flow model) and rules.py (one rule per op type).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+
+from .channels import ElementTable, Label
+from .graph import GraphView
+from .rules import RULES, resolve_weight_axes, unknown_op
+
+
+@dataclass
+class GroupSlot:
+    """One weight axis that a group reindexes: positions[i] are the positions of the group's i-th neuron."""
+
+    weight: str
+    axis: int
+    positions: np.ndarray  # (size, block) int64
+
+    def to_dict(self) -> dict:
+        return {"weight": self.weight, "axis": self.axis, "block": int(self.positions.shape[1])}
+
+
+@dataclass
+class Group:
+    id: int
+    size: int
+    producers: list[str]
+    slots: list[GroupSlot]
+    key: str  # structural identity (independent of weight values), used to match records
+
+    def to_dict(self) -> dict:
+        return {
+            "id": self.id,
+            "size": self.size,
+            "key": self.key,
+            "producers": self.producers,
+            "slots": [s.to_dict() for s in self.slots],
+        }
+
+
+@dataclass
+class PinnedReason:
+    reason: str
+    channels: int
+    producers: list[str]
+
+
+@dataclass
+class WalkResult:
+    groups: list[Group]
+    pinned: list[PinnedReason]
+    hidden_channels: int  # producer output channels
+    permutable_channels: int  # hidden channels in a group of two or more
+    output_channels: int  # hidden channels pinned because they reach a graph output
+    singleton_channels: int  # hidden channels alone in their group (nothing to swap with)
+    ops_without_rule: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def coverage(self) -> float:
+        """Permutable hidden channels / hidden channels that do not reach a graph output."""
+        denominator = self.hidden_channels - self.output_channels
+        return self.permutable_channels / denominator if denominator else 1.0
+
+    def to_dict(self) -> dict:
+        return {
+            "coverage": self.coverage,
+            "hidden_channels": self.hidden_channels,
+            "permutable_channels": self.permutable_channels,
+            "output_channels": self.output_channels,
+            "singleton_channels": self.singleton_channels,
+            "groups": [g.to_dict() for g in self.groups],
+            "pinned": [asdict(p) for p in self.pinned],
+            "ops_without_rule": self.ops_without_rule,
+        }
+
+
+class WalkContext:
+    """What a rule sees: labels of tensors, shapes, constants, and the element table."""
+
+    def __init__(self, view: GraphView):
+        self.view = view
+        self.elements = ElementTable()
+        self.labels: dict[str, dict[int, Label]] = {}
+        self.slots: dict[tuple[str, int], Label] = {}
+        self.fixed: dict[tuple[str, int], str] = {}
+        self.registered: dict[int, Label] = {}  # id(label) -> label, every label seen anywhere
+        self.ops_without_rule: Counter = Counter()
+        self._node_slots: set[tuple[str, int]] = set()
+
+    # ---- reading -----------------------------------------------------------------------------
+    def get(self, name: str) -> dict[int, Label]:
+        return self.labels.get(name, {})
+
+    def shape(self, name: str):
+        return self.view.shape(name)
+
+    def rank(self, name: str) -> int | None:
+        return self.view.rank(name)
+
+    def const(self, name: str):
+        return self.view.constant(name)
+
+    def is_weight(self, name: str) -> bool:
+        return self.view.is_weight(name)
+
+    def dim(self, name: str, axis: int):
+        shape = self.shape(name)
+        if shape is None or axis >= len(shape):
+            return None
+        return shape[axis]
+
+    # ---- writing -----------------------------------------------------------------------------
+    def set(self, name: str, labels: dict[int, Label]) -> None:
+        if not name:
+            return
+        labels = {a: l for a, l in labels.items() if len(l)}
+        if labels:
+            self.labels[name] = labels
+            for label in labels.values():
+                self.registered[id(label)] = label
+
+    def new(self, count: int, node: onnx.NodeProto, output: str = "", kind: str = "producer") -> Label:
+        label = self.elements.new(count, node=node.name or node.op_type, op=node.op_type, kind=kind, output=output)
+        self.registered[id(label)] = label
+        return label
+
+    def pin(self, label: Label, reason: str) -> None:
+        self.elements.pin(label.elem, reason)
+
+    def pin_all(self, name: str, reason: str) -> None:
+        for label in self.get(name).values():
+            self.pin(label, reason)
+
+    def union(self, a: Label, b: Label) -> None:
+        self.elements.union(a.elem, b.elem)
+
+    def slot(self, tensor: str, axis: int, label: Label) -> bool:
+        """Record that `tensor`'s `axis` is indexed by `label`; maps weight views to stored weights."""
+        if not tensor:
+            return True
+        self._node_slots.add((tensor, axis))
+        targets = resolve_weight_axes(self.view, tensor, axis)
+        if targets is None:
+            self.pin(label, f"weight {tensor!r} is computed in a way the walker cannot index")
+            return False
+        for base, base_axis in targets:
+            key = (base, base_axis)
+            dim = self.view.shape(base)[base_axis]
+            if dim != len(label):
+                if dim == 1:
+                    continue  # broadcast: the same value for every channel
+                self.pin(label, f"weight {base!r} axis {base_axis} has {dim} entries for {len(label)} channels")
+                return False
+            self.registered[id(label)] = label
+            if key in self.slots:
+                prev = self.slots[key]
+                if not np.array_equal(prev.sub, label.sub):
+                    self.pin(label, f"weight {base!r} is shared by layers with different channel layouts")
+                    self.pin(prev, f"weight {base!r} is shared by layers with different channel layouts")
+                else:
+                    self.union(prev, label)
+            else:
+                self.slots[key] = label
+        return True
+
+    def begin_node(self) -> None:
+        self._node_slots = set()
+
+    def end_node(self, node: onnx.NodeProto) -> None:
+        """Weight axes this node read without a slot must keep their order."""
+        for name in node.input:
+            if not name or not self.is_weight(name):
+                continue
+            shape = self.view.shape(name) or []
+            for axis, dim in enumerate(shape):
+                if dim == 1 or (name, axis) in self._node_slots:
+                    continue
+                for key in resolve_weight_axes(self.view, name, axis) or []:
+                    self.fixed.setdefault(key, f"{node.op_type} {node.name!r} reads weight {key[0]!r} unpermuted")
+
+
+def walk(model: onnx.ModelProto, view: GraphView | None = None) -> WalkResult:
+    view = view or GraphView(model)
+    ctx = WalkContext(view)
+    for node in view.nodes:
+        if node.op_type == "Constant" or (view.is_weight(node.output[0]) if node.output else False):
+            continue  # weights and their views are not activations
+        ctx.begin_node()
+        rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if rule is None:
+            ctx.ops_without_rule[f"{node.domain + '.' if node.domain else ''}{node.op_type}"] += 1
+            unknown_op(ctx, node)
+        else:
+            rule(ctx, node)
+        ctx.end_node(node)
+    return _form_groups(ctx)
+
+
+def _form_groups(ctx: WalkContext) -> WalkResult:
+    table = ctx.elements
+    view = ctx.view
+    for key, label in ctx.slots.items():
+        if key in ctx.fixed:
+            ctx.pin(label, ctx.fixed[key])
+    for name in view.graph_outputs:
+        ctx.pin_all(name, "reaches a graph output")
+
+    n = len(table)
+    if n == 0:
+        return WalkResult([], [], 0, 0, 0, 0, dict(ctx.ops_without_rule))
+    roots = table.roots(np.arange(n))
+    origin = np.asarray(table.origin, dtype=np.int64)
+
+    # a neuron tied to another channel of the same producer (e.g. x + shuffle(x)) has no clean role
+    members: dict[int, list[int]] = defaultdict(list)
+    for e, r in enumerate(roots.tolist()):
+        members[r].append(e)
+    pinned_roots = {}
+    for e, reason in table.pins.items():
+        pinned_roots.setdefault(int(roots[e]), reason)
+    for r, elems in members.items():
+        origins = [table.origin[e] for e in elems]
+        if len(set(origins)) != len(origins):
+            pinned_roots.setdefault(r, "tied to another channel of the same layer")
+
+    signatures = _signatures(ctx, roots, origin)
+    by_signature: dict[bytes, list[int]] = defaultdict(list)
+    for r in sorted(members):
+        if r not in pinned_roots:
+            by_signature[signatures.get(r, b"")].append(r)
+
+    rank_of = np.full(n, -1, dtype=np.int64)
+    group_of = np.full(n, -1, dtype=np.int64)
+    group_roots = [rs for rs in by_signature.values() if len(rs) >= 2]
+    group_roots.sort(key=lambda rs: rs[0])
+    for gid, rs in enumerate(group_roots):
+        rank_of[rs] = np.arange(len(rs))
+        group_of[rs] = gid
+
+    groups = [Group(gid, len(rs), [], [], "") for gid, rs in enumerate(group_roots)]
+    for (weight, axis), label in sorted(ctx.slots.items()):
+        lab_roots = roots[label.elem]
+        lab_groups = group_of[lab_roots]
+        for gid in np.unique(lab_groups[lab_groups >= 0]).tolist():
+            pos = np.nonzero(lab_groups == gid)[0]
+            order = np.lexsort((pos, label.sub[pos], origin[label.elem[pos]], rank_of[lab_roots[pos]]))
+            pos = pos[order]
+            size = groups[gid].size
+            groups[gid].slots.append(GroupSlot(weight, axis, pos.reshape(size, len(pos) // size)))
+
+    hidden = 0
+    permutable = 0
+    to_output = 0
+    singletons = 0
+    pin_counts: dict[str, list] = {}
+    for rec in table.origins:
+        if rec["kind"] != "producer":
+            continue
+        for e in range(rec["start"], rec["start"] + rec["count"]):
+            hidden += 1
+            r = int(roots[e])
+            if r in pinned_roots:
+                reason = pinned_roots[r]
+                if reason == "reaches a graph output":
+                    to_output += 1
+                entry = pin_counts.setdefault(reason, [0, set()])
+                entry[0] += 1
+                entry[1].add(rec["node"])
+            elif group_of[r] >= 0:
+                permutable += 1
+                gid = int(group_of[r])
+                if rec["node"] not in groups[gid].producers:
+                    groups[gid].producers.append(rec["node"])
+            else:
+                singletons += 1
+    for g in groups:
+        g.key = _group_key(g)
+    pinned = [PinnedReason(reason, c, sorted(nodes)) for reason, (c, nodes) in pin_counts.items()]
+    pinned.sort(key=lambda p: -p.channels)
+    return WalkResult(groups, pinned, hidden, permutable, to_output, singletons, dict(ctx.ops_without_rule))
+
+
+def _signatures(ctx: WalkContext, roots: np.ndarray, origin: np.ndarray) -> dict[int, bytes]:
+    """Per neuron (root): where it appears (label, producer, sub-position) plus its constraints."""
+    cols = []
+    for lab_id, label in enumerate(ctx.registered.values()):
+        elem = label.elem
+        cols.append(np.stack([roots[elem], np.full(len(elem), lab_id), origin[elem], label.sub], axis=1))
+    rows = np.concatenate(cols)
+    rows = rows[np.lexsort((rows[:, 3], rows[:, 2], rows[:, 1], rows[:, 0]))]
+    starts = np.flatnonzero(np.r_[True, rows[1:, 0] != rows[:-1, 0]])
+    ends = np.r_[starts[1:], len(rows)]
+    tags_by_root: dict[int, list] = defaultdict(list)
+    for e, tags in ctx.elements.tags.items():
+        tags_by_root[int(roots[e])].extend(tags)
+    sigs = {}
+    for s, e in zip(starts.tolist(), ends.tolist()):
+        r = int(rows[s, 0])
+        h = hashlib.blake2b(rows[s:e, 1:].tobytes(), digest_size=16)
+        if r in tags_by_root:
+            h.update(repr(sorted(map(repr, tags_by_root[r]))).encode())
+        sigs[r] = h.digest()
+    return sigs
+
+
+def _group_key(group: Group) -> str:
+    first = min(group.slots, key=lambda s: (s.weight, s.axis)) if group.slots else None
+    where = f"{first.weight}:{first.axis}" if first else "no-slot"
+    return f"{where}/{group.size}x{len(group.slots)}"
