@@ -282,3 +282,18 @@ class WeightStore:
         old.raw_data = new.raw_data
         del old.dims[:]
         old.dims.extend(new.dims)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write a small text file (JSON record, report) with the same temp-then-rename guarantee."""
+    out = Path(path)
+    if not out.parent.is_dir():
+        raise UsageError(f"output folder {out.parent} does not exist")
+    tmp = _temp_path(out.parent, out.name)
+    try:
+        _write_bytes(tmp, text.encode())
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out
