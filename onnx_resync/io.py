@@ -87,10 +87,11 @@ def _expected_nbytes(tensor: onnx.TensorProto) -> int | None:
     return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
 
 
-def load_model(path: str | os.PathLike, *, load_weights: bool = True) -> onnx.ModelProto:
+def load_model(path: str | os.PathLike, *, load_weights: bool = True, check: bool = True) -> onnx.ModelProto:
     """Load an ONNX file, turning every failure into a one-line LoadError.
 
     With load_weights=False, external data is left on disk (the walker needs shapes only).
+    check=False skips onnx.checker (for callers such as ORT sessions that validate the graph anyway).
     """
     path = Path(path)
     if not path.exists():
@@ -109,6 +110,12 @@ def load_model(path: str | os.PathLike, *, load_weights: bool = True) -> onnx.Mo
             onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
         except Exception as exc:
             raise LoadError(f"{path}: cannot read external data ({exc})") from None
+    if check:
+        _check(model, path)
+    return model
+
+
+def _check(model: onnx.ModelProto, path: Path) -> None:
     try:
         external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in _iter_graph_tensors(model.graph))
         if external or model.ByteSize() >= INLINE_LIMIT_BYTES:
@@ -122,7 +129,6 @@ def load_model(path: str | os.PathLike, *, load_weights: bool = True) -> onnx.Mo
         raise LoadError(f"{path}: invalid ONNX model: {first}") from None
     except Exception as exc:
         raise LoadError(f"{path}: invalid ONNX model ({type(exc).__name__})") from None
-    return model
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -12,8 +12,10 @@ import functools
 import importlib.util
 import io as _io
 import os
+import shutil
 import sys
 import tempfile
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,11 +146,17 @@ def make_session(model, device: str = "auto") -> ort.InferenceSession:
         if model.ByteSize() < io.INLINE_LIMIT_BYTES:
             source = model.SerializeToString()
         else:  # past protobuf's 2 GiB: ORT must read it from a file with external data
-            tmp = tempfile.TemporaryDirectory(prefix="onnx-resync-")
-            source = str(io.save_model(model, Path(tmp.name) / "model.onnx"))
+            tmp = tempfile.mkdtemp(prefix="onnx-resync-")
+            try:
+                source = str(io.save_model(model, Path(tmp) / "model.onnx"))
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
     else:
         path = Path(os.fspath(model))
-        io.load_model(path, load_weights=False)  # clean LoadError and external-data safety checks first
+        # Clean LoadError for unreadable files and the external-data safety checks; the graph itself
+        # is validated by ORT, so skip onnx.checker (it would parse the whole file once more).
+        io.load_model(path, load_weights=False, check=False)
         source = str(path)
 
     try:
@@ -156,12 +164,12 @@ def make_session(model, device: str = "auto") -> ort.InferenceSession:
             session = ort.InferenceSession(source, options, providers=providers)
     except Exception as exc:
         if tmp is not None:
-            tmp.cleanup()
+            shutil.rmtree(tmp, ignore_errors=True)
         raise LoadError(f"onnxruntime cannot open the model: {_first_line(exc)}") from None
     finally:
         del source
-    if tmp is not None:
-        session._resync_tmpdir = tmp  # ORT may map external data lazily: keep the files while the session lives
+    if tmp is not None:  # ORT may map the external data: keep the files while the session lives
+        weakref.finalize(session, shutil.rmtree, tmp, ignore_errors=True)
     if device == "cuda" and session.get_providers()[0] != CUDA:
         raise ResyncError("CUDA was requested but onnxruntime could not start it (missing CUDA/cuDNN libraries?)")
     return session

@@ -181,7 +181,8 @@ class _Accumulator:
         same = a == b  # also equal infinities
         if not exact:
             same |= np.isnan(a) & np.isnan(b)
-        err = np.where(same, 0.0, np.abs(a - b))  # nan where exactly one side is nan
+        with np.errstate(invalid="ignore"):  # inf - inf where the infinities differ in sign
+            err = np.where(same, 0.0, np.abs(a - b))  # nan where exactly one side is nan
         one_nan = np.isnan(err)
         n_nan = int(one_nan.sum())
         if n_nan:
