@@ -196,10 +196,155 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _infer_shapes(model: onnx.ModelProto) -> dict[str, list]:
+    """ONNX shape inference, helped where it stops: Reshape targets computed by Shape/Gather/Concat
+    chains are evaluated here (symbolic dims kept symbolic) and fed back as declared shapes."""
+    skeleton, shapes = _run_inference(_skeleton(model))
+    for _ in range(8):  # each round can unlock the Reshapes downstream of the last ones
+        added = 0
+        evaluator = _ShapeValues(skeleton, shapes)
+        for node in skeleton.graph.node:
+            if node.op_type != "Reshape" or not node.output or node.output[0] in shapes:
+                continue
+            dims = _reshape_target(shapes.get(node.input[0]), evaluator.value(node.input[1]),
+                                   int(_attr_int(node, "allowzero", 0)))
+            if dims is not None:
+                elem_type = 1  # declared type is irrelevant to the walker; shapes are what matter
+                skeleton.graph.value_info.append(
+                    onnx.helper.make_tensor_value_info(node.output[0], elem_type, dims))
+                added += 1
+        if not added:
+            break
+        # the previous pass's value_info stays in the skeleton, so symbolic dim names stay stable
+        skeleton, shapes = _run_inference(skeleton)
+    return shapes
+
+
+def _attr_int(node, name, default):
+    for a in node.attribute:
+        if a.name == name:
+            return a.i
+    return default
+
+
+def _reshape_target(in_shape, value, allowzero):
+    """Output dims of a Reshape from its input dims and (possibly symbolic) target values."""
+    if in_shape is None or value is None or any(v is None for v in value):
+        return None
+    out = []
+    for i, v in enumerate(value):
+        out.append(in_shape[i] if (v == 0 and not allowzero and i < len(in_shape)) else v)
+    if sum(1 for v in out if v == -1) > 1:
+        return None
+    if -1 in out:
+        total = dim_product(in_shape)
+        rest = dim_product([d for d in out if d != -1])
+        missing = dim_divide(total, rest)
+        if missing is None:
+            return None
+        out[out.index(-1)] = dim_format(missing)
+    return [d if isinstance(d, int) else str(d) for d in out]
+
+
+# A dim product is (integer part, sorted tuple of symbols); "a*b" strings are symbol products.
+def dim_product(dims) -> tuple[int, tuple[str, ...]]:
+    value, symbols = 1, []
+    for d in dims:
+        if isinstance(d, int):
+            value *= d
+        else:
+            symbols.extend(str(d).split("*"))
+    return value, tuple(sorted(symbols))
+
+
+def dim_divide(a, b):
+    """a / b when b divides a exactly (symbols as a multiset), else None."""
+    if b[0] == 0 or a[0] % b[0]:
+        return None
+    left = list(a[1])
+    for s in b[1]:
+        if s not in left:
+            return None
+        left.remove(s)
+    return a[0] // b[0], tuple(left)
+
+
+def dim_format(p):
+    if not p[1]:
+        return p[0]
+    return "*".join(([str(p[0])] if p[0] != 1 else []) + list(p[1]))
+
+
+class _ShapeValues:
+    """Evaluates small integer tensors computed from shapes; a symbolic dim stays a string."""
+
+    def __init__(self, model: onnx.ModelProto, shapes: dict[str, list]):
+        self.shapes = shapes
+        self.producer = {o: n for n in model.graph.node for o in n.output}
+        self.inits = {t.name: t for t in model.graph.initializer}
+        self.memo: dict[str, list | None] = {}
+
+    def value(self, name: str):
+        if name not in self.memo:
+            self.memo[name] = None  # guards against cycles
+            try:
+                self.memo[name] = self._compute(name)
+            except Exception:
+                self.memo[name] = None
+        return self.memo[name]
+
+    def _compute(self, name: str):
+        if name in self.inits:
+            return numpy_helper.to_array(self.inits[name]).reshape(-1).tolist()
+        node = self.producer.get(name)
+        if node is None:
+            return None
+        op, ins = node.op_type, list(node.input)
+        if op == "Constant":
+            for a in node.attribute:
+                if a.name == "value":
+                    return numpy_helper.to_array(a.t).reshape(-1).tolist()
+            value = _constant_attr_value(node)
+            return None if value is None else value.reshape(-1).tolist()
+        if op == "Shape":
+            dims = self.shapes.get(ins[0])
+            if dims is None:
+                return None
+            start, end = _attr_int(node, "start", 0), _attr_int(node, "end", len(dims))
+            return list(dims[slice(start, end)])
+        if op in ("Identity", "Cast", "Unsqueeze", "Squeeze"):
+            return self.value(ins[0])
+        if op == "Gather":
+            data, idx = self.value(ins[0]), self.value(ins[1])
+            return None if data is None or idx is None else [data[int(i)] for i in idx]
+        if op == "Concat":
+            parts = [self.value(i) for i in ins]
+            return None if any(p is None for p in parts) else [v for p in parts for v in p]
+        if op == "Slice":
+            data, starts, ends = self.value(ins[0]), self.value(ins[1]), self.value(ins[2])
+            steps = self.value(ins[4]) if len(ins) > 4 and ins[4] else [1]
+            if data is None or starts is None or ends is None or steps is None:
+                return None
+            return data[slice(int(starts[0]), int(ends[0]), int(steps[0]))]
+        if op in ("Mul", "Add", "Sub", "Div"):
+            a, b = self.value(ins[0]), self.value(ins[1])
+            if a is None or b is None:
+                return None
+            if len(a) == 1 and len(b) > 1:
+                a = a * len(b)
+            if len(b) == 1 and len(a) > 1:
+                b = b * len(a)
+            fn = {"Mul": lambda x, y: x * y, "Add": lambda x, y: x + y,
+                  "Sub": lambda x, y: x - y, "Div": lambda x, y: x // y}[op]
+            return [fn(int(x), int(y)) if isinstance(x, (int, float)) and isinstance(y, (int, float))
+                    and not isinstance(x, bool) else None for x, y in zip(a, b)]
+        return None
+
+
+def _run_inference(skeleton: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, list]]:
     try:
-        inferred = onnx.shape_inference.infer_shapes(_skeleton(model), data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
     except Exception:
-        inferred = _skeleton(model)  # shape inference failed: fall back to what the file declares
+        inferred = skeleton  # shape inference failed: fall back to what the file declares
     shapes: dict[str, list] = {}
     g = inferred.graph
     for vi in list(g.input) + list(g.value_info) + list(g.output):
@@ -207,14 +352,14 @@ def _infer_shapes(model: onnx.ModelProto) -> dict[str, list]:
             continue
         dims = []
         for d in vi.type.tensor_type.shape.dim:
-            if d.HasField("dim_value"):
+            if d.HasField("dim_value") and d.dim_value >= 0:
                 dims.append(int(d.dim_value))
             elif d.HasField("dim_param"):
                 dims.append(d.dim_param)
             else:
-                dims.append(None)
+                dims.append(f"?{vi.name}:{len(dims)}")  # unknown: a symbol of its own
         shapes[vi.name] = dims
-    return shapes
+    return inferred, shapes
 
 
 def known(dims: Iterable) -> bool:

@@ -53,8 +53,48 @@ def pin_op(reason: str):
 def passthrough(ctx, node) -> None:
     """Elementwise on one data input: every output carries the input's labels."""
     labels = ctx.get(node.input[0]) if node.input else {}
+    uniform = ctx.uniform.get(node.input[0]) if node.input else None
     for out in node.output:
         ctx.set(out, labels)
+        if uniform:
+            ctx.uniform[out] = set(uniform)
+    if node.input and ctx.is_weightlike(node.input[0]) and node.output:
+        _derive_mapped(ctx, node, {a: a for a in range(ctx.rank(node.input[0]) or 0)})
+
+
+def _derive_reshaped(ctx, node) -> None:
+    """Reshape/Squeeze/Unsqueeze of a weight-like tensor that only adds or drops size-1 axes."""
+    src, out = node.input[0], node.output[0]
+    in_shape, out_shape = ctx.shape(src), ctx.shape(out)
+    if not ctx.is_weightlike(src) or in_shape is None or out_shape is None:
+        return
+    in_real = [i for i, d in enumerate(in_shape) if d != 1]
+    out_real = [i for i, d in enumerate(out_shape) if d != 1]
+    if [in_shape[i] for i in in_real] == [out_shape[i] for i in out_real]:
+        _derive_mapped(ctx, node, dict(zip(in_real, out_real)))
+
+
+def _derive_mapped(ctx, node, axis_map: dict[int, int]) -> None:
+    """A weight-like tensor moved by a layout op: its indexed axes move with it."""
+    src = node.input[0]
+    axis_sources = {}
+    for ia, oa in axis_map.items():
+        found = ctx.sources(src, ia)
+        if found is not None:
+            axis_sources[oa] = found
+            ctx.mark_read(src, ia)
+    ctx.derive(node.output[0], axis_sources, [src])
+
+
+def constant_of_shape(ctx, node) -> None:
+    """A filled tensor is the same along every axis."""
+    rank = ctx.rank(node.output[0])
+    if rank is not None:
+        ctx.uniform[node.output[0]] = set(range(rank))
+
+
+def _is_uniform(ctx, name, axis) -> bool:
+    return axis in ctx.uniform.get(name, ())
 
 
 def shape_only(ctx, node) -> None:
@@ -69,7 +109,16 @@ def broadcast(ctx, node, data_inputs=None) -> None:
     out_rank = ctx.rank(out)
     ranks = [ctx.rank(n) for n in names]
     labelled = [n for n in names if ctx.get(n)]
+    if out_rank is not None and all(r is not None for r in ranks):
+        uniform = {
+            oa for oa in range(out_rank)
+            if all(oa - (out_rank - r) < 0 or ctx.dim(n, oa - (out_rank - r)) == 1
+                   or _is_uniform(ctx, n, oa - (out_rank - r)) for n, r in zip(names, ranks))
+        }
+        if uniform:
+            ctx.uniform[out] = uniform
     if not labelled:
+        _derive_elementwise(ctx, node, names, ranks, out_rank)
         return
     if out_rank is None or any(r is None for r in ranks):
         for n in labelled:
@@ -89,15 +138,37 @@ def broadcast(ctx, node, data_inputs=None) -> None:
             if ia < 0 or ia in ctx.get(n):
                 continue
             dim = ctx.dim(n, ia)
-            if dim == 1:
+            if dim == 1 or _is_uniform(ctx, n, ia):
                 continue
-            if ctx.is_weight(n):
+            if ctx.is_weightlike(n):
                 ctx.slot(n, ia, label)
             else:
                 ctx.pin(label, f"{node.op_type} mixes channels with an unlabelled tensor {n!r}")
     # outputs beyond the first (rare) carry the same labels
     for o in node.output:
         ctx.set(o, out_labels)
+
+
+def _derive_elementwise(ctx, node, names, ranks, out_rank) -> None:
+    """An unlabelled elementwise result of weights (and broadcast scalars) stays indexable."""
+    if out_rank is None or any(r is None for r in ranks) or not any(ctx.is_weightlike(n) for n in names):
+        return
+    axis_sources = {}
+    for oa in range(out_rank):
+        sources = []
+        for n, r in zip(names, ranks):
+            ia = oa - (out_rank - r)
+            if ia < 0 or ctx.dim(n, ia) == 1 or _is_uniform(ctx, n, ia):
+                continue
+            found = ctx.sources(n, ia)
+            if found is None:
+                sources = None
+                break
+            sources.extend(found)
+            ctx.mark_read(n, ia)
+        if sources:
+            axis_sources[oa] = sources
+    ctx.derive(node.output[0], axis_sources, names)
 
 
 def variadic(ctx, node) -> None:
@@ -109,8 +180,9 @@ def where(ctx, node) -> None:
 
 
 # ---- producers ------------------------------------------------------------------------------
-def conv(ctx, node) -> None:
-    x, w, b = node.input[0], node.input[1], _inputs(node, 2)
+def conv(ctx, node, *, has_bias: bool = True) -> None:
+    x, w = node.input[0], node.input[1]
+    b = _inputs(node, 2) if has_bias else ""
     out = node.output[0]
     group = int(attr(node, "group", 1))
     wshape = ctx.shape(w)
@@ -414,6 +486,11 @@ def transpose(ctx, node) -> None:
         if old_axis in labels:
             out[new_axis] = labels[old_axis]
     ctx.set(node.output[0], out)
+    uniform = ctx.uniform.get(x, set())
+    if uniform:
+        ctx.uniform[node.output[0]] = {new for new, old in enumerate(perm) if old in uniform}
+    if ctx.is_weightlike(x):
+        _derive_mapped(ctx, node, {old: new for new, old in enumerate(perm)})
 
 
 def _axes_input(ctx, node, idx=1):
@@ -425,6 +502,7 @@ def _axes_input(ctx, node, idx=1):
 
 
 def squeeze(ctx, node) -> None:
+    _derive_reshaped(ctx, node)
     x = node.input[0]
     labels = ctx.get(x)
     if not labels:
@@ -449,12 +527,16 @@ def squeeze(ctx, node) -> None:
 
 
 def unsqueeze(ctx, node) -> None:
+    _derive_reshaped(ctx, node)
     x = node.input[0]
     labels = ctx.get(x)
-    if not labels:
-        return
     axes = _axes_input(ctx, node)
     ro = ctx.rank(node.output[0])
+    if ctx.uniform.get(x) and axes is not None and ro is not None:
+        kept = [i for i in range(ro) if i not in sorted(a % ro for a in axes)]
+        ctx.uniform[node.output[0]] = {kept[a] for a in ctx.uniform[x]}
+    if not labels:
+        return
     if axes is None or ro is None:
         for l in labels.values():
             ctx.pin(l, "Unsqueeze with unknown axes")
@@ -503,6 +585,7 @@ def _merge_axes(ctx, node, labels, in_shape, groups_of_axes) -> None:
 
 
 def reshape(ctx, node) -> None:
+    _derive_reshaped(ctx, node)
     x = node.input[0]
     labels = ctx.get(x)
     if not labels:
@@ -563,39 +646,28 @@ def _split_label(label, out_dims, in_shape, in_axes, a):
 
 
 def _reshape_groups(in_shape, out_shape):
-    """Pair up runs of input and output axes with equal products (size-1 axes attach anywhere)."""
-    if not all(isinstance(d, int) and d >= 0 for d in in_shape[1:]) and in_shape[:1] != out_shape[:1]:
-        return None
+    """Pair up runs of input and output axes with equal products; symbolic dims count as factors."""
+    from .graph import dim_divide, dim_product
+
     groups = []
     i = j = 0
-    # a shared leading symbolic/unknown batch axis maps to itself
-    if in_shape and out_shape and not isinstance(in_shape[0], int) and in_shape[0] == out_shape[0]:
-        groups.append(([0], [0]))
-        i = j = 1
     while i < len(in_shape) or j < len(out_shape):
         gi, gj = [], []
-        pi = pj = 1
         if i < len(in_shape):
             gi.append(i)
-            pi = in_shape[i]
             i += 1
         if j < len(out_shape):
             gj.append(j)
-            pj = out_shape[j]
             j += 1
-        if not isinstance(pi, int) or not isinstance(pj, int):
-            return None
-        while pi != pj:
-            if pi < pj and i < len(in_shape):
-                if not isinstance(in_shape[i], int):
-                    return None
-                pi *= in_shape[i]
+        while True:
+            pi = dim_product([in_shape[k] for k in gi])
+            pj = dim_product([out_shape[k] for k in gj])
+            if pi == pj:
+                break
+            if dim_divide(pj, pi) is not None and i < len(in_shape):
                 gi.append(i)
                 i += 1
-            elif pj < pi and j < len(out_shape):
-                if not isinstance(out_shape[j], int):
-                    return None
-                pj *= out_shape[j]
+            elif dim_divide(pi, pj) is not None and j < len(out_shape):
                 gj.append(j)
                 j += 1
             else:
@@ -757,7 +829,7 @@ def softmax(ctx, node) -> None:
 def reduce(ctx, node) -> None:
     x = node.input[0]
     labels = ctx.get(x)
-    if not labels:
+    if not labels and not ctx.uniform.get(x):
         return
     r = ctx.rank(x)
     keepdims = int(attr(node, "keepdims", 1))
@@ -770,12 +842,15 @@ def reduce(ctx, node) -> None:
         noop = int(attr(node, "noop_with_empty_axes", 0))
         axes = [] if noop else list(range(r))
     axes = sorted(a % r for a in axes)
-    out = {}
-    for a, l in labels.items():
-        if a in axes:
-            continue  # reduction over channels is order-invariant
-        out[a if keepdims else a - sum(1 for s in axes if s < a)] = l
+
+    def moved(a):
+        return a if keepdims else a - sum(1 for s in axes if s < a)
+
+    out = {moved(a): l for a, l in labels.items() if a not in axes}  # reducing channels: order-invariant
     ctx.set(node.output[0], out)
+    uniform = {moved(a) for a in ctx.uniform.get(x, ()) if a not in axes}
+    if uniform:
+        ctx.uniform[node.output[0]] = uniform
 
 
 def arg_reduce(ctx, node) -> None:
@@ -795,6 +870,12 @@ def arg_reduce(ctx, node) -> None:
 def expand(ctx, node) -> None:
     labels = ctx.get(node.input[0])
     r, ro = ctx.rank(node.input[0]), ctx.rank(node.output[0])
+    if r is not None and ro is not None:
+        ctx.uniform[node.output[0]] = {
+            oa for oa in range(ro)
+            if oa < ro - r or ctx.dim(node.input[0], oa - (ro - r)) == 1
+            or _is_uniform(ctx, node.input[0], oa - (ro - r))
+        }
     if labels and (r is None or ro is None):
         for l in labels.values():
             ctx.pin(l, "Expand with unknown ranks")
@@ -884,6 +965,8 @@ def rnn(ctx, node) -> None:
             ctx.slot(name, 2, fresh)
         elif ctx.get(name).get(2) is not None:
             ctx.union(ctx.get(name)[2], fresh)
+        elif _is_uniform(ctx, name, 2):
+            continue  # e.g. zeros from ConstantOfShape
         else:
             ctx.pin(fresh, f"{node.op_type} initial state from an unlabelled tensor")
     outs = list(node.output) + [""] * 3
@@ -906,7 +989,7 @@ def matmul_integer(ctx, node) -> None:
 
 
 def conv_integer(ctx, node) -> None:
-    conv(ctx, node)
+    conv(ctx, node, has_bias=False)  # input 2 is the activation zero point, a scalar
     w_zp = _inputs(node, 3)
     out_label = ctx.get(node.output[0]).get(1)
     if w_zp and out_label is not None:
@@ -1019,6 +1102,7 @@ RULES.update(
         "Expand": expand,
         "Tile": tile,
         "Shape": shape_only,
+        "ConstantOfShape": constant_of_shape,
         "Size": shape_only,
         "QuantizeLinear": quantize_linear,
         "DequantizeLinear": quantize_linear,

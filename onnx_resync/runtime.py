@@ -118,7 +118,7 @@ def _has_unloaded_external_data(model: onnx.ModelProto) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in io._iter_graph_tensors(model.graph))
 
 
-def make_session(model, device: str = "auto") -> ort.InferenceSession:
+def make_session(model, device: str = "auto", *, twin: bool = False) -> ort.InferenceSession:
     """Open an ORT session on a path or ModelProto.
 
     device: "auto" (CUDA if it really comes up, else CPU, silently), "cuda" (required: ResyncError
@@ -135,6 +135,9 @@ def make_session(model, device: str = "auto") -> ort.InferenceSession:
     # Basic optimizations only: constant folding and cleanups, no kernel fusions that could make the
     # two models round differently. Both models always get the same level.
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    if twin:  # the same model computed another way: measures the model's own rounding noise
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        options.intra_op_num_threads = 1
     # TF32 would make a strict fp32 comparison meaningless; a fixed conv algorithm search keeps runs
     # of the two models comparable and skips benchmarking time.
     providers = [(CUDA, {"use_tf32": "0", "cudnn_conv_algo_search": "DEFAULT"}), CPU] if want_cuda else [CPU]

@@ -33,6 +33,9 @@ class OutputComparison:
     numel: int
     passed: bool
     note: str = ""
+    # max abs difference between two executions of the reference itself (other kernels/threads);
+    # measured only when the normalized check fails, to tell rounding noise from a real change
+    noise_floor: float | None = None
 
 
 @dataclass
@@ -222,6 +225,29 @@ class _Accumulator:
         )
 
 
+# A candidate whose error stays within this many times the reference's own run-to-run rounding
+# noise cannot be told apart from the reference by running it (e.g. saturated sigmoid maps ~1e-6).
+NOISE_FACTOR = 4.0
+
+
+def _judge_against_noise_floor(reference, provider, feeds, outputs) -> None:
+    twin = runtime.make_session(reference, "cuda" if provider == runtime.CUDA else "cpu", twin=True)
+    main = runtime.make_session(reference, "cuda" if provider == runtime.CUDA else "cpu")
+    floors = [0.0] * len(outputs)
+    for feed in feeds:
+        for i, (a, b) in enumerate(zip(runtime.run(main, feed), runtime.run(twin, feed))):
+            a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+            if a.shape == b.shape and a.dtype.kind == "f":
+                finite = np.isfinite(a) & np.isfinite(b)
+                floors[i] = max(floors[i], float(np.abs(a[finite] - b[finite]).max(initial=0.0)))
+    for out, floor in zip(outputs, floors):
+        out.noise_floor = floor
+        if not out.passed and not out.note and floor > 0 and out.max_abs_error <= NOISE_FACTOR * floor:
+            out.passed = True
+            out.mismatches = 0
+            out.note = f"within {NOISE_FACTOR:g}x the reference's own rounding noise ({floor:.1e})"
+
+
 def verify(reference, candidate, *, inputs=None, shapes=None, samples: int = 1, seed: int = 0,
            device: str = "auto", tolerance: float = 1e-5, atol: float | None = None,
            rtol: float | None = None) -> VerifyReport:
@@ -270,6 +296,8 @@ def verify(reference, candidate, *, inputs=None, shapes=None, samples: int = 1, 
         del ref_out, cand_out
 
     outputs = [acc.result() for acc in accs]
+    if not elementwise and not all(o.passed for o in outputs):
+        _judge_against_noise_floor(reference, provider, feeds, outputs)
     return VerifyReport(
         equivalent=all(o.passed for o in outputs), provider=provider, device_requested=device,
         samples=len(feeds), seed=seed, mode="elementwise" if elementwise else "normalized",

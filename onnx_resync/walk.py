@@ -37,6 +37,9 @@ class Group:
     producers: list[str]
     slots: list[GroupSlot]
     key: str  # structural identity (independent of weight values), used to match records
+    # op types that read the group's activations ("Mul/2": with two labelled inputs); lets resync
+    # tell whether rescaling a neuron is neutral (only positively homogeneous readers)
+    readers: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
@@ -45,6 +48,7 @@ class Group:
             "key": self.key,
             "producers": self.producers,
             "slots": [s.to_dict() for s in self.slots],
+            "readers": self.readers,
         }
 
 
@@ -94,7 +98,15 @@ class WalkContext:
         self.slots: dict[tuple[str, int], Label] = {}
         self.fixed: dict[tuple[str, int], str] = {}
         self.registered: dict[int, Label] = {}  # id(label) -> label, every label seen anywhere
+        # axes along which a tensor's values are constant (Expand of a size-1 axis, ConstantOfShape):
+        # such a tensor may meet any channel axis without fixing its order
+        self.uniform: dict[str, set[int]] = {}
+        # tensors computed elementwise from weights and broadcast scalars (a quantized bias, a
+        # BatchNorm written out with Sqrt/Div): axis -> the stored weight axes it is indexed by
+        self.derived: dict[str, dict[int, list[tuple[str, int]]]] = {}
+        self.derived_bases: dict[str, set[str]] = {}
         self.ops_without_rule: Counter = Counter()
+        self.readers: dict[int, tuple[Label, set]] = {}  # id(label) -> (label, op types reading it)
         self._node_slots: set[tuple[str, int]] = set()
 
     # ---- reading -----------------------------------------------------------------------------
@@ -112,6 +124,42 @@ class WalkContext:
 
     def is_weight(self, name: str) -> bool:
         return self.view.is_weight(name)
+
+    def is_weightlike(self, name: str) -> bool:
+        """A weight, or a tensor computed elementwise from weights (see `derived`)."""
+        return self.view.is_weight(name) or name in self.derived_bases
+
+    def sources(self, name: str, axis: int) -> list[tuple[str, int]] | None:
+        """The stored weight axes that `name`'s `axis` is indexed by; None if it cannot be indexed."""
+        if self.view.is_weight(name):
+            return resolve_weight_axes(self.view, name, axis)
+        if name in self.derived_bases:
+            return self.derived.get(name, {}).get(axis)
+        return None
+
+    def bases(self, name: str) -> set[str]:
+        """Every stored weight that `name` is computed from."""
+        if name in self.derived_bases:
+            return self.derived_bases[name]
+        found, stack = set(), [name]
+        while stack:
+            t = stack.pop()
+            if self.view.stored_tensor(t) is not None:
+                found.add(t)
+            elif t in self.view.producer:
+                stack.extend(i for i in self.view.producer[t].input if i and self.view.is_weight(i))
+        return found
+
+    def derive(self, out: str, axis_sources: dict[int, list[tuple[str, int]]], inputs: list[str]) -> None:
+        """Record that `out` is computed from weight-like `inputs`, indexed along some axes."""
+        bases = set().union(*(self.bases(i) for i in inputs if self.is_weightlike(i)))
+        if bases:
+            self.derived[out] = axis_sources
+            self.derived_bases[out] = bases
+
+    def mark_read(self, name: str, axis: int) -> None:
+        """This node accounts for this axis (slotted it, or passed it on into a derived tensor)."""
+        self._node_slots.add((name, axis))
 
     def dim(self, name: str, axis: int):
         shape = self.shape(name)
@@ -149,7 +197,7 @@ class WalkContext:
         if not tensor:
             return True
         self._node_slots.add((tensor, axis))
-        targets = resolve_weight_axes(self.view, tensor, axis)
+        targets = self.sources(tensor, axis)
         if targets is None:
             self.pin(label, f"weight {tensor!r} is computed in a way the walker cannot index")
             return False
@@ -179,14 +227,28 @@ class WalkContext:
     def end_node(self, node: onnx.NodeProto) -> None:
         """Weight axes this node read without a slot must keep their order."""
         for name in node.input:
-            if not name or not self.is_weight(name):
+            if not name or not self.is_weightlike(name):
                 continue
-            shape = self.view.shape(name) or []
+            reason = f"{node.op_type} {node.name!r} reads weight {{}} unpermuted"
+            shape = self.view.shape(name)
+            if shape is None:
+                self._fix_all(name, reason)
+                continue
             for axis, dim in enumerate(shape):
                 if dim == 1 or (name, axis) in self._node_slots:
                     continue
-                for key in resolve_weight_axes(self.view, name, axis) or []:
-                    self.fixed.setdefault(key, f"{node.op_type} {node.name!r} reads weight {key[0]!r} unpermuted")
+                keys = self.sources(name, axis)
+                if keys is None:
+                    self._fix_all(name, reason)
+                    break
+                for key in keys:
+                    self.fixed.setdefault(key, reason.format(repr(key[0])))
+
+    def _fix_all(self, name: str, reason: str) -> None:
+        """The node reads `name` in a way we cannot index: every axis of its weights stays put."""
+        for base in self.bases(name):
+            for axis in range(len(self.view.shape(base) or [])):
+                self.fixed.setdefault((base, axis), reason.format(repr(base)))
 
 
 def walk(model: onnx.ModelProto, view: GraphView | None = None) -> WalkResult:
@@ -196,6 +258,7 @@ def walk(model: onnx.ModelProto, view: GraphView | None = None) -> WalkResult:
         if node.op_type == "Constant" or (view.is_weight(node.output[0]) if node.output else False):
             continue  # weights and their views are not activations
         ctx.begin_node()
+        _note_readers(ctx, node)
         rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
         if rule is None:
             ctx.ops_without_rule[f"{node.domain + '.' if node.domain else ''}{node.op_type}"] += 1
@@ -204,6 +267,14 @@ def walk(model: onnx.ModelProto, view: GraphView | None = None) -> WalkResult:
             rule(ctx, node)
         ctx.end_node(node)
     return _form_groups(ctx)
+
+
+def _note_readers(ctx: WalkContext, node: onnx.NodeProto) -> None:
+    labelled = [name for name in node.input if name and ctx.get(name)]
+    tag = node.op_type if len(labelled) <= 1 else f"{node.op_type}/{len(labelled)}"
+    for name in labelled:
+        for label in ctx.get(name).values():
+            ctx.readers.setdefault(id(label), (label, set()))[1].add(tag)
 
 
 def _form_groups(ctx: WalkContext) -> WalkResult:
@@ -283,8 +354,13 @@ def _form_groups(ctx: WalkContext) -> WalkResult:
                     groups[gid].producers.append(rec["node"])
             else:
                 singletons += 1
+    for label, tags in ctx.readers.values():
+        gids = group_of[roots[label.elem]]
+        for gid in np.unique(gids[gids >= 0]).tolist():
+            groups[gid].readers = sorted(set(groups[gid].readers) | tags)
     for g in groups:
         g.key = _group_key(g)
+    _disambiguate_keys(groups)
     pinned = [PinnedReason(reason, c, sorted(nodes)) for reason, (c, nodes) in pin_counts.items()]
     pinned.sort(key=lambda p: -p.channels)
     return WalkResult(groups, pinned, hidden, permutable, to_output, singletons, dict(ctx.ops_without_rule))
@@ -311,6 +387,19 @@ def _signatures(ctx: WalkContext, roots: np.ndarray, origin: np.ndarray) -> dict
             h.update(repr(sorted(map(repr, tags_by_root[r]))).encode())
         sigs[r] = h.digest()
     return sigs
+
+
+def _disambiguate_keys(groups: list[Group]) -> None:
+    """Groups that share a first slot (the blocks of a grouped conv) add the first position they touch.
+
+    Groups touch disjoint positions of a weight axis, and a group's set of positions is the same
+    before and after permuting it, so the suffix is unique and survives a permutation.
+    """
+    count = Counter(g.key for g in groups)
+    for g in groups:
+        if count[g.key] > 1:
+            first = min(g.slots, key=lambda s: (s.weight, s.axis))
+            g.key += f"@{int(first.positions.min())}"
 
 
 def _group_key(group: Group) -> str:
