@@ -279,15 +279,26 @@ class WeightStore:
     def set(self, name: str, array: np.ndarray) -> None:
         """Replace a weight's values in place, keeping its name and dtype."""
         old = self._tensors[name]
-        new = numpy_helper.from_array(np.ascontiguousarray(array).astype(self.dtype(name), copy=False), name=old.name)
+        array = np.ascontiguousarray(array).astype(self.dtype(name), copy=False)
+        typed = next((f for f in _TYPED_FIELDS if len(getattr(old, f))), None)
+        if old.HasField("raw_data") or typed is None:
+            new = numpy_helper.from_array(array, name=old.name)
+        else:  # keep the file's own storage field, so that undo restores the original bytes
+            new = onnx.helper.make_tensor(old.name, old.data_type, array.shape, array.reshape(-1).tolist())
         if old.data_location == onnx.TensorProto.EXTERNAL:
             old.ClearField("external_data")
             old.ClearField("data_location")  # not DEFAULT: proto2 would serialize it, changing the bytes
-        for field in ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+        for field in _TYPED_FIELDS:
             old.ClearField(field)
-        old.raw_data = new.raw_data
+        if new.HasField("raw_data"):
+            old.raw_data = new.raw_data
+        else:
+            getattr(old, typed).extend(getattr(new, typed))
         del old.dims[:]
         old.dims.extend(new.dims)
+
+
+_TYPED_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data")
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
