@@ -1,0 +1,47 @@
+"""`onnx-resync resync SUSPECT --reference REF -o OUT`: undo a permutation, judge the suspect.
+
+Exit 0 when the suspect is derived from the reference (identical, permuted, or permuted and
+perturbed), 1 when it is not derived, 3 when the architectures differ.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from ..resync import resync
+from ._common import add_verify_options, print_json, verify_options
+
+
+def register(sub) -> None:
+    p = sub.add_parser("resync", help="recover a suspect's permutations against its reference; integrity verdict")
+    p.add_argument("suspect", help="the suspect ONNX file (possibly permuted and perturbed)")
+    p.add_argument("--reference", required=True, help="the reference ONNX file it may derive from")
+    p.add_argument("-o", "--output", help="write the suspect in the reference's neuron order here")
+    p.add_argument("--report", metavar="REPORT.json", help="write the full report (per neuron) here")
+    p.add_argument("--json", action="store_true", help="print the full report as JSON")
+    p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime equivalence check")
+    p.add_argument("--keep-rescale", action="store_true", help="do not undo neutral rescales")
+    add_verify_options(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    _, report = resync(
+        args.suspect,
+        args.reference,
+        args.output,
+        report_path=args.report,
+        check=not args.no_verify and args.output is not None,
+        verify_options=verify_options(args),
+        undo_rescale=not args.keep_rescale,
+    )
+    if args.json:
+        print_json(report.to_dict())
+    else:
+        for line in report.summary_lines():
+            print(line)
+        if args.report:
+            print(f"report: {args.report}")
+    if args.no_verify and args.output:
+        print("not verified (--no-verify)", file=sys.stderr)
+    return 0 if report.derived else 1
