@@ -111,20 +111,24 @@ def run_demo(model_name: str = DEFAULT_MODEL, *, seed: int = 0, noise: float = 0
     except ImportError:
         log("4. resync   (not available in this build)")
         return report
-    restored, rs = resync(work / "suspect.onnx", src, work / "restored.onnx")
-    summary = rs.summary_line() if hasattr(rs, "summary_line") else str(rs.verdict)
-    report.add("resync", summary)
-    log(f"4. resync   against {src.name}: {summary}")
-    truth = result.record.inverse()
-    found_record = rs.record if hasattr(rs, "record") else None
-    if found_record is not None:
-        correct = total = 0
-        for key, perm in truth.perms.items():
-            got = np.asarray(found_record.perms.get(key, list(range(len(perm)))))
-            correct += int((got == np.asarray(perm)).sum())
-            total += len(perm)
-        step = f"{correct}/{total} neurons back in their original place ({100 * correct / max(total, 1):.2f}%)"
-        report.add("check", step)
-        report.ok = correct == total
-        log(f"5. check    {step}; outputs in {work}")
+    _, rs = resync(work / "suspect.onnx", src, work / "restored.onnx")
+    lines = rs.summary_lines()
+    report.add("resync", "; ".join(lines))
+    log(f"4. resync   against {src.name}: {lines[0]}")
+    for line in lines[1:]:
+        log(f"           {line}")
+    truth = result.record.inverse()  # what undoes step 2
+    correct = total = 0
+    for key, perm in truth.perms.items():
+        got = np.asarray(rs.record.perms.get(key, list(range(len(perm)))))
+        correct += int((got == np.asarray(perm)).sum())
+        total += len(perm)
+    acc_restored = accuracy(work / "restored.onnx", npz) if npz.exists() else None
+    step = f"{correct}/{total} neurons back in their original place ({100 * correct / max(total, 1):.2f}%)"
+    if acc_restored is not None:
+        step += f"; restored model's test accuracy {100 * acc_restored:.1f}% (the suspect's, as it must be)"
+    report.add("check", step)
+    report.ok = correct == total and rs.derived
+    log(f"5. check    {step}")
+    log(f"           files in {work}")
     return report

@@ -20,22 +20,26 @@ def add_verify_options(parser, *, prefix_help: str = "") -> None:
                    help="max abs error / max |reference| per output (default 1e-5)")
 
 
-def parse_shapes(items: list[str]) -> dict[str, list[int]]:
-    shapes = {}
-    for item in items:
-        name, sep, dims = item.rpartition(":")
+def parse_shapes(specs: list[str]) -> dict[str, list[int]]:
+    """'name:1,3,32,32' -> {'name': [1, 3, 32, 32]}; split at the last ':' (TF names contain ':')."""
+    shapes: dict[str, list[int]] = {}
+    for spec in specs:
+        name, sep, dims = spec.rpartition(":")
         try:
-            if not sep or not name:
-                raise ValueError
-            shapes[name] = [int(d) for d in dims.split(",")]
+            values = [int(d) for d in dims.split(",")] if dims.strip() else []
         except ValueError:
-            raise UsageError(f"--shape {item!r}: expected NAME:D1,D2,... with integer dims") from None
+            values = None
+        if not sep or not name or values is None or any(v < 0 for v in values):
+            raise UsageError(f"--shape {spec!r}: expected NAME:D1,D2,... with non-negative integers")
+        if name in shapes:
+            raise UsageError(f"--shape given twice for {name!r}")
+        shapes[name] = values
     return shapes
 
 
 def verify_options(args) -> dict:
     return {
-        "shapes": parse_shapes(args.shape),
+        "shapes": parse_shapes(args.shape) or None,
         "inputs": args.inputs,
         "samples": args.samples,
         "device": args.device,
