@@ -40,12 +40,16 @@ def accuracy(model: onnx.ModelProto | str | Path, npz: Path) -> float:
 
 
 def add_noise(model: onnx.ModelProto, relative_std: float, seed: int) -> int:
-    """Gaussian noise on every float weight with >1 element, std = relative_std x the tensor's std."""
+    """Gaussian noise on every float weight matrix/kernel (rank >= 2), std = relative_std x its std.
+
+    Biases and normalization statistics are left alone: noise on a running variance can make it
+    negative, which says nothing about matching.
+    """
     rng = np.random.default_rng(seed)
     store = WeightStore(model)
     touched = 0
     for name in store.names():
-        if store.dtype(name).kind != "f" or int(np.prod(store.shape(name))) < 2:
+        if store.dtype(name).kind != "f" or len(store.shape(name)) < 2:
             continue
         w = store.get(name)
         store.set(name, w + rng.standard_normal(w.shape).astype(w.dtype) * relative_std * w.std())
