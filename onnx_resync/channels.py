@@ -64,6 +64,9 @@ class ElementTable:
         self.origins: list[dict] = []  # producer records: node name, op, output, kind
         self.pins: dict[int, str] = {}  # element -> first reason it was pinned
         self.tags: dict[int, list] = {}  # element -> extra constraints (e.g. grouped-conv block)
+        # element -> (a, b, ia, ib, na, nb): the element is cell (ia, ib) of a grid whose rows are
+        # the factor elements a (na of them) and columns b (nb): an attention head x a head dim
+        self.products: dict[int, tuple[int, int, int, int, int, int]] = {}
 
     def __len__(self) -> int:
         return len(self._parent)
@@ -93,6 +96,17 @@ class ElementTable:
                     self._parent[ry] = rx
                 else:
                     self._parent[rx] = ry
+
+    def product(self, cells: np.ndarray, rows: "Label", cols: "Label") -> bool:
+        """Declare cells[i * len(cols) + j] = (rows[i], cols[j]); False if a cell is already a product."""
+        na, nb = len(rows), len(cols)
+        cells = np.asarray(cells).reshape(-1).tolist()
+        if any(c in self.products for c in cells) or len(set(cells)) != len(cells):
+            return False
+        for k, c in enumerate(cells):
+            i, j = divmod(k, nb)
+            self.products[c] = (int(rows.elem[i]), int(cols.elem[j]), i, j, na, nb)
+        return True
 
     def pin(self, elems: np.ndarray, reason: str) -> None:
         for e in np.unique(elems).tolist():

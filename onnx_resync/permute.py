@@ -76,8 +76,7 @@ def select_groups(walk: WalkResult, keys: list[str] | None) -> list[Group]:
 def slot_indices(walk: WalkResult, perms: dict[str, list[int]], dim_of) -> dict[tuple[str, int], np.ndarray]:
     """For every (weight, axis) touched: the gather index that realizes all the group permutations.
 
-    dim_of(weight, axis) gives the axis length. Groups touch disjoint positions of an axis, so their
-    moves compose by writing into one index array.
+    dim_of(weight, axis) gives the axis length.
     """
     by_key = {g.key: g for g in walk.groups}
     index: dict[tuple[str, int], np.ndarray] = {}
@@ -92,7 +91,11 @@ def slot_indices(walk: WalkResult, perms: dict[str, list[int]], dim_of) -> dict[
             k = (slot.weight, slot.axis)
             if k not in index:
                 index[k] = np.arange(dim_of(*k))
-            index[k][slot.positions.reshape(-1)] = slot.positions[perm].reshape(-1)
+            # compose: groups on one axis touch disjoint positions, or commute (heads and the dims
+            # inside every head), so gathering one after the other realizes them all
+            move = np.arange(len(index[k]))
+            move[slot.positions.reshape(-1)] = slot.positions[perm].reshape(-1)
+            index[k] = index[k][move]
     return index
 
 

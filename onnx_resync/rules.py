@@ -605,13 +605,17 @@ def reshape(ctx, node) -> None:
         inside = [a for a in in_axes if a in labels]
         if not inside:
             continue
+        real_out = [o for o in out_axes if out_shape[o] != 1]
         if len(inside) > 1:
-            for a in inside:
-                ctx.pin(labels[a], "Reshape merges two channel axes")
+            merged = _merge_pair(ctx, node, [labels[a] for a in inside], [in_shape[b] for b in in_axes])
+            if merged is not None and len(real_out) == 1:
+                out[real_out[0]] = merged
+            else:
+                for a in inside:
+                    ctx.pin(labels[a], "Reshape merges channel axes in a way the walker cannot follow")
             continue
         a = inside[0]
         label = labels[a]
-        real_out = [o for o in out_axes if out_shape[o] != 1]
         if len(real_out) == 1:
             before = [in_shape[b] for b in in_axes if b < a]
             after = [in_shape[b] for b in in_axes if b > a]
@@ -622,11 +626,44 @@ def reshape(ctx, node) -> None:
             continue  # cannot happen: a label has more than one position
         else:
             split = _split_label(label, [out_shape[o] for o in real_out], in_shape, in_axes, a)
-            if split is None:
-                ctx.pin(label, "Reshape splits the channel axis (e.g. into heads)")
+            if split is not None:
+                out[real_out[split[0]]] = split[1]
                 continue
-            out[real_out[split[0]]] = split[1]
+            factors = _split_product(ctx, node, label, [out_shape[o] for o in real_out])
+            if factors is None:
+                ctx.pin(label, "Reshape splits the channel axis into more than two axes or an irregular layout")
+                continue
+            out[real_out[0]], out[real_out[1]] = factors
     ctx.set(node.output[0], out)
+
+
+def _plain(label) -> bool:
+    return not label.sub.any() and len(np.unique(label.elem)) == len(label)
+
+
+def _split_product(ctx, node, label, out_dims):
+    """Channel axis -> (heads, dims): fresh head and dim elements; each channel is a (head, dim) cell.
+
+    Heads may then move as wholes, and dims inside every head the same way (DESIGN.md, structured
+    axes); the walker rewrites every tensor holding the cells into its two factors.
+    """
+    if len(out_dims) != 2 or not all(isinstance(d, int) for d in out_dims) or not _plain(label):
+        return None
+    rows = ctx.new(out_dims[0], node, node.output[0], kind="factor")
+    cols = ctx.new(out_dims[1], node, node.output[0], kind="factor")
+    if not ctx.elements.product(label.elem, rows, cols):
+        return None
+    return rows, cols
+
+
+def _merge_pair(ctx, node, labels, dims):
+    """(heads, dims) -> one axis: fresh cell elements, each the product of a head and a dim."""
+    if len(labels) != 2 or not all(_plain(l) for l in labels) or not all(isinstance(d, int) for d in dims):
+        return None
+    if int(np.prod([d for d in dims if d != 1], dtype=np.int64)) != len(labels[0]) * len(labels[1]):
+        return None  # another non-trivial axis is merged in as well
+    cells = ctx.new(len(labels[0]) * len(labels[1]), node, node.output[0], kind="product")
+    return cells if ctx.elements.product(cells.elem, labels[0], labels[1]) else None
 
 
 def _split_label(label, out_dims, in_shape, in_axes, a):

@@ -304,10 +304,13 @@ def _form_groups(ctx: WalkContext) -> WalkResult:
         if len(set(origins)) != len(origins):
             pinned_roots.setdefault(r, "tied to another channel of the same layer")
 
-    signatures = _signatures(ctx, roots, origin)
+    products = _product_roots(table, roots, pinned_roots)
+    rewrite = _ProductRewriter(products, roots)
+    label_pieces = [piece for label in ctx.registered.values() for piece in rewrite(label)]
+    signatures = _signatures(ctx, roots, origin, label_pieces)
     by_signature: dict[bytes, list[int]] = defaultdict(list)
     for r in sorted(members):
-        if r not in pinned_roots:
+        if r not in pinned_roots and r not in products:
             by_signature[signatures.get(r, b"")].append(r)
 
     rank_of = np.full(n, -1, dtype=np.int64)
@@ -320,14 +323,18 @@ def _form_groups(ctx: WalkContext) -> WalkResult:
 
     groups = [Group(gid, len(rs), [], [], "") for gid, rs in enumerate(group_roots)]
     for (weight, axis), label in sorted(ctx.slots.items()):
-        lab_roots = roots[label.elem]
+        pieces = rewrite(label)
+        elem = np.concatenate([p[0] for p in pieces])
+        sub = np.concatenate([p[1] for p in pieces])
+        pos = np.concatenate([p[2] for p in pieces])
+        lab_roots = roots[elem]
         lab_groups = group_of[lab_roots]
         for gid in np.unique(lab_groups[lab_groups >= 0]).tolist():
-            pos = np.nonzero(lab_groups == gid)[0]
-            order = np.lexsort((pos, label.sub[pos], origin[label.elem[pos]], rank_of[lab_roots[pos]]))
-            pos = pos[order]
+            mine = np.nonzero(lab_groups == gid)[0]
+            order = np.lexsort((pos[mine], sub[mine], origin[elem[mine]], rank_of[lab_roots[mine]]))
+            chosen = pos[mine][order]
             size = groups[gid].size
-            groups[gid].slots.append(GroupSlot(weight, axis, pos.reshape(size, len(pos) // size)))
+            groups[gid].slots.append(GroupSlot(weight, axis, chosen.reshape(size, len(chosen) // size)))
 
     hidden = 0
     permutable = 0
@@ -340,24 +347,29 @@ def _form_groups(ctx: WalkContext) -> WalkResult:
         for e in range(rec["start"], rec["start"] + rec["count"]):
             hidden += 1
             r = int(roots[e])
-            if r in pinned_roots:
+            gids = [int(group_of[r])]
+            if r in products:  # a (head, dim) cell moves when its head or its dim moves
+                a, b = products[r][:2]
+                gids = [int(group_of[roots[a]]), int(group_of[roots[b]])]
+            if r in pinned_roots and max(gids) < 0:
                 reason = pinned_roots[r]
                 if reason == "reaches a graph output":
                     to_output += 1
                 entry = pin_counts.setdefault(reason, [0, set()])
                 entry[0] += 1
                 entry[1].add(rec["node"])
-            elif group_of[r] >= 0:
+            elif max(gids) >= 0:
                 permutable += 1
-                gid = int(group_of[r])
-                if rec["node"] not in groups[gid].producers:
-                    groups[gid].producers.append(rec["node"])
+                for gid in gids:
+                    if gid >= 0 and rec["node"] not in groups[gid].producers:
+                        groups[gid].producers.append(rec["node"])
             else:
                 singletons += 1
     for label, tags in ctx.readers.values():
-        gids = group_of[roots[label.elem]]
-        for gid in np.unique(gids[gids >= 0]).tolist():
-            groups[gid].readers = sorted(set(groups[gid].readers) | tags)
+        for elem, _, _ in rewrite(label):
+            gids = group_of[roots[elem]]
+            for gid in np.unique(gids[gids >= 0]).tolist():
+                groups[gid].readers = sorted(set(groups[gid].readers) | tags)
     for g in groups:
         g.key = _group_key(g)
     _disambiguate_keys(groups)
@@ -366,12 +378,59 @@ def _form_groups(ctx: WalkContext) -> WalkResult:
     return WalkResult(groups, pinned, hidden, permutable, to_output, singletons, dict(ctx.ops_without_rule))
 
 
-def _signatures(ctx: WalkContext, roots: np.ndarray, origin: np.ndarray) -> dict[int, bytes]:
-    """Per neuron (root): where it appears (label, producer, sub-position) plus its constraints."""
+def _product_roots(table: ElementTable, roots: np.ndarray, pinned_roots: dict) -> dict[int, tuple]:
+    """Neuron (root) -> its (row, col, i, j, rows, cols) factors; conflicting or pinned cells pin."""
+    products: dict[int, tuple] = {}
+    for cell, rec in table.products.items():
+        r = int(roots[cell])
+        prev = products.setdefault(r, rec)
+        same = (roots[prev[0]], roots[prev[1]], prev[2:]) == (roots[rec[0]], roots[rec[1]], rec[2:])
+        if not same:
+            pinned_roots.setdefault(r, "one channel is two different (head, dim) cells")
+    for r, (a, b, *_) in products.items():
+        if r in pinned_roots:  # the cell cannot move, so neither can its head nor its dim
+            pinned_roots.setdefault(int(roots[a]), pinned_roots[r])
+            pinned_roots.setdefault(int(roots[b]), pinned_roots[r])
+    return products
+
+
+class _ProductRewriter:
+    """Turns a label into pieces (elem, sub, positions); (head, dim) cells become two pieces.
+
+    Position p holding cell (i, j) belongs to head a (sub: j) and to dim b (sub: i), so permuting
+    heads moves whole rows of the grid and permuting dims moves the same column in every row.
+    """
+
+    def __init__(self, products: dict[int, tuple], roots: np.ndarray):
+        self.roots = roots
+        self.keys = np.fromiter(products, dtype=np.int64, count=len(products))
+        self.recs = np.array(list(products.values()), dtype=np.int64).reshape(-1, 6)
+        order = np.argsort(self.keys)
+        self.keys, self.recs = self.keys[order], self.recs[order]
+
+    def __call__(self, label: Label) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        pos = np.arange(len(label))
+        if not len(self.keys):
+            return [(label.elem, label.sub, pos)]
+        r = self.roots[label.elem]
+        idx = np.clip(np.searchsorted(self.keys, r), 0, len(self.keys) - 1)
+        is_cell = self.keys[idx] == r
+        if not is_cell.any():
+            return [(label.elem, label.sub, pos)]
+        keep = ~is_cell
+        pieces = [(label.elem[keep], label.sub[keep], pos[keep])] if keep.any() else []
+        a, b, i, j, na, nb = self.recs[idx[is_cell]].T
+        sub = label.sub[is_cell]
+        pieces.append((a, sub * nb + j, pos[is_cell]))
+        pieces.append((b, sub * na + i, pos[is_cell]))
+        return pieces
+
+
+def _signatures(ctx: WalkContext, roots: np.ndarray, origin: np.ndarray, pieces) -> dict[int, bytes]:
+    """Per neuron (root): where it appears (label piece, producer, sub-position) plus its constraints."""
     cols = []
-    for lab_id, label in enumerate(ctx.registered.values()):
-        elem = label.elem
-        cols.append(np.stack([roots[elem], np.full(len(elem), lab_id), origin[elem], label.sub], axis=1))
+    for piece_id, (elem, sub, _) in enumerate(pieces):
+        cols.append(np.stack([roots[elem], np.full(len(elem), piece_id), origin[elem], sub], axis=1))
     rows = np.concatenate(cols)
     rows = rows[np.lexsort((rows[:, 3], rows[:, 2], rows[:, 1], rows[:, 0]))]
     starts = np.flatnonzero(np.r_[True, rows[1:, 0] != rows[:-1, 0]])
