@@ -7,9 +7,13 @@ group already resolved are aligned (the suspect is reindexed with that group's p
 groups not yet resolved (and the group's own other axes, e.g. an RNN's recurrent weight) are
 summarized by sorting along them, which no permutation of them changes. Similarity of two neurons is
 the mean of their per-slot cosines weighted by slot size, so rescaling one slot (the ReLU rescale
-attack) leaves it at 1. Groups are swept in topological order, then the uncertain ones (any neuron not
-settled by the mutual-best shortcut) and the neighbours of every group whose answer changed are
-solved again, until nothing changes.
+attack) leaves it at 1.
+
+A topological sweep gives a starting point (for large groups on a count sketch of the features).
+Then coordinate descent: every group is solved with all the others fixed (all axes aligned), and the
+neighbours of every group whose answer changed are solved again, until nothing changes. Each solve
+is a linear assignment on the similarity matrix, with the mutual-best shortcut; the statistics of
+the final solve are reported.
 """
 
 from __future__ import annotations
@@ -24,9 +28,10 @@ from .walk import WalkResult
 
 SHORTCUT_MARGIN = 0.05  # cosine gap to the runner-up (row and column) for a mutual best to be accepted
 NULL_COLUMNS = 128  # unrelated suspect neurons sampled per row to estimate the null spread of cosines
-EVIDENCE_MIN_DIM = 8  # slots with fewer entries per neuron carry no evidence (a bias, a BN scale)
-RESCALE_DETECT = 0.05  # |log norm ratio| that counts as a rescaled slot
-RESCALE_EXACT = 2e-3  # slots of a neutral rescale agree with +-log(a) (or 0) this closely
+RESCALE_DETECT = 0.1  # |log norm ratio| (against the slot's median) that counts as a rescaled slot
+RESCALE_ONE_SIDED = float(np.log(1.5))  # a slot this far from its median, the others not: one-sided
+SKETCH_DIM = 512  # the starting sweep compares count sketches of this size ...
+SKETCH_WORK = 1 << 28  # ... where n * n * feature width exceeds this
 CHUNK_ELEMENTS = 1 << 24  # rows of a similarity matrix processed at a time (memory bound)
 
 # Ops through which scaling a neuron by a > 0 scales what reaches the consumers by a (and nothing
@@ -57,15 +62,13 @@ class GroupMatch:
     slot_ratio: np.ndarray  # (size, slots) norm ratio per slot
     gap: np.ndarray  # margin in units of the spread of the row's cosines with unrelated suspect neurons
     evidence: float  # median gap: how far matches stand out (unrelated models: about 0)
-    slot_z: np.ndarray  # per slot: mean z-score of matched cosines vs unrelated pairs (nan: no evidence)
     aligned_slots: int  # slots whose other axes were all aligned in the last solve
     ref_class: np.ndarray  # interchangeable class of each reference neuron (-1: unique)
     sus_class: np.ndarray  # same for each suspect neuron, in the suspect's order
     shortcut: int  # neurons settled by the mutual-best shortcut
     solved: int  # neurons that went through the assignment solve
-    rescale: np.ndarray  # a > 0 per neuron (1: none) where a neutral-looking rescale was found
-    slot_sides: np.ndarray  # (size, slots): +1 scaled by a, -1 by 1/a, 0 untouched (only where rescale != 1)
-    rescale_detected: int = 0  # neurons with an opposite-sign norm pattern (exact or not)
+    rescale_detected: int = 0  # neurons with an opposite-sign norm pattern (see rescale.py for exact)
+    rescale_one_sided: int = 0  # neurons with one slot's norm far off and no compensation
     neutral: bool = True  # every reader of the group is positively homogeneous
     readers: list[str] = field(default_factory=list)
 
@@ -100,7 +103,6 @@ class _Matcher:
         self.margin = shortcut_margin
         self.perm: list[np.ndarray | None] = [None] * len(self.groups)
         self.result: list[GroupMatch | None] = [None] * len(self.groups)
-        self.uncertain: set[int] = set()
         self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.axis_groups: dict[tuple[str, int], list] = {}
         weight_groups: dict[str, set[int]] = {}
@@ -115,12 +117,14 @@ class _Matcher:
         self.solves = 0
 
     def run(self, max_passes: int) -> MatchResult:
+        # a starting point: topological sweep on the slots that are already aligned (a producer's
+        # rows, norm parameters), large similarities on a count sketch
         for gi in range(len(self.groups)):
-            self.solve(gi)
-        # re-solve what is uncertain or was solved before its neighbours were known
-        dirty = set(self.uncertain) | {gi for gi, r in enumerate(self.result) if r.aligned_slots < len(r.slot_names)}
-        passes = 1
-        while dirty and passes <= max_passes:
+            self.solve(gi, sweep=True)
+        # coordinate descent: each group solved with every other group fixed, until nothing changes
+        dirty = set(range(len(self.groups)))
+        passes = 0
+        while dirty and passes < max_passes:
             changed = set()
             for gi in sorted(dirty):
                 old = self.perm[gi]
@@ -141,91 +145,145 @@ class _Matcher:
             self._arrays[name] = (_as_float(r), _as_float(s))
         return self._arrays[name]
 
-    def slot_features(self, gi: int, slot) -> tuple[np.ndarray, np.ndarray, bool]:
-        """(reference rows, suspect rows, aligned): one row per neuron, suspect in its own order."""
+    def slot_features(self, gi: int, slot, sweep: bool = False):
+        """(reference rows, suspect rows, aligned): one row per neuron, the suspect in its own order;
+        aligned: no other axis had to be summarized. In the sweep, None where another axis belongs
+        to a group not resolved yet."""
         R, S = self.arrays(slot.weight)
         r, s = R, S
         aligned = True
         for o in range(R.ndim):
-            if o == slot.axis:
+            if o == slot.axis or (slot.weight, o) not in self.axis_groups:
                 continue
-            for hj, hslot in self.axis_groups.get((slot.weight, o), ()):
+            index, summarize = None, []
+            for hj, hslot in self.axis_groups[(slot.weight, o)]:
                 if hj != gi and self.perm[hj] is not None:
-                    s = s.copy() if s is S else s
-                    _reindex(s, o, hslot.positions, self.perm[hj])
+                    if index is None:
+                        index = np.arange(R.shape[o])
+                    index[hslot.positions.reshape(-1)] = hslot.positions[self.perm[hj]].reshape(-1)
+                elif sweep and hj != gi:
+                    return None
                 else:
-                    r = r.copy() if r is R else r
-                    s = s.copy() if s is S else s
-                    _sort_blocks(r, o, hslot.positions)
-                    _sort_blocks(s, o, hslot.positions)
-                    aligned = False
+                    summarize.append(hslot.positions)
+            if index is not None:
+                s = np.take(s, index, axis=o)
+            for positions in summarize:
+                r = r.copy() if r is R else r
+                s = s.copy() if s is S else s
+                _sort_blocks(r, o, positions)
+                _sort_blocks(s, o, positions)
+                aligned = False
         return _rows(r, slot.axis, slot.positions), _rows(s, slot.axis, slot.positions), aligned
 
     # ---- one group ---------------------------------------------------------------------------
-    def solve(self, gi: int) -> None:
+    def features(self, gi: int, sweep: bool = False) -> "_Features":
+        slots = self.groups[gi].slots
+        feats = [self.slot_features(gi, slot, sweep) for slot in slots]
+        if sweep:
+            feats = [x for x in feats if x is not None and x[0].shape[1] >= 2]
+            if not feats:  # nothing aligned yet: summaries for everything
+                feats = [self.slot_features(gi, slot) for slot in slots]
+        f = _Features(np.array([xr.shape[1] for xr, _, _ in feats], dtype=np.int64),
+                      np.array([ok for _, _, ok in feats], dtype=bool))
+        if not sweep:
+            f.nr = np.stack([np.linalg.norm(xr, axis=1) for xr, _, _ in feats], axis=1)
+            f.ns = np.stack([np.linalg.norm(xs, axis=1) for _, xs, _ in feats], axis=1)
+            f.ref_ids = np.stack([_row_ids(xr) for xr, _, _ in feats], axis=1)
+            f.sus_ids = np.stack([_row_ids(xs) for _, xs, _ in feats], axis=1)
+        f.fr, f.fs, f.spans = _combined(feats, f.dims)
+        return f
+
+    def solve(self, gi: int, sweep: bool = False) -> None:
         self.solves += 1
-        g = self.groups[gi]
-        n = g.size
-        feats = [self.slot_features(gi, slot) for slot in g.slots]
-        dims = np.array([xr.shape[1] for xr, _, _ in feats], dtype=np.int64)
-        total = max(int(dims.sum()), 1)
-        nr = np.stack([np.linalg.norm(xr, axis=1) for xr, _, _ in feats], axis=1)
-        ns = np.stack([np.linalg.norm(xs, axis=1) for _, xs, _ in feats], axis=1)
-        # combined features: unit rows per slot, weighted by sqrt(slot share); scalars pooled
-        blocks_r, blocks_s = [], []
-        small = [k for k, d in enumerate(dims) if d < 2]
-        for k, (xr, xs, _) in enumerate(feats):
-            if dims[k] >= 2:
-                w = np.sqrt(dims[k] / total)
-                blocks_r.append(_unit(xr, nr[:, k]) * w)
-                blocks_s.append(_unit(xs, ns[:, k]) * w)
-        if small:
-            pr = np.concatenate([feats[k][0] for k in small], axis=1)
-            ps = np.concatenate([feats[k][1] for k in small], axis=1)
-            w = np.sqrt(len(small) / total)
-            blocks_r.append(_unit(pr, np.linalg.norm(pr, axis=1)) * w)
-            blocks_s.append(_unit(ps, np.linalg.norm(ps, axis=1)) * w)
-        fr = np.concatenate(blocks_r, axis=1) if len(blocks_r) > 1 else blocks_r[0]
-        fs = np.concatenate(blocks_s, axis=1) if len(blocks_s) > 1 else blocks_s[0]
-        del blocks_r, blocks_s
-        C = fr @ fs.T
+        f = self.features(gi, sweep)
+        n, width = f.fr.shape
+        if sweep and width > SKETCH_DIM and n * n * width > SKETCH_WORK:
+            hashes = np.random.default_rng(gi).integers(0, SKETCH_DIM, width)
+            signs = np.random.default_rng(gi + 1).choice(np.float32([-1, 1]), width)
+            C = _count_sketch(f.fr, hashes, signs) @ _count_sketch(f.fs, hashes, signs).T
+        else:
+            C = f.fr @ f.fs.T
         perm, cos, margin, settled = assign(C, self.margin)
         del C
-        spread = _null_spread(fr, fs, perm, np.random.default_rng(gi))
-        del fr, fs
         self.perm[gi] = perm
-        if settled < n:
-            self.uncertain.add(gi)
-        else:
-            self.uncertain.discard(gi)
-        self.result[gi] = self._summarize(gi, feats, dims, nr, ns, perm, cos, margin, spread, settled)
+        if not sweep:
+            self.describe(gi, f, perm, cos, margin, settled)
 
-    def _summarize(self, gi, feats, dims, nr, ns, perm, cos, margin, spread, settled) -> GroupMatch:
+    def describe(self, gi: int, f: "_Features", perm, cos, margin, settled) -> None:
         g = self.groups[gi]
         n = g.size
-        num = np.sqrt((ns[perm] ** 2).sum(axis=1))
-        den = np.sqrt((nr ** 2).sum(axis=1))
-        norm_ratio = np.divide(num, den, out=np.ones(n), where=den > 0)
-        slot_ratio = np.divide(ns[perm], nr, out=np.ones_like(nr), where=nr > 0)
-        gap = margin / np.maximum(spread, 1e-12)
-        slot_z = np.full(len(feats), np.nan)
         rng = np.random.default_rng(gi)
-        for k, (xr, xs, ok) in enumerate(feats):
-            if ok and dims[k] >= EVIDENCE_MIN_DIM:
-                slot_z[k] = float(np.mean(_zscores(xr, xs, nr[:, k], ns[:, k], perm, rng)))
-        aligned = sum(ok for _, _, ok in feats)
-        ref_class = _classes([xr for xr, _, _ in feats])
-        sus_class = _classes([xs for _, xs, _ in feats])
-        neutral = all(r in HOMOGENEOUS_READERS for r in g.readers)
-        rescale, sides, detected = _rescales(slot_ratio, dims)
-        return GroupMatch(
-            key=g.key, size=n, perm=perm, cosine=cos, margin=margin, norm_ratio=norm_ratio,
-            slot_names=[f"{s.weight}:{s.axis}" for s in g.slots], slot_dims=dims, slot_ratio=slot_ratio,
-            gap=gap, evidence=float(np.median(gap)), slot_z=slot_z, aligned_slots=int(aligned),
-            ref_class=ref_class, sus_class=sus_class, shortcut=int(settled), solved=int(n - settled),
-            rescale=rescale, slot_sides=sides, rescale_detected=int(detected), neutral=neutral,
-            readers=list(g.readers),
+        spread = _null_spread(f.fr, f.fs, perm, rng)
+        num = np.sqrt((f.ns[perm] ** 2).sum(axis=1))
+        den = np.sqrt((f.nr ** 2).sum(axis=1))
+        slot_ratio = np.divide(f.ns[perm], f.nr, out=np.ones_like(f.nr), where=f.nr > 0)
+        gap = margin / np.maximum(spread, 1e-12)
+        detected, one_sided = _rescales(slot_ratio, f.dims)
+        self.result[gi] = GroupMatch(
+            key=g.key, size=n, perm=perm, cosine=cos, margin=margin,
+            norm_ratio=np.divide(num, den, out=np.ones(n), where=den > 0),
+            slot_names=[f"{s.weight}:{s.axis}" for s in g.slots], slot_dims=f.dims, slot_ratio=slot_ratio,
+            gap=gap, evidence=float(np.median(gap)), aligned_slots=int(f.aligned.sum()),
+            ref_class=_classes(f.ref_ids), sus_class=_classes(f.sus_ids), shortcut=int(settled),
+            solved=int(n - settled), rescale_detected=detected,
+            rescale_one_sided=one_sided,
+            neutral=all(r in HOMOGENEOUS_READERS for r in g.readers), readers=list(g.readers),
         )
+
+
+@dataclass
+class _Features:
+    dims: np.ndarray  # entries per neuron in each slot
+    aligned: np.ndarray  # per slot: every other axis aligned
+    nr: np.ndarray | None = None  # (n, slots) norms, reference
+    ns: np.ndarray | None = None  # (n, slots) norms, suspect (suspect order)
+    ref_ids: np.ndarray | None = None  # (n, slots) equal ids for identical slices
+    sus_ids: np.ndarray | None = None
+    fr: np.ndarray | None = None  # combined unit features (see _combined)
+    fs: np.ndarray | None = None
+    spans: list | None = None
+
+
+def _combined(feats, dims):
+    """Unit rows per slot, weighted by sqrt(slot share) and side by side (scalar slots pooled), so
+    that a dot product is the size-weighted mean of slot cosines. Returns (ref, sus, column spans)."""
+    n = feats[0][0].shape[0]
+    total = max(int(dims.sum()), 1)
+    small = [k for k, d in enumerate(dims) if d < 2]
+    width = int(dims[dims >= 2].sum()) + len(small)
+    fr = np.zeros((n, width), dtype=np.float32)
+    fs = np.zeros((n, width), dtype=np.float32)
+    spans = []
+    col = 0
+    for k, (xr, xs, _) in enumerate(feats):
+        if dims[k] < 2:
+            spans.append((0, 0))
+            continue
+        stop = col + int(dims[k])
+        w = float(np.sqrt(dims[k] / total))
+        _put_unit(fr[:, col:stop], xr, w)
+        _put_unit(fs[:, col:stop], xs, w)
+        spans.append((col, stop))
+        col = stop
+    if small:
+        w = float(np.sqrt(len(small) / total))
+        _put_unit(fr[:, col:], np.concatenate([feats[k][0] for k in small], axis=1), w)
+        _put_unit(fs[:, col:], np.concatenate([feats[k][1] for k in small], axis=1), w)
+    return fr, fs, spans
+
+
+def _count_sketch(x: np.ndarray, hashes: np.ndarray, signs: np.ndarray) -> np.ndarray:
+    """Columns summed into len(set(hashes)) buckets with random signs: dot products are kept in
+    expectation (error about 1/sqrt(buckets)); enough to find a starting point."""
+    order = np.argsort(hashes, kind="stable")
+    starts = np.flatnonzero(np.r_[True, np.diff(hashes[order]) != 0])
+    return np.add.reduceat(x[:, order] * signs[order], starts, axis=1)
+
+
+def _put_unit(out: np.ndarray, x: np.ndarray, weight: float) -> None:
+    norms = np.linalg.norm(x, axis=1)
+    scale = np.divide(weight, norms, out=np.zeros_like(norms), where=norms > 0)
+    np.multiply(x, scale[:, None].astype(np.float32), out=out, casting="unsafe")
 
 
 # ---- assignment ------------------------------------------------------------------------------
@@ -281,7 +339,7 @@ def _as_float(a: np.ndarray) -> np.ndarray:
 
 
 def _reindex(a: np.ndarray, axis: int, positions: np.ndarray, perm: np.ndarray) -> None:
-    """In place: put the suspect's neurons of one group in the reference's order along `axis`."""
+    """In place: apply one group's permutation along `axis` (as permute.apply_permutations does)."""
     view = np.moveaxis(a, axis, 0)
     view[positions.reshape(-1)] = view[positions[perm].reshape(-1)]
 
@@ -295,14 +353,15 @@ def _sort_blocks(a: np.ndarray, axis: int, positions: np.ndarray) -> None:
 
 
 def _rows(a: np.ndarray, axis: int, positions: np.ndarray) -> np.ndarray:
+    """One row per neuron: its positions along `axis`, everything else flattened."""
     n = positions.shape[0]
-    return np.moveaxis(a, axis, 0)[positions.reshape(-1)].reshape(n, -1)
+    taken = np.take(a, positions.reshape(-1), axis=axis)
+    return np.moveaxis(taken, axis, 0).reshape(n, -1)
 
 
-def _unit(x: np.ndarray, norms: np.ndarray) -> np.ndarray:
-    out = np.zeros(x.shape, dtype=np.float32)
-    nz = norms > 0
-    out[nz] = x[nz] / norms[nz, None]
+def _unit(x: np.ndarray, norms: np.ndarray | None = None) -> np.ndarray:
+    out = np.empty(x.shape, dtype=np.float32)
+    _put_unit(out, x, 1.0)
     return out
 
 
@@ -317,55 +376,36 @@ def _null_spread(fr, fs, perm, rng) -> np.ndarray:
     return np.nan_to_num(np.nanstd(null, axis=1), nan=1.0)
 
 
-def _zscores(xr, xs, nr, ns, perm, rng) -> np.ndarray:
-    """How far each matched cosine stands above the cosines with unrelated suspect neurons."""
-    n = len(perm)
-    ur, us = _unit(xr, nr), _unit(xs, ns)
-    matched = np.einsum("ij,ij->i", ur, us[perm])
-    cols = np.arange(n) if n <= NULL_COLUMNS + 1 else rng.choice(n, NULL_COLUMNS, replace=False)
-    null = ur @ us[cols].T
-    null[cols[None, :] == perm[:, None]] = np.nan
-    mean = np.nanmean(null, axis=1)
-    std = np.nanstd(null, axis=1)
-    return np.where(std > 0, (matched - mean) / np.maximum(std, 1e-12), 0.0)
+def _row_ids(x: np.ndarray) -> np.ndarray:
+    """Equal ids for byte-identical rows."""
+    x = np.ascontiguousarray(x)
+    n = x.shape[0]
+    if x.shape[1] == 0:
+        return np.zeros(n, dtype=np.int64)
+    view = x.view(np.dtype((np.void, x.dtype.itemsize * x.shape[1]))).reshape(n)
+    return np.unique(view, return_inverse=True)[1].reshape(n)
 
 
-def _classes(blocks: list[np.ndarray]) -> np.ndarray:
-    """Class id per neuron for neurons whose slices are identical in every slot (-1: unique)."""
-    n = blocks[0].shape[0]
-    ids = np.empty((n, len(blocks)), dtype=np.int64)
-    for k, x in enumerate(blocks):
-        x = np.ascontiguousarray(x)
-        view = x.view(np.dtype((np.void, x.dtype.itemsize * x.shape[1]))).reshape(n)
-        ids[:, k] = np.unique(view, return_inverse=True)[1].reshape(n)
+def _classes(ids: np.ndarray) -> np.ndarray:
+    """Class id per neuron for neurons identical in every slot (-1: unique)."""
+    n = ids.shape[0]
     _, inverse, counts = np.unique(ids, axis=0, return_inverse=True, return_counts=True)
     inverse = inverse.reshape(n)
     return np.where(counts[inverse] > 1, inverse, -1)
 
 
-def _rescales(slot_ratio: np.ndarray, dims: np.ndarray):
-    """Neurons scaled by a on some slots and 1/a on others (the ReLU rescale symmetry).
-
-    Returns (a per neuron, 1 where none or not exact; sides per slot: +1 scaled by a, -1 by 1/a;
-    number of neurons showing an opposite-sign norm pattern at all).
-    """
-    n, k = slot_ratio.shape
+def _rescales(slot_ratio: np.ndarray, dims: np.ndarray) -> tuple[int, int]:
+    """Neurons whose norm is scaled up in some slots and down in others (what rescaling across an
+    activation does), and neurons with one slot far off alone. Judged against each slot's median
+    ratio, so that what a perturbation does to a whole tensor (noise inflates norms, pruning shrinks
+    them) is not taken for a rescale. The exact estimate and its undo are in rescale.py."""
     logs = np.log(np.where(slot_ratio > 0, slot_ratio, 1.0))
     vec = dims >= 2
     if not vec.any():
-        vec = np.ones(k, dtype=bool)
-    hi = logs[:, vec].max(axis=1)
-    lo = logs[:, vec].min(axis=1)
-    detected = (hi > RESCALE_DETECT) & (lo < -RESCALE_DETECT)
-    level = (hi - lo) / 2
-    sides = np.zeros((n, k), dtype=np.int8)
-    scale = np.ones(n)
-    for i in np.flatnonzero(detected & (np.abs(hi + lo) <= 2 * RESCALE_EXACT)):
-        l = level[i]
-        up = np.abs(logs[i] - l) <= RESCALE_EXACT
-        down = np.abs(logs[i] + l) <= RESCALE_EXACT
-        still = np.abs(logs[i]) <= RESCALE_EXACT
-        if np.all(up | down | still):
-            sides[i] = up.astype(np.int8) - down.astype(np.int8)
-            scale[i] = float(np.exp(l))
-    return scale, sides, int(detected.sum())
+        return 0, 0
+    dev = (logs - np.median(logs, axis=0))[:, vec]
+    hi, lo = dev.max(axis=1), dev.min(axis=1)
+    two_sided = (hi > RESCALE_DETECT) & (lo < -RESCALE_DETECT) & (np.abs(hi + lo) <= 0.5 * (hi - lo))
+    wide = dims[vec] >= 16
+    one_sided = ~two_sided & (np.abs(dev[:, wide]).max(axis=1, initial=0.0) > RESCALE_ONE_SIDED)
+    return int(two_sided.sum()), int(one_sided.sum())

@@ -12,18 +12,14 @@ Verdict (see docs/robustness.md for the figures behind the threshold):
   report estimates the kind and the strength (noise, extra zeros, quantization levels, rescales);
 - "not derived": statistic below the threshold.
 
-Decision (two numbers, both from the final solve, where every other axis is aligned):
-
-- evidence: per reference neuron, the margin of its match over the best other suspect neuron, in
-  units of the spread of its similarities with unrelated suspect neurons (a sample of 128); per group
-  the median; over the model the median of the groups (groups of 8+ neurons, weighted by size). A
-  derived copy's matches stand out by several spreads; between independently trained models the best
-  assignment is not even each row's best (about 0). Derived needs evidence >= EVIDENCE_THRESHOLD.
-- consistency: for every slot with 8+ entries per neuron, the mean z-score of the matched cosines in
-  that slot alone against unrelated pairs; the model's value is the 10th percentile over slots. A
-  derived model agrees in every slot (z well above 1); weights shuffled inconsistently (each tensor on
-  its own) match in the dominant slot and are noise (z near 0) in the others. Derived needs
-  consistency >= CONSISTENCY_THRESHOLD.
+Decision statistic ("evidence"): for every reference neuron, the margin of its match over the best
+other suspect neuron, in units of the spread of its similarities with unrelated suspect neurons (a
+sample of 128) -- how far the match stands out; per group the median; over the model the 10th
+percentile of the groups, weighted by size (groups of 8+ neurons vote). Derived needs evidence >=
+EVIDENCE_THRESHOLD. A derived copy's matches stand out by several spreads in every group, even
+under heavy noise; between independently trained models the best assignment is not even each row's
+best (evidence about 0); weights shuffled inconsistently (each tensor on its own) leave groups whose
+slots disagree, where no match stands out (about 0), and the low percentile sees them.
 """
 
 from __future__ import annotations
@@ -41,10 +37,11 @@ from .errors import CheckFailed, ModelMismatchError
 from .io import WeightStore, load_model, refuse_overwrite, save_model, write_text_atomic
 from .match import GroupMatch, MatchResult, match
 from .permute import PermutationRecord, apply_permutations
+from .rescale import MIN_LOG_SCALE, find_rescales, neutral_groups, rescaled, undo_rescales
 from .walk import WalkResult, walk
 
-EVIDENCE_THRESHOLD = 1.0
-CONSISTENCY_THRESHOLD = 0.8
+EVIDENCE_THRESHOLD = 1.5
+EVIDENCE_QUANTILE = 0.10
 MIN_EVIDENCE_GROUP = 8  # smaller groups vote only when there is no larger one
 
 ModelLike = str | os.PathLike | onnx.ModelProto
@@ -63,7 +60,7 @@ class GroupReport:
     norm_ratio_median: float
     evidence: float
     interchangeable: list[int]  # reference neurons that have an identical twin (either model)
-    rescaled: list[int]  # reference neurons whose suspect was a rescaled copy (undone when neutral)
+    rescaled: list[int]  # reference neurons whose suspect was an exact neutral rescale (undone)
     neurons: dict = field(default_factory=dict)  # per neuron: matched, cosine, margin, norm_ratio
 
 
@@ -72,7 +69,6 @@ class ResyncReport:
     verdict: str
     derived: bool
     evidence: float
-    consistency: float
     neurons: int
     moved: int
     matched: int
@@ -98,8 +94,7 @@ class ResyncReport:
     def summary_lines(self) -> list[str]:
         kinds = self.perturbation.get("kinds") or []
         lines = [f"verdict: {self.verdict}" + (f" ({'; '.join(kinds)})" if kinds else "")]
-        lines.append(f"evidence {self.evidence:.2f} (derived at >= {EVIDENCE_THRESHOLD:g}; unrelated models: about 0), "
-                     f"consistency {self.consistency:.2f} (>= {CONSISTENCY_THRESHOLD:g})")
+        lines.append(f"evidence {self.evidence:.2f} (derived at >= {EVIDENCE_THRESHOLD:g}; unrelated models: about 0)")
         pct = 100 * self.matched / self.neurons if self.neurons else 100.0
         lines.append(f"neurons: {self.neurons} in {len(self.groups)} groups, {self.moved} moved back, "
                      f"{self.matched} matched to their best candidate ({pct:.1f}%), "
@@ -111,8 +106,8 @@ class ResyncReport:
             lines.append(f"cosine: mean {cmean:.4f}, min {cmin:.4f}; smallest margin to a runner-up {mmin:.4f}")
         p = self.perturbation
         if p.get("rescaled"):
-            lines.append(f"rescaled neurons: {p['rescaled']} ({p['rescaled_undone']} undone as neutral, "
-                         f"{p['rescaled'] - p['rescaled_undone']} not neutral or not exact)")
+            lines.append(f"rescaled neurons: {p['rescaled']} ({p['rescaled_undone']} exact and neutral: undone; "
+                         f"{p['rescaled'] - p['rescaled_undone']} not neutral or not exact: kept)")
         lines.append(f"solved in {self.seconds:.2f}s ({self.passes} passes, {self.solves} group solves)")
         if self.output:
             lines.append(f"wrote {self.output}")
@@ -149,28 +144,21 @@ def resync(
     check_structure(ref_model, sus_model, ref_walk)
     ref_store, sus_store = WeightStore(ref_model), WeightStore(sus_model)
     result = match(ref_store, sus_store, ref_walk, max_passes=max_passes)
-    restored = onnx.ModelProto()
-    restored.CopyFrom(sus_model)
+    restored, scales = restore(sus_model, ref_model, ref_walk, result, undo_rescale=undo_rescale)
     record = result.record()
-    apply_permutations(restored, ref_walk, record)
-    undone = _undo_rescales(restored, ref_walk, result) if undo_rescale else 0
     seconds = time.perf_counter() - t0
     report = None
     if check:
         from .verify import verify
 
         report = verify(sus_model, restored, **(verify_options or {}))
-        if not report.equivalent and undone:
-            for gm in result.groups:
-                gm.neutral = False  # the undo changed the function: the rescales were not neutral
-            restored.CopyFrom(sus_model)
-            apply_permutations(restored, ref_walk, record)
-            undone = 0
+        if not report.equivalent and scales:  # the rescales were not neutral after all: keep them
+            restored, scales = restore(sus_model, ref_model, ref_walk, result, undo_rescale=False)
             report = verify(sus_model, restored, **(verify_options or {}))
         if not report.equivalent:
             raise CheckFailed("the restored model is not equivalent to the suspect; nothing written "
                               "(please report this model: a walker rule is wrong)")
-    summary = build_report(result, ref_store, sus_store, WeightStore(restored), undone, seconds)
+    summary = build_report(result, ref_store, sus_store, WeightStore(restored), scales, seconds)
     summary.record = record
     summary.verified = bool(report and report.equivalent)
     summary.verify = report.to_dict() if report else None
@@ -220,37 +208,39 @@ def check_structure(ref: onnx.ModelProto, sus: onnx.ModelProto, ref_walk: WalkRe
         raise ModelMismatchError(f"architecture mismatch: the suspect has a channel group {extra[0]!r} the reference lacks")
 
 
-def _undo_rescales(model: onnx.ModelProto, walk_result: WalkResult, result: MatchResult) -> int:
-    """Divide the a-scaled slots and multiply the 1/a-scaled ones of every neutral rescaled neuron."""
-    store = WeightStore(model)
-    by_key = {g.key: g for g in walk_result.groups}
-    pending: dict[str, np.ndarray] = {}
-    count = 0
-    for gm in result.groups:
-        if not gm.neutral:
-            continue
-        group = by_key[gm.key]
-        for i in np.flatnonzero(gm.rescale != 1.0):
-            count += 1
-            for k, slot in enumerate(group.slots):
-                side = int(gm.slot_sides[i, k])
-                if side == 0:
-                    continue
-                if slot.weight not in pending:
-                    pending[slot.weight] = store.get(slot.weight).astype(np.float64)
-                view = np.moveaxis(pending[slot.weight], slot.axis, 0)
-                view[slot.positions[i]] *= gm.rescale[i] ** (-side)
-    for name, array in pending.items():
-        store.set(name, array)
-    return count
+def restore(suspect: onnx.ModelProto, reference: onnx.ModelProto, ref_walk: WalkResult, result: MatchResult,
+            *, undo_rescale: bool = True) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The suspect in the reference's order, exact neutral rescales undone; (model, {key: log a})."""
+    restored = onnx.ModelProto()
+    restored.CopyFrom(suspect)
+    apply_permutations(restored, ref_walk, result.record())
+    scales = _rescales(reference, ref_walk, result, WeightStore(reference), restored) if undo_rescale else {}
+    if scales:
+        undo_rescales(reference, WeightStore(restored), ref_walk.groups, scales)
+    return restored, scales
+
+
+def _rescales(model, walk_result, result: MatchResult, ref_store, restored) -> dict[str, np.ndarray]:
+    """Exact neutral rescales, looked for only where the norms hint at one (cheap gate)."""
+    neutral = neutral_groups(model, walk_result)
+    by_key = {gm.key: gm for gm in result.groups}
+    hinted = False
+    for g in neutral:
+        gm = by_key[g.key]
+        med = np.median(np.log(np.where(gm.slot_ratio > 0, gm.slot_ratio, 1.0)), axis=0)
+        hinted |= gm.rescale_detected > 0 or (med.max() > 1e-4 and med.min() < -1e-4)
+    if not hinted:
+        return {}
+    return find_rescales(model, ref_store, WeightStore(restored), neutral)
 
 
 def build_report(result: MatchResult, ref: WeightStore, sus: WeightStore, restored: WeightStore,
-                 undone: int, seconds: float) -> ResyncReport:
-    groups = [_group_report(gm) for gm in result.groups]
+                 scales: dict[str, np.ndarray], seconds: float) -> ResyncReport:
+    groups = [_group_report(gm, scales.get(gm.key)) for gm in result.groups]
+    undone = rescaled(scales)
     neurons = sum(g.size for g in groups)
-    evidence, consistency = decision_statistics(result.groups)
-    derived = evidence >= EVIDENCE_THRESHOLD and consistency >= CONSISTENCY_THRESHOLD
+    evidence = decision_statistic(result.groups)
+    derived = evidence >= EVIDENCE_THRESHOLD
     names = ref.names()
     identical = all(_same(ref, sus, n) for n in names)
     restored_exact = all(_same(ref, restored, n) for n in names)
@@ -267,7 +257,7 @@ def build_report(result: MatchResult, ref: WeightStore, sus: WeightStore, restor
         verdict = "not derived"
         perturbation["kinds"] = []
     return ResyncReport(
-        verdict=verdict, derived=derived, evidence=evidence, consistency=consistency,
+        verdict=verdict, derived=derived, evidence=evidence,
         neurons=neurons, moved=sum(g.moved for g in groups),
         matched=sum(round(g.matched_fraction * g.size) for g in groups),
         interchangeable=sum(len(g.interchangeable) for g in groups), perturbation=perturbation,
@@ -275,25 +265,21 @@ def build_report(result: MatchResult, ref: WeightStore, sus: WeightStore, restor
     )
 
 
-def decision_statistics(groups: list[GroupMatch]) -> tuple[float, float]:
-    """(evidence, consistency); see the module docstring."""
+def decision_statistic(groups: list[GroupMatch]) -> float:
+    """Size-weighted low percentile of the groups' evidence (see the module docstring)."""
     voters = [g for g in groups if g.size >= MIN_EVIDENCE_GROUP and math.isfinite(g.evidence)]
     if not voters:
         voters = [g for g in groups if math.isfinite(g.evidence)]
     if not voters:
-        return 0.0, 0.0
+        return 0.0
     values = np.array([g.evidence for g in voters])
     weights = np.array([g.size for g in voters], dtype=np.float64)
     order = np.argsort(values)
     cum = np.cumsum(weights[order])
-    evidence = float(values[order][np.searchsorted(cum, cum[-1] / 2)])
-    slot_z = np.concatenate([g.slot_z for g in voters])
-    slot_z = slot_z[np.isfinite(slot_z)]
-    consistency = float(np.percentile(slot_z, 10)) if len(slot_z) else evidence
-    return evidence, consistency
+    return float(values[order][np.searchsorted(cum, EVIDENCE_QUANTILE * cum[-1])])
 
 
-def _group_report(gm: GroupMatch) -> GroupReport:
+def _group_report(gm: GroupMatch, log_scale: np.ndarray | None) -> GroupReport:
     inter = gm.interchangeable
     confident = inter | (gm.margin > 0)
     return GroupReport(
@@ -302,7 +288,7 @@ def _group_report(gm: GroupMatch) -> GroupReport:
         cosine_min=float(gm.cosine.min()), margin_min=float(gm.margin.min()),
         margin_median=float(np.median(gm.margin)), norm_ratio_median=float(np.median(gm.norm_ratio)),
         evidence=gm.evidence, interchangeable=np.flatnonzero(inter).tolist(),
-        rescaled=np.flatnonzero(gm.rescale != 1.0).tolist(),
+        rescaled=np.flatnonzero(np.abs(log_scale) >= MIN_LOG_SCALE).tolist() if log_scale is not None else [],
         neurons={
             "matched": gm.perm.tolist(),
             "cosine": np.round(gm.cosine, 6).tolist(),
@@ -336,7 +322,8 @@ def estimate_perturbation(ref: WeightStore, restored: WeightStore, result: Match
         if r.size >= 256:
             distinct.append(len(np.unique(s)))
             distinct_ref.append(len(np.unique(r)))
-    rescaled = sum(g.rescale_detected for g in result.groups)
+    rescaled = max(sum(g.rescale_detected for g in result.groups), undone)
+    one_sided = sum(g.rescale_one_sided for g in result.groups)
     out = {
         "noise_relative_std": float(np.median(noise)) if noise else 0.0,
         "extra_zero_fraction": (zeros_new - zeros_ref) / total if total else 0.0,
@@ -344,6 +331,7 @@ def estimate_perturbation(ref: WeightStore, restored: WeightStore, result: Match
         "distinct_values_reference_median": int(np.median(distinct_ref)) if distinct_ref else None,
         "rescaled": int(rescaled),
         "rescaled_undone": int(undone),
+        "norm_outliers": int(one_sided),
     }
     kinds = []
     quantized = bool(distinct) and out["distinct_values_median"] <= 256 < out["distinct_values_reference_median"]
@@ -354,7 +342,10 @@ def estimate_perturbation(ref: WeightStore, restored: WeightStore, result: Match
     if out["extra_zero_fraction"] > 0.01:
         kinds.append(f"pruned: {100 * out['extra_zero_fraction']:.1f}% of weights newly zero")
     if rescaled:
-        kinds.append(f"rescaled: {rescaled} neurons ({undone} neutral, undone)")
+        kinds.append(f"rescaled: {rescaled} neurons ({undone} exact and neutral, undone)")
+    neurons = sum(g.size for g in result.groups)
+    if one_sided and one_sided <= 0.1 * neurons:
+        kinds.append(f"norm outliers: {one_sided} neurons scaled on one side only")
     if not quantized and out["noise_relative_std"] > 1e-6:
         kinds.append(f"noise or further training: ~{out['noise_relative_std']:.3g} x weight std")
     out["kinds"] = kinds
