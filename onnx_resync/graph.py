@@ -199,23 +199,30 @@ def _infer_shapes(model: onnx.ModelProto) -> dict[str, list]:
     """ONNX shape inference, helped where it stops: Reshape targets computed by Shape/Gather/Concat
     chains are evaluated here (symbolic dims kept symbolic) and fed back as declared shapes."""
     skeleton, shapes = _run_inference(_skeleton(model))
-    for _ in range(8):  # each round can unlock the Reshapes downstream of the last ones
-        added = 0
+    declared: dict[str, onnx.ValueInfoProto] = {}
+    for _ in range(8):  # each round can sharpen the Reshapes downstream of the last ones
         evaluator = _ShapeValues(skeleton, shapes)
+        changed = False
         for node in skeleton.graph.node:
-            if node.op_type != "Reshape" or not node.output or node.output[0] in shapes:
+            if node.op_type != "Reshape" or not node.output or known(shapes.get(node.output[0]) or [None]):
                 continue
             dims = _reshape_target(shapes.get(node.input[0]), evaluator.value(node.input[1]),
                                    int(_attr_int(node, "allowzero", 0)))
-            if dims is not None:
-                elem_type = 1  # declared type is irrelevant to the walker; shapes are what matter
-                skeleton.graph.value_info.append(
-                    onnx.helper.make_tensor_value_info(node.output[0], elem_type, dims))
-                added += 1
-        if not added:
+            if dims is None or dims == shapes.get(node.output[0]):
+                continue
+            # the element type is irrelevant to the walker; shapes are what matter
+            info = onnx.helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, dims)
+            if node.output[0] in declared:
+                declared[node.output[0]].CopyFrom(info)
+            else:
+                skeleton.graph.value_info.append(info)
+                declared[node.output[0]] = skeleton.graph.value_info[-1]
+            changed = True
+        if not changed:
             break
         # the previous pass's value_info stays in the skeleton, so symbolic dim names stay stable
         skeleton, shapes = _run_inference(skeleton)
+        declared = {vi.name: vi for vi in skeleton.graph.value_info if vi.name in declared}
     return shapes
 
 
@@ -335,8 +342,15 @@ class _ShapeValues:
                 b = b * len(a)
             fn = {"Mul": lambda x, y: x * y, "Add": lambda x, y: x + y,
                   "Sub": lambda x, y: x - y, "Div": lambda x, y: x // y}[op]
-            return [fn(int(x), int(y)) if isinstance(x, (int, float)) and isinstance(y, (int, float))
-                    and not isinstance(x, bool) else None for x, y in zip(a, b)]
+            out = []
+            for x, y in zip(a, b):
+                if isinstance(x, (int, float)) and isinstance(y, (int, float)):
+                    out.append(fn(int(x), int(y)))
+                elif op == "Mul" and x is not None and y is not None:
+                    out.append(dim_format(dim_product([x, y])))  # symbolic product, e.g. batch*1
+                else:
+                    out.append(None)
+            return out
         return None
 
 

@@ -180,14 +180,17 @@ def where(ctx, node) -> None:
 
 
 # ---- producers ------------------------------------------------------------------------------
-def conv(ctx, node, *, has_bias: bool = True) -> None:
-    x, w = node.input[0], node.input[1]
-    b = _inputs(node, 2) if has_bias else ""
+def conv(ctx, node) -> None:
+    _conv(ctx, node, node.input[0], node.input[1], _inputs(node, 2))
+
+
+def _conv(ctx, node, x: str, w: str, b: str, per_channel: tuple[str, ...] = ()) -> None:
+    """Conv and its quantized forms; per_channel: weight scales/zero points along output channels."""
     out = node.output[0]
     group = int(attr(node, "group", 1))
     wshape = ctx.shape(w)
     x_labels = ctx.get(x)
-    if wshape is None or not ctx.is_weight(w):
+    if wshape is None or not ctx.is_weightlike(w):
         for n in (x, w):
             ctx.pin_all(n, "Conv with a computed weight")
         return
@@ -228,7 +231,7 @@ def conv_transpose(ctx, node) -> None:
     group = int(attr(node, "group", 1))
     wshape = ctx.shape(w)
     x_labels = ctx.get(x)
-    if wshape is None or not ctx.is_weight(w) or group != 1:
+    if wshape is None or not ctx.is_weightlike(w) or group != 1:
         for n in (x, w):
             ctx.pin_all(n, f"ConvTranspose with group={group} or computed weight")
         if wshape is not None:
@@ -249,7 +252,7 @@ def gemm(ctx, node) -> None:
     a, b, c = node.input[0], node.input[1], _inputs(node, 2)
     out = node.output[0]
     trans_a, trans_b = int(attr(node, "transA", 0)), int(attr(node, "transB", 0))
-    if not ctx.is_weight(b) or ctx.is_weight(a):
+    if not ctx.is_weightlike(b) or ctx.is_weightlike(a):
         for n in (a, b, c):
             ctx.pin_all(n, "Gemm without a weight as its second input")
         return
@@ -285,7 +288,10 @@ def _bias_slot(ctx, node, bias, label, out_rank) -> None:
 
 
 def matmul(ctx, node) -> None:
-    a, b = node.input[0], node.input[1]
+    _matmul(ctx, node, node.input[0], node.input[1])
+
+
+def _matmul(ctx, node, a: str, b: str) -> None:
     out = node.output[0]
     ra, rb, ro = ctx.rank(a), ctx.rank(b), ctx.rank(out)
     if ra is None or rb is None or ro is None or ra < 2 or rb < 2:
@@ -307,7 +313,7 @@ def matmul(ctx, node) -> None:
         for name, labels, r in ((a, la, ra), (b, lb, rb)):
             ia = oa - (ro - r)
             if ia >= 0 and ia not in labels and ctx.dim(name, ia) not in (1, None):
-                if ctx.is_weight(name):
+                if ctx.is_weightlike(name):
                     ctx.slot(name, ia, label)
                 else:
                     ctx.pin(label, "MatMul batch axis meets an unlabelled tensor")
@@ -323,13 +329,13 @@ def matmul(ctx, node) -> None:
     rows, cols = la.get(ra - 2), lb.get(rb - 1)
     if rows is not None:
         out_labels[ro - 2] = rows
-    elif ctx.is_weight(a) and not ctx.is_weight(b):
+    elif ctx.is_weightlike(a) and not ctx.is_weightlike(b) and isinstance(ctx.dim(a, ra - 2), int):
         fresh = ctx.new(ctx.dim(a, ra - 2), node, out)
         ctx.slot(a, ra - 2, fresh)
         out_labels[ro - 2] = fresh
     if cols is not None:
         out_labels[ro - 1] = cols
-    elif ctx.is_weight(b) and not ctx.is_weight(a):
+    elif ctx.is_weightlike(b) and not ctx.is_weightlike(a) and isinstance(ctx.dim(b, rb - 1), int):
         fresh = ctx.new(ctx.dim(b, rb - 1), node, out)
         ctx.slot(b, rb - 1, fresh)
         out_labels[ro - 1] = fresh
@@ -337,7 +343,7 @@ def matmul(ctx, node) -> None:
 
 
 def _contract_with(ctx, other, axis, label, node) -> None:
-    if ctx.is_weight(other):
+    if ctx.is_weightlike(other):
         ctx.slot(other, axis, label)
     else:
         ctx.pin(label, f"{node.op_type} contracts channels with an unlabelled tensor")
@@ -404,7 +410,7 @@ def batch_norm(ctx, node) -> None:
 def _param_slot(ctx, node, param, axis, label) -> None:
     if not param:
         return
-    if ctx.is_weight(param):
+    if ctx.is_weightlike(param):
         ctx.slot(param, axis, label)
     elif ctx.get(param):
         ctx.union(ctx.get(param).get(axis, label), label) if axis in ctx.get(param) else ctx.pin(label, "bad param")
@@ -597,8 +603,11 @@ def reshape(ctx, node) -> None:
         return
     mapping = _reshape_groups(in_shape, out_shape)
     if mapping is None:
+        reason = "Reshape that mixes the channel axis in a way the walker cannot follow"
+        if node.output[0] in ctx.view.graph_outputs:
+            reason = "reaches a graph output"  # the output's own layout is not ours to keep
         for l in labels.values():
-            ctx.pin(l, "Reshape that mixes the channel axis in a way the walker cannot follow")
+            ctx.pin(l, reason)
         return
     out: dict[int, Label] = {}
     for in_axes, out_axes in mapping:
@@ -649,6 +658,8 @@ def _split_product(ctx, node, label, out_dims):
     """
     if len(out_dims) != 2 or not all(isinstance(d, int) for d in out_dims) or not _plain(label):
         return None
+    if any(e in ctx.elements.products for e in label.elem.tolist()):
+        return None  # already cells (a second shuffle): do not leave unused head/dim elements behind
     rows = ctx.new(out_dims[0], node, node.output[0], kind="factor")
     cols = ctx.new(out_dims[1], node, node.output[0], kind="factor")
     if not ctx.elements.product(label.elem, rows, cols):
@@ -961,78 +972,105 @@ def dynamic_quantize_linear(ctx, node) -> None:
     ctx.set(node.output[0], ctx.get(node.input[0]))
 
 
-def rnn(ctx, node) -> None:
-    """LSTM/GRU/RNN: input features are a slot; hidden units of a forward layer are a group."""
+def rnn(ctx, node, *, transposed: bool = False) -> None:
+    """LSTM/GRU/RNN: input features are a slot of W; hidden units are fresh elements.
+
+    The hidden units sit in every gate block of W, R and B (gate g, unit k at g*H + k), on both axes
+    of the recurrence R, and in the states. A bidirectional layer gets one permutation for both
+    directions (Y's direction axis carries no label, so a merged [fwd | bwd] axis repeats it).
+    Tensor axes are the same for layout 0 and 1: features on X's axis 2, units on Y's axis 3 and
+    on axis 2 of Y_h, Y_c and the initial states. `transposed`: com.microsoft.DynamicQuantizeLSTM
+    stores W as [dir, input, 4H] and R as [dir, H, 4H], with per-direction or per-row scales.
+    """
+    in_axis, gate_axis = (1, 2) if transposed else (2, 1)
     x, w, r_w = node.input[0], node.input[1], node.input[2]
     b = _inputs(node, 3)
-    direction = attr(node, "direction", b"forward")
-    direction = direction.decode() if isinstance(direction, bytes) else direction
     hidden = int(attr(node, "hidden_size", 0))
-    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[node.op_type]
-    layout = int(attr(node, "layout", 0))
-    x_labels = ctx.get(x)
-    for a, l in x_labels.items():
-        if a == (1 if layout else 2) and ctx.is_weight(w):
-            ctx.slot(w, 2, l)
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1, "DynamicQuantizeLSTM": 4}[node.op_type]
+    for a, l in ctx.get(x).items():
+        if a == 2 and ctx.is_weightlike(w):
+            ctx.slot(w, in_axis, l)
         else:
             ctx.pin(l, f"{node.op_type} input on a non-feature axis")
-    ok = (direction == "forward" or direction == "reverse") and layout == 0 and hidden > 0
-    ok = ok and all(ctx.is_weight(t) for t in (w, r_w) if t) and (not b or ctx.is_weight(b))
-    extra = [node.input[i] for i in range(4, len(node.input)) if node.input[i]]
-    if not ok:
-        for t in extra:
+    weights_ok = all(ctx.is_weightlike(t) for t in (w, r_w)) and (not b or ctx.is_weightlike(b))
+    if hidden <= 0 or not weights_ok:
+        for t in node.input[4:]:
             ctx.pin_all(t, f"{node.op_type} state")
-        fresh = ctx.new(max(hidden, 1) * (2 if direction == "bidirectional" else 1), node, node.output[0] if node.output else "")
-        ctx.pin(fresh, f"{node.op_type} hidden units ({direction}, layout={layout}) not modelled")
+        units = ctx.new(max(hidden, 1), node, node.output[0] if node.output else "")
+        ctx.pin(units, f"{node.op_type} with computed weights or unknown hidden_size")
         return
-    fresh = ctx.new(hidden, node, node.output[0] if node.output else "")
-    gate_label = fresh.tile(gates)
-    ctx.slot(w, 1, gate_label)
-    ctx.slot(r_w, 1, gate_label)
-    ctx.slot(r_w, 2, fresh)
+    units = ctx.new(hidden, node, node.output[0] if node.output else "")
+    gate_label = units.tile(gates)
+    ctx.slot(w, gate_axis, gate_label)
+    ctx.slot(r_w, gate_axis, gate_label)
+    ctx.slot(r_w, in_axis, units)
     if b:
-        ctx.slot(b, 1, fresh.tile(2 * gates))
-    # sequence_lens (4) reads no channels; initial_h (5), initial_c (6), P (7, LSTM peepholes)
+        ctx.slot(b, 1, units.tile(2 * gates))
+    # inputs: 4 sequence_lens (no channels), 5 initial_h, 6 initial_c, 7 peepholes P (LSTM: 3 blocks);
+    # DynamicQuantizeLSTM: 8-11 W/R scale and zero point, per direction or per gate row
     for idx, name in enumerate(node.input):
-        if idx == 4 or idx < 4 or not name:
+        if idx < 5 or not name:
+            continue
+        if idx >= 8:
+            shape = ctx.shape(name)
+            if shape and len(shape) == 2 and shape[1] == gates * hidden:
+                ctx.slot(name, 1, gate_label)
             continue
         if idx == 7:
-            ctx.slot(name, 1, fresh.tile(3))
-        elif ctx.is_weight(name):
-            ctx.slot(name, 2, fresh)
+            ctx.slot(name, 1, units.tile(3))
+        elif ctx.is_weightlike(name):
+            ctx.slot(name, 2, units)
         elif ctx.get(name).get(2) is not None:
-            ctx.union(ctx.get(name)[2], fresh)
+            ctx.union(ctx.get(name)[2], units)
         elif _is_uniform(ctx, name, 2):
             continue  # e.g. zeros from ConstantOfShape
         else:
-            ctx.pin(fresh, f"{node.op_type} initial state from an unlabelled tensor")
+            ctx.pin(units, f"{node.op_type} initial state from an unlabelled tensor")
     outs = list(node.output) + [""] * 3
-    ctx.set(outs[0], {3: fresh})
-    ctx.set(outs[1], {2: fresh})
-    ctx.set(outs[2], {2: fresh})
+    ctx.set(outs[0], {3: units})
+    ctx.set(outs[1], {2: units})
+    ctx.set(outs[2], {2: units})
 
 
 def matmul_integer(ctx, node) -> None:
-    """Like MatMul with a weight B; B's zero point is per column."""
-    b = node.input[1]
-    b_zp = _inputs(node, 3)
-    matmul(ctx, node)
-    out_labels = ctx.get(node.output[0])
-    ro = ctx.rank(node.output[0])
-    if b_zp and ro is not None and (ro - 1) in out_labels and ctx.is_weight(b):
-        zshape = ctx.shape(b_zp)
-        if zshape and zshape[-1] > 1:
-            ctx.slot(b_zp, len(zshape) - 1, out_labels[ro - 1])
+    """Like MatMul with a weight B; B's zero point may be per column."""
+    _matmul(ctx, node, node.input[0], node.input[1])
+    _per_channel_slots(ctx, node, [_inputs(node, 3)], axis=-1)
 
 
 def conv_integer(ctx, node) -> None:
-    conv(ctx, node, has_bias=False)  # input 2 is the activation zero point, a scalar
-    w_zp = _inputs(node, 3)
-    out_label = ctx.get(node.output[0]).get(1)
-    if w_zp and out_label is not None:
-        zshape = ctx.shape(w_zp)
-        if zshape and zshape[0] > 1:
-            ctx.slot(w_zp, 0, out_label)
+    # inputs: x, w, x_zero_point (a scalar), w_zero_point (scalar or per output channel)
+    _conv(ctx, node, node.input[0], node.input[1], "")
+    _per_channel_slots(ctx, node, [_inputs(node, 3)], axis=1)
+
+
+def qlinear_conv(ctx, node) -> None:
+    # inputs: x, x_scale, x_zp, w, w_scale, w_zp, y_scale, y_zp, B (int32 bias)
+    _conv(ctx, node, node.input[0], node.input[3], _inputs(node, 8))
+    _per_channel_slots(ctx, node, [_inputs(node, 4), _inputs(node, 5)], axis=1)
+
+
+def qlinear_matmul(ctx, node) -> None:
+    # inputs: a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp; b's scale/zp may be per column
+    _matmul(ctx, node, node.input[0], node.input[3])
+    _per_channel_slots(ctx, node, [_inputs(node, 4), _inputs(node, 5)], axis=-1)
+
+
+def _per_channel_slots(ctx, node, params, axis) -> None:
+    """Per-output-channel quantization parameters follow the output channels."""
+    out = node.output[0]
+    ro = ctx.rank(out)
+    if ro is None:
+        return
+    label = ctx.get(out).get(axis % ro)
+    for p in params:
+        shape = ctx.shape(p) if p else None
+        if not shape or int(np.prod(shape)) <= 1:
+            continue
+        if label is not None and len(shape) >= 1 and shape[-1] == len(label):
+            ctx.slot(p, len(shape) - 1, label)
+        elif label is not None:
+            ctx.pin(label, f"{node.op_type} quantization parameter {p!r} does not follow the channels")
 
 
 def resolve_weight_axes(view, name: str, axis: int):
@@ -1088,6 +1126,10 @@ UNARY = (
 ).split()
 BINARY = "Add Sub Mul Div Pow Max Min Mean Sum Mod Equal Less Greater LessOrEqual GreaterOrEqual And Or Xor BitShift".split()
 
+def dynamic_quantize_lstm(ctx, node) -> None:
+    rnn(ctx, node, transposed=True)
+
+
 RULES = {op: passthrough for op in UNARY}
 RULES.update({op: broadcast for op in BINARY})
 RULES.update(
@@ -1095,6 +1137,8 @@ RULES.update(
         "Conv": conv,
         "ConvTranspose": conv_transpose,
         "ConvInteger": conv_integer,
+        "QLinearConv": qlinear_conv,
+        "QLinearMatMul": qlinear_matmul,
         "Gemm": gemm,
         "MatMul": matmul,
         "MatMulInteger": matmul_integer,
@@ -1149,3 +1193,8 @@ RULES.update(
         "RNN": rnn,
     }
 )
+
+# Microsoft contrib ops that ONNX Runtime's quantizer writes.
+CONTRIB_RULES = {
+    "DynamicQuantizeLSTM": dynamic_quantize_lstm,
+}

@@ -15,7 +15,7 @@ import onnx
 
 from .channels import ElementTable, Label
 from .graph import GraphView
-from .rules import RULES, resolve_weight_axes, unknown_op
+from .rules import CONTRIB_RULES, RULES, resolve_weight_axes, unknown_op
 
 
 @dataclass
@@ -259,14 +259,34 @@ def walk(model: onnx.ModelProto, view: GraphView | None = None) -> WalkResult:
             continue  # weights and their views are not activations
         ctx.begin_node()
         _note_readers(ctx, node)
-        rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if node.domain in ("", "ai.onnx"):
+            rule = RULES.get(node.op_type)
+        else:
+            rule = CONTRIB_RULES.get(node.op_type) if node.domain == "com.microsoft" else None
         if rule is None:
             ctx.ops_without_rule[f"{node.domain + '.' if node.domain else ''}{node.op_type}"] += 1
             unknown_op(ctx, node)
         else:
             rule(ctx, node)
+        _spread_constant_fill(ctx, node)
         ctx.end_node(node)
     return _form_groups(ctx)
+
+
+# Ops that only move or select values: a tensor filled with one value stays filled with one value.
+_LAYOUT_OPS = {"Slice", "Split", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Expand", "Tile",
+               "Concat", "Gather", "Identity", "Cast", "Flatten"}
+
+
+def _spread_constant_fill(ctx: WalkContext, node: onnx.NodeProto) -> None:
+    if node.op_type not in _LAYOUT_OPS:
+        return
+    data = [n for n in node.input[:1 if node.op_type not in ("Concat",) else None] if n]
+    full = all(ctx.rank(n) is not None and ctx.uniform.get(n, set()) >= set(range(ctx.rank(n))) for n in data)
+    if data and full:
+        for out in node.output:
+            if out and ctx.rank(out) is not None:
+                ctx.uniform[out] = set(range(ctx.rank(out)))
 
 
 def _note_readers(ctx: WalkContext, node: onnx.NodeProto) -> None:
@@ -387,10 +407,18 @@ def _product_roots(table: ElementTable, roots: np.ndarray, pinned_roots: dict) -
         same = (roots[prev[0]], roots[prev[1]], prev[2:]) == (roots[rec[0]], roots[rec[1]], rec[2:])
         if not same:
             pinned_roots.setdefault(r, "one channel is two different (head, dim) cells")
-    for r, (a, b, *_) in products.items():
-        if r in pinned_roots:  # the cell cannot move, so neither can its head nor its dim
-            pinned_roots.setdefault(int(roots[a]), pinned_roots[r])
-            pinned_roots.setdefault(int(roots[b]), pinned_roots[r])
+    # a cell bound to a grouped-conv or norm group may only move inside it; head and dim moves
+    # do not see that constraint (tags live on the cells), so such cells pin their factors.
+    # Every record counts: a channel that is two different cells pins the factors of both.
+    tagged = {int(roots[e]) for e in table.tags}
+    for cell, (a, b, *_) in table.products.items():
+        r = int(roots[cell])
+        reason = pinned_roots.get(r)
+        if reason is None and r in tagged:
+            reason = "a (head, dim) cell is also bound to a grouped conv or norm group"
+        if reason is not None:  # the cell cannot move, so neither can its head nor its dim
+            pinned_roots.setdefault(int(roots[a]), reason)
+            pinned_roots.setdefault(int(roots[b]), reason)
     return products
 
 
@@ -449,16 +477,22 @@ def _signatures(ctx: WalkContext, roots: np.ndarray, origin: np.ndarray, pieces)
 
 
 def _disambiguate_keys(groups: list[Group]) -> None:
-    """Groups that share a first slot (the blocks of a grouped conv) add the first position they touch.
+    """Groups that share a first slot add where their first neuron sits in it: "@4" for the second
+    block of a grouped conv, "@0,1" / "@0,2" for the heads / in-head dims of one channel axis.
 
-    Groups touch disjoint positions of a weight axis, and a group's set of positions is the same
-    before and after permuting it, so the suffix is unique and survives a permutation.
+    Slot positions come from the graph's structure alone (not from weight values), so the suffix is
+    the same after a permutation; a last "#k" keeps keys unique whatever happens.
     """
     count = Counter(g.key for g in groups)
     for g in groups:
         if count[g.key] > 1:
             first = min(g.slots, key=lambda s: (s.weight, s.axis))
-            g.key += f"@{int(first.positions.min())}"
+            g.key += "@" + ",".join(str(int(p)) for p in first.positions[0])
+    seen: Counter = Counter()
+    for g in groups:
+        seen[g.key] += 1
+        if seen[g.key] > 1:
+            g.key += f"#{seen[g.key] - 1}"
 
 
 def _group_key(group: Group) -> str:
