@@ -204,10 +204,15 @@ def _infer_shapes(model: onnx.ModelProto) -> dict[str, list]:
         evaluator = _ShapeValues(skeleton, shapes)
         changed = False
         for node in skeleton.graph.node:
-            if node.op_type != "Reshape" or not node.output or known(shapes.get(node.output[0]) or [None]):
+            if not node.output or known(shapes.get(node.output[0]) or [None]):
                 continue
-            dims = _reshape_target(shapes.get(node.input[0]), evaluator.value(node.input[1]),
-                                   int(_attr_int(node, "allowzero", 0)))
+            if node.op_type == "Reshape":
+                dims = _reshape_target(shapes.get(node.input[0]), evaluator.value(node.input[1]),
+                                       int(_attr_int(node, "allowzero", 0)))
+            elif node.domain == "com.microsoft" and node.output[0] not in shapes:
+                dims = _contrib_shape(node, shapes)
+            else:
+                continue
             if dims is None or dims == shapes.get(node.output[0]):
                 continue
             # the element type is irrelevant to the walker; shapes are what matter
@@ -224,6 +229,36 @@ def _infer_shapes(model: onnx.ModelProto) -> dict[str, list]:
         skeleton, shapes = _run_inference(skeleton)
         declared = {vi.name: vi for vi in skeleton.graph.value_info if vi.name in declared}
     return shapes
+
+
+def _contrib_shape(node, shapes):
+    """Output dims of ONNX Runtime's quantized contrib ops, which ONNX shape inference skips."""
+    def shape(i):
+        return shapes.get(node.input[i]) if len(node.input) > i and node.input[i] else None
+
+    op = node.op_type
+    if op in ("QLinearSigmoid", "QLinearLeakyRelu"):
+        return shape(0)
+    if op in ("QLinearAdd", "QLinearMul"):
+        a, b = shape(0), shape(3)
+        if a is None or b is None:
+            return None
+        rank = max(len(a), len(b))
+        a, b = [1] * (rank - len(a)) + list(a), [1] * (rank - len(b)) + list(b)
+        return [y if x == 1 else x for x, y in zip(a, b)]
+    if op == "QLinearGlobalAveragePool":
+        x = shape(0)
+        if x is None:
+            return None
+        return list(x[:2]) + [1] * (len(x) - 2) if not _attr_int(node, "channels_last", 0) else [x[0]] + [1] * (len(x) - 2) + [x[-1]]
+    if op == "QGemm":
+        a, b = shape(0), shape(3)
+        if a is None or b is None or len(a) != 2 or len(b) != 2:
+            return None
+        m = a[1] if _attr_int(node, "transA", 0) else a[0]
+        n = b[0] if _attr_int(node, "transB", 0) else b[1]
+        return [m, n]
+    return None
 
 
 def _attr_int(node, name, default):

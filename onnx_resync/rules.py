@@ -249,7 +249,10 @@ def conv_transpose(ctx, node) -> None:
 
 
 def gemm(ctx, node) -> None:
-    a, b, c = node.input[0], node.input[1], _inputs(node, 2)
+    _gemm(ctx, node, node.input[0], node.input[1], _inputs(node, 2))
+
+
+def _gemm(ctx, node, a: str, b: str, c: str) -> None:
     out = node.output[0]
     trans_a, trans_b = int(attr(node, "transA", 0)), int(attr(node, "transB", 0))
     if not ctx.is_weightlike(b) or ctx.is_weightlike(a):
@@ -1057,20 +1060,29 @@ def qlinear_matmul(ctx, node) -> None:
 
 
 def _per_channel_slots(ctx, node, params, axis) -> None:
-    """Per-output-channel quantization parameters follow the output channels."""
-    out = node.output[0]
-    ro = ctx.rank(out)
-    if ro is None:
-        return
-    label = ctx.get(out).get(axis % ro)
+    """Per-output-channel quantization parameters follow the output channels.
+
+    A parameter with one entry per channel whose channels we cannot find pins them: leaving it
+    in place while its rows move would change the function.
+    """
+    labels = ctx.get(node.output[0])
+    if axis < 0:
+        ro = ctx.rank(node.output[0])
+        axis = None if ro is None else axis + ro
+    label = labels.get(axis) if axis is not None else None
     for p in params:
         shape = ctx.shape(p) if p else None
+        if shape is None and p:
+            for l in labels.values():
+                ctx.pin(l, f"{node.op_type} quantization parameter {p!r} of unknown shape")
+            continue
         if not shape or int(np.prod(shape)) <= 1:
             continue
-        if label is not None and len(shape) >= 1 and shape[-1] == len(label):
+        if label is not None and shape[-1] == len(label):
             ctx.slot(p, len(shape) - 1, label)
-        elif label is not None:
-            ctx.pin(label, f"{node.op_type} quantization parameter {p!r} does not follow the channels")
+        else:
+            for l in labels.values():
+                ctx.pin(l, f"{node.op_type} quantization parameter {p!r} does not follow the channels")
 
 
 def resolve_weight_axes(view, name: str, axis: int):
@@ -1128,6 +1140,41 @@ BINARY = "Add Sub Mul Div Pow Max Min Mean Sum Mod Equal Less Greater LessOrEqua
 
 def dynamic_quantize_lstm(ctx, node) -> None:
     rnn(ctx, node, transposed=True)
+
+
+def qgemm(ctx, node) -> None:
+    # inputs: A, a_scale, a_zp, B, b_scale, b_zp, C, y_scale, y_zp; b's scale/zp may be per column
+    _gemm(ctx, node, node.input[0], node.input[3], _inputs(node, 6))
+    _per_channel_slots(ctx, node, [_inputs(node, 4), _inputs(node, 5)], axis=1)
+
+
+def qlinear_binary(ctx, node) -> None:
+    # inputs: a, a_scale, a_zp, b, b_scale, b_zp, c_scale, c_zp (per-tensor scales)
+    broadcast(ctx, node, [node.input[0], _inputs(node, 3)])
+
+
+def qlinear_unary(ctx, node) -> None:
+    ctx.set(node.output[0], ctx.get(node.input[0]))
+
+
+def qlinear_pool(ctx, node) -> None:
+    if int(attr(node, "channels_last", 0)):
+        for l in ctx.get(node.input[0]).values():
+            ctx.pin(l, f"{node.op_type} with channels_last")
+        return
+    labels = ctx.get(node.input[0])
+    ctx.set(node.output[0], {1: labels[1]} if 1 in labels else {})
+    for a, l in labels.items():
+        if a != 1:
+            ctx.pin(l, f"{node.op_type} over a channel-carrying axis")
+
+
+def qlinear_concat(ctx, node) -> None:
+    # inputs: y_scale, y_zp, then (x, x_scale, x_zp) for every piece
+    pieces = [node.input[i] for i in range(2, len(node.input), 3)]
+    proxy = onnx.helper.make_node("Concat", pieces, list(node.output), axis=int(attr(node, "axis", 0)),
+                                  name=node.name)
+    concat(ctx, proxy)
 
 
 RULES = {op: passthrough for op in UNARY}
@@ -1197,4 +1244,12 @@ RULES.update(
 # Microsoft contrib ops that ONNX Runtime's quantizer writes.
 CONTRIB_RULES = {
     "DynamicQuantizeLSTM": dynamic_quantize_lstm,
+    "QGemm": qgemm,
+    "QLinearAdd": qlinear_binary,
+    "QLinearMul": qlinear_binary,
+    "QLinearSigmoid": qlinear_unary,
+    "QLinearLeakyRelu": qlinear_unary,
+    "QLinearGlobalAveragePool": qlinear_pool,
+    "QLinearAveragePool": qlinear_pool,
+    "QLinearConcat": qlinear_concat,
 }
