@@ -605,17 +605,24 @@ def reshape(ctx, node) -> None:
             ctx.pin(l, "Reshape with unknown shapes")
         return
     mapping = _reshape_groups(in_shape, out_shape)
+    to_output = node.output[0] in ctx.view.graph_outputs  # the output's own layout is not ours to keep
     if mapping is None:
-        reason = "Reshape that mixes the channel axis in a way the walker cannot follow"
-        if node.output[0] in ctx.view.graph_outputs:
-            reason = "reaches a graph output"  # the output's own layout is not ours to keep
         for l in labels.values():
-            ctx.pin(l, reason)
+            ctx.pin(l, "reaches a graph output" if to_output else
+                    "Reshape that mixes the channel axis in a way the walker cannot follow")
         return
+    from .graph import dim_product
+
     out: dict[int, Label] = {}
     for in_axes, out_axes in mapping:
         inside = [a for a in in_axes if a in labels]
         if not inside:
+            continue
+        if dim_product([in_shape[b] for b in in_axes]) != dim_product([out_shape[o] for o in out_axes]) or not all(
+                isinstance(in_shape[b], int) for b in in_axes):
+            for a in inside:
+                ctx.pin(labels[a], "reaches a graph output" if to_output else
+                        "Reshape mixes the channel axis with axes of unknown size")
             continue
         real_out = [o for o in out_axes if out_shape[o] != 1]
         if len(inside) > 1:
@@ -643,9 +650,9 @@ def reshape(ctx, node) -> None:
                 continue
             factors = _split_product(ctx, node, label, [out_shape[o] for o in real_out])
             if factors is None:
-                ctx.pin(label, "Reshape splits the channel axis into more than two axes or an irregular layout")
+                ctx.pin(label, "Reshape splits the channel axis in an irregular layout")
                 continue
-            out[real_out[0]], out[real_out[1]] = factors
+            out.update(zip(real_out, factors))
     ctx.set(node.output[0], out)
 
 
@@ -654,20 +661,26 @@ def _plain(label) -> bool:
 
 
 def _split_product(ctx, node, label, out_dims):
-    """Channel axis -> (heads, dims): fresh head and dim elements; each channel is a (head, dim) cell.
+    """Channel axis -> (heads, dims), or (q/k/v, heads, dims): fresh factor elements per new axis.
 
-    Heads may then move as wholes, and dims inside every head the same way (DESIGN.md, structured
-    axes); the walker rewrites every tensor holding the cells into its two factors.
+    Each channel becomes a cell of the grid. Heads may then move as wholes, and dims inside every
+    head the same way (DESIGN.md, structured axes); the walker rewrites every tensor holding the
+    cells into their factors. More than two axes nest: (a, b, c) is (a, (b, c)).
     """
-    if len(out_dims) != 2 or not all(isinstance(d, int) for d in out_dims) or not _plain(label):
+    if len(out_dims) < 2 or not all(isinstance(d, int) for d in out_dims) or not _plain(label):
         return None
-    if any(e in ctx.elements.products for e in label.elem.tolist()):
-        return None  # already cells (a second shuffle): do not leave unused head/dim elements behind
     rows = ctx.new(out_dims[0], node, node.output[0], kind="factor")
-    cols = ctx.new(out_dims[1], node, node.output[0], kind="factor")
+    if len(out_dims) == 2:
+        rest = [ctx.new(out_dims[1], node, node.output[0], kind="factor")]
+        cols = rest[0]
+    else:
+        cols = ctx.new(int(np.prod(out_dims[1:], dtype=np.int64)), node, node.output[0], kind="product")
+        rest = _split_product(ctx, node, cols, out_dims[1:])
+        if rest is None:
+            return None
     if not ctx.elements.product(label.elem, rows, cols):
         return None
-    return rows, cols
+    return [rows] + rest
 
 
 def _merge_pair(ctx, node, labels, dims):
@@ -697,7 +710,33 @@ def _split_label(label, out_dims, in_shape, in_axes, a):
 
 
 def _reshape_groups(in_shape, out_shape):
-    """Pair up runs of input and output axes with equal products; symbolic dims count as factors."""
+    """Pair up runs of input and output axes with equal products; symbolic dims count as factors.
+
+    Equal leading and trailing dims pair one to one first, so a middle that symbolic algebra cannot
+    untangle (H*W -> 1 x W when H is 1 at run time) stays one group without hiding the channels.
+    """
+    lead = 0
+    while lead < min(len(in_shape), len(out_shape)) and in_shape[lead] == out_shape[lead]:
+        lead += 1
+    tail = 0
+    while (tail < min(len(in_shape), len(out_shape)) - lead
+           and in_shape[len(in_shape) - 1 - tail] == out_shape[len(out_shape) - 1 - tail]):
+        tail += 1
+    mid_in = list(range(lead, len(in_shape) - tail))
+    mid_out = list(range(lead, len(out_shape) - tail))
+    middle = _pair_runs([in_shape[k] for k in mid_in], [out_shape[k] for k in mid_out])
+    if middle is None:
+        if not (mid_in and mid_out):
+            return None
+        # one opaque group: its dim products differ symbolically, so a label inside it pins
+        middle = [(list(range(len(mid_in))), list(range(len(mid_out))))]
+    groups = [([k], [k]) for k in range(lead)]
+    groups += [([mid_in[a] for a in gi], [mid_out[b] for b in gj]) for gi, gj in middle]
+    groups += [([len(in_shape) - tail + k], [len(out_shape) - tail + k]) for k in range(tail)]
+    return groups
+
+
+def _pair_runs(in_shape, out_shape):
     from .graph import dim_divide, dim_product
 
     groups = []

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 
 from .channels import ElementTable, Label
+from .errors import UnsupportedError
 from .graph import GraphView
 from .rules import CONTRIB_RULES, RULES, resolve_weight_axes, unknown_op
 
@@ -141,13 +142,15 @@ class WalkContext:
         """Every stored weight that `name` is computed from."""
         if name in self.derived_bases:
             return self.derived_bases[name]
-        found, stack = set(), [name]
+        found, stack, seen = set(), [name], {name}
         while stack:
             t = stack.pop()
             if self.view.stored_tensor(t) is not None:
                 found.add(t)
             elif t in self.view.producer:
-                stack.extend(i for i in self.view.producer[t].input if i and self.view.is_weight(i))
+                fresh = [i for i in self.view.producer[t].input if i and self.view.is_weight(i) and i not in seen]
+                seen.update(fresh)  # a view that reads one weight twice must not double the work
+                stack.extend(fresh)
         return found
 
     def derive(self, out: str, axis_sources: dict[int, list[tuple[str, int]]], inputs: list[str]) -> None:
@@ -203,6 +206,10 @@ class WalkContext:
             return False
         for base, base_axis in targets:
             key = (base, base_axis)
+            stored = self.view.stored_tensor(base)
+            if stored is not None and stored.data_type in (onnx.TensorProto.UNDEFINED, onnx.TensorProto.STRING):
+                self.pin(label, f"weight {base!r} is not numeric")
+                return False
             dim = self.view.shape(base)[base_axis]
             if dim != len(label):
                 if dim == 1:
@@ -229,7 +236,7 @@ class WalkContext:
         for name in node.input:
             if not name or not self.is_weightlike(name):
                 continue
-            reason = f"{node.op_type} {node.name!r} reads weight {{}} unpermuted"
+            reason = f"{node.op_type} {node.name!r}".replace("{", "{{").replace("}", "}}") + " reads weight {} unpermuted"
             shape = self.view.shape(name)
             if shape is None:
                 self._fix_all(name, reason)
@@ -263,14 +270,39 @@ def walk(model: onnx.ModelProto, view: GraphView | None = None) -> WalkResult:
             rule = RULES.get(node.op_type)
         else:
             rule = CONTRIB_RULES.get(node.op_type) if node.domain == "com.microsoft" else None
-        if rule is None:
-            ctx.ops_without_rule[f"{node.domain + '.' if node.domain else ''}{node.op_type}"] += 1
-            unknown_op(ctx, node)
-        else:
-            rule(ctx, node)
-        _spread_constant_fill(ctx, node)
-        ctx.end_node(node)
+        first_element = len(ctx.elements)
+        try:
+            if rule is None:
+                ctx.ops_without_rule[f"{node.domain + '.' if node.domain else ''}{node.op_type}"] += 1
+                unknown_op(ctx, node)
+            else:
+                rule(ctx, node)
+            _spread_constant_fill(ctx, node)
+            ctx.end_node(node)
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a hostile or broken node must pin, not crash
+            _node_failed(ctx, node, first_element, exc)
     return _form_groups(ctx)
+
+
+def _node_failed(ctx: WalkContext, node: onnx.NodeProto, first_element: int, exc: Exception) -> None:
+    """A rule met what it cannot follow (ranks or attributes that disagree with the op, as in a
+    broken or hostile file): like an op without a rule, everything the node touches is pinned,
+    the elements it had started to create included, and every weight axis it reads is fixed."""
+    reason = f"{node.op_type} {node.name!r} cannot be followed ({type(exc).__name__})"
+    if first_element < len(ctx.elements):
+        ctx.elements.pin(np.arange(first_element, len(ctx.elements)), reason)
+    for name in list(node.input) + list(node.output):
+        if name:
+            ctx.pin_all(name, reason)
+    try:
+        unknown_op(ctx, node)  # also pins what its subgraphs read
+        for name in node.input:
+            if name and ctx.is_weightlike(name):
+                ctx._fix_all(name, reason.replace("{", "{{").replace("}", "}}") + " (weight {})")
+    except Exception:  # noqa: BLE001
+        raise UnsupportedError(f"node {node.name or node.op_type!r} ({node.op_type}) cannot be walked") from None
 
 
 # Ops that only move or select values: a tensor filled with one value stays filled with one value.
@@ -367,10 +399,8 @@ def _form_groups(ctx: WalkContext) -> WalkResult:
         for e in range(rec["start"], rec["start"] + rec["count"]):
             hidden += 1
             r = int(roots[e])
-            gids = [int(group_of[r])]
-            if r in products:  # a (head, dim) cell moves when its head or its dim moves
-                a, b = products[r][:2]
-                gids = [int(group_of[roots[a]]), int(group_of[roots[b]])]
+            # a (head, dim) cell moves when its head or its dim moves
+            gids = [int(group_of[f]) for f in _leaf_factors(r, products, roots)]
             if r in pinned_roots and max(gids) < 0:
                 reason = pinned_roots[r]
                 if reason == "reaches a graph output":
@@ -398,6 +428,15 @@ def _form_groups(ctx: WalkContext) -> WalkResult:
     return WalkResult(groups, pinned, hidden, permutable, to_output, singletons, dict(ctx.ops_without_rule))
 
 
+def _leaf_factors(root: int, products: dict, roots: np.ndarray, depth: int = 0) -> list[int]:
+    """The neurons a cell is made of (itself if it is no cell); grids may nest (q/k/v x heads x dims)."""
+    if root not in products or depth > 8:
+        return [root]
+    a, b = products[root][:2]
+    return (_leaf_factors(int(roots[a]), products, roots, depth + 1)
+            + _leaf_factors(int(roots[b]), products, roots, depth + 1))
+
+
 def _product_roots(table: ElementTable, roots: np.ndarray, pinned_roots: dict) -> dict[int, tuple]:
     """Neuron (root) -> its (row, col, i, j, rows, cols) factors; conflicting or pinned cells pin."""
     products: dict[int, tuple] = {}
@@ -411,14 +450,20 @@ def _product_roots(table: ElementTable, roots: np.ndarray, pinned_roots: dict) -
     # do not see that constraint (tags live on the cells), so such cells pin their factors.
     # Every record counts: a channel that is two different cells pins the factors of both.
     tagged = {int(roots[e]) for e in table.tags}
-    for cell, (a, b, *_) in table.products.items():
-        r = int(roots[cell])
-        reason = pinned_roots.get(r)
-        if reason is None and r in tagged:
-            reason = "a (head, dim) cell is also bound to a grouped conv or norm group"
-        if reason is not None:  # the cell cannot move, so neither can its head nor its dim
-            pinned_roots.setdefault(int(roots[a]), reason)
-            pinned_roots.setdefault(int(roots[b]), reason)
+    changed = True
+    while changed:  # grids may nest (q/k/v x heads x dims): repeat until no new pin
+        changed = False
+        for cell, (a, b, *_) in table.products.items():
+            r = int(roots[cell])
+            reason = pinned_roots.get(r)
+            if reason is None and r in tagged:
+                reason = "a (head, dim) cell is also bound to a grouped conv or norm group"
+            if reason is None:
+                continue
+            for f in (int(roots[a]), int(roots[b])):  # the cell cannot move: nor its head, nor its dim
+                if f not in pinned_roots:
+                    pinned_roots[f] = reason
+                    changed = True
     return products
 
 
@@ -437,21 +482,24 @@ class _ProductRewriter:
         self.keys, self.recs = self.keys[order], self.recs[order]
 
     def __call__(self, label: Label) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        pos = np.arange(len(label))
-        if not len(self.keys):
-            return [(label.elem, label.sub, pos)]
-        r = self.roots[label.elem]
+        return self.pieces(label.elem, label.sub, np.arange(len(label)))
+
+    def pieces(self, elem, sub, pos, depth: int = 0):
+        if not len(self.keys) or depth > 8:
+            return [(elem, sub, pos)]
+        r = self.roots[elem]
         idx = np.clip(np.searchsorted(self.keys, r), 0, len(self.keys) - 1)
         is_cell = self.keys[idx] == r
         if not is_cell.any():
-            return [(label.elem, label.sub, pos)]
+            return [(elem, sub, pos)]
         keep = ~is_cell
-        pieces = [(label.elem[keep], label.sub[keep], pos[keep])] if keep.any() else []
+        out = [(elem[keep], sub[keep], pos[keep])] if keep.any() else []
         a, b, i, j, na, nb = self.recs[idx[is_cell]].T
-        sub = label.sub[is_cell]
-        pieces.append((a, sub * nb + j, pos[is_cell]))
-        pieces.append((b, sub * na + i, pos[is_cell]))
-        return pieces
+        cell_sub = sub[is_cell]
+        # a factor may itself be a grid (q/k/v x heads x dims): rewrite until none is left
+        out += self.pieces(a, cell_sub * nb + j, pos[is_cell], depth + 1)
+        out += self.pieces(b, cell_sub * na + i, pos[is_cell], depth + 1)
+        return out
 
 
 def _signatures(ctx: WalkContext, roots: np.ndarray, origin: np.ndarray, pieces) -> dict[int, bytes]:

@@ -22,7 +22,7 @@ CASES = {
     "pplcnet_orientation": ({}, 1.0),
     "ppocr_cls": ({"x": [1, 3, 48, 192]}, 1.0),
     "ppocr_det": ({"x": [1, 3, 64, 64]}, 1.0),
-    "ppocr_rec": ({"x": [1, 3, 48, 320]}, 0.80),
+    "ppocr_rec": ({"x": [1, 3, 48, 320]}, 1.0),
     "ddddocr_det": ({}, 1.0),
     "ddddocr_common": ({"input1": [1, 1, 64, 64]}, 1.0),
     "ddddocr_common_old": ({"input1": [1, 1, 64, 64]}, 1.0),
@@ -46,7 +46,7 @@ def test_vendor_permute_verify_undo(key):
 
 
 def test_vendor_files_pin_only_output_channels():
-    for key in ("pplcnet_orientation", "ppocr_cls", "ppocr_det", "ddddocr_det", "ddddocr_common",
+    for key in ("pplcnet_orientation", "ppocr_cls", "ppocr_det", "ppocr_rec", "ddddocr_det", "ddddocr_common",
                 "ddddocr_common_old", "arabic_gru_encoder", "minilm"):
         result = walk(load_model(vendor_model(key)))
         reasons = {p.reason for p in result.pinned}
