@@ -77,7 +77,7 @@ class AuditReport:
     perturbed: bool
     summary: str  # one line: "derived, permuted (...)"
     evidence: list[str]
-    statistic: float  # resync's decision statistic (derived at >= threshold; unrelated: about 0)
+    statistic: float  # resync's decision statistic (see `evidence`; unrelated models: about 0)
     neurons: int
     matched: int
     moved: int
@@ -260,7 +260,7 @@ def _build(suspect, reference, ref_c: CanonicalModel, sus_c: CanonicalModel, ali
     return AuditReport(
         suspect=_name(suspect), reference=_name(reference), verdict=verdict, derived=derived,
         permuted=permuted, perturbed=perturbed, summary=summary, evidence=evidence,
-        statistic=float(rs.evidence), neurons=int(rs.neurons), matched=int(rs.matched), moved=moved,
+        statistic=decision(rs)[1], neurons=int(rs.neurons), matched=int(rs.matched), moved=moved,
         perturbation=perturbation, precision=precision, re_export=re_export, layers=rows, timings={},
         similarity=similarity,
     )
@@ -289,9 +289,9 @@ def _summary(verdict, derived, permuted, perturbation, precision, re_export, mov
 
 
 def _evidence(rs, precision, re_export, alignment, moved, derived) -> list[str]:
-    from .resync import EVIDENCE_THRESHOLD
-
-    out = [f"decision statistic {rs.evidence:.2f} (derived at >= {EVIDENCE_THRESHOLD:g}; unrelated models score about 0)"]
+    name, value, threshold = decision(rs)
+    at = f"derived at >= {threshold:g}; " if math.isfinite(threshold) else ""
+    out = [f"{name} {value:.2f} ({at}unrelated models score about 0)"]
     pct = 100 * rs.matched / rs.neurons if rs.neurons else 100.0
     if derived:
         out.append(f"{rs.matched} of {rs.neurons} neurons ({pct:.1f}%) matched to their best candidate in "
@@ -314,6 +314,19 @@ def _evidence(rs, precision, re_export, alignment, moved, derived) -> list[str]:
     if re_export["differences"]:
         out.append("the suspect's graph differs from the reference's: " + "; ".join(re_export["differences"]))
     return out
+
+
+def decision(rs) -> tuple[str, float, float]:
+    """resync's decision statistic: (name, value, threshold for derived; nan if resync names none)."""
+    from . import match as mmod
+    from . import resync as rmod
+
+    if hasattr(rs, "agreement") and hasattr(rmod, "AGREEMENT_THRESHOLD"):
+        return "agreement", float(rs.agreement), float(rmod.AGREEMENT_THRESHOLD)
+    for mod, attr in ((rmod, "EVIDENCE_THRESHOLD"), (rmod, "DERIVED_THRESHOLD"), (mmod, "AGREE")):
+        if hasattr(mod, attr):
+            return "evidence", float(rs.evidence), float(getattr(mod, attr))
+    return "evidence", float(rs.evidence), float("nan")
 
 
 def _differences(sus_c: CanonicalModel, ref_c: CanonicalModel) -> list[str]:
