@@ -388,6 +388,17 @@ def _form_groups(ctx: WalkContext) -> WalkResult:
             size = groups[gid].size
             groups[gid].slots.append(GroupSlot(weight, axis, chosen.reshape(size, len(chosen) // size)))
 
+    # a group that no weight indexes (e.g. the factors of a grid read only by activations) moves
+    # nothing: drop it, and count its neurons as having nothing to swap with
+    kept = [g for g in groups if g.slots]
+    if len(kept) != len(groups):
+        renumber = np.full(len(groups) + 1, -1, dtype=np.int64)
+        for new_id, g in enumerate(kept):
+            renumber[g.id] = new_id
+            g.id = new_id
+        group_of = renumber[group_of]  # -1 stays -1 (index -1 is the extra last entry)
+        groups = kept
+
     hidden = 0
     permutable = 0
     to_output = 0
