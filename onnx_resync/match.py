@@ -26,6 +26,7 @@ from .errors import ModelMismatchError
 from .permute import PermutationRecord
 from .walk import WalkResult
 
+AGREE = 1.0  # evidence below this: the group's capacity is measured (reference against itself)
 SHORTCUT_MARGIN = 0.05  # cosine gap to the runner-up (row and column) for a mutual best to be accepted
 NULL_COLUMNS = 128  # unrelated suspect neurons sampled per row to estimate the null spread of cosines
 RESCALE_DETECT = 0.1  # |log norm ratio| (against the slot's median) that counts as a rescaled slot
@@ -70,6 +71,7 @@ class GroupMatch:
     rescale_detected: int = 0  # neurons with an opposite-sign norm pattern (see rescale.py for exact)
     rescale_one_sided: int = 0  # neurons with one slot's norm far off and no compensation
     neutral: bool = True  # every reader of the group is positively homogeneous
+    capacity: float = float("nan")  # evidence an exact copy would give (computed where evidence is low)
     readers: list[str] = field(default_factory=list)
 
     @property
@@ -133,6 +135,9 @@ class _Matcher:
                     changed.add(gi)
             passes += 1
             dirty = set().union(*(self.neighbours[gi] for gi in changed)) if changed else set()
+        for gi, r in enumerate(self.result):
+            if r.evidence < AGREE:
+                r.capacity = self.capacity(gi)
         return MatchResult([r for r in self.result], passes, self.solves)
 
     # ---- features ----------------------------------------------------------------------------
@@ -147,22 +152,29 @@ class _Matcher:
 
     def slot_features(self, gi: int, slot, sweep: bool = False):
         """(reference rows, suspect rows, aligned): one row per neuron, the suspect in its own order;
-        aligned: no other axis had to be summarized. In the sweep, None where another axis belongs
-        to a group not resolved yet."""
+        aligned: no axis had to be summarized. In the sweep, None where an axis belongs to another
+        group not resolved yet.
+
+        Axes of resolved groups are aligned (the suspect reindexed as apply_permutations would; moves
+        of groups sharing an axis, heads and the dims inside them, compose). An unresolved group on
+        another axis is summarized by sorting along its neurons; one on the slot's own axis (dims
+        inside the heads being matched) by sorting inside each neuron's block."""
         R, S = self.arrays(slot.weight)
         r, s = R, S
-        aligned = True
+        aligned, block_sort = True, False
         for o in range(R.ndim):
-            if o == slot.axis or (slot.weight, o) not in self.axis_groups:
-                continue
             index, summarize = None, []
-            for hj, hslot in self.axis_groups[(slot.weight, o)]:
+            for hj, hslot in self.axis_groups.get((slot.weight, o), ()):
+                if hj == gi and o == slot.axis:
+                    continue
                 if hj != gi and self.perm[hj] is not None:
-                    if index is None:
-                        index = np.arange(R.shape[o])
-                    index[hslot.positions.reshape(-1)] = hslot.positions[self.perm[hj]].reshape(-1)
+                    move = np.arange(R.shape[o])
+                    move[hslot.positions.reshape(-1)] = hslot.positions[self.perm[hj]].reshape(-1)
+                    index = move if index is None else index[move]
                 elif sweep and hj != gi:
                     return None
+                elif o == slot.axis:
+                    block_sort = True
                 else:
                     summarize.append(hslot.positions)
             if index is not None:
@@ -172,8 +184,13 @@ class _Matcher:
                 s = s.copy() if s is S else s
                 _sort_blocks(r, o, positions)
                 _sort_blocks(s, o, positions)
-                aligned = False
-        return _rows(r, slot.axis, slot.positions), _rows(s, slot.axis, slot.positions), aligned
+            aligned &= not summarize and not block_sort
+        xr, xs = _rows(r, slot.axis, slot.positions), _rows(s, slot.axis, slot.positions)
+        if block_sort:
+            n, b = slot.positions.shape
+            xr = np.sort(xr.reshape(n, b, -1), axis=1).reshape(n, -1)
+            xs = np.sort(xs.reshape(n, b, -1), axis=1).reshape(n, -1)
+        return xr, xs, aligned
 
     # ---- one group ---------------------------------------------------------------------------
     def features(self, gi: int, sweep: bool = False) -> "_Features":
@@ -208,6 +225,18 @@ class _Matcher:
         self.perm[gi] = perm
         if not sweep:
             self.describe(gi, f, perm, cos, margin, settled)
+
+    def capacity(self, gi: int) -> float:
+        """The evidence an exact copy would give: the reference matched against itself."""
+        f = self.features(gi)
+        C = f.fr @ f.fr.T
+        np.fill_diagonal(C, -np.inf)
+        runner_up = C.max(axis=1)
+        del C
+        ident = np.arange(len(runner_up))
+        spread = _null_spread(f.fr, f.fr, ident, np.random.default_rng(gi))
+        gap = (np.einsum("ij,ij->i", f.fr, f.fr) - runner_up) / np.maximum(spread, 1e-12)
+        return float(np.median(gap))
 
     def describe(self, gi: int, f: "_Features", perm, cos, margin, settled) -> None:
         g = self.groups[gi]

@@ -12,14 +12,20 @@ Verdict (see docs/robustness.md for the figures behind the threshold):
   report estimates the kind and the strength (noise, extra zeros, quantization levels, rescales);
 - "not derived": statistic below the threshold.
 
-Decision statistic ("evidence"): for every reference neuron, the margin of its match over the best
-other suspect neuron, in units of the spread of its similarities with unrelated suspect neurons (a
-sample of 128) -- how far the match stands out; per group the median; over the model the 10th
-percentile of the groups, weighted by size (groups of 8+ neurons vote). Derived needs evidence >=
-EVIDENCE_THRESHOLD. A derived copy's matches stand out by several spreads in every group, even
-under heavy noise; between independently trained models the best assignment is not even each row's
-best (evidence about 0); weights shuffled inconsistently (each tensor on its own) leave groups whose
-slots disagree, where no match stands out (about 0), and the low percentile sees them.
+Decision statistic ("evidence"), from the final solve, where every axis of every slot is aligned:
+
+- a group's evidence: for every reference neuron, the margin of its match over the best other
+  suspect neuron, in units of the spread of its similarities with unrelated suspect neurons (a sample
+  of 128), i.e. how far the match stands out; the group's value is the median over its neurons. A
+  derived copy stands out by several spreads; between unrelated weights the best assignment is not
+  even each row's best (about 0).
+- some groups cannot tell even an exact copy from chance (few dimensions, near-duplicate neurons):
+  where a group's evidence is low, its capacity (the reference matched against itself) is measured,
+  and groups with capacity < INFORMATIVE abstain, as do groups of fewer than 8 neurons.
+- the model's evidence is the weakest voting group's. Derived needs evidence >= match.AGREE (1).
+  An independently trained model: about 0 (every group). Weights shuffled inconsistently (each
+  tensor on its own): the groups whose slots disagree drop to about 0. A derived copy, even heavily
+  perturbed: every group stays well above 1 (figures in docs/robustness.md).
 """
 
 from __future__ import annotations
@@ -35,13 +41,12 @@ import onnx
 
 from .errors import CheckFailed, ModelMismatchError
 from .io import WeightStore, load_model, refuse_overwrite, save_model, write_text_atomic
-from .match import GroupMatch, MatchResult, match
+from .match import AGREE, GroupMatch, MatchResult, match
 from .permute import PermutationRecord, apply_permutations
 from .rescale import MIN_LOG_SCALE, find_rescales, neutral_groups, rescaled, undo_rescales
 from .walk import WalkResult, walk
 
-EVIDENCE_THRESHOLD = 1.5
-EVIDENCE_QUANTILE = 0.10
+INFORMATIVE = 3.0
 MIN_EVIDENCE_GROUP = 8  # smaller groups vote only when there is no larger one
 
 ModelLike = str | os.PathLike | onnx.ModelProto
@@ -68,7 +73,8 @@ class GroupReport:
 class ResyncReport:
     verdict: str
     derived: bool
-    evidence: float
+    evidence: float  # the decision statistic: the weakest voting group's evidence
+    evidence_median: float
     neurons: int
     moved: int
     matched: int
@@ -94,7 +100,8 @@ class ResyncReport:
     def summary_lines(self) -> list[str]:
         kinds = self.perturbation.get("kinds") or []
         lines = [f"verdict: {self.verdict}" + (f" ({'; '.join(kinds)})" if kinds else "")]
-        lines.append(f"evidence {self.evidence:.2f} (derived at >= {EVIDENCE_THRESHOLD:g}; unrelated models: about 0)")
+        lines.append(f"evidence {self.evidence:.2f} (weakest group; derived at >= {AGREE:g}; unrelated models: "
+                     f"about 0), median over groups {self.evidence_median:.2f}")
         pct = 100 * self.matched / self.neurons if self.neurons else 100.0
         lines.append(f"neurons: {self.neurons} in {len(self.groups)} groups, {self.moved} moved back, "
                      f"{self.matched} matched to their best candidate ({pct:.1f}%), "
@@ -239,8 +246,8 @@ def build_report(result: MatchResult, ref: WeightStore, sus: WeightStore, restor
     groups = [_group_report(gm, scales.get(gm.key)) for gm in result.groups]
     undone = rescaled(scales)
     neurons = sum(g.size for g in groups)
-    evidence = decision_statistic(result.groups)
-    derived = evidence >= EVIDENCE_THRESHOLD
+    evidence, evidence_median = decision_statistics(result.groups)
+    derived = evidence >= AGREE
     names = ref.names()
     identical = all(_same(ref, sus, n) for n in names)
     restored_exact = all(_same(ref, restored, n) for n in names)
@@ -257,7 +264,7 @@ def build_report(result: MatchResult, ref: WeightStore, sus: WeightStore, restor
         verdict = "not derived"
         perturbation["kinds"] = []
     return ResyncReport(
-        verdict=verdict, derived=derived, evidence=evidence,
+        verdict=verdict, derived=derived, evidence=evidence, evidence_median=evidence_median,
         neurons=neurons, moved=sum(g.moved for g in groups),
         matched=sum(round(g.matched_fraction * g.size) for g in groups),
         interchangeable=sum(len(g.interchangeable) for g in groups), perturbation=perturbation,
@@ -265,18 +272,21 @@ def build_report(result: MatchResult, ref: WeightStore, sus: WeightStore, restor
     )
 
 
-def decision_statistic(groups: list[GroupMatch]) -> float:
-    """Size-weighted low percentile of the groups' evidence (see the module docstring)."""
-    voters = [g for g in groups if g.size >= MIN_EVIDENCE_GROUP and math.isfinite(g.evidence)]
+def decision_statistics(groups: list[GroupMatch]) -> tuple[float, float]:
+    """(evidence of the weakest voting group, size-weighted median evidence); see the docstring."""
+    voters = [g for g in groups if g.size >= MIN_EVIDENCE_GROUP] or list(groups)
     if not voters:
-        voters = [g for g in groups if math.isfinite(g.evidence)]
-    if not voters:
-        return 0.0
-    values = np.array([g.evidence for g in voters])
-    weights = np.array([g.size for g in voters], dtype=np.float64)
+        return 0.0, 0.0
+    median = _weighted_quantile([g.evidence for g in voters], [g.size for g in voters], 0.5)
+    informative = [g.evidence for g in voters if g.evidence >= AGREE or g.capacity >= INFORMATIVE]
+    return (min(informative) if informative else median), median
+
+
+def _weighted_quantile(values, weights, q: float) -> float:
+    values = np.asarray(values, dtype=np.float64)
     order = np.argsort(values)
-    cum = np.cumsum(weights[order])
-    return float(values[order][np.searchsorted(cum, EVIDENCE_QUANTILE * cum[-1])])
+    cum = np.cumsum(np.asarray(weights, dtype=np.float64)[order])
+    return float(values[order][min(np.searchsorted(cum, q * cum[-1]), len(values) - 1)])
 
 
 def _group_report(gm: GroupMatch, log_scale: np.ndarray | None) -> GroupReport:

@@ -1,0 +1,334 @@
+#!/usr/bin/env python3
+"""Robustness of `resync` against perturbations, ours vs the paper's baseline: docs/robustness.md.
+
+For every bundled model (models/MANIFEST.json, or models/*.onnx) and several seeds: permute every
+group with a seeded random permutation, then perturb every weight tensor, resync against the
+unperturbed reference, and count the neurons put back in their original place (neurons with an
+identical twin, in either model, count as correct whichever twin they got). Alongside: the accuracy
+of the perturbed model on the bundled test set (ONNX Runtime), and the same count for the baseline
+that the paper's code uses (per layer, argmax of the cosine of incoming weights only, layers taken one
+at a time in topological order with the input axis aligned by the previous layers' answers).
+
+Perturbations ("weight tensors" = float initializers/constants with 2+ elements, except BatchNorm
+running statistics, which are not weights):
+  noise k     Gaussian, std = k x std of the tensor, k in 0.1 0.5 1 2 5
+  quant b     uniform per-tensor min-max quantization to b bits (2^b levels), b in 8 6 4 3 2
+  prune p     the fraction p of each tensor with the smallest |w| set to 0, p in 0.1 .. 0.9
+  finetune    models/variants/<name>_ft10/_ft50.onnx (trained further), then permuted
+  rescale s   every neuron of every group whose readers are positively homogeneous (ReLU, max pool,
+              linear ops) scaled by a ~ log-uniform[1/s, s] on its producer's rows and bias, 1/a on
+              the other slots (consumer columns): the function is unchanged (checked)
+Also the not-derived check: models/variants/<name>_seed1.onnx and an inconsistent shuffle (every
+weight axis of every slot permuted on its own) against the reference.
+
+Usage: python tools/robustness.py [--models models] [--seeds 3] [--only mlp,vgg] [--out docs]
+Needs onnxruntime and matplotlib (not dependencies of the package).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from onnx_resync.io import WeightStore, load_model  # noqa: E402
+from onnx_resync.match import HOMOGENEOUS_READERS, _reindex, _rows, _sort_blocks, _unit, match  # noqa: E402
+from onnx_resync.permute import PermutationRecord, apply_permutations, random_permutations  # noqa: E402
+from onnx_resync.rescale import rescaled  # noqa: E402
+from onnx_resync.resync import decision_statistics, restore  # noqa: E402
+from onnx_resync.walk import walk  # noqa: E402
+
+SWEEPS = {
+    "noise": [0.1, 0.5, 1.0, 2.0, 5.0],
+    "quant": [8, 6, 4, 3, 2],
+    "prune": [0.1, 0.3, 0.5, 0.7, 0.9],
+    "finetune": ["ft10", "ft50"],
+    "rescale": [1.5, 4.0, 16.0],
+}
+LABELS = {"noise": "noise k (x tensor std)", "quant": "bits", "prune": "fraction pruned",
+          "finetune": "further training", "rescale": "rescale range s (a in [1/s, s])"}
+
+
+# ---- perturbations ---------------------------------------------------------------------------
+def weight_names(model: onnx.ModelProto) -> list[str]:
+    store = WeightStore(model)
+    stats = {n.input[i] for n in model.graph.node if n.op_type == "BatchNormalization" for i in (3, 4)
+             if len(n.input) > i}
+    out = []
+    for name in store.names():
+        if name in stats or store.dtype(name).kind != "f":
+            continue
+        if int(np.prod(store.shape(name), dtype=np.int64)) >= 2:
+            out.append(name)
+    return out
+
+
+def perturb(model: onnx.ModelProto, kind: str, strength, rng: np.random.Generator) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    store = WeightStore(out)
+    for name in weight_names(out):
+        w = store.get(name).astype(np.float64)
+        if kind == "noise":
+            w = w + rng.normal(0.0, strength * w.std(), w.shape)
+        elif kind == "quant":
+            lo, hi = w.min(), w.max()
+            levels = 2 ** int(strength) - 1
+            if hi > lo:
+                w = lo + np.round((w - lo) / (hi - lo) * levels) * (hi - lo) / levels
+        elif kind == "prune":
+            k = int(round(strength * w.size))
+            if k:
+                idx = np.argpartition(np.abs(w).reshape(-1), k - 1)[:k]
+                w.reshape(-1)[idx] = 0.0
+        else:
+            raise ValueError(kind)
+        store.set(name, w)
+    return out
+
+
+def rescale_attack(model: onnx.ModelProto, wk, s: float, rng: np.random.Generator):
+    """Scale each neuron of the neutral groups by a on its producer side and 1/a elsewhere."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    store = WeightStore(out)
+    nodes = {n.name or n.op_type: n for n in out.graph.node}
+    arrays: dict[str, np.ndarray] = {}
+    attacked = 0
+    for g in wk.groups:
+        if not all(r in HOMOGENEOUS_READERS for r in g.readers):
+            continue
+        producer_inputs = {i for p in g.producers if p in nodes for i in nodes[p].input}
+        a = np.exp(rng.uniform(-math.log(s), math.log(s), g.size))
+        attacked += g.size
+        for slot in g.slots:
+            arr = arrays.setdefault(slot.weight, store.get(slot.weight).astype(np.float64))
+            factor = a if slot.weight in producer_inputs else 1.0 / a
+            view = np.moveaxis(arr, slot.axis, 0)
+            sub = view[slot.positions]
+            sub *= factor.reshape((-1,) + (1,) * (sub.ndim - 1))
+            view[slot.positions] = sub
+    for name, arr in arrays.items():
+        store.set(name, arr)
+    return out, attacked
+
+
+def inconsistent_shuffle(model: onnx.ModelProto, wk, rng) -> onnx.ModelProto:
+    """Every slot of every group permuted with its own permutation: not a symmetry."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    store = WeightStore(out)
+    arrays: dict[str, np.ndarray] = {}
+    for g in wk.groups:
+        for slot in g.slots:
+            arr = arrays.setdefault(slot.weight, store.get(slot.weight).copy())
+            _reindex(arr, slot.axis, slot.positions, rng.permutation(g.size))
+    for name, arr in arrays.items():
+        store.set(name, arr)
+    return out
+
+
+# ---- scoring ---------------------------------------------------------------------------------
+def success(groups, truth: PermutationRecord) -> tuple[int, int]:
+    """(neurons back in place, neurons): found perm vs the true one; interchangeable twins count."""
+    good = total = 0
+    for gm in groups:
+        true = np.asarray(truth.perms[gm.key])  # suspect neuron j holds reference neuron true[j]
+        origin = true[gm.perm]  # reference neuron that the suspect neuron matched to i really is
+        i = np.arange(gm.size)
+        inv = np.argsort(true)  # where reference neuron i sits in the suspect
+        ok = origin == i
+        ok |= (gm.ref_class[i] >= 0) & (gm.ref_class[origin] == gm.ref_class[i])
+        ok |= (gm.sus_class[gm.perm] >= 0) & (gm.sus_class[gm.perm] == gm.sus_class[inv])
+        good += int(ok.sum())
+        total += gm.size
+    return good, total
+
+
+def baseline(model: onnx.ModelProto, ref: WeightStore, sus: WeightStore, wk) -> dict[str, np.ndarray]:
+    """The paper's re-synchronization: per layer, argmax of incoming-weight cosine, one layer at a time."""
+    nodes = {n.name or n.op_type: n for n in model.graph.node}
+    found: dict[int, np.ndarray] = {}
+    axis_groups = {}
+    for gi, g in enumerate(wk.groups):
+        for slot in g.slots:
+            axis_groups.setdefault((slot.weight, slot.axis), []).append((gi, slot))
+    out = {}
+    for gi, g in enumerate(wk.groups):
+        producer_inputs = {i for p in g.producers if p in nodes for i in nodes[p].input}
+        slots = [s for s in g.slots if s.weight in producer_inputs and len(ref.shape(s.weight)) >= 2]
+        slots = slots or [s for s in g.slots if len(ref.shape(s.weight)) >= 2] or g.slots
+        xr, xs = [], []
+        for slot in slots:
+            r = ref.get(slot.weight).astype(np.float32)
+            s = sus.get(slot.weight).astype(np.float32)
+            for o in range(r.ndim):
+                for hj, hslot in axis_groups.get((slot.weight, o), ()):
+                    if o == slot.axis:
+                        continue
+                    if hj in found:
+                        _reindex(s, o, hslot.positions, found[hj])
+                    else:
+                        _sort_blocks(r, o, hslot.positions)
+                        _sort_blocks(s, o, hslot.positions)
+            xr.append(_rows(r, slot.axis, slot.positions))
+            xs.append(_rows(s, slot.axis, slot.positions))
+        fr, fs = np.concatenate(xr, axis=1), np.concatenate(xs, axis=1)
+        C = _unit(fr, np.linalg.norm(fr, axis=1)) @ _unit(fs, np.linalg.norm(fs, axis=1)).T
+        found[gi] = C.argmax(axis=1)
+        out[g.key] = found[gi]
+    return out
+
+
+def baseline_success(groups, base: dict[str, np.ndarray], truth: PermutationRecord) -> tuple[int, int]:
+    good = total = 0
+    for gm in groups:
+        true = np.asarray(truth.perms[gm.key])
+        origin = true[base[gm.key]]
+        i = np.arange(gm.size)
+        inv = np.argsort(true)
+        ok = origin == i
+        ok |= (gm.ref_class[i] >= 0) & (gm.ref_class[origin] == gm.ref_class[i])
+        ok |= (gm.sus_class[base[gm.key]] >= 0) & (gm.sus_class[base[gm.key]] == gm.sus_class[inv])
+        good += int(ok.sum())
+        total += gm.size
+    return good, total
+
+
+def max_relative_difference(ref: WeightStore, other: WeightStore) -> float:
+    """max |other - ref| / max |ref| over the float weights."""
+    worst = 0.0
+    for name in ref.names():
+        r = ref.get(name)
+        if r.dtype.kind == "f" and r.size:
+            scale = float(np.abs(r).max()) or 1.0
+            worst = max(worst, float(np.abs(other.get(name).astype(np.float64) - r).max()) / scale)
+    return worst
+
+
+
+def accuracy(model: onnx.ModelProto, data) -> float:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    logits = sess.run(None, {name: data["input"]})[0]
+    return float((np.argmax(logits, axis=-1) == data["labels"]).mean())
+
+
+# ---- experiment ------------------------------------------------------------------------------
+def run_one(ref_model, ref_store, wk, suspect_unpermuted, seed, data):
+    """Permute the (perturbed) suspect with `seed`, resync, score ours and the baseline."""
+    truth = random_permutations(wk, seed)
+    sus = onnx.ModelProto()
+    sus.CopyFrom(suspect_unpermuted)
+    apply_permutations(sus, wk, truth)
+    sus_store = WeightStore(sus)
+    t = time.perf_counter()
+    result = match(ref_store, sus_store, wk)
+    seconds = time.perf_counter() - t
+    good, total = success(result.groups, truth)
+    restored, scales = restore(sus, ref_model, wk, result)
+    exact_rescales = rescaled(scales)
+    rel = max_relative_difference(ref_store, WeightStore(restored))
+    bgood, _ = baseline_success(result.groups, baseline(ref_model, ref_store, sus_store, wk), truth)
+    return {
+        "ours": good / total, "baseline": bgood / total, "neurons": total, "seconds": seconds,
+        "evidence": decision_statistics(result.groups)[0], "evidence_median": decision_statistics(result.groups)[1],
+        "accuracy": accuracy(sus, data) if data is not None else None,
+        "rescaled": sum(g.rescale_detected for g in result.groups),
+        "rescale_exact": exact_rescales, "restored_max_rel_diff": rel,
+        "one_sided": sum(g.rescale_one_sided for g in result.groups),
+        "result": result, "suspect": sus, "truth": truth,
+    }
+
+
+def model_list(models_dir: Path, only: list[str] | None) -> list[str]:
+    manifest = models_dir / "MANIFEST.json"
+    names = []
+    if manifest.exists():
+        data = json.loads(manifest.read_text())
+        entries = data.get("models", data) if isinstance(data, dict) else data
+        names = list(entries) if isinstance(entries, dict) else [e.get("name") for e in entries]
+    if not names:
+        names = sorted(p.stem for p in models_dir.glob("*.onnx"))
+    names = [n for n in names if n and (models_dir / f"{n}.onnx").exists()]
+    return [n for n in names if not only or n in only]
+
+
+def sweep_model(models_dir: Path, name: str, seeds: list[int], log) -> list[dict]:
+    ref_model = load_model(models_dir / f"{name}.onnx")
+    ref_store = WeightStore(ref_model)
+    wk = walk(ref_model)
+    npz = models_dir / f"{name}_test.npz"
+    data = dict(np.load(npz)) if npz.exists() else None
+    base_acc = accuracy(ref_model, data) if data is not None else None
+    rows = []
+
+    def add(kind, strength, seed, suspect):
+        r = run_one(ref_model, ref_store, wk, suspect, seed, data)
+        r.update(model=name, kind=kind, strength=strength, seed=seed, reference_accuracy=base_acc)
+        for k in ("result", "suspect", "truth"):
+            r.pop(k)
+        rows.append(r)
+        log(f"{name:12s} {kind:9s} {strength!s:5s} seed {seed}: ours {100 * r['ours']:6.2f}%  "
+            f"baseline {100 * r['baseline']:6.2f}%  acc {r['accuracy'] if r['accuracy'] is None else round(r['accuracy'], 3)}"
+            f"  ev {r['evidence']:.2f}/{r['evidence_median']:.2f}  resc {r['rescaled']}/{r['rescale_exact']}/{r['one_sided']}  {r['seconds']:.2f}s")
+
+    for seed in seeds:
+        add("clean", 0, seed, ref_model)
+        for kind in ("noise", "quant", "prune"):
+            for strength in SWEEPS[kind]:
+                rng = np.random.default_rng(1000 * seed + hash((kind, strength)) % 1000)
+                add(kind, strength, seed, perturb(ref_model, kind, strength, rng))
+        for tag in SWEEPS["finetune"]:
+            path = models_dir / "variants" / f"{name}_{tag}.onnx"
+            if path.exists():
+                add("finetune", tag, seed, load_model(path))
+        for s in SWEEPS["rescale"]:
+            attacked, _ = rescale_attack(ref_model, wk, s, np.random.default_rng(seed))
+            add("rescale", s, seed, attacked)
+        add("shuffled", "-", seed, inconsistent_shuffle(ref_model, wk, np.random.default_rng(seed)))
+        other = models_dir / "variants" / f"{name}_seed1.onnx"
+        if other.exists():
+            add("seed1", "-", seed, load_model(other))
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default=str(ROOT / "models"))
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--only", help="comma-separated model names")
+    ap.add_argument("--out", default=str(ROOT / "docs"))
+    ap.add_argument("--json", help="also dump the raw rows here")
+    args = ap.parse_args(argv)
+    models_dir = Path(args.models)
+    names = model_list(models_dir, args.only.split(",") if args.only else None)
+    if not names:
+        print(f"no models in {models_dir}", file=sys.stderr)
+        return 2
+    rows = []
+    for name in names:
+        rows += sweep_model(models_dir, name, list(range(args.seeds)), lambda m: print(m, file=sys.stderr, flush=True))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    from robustness_report import write_report  # noqa: E402  (tools/robustness_report.py)
+
+    write_report(rows, Path(args.out), names, args.seeds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
