@@ -18,7 +18,7 @@ a counterpart, or a suspect layer left over, is a ModelMismatchError naming it.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -175,7 +175,16 @@ def _no_match_message(r: Layer, reference: CanonicalModel, free: list[Layer], su
         msg += f"; next suspect candidate: {suspect.layer_of(nxt.node.name)!r} ({_describe(nxt)})"
     else:
         msg += "; every suspect layer is already paired"
+    foreign = Counter(f"{n.domain}.{n.op_type}" for n in suspect.model.graph.node
+                      if n.domain not in ("", "ai.onnx") and any(i in _initializers(suspect.model) for i in n.input))
+    if foreign:
+        ops = ", ".join(f"{op} x{c}" for op, c in sorted(foreign.items()))
+        msg += f" (the suspect's weights are read by operators outside the ONNX standard: {ops})"
     return msg
+
+
+def _initializers(model: onnx.ModelProto) -> set[str]:
+    return {t.name for t in model.graph.initializer}
 
 
 class _Roles:

@@ -186,6 +186,7 @@ class _Canonicalizer:
     # ---- driver ------------------------------------------------------------------------------
     def run(self) -> CanonicalModel:
         self._read()
+        self._unfuse()
         self._fold_constants()
         self._unify_floats()
         self._drop_noops()
@@ -271,6 +272,66 @@ class _Canonicalizer:
             steps.extend(s for s in o.steps if s not in steps)
         steps.append(step)
         return WeightOrigin(sources, dtype or "float32", steps)
+
+    # ---- ONNX Runtime's fused ops back to standard ones ---------------------------------------
+    def _unfuse(self) -> None:
+        """com.microsoft FusedConv / FusedGemm (ORT_ENABLE_EXTENDED files): the op, then its activation."""
+        out = []
+        for node in self.nodes:
+            if node.domain != "com.microsoft" or node.op_type not in ("FusedConv", "FusedGemm"):
+                out.append(node)
+                continue
+            act = _attr(node, "activation", b"")
+            act = act.decode() if isinstance(act, bytes) else str(act)
+            params = list(_attr(node, "activation_params", []) or [])
+            if node.op_type == "FusedGemm":
+                params = [_attr(node, k) for k in ("activation_alpha", "activation_beta", "activation_gamma")]
+                params = [p for p in params if p is not None]
+            act_nodes = self._activation(act, params, node)
+            if act_nodes is None:
+                out.append(node)  # an activation we do not know: leave it (alignment will say so)
+                continue
+            base = "Conv" if node.op_type == "FusedConv" else "Gemm"
+            keep = [a for a in node.attribute if not a.name.startswith("activation")]
+            y = node.output[0]
+            inputs = list(node.input[:3])
+            z = node.input[3] if base == "Conv" and len(node.input) > 3 and node.input[3] else ""
+            mid = self._new_name(y + "/pre_activation") if act_nodes or z else y
+            core = helper.make_node(base, inputs, [mid], name=node.name)
+            core.attribute.extend(keep)
+            out.append(core)
+            if z:
+                summed = self._new_name(y + "/sum") if act_nodes else y
+                name = self._new_name(node.name + "/sum")
+                out.append(helper.make_node("Add", [mid, z], [summed], name=name))
+                self.node_origins[name] = self.node_origins[node.name]
+                mid = summed
+            for k, (op, attrs, extra) in enumerate(act_nodes):
+                name = self._new_name(f"{node.name}/{op}")
+                out.append(helper.make_node(op, [mid] + extra, [y], name=name, **attrs))
+                self.node_origins[name] = self.node_origins[node.name]
+            self.changes[f"ONNX Runtime {node.op_type} split into {base} + activation"] += 1
+        self.nodes = out
+
+    def _activation(self, act: str, params: list, node) -> list | None:
+        """[(op, attributes, extra constant inputs)] for a fused activation; [] for none; None if unknown."""
+        if act in ("", "Identity"):
+            return []
+        if act in ("Relu", "Sigmoid", "Tanh"):
+            return [(act, {}, [])]
+        if act == "LeakyRelu":
+            return [(act, {"alpha": float(params[0]) if params else 0.01}, [])]
+        if act == "HardSigmoid":
+            return [(act, {"alpha": float(params[0]), "beta": float(params[1])} if len(params) >= 2 else {}, [])]
+        if act == "Clip" and len(params) >= 2:
+            names = []
+            for which, value in zip(("min", "max"), params[:2]):
+                name = self._new_name(f"{node.name}/clip_{which}")
+                self.consts[name] = np.array(value, dtype=np.float32)
+                self.origins[name] = WeightOrigin([], "float32", ["synthetic clip bound"])
+                names.append(name)
+            return [("Clip", {}, names)]
+        return None
 
     # ---- constants ---------------------------------------------------------------------------
     def _fold_constants(self) -> None:
