@@ -411,9 +411,12 @@ def _form_groups(ctx: WalkContext) -> WalkResult:
             hidden += 1
             r = int(roots[e])
             # a (head, dim) cell moves when its head or its dim moves
-            gids = [int(group_of[f]) for f in _leaf_factors(r, products, roots)]
-            if r in pinned_roots and max(gids) < 0:
-                reason = pinned_roots[r]
+            factors = _leaf_factors(r, products, roots)
+            gids = [int(group_of[f]) for f in factors]
+            reason = pinned_roots.get(r)
+            if reason is None and r in products:  # a cell whose head and dim are pinned: their reason
+                reason = next((pinned_roots[f] for f in factors if f in pinned_roots), None)
+            if reason is not None and max(gids) < 0:
                 if reason == "reaches a graph output":
                     to_output += 1
                 entry = pin_counts.setdefault(reason, [0, set()])
