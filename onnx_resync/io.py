@@ -53,11 +53,18 @@ def check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
             raise LoadError(f"tensor {tensor.name!r} has external data without a location")
         if os.path.isabs(location) or location.startswith(("/", "\\")):
             raise LoadError(f"tensor {tensor.name!r}: external data path {location!r} is absolute; refused")
-        target = (root / location).resolve()
-        if root not in target.parents:
-            raise LoadError(f"tensor {tensor.name!r}: external data path {location!r} leaves the model's folder; refused")
-        if not target.is_file():
-            raise LoadError(f"tensor {tensor.name!r}: external data file {location!r} is missing")
+        if "\x00" in location:
+            raise LoadError(f"tensor {tensor.name!r}: external data path {location!r} contains a NUL byte; refused")
+        try:
+            target = (root / location).resolve()
+            if root not in target.parents:
+                raise LoadError(f"tensor {tensor.name!r}: external data path {location!r} leaves the model's folder; refused")
+            if not target.is_file():
+                raise LoadError(f"tensor {tensor.name!r}: external data file {location!r} is missing")
+            size = target.stat().st_size
+        except (OSError, RuntimeError) as exc:  # name too long, link loops, permissions
+            raise LoadError(f"tensor {tensor.name!r}: external data path {location!r} cannot be read "
+                            f"({type(exc).__name__})") from None
         try:
             offset = int(info.get("offset", 0))
             length = int(info["length"]) if "length" in info else None
@@ -65,7 +72,6 @@ def check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
             raise LoadError(f"tensor {tensor.name!r}: external data offset/length is not an integer") from None
         if length is None:
             length = _expected_nbytes(tensor)
-        size = target.stat().st_size
         if offset < 0 or offset > size or (length is not None and (length < 0 or offset + length > size)):
             raise LoadError(f"tensor {tensor.name!r}: external data file {location!r} is too short")
 
