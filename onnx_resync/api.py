@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx
 
 from .errors import CheckFailed, UsageError
-from .io import load_model, refuse_overwrite, save_model, write_text_atomic
+from .io import check_tensor_data, load_model, refuse_overwrite, save_model, write_text_atomic
 from .permute import PermutationRecord, apply_permutations, random_permutations
 from .walk import WalkResult, walk
 
@@ -18,7 +18,10 @@ ModelLike = str | os.PathLike | onnx.ModelProto
 
 
 def _load(model: ModelLike) -> onnx.ModelProto:
-    return model if isinstance(model, onnx.ModelProto) else load_model(model)
+    if isinstance(model, onnx.ModelProto):
+        check_tensor_data(model)  # what load_model checks of a file's tensors, for a model in memory
+        return model
+    return load_model(model)
 
 
 def groups(model: ModelLike) -> WalkResult:

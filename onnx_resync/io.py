@@ -6,6 +6,7 @@ the difference so the rest of the package reads and writes both the same way.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -81,16 +82,72 @@ _FIXED_ITEMSIZE = {
     onnx.TensorProto.BFLOAT16: 2, onnx.TensorProto.INT8: 1, onnx.TensorProto.UINT8: 1,
     onnx.TensorProto.INT16: 2, onnx.TensorProto.UINT16: 2, onnx.TensorProto.INT32: 4,
     onnx.TensorProto.UINT32: 4, onnx.TensorProto.INT64: 8, onnx.TensorProto.UINT64: 8,
-    onnx.TensorProto.BOOL: 1,
+    onnx.TensorProto.BOOL: 1, onnx.TensorProto.COMPLEX64: 8, onnx.TensorProto.COMPLEX128: 16,
 }
+_FIXED_ITEMSIZE.update({getattr(onnx.TensorProto, n): 1 for n in (
+    "FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ", "FLOAT8E8M0") if hasattr(onnx.TensorProto, n)})
+# packed types: bits per element
+_SUBBYTE_BITS = {getattr(onnx.TensorProto, n): b for n, b in (
+    ("UINT4", 4), ("INT4", 4), ("FLOAT4E2M1", 4), ("UINT2", 2), ("INT2", 2), ("FLOAT6E2M3", 6),
+    ("FLOAT6E3M2", 6)) if hasattr(onnx.TensorProto, n)}
+# typed storage field and values per element, where the count is simple
+_TYPED_COUNT = {
+    onnx.TensorProto.FLOAT: ("float_data", 1), onnx.TensorProto.COMPLEX64: ("float_data", 2),
+    onnx.TensorProto.DOUBLE: ("double_data", 1), onnx.TensorProto.COMPLEX128: ("double_data", 2),
+    onnx.TensorProto.INT64: ("int64_data", 1), onnx.TensorProto.UINT32: ("uint64_data", 1),
+    onnx.TensorProto.UINT64: ("uint64_data", 1), onnx.TensorProto.STRING: ("string_data", 1),
+}
+_TYPED_COUNT.update({t: ("int32_data", 1) for t, size in _FIXED_ITEMSIZE.items()
+                     if t not in _TYPED_COUNT and size <= 4 and t != onnx.TensorProto.UINT32})
 
 
 def _expected_nbytes(tensor: onnx.TensorProto) -> int | None:
-    """Bytes a tensor's data must have; None where not simple (strings, sub-byte types)."""
+    """Bytes a tensor's data must have; None where not simple (strings, unknown types)."""
+    count = math.prod(int(d) for d in tensor.dims)  # Python ints: huge dims cannot wrap around
+    if tensor.data_type in _SUBBYTE_BITS:
+        return (count * _SUBBYTE_BITS[tensor.data_type] + 7) // 8
     itemsize = _FIXED_ITEMSIZE.get(tensor.data_type)
     if itemsize is None:
         return None
-    return int(np.prod(tensor.dims, dtype=np.int64)) * itemsize
+    return count * itemsize
+
+
+def _tensor_problem(tensor: onnx.TensorProto) -> str | None:
+    """Why a tensor's declared dims and type disagree with its data (None: they agree)."""
+    dims = [int(d) for d in tensor.dims]
+    if any(d < 0 for d in dims):
+        return f"has a negative dimension {dims}"
+    if tensor.data_type not in onnx.TensorProto.DataType.values() or tensor.data_type == onnx.TensorProto.UNDEFINED:
+        return f"has an unknown data type ({tensor.data_type})"
+    expected = _expected_nbytes(tensor)
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        length = _external_info(tensor).get("length")
+        if expected is not None and length is not None and length.strip().isdigit() and int(length) != expected:
+            return f"declares dims {dims} ({expected} bytes) but its external data has {int(length)} bytes"
+        return None
+    if tensor.HasField("raw_data"):
+        if tensor.data_type == onnx.TensorProto.STRING:
+            return "is a string tensor with raw data"
+        have = len(tensor.raw_data)
+        if expected is not None and have != expected:
+            return f"declares dims {dims} ({expected} bytes) but holds {have} bytes"
+        return None
+    field, per = _TYPED_COUNT.get(tensor.data_type, (None, 1))
+    if field is not None:
+        count = math.prod(dims)
+        have = len(getattr(tensor, field))
+        if have != count * per:
+            return f"declares dims {dims} ({count} values) but holds {have // per}"
+    return None
+
+
+def check_tensor_data(model: onnx.ModelProto, where: str | os.PathLike = "model") -> None:
+    """Refuse tensors whose data disagrees with their dims or type, before anything allocates them
+    (huge declared dims with little data, shapes that disagree with the data, unknown types)."""
+    for tensor in _iter_graph_tensors(model.graph):
+        problem = _tensor_problem(tensor)
+        if problem:
+            raise LoadError(f"{where}: tensor {tensor.name!r} {problem}")
 
 
 def load_model(path: str | os.PathLike, *, load_weights: bool = True, check: bool = True) -> onnx.ModelProto:
@@ -111,6 +168,7 @@ def load_model(path: str | os.PathLike, *, load_weights: bool = True, check: boo
     if not model.HasField("graph") or model.ir_version <= 0:
         raise LoadError(f"{path}: not an ONNX model (no graph or ir_version)")
     check_external_data(model, path.parent)
+    check_tensor_data(model, path)
     if load_weights:
         try:
             onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
