@@ -11,6 +11,7 @@ import ctypes
 import functools
 import importlib.util
 import io as _io
+import math
 import os
 import shutil
 import sys
@@ -212,6 +213,21 @@ def _int_high(name: str) -> int:
     return 2 if "mask" in name.lower() else 10
 
 
+# Random inputs past these sizes are refused, not allocated: a hostile file may declare huge fixed dims.
+MAX_SAMPLE_BYTES = 1 << 30
+MAX_INPUT_BYTES = 4 << 30
+
+
+def _check_input_size(plan, samples: int) -> None:
+    sizes = [(name, shape, math.prod(shape) * np.dtype(dtype).itemsize) for name, dtype, shape in plan]
+    per_sample = sum(n for _, _, n in sizes)
+    if per_sample > MAX_SAMPLE_BYTES or per_sample * samples > MAX_INPUT_BYTES:
+        name, shape, _ = max(sizes, key=lambda t: t[2])
+        raise ResyncError(f"random inputs would take {per_sample * samples / 2**30:.1f} GiB (input {name!r} has "
+                          f"shape {list(shape)}); the limit is {MAX_SAMPLE_BYTES >> 30} GiB per sample and "
+                          f"{MAX_INPUT_BYTES >> 30} GiB in all: set smaller dims with --shape or give --inputs")
+
+
 def random_inputs(session_or_specs, shapes: dict[str, list[int]] | None = None, samples: int = 1,
                   seed: int = 0) -> list[dict[str, np.ndarray]]:
     """`samples` seeded feeds for a session, a ModelProto, or a list of TensorSpec.
@@ -228,6 +244,7 @@ def random_inputs(session_or_specs, shapes: dict[str, list[int]] | None = None, 
         raise UsageError(f"--shape names {sorted(unknown)[0]!r}, which is not a model input")
     rng = np.random.default_rng(seed)
     plan = [(s.name, s.dtype, resolve_shape(s, shapes)) for s in in_specs]
+    _check_input_size(plan, samples)
     feeds = []
     for _ in range(samples):
         feed = {}
