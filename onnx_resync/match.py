@@ -119,8 +119,8 @@ class _Matcher:
         self.solves = 0
 
     def run(self, max_passes: int) -> MatchResult:
-        # a starting point: topological sweep on the slots that are already aligned (a producer's
-        # rows, norm parameters), large similarities on a count sketch
+        # a starting point: topological sweep, axes of groups not resolved yet summarized, large
+        # similarity matrices on a count sketch
         for gi in range(len(self.groups)):
             self.solve(gi, sweep=True)
         # coordinate descent: each group solved with every other group fixed, until nothing changes
@@ -150,10 +150,9 @@ class _Matcher:
             self._arrays[name] = (_as_float(r), _as_float(s))
         return self._arrays[name]
 
-    def slot_features(self, gi: int, slot, sweep: bool = False):
+    def slot_features(self, gi: int, slot):
         """(reference rows, suspect rows, aligned): one row per neuron, the suspect in its own order;
-        aligned: no axis had to be summarized. In the sweep, None where an axis belongs to another
-        group not resolved yet.
+        aligned: no axis had to be summarized.
 
         Axes of resolved groups are aligned (the suspect reindexed as apply_permutations would; moves
         of groups sharing an axis, heads and the dims inside them, compose). An unresolved group on
@@ -171,8 +170,6 @@ class _Matcher:
                     move = np.arange(R.shape[o])
                     move[hslot.positions.reshape(-1)] = hslot.positions[self.perm[hj]].reshape(-1)
                     index = move if index is None else index[move]
-                elif sweep and hj != gi:
-                    return None
                 elif o == slot.axis:
                     block_sort = True
                 else:
@@ -195,11 +192,7 @@ class _Matcher:
     # ---- one group ---------------------------------------------------------------------------
     def features(self, gi: int, sweep: bool = False) -> "_Features":
         slots = self.groups[gi].slots
-        feats = [self.slot_features(gi, slot, sweep) for slot in slots]
-        if sweep:
-            feats = [x for x in feats if x is not None and x[0].shape[1] >= 2]
-            if not feats:  # nothing aligned yet: summaries for everything
-                feats = [self.slot_features(gi, slot) for slot in slots]
+        feats = [self.slot_features(gi, slot) for slot in slots]
         f = _Features(np.array([xr.shape[1] for xr, _, _ in feats], dtype=np.int64),
                       np.array([ok for _, _, ok in feats], dtype=bool))
         if not sweep:
