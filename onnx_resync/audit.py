@@ -302,6 +302,8 @@ def _evidence(rs, precision, re_export, alignment, moved, derived) -> list[str]:
     if rs.groups:
         cmean = sum(g.cosine_mean * g.size for g in rs.groups) / max(rs.neurons, 1)
         out.append(f"cosine of matched neurons: mean {cmean:.5f}, worst {min(g.cosine_min for g in rs.groups):.4f}")
+    if not rs.neurons:
+        out.append("the reference has no permutable neuron group: the verdict rests on weight equality alone")
     out.append(f"{len(alignment.pairs)} layers aligned by structure, {len(alignment.weight_map)} weights compared")
     if precision["within"]:
         out.append(f"after resync every weight equals the reference within {'/'.join(precision['storage'])} "

@@ -654,7 +654,7 @@ class _Canonicalizer:
         g.node.extend(nodes)
         const_names = [name for name in self.consts if name in used]
         for name in const_names:
-            g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(self.consts[name]), name))
+            g.initializer.append(numpy_helper.from_array(np.array(self.consts[name], order="C"), name))  # keeps 0-d
         for vi in self.graph.input:
             if vi.name in self.consts:
                 continue

@@ -241,13 +241,18 @@ def test_other_architecture_names_the_layer():
         audit(_model_path("mlp"), _model_path("vgg"))
 
 
-def test_canonical_form_computes_the_same():
-    model = onnx.load(str(_model_path("vgg")))
+@pytest.mark.parametrize("name", ["mlp", "vgg", "resnet", "mobilenet", "csp", "transformer", "gru"])
+def test_canonical_form_computes_the_same(name):
+    from onnx_resync.walk import walk
+
+    model = onnx.load(str(_model_path(name)))
     canon = canonicalize(model)
-    assert canon.changes["BatchNormalization folded into Conv"] == 4
-    x = np.load(MODELS / "vgg_test.npz")["input"][:32]
+    onnx.checker.check_model(canon.model)
+    x = np.load(MODELS / f"{name}_test.npz")["input"][:32]
     np.testing.assert_allclose(_run(canon.model, x), _run(model, x), rtol=1e-4, atol=1e-4)
-    assert not any(n.op_type == "BatchNormalization" for n in canon.model.graph.node)
+    assert not any(n.op_type in ("BatchNormalization", "Constant", "Identity") for n in canon.model.graph.node)
+    # the walker sees the same channels in both forms
+    assert walk(canon.model).permutable_channels == walk(model).permutable_channels
 
 
 # ---- (d) batch mode ---------------------------------------------------------------------------
