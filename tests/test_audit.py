@@ -200,6 +200,26 @@ def test_batchnorm_folded_suspect(name, level, work):
         assert any("FusedConv" in d for d in report.re_export["differences"])
 
 
+def test_node_order_does_not_matter():
+    """q, k and v projections have equal shapes: they are told apart by what they feed, not by order."""
+    reference = onnx.load(str(_model_path("transformer")))
+    permuted, _ = permute(reference, seed=2)
+    nodes = list(permuted.graph.node)
+    produced = {o: i for i, n in enumerate(nodes) for o in n.output}
+    deps = [{produced[x] for x in n.input if x in produced} for n in nodes]
+    order, placed = [], set()
+    while len(order) < len(nodes):  # another valid topological order: latest-ready first
+        i = max(i for i in range(len(nodes)) if i not in placed and deps[i] <= placed)
+        order.append(nodes[i])
+        placed.add(i)
+    del permuted.graph.node[:]
+    permuted.graph.node.extend(order)
+    names = [n.name for n in permuted.graph.node]
+    assert names.index("/layers.0/attn/v/MatMul") < names.index("/layers.0/attn/q/MatMul")
+    report = audit(permuted, reference)
+    assert report.verdict == "permuted" and report.matched_fraction == 1.0
+
+
 def test_the_reference_itself_is_identical():
     report = audit(_model_path("resnet"), _model_path("resnet"))
     assert report.verdict == "identical" and report.moved == 0 and report.matched_fraction == 1.0
