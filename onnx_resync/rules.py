@@ -388,7 +388,7 @@ def gather(ctx, node) -> None:
         elif a > axis:
             out_labels[a + idx_rank - 1] = label
         elif idx is not None and idx.ndim == 1:
-            out_labels[a] = label.take(np.where(idx < 0, idx + len(label), idx))
+            out_labels[a] = _distinct_copies(label.take(np.where(idx < 0, idx + len(label), idx)))
         else:
             ctx.pin(label, "Gather on the channel axis with non-constant or multi-dim indices")
     ctx.set(out, out_labels)
@@ -766,6 +766,27 @@ def _pair_runs(in_shape, out_shape):
     return groups
 
 
+def _distinct_copies(label: Label) -> Label:
+    """Copies of one element at one sub-position (Concat of x with x, Gather with a repeated index)
+    get distinct sub-positions, like the copies a Flatten makes.
+
+    The copies are different tensors that move the same way. A later Slice that keeps one copy of
+    some elements and another copy of others must not see them as one group: permuting would move
+    values between the copies (Concat(x + f(x), x + g(x)) -> Slice across the seam was off by O(1)).
+    """
+    if len(label) < 2:
+        return label
+    order = np.lexsort((np.arange(len(label)), label.sub, label.elem))
+    elem, sub = label.elem[order], label.sub[order]
+    first = np.r_[True, (elem[1:] != elem[:-1]) | (sub[1:] != sub[:-1])]
+    if first.all():
+        return label
+    run_start = np.maximum.accumulate(np.where(first, np.arange(len(label)), 0))
+    copy = np.empty(len(label), dtype=np.int64)
+    copy[order] = np.arange(len(label)) - run_start  # k-th copy, in position order
+    return Label(label.elem, label.sub + copy * (int(label.sub.max()) + 1))
+
+
 def concat(ctx, node) -> None:
     out = node.output[0]
     names = [n for n in node.input if n]
@@ -791,7 +812,8 @@ def concat(ctx, node) -> None:
             label = ctx.new(dim, node, n, kind="fixed")
             ctx.pin(label, "concatenated with an unlabelled tensor")
         pieces.append(label)
-    out_labels = {axis: Label.concat(pieces)} if any(ctx.get(n).get(axis) is not None for n in names) else {}
+    has = any(ctx.get(n).get(axis) is not None for n in names)
+    out_labels = {axis: _distinct_copies(Label.concat(pieces))} if has else {}
     # other axes behave like an elementwise op
     other: dict[int, Label] = {}
     for n in names:
