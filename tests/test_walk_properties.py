@@ -605,3 +605,32 @@ def test_regression_shuffled_stream_reaching_an_output_counts_as_output():
     b.add_output(s.name, [BATCH, 6, 4, 4])
     r = check_properties(b.model())
     assert r.coverage == 1.0 and r.output_channels == 8 and r.singleton_channels == 0
+
+
+def _two_copies(b, t, seam):
+    """Concat(x + f(x), x + g(x)): x's channels twice, in two different tensors; then Slice(seam)."""
+    r1 = b.node("Add", [t.name, conv(b, t, cout=t.c, k=1).name])
+    r2 = b.node("Add", [t.name, conv(b, t, cout=t.c, k=1).name])
+    cat = b.node("Concat", [r1, r2], axis=1)
+    if seam is None:
+        return T(cat, 2 * t.c, t.h, t.w)
+    start, end = seam
+    y = b.node("Slice", [cat, b.const(np.array([start], np.int64)), b.const(np.array([end], np.int64)),
+                         b.const(np.array([1], np.int64))])
+    return T(y, end - start, t.h, t.w)
+
+
+def test_regression_slice_across_two_copies_of_a_stream():
+    # the Slice keeps channel 1 of the first copy and channel 0 of the second: with one label for
+    # both copies, the stream's group moved values between the copies (outputs off by O(1))
+    model, r = _cnn(lambda b, t: _two_copies(b, t, (1, 3)), c=2)
+    stream = [g for g in r.groups if len(g.producers) == 3]
+    assert stream == []  # the two channels now differ (copy 1 vs copy 2): not one group
+
+
+def test_two_copies_of_a_stream_consumed_whole_stay_permutable():
+    model, r = _cnn(lambda b, t: _two_copies(b, t, None), lambda b, t: conv(b, t, cout=3, k=1), c=2)
+    assert r.coverage == 1.0
+    (stream,) = [g for g in r.groups if len(g.producers) == 3]
+    (cols,) = [s for s in stream.slots if s.axis == 1 and s.positions.shape[1] == 2]
+    assert cols.positions.tolist() == [[0, 2], [1, 3]]  # each neuron: its column in both copies
