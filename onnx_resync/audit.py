@@ -253,6 +253,9 @@ def _build(suspect, reference, ref_c: CanonicalModel, sus_c: CanonicalModel, ali
     perturbation = dict(rs.perturbation) if derived else {"kinds": []}
     if verdict in ("identical", "permuted"):
         perturbation["kinds"] = []  # what resync sees is the storage rounding, nothing more
+    elif verdict == "perturbed" and precision["quantized"]:
+        perturbation["kinds"] = ["quantized: the file stores integer weights behind DequantizeLinear"] + [
+            k for k in perturbation.get("kinds", []) if not k.startswith("quantized")]
     re_export = {"suspect": sus_c.changes_list(), "reference": ref_c.changes_list(),
                  "differences": _differences(sus_c, ref_c)}
     summary = _summary(verdict, derived, permuted, perturbation, precision, re_export, moved, rs.neurons)
@@ -395,6 +398,10 @@ def _precision(ref_store: WeightStore, res_store: WeightStore, alignment: Alignm
             allowed += FP16_SUBNORMAL_HALF_STEP
         if (so is not None and so.computed) or (ro is not None and ro.computed):
             allowed += COMPUTED_REL * np.abs(r) + COMPUTED_ABS * scale
+            if so is not None and so.computed and eps > 2 * STORAGE_ROUNDING["float32"]:
+                # folded from several low-precision tensors (BatchNorm of an fp16 model): each
+                # rounding counts, and a bias is a difference of larger terms
+                allowed += len(so.sources) * eps * (np.abs(r) + scale)
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(diff > 0, diff / np.where(allowed > 0, allowed, 1e-300), 0.0)
         worst_ratio = max(worst_ratio, float(ratio.max()) if ratio.size else 0.0)

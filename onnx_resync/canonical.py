@@ -58,7 +58,7 @@ class WeightOrigin:
 
     @property
     def quantized(self) -> bool:
-        return self.dtype.startswith(("int", "uint"))
+        return self.dtype.startswith(("int", "uint")) or any(s.startswith("dequantized") for s in self.steps)
 
     @property
     def computed(self) -> bool:

@@ -236,6 +236,49 @@ def test_quantized_weights_are_dequantized(work):
     assert report.matched_fraction >= 0.99
 
 
+def _noops(model):
+    """Identity and Dropout after every Relu (an exporter in training mode, a careless converter)."""
+    nodes = []
+    for n in model.graph.node:
+        nodes.append(n)
+        if n.op_type == "Relu":
+            out = n.output[0]
+            n.output[0] = out + "_pre"
+            nodes.append(helper.make_node("Identity", [out + "_pre"], [out + "_id"], name=n.name + "_id"))
+            nodes.append(helper.make_node("Dropout", [out + "_id"], [out], name=n.name + "_dropout"))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+
+
+def _constant_nodes(model):
+    """Every initializer as a Constant node."""
+    consts = [helper.make_node("Constant", [], [t.name], value=t, name="const_" + t.name) for t in model.graph.initializer]
+    del model.graph.initializer[:]
+    nodes = consts + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+
+
+def _fp16_graph(model):
+    """A model converted to fp16 throughout: weights, inputs and outputs."""
+    for t in model.graph.initializer:
+        if t.data_type == TensorProto.FLOAT:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    for vi in list(model.graph.input) + list(model.graph.output):
+        vi.type.tensor_type.elem_type = TensorProto.FLOAT16
+
+
+@pytest.mark.parametrize("rewrite,phrase", [(_noops, "Dropout"), (_constant_nodes, "Constant"),
+                                            (_fp16_graph, "float16")])
+def test_other_reexports(rewrite, phrase):
+    reference = onnx.load(str(_model_path("resnet")))
+    suspect, _ = permute(reference, seed=1)
+    rewrite(suspect)
+    report = audit(suspect, reference)
+    assert report.verdict == "permuted" and report.matched_fraction >= 0.99, report.summary
+    assert any(phrase in d for d in report.re_export["differences"]), report.re_export
+
+
 def test_fine_tuned_variant_is_perturbed():
     variant = MODELS / "variants" / "vgg_ft10.onnx"
     if not variant.exists():
