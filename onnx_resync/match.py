@@ -9,7 +9,7 @@ summarized by sorting along them, which no permutation of them changes. Similari
 the mean of their per-slot cosines weighted by slot size, so rescaling one slot (the ReLU rescale
 attack) leaves it at 1.
 
-A topological sweep gives a starting point (for large groups on a count sketch of the features).
+A topological sweep gives a starting point (for large groups on a random sample of feature columns).
 Then coordinate descent: every group is solved with all the others fixed (all axes aligned), and the
 neighbours of every group whose answer changed are solved again, until nothing changes. Each solve
 is a linear assignment on the similarity matrix, with the mutual-best shortcut; the statistics of
@@ -26,12 +26,13 @@ from .errors import ModelMismatchError
 from .permute import PermutationRecord
 from .walk import WalkResult
 
-AGREE = 1.0  # evidence below this: the group's capacity is measured (reference against itself)
+AGREE = 1.0  # a group agrees (its matches stand out) at this evidence or more
+INFORMATIVE = 3.0  # a group votes if an exact copy would give this much (capacity) or it gives it
 SHORTCUT_MARGIN = 0.05  # cosine gap to the runner-up (row and column) for a mutual best to be accepted
 NULL_COLUMNS = 128  # unrelated suspect neurons sampled per row to estimate the null spread of cosines
 RESCALE_DETECT = 0.1  # |log norm ratio| (against the slot's median) that counts as a rescaled slot
 RESCALE_ONE_SIDED = float(np.log(1.5))  # a slot this far from its median, the others not: one-sided
-SKETCH_DIM = 512  # the starting sweep compares count sketches of this size ...
+SKETCH_DIM = 1024  # the starting sweep compares a random sample of this many feature columns ...
 SKETCH_WORK = 1 << 28  # ... where n * n * feature width exceeds this
 CHUNK_ELEMENTS = 1 << 24  # rows of a similarity matrix processed at a time (memory bound)
 
@@ -71,7 +72,7 @@ class GroupMatch:
     rescale_detected: int = 0  # neurons with an opposite-sign norm pattern (see rescale.py for exact)
     rescale_one_sided: int = 0  # neurons with one slot's norm far off and no compensation
     neutral: bool = True  # every reader of the group is positively homogeneous
-    capacity: float = float("nan")  # evidence an exact copy would give (computed where evidence is low)
+    capacity: float = float("nan")  # evidence an exact copy would give (computed where evidence < INFORMATIVE)
     readers: list[str] = field(default_factory=list)
 
     @property
@@ -112,6 +113,9 @@ class _Matcher:
             for slot in g.slots:
                 self.axis_groups.setdefault((slot.weight, slot.axis), []).append((gi, slot))
                 weight_groups.setdefault(slot.weight, set()).add(gi)
+        # groups with two axes of one weight (an RNN's recurrent weight): solved against themselves
+        self.self_coupled = {gi for gi, g in enumerate(self.groups)
+                             if len({s.weight for s in g.slots}) < len(g.slots)}
         self.neighbours = [set() for _ in self.groups]
         for members in weight_groups.values():
             for gi in members:
@@ -120,7 +124,7 @@ class _Matcher:
 
     def run(self, max_passes: int) -> MatchResult:
         # a starting point: topological sweep, axes of groups not resolved yet summarized, large
-        # similarity matrices on a count sketch
+        # similarity matrices on a sample of the feature columns
         for gi in range(len(self.groups)):
             self.solve(gi, sweep=True)
         # coordinate descent: each group solved with every other group fixed, until nothing changes
@@ -135,8 +139,9 @@ class _Matcher:
                     changed.add(gi)
             passes += 1
             dirty = set().union(*(self.neighbours[gi] for gi in changed)) if changed else set()
+            dirty |= changed & self.self_coupled
         for gi, r in enumerate(self.result):
-            if r.evidence < AGREE:
+            if r.evidence < INFORMATIVE:
                 r.capacity = self.capacity(gi)
         return MatchResult([r for r in self.result], passes, self.solves)
 
@@ -155,9 +160,10 @@ class _Matcher:
         aligned: no axis had to be summarized.
 
         Axes of resolved groups are aligned (the suspect reindexed as apply_permutations would; moves
-        of groups sharing an axis, heads and the dims inside them, compose). An unresolved group on
-        another axis is summarized by sorting along its neurons; one on the slot's own axis (dims
-        inside the heads being matched) by sorting inside each neuron's block."""
+        of groups sharing an axis, heads and the dims inside them, compose); that includes the
+        group's own other axes (an RNN's recurrent weight), at its current estimate. An unresolved
+        group on another axis is summarized by sorting along its neurons; one on the slot's own axis
+        (dims inside the heads being matched) by sorting inside each neuron's block."""
         R, S = self.arrays(slot.weight)
         r, s = R, S
         aligned, block_sort = True, False
@@ -166,7 +172,7 @@ class _Matcher:
             for hj, hslot in self.axis_groups.get((slot.weight, o), ()):
                 if hj == gi and o == slot.axis:
                     continue
-                if hj != gi and self.perm[hj] is not None:
+                if self.perm[hj] is not None:  # own other axes (RNN) at the current estimate
                     move = np.arange(R.shape[o])
                     move[hslot.positions.reshape(-1)] = hslot.positions[self.perm[hj]].reshape(-1)
                     index = move if index is None else index[move]
@@ -208,9 +214,8 @@ class _Matcher:
         f = self.features(gi, sweep)
         n, width = f.fr.shape
         if sweep and width > SKETCH_DIM and n * n * width > SKETCH_WORK:
-            hashes = np.random.default_rng(gi).integers(0, SKETCH_DIM, width)
-            signs = np.random.default_rng(gi + 1).choice(np.float32([-1, 1]), width)
-            C = _count_sketch(f.fr, hashes, signs) @ _count_sketch(f.fs, hashes, signs).T
+            cols = np.sort(np.random.default_rng(gi).choice(width, SKETCH_DIM, replace=False))
+            C = f.fr[:, cols] @ f.fs[:, cols].T
         else:
             C = f.fr @ f.fs.T
         perm, cos, margin, settled = assign(C, self.margin)
@@ -294,14 +299,6 @@ def _combined(feats, dims):
     return fr, fs, spans
 
 
-def _count_sketch(x: np.ndarray, hashes: np.ndarray, signs: np.ndarray) -> np.ndarray:
-    """Columns summed into len(set(hashes)) buckets with random signs: dot products are kept in
-    expectation (error about 1/sqrt(buckets)); enough to find a starting point."""
-    order = np.argsort(hashes, kind="stable")
-    starts = np.flatnonzero(np.r_[True, np.diff(hashes[order]) != 0])
-    return np.add.reduceat(x[:, order] * signs[order], starts, axis=1)
-
-
 def _put_unit(out: np.ndarray, x: np.ndarray, weight: float) -> None:
     norms = np.linalg.norm(x, axis=1)
     scale = np.divide(weight, norms, out=np.zeros_like(norms), where=norms > 0)
@@ -320,7 +317,7 @@ def assign(C: np.ndarray, margin: float = SHORTCUT_MARGIN):
     n = C.shape[0]
     rows = np.arange(n)
     rbest, r1, r2 = _top2(C)
-    cbest, c1, c2 = _top2(C.T)
+    cbest, c1, c2 = _top2_columns(C)
     ok = (cbest[rbest] == rows) & (r1 - r2 >= margin) & (c1[rbest] - c2[rbest] >= margin)
     perm = np.full(n, -1, dtype=np.int64)
     perm[ok] = rbest[ok]
@@ -346,12 +343,37 @@ def _top2(C: np.ndarray):
     second = np.full(n, -np.inf, dtype=C.dtype)
     step = max(1, CHUNK_ELEMENTS // max(m, 1))
     for a in range(0, n, step):
-        blk = np.array(C[a:a + step])  # a copy: C.T chunks are strided
+        blk = np.array(C[a:a + step])
+        rows = np.arange(len(blk))
         best[a:a + step] = blk.argmax(axis=1)
-        first[a:a + step] = blk[np.arange(len(blk)), best[a:a + step]]
+        first[a:a + step] = blk[rows, best[a:a + step]]
         if m > 1:
-            blk[np.arange(len(blk)), best[a:a + step]] = -np.inf
+            blk[rows, best[a:a + step]] = -np.inf
             second[a:a + step] = blk.max(axis=1)
+    return best, first, second
+
+
+def _top2_columns(C: np.ndarray):
+    """Per column: argmax, max, second max, reading C by rows only (no strided copies)."""
+    n, m = C.shape
+    best = np.zeros(m, dtype=np.int64)
+    first = np.full(m, -np.inf, dtype=C.dtype)
+    second = np.full(m, -np.inf, dtype=C.dtype)
+    step = max(1, CHUNK_ELEMENTS // max(m, 1))
+    cols = np.arange(m)
+    for a in range(0, n, step):
+        blk = C[a:a + step]
+        arg = blk.argmax(axis=0)
+        top = blk[arg, cols]
+        if len(blk) > 1:
+            part = np.partition(blk, len(blk) - 2, axis=0)[len(blk) - 2]
+        else:
+            part = np.full(m, -np.inf, dtype=C.dtype)
+        # merge the chunk's (top, part) with the running (first, second)
+        new_first = np.maximum(first, top)
+        second = np.where(top > first, np.maximum(first, part), np.maximum(second, top))
+        best = np.where(top > first, arg + a, best)
+        first = new_first
     return best, first, second
 
 

@@ -20,8 +20,9 @@ Decision statistic ("evidence"), from the final solve, where every axis of every
   derived copy stands out by several spreads; between unrelated weights the best assignment is not
   even each row's best (about 0).
 - some groups cannot tell even an exact copy from chance (few dimensions, near-duplicate neurons):
-  where a group's evidence is low, its capacity (the reference matched against itself) is measured,
-  and groups with capacity < INFORMATIVE abstain, as do groups of fewer than 8 neurons.
+  where a group's evidence is below match.INFORMATIVE (3), its capacity (the reference matched
+  against itself) is measured, and groups with capacity below 3 abstain, as do groups of fewer than
+  8 neurons.
 - the model's evidence is the weakest voting group's. Derived needs evidence >= match.AGREE (1).
   An independently trained model: about 0 (every group). Weights shuffled inconsistently (each
   tensor on its own): the groups whose slots disagree drop to about 0. A derived copy, even heavily
@@ -41,12 +42,11 @@ import onnx
 
 from .errors import CheckFailed, ModelMismatchError
 from .io import WeightStore, load_model, refuse_overwrite, save_model, write_text_atomic
-from .match import AGREE, GroupMatch, MatchResult, match
+from .match import AGREE, INFORMATIVE, GroupMatch, MatchResult, match
 from .permute import PermutationRecord, apply_permutations
 from .rescale import MIN_LOG_SCALE, find_rescales, neutral_groups, rescaled, undo_rescales
 from .walk import WalkResult, walk
 
-INFORMATIVE = 3.0
 MIN_EVIDENCE_GROUP = 8  # smaller groups vote only when there is no larger one
 
 ModelLike = str | os.PathLike | onnx.ModelProto
@@ -278,7 +278,7 @@ def decision_statistics(groups: list[GroupMatch]) -> tuple[float, float]:
     if not voters:
         return 0.0, 0.0
     median = _weighted_quantile([g.evidence for g in voters], [g.size for g in voters], 0.5)
-    informative = [g.evidence for g in voters if g.evidence >= AGREE or g.capacity >= INFORMATIVE]
+    informative = [g.evidence for g in voters if g.evidence >= INFORMATIVE or g.capacity >= INFORMATIVE]
     return (min(informative) if informative else median), median
 
 
@@ -328,14 +328,14 @@ def estimate_perturbation(ref: WeightStore, restored: WeightStore, result: Match
         keep = s64 != 0
         std = r64.std()
         if std > 0 and keep.any():
-            noise.append(float(np.std((s64 - r64)[keep]) / std))
+            noise.append((float(np.std((s64 - r64)[keep]) / std), r.size))
         if r.size >= 256:
             distinct.append(len(np.unique(s)))
             distinct_ref.append(len(np.unique(r)))
     rescaled = max(sum(g.rescale_detected for g in result.groups), undone)
     one_sided = sum(g.rescale_one_sided for g in result.groups)
     out = {
-        "noise_relative_std": float(np.median(noise)) if noise else 0.0,
+        "noise_relative_std": _weighted_quantile(*zip(*noise), 0.5) if noise else 0.0,
         "extra_zero_fraction": (zeros_new - zeros_ref) / total if total else 0.0,
         "distinct_values_median": int(np.median(distinct)) if distinct else None,
         "distinct_values_reference_median": int(np.median(distinct_ref)) if distinct_ref else None,
