@@ -163,37 +163,35 @@ class _Matcher:
         of groups sharing an axis, heads and the dims inside them, compose); that includes the
         group's own other axes (an RNN's recurrent weight), at its current estimate. An unresolved
         group on another axis is summarized by sorting along its neurons; one on the slot's own axis
-        (dims inside the heads being matched) by sorting inside each neuron's block."""
+        (dims inside the heads being matched) by sorting inside each neuron's block. The order of a
+        row's entries is the same for both models, not the weight's."""
         R, S = self.arrays(slot.weight)
-        r, s = R, S
-        aligned, block_sort = True, False
+        s = S
+        summarize: dict[int, list] = {}
+        block_sort = False
         for o in range(R.ndim):
-            index, summarize = None, []
+            index = None
             for hj, hslot in self.axis_groups.get((slot.weight, o), ()):
                 if hj == gi and o == slot.axis:
                     continue
-                if self.perm[hj] is not None:  # own other axes (RNN) at the current estimate
+                if self.perm[hj] is not None:
                     move = np.arange(R.shape[o])
                     move[hslot.positions.reshape(-1)] = hslot.positions[self.perm[hj]].reshape(-1)
                     index = move if index is None else index[move]
                 elif o == slot.axis:
                     block_sort = True
                 else:
-                    summarize.append(hslot.positions)
+                    summarize.setdefault(o, []).append(hslot.positions)
             if index is not None:
                 s = np.take(s, index, axis=o)
-            for positions in summarize:
-                r = r.copy() if r is R else r
-                s = s.copy() if s is S else s
-                _sort_blocks(r, o, positions)
-                _sort_blocks(s, o, positions)
-            aligned &= not summarize and not block_sort
-        xr, xs = _rows(r, slot.axis, slot.positions), _rows(s, slot.axis, slot.positions)
+        n, b = slot.positions.shape
+        xr, xs = _rows(R, slot.axis, slot.positions), _rows(s, slot.axis, slot.positions)
+        for o in sorted(summarize, reverse=True):  # (n, b, *other axes); o's place in that
+            axis = 2 + (o if o < slot.axis else o - 1)
+            xr, xs = _summarize(xr, axis, summarize[o]), _summarize(xs, axis, summarize[o])
         if block_sort:
-            n, b = slot.positions.shape
-            xr = np.sort(xr.reshape(n, b, -1), axis=1).reshape(n, -1)
-            xs = np.sort(xs.reshape(n, b, -1), axis=1).reshape(n, -1)
-        return xr, xs, aligned
+            xr, xs = np.sort(np.moveaxis(xr, 1, -1), axis=-1), np.sort(np.moveaxis(xs, 1, -1), axis=-1)
+        return xr.reshape(n, -1), xs.reshape(n, -1), not summarize and not block_sort
 
     # ---- one group ---------------------------------------------------------------------------
     def features(self, gi: int, sweep: bool = False) -> "_Features":
@@ -388,19 +386,29 @@ def _reindex(a: np.ndarray, axis: int, positions: np.ndarray, perm: np.ndarray) 
     view[positions.reshape(-1)] = view[positions[perm].reshape(-1)]
 
 
-def _sort_blocks(a: np.ndarray, axis: int, positions: np.ndarray) -> None:
-    """In place: sort along a group's neurons (keeping each neuron's block structure)."""
-    view = np.moveaxis(a, axis, 0)
-    block = view[positions]
-    block.sort(axis=0)
-    view[positions] = block
-
-
 def _rows(a: np.ndarray, axis: int, positions: np.ndarray) -> np.ndarray:
-    """One row per neuron: its positions along `axis`, everything else flattened."""
-    n = positions.shape[0]
-    taken = np.take(a, positions.reshape(-1), axis=axis)
-    return np.moveaxis(taken, axis, 0).reshape(n, -1)
+    """(neurons, block, *other axes): each neuron's positions along `axis` (one gather)."""
+    n, b = positions.shape
+    picked = np.moveaxis(a, axis, 0)[positions.reshape(-1)]
+    return picked.reshape((n, b) + picked.shape[1:])
+
+
+def _summarize(x: np.ndarray, axis: int, groups: list[np.ndarray]) -> np.ndarray:
+    """Sort along the neurons of each group on `axis` (positions (n, block)), keeping blocks apart;
+    the axis moves last so that the sorts are contiguous. Invariant to those groups' permutations."""
+    x = np.moveaxis(x, axis, -1)
+    pieces = []
+    taken = np.zeros(x.shape[-1], dtype=bool)
+    for positions in groups:
+        nh, bh = positions.shape
+        block = x[..., positions.T.reshape(-1)]
+        block = block.reshape(block.shape[:-1] + (bh, nh))
+        block.sort(axis=-1)
+        pieces.append(block.reshape(block.shape[:-2] + (bh * nh,)))
+        taken[positions.reshape(-1)] = True
+    if not taken.all():
+        pieces.insert(0, x[..., ~taken])
+    return np.concatenate(pieces, axis=-1) if len(pieces) > 1 else pieces[0]
 
 
 def _unit(x: np.ndarray, norms: np.ndarray | None = None) -> np.ndarray:

@@ -17,6 +17,7 @@ import onnx
 
 from .match import HOMOGENEOUS_READERS
 
+LINEAR_PRODUCERS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}  # not an RNN: its state feeds back
 EXACT = 1e-5  # residual in log|ratio| allowed per element (float32 rounding is ~1e-7)
 MIN_LOG_SCALE = 1e-4  # smaller is no rescale
 MIN_SUPPORT = 2  # non-zero entries needed on each side of a neuron to see its compensation
@@ -31,8 +32,12 @@ def structural_sides(model: onnx.ModelProto, group) -> list[int]:
 
 
 def neutral_groups(model: onnx.ModelProto, walk_result) -> list:
-    """Groups whose activations only meet positively homogeneous or linear ops."""
-    return [g for g in walk_result.groups if all(r in HOMOGENEOUS_READERS for r in g.readers)]
+    """Groups made by linear producers whose activations only meet positively homogeneous or linear
+    ops: there, a neuron scaled by a on the producer side and 1/a on the rest computes the same."""
+    ops = {n.name or n.op_type: n.op_type for n in model.graph.node}
+    return [g for g in walk_result.groups
+            if all(r in HOMOGENEOUS_READERS for r in g.readers)
+            and g.producers and all(ops.get(p) in LINEAR_PRODUCERS for p in g.producers)]
 
 
 def find_rescales(model: onnx.ModelProto, ref_store, restored_store, groups) -> dict[str, np.ndarray]:

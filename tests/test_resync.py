@@ -125,16 +125,15 @@ def success(report, truth) -> float:
 
 
 def perturb(model, kind, strength, seed=0):
-    """Every float weight tensor of 2+ elements (BatchNorm running statistics excepted)."""
+    """Every weight tensor: float kernels and matrices (biases and norm parameters are left alone)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     rng = np.random.default_rng(seed)
-    stats = {n.input[i] for n in out.graph.node if n.op_type == "BatchNormalization" for i in (3, 4)}
     store = WeightStore(out)
     for name in store.names():
-        w = store.get(name).astype(np.float64)
-        if name in stats or w.dtype.kind != "f" or w.size < 2 or store.dtype(name).kind != "f":
+        if store.dtype(name).kind != "f" or sum(d > 1 for d in store.shape(name)) < 2:
             continue
+        w = store.get(name).astype(np.float64)
         if kind == "noise":
             w = w + rng.normal(0, strength * w.std(), w.shape)
         elif kind == "quant":

@@ -9,8 +9,8 @@ of the perturbed model on the bundled test set (ONNX Runtime), and the same coun
 that the paper's code uses (per layer, argmax of the cosine of incoming weights only, layers taken one
 at a time in topological order with the input axis aligned by the previous layers' answers).
 
-Perturbations ("weight tensors" = float initializers/constants with 2+ elements, except BatchNorm
-running statistics, which are not weights):
+Perturbations ("weight tensors" = float kernels and matrices, 2+ dimensions larger than 1; biases
+and normalization parameters are left alone, as pruning and quantization schemes do):
   noise k     Gaussian, std = k x std of the tensor, k in 0.1 0.5 1 2 5
   quant b     uniform per-tensor min-max quantization to b bits (2^b levels), b in 8 6 4 3 2
   prune p     the fraction p of each tensor with the smallest |w| set to 0, p in 0.1 .. 0.9
@@ -41,9 +41,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from onnx_resync.io import WeightStore, load_model  # noqa: E402
-from onnx_resync.match import HOMOGENEOUS_READERS, _reindex, _rows, _sort_blocks, _unit, match  # noqa: E402
+from onnx_resync.match import _reindex, _rows, _summarize, _unit, match  # noqa: E402
 from onnx_resync.permute import PermutationRecord, apply_permutations, random_permutations  # noqa: E402
-from onnx_resync.rescale import rescaled  # noqa: E402
+from onnx_resync.rescale import neutral_groups, rescaled  # noqa: E402
 from onnx_resync.resync import decision_statistics, restore  # noqa: E402
 from onnx_resync.walk import walk  # noqa: E402
 
@@ -60,16 +60,10 @@ LABELS = {"noise": "noise k (x tensor std)", "quant": "bits", "prune": "fraction
 
 # ---- perturbations ---------------------------------------------------------------------------
 def weight_names(model: onnx.ModelProto) -> list[str]:
+    """The weight tensors: float kernels and matrices (2+ dims); biases and normalization
+    parameters are left alone, as pruning and quantization schemes do."""
     store = WeightStore(model)
-    stats = {n.input[i] for n in model.graph.node if n.op_type == "BatchNormalization" for i in (3, 4)
-             if len(n.input) > i}
-    out = []
-    for name in store.names():
-        if name in stats or store.dtype(name).kind != "f":
-            continue
-        if int(np.prod(store.shape(name), dtype=np.int64)) >= 2:
-            out.append(name)
-    return out
+    return [n for n in store.names() if store.dtype(n).kind == "f" and sum(d > 1 for d in store.shape(n)) >= 2]
 
 
 def perturb(model: onnx.ModelProto, kind: str, strength, rng: np.random.Generator) -> onnx.ModelProto:
@@ -104,9 +98,7 @@ def rescale_attack(model: onnx.ModelProto, wk, s: float, rng: np.random.Generato
     nodes = {n.name or n.op_type: n for n in out.graph.node}
     arrays: dict[str, np.ndarray] = {}
     attacked = 0
-    for g in wk.groups:
-        if not all(r in HOMOGENEOUS_READERS for r in g.readers):
-            continue
+    for g in neutral_groups(model, wk):
         producer_inputs = {i for p in g.producers if p in nodes for i in nodes[p].input}
         a = np.exp(rng.uniform(-math.log(s), math.log(s), g.size))
         attacked += g.size
@@ -171,17 +163,22 @@ def baseline(model: onnx.ModelProto, ref: WeightStore, sus: WeightStore, wk) -> 
         for slot in slots:
             r = ref.get(slot.weight).astype(np.float32)
             s = sus.get(slot.weight).astype(np.float32)
+            pending = {}
             for o in range(r.ndim):
                 for hj, hslot in axis_groups.get((slot.weight, o), ()):
                     if o == slot.axis:
                         continue
                     if hj in found:
+                        s = s.copy()
                         _reindex(s, o, hslot.positions, found[hj])
                     else:
-                        _sort_blocks(r, o, hslot.positions)
-                        _sort_blocks(s, o, hslot.positions)
-            xr.append(_rows(r, slot.axis, slot.positions))
-            xs.append(_rows(s, slot.axis, slot.positions))
+                        pending.setdefault(o, []).append(hslot.positions)
+            a, b = _rows(r, slot.axis, slot.positions), _rows(s, slot.axis, slot.positions)
+            for o in sorted(pending, reverse=True):
+                axis = 2 + (o if o < slot.axis else o - 1)
+                a, b = _summarize(a, axis, pending[o]), _summarize(b, axis, pending[o])
+            xr.append(a.reshape(g.size, -1))
+            xs.append(b.reshape(g.size, -1))
         fr, fs = np.concatenate(xr, axis=1), np.concatenate(xs, axis=1)
         C = _unit(fr, np.linalg.norm(fr, axis=1)) @ _unit(fs, np.linalg.norm(fs, axis=1)).T
         found[gi] = C.argmax(axis=1)
@@ -450,9 +447,10 @@ def write_report(rows, out: Path, names, seeds: int) -> None:
         "",
         "Written by `tools/robustness.py` (run it again to refresh; the raw rows go to `--json`).",
         "",
-        "Protocol: for every bundled model and " + f"{seeds} seeds, every permutable group is permuted "
-        "(seeded), then every weight tensor is perturbed (float tensors of 2+ elements; BatchNorm running "
-        "statistics are not weights and are left alone); `resync` is run against the unperturbed reference. "
+        f"Protocol: for every bundled model and {seeds} seeds, every permutable group is permuted "
+        "(seeded), then every weight tensor is perturbed (the float kernels and matrices: tensors with 2+ "
+        "dimensions larger than 1; biases and normalization parameters are left alone, as pruning and "
+        "quantization schemes do); `resync` is run against the unperturbed reference. "
         "**Success** = fraction of the permutable neurons put back in their original place (a neuron with "
         "an identical twin in either model, e.g. dead or pruned to zero, counts as placed whichever twin it "
         "got). **Accuracy** = the perturbed model's accuracy on the bundled test set (ONNX Runtime, CPU). "
