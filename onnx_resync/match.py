@@ -3,9 +3,9 @@
 Pure numpy on the arrays the groups point at; scipy is imported only when an assignment is solved.
 
 A neuron's feature is its slice in every slot of its group. Other axes of a slot that belong to a
-group already resolved are aligned (the suspect is reindexed with that group's permutation); axes of
-groups not yet resolved (and the group's own other axes, e.g. an RNN's recurrent weight) are
-summarized by sorting along them, which no permutation of them changes. Similarity of two neurons is
+group already resolved are aligned (the suspect is reindexed with that group's permutation, the
+group's own other axes, e.g. an RNN's recurrent weight, with its current estimate); axes of groups
+not yet resolved are summarized by sorting along them, which no permutation of them changes. Similarity of two neurons is
 the mean of their per-slot cosines weighted by slot size, so rescaling one slot (the ReLU rescale
 attack) leaves it at 1.
 
@@ -18,7 +18,7 @@ the final solve are reported.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -36,19 +36,6 @@ SKETCH_DIM = 1024  # the starting sweep compares a random sample of this many fe
 SKETCH_WORK = 1 << 28  # ... where n * n * feature width exceeds this
 CHUNK_ELEMENTS = 1 << 24  # rows of a similarity matrix processed at a time (memory bound)
 
-# Ops through which scaling a neuron by a > 0 scales what reaches the consumers by a (and nothing
-# else): positively homogeneous activations and linear ops. "Op/2" (two labelled inputs) is not
-# listed for Mul, Div, MatMul: a product of two scaled activations scales by a^2.
-HOMOGENEOUS_READERS = {
-    "Relu", "LeakyRelu", "PRelu", "MaxPool", "GlobalMaxPool", "AveragePool", "GlobalAveragePool",
-    "Identity", "Dropout", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Concat",
-    "Split", "Slice", "Gather", "Pad", "Resize", "Upsample", "Add", "Sub", "Mul", "Div", "Sum",
-    "Conv", "ConvTranspose", "Gemm", "MatMul", "ReduceSum", "ReduceMean", "ReduceMax",
-    "SpaceToDepth", "DepthToSpace", "Tile", "Expand",
-}
-HOMOGENEOUS_READERS |= {f"{op}/{k}" for op in ("Add", "Sub", "Sum", "Concat") for k in range(2, 9)}
-
-
 @dataclass
 class GroupMatch:
     """The answer for one group; arrays are indexed by reference neuron."""
@@ -64,16 +51,13 @@ class GroupMatch:
     slot_ratio: np.ndarray  # (size, slots) norm ratio per slot
     gap: np.ndarray  # margin in units of the spread of the row's cosines with unrelated suspect neurons
     evidence: float  # median gap: how far matches stand out (unrelated models: about 0)
-    aligned_slots: int  # slots whose other axes were all aligned in the last solve
     ref_class: np.ndarray  # interchangeable class of each reference neuron (-1: unique)
     sus_class: np.ndarray  # same for each suspect neuron, in the suspect's order
     shortcut: int  # neurons settled by the mutual-best shortcut
     solved: int  # neurons that went through the assignment solve
     rescale_detected: int = 0  # neurons with an opposite-sign norm pattern (see rescale.py for exact)
     rescale_one_sided: int = 0  # neurons with one slot's norm far off and no compensation
-    neutral: bool = True  # every reader of the group is positively homogeneous
     capacity: float = float("nan")  # evidence an exact copy would give (computed where evidence < INFORMATIVE)
-    readers: list[str] = field(default_factory=list)
 
     @property
     def interchangeable(self) -> np.ndarray:
@@ -248,11 +232,10 @@ class _Matcher:
             key=g.key, size=n, perm=perm, cosine=cos, margin=margin,
             norm_ratio=np.divide(num, den, out=np.ones(n), where=den > 0),
             slot_names=[f"{s.weight}:{s.axis}" for s in g.slots], slot_dims=f.dims, slot_ratio=slot_ratio,
-            gap=gap, evidence=float(np.median(gap)), aligned_slots=int(f.aligned.sum()),
+            gap=gap, evidence=float(np.median(gap)),
             ref_class=_classes(f.ref_ids), sus_class=_classes(f.sus_ids), shortcut=int(settled),
             solved=int(n - settled), rescale_detected=detected,
             rescale_one_sided=one_sided,
-            neutral=all(r in HOMOGENEOUS_READERS for r in g.readers), readers=list(g.readers),
         )
 
 

@@ -15,8 +15,19 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from .match import HOMOGENEOUS_READERS
-
+# Readers through which scaling a neuron by a > 0 scales what reaches the consumers by a (and nothing
+# else): positively homogeneous activations and linear ops. "Op/2" (two labelled inputs) is not
+# listed for Mul or MatMul: a product of two scaled activations scales by a^2. (An Add of a constant
+# that is not a slot would break it; the ORT check after the undo catches that, and resync then keeps
+# the rescale.)
+HOMOGENEOUS_READERS = {
+    "Relu", "LeakyRelu", "PRelu", "MaxPool", "GlobalMaxPool", "AveragePool", "GlobalAveragePool",
+    "Identity", "Dropout", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Concat",
+    "Split", "Slice", "Gather", "Pad", "Resize", "Upsample", "Add", "Sub", "Mul", "Sum",
+    "Conv", "ConvTranspose", "Gemm", "MatMul", "ReduceSum", "ReduceMean", "ReduceMax",
+    "SpaceToDepth", "DepthToSpace", "Tile", "Expand",
+}
+HOMOGENEOUS_READERS |= {f"{op}/{k}" for op in ("Add", "Sub", "Sum", "Concat") for k in range(2, 9)}
 LINEAR_PRODUCERS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}  # not an RNN: its state feeds back
 EXACT = 1e-5  # residual in log|ratio| allowed per element (float32 rounding is ~1e-7)
 MIN_LOG_SCALE = 1e-4  # smaller is no rescale
