@@ -83,6 +83,7 @@ def run_demo(model_name: str = DEFAULT_MODEL, *, seed: int = 0, noise: float = 0
     npz = folder / f"{model_name}_test.npz"
     report = DemoReport(str(src))
     work = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="onnx-resync-demo-"))
+    work.mkdir(parents=True, exist_ok=True)
 
     reference = load_model(src)
     found = walk(reference)
