@@ -6,11 +6,12 @@ the difference so the rest of the package reads and writes both the same way.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -20,6 +21,17 @@ from .errors import LoadError, UsageError
 
 # protobuf cannot serialize a message past 2 GiB; leave headroom for the graph itself.
 INLINE_LIMIT_BYTES = 2**31 - 2**26
+
+# Models with more external data than this are not read into memory ("lazy"): each large tensor
+# stays in its file and is memory-mapped when used, and a tensor that is rewritten (permuted) is
+# computed only when it is saved, tensor by tensor. Tensors under LAZY_MIN_TENSOR_BYTES (shapes,
+# biases, norm parameters) are read as usual, so the walker sees them inline.
+LAZY_EXTERNAL_BYTES = 1 << 30
+LAZY_MIN_TENSOR_BYTES = 1 << 20
+# location of a tensor whose new data is computed when it is read or saved (see set_lazy)
+DEFERRED_PREFIX = "onnx-resync:deferred:"
+_deferred: dict[str, "Callable[[], np.ndarray]"] = {}
+_deferred_ids = itertools.count()
 
 
 def _iter_graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
@@ -150,11 +162,94 @@ def check_tensor_data(model: onnx.ModelProto, where: str | os.PathLike = "model"
             raise LoadError(f"{where}: tensor {tensor.name!r} {problem}")
 
 
-def load_model(path: str | os.PathLike, *, load_weights: bool = True, check: bool = True) -> onnx.ModelProto:
+def _external_nbytes(model: onnx.ModelProto) -> int:
+    total = 0
+    for tensor in _iter_graph_tensors(model.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            length = _external_info(tensor).get("length", "")
+            total += int(length) if length.isdigit() else (_expected_nbytes(tensor) or 0)
+    return total
+
+
+def _make_lazy(model: onnx.ModelProto, base_dir: Path) -> None:
+    """Small external tensors are read in; large ones point at their (checked) file by absolute path."""
+    root = base_dir.resolve()
+    for tensor in _iter_graph_tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = _external_info(tensor)
+        nbytes = int(info["length"]) if info.get("length", "").isdigit() else (_expected_nbytes(tensor) or 0)
+        if nbytes < LAZY_MIN_TENSOR_BYTES or _expected_nbytes(tensor) is None or tensor.data_type in _SUBBYTE_BITS:
+            onnx.external_data_helper.load_external_data_for_tensor(tensor, str(root))
+            tensor.ClearField("external_data")
+            tensor.ClearField("data_location")
+            continue
+        info["location"] = str((root / info["location"]).resolve())
+        _set_external(tensor, info)
+
+
+def _set_external(tensor: onnx.TensorProto, info: dict[str, str]) -> None:
+    tensor.ClearField("raw_data")
+    del tensor.external_data[:]
+    for key, value in info.items():
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+
+
+def is_lazy_tensor(tensor: onnx.TensorProto) -> bool:
+    """Data in a file named by absolute path (a lazily loaded model) or computed on demand."""
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return False
+    location = _external_info(tensor).get("location", "")
+    return location.startswith(DEFERRED_PREFIX) or os.path.isabs(location)
+
+
+def is_lazy_model(model: onnx.ModelProto) -> bool:
+    return any(is_lazy_tensor(t) for t in _iter_graph_tensors(model.graph))
+
+
+def read_lazy(tensor: onnx.TensorProto) -> np.ndarray:
+    """A lazy tensor's values: memory-mapped from its file (read-only), or computed."""
+    info = _external_info(tensor)
+    location = info["location"]
+    if location.startswith(DEFERRED_PREFIX):
+        return _deferred[location]()
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
+    shape = tuple(int(d) for d in tensor.dims)
+    if math.prod(shape) == 0:
+        return np.zeros(shape, dtype)
+    try:
+        mm = np.memmap(location, dtype=dtype, mode="r", offset=int(info.get("offset", 0)), shape=shape)
+    except (OSError, ValueError) as exc:
+        raise LoadError(f"weight {tensor.name!r}: cannot map its external data ({type(exc).__name__}: {exc})") from None
+    return mm.view(np.ndarray)
+
+
+def _lazy_reader(tensor: onnx.TensorProto) -> Callable[[], np.ndarray]:
+    """A callable that reads the tensor's current data (even after the tensor is re-pointed)."""
+    snapshot = onnx.TensorProto()
+    snapshot.name, snapshot.data_type = tensor.name, tensor.data_type
+    snapshot.dims.extend(tensor.dims)
+    _set_external(snapshot, _external_info(tensor))
+    return lambda: read_lazy(snapshot)
+
+
+def set_deferred(tensor: onnx.TensorProto, compute: Callable[[], np.ndarray]) -> None:
+    """From now on the tensor's data is what `compute()` returns (called when read or saved)."""
+    key = f"{DEFERRED_PREFIX}{next(_deferred_ids)}"
+    _deferred[key] = compute
+    _set_external(tensor, {"location": key, "length": str(_expected_nbytes(tensor) or 0)})
+
+
+def load_model(path: str | os.PathLike, *, load_weights: bool = True, check: bool = True,
+               lazy: bool | None = None) -> onnx.ModelProto:
     """Load an ONNX file, turning every failure into a one-line LoadError.
 
     With load_weights=False, external data is left on disk (the walker needs shapes only).
     check=False skips onnx.checker (for callers such as ORT sessions that validate the graph anyway).
+    lazy: keep large external tensors in their files, memory-mapped when read (WeightStore) and
+    streamed when saved (save_model); None: lazy when the external data exceeds LAZY_EXTERNAL_BYTES.
     """
     path = Path(path)
     if not path.exists():
@@ -170,8 +265,13 @@ def load_model(path: str | os.PathLike, *, load_weights: bool = True, check: boo
     check_external_data(model, path.parent)
     check_tensor_data(model, path)
     if load_weights:
+        if lazy is None:
+            lazy = _external_nbytes(model) > LAZY_EXTERNAL_BYTES
         try:
-            onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+            if lazy:
+                _make_lazy(model, path.parent)
+            else:
+                onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
         except Exception as exc:
             raise LoadError(f"{path}: cannot read external data ({exc})") from None
     if check:
@@ -203,12 +303,16 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def refuse_overwrite(out_path: str | os.PathLike, inputs: Iterable[str | os.PathLike]) -> None:
-    """Raise UsageError when out_path names one of the inputs (or their external data)."""
+    """Raise UsageError when out_path names one of the inputs or their external data (also through
+    symbolic or hard links)."""
     out = Path(out_path)
     for inp in inputs:
         inp = Path(inp)
         if out.resolve() == inp.resolve() or _same_file(out, inp):
             raise UsageError(f"output {out} is an input file; refusing to overwrite it")
+    for data in _protected_files(inputs):
+        if _is_one_of(out, [data]):
+            raise UsageError(f"output {out} is the external data of an input; refusing to overwrite it")
 
 
 def save_model(
@@ -220,35 +324,44 @@ def save_model(
     A run killed at any point leaves the old output or the complete new one.
     """
     out = Path(out_path)
+    inputs = list(inputs)
     refuse_overwrite(out, inputs)
     folder = out.parent
     if not folder.is_dir():
         raise UsageError(f"output folder {folder} does not exist")
-    data_name = out.name + ".data"
-    external = model.ByteSize() >= INLINE_LIMIT_BYTES
+    move_inline = model.ByteSize() >= INLINE_LIMIT_BYTES
+    external = move_inline or is_lazy_model(model)
+    candidates = _data_candidates(out)
+    old_data = _data_files_of(out) & set(candidates)  # our data file that the current output uses
+    data_name = None
     if external:
-        refuse_overwrite(folder / data_name, [Path(p).parent / _data_file(p) for p in inputs])
+        # never the data file the current output reads (a kill between the two renames would leave the
+        # old model over new data), nor an input's
+        protected = _protected_files(inputs)
+        data_name = next((c for c in candidates if c not in old_data and not _is_one_of(folder / c, protected)), None)
+        if data_name is None:
+            raise UsageError(f"no name for {out}'s external data that is not an input file")
     tmp_paths: list[Path] = []
     try:
-        moved: list[tuple[onnx.TensorProto, bytes, bool]] = []
+        restore: list[Callable[[], None]] = []
         try:
             if external:
                 data_tmp = _temp_path(folder, data_name)
                 tmp_paths.append(data_tmp)
-                _write_external_data(model, data_tmp, data_name, moved)
+                _write_external_data(model, data_tmp, data_name, restore, move_inline)
             model_tmp = _temp_path(folder, out.name)
             tmp_paths.append(model_tmp)
             _write_bytes(model_tmp, model.SerializeToString())
         finally:
-            for tensor, raw, had_location in moved:  # give the caller's model its data back, byte for byte
-                tensor.ClearField("external_data")
-                tensor.ClearField("data_location")
-                if had_location:  # proto2: an explicitly set default is serialized, an unset one is not
-                    tensor.data_location = onnx.TensorProto.DEFAULT
-                tensor.raw_data = raw
+            for undo in reversed(restore):  # give the caller's model its data back, byte for byte
+                undo()
         if external:
             os.replace(data_tmp, folder / data_name)
         os.replace(model_tmp, out)
+        _fsync_dir(folder)
+        for stale in old_data - {data_name}:  # the previous output's data file, now unused
+            if not _is_one_of(folder / stale, _protected_files(inputs)):
+                (folder / stale).unlink(missing_ok=True)
     finally:
         for p in tmp_paths:
             if p.exists():
@@ -256,8 +369,55 @@ def save_model(
     return out
 
 
-def _data_file(model_path: str | os.PathLike) -> str:
-    return Path(model_path).name + ".data"
+def _data_candidates(out: Path) -> list[str]:
+    """Two names that alternate, so a new data file never replaces the one the old output reads."""
+    return [out.name + ".data", out.name + ".1.data"]
+
+
+def _data_files_of(model_path: Path) -> set[str]:
+    """External-data locations of an existing (small, external-data) model file; empty if none/unreadable."""
+    try:
+        if not model_path.is_file() or model_path.stat().st_size > 64 << 20:
+            return set()
+        model = onnx.load_model(str(model_path), load_external_data=False)
+        return {_external_info(t).get("location", "") for t in _iter_graph_tensors(model.graph)
+                if t.data_location == onnx.TensorProto.EXTERNAL}
+    except Exception:  # noqa: BLE001 - a broken old output uses no data file we need to keep
+        return set()
+
+
+def _protected_files(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """The input files and the external-data files they read."""
+    files = []
+    for inp in inputs:
+        inp = Path(inp)
+        files.append(inp)
+        files.extend(inp.parent / loc for loc in _data_files_of(inp) if loc and "\x00" not in loc)
+    return files
+
+
+def _is_one_of(path: Path, files: Iterable[Path]) -> bool:
+    for f in files:
+        try:
+            if path.resolve() == f.resolve() or _same_file(path, f):
+                return True
+        except (OSError, RuntimeError, ValueError):
+            continue
+    return False
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the renames durable (a power cut after the rename keeps the new file)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _write_bytes(path: Path, payload: bytes) -> None:
@@ -267,19 +427,26 @@ def _write_bytes(path: Path, payload: bytes) -> None:
         os.fsync(fh.fileno())
 
 
-def _write_external_data(
-    model: onnx.ModelProto, data_path: Path, location: str, moved: list[tuple[onnx.TensorProto, bytes, bool]]
-) -> None:
-    """Move every large tensor's bytes into data_path, recording in `moved` (as it goes, so that a
-    failure half-way can still be undone) what to restore."""
+def _write_external_data(model: onnx.ModelProto, data_path: Path, location: str,
+                         restore: list[Callable[[], None]], move_inline: bool) -> None:
+    """Write lazy tensors (streamed one at a time) and, when the model is past the protobuf limit,
+    every large inline tensor into data_path, pointing the tensors at it; `restore` gets (as it goes,
+    so that a failure half-way can still be undone) what gives the caller's model back."""
     with open(data_path, "wb") as fh:
         for tensor in _iter_graph_tensors(model.graph):
-            if not tensor.HasField("raw_data") or len(tensor.raw_data) < 1024:
+            if is_lazy_tensor(tensor):
+                fh.write(b"\0" * (-fh.tell() % 64))  # aligned, for memory-mapping
+                offset = fh.tell()
+                length = _write_lazy(tensor, fh)
+                restore.append(lambda t=tensor, info=_external_info(tensor): _set_external(t, info))
+                _set_external(tensor, {"location": location, "offset": str(offset), "length": str(length)})
+                continue
+            if not move_inline or not tensor.HasField("raw_data") or len(tensor.raw_data) < 1024:
                 continue
             offset = fh.tell()
             raw = tensor.raw_data
             fh.write(raw)
-            moved.append((tensor, raw, tensor.HasField("data_location")))
+            restore.append(lambda t=tensor, raw=raw, had=tensor.HasField("data_location"): _restore_inline(t, raw, had))
             tensor.ClearField("raw_data")
             tensor.data_location = onnx.TensorProto.EXTERNAL
             for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
@@ -287,6 +454,44 @@ def _write_external_data(
                 entry.key, entry.value = key, value
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def _restore_inline(tensor: onnx.TensorProto, raw: bytes, had_location: bool) -> None:
+    tensor.ClearField("external_data")
+    tensor.ClearField("data_location")
+    if had_location:  # proto2: an explicitly set default is serialized, an unset one is not
+        tensor.data_location = onnx.TensorProto.DEFAULT
+    tensor.raw_data = raw
+
+
+COPY_CHUNK_BYTES = 16 << 20
+
+
+def _write_lazy(tensor: onnx.TensorProto, fh) -> int:
+    """Append a lazy tensor's bytes to fh: copied in chunks from its file, or computed; returns the length."""
+    info = _external_info(tensor)
+    expected = _expected_nbytes(tensor)
+    if info["location"].startswith(DEFERRED_PREFIX):
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
+        array = np.ascontiguousarray(read_lazy(tensor), dtype=dtype)
+        if array.nbytes != expected:
+            raise ValueError(f"weight {tensor.name!r}: computed {array.nbytes} bytes, expected {expected}")
+        if array.nbytes:
+            fh.write(memoryview(array.reshape(-1)).cast("B"))
+        return array.nbytes
+    length = int(info["length"]) if info.get("length", "").isdigit() else expected
+    buffer = bytearray(min(COPY_CHUNK_BYTES, max(length, 1)))
+    left = length
+    with open(info["location"], "rb") as src:
+        src.seek(int(info.get("offset", 0)))
+        while left:
+            view = memoryview(buffer)[:min(left, len(buffer))]
+            got = src.readinto(view)
+            if not got:
+                raise LoadError(f"weight {tensor.name!r}: its external data file is shorter than before")
+            fh.write(view[:got])
+            left -= got
+    return length
 
 
 def _temp_path(folder: Path, name: str) -> Path:
@@ -335,15 +540,47 @@ class WeightStore:
         return onnx.helper.tensor_dtype_to_np_dtype(self._tensors[name].data_type)
 
     def get(self, name: str) -> np.ndarray:
+        tensor = self._tensors[name]
+        if is_lazy_tensor(tensor):
+            return read_lazy(tensor)  # read-only (memory-mapped) or computed: do not write into it
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:  # never resolved against the current folder
+            raise LoadError(f"weight {name!r} is in external data that was not loaded")
         try:
-            return numpy_helper.to_array(self._tensors[name])
+            return numpy_helper.to_array(tensor)
         except Exception as exc:
             raise LoadError(f"weight {name!r} cannot be read ({exc})") from None
+
+    def is_lazy(self, name: str) -> bool:
+        """The weight stays on disk (memory-mapped) or is computed when saved: rewrite it with set_lazy."""
+        return is_lazy_tensor(self._tensors[name])
+
+    def reader(self, name: str) -> Callable[[], np.ndarray]:
+        """For a lazy weight: a callable reading its current values, valid after the weight is set again."""
+        return _lazy_reader(self._tensors[name])
+
+    def set_lazy(self, name: str, compute: Callable[[], np.ndarray]) -> None:
+        """A lazy weight's new values are `compute()` (same shape and dtype), computed when read or
+        saved: a huge model is rewritten one tensor at a time, never held in memory at once."""
+        tensor = self._tensors[name]
+        shape, dtype = self.shape(name), self.dtype(name)
+
+        def checked() -> np.ndarray:
+            array = np.asarray(compute())
+            if array.shape != shape:
+                raise ValueError(f"weight {name!r}: computed shape {array.shape}, expected {shape}")
+            return array.astype(dtype, copy=False)
+
+        set_deferred(tensor, checked)
 
     def set(self, name: str, array: np.ndarray) -> None:
         """Replace a weight's values in place, keeping its name and dtype."""
         old = self._tensors[name]
         array = np.ascontiguousarray(array).astype(self.dtype(name), copy=False)
+        if is_lazy_tensor(old):  # a lazy model stays lazy: held here until saved
+            if array.shape != self.shape(name):
+                raise ValueError(f"weight {name!r}: new shape {array.shape}, expected {self.shape(name)}")
+            set_deferred(old, lambda: array)
+            return
         typed = next((f for f in _TYPED_FIELDS if len(getattr(old, f))), None)
         if old.HasField("raw_data") or typed is None:
             new = numpy_helper.from_array(array, name=old.name)

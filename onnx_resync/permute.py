@@ -107,8 +107,21 @@ def apply_permutations(model: onnx.ModelProto, walk: WalkResult, record: Permuta
     for (weight, axis), idx in index.items():
         by_weight[weight].append((axis, idx))
     for weight, moves in by_weight.items():
+        if store.is_lazy(weight):  # a huge model: permuted one tensor at a time, when it is saved
+            store.set_lazy(weight, _permuted(store.reader(weight), moves))
+            continue
         array = store.get(weight)
         for axis, idx in moves:
             array = np.take(array, idx, axis=axis)
         store.set(weight, array)
     return len(by_weight)
+
+
+def _permuted(read, moves):
+    def compute() -> np.ndarray:
+        array = read()
+        for axis, idx in moves:
+            array = np.take(array, idx, axis=axis)
+        return array
+
+    return compute
