@@ -10,7 +10,7 @@ from pathlib import Path
 import onnx
 
 from .errors import CheckFailed, UsageError
-from .io import check_tensor_data, load_model, refuse_overwrite, save_model, write_text_atomic
+from .io import check_output_path, check_tensor_data, load_model, refuse_overwrite, save_model, write_text_atomic
 from .permute import PermutationRecord, apply_permutations, random_permutations
 from .walk import WalkResult, walk
 
@@ -81,8 +81,10 @@ def permute(
     inputs = [model] if not isinstance(model, onnx.ModelProto) else []
     if output is not None:
         refuse_overwrite(output, inputs)
+        check_output_path(output)
     if record_path is not None:
         refuse_overwrite(record_path, inputs + ([output] if output else []))
+        check_output_path(record_path)
     original = _load(model)
     result_walk = walk(original)
     if undo is not None:

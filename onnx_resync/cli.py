@@ -58,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         print("onnx-resync: error: out of memory", file=sys.stderr)
         return 4
+    except OSError as exc:  # the file system said no (full disk, permissions, a name too long, ...)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"onnx-resync: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 3
     except Exception as exc:  # last line of defence: never a traceback unless asked for
         if os.environ.get("ONNX_RESYNC_DEBUG"):
             raise

@@ -315,6 +315,15 @@ def refuse_overwrite(out_path: str | os.PathLike, inputs: Iterable[str | os.Path
             raise UsageError(f"output {out} is the external data of an input; refusing to overwrite it")
 
 
+def check_output_path(path: str | os.PathLike) -> None:
+    """Fail early (before any slow work) for an output that cannot be written: no folder, a folder."""
+    out = Path(path)
+    if not out.parent.is_dir():
+        raise UsageError(f"output folder {out.parent} does not exist")
+    if out.is_dir():
+        raise UsageError(f"output {out} is a folder")
+
+
 def save_model(
     model: onnx.ModelProto, out_path: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = ()
 ) -> Path:
@@ -329,6 +338,8 @@ def save_model(
     folder = out.parent
     if not folder.is_dir():
         raise UsageError(f"output folder {folder} does not exist")
+    if out.is_dir():
+        raise UsageError(f"output {out} is a folder")
     move_inline = model.ByteSize() >= INLINE_LIMIT_BYTES
     external = move_inline or is_lazy_model(model)
     candidates = _data_candidates(out)
@@ -607,6 +618,8 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     out = Path(path)
     if not out.parent.is_dir():
         raise UsageError(f"output folder {out.parent} does not exist")
+    if out.is_dir():
+        raise UsageError(f"output {out} is a folder")
     tmp = _temp_path(out.parent, out.name)
     try:
         _write_bytes(tmp, text.encode())
