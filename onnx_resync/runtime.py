@@ -166,7 +166,14 @@ def make_session(model, device: str = "auto", *, twin: bool = False) -> ort.Infe
 
     try:
         with _quiet_ort():
-            session = ort.InferenceSession(source, options, providers=providers)
+            try:
+                session = ort.InferenceSession(source, options, providers=providers)
+            except Exception:
+                if options.graph_optimization_level == ort.GraphOptimizationLevel.ORT_DISABLE_ALL:
+                    raise
+                # some valid graphs trip an ORT rewrite (e.g. Pad -> Pad -> pooling fusion): retry as written
+                options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+                session = ort.InferenceSession(source, options, providers=providers)
     except Exception as exc:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
