@@ -8,9 +8,9 @@ Verdict (see docs/robustness.md for the figures behind the threshold):
 
 - "identical": every weight of the suspect equals the reference's, byte for byte;
 - "permuted": the restored suspect equals the reference byte for byte (only neurons were moved);
-- "permuted and perturbed": derived (statistic >= DERIVED_THRESHOLD) but the weights differ; the
-  report estimates the kind and the strength (noise, extra zeros, quantization levels, rescales);
-- "not derived": statistic below the threshold.
+- "permuted and perturbed": derived (evidence >= 1, below) but the weights differ; the report
+  estimates the kind and the strength (noise, extra zeros, quantization levels, rescales);
+- "not derived": evidence below 1.
 
 Decision statistic ("evidence"), from the final solve, where every axis of every slot is aligned:
 
