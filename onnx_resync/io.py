@@ -26,8 +26,8 @@ INLINE_LIMIT_BYTES = 2**31 - 2**26
 # stays in its file and is memory-mapped when used, and a tensor that is rewritten (permuted) is
 # computed only when it is saved, tensor by tensor. Tensors under LAZY_MIN_TENSOR_BYTES (shapes,
 # biases, norm parameters) are read as usual, so the walker sees them inline.
-LAZY_EXTERNAL_BYTES = 1 << 30
-LAZY_MIN_TENSOR_BYTES = 1 << 20
+LAZY_EXTERNAL_BYTES = int(os.environ.get("ONNX_RESYNC_LAZY_BYTES", 1 << 30))
+LAZY_MIN_TENSOR_BYTES = int(os.environ.get("ONNX_RESYNC_LAZY_MIN_TENSOR_BYTES", 1 << 20))
 # location of a tensor whose new data is computed when it is read or saved (see set_lazy)
 DEFERRED_PREFIX = "onnx-resync:deferred:"
 _deferred: dict[str, "Callable[[], np.ndarray]"] = {}
@@ -74,7 +74,18 @@ def check_external_data(model: onnx.ModelProto, base_dir: Path) -> None:
                 raise LoadError(f"tensor {tensor.name!r}: external data path {location!r} leaves the model's folder; refused")
             if not target.is_file():
                 raise LoadError(f"tensor {tensor.name!r}: external data file {location!r} is missing")
-            size = target.stat().st_size
+            # links are refused even inside the folder, as ONNX's own loader does (the memory-mapped
+            # path of huge models must accept exactly what the in-memory path accepts)
+            step = root
+            for part in Path(location).parts:
+                step = step / part
+                if step.is_symlink():
+                    raise LoadError(f"tensor {tensor.name!r}: external data path {location!r} goes through a "
+                                    f"symbolic link; refused")
+            stat = target.stat()
+            if stat.st_nlink > 1:
+                raise LoadError(f"tensor {tensor.name!r}: external data file {location!r} has several hard links; refused")
+            size = stat.st_size
         except (OSError, RuntimeError) as exc:  # name too long, link loops, permissions
             raise LoadError(f"tensor {tensor.name!r}: external data path {location!r} cannot be read "
                             f"({type(exc).__name__})") from None
@@ -242,6 +253,25 @@ def set_deferred(tensor: onnx.TensorProto, compute: Callable[[], np.ndarray]) ->
     _set_external(tensor, {"location": key, "length": str(_expected_nbytes(tensor) or 0)})
 
 
+def _check_text(message) -> None:
+    """Every string field must be UTF-8 text: protobuf parses invalid UTF-8 in ONNX's proto2 strings
+    and hands it out as bytes (a node name, a tensor name), which breaks name lookups far away, or
+    raises later. Raises UnicodeDecodeError. Tensor data is not touched."""
+    if isinstance(message, onnx.TensorProto):
+        values = [message.name, message.doc_string] + [v for e in message.external_data for v in (e.key, e.value)]
+        if any(not isinstance(v, str) for v in values):
+            raise UnicodeDecodeError("utf-8", b"", 0, 1, "tensor name or external data key")
+        return
+    for field, value in message.ListFields():
+        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+        items = value if repeated else [value]
+        if field.type == field.TYPE_MESSAGE:
+            for item in items:
+                _check_text(item)
+        elif field.type == field.TYPE_STRING and any(not isinstance(v, str) for v in items):
+            raise UnicodeDecodeError("utf-8", b"", 0, 1, f"field {field.name}")
+
+
 def load_model(path: str | os.PathLike, *, load_weights: bool = True, check: bool = True,
                lazy: bool | None = None) -> onnx.ModelProto:
     """Load an ONNX file, turning every failure into a one-line LoadError.
@@ -262,6 +292,10 @@ def load_model(path: str | os.PathLike, *, load_weights: bool = True, check: boo
         raise LoadError(f"{path}: not a readable ONNX protobuf ({type(exc).__name__})") from None
     if not model.HasField("graph") or model.ir_version <= 0:
         raise LoadError(f"{path}: not an ONNX model (no graph or ir_version)")
+    try:
+        _check_text(model)
+    except UnicodeDecodeError:
+        raise LoadError(f"{path}: not a valid ONNX model (a name or attribute is not UTF-8 text)") from None
     check_external_data(model, path.parent)
     check_tensor_data(model, path)
     if load_weights:
