@@ -28,13 +28,14 @@ from .walk import WalkResult
 
 AGREE = 1.0  # a group agrees (its matches stand out) at this evidence or more
 INFORMATIVE = 3.0  # a group votes if an exact copy would give this much (capacity) or it gives it
+EXACT_COSINE = 1 - 1e-6  # matched similarity of an exact copy (float32 rounding)
 SHORTCUT_MARGIN = 0.05  # cosine gap to the runner-up (row and column) for a mutual best to be accepted
 NULL_COLUMNS = 128  # unrelated suspect neurons sampled per row to estimate the null spread of cosines
 RESCALE_DETECT = 0.1  # |log norm ratio| (against the slot's median) that counts as a rescaled slot
 RESCALE_ONE_SIDED = float(np.log(1.5))  # a slot this far from its median, the others not: one-sided
-SKETCH_DIM = 1024  # the starting sweep compares a random sample of this many feature columns ...
-SKETCH_WORK = 1 << 28  # ... where n * n * feature width exceeds this
-CHUNK_ELEMENTS = 1 << 24  # rows of a similarity matrix processed at a time (memory bound)
+SAMPLE_COLUMNS = 1024  # the sweep compares large groups on a random sample of feature columns ...
+SAMPLE_WORK = 1 << 28  # ... where n * n * feature width exceeds this ...
+SAMPLED_MARGIN = 0.25  # ... and accepts a mutual best there only with this margin (else: full solve)
 
 @dataclass
 class GroupMatch:
@@ -89,6 +90,8 @@ class _Matcher:
         self.groups = walk.groups
         self.margin = shortcut_margin
         self.perm: list[np.ndarray | None] = [None] * len(self.groups)
+        self.uncertain: set[int] = set()
+        self.pending = [False] * len(self.groups)  # last solve summarized an unresolved neighbour
         self.result: list[GroupMatch | None] = [None] * len(self.groups)
         self._arrays: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self.axis_groups: dict[tuple[str, int], list] = {}
@@ -107,14 +110,18 @@ class _Matcher:
         self.solves = 0
 
     def run(self, max_passes: int) -> MatchResult:
-        # a starting point: topological sweep, axes of groups not resolved yet summarized, large
-        # similarity matrices on a sample of the feature columns
+        # topological sweep: axes of groups not resolved yet are summarized; large groups are
+        # compared on a sample of their feature columns first
         for gi in range(len(self.groups)):
-            self.solve(gi, sweep=True)
-        # coordinate descent: each group solved with every other group fixed, until nothing changes
-        dirty = set(range(len(self.groups)))
-        passes = 0
-        while dirty and passes < max_passes:
+            self.solve(gi, first=True)
+        # coordinate descent where needed: groups not settled by the shortcut, RNN groups (their own
+        # axes can now be aligned), then the neighbours of every group whose answer changed ...
+        # ... and the groups answered while a neighbour was summarized, unless their matches are
+        # exact (a pure permutation: aligned features cannot say otherwise)
+        inexact = {gi for gi, r in enumerate(self.result) if self.pending[gi] and r.cosine.min() < EXACT_COSINE}
+        dirty = self.uncertain | self.self_coupled | inexact
+        passes = 1
+        while dirty and passes <= max_passes:
             changed = set()
             for gi in sorted(dirty):
                 old = self.perm[gi]
@@ -140,8 +147,7 @@ class _Matcher:
         return self._arrays[name]
 
     def slot_features(self, gi: int, slot):
-        """(reference rows, suspect rows, aligned): one row per neuron, the suspect in its own order;
-        aligned: no axis had to be summarized.
+        """(reference rows, suspect rows): one row per neuron, the suspect in its own order.
 
         Axes of resolved groups are aligned (the suspect reindexed as apply_permutations would; moves
         of groups sharing an axis, heads and the dims inside them, compose); that includes the
@@ -175,36 +181,56 @@ class _Matcher:
             xr, xs = _summarize(xr, axis, summarize[o]), _summarize(xs, axis, summarize[o])
         if block_sort:
             xr, xs = np.sort(np.moveaxis(xr, 1, -1), axis=-1), np.sort(np.moveaxis(xs, 1, -1), axis=-1)
-        return xr.reshape(n, -1), xs.reshape(n, -1), not summarize and not block_sort
+        return xr.reshape(n, -1), xs.reshape(n, -1)
 
     # ---- one group ---------------------------------------------------------------------------
-    def features(self, gi: int, sweep: bool = False) -> "_Features":
+    def features(self, gi: int) -> "_Features":
         slots = self.groups[gi].slots
+        self.pending[gi] = any(self.perm[hj] is None for slot in slots for o in range(len(self.ref.shape(slot.weight)))
+                               for hj, _ in self.axis_groups.get((slot.weight, o), ()) if hj != gi)
         feats = [self.slot_features(gi, slot) for slot in slots]
-        f = _Features(np.array([xr.shape[1] for xr, _, _ in feats], dtype=np.int64),
-                      np.array([ok for _, _, ok in feats], dtype=bool))
-        if not sweep:
-            f.nr = np.stack([np.linalg.norm(xr, axis=1) for xr, _, _ in feats], axis=1)
-            f.ns = np.stack([np.linalg.norm(xs, axis=1) for _, xs, _ in feats], axis=1)
-            f.ref_ids = np.stack([_row_ids(xr) for xr, _, _ in feats], axis=1)
-            f.sus_ids = np.stack([_row_ids(xs) for _, xs, _ in feats], axis=1)
-        f.fr, f.fs, f.spans = _combined(feats, f.dims)
-        return f
+        dims = np.array([xr.shape[1] for xr, _ in feats], dtype=np.int64)
+        fr, fs = _combined(feats, dims)
+        return _Features(
+            dims=dims, fr=fr, fs=fs,
+            nr=np.stack([np.linalg.norm(xr, axis=1) for xr, _ in feats], axis=1),
+            ns=np.stack([np.linalg.norm(xs, axis=1) for _, xs in feats], axis=1),
+            **_keys(feats),
+        )
 
-    def solve(self, gi: int, sweep: bool = False) -> None:
+    def solve(self, gi: int, first: bool = False) -> None:
+        """Byte-identical neurons are paired outright; the rest go through the assignment."""
         self.solves += 1
-        f = self.features(gi, sweep)
+        f = self.features(gi)
         n, width = f.fr.shape
-        if sweep and width > SKETCH_DIM and n * n * width > SKETCH_WORK:
-            cols = np.sort(np.random.default_rng(gi).choice(width, SKETCH_DIM, replace=False))
+        perm = _exact_pairs(f.ref_key, f.sus_key)
+        rest = np.flatnonzero(perm < 0)
+        if width > SAMPLE_COLUMNS and n * n * width > SAMPLE_WORK and (first or not len(rest)):
+            # an unbiased estimate of every similarity: assignments accepted only with a wide margin
+            cols = np.sort(np.random.default_rng(gi).choice(width, SAMPLE_COLUMNS, replace=False))
             C = f.fr[:, cols] @ f.fs[:, cols].T
+            C *= width / SAMPLE_COLUMNS
+            margin = SAMPLED_MARGIN
         else:
             C = f.fr @ f.fs.T
-        perm, cos, margin, settled = assign(C, self.margin)
+            margin = self.margin
+        settled = n - len(rest)
+        if len(rest):
+            taken = np.zeros(n, dtype=bool)
+            taken[perm[perm >= 0]] = True
+            free = np.flatnonzero(~taken)
+            sub, _, _, ok = assign(np.ascontiguousarray(C[np.ix_(rest, free)]), margin)
+            perm[rest] = free[sub]
+            settled += ok
+        runner_up, _ = _runner_up(C, np.arange(n), perm, columns=False)
         del C
+        cos = np.einsum("ij,ij->i", f.fr, f.fs[perm]).astype(np.float64)
         self.perm[gi] = perm
-        if not sweep:
-            self.describe(gi, f, perm, cos, margin, settled)
+        if settled < n:
+            self.uncertain.add(gi)
+        else:
+            self.uncertain.discard(gi)
+        self.describe(gi, f, perm, cos, cos - runner_up, settled)
 
     def capacity(self, gi: int) -> float:
         """The evidence an exact copy would give: the reference matched against itself."""
@@ -233,7 +259,7 @@ class _Matcher:
             norm_ratio=np.divide(num, den, out=np.ones(n), where=den > 0),
             slot_names=[f"{s.weight}:{s.axis}" for s in g.slots], slot_dims=f.dims, slot_ratio=slot_ratio,
             gap=gap, evidence=float(np.median(gap)),
-            ref_class=_classes(f.ref_ids), sus_class=_classes(f.sus_ids), shortcut=int(settled),
+            ref_class=_classes(f.ref_key), sus_class=_classes(f.sus_key), shortcut=int(settled),
             solved=int(n - settled), rescale_detected=detected,
             rescale_one_sided=one_sided,
         )
@@ -242,42 +268,43 @@ class _Matcher:
 @dataclass
 class _Features:
     dims: np.ndarray  # entries per neuron in each slot
-    aligned: np.ndarray  # per slot: every other axis aligned
-    nr: np.ndarray | None = None  # (n, slots) norms, reference
-    ns: np.ndarray | None = None  # (n, slots) norms, suspect (suspect order)
-    ref_ids: np.ndarray | None = None  # (n, slots) equal ids for identical slices
-    sus_ids: np.ndarray | None = None
-    fr: np.ndarray | None = None  # combined unit features (see _combined)
-    fs: np.ndarray | None = None
-    spans: list | None = None
+    fr: np.ndarray  # combined unit features, reference (see _combined)
+    fs: np.ndarray  # same, suspect (suspect order)
+    nr: np.ndarray  # (n, slots) norms, reference
+    ns: np.ndarray  # (n, slots) norms, suspect
+    ref_key: np.ndarray  # per neuron: equal keys for neurons identical in every slot (either model)
+    sus_key: np.ndarray
 
 
 def _combined(feats, dims):
     """Unit rows per slot, weighted by sqrt(slot share) and side by side (scalar slots pooled), so
-    that a dot product is the size-weighted mean of slot cosines. Returns (ref, sus, column spans)."""
+    that a dot product is the size-weighted mean of slot cosines (rows renormalized, for neurons
+    empty in some slots). Returns (ref, sus)."""
     n = feats[0][0].shape[0]
     total = max(int(dims.sum()), 1)
     small = [k for k, d in enumerate(dims) if d < 2]
-    width = int(dims[dims >= 2].sum()) + len(small)
+    width = int(dims[dims >= 2].sum()) + (len(small) + 1 if small else 0)
     fr = np.zeros((n, width), dtype=np.float32)
     fs = np.zeros((n, width), dtype=np.float32)
-    spans = []
     col = 0
-    for k, (xr, xs, _) in enumerate(feats):
+    for k, (xr, xs) in enumerate(feats):
         if dims[k] < 2:
-            spans.append((0, 0))
             continue
         stop = col + int(dims[k])
         w = float(np.sqrt(dims[k] / total))
         _put_unit(fr[:, col:stop], xr, w)
         _put_unit(fs[:, col:stop], xs, w)
-        spans.append((col, stop))
         col = stop
-    if small:
+    if small:  # scalars (bias, norm parameters) pooled, plus a constant: similar values, high cosine
         w = float(np.sqrt(len(small) / total))
-        _put_unit(fr[:, col:], np.concatenate([feats[k][0] for k in small], axis=1), w)
-        _put_unit(fs[:, col:], np.concatenate([feats[k][1] for k in small], axis=1), w)
-    return fr, fs, spans
+        pr = np.concatenate([feats[k][0] for k in small], axis=1)
+        ps = np.concatenate([feats[k][1] for k in small], axis=1)
+        level = np.full((n, 1), np.sqrt(np.mean(pr.astype(np.float64) ** 2)) or 1.0)
+        _put_unit(fr[:, col:], np.concatenate([pr, level], axis=1), w)
+        _put_unit(fs[:, col:], np.concatenate([ps, level], axis=1), w)
+    for f in (fr, fs):  # a neuron empty in some slots (dead, pruned) still has unit length
+        _put_unit(f, f, 1.0)
+    return fr, fs
 
 
 def _put_unit(out: np.ndarray, x: np.ndarray, weight: float) -> None:
@@ -292,14 +319,19 @@ def assign(C: np.ndarray, margin: float = SHORTCUT_MARGIN):
 
     Rows whose best column picks them back (mutual best) with a gap of at least `margin` to the
     runner-up, in the row and in the column, are accepted as they are; the O(n^3) solve
-    (scipy.optimize.linear_sum_assignment) runs on the rest only.
+    (scipy.optimize.linear_sum_assignment) runs on the rest only. A few passes over C, no copies
+    (C is modified and restored).
     Returns (perm, matched similarity, margin to the runner-up, number settled by the shortcut).
     """
     n = C.shape[0]
     rows = np.arange(n)
-    rbest, r1, r2 = _top2(C)
-    cbest, c1, c2 = _top2_columns(C)
-    ok = (cbest[rbest] == rows) & (r1 - r2 >= margin) & (c1[rbest] - c2[rbest] >= margin)
+    rbest = C.argmax(axis=1)
+    r1 = C[rows, rbest]
+    mutual = np.flatnonzero(r1 >= C.max(axis=0)[rbest])
+    mutual = mutual[np.unique(rbest[mutual], return_index=True)[1]]  # one row per column (ties)
+    r2, c2 = _runner_up(C, mutual, rbest[mutual])
+    ok = np.zeros(n, dtype=bool)
+    ok[mutual] = (r1[mutual] - r2[mutual] >= margin) & (r1[mutual] - c2[rbest[mutual]] >= margin)
     perm = np.full(n, -1, dtype=np.int64)
     perm[ok] = rbest[ok]
     rest_r = np.flatnonzero(~ok)
@@ -312,50 +344,18 @@ def assign(C: np.ndarray, margin: float = SHORTCUT_MARGIN):
         ri, ci = linear_sum_assignment(C[np.ix_(rest_r, rest_c)], maximize=True)
         perm[rest_r[ri]] = rest_c[ci]
     matched = C[rows, perm]
-    runner_up = np.where(perm == rbest, r2, r1)
+    runner_up, _ = _runner_up(C, rows, perm, columns=False)
     return perm, matched.astype(np.float64), (matched - runner_up).astype(np.float64), int(ok.sum())
 
 
-def _top2(C: np.ndarray):
-    """Per row: argmax, max, second max (in row chunks to bound the temporary copies)."""
-    n, m = C.shape
-    best = np.empty(n, dtype=np.int64)
-    first = np.empty(n, dtype=C.dtype)
-    second = np.full(n, -np.inf, dtype=C.dtype)
-    step = max(1, CHUNK_ELEMENTS // max(m, 1))
-    for a in range(0, n, step):
-        blk = np.array(C[a:a + step])
-        rows = np.arange(len(blk))
-        best[a:a + step] = blk.argmax(axis=1)
-        first[a:a + step] = blk[rows, best[a:a + step]]
-        if m > 1:
-            blk[rows, best[a:a + step]] = -np.inf
-            second[a:a + step] = blk.max(axis=1)
-    return best, first, second
-
-
-def _top2_columns(C: np.ndarray):
-    """Per column: argmax, max, second max, reading C by rows only (no strided copies)."""
-    n, m = C.shape
-    best = np.zeros(m, dtype=np.int64)
-    first = np.full(m, -np.inf, dtype=C.dtype)
-    second = np.full(m, -np.inf, dtype=C.dtype)
-    step = max(1, CHUNK_ELEMENTS // max(m, 1))
-    cols = np.arange(m)
-    for a in range(0, n, step):
-        blk = C[a:a + step]
-        arg = blk.argmax(axis=0)
-        top = blk[arg, cols]
-        if len(blk) > 1:
-            part = np.partition(blk, len(blk) - 2, axis=0)[len(blk) - 2]
-        else:
-            part = np.full(m, -np.inf, dtype=C.dtype)
-        # merge the chunk's (top, part) with the running (first, second)
-        new_first = np.maximum(first, top)
-        second = np.where(top > first, np.maximum(first, part), np.maximum(second, top))
-        best = np.where(top > first, arg + a, best)
-        first = new_first
-    return best, first, second
+def _runner_up(C: np.ndarray, rows: np.ndarray, cols: np.ndarray, columns: bool = True):
+    """Row and column maxima of C with the entries (rows, cols) left out."""
+    saved = C[rows, cols].copy()
+    C[rows, cols] = -np.inf
+    try:
+        return C.max(axis=1), (C.max(axis=0) if columns else None)
+    finally:
+        C[rows, cols] = saved
 
 
 # ---- helpers ---------------------------------------------------------------------------------
@@ -411,22 +411,47 @@ def _null_spread(fr, fs, perm, rng) -> np.ndarray:
     return np.nan_to_num(np.nanstd(null, axis=1), nan=1.0)
 
 
-def _row_ids(x: np.ndarray) -> np.ndarray:
-    """Equal ids for byte-identical rows."""
-    x = np.ascontiguousarray(x)
-    n = x.shape[0]
-    if x.shape[1] == 0:
-        return np.zeros(n, dtype=np.int64)
-    view = x.view(np.dtype((np.void, x.dtype.itemsize * x.shape[1]))).reshape(n)
-    return np.unique(view, return_inverse=True)[1].reshape(n)
+def _keys(feats) -> dict:
+    """Per neuron of either model, one key for all its slices: equal keys, identical bytes."""
+    n = feats[0][0].shape[0]
+    ids = np.empty((2 * n, len(feats)), dtype=np.int64)
+    for k, (xr, xs) in enumerate(feats):
+        both = np.ascontiguousarray(np.concatenate([xr, xs])) + 0  # -0.0 and 0.0 alike
+        if both.shape[1] == 0:
+            ids[:, k] = 0
+            continue
+        view = both.view(np.dtype((np.void, both.dtype.itemsize * both.shape[1]))).reshape(2 * n)
+        ids[:, k] = np.unique(view, return_inverse=True)[1].reshape(2 * n)
+    key = np.unique(ids, axis=0, return_inverse=True)[1].reshape(2 * n)
+    return {"ref_key": key[:n], "sus_key": key[n:]}
 
 
-def _classes(ids: np.ndarray) -> np.ndarray:
-    """Class id per neuron for neurons identical in every slot (-1: unique)."""
-    n = ids.shape[0]
-    _, inverse, counts = np.unique(ids, axis=0, return_inverse=True, return_counts=True)
-    inverse = inverse.reshape(n)
-    return np.where(counts[inverse] > 1, inverse, -1)
+def _exact_pairs(ref_key: np.ndarray, sus_key: np.ndarray) -> np.ndarray:
+    """perm[i] = a suspect neuron byte-identical to reference neuron i (twins paired in order), -1."""
+    n = len(ref_key)
+    code_r = ref_key * (n + 1) + _rank_within(ref_key)
+    code_s = sus_key * (n + 1) + _rank_within(sus_key)
+    perm = np.full(n, -1, dtype=np.int64)
+    _, ir, js = np.intersect1d(code_r, code_s, assume_unique=True, return_indices=True)
+    perm[ir] = js
+    return perm
+
+
+def _rank_within(keys: np.ndarray) -> np.ndarray:
+    """0, 1, 2, ... among the entries with the same key, in index order."""
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+    ranks = np.arange(len(keys)) - np.repeat(starts, np.diff(np.r_[starts, len(keys)]))
+    out = np.empty_like(ranks)
+    out[order] = ranks
+    return out
+
+
+def _classes(key: np.ndarray) -> np.ndarray:
+    """Class id per neuron for neurons identical to another of the same model (-1: unique)."""
+    _, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
+    return np.where(counts[inverse] > 1, key, -1)
 
 
 def _rescales(slot_ratio: np.ndarray, dims: np.ndarray) -> tuple[int, int]:
