@@ -146,8 +146,9 @@ class _Matcher:
             self._arrays[name] = (_as_float(r), _as_float(s))
         return self._arrays[name]
 
-    def slot_features(self, gi: int, slot):
-        """(reference rows, suspect rows): one row per neuron, the suspect in its own order.
+    def slot_features(self, gi: int, slot, aligned_only: bool = False):
+        """(reference rows, suspect rows): one row per neuron, the suspect in its own order (None if
+        aligned_only and some axis would need a summary).
 
         Axes of resolved groups are aligned (the suspect reindexed as apply_permutations would; moves
         of groups sharing an axis, heads and the dims inside them, compose); that includes the
@@ -168,6 +169,8 @@ class _Matcher:
                     move = np.arange(R.shape[o])
                     move[hslot.positions.reshape(-1)] = hslot.positions[self.perm[hj]].reshape(-1)
                     index = move if index is None else index[move]
+                elif aligned_only:
+                    return None
                 elif o == slot.axis:
                     block_sort = True
                 else:
@@ -184,26 +187,35 @@ class _Matcher:
         return xr.reshape(n, -1), xs.reshape(n, -1)
 
     # ---- one group ---------------------------------------------------------------------------
-    def features(self, gi: int) -> "_Features":
+    def features(self, gi: int, aligned_only: bool = False) -> "_Features | None":
+        """Every slot's rows (or, with aligned_only, the slots that need no summary; None if none)."""
         slots = self.groups[gi].slots
         self.pending[gi] = any(self.perm[hj] is None for slot in slots for o in range(len(self.ref.shape(slot.weight)))
                                for hj, _ in self.axis_groups.get((slot.weight, o), ()) if hj != gi)
-        feats = [self.slot_features(gi, slot) for slot in slots]
+        used, feats = [], []
+        for k, slot in enumerate(slots):
+            rows = self.slot_features(gi, slot, aligned_only)
+            if rows is not None:
+                used.append(k)
+                feats.append(rows)
+        if not feats:
+            return None
         dims = np.array([xr.shape[1] for xr, _ in feats], dtype=np.int64)
-        fr, fs = _combined(feats, dims)
-        return _Features(
-            dims=dims, fr=fr, fs=fs,
-            nr=np.stack([np.linalg.norm(xr, axis=1) for xr, _ in feats], axis=1),
-            ns=np.stack([np.linalg.norm(xs, axis=1) for _, xs in feats], axis=1),
-            **_keys(feats),
-        )
+        nr = np.stack([np.linalg.norm(xr, axis=1) for xr, _ in feats], axis=1)
+        ns = np.stack([np.linalg.norm(xs, axis=1) for _, xs in feats], axis=1)
+        fr, fs = _combined(feats, dims, nr, ns)
+        return _Features(slots=used, dims=dims, fr=fr, fs=fs, nr=nr, ns=ns, **_keys(feats))
 
     def solve(self, gi: int, first: bool = False) -> None:
         """Byte-identical neurons are paired outright; the rest go through the assignment."""
         self.solves += 1
-        f = self.features(gi)
+        f = self.features(gi, aligned_only=True) if first else None
+        perm = _exact_pairs(f.ref_key, f.sus_key) if f is not None else None
+        if perm is None or (perm < 0).any() or (_classes(f.ref_key) >= 0).any():
+            # no exact copy (or twins that only the other slots tell apart): every slot
+            f = self.features(gi)
+            perm = _exact_pairs(f.ref_key, f.sus_key)
         n, width = f.fr.shape
-        perm = _exact_pairs(f.ref_key, f.sus_key)
         rest = np.flatnonzero(perm < 0)
         if width > SAMPLE_COLUMNS and n * n * width > SAMPLE_WORK and (first or not len(rest)):
             # an unbiased estimate of every similarity: assignments accepted only with a wide margin
@@ -257,7 +269,8 @@ class _Matcher:
         self.result[gi] = GroupMatch(
             key=g.key, size=n, perm=perm, cosine=cos, margin=margin,
             norm_ratio=np.divide(num, den, out=np.ones(n), where=den > 0),
-            slot_names=[f"{s.weight}:{s.axis}" for s in g.slots], slot_dims=f.dims, slot_ratio=slot_ratio,
+            slot_names=[f"{g.slots[k].weight}:{g.slots[k].axis}" for k in f.slots], slot_dims=f.dims,
+            slot_ratio=slot_ratio,
             gap=gap, evidence=float(np.median(gap)),
             ref_class=_classes(f.ref_key), sus_class=_classes(f.sus_key), shortcut=int(settled),
             solved=int(n - settled), rescale_detected=detected,
@@ -267,6 +280,7 @@ class _Matcher:
 
 @dataclass
 class _Features:
+    slots: list[int]  # which of the group's slots
     dims: np.ndarray  # entries per neuron in each slot
     fr: np.ndarray  # combined unit features, reference (see _combined)
     fs: np.ndarray  # same, suspect (suspect order)
@@ -276,35 +290,35 @@ class _Features:
     sus_key: np.ndarray
 
 
-def _combined(feats, dims):
+def _combined(feats, dims, nr, ns):
     """Unit rows per slot, weighted by sqrt(slot share) and side by side (scalar slots pooled), so
-    that a dot product is the size-weighted mean of slot cosines (rows renormalized, for neurons
-    empty in some slots). Returns (ref, sus)."""
+    that a dot product is the size-weighted mean of slot cosines; rows end at unit length (neurons
+    empty in some slots: dead, pruned). Returns (ref, sus)."""
     n = feats[0][0].shape[0]
     total = max(int(dims.sum()), 1)
+    vec = [k for k, d in enumerate(dims) if d >= 2]
     small = [k for k, d in enumerate(dims) if d < 2]
-    width = int(dims[dims >= 2].sum()) + (len(small) + 1 if small else 0)
-    fr = np.zeros((n, width), dtype=np.float32)
-    fs = np.zeros((n, width), dtype=np.float32)
-    col = 0
-    for k, (xr, xs) in enumerate(feats):
-        if dims[k] < 2:
-            continue
-        stop = col + int(dims[k])
-        w = float(np.sqrt(dims[k] / total))
-        _put_unit(fr[:, col:stop], xr, w)
-        _put_unit(fs[:, col:stop], xs, w)
-        col = stop
-    if small:  # scalars (bias, norm parameters) pooled, plus a constant: similar values, high cosine
-        w = float(np.sqrt(len(small) / total))
-        pr = np.concatenate([feats[k][0] for k in small], axis=1)
-        ps = np.concatenate([feats[k][1] for k in small], axis=1)
-        level = np.full((n, 1), np.sqrt(np.mean(pr.astype(np.float64) ** 2)) or 1.0)
-        _put_unit(fr[:, col:], np.concatenate([pr, level], axis=1), w)
-        _put_unit(fs[:, col:], np.concatenate([ps, level], axis=1), w)
-    for f in (fr, fs):  # a neuron empty in some slots (dead, pruned) still has unit length
-        _put_unit(f, f, 1.0)
-    return fr, fs
+    width = int(dims[vec].sum()) + (len(small) + 1 if small else 0)
+    out = []
+    for side, norms in ((0, nr), (1, ns)):
+        f = np.empty((n, width), dtype=np.float32)
+        # squared length each row would have: the weights of its non-empty slots
+        length = ((norms[:, vec] > 0) * (dims[vec] / total)).sum(axis=1) + (len(small) / total if small else 0)
+        row = np.divide(1.0, np.sqrt(length), out=np.zeros(n), where=length > 0)
+        col = 0
+        for k in vec:
+            stop = col + int(dims[k])
+            scale = np.divide(np.sqrt(dims[k] / total) * row, norms[:, k], out=np.zeros(n), where=norms[:, k] > 0)
+            np.multiply(feats[k][side], scale[:, None].astype(np.float32), out=f[:, col:stop], casting="unsafe")
+            col = stop
+        if small:  # scalars (bias, norm parameters) pooled, plus a constant: similar values, high cosine
+            ref_scalars = np.concatenate([feats[k][0] for k in small], axis=1).astype(np.float64)
+            level = np.sqrt(np.mean(ref_scalars ** 2)) or 1.0
+            pooled = np.concatenate([feats[k][side] for k in small] + [np.full((n, 1), level)], axis=1)
+            _put_unit(f[:, col:], pooled, float(np.sqrt(len(small) / total)))
+            f[:, col:] *= row[:, None].astype(np.float32)
+        out.append(f)
+    return out[0], out[1]
 
 
 def _put_unit(out: np.ndarray, x: np.ndarray, weight: float) -> None:

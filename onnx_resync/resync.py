@@ -249,9 +249,11 @@ def build_report(result: MatchResult, ref: WeightStore, sus: WeightStore, restor
     evidence, evidence_median = decision_statistics(result.groups)
     derived = evidence >= AGREE
     names = ref.names()
-    identical = all(_same(ref, sus, n) for n in names)
     restored_exact = all(_same(ref, restored, n) for n in names)
-    perturbation = estimate_perturbation(ref, restored, result, undone)
+    identical = restored_exact and all(_same(ref, sus, n) for n in names)
+    perturbation = (estimate_perturbation(ref, restored, result, undone) if not restored_exact else
+                    {"noise_relative_std": 0.0, "extra_zero_fraction": 0.0, "rescaled": 0, "rescaled_undone": 0,
+                     "norm_outliers": 0, "kinds": []})
     if identical:
         verdict = "identical"
         derived = True
