@@ -59,6 +59,8 @@ class GroupMatch:
     rescale_detected: int = 0  # neurons with an opposite-sign norm pattern (see rescale.py for exact)
     rescale_one_sided: int = 0  # neurons with one slot's norm far off and no compensation
     capacity: float = float("nan")  # evidence an exact copy would give (computed where evidence < INFORMATIVE)
+    exact: bool = False  # every neuron has a byte-identical partner (its statistics then come from
+    #                      the slots that needed no summary: an exact copy needs no more)
 
     @property
     def interchangeable(self) -> np.ndarray:
@@ -132,7 +134,7 @@ class _Matcher:
             dirty = set().union(*(self.neighbours[gi] for gi in changed)) if changed else set()
             dirty |= changed & self.self_coupled
         for gi, r in enumerate(self.result):
-            if r.evidence < INFORMATIVE:
+            if r.evidence < INFORMATIVE and not r.exact:
                 r.capacity = self.capacity(gi)
         return MatchResult([r for r in self.result], passes, self.solves)
 
@@ -243,6 +245,7 @@ class _Matcher:
         else:
             self.uncertain.discard(gi)
         self.describe(gi, f, perm, cos, cos - runner_up, settled)
+        self.result[gi].exact = not len(rest)
 
     def capacity(self, gi: int) -> float:
         """The evidence an exact copy would give: the reference matched against itself."""

@@ -23,7 +23,9 @@ Decision statistic ("evidence"), from the final solve, where every axis of every
   where a group's evidence is below match.INFORMATIVE (3), its capacity (the reference matched
   against itself) is measured, and groups with capacity below 3 abstain, as do groups of fewer than
   8 neurons.
-- the model's evidence is the weakest voting group's. Derived needs evidence >= match.AGREE (1).
+- the model's evidence is the weakest voting group's; groups that are exact copies (every neuron
+  byte-identical to its match) agree by definition and do not lower it (infinite if only they
+  vote). Derived needs evidence >= match.AGREE (1).
   An independently trained model: about 0 (every group). Weights shuffled inconsistently (each
   tensor on its own): the groups whose slots disagree drop to about 0. A derived copy, even heavily
   perturbed: every group stays well above 1 (figures in docs/robustness.md).
@@ -100,8 +102,11 @@ class ResyncReport:
     def summary_lines(self) -> list[str]:
         kinds = self.perturbation.get("kinds") or []
         lines = [f"verdict: {self.verdict}" + (f" ({'; '.join(kinds)})" if kinds else "")]
-        lines.append(f"evidence {self.evidence:.2f} (weakest group; derived at >= {AGREE:g}; unrelated models: "
-                     f"about 0), median over groups {self.evidence_median:.2f}")
+        if math.isinf(self.evidence):
+            lines.append("evidence: every voting group is an exact copy (byte-identical neurons)")
+        else:
+            lines.append(f"evidence {self.evidence:.2f} (weakest group; derived at >= {AGREE:g}; unrelated models: "
+                         f"about 0), median over groups {self.evidence_median:.2f}")
         pct = 100 * self.matched / self.neurons if self.neurons else 100.0
         lines.append(f"neurons: {self.neurons} in {len(self.groups)} groups, {self.moved} moved back, "
                      f"{self.matched} matched to their best candidate ({pct:.1f}%), "
@@ -275,13 +280,17 @@ def build_report(result: MatchResult, ref: WeightStore, sus: WeightStore, restor
 
 
 def decision_statistics(groups: list[GroupMatch]) -> tuple[float, float]:
-    """(evidence of the weakest voting group, size-weighted median evidence); see the docstring."""
+    """(evidence of the weakest voting group, size-weighted median evidence); see the docstring.
+    Groups that are exact copies (byte-identical neurons) agree by definition; inf if only they vote."""
     voters = [g for g in groups if g.size >= MIN_EVIDENCE_GROUP] or list(groups)
     if not voters:
         return 0.0, 0.0
     median = _weighted_quantile([g.evidence for g in voters], [g.size for g in voters], 0.5)
-    informative = [g.evidence for g in voters if g.evidence >= INFORMATIVE or g.capacity >= INFORMATIVE]
-    return (min(informative) if informative else median), median
+    informative = [g.evidence for g in voters if not g.exact
+                   and (g.evidence >= INFORMATIVE or g.capacity >= INFORMATIVE)]
+    if informative:
+        return min(informative), median
+    return (math.inf if any(g.exact for g in voters) else median), median
 
 
 def _weighted_quantile(values, weights, q: float) -> float:

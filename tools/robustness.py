@@ -325,6 +325,11 @@ def _pct(x) -> str:
     return "-" if x != x else f"{100 * x:.2f}"
 
 
+def _worst(per_model: dict) -> str:
+    name = min(per_model, key=per_model.get)
+    return "all 100" if per_model[name] >= 1.0 else f"{_pct(per_model[name])} ({name})"
+
+
 def summary_table(rows, names) -> list[str]:
     lines = ["| perturbation | strength | ours: success % (mean) | ours: worst model | baseline: success % (mean) | "
              "baseline: worst model | accuracy / reference (mean) | models collapsed |",
@@ -341,9 +346,8 @@ def summary_table(rows, names) -> list[str]:
             rel = [r["accuracy"] / r["reference_accuracy"] for r in sel if r["accuracy"] is not None]
             collapsed = sorted({r["model"] for r in sel if _collapsed(r)})
             lines.append(
-                f"| {kind} | {strength} | {_pct(_mean(ours.values()))} | {_pct(min(ours.values()))} "
-                f"({min(ours, key=ours.get)}) | {_pct(_mean(base.values()))} | {_pct(min(base.values()))} "
-                f"({min(base, key=base.get)}) | {_mean(rel):.3f} | {', '.join(collapsed) or '-'} |")
+                f"| {kind} | {strength} | {_pct(_mean(ours.values()))} | {_worst(ours)} "
+                f"| {_pct(_mean(base.values()))} | {_worst(base)} | {_mean(rel):.3f} | {', '.join(collapsed) or '-'} |")
     return lines
 
 
@@ -396,7 +400,7 @@ def verdict_lines(rows, names) -> list[str]:
         s1 = [r["evidence"] for r in rows if r["model"] == name and r["kind"] == "seed1"]
         sh = [r["evidence"] for r in rows if r["model"] == name and r["kind"] == "shuffled"]
         mine = [r for r in derived if r["model"] == name]
-        low = min(mine, key=lambda r: r["evidence"]) if mine else None
+        low = min(mine, key=lambda r: r["evidence"]) if mine else None  # inf: exact copies only
         lines.append(f"| {name} | {max(s1):.2f} (max)" if s1 else f"| {name} | -")
         lines[-1] += f" | {max(sh):.2f} (max)" if sh else " | -"
         lines[-1] += (f" | {low['evidence']:.2f} ({low['kind']} {low['strength']})" if low else " | -") + " |"
@@ -488,7 +492,8 @@ def write_report(rows, out: Path, names, seeds: int) -> None:
               "Decision statistic (`onnx_resync/resync.py`): the weakest voting group's *evidence*, i.e. the "
               "median over its neurons of (matched similarity - best other candidate) / spread of the "
               "similarities with unrelated neurons; groups that cannot tell even an exact copy from chance "
-              "abstain. Derived at >= 1.", "",
+              "abstain, and groups whose neurons are byte-identical to their matches agree by definition "
+              "(a model made only of those has infinite evidence). Derived at >= 1.", "",
               *verdict_lines(rows, names), "",
               "## Per model", "", *model_tables(rows, names)]
     (out / "robustness.md").write_text("\n".join(lines) + "\n")
