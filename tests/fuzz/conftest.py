@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 
 from .harness import Runner, write_good
@@ -24,10 +26,16 @@ def good(tmp_path_factory) -> dict[str, str]:
 KNOWN = {"audit": "audit/canonical.py crashes on some hostile files (reported to the audit owner)"}
 
 
-def assert_no_failure(report) -> None:
+def assert_no_failure(report, *, xfail: bool = True) -> None:
+    """Fail on any failure outcome; failures only of KNOWN commands xfail (or, inside a hypothesis
+    test, where an xfail would end the whole run, become a warning)."""
     bad = report.failures
     if bad and all(r.argv[0] in KNOWN for r in bad):
         r = bad[0]
-        pytest.xfail(f"{KNOWN[r.argv[0]]}: {r.outcome}: {r.why}")
+        message = f"{KNOWN[r.argv[0]]}: {report.category} [{report.detail}]: {r.outcome}: {r.why}"
+        if xfail:
+            pytest.xfail(message)
+        warnings.warn(message)
+        return
     assert not bad, f"{report.category} [{report.detail}]: " + "; ".join(
         f"{' '.join(r.argv[:1])} -> {r.outcome}: {r.why} {r.stderr.strip()[-300:]}" for r in bad)
