@@ -32,6 +32,7 @@ import onnx
 
 from .align import Alignment, align
 from .canonical import CanonicalModel, canonicalize
+from .errors import ResyncError, UnsupportedError
 from .io import WeightStore, load_model, write_text_atomic
 
 ModelLike = str | os.PathLike | onnx.ModelProto
@@ -141,7 +142,7 @@ def audit(suspect: ModelLike, reference: ModelLike, *, html: str | os.PathLike |
     ref_c = _reference_canonical(reference)
     timings["load"] = time.perf_counter() - t0
     t = time.perf_counter()
-    sus_c = canonicalize(sus_model)
+    sus_c = _canonical(sus_model, "suspect")
     timings["canonicalize"] = time.perf_counter() - t
     t = time.perf_counter()
     alignment = align(ref_c, sus_c)
@@ -194,13 +195,25 @@ def _load(model: ModelLike) -> onnx.ModelProto:
     return model if isinstance(model, onnx.ModelProto) else load_model(model)
 
 
+def _canonical(model: onnx.ModelProto, role: str) -> CanonicalModel:
+    """Canonicalize, or refuse in one line: the rewrite evaluates the file's weight chains, and a
+    hostile file (a string tensor as a kernel, shapes that disagree) must not end in a traceback."""
+    try:
+        return canonicalize(model)
+    except ResyncError:
+        raise
+    except (ValueError, TypeError, IndexError, KeyError, ArithmeticError) as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsupportedError(f"the {role} cannot be brought to canonical form ({message})") from None
+
+
 _REF_CACHE: dict[tuple, CanonicalModel] = {}
 
 
 def _reference_canonical(reference: ModelLike) -> CanonicalModel:
     """Canonical reference; per process, a file's is kept (batches audit many files against one)."""
     if isinstance(reference, onnx.ModelProto):
-        return canonicalize(reference)
+        return _canonical(reference, "reference")
     path = Path(reference)
     try:
         st = path.stat()
@@ -209,7 +222,7 @@ def _reference_canonical(reference: ModelLike) -> CanonicalModel:
         key = None
     if key is not None and key in _REF_CACHE:
         return _REF_CACHE[key]
-    result = canonicalize(load_model(path))
+    result = _canonical(load_model(path), "reference")
     if key is not None:
         _REF_CACHE.clear()
         _REF_CACHE[key] = result
