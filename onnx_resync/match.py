@@ -206,17 +206,21 @@ class _Matcher:
         nr = np.stack([np.linalg.norm(xr, axis=1) for xr, _ in feats], axis=1)
         ns = np.stack([np.linalg.norm(xs, axis=1) for _, xs in feats], axis=1)
         fr, fs = _combined(feats, dims, nr, ns)
-        return _Features(slots=used, dims=dims, fr=fr, fs=fs, nr=nr, ns=ns, **_keys(feats))
+        keys = _keys(feats)
+        pairs = _exact_pairs(keys["ref_key"], keys["sus_key"])
+        for xr, xs in feats:  # the hash said equal: check it
+            i = np.flatnonzero(pairs >= 0)
+            pairs[i[~(xr[i] == xs[pairs[i]]).all(axis=1)]] = -1
+        return _Features(slots=used, dims=dims, fr=fr, fs=fs, nr=nr, ns=ns, pairs=pairs, **keys)
 
     def solve(self, gi: int, first: bool = False) -> None:
         """Byte-identical neurons are paired outright; the rest go through the assignment."""
         self.solves += 1
         f = self.features(gi, aligned_only=True) if first else None
-        perm = _exact_pairs(f.ref_key, f.sus_key) if f is not None else None
-        if perm is None or (perm < 0).any() or (_classes(f.ref_key) >= 0).any():
+        if f is None or (f.pairs < 0).any() or (_classes(f.ref_key) >= 0).any():
             # no exact copy (or twins that only the other slots tell apart): every slot
             f = self.features(gi)
-            perm = _exact_pairs(f.ref_key, f.sus_key)
+        perm = f.pairs.copy()
         n, width = f.fr.shape
         rest = np.flatnonzero(perm < 0)
         if width > SAMPLE_COLUMNS and n * n * width > SAMPLE_WORK and (first or not len(rest)):
@@ -291,6 +295,7 @@ class _Features:
     ns: np.ndarray  # (n, slots) norms, suspect
     ref_key: np.ndarray  # per neuron: equal keys for neurons identical in every slot (either model)
     sus_key: np.ndarray
+    pairs: np.ndarray  # reference neuron -> its byte-identical suspect neuron, -1 (twins in order)
 
 
 def _combined(feats, dims, nr, ns):
@@ -429,17 +434,19 @@ def _null_spread(fr, fs, perm, rng) -> np.ndarray:
 
 
 def _keys(feats) -> dict:
-    """Per neuron of either model, one key for all its slices: equal keys, identical bytes."""
+    """Per neuron of either model, one key for all its slices: a random linear hash of their bits
+    (mod 2^64; equal slices, equal keys; different ones collide with probability ~2^-64, and exact
+    pairs are checked element by element anyway)."""
     n = feats[0][0].shape[0]
-    ids = np.empty((2 * n, len(feats)), dtype=np.int64)
-    for k, (xr, xs) in enumerate(feats):
-        both = np.ascontiguousarray(np.concatenate([xr, xs])) + 0  # -0.0 and 0.0 alike
-        if both.shape[1] == 0:
-            ids[:, k] = 0
-            continue
-        view = both.view(np.dtype((np.void, both.dtype.itemsize * both.shape[1]))).reshape(2 * n)
-        ids[:, k] = np.unique(view, return_inverse=True)[1].reshape(2 * n)
-    key = np.unique(ids, axis=0, return_inverse=True)[1].reshape(2 * n)
+    key = np.zeros(2 * n, dtype=np.uint64)
+    rng = np.random.default_rng(0x5EED)
+    for xr, xs in feats:
+        both = np.concatenate([xr, xs]) + 0  # -0.0 and 0.0 alike
+        words = np.ascontiguousarray(both).view(np.uint32 if both.itemsize == 4 else np.uint64)
+        mult = rng.integers(1, 2**63, words.shape[1], dtype=np.uint64) | np.uint64(1)
+        with np.errstate(over="ignore"):
+            key = key * np.uint64(0x9E3779B97F4A7C15) + words.astype(np.uint64) @ mult
+    key = np.unique(key, return_inverse=True)[1].reshape(2 * n)
     return {"ref_key": key[:n], "sus_key": key[n:]}
 
 
