@@ -9,11 +9,14 @@ not yet resolved are summarized by sorting along them, which no permutation of t
 the mean of their per-slot cosines weighted by slot size, so rescaling one slot (the ReLU rescale
 attack) leaves it at 1.
 
-A topological sweep gives a starting point (for large groups on a random sample of feature columns).
-Then coordinate descent: every group is solved with all the others fixed (all axes aligned), and the
-neighbours of every group whose answer changed are solved again, until nothing changes. Each solve
-is a linear assignment on the similarity matrix, with the mutual-best shortcut; the statistics of
-the final solve are reported.
+Each solve first pairs neurons whose slices are byte-identical (a pure permutation needs nothing
+else; in the first sweep this is tried on the slots that need no summary, a producer's rows and
+its norm parameters), then runs a linear assignment on the similarity matrix of the rest, with the
+mutual-best shortcut. A topological sweep gives a starting point (large groups compared on a random
+sample of feature columns, accepted only with a wide margin); then coordinate descent where it is
+needed (uncertain groups, groups answered while a neighbour was summarized unless exact, and in
+turn the neighbours of every group whose answer changed), each group solved with all the others
+fixed, until nothing changes. The statistics of each group's last solve are reported.
 """
 
 from __future__ import annotations

@@ -217,7 +217,10 @@ def bench_wide(width: int, full_lsa_max: int) -> dict:
             t = time.perf_counter()
             ri, ci = linear_sum_assignment(M, maximize=True)
             out[f"full_lsa_{label}"] = time.perf_counter() - t
-            out[f"same_{label}"] = bool(np.array_equal(ci[np.argsort(ri)], perm))
+            best = ci[np.argsort(ri)]
+            out[f"same_{label}"] = bool(np.array_equal(best, perm))
+            rows = np.arange(width)
+            out[f"objective_{label}"] = float(M[rows, perm].sum(dtype=np.float64) / M[rows, best].sum(dtype=np.float64))
         del M
     return out
 
@@ -274,14 +277,19 @@ def write_report(path: Path, rn: dict, wide: dict) -> None:
         f"{wide['similarity']:.2f} s",
         "",
         "| similarity matrix | settled by the mutual-best shortcut | shortcut + solve of the rest (s) | "
-        "scipy linear_sum_assignment on all of it (s) | same answer |",
-        "|---|---|---|---|---|",
+        "scipy linear_sum_assignment on all of it (s) | same answer | total similarity, ours / optimum |",
+        "|---|---|---|---|---|---|",
     ]
     for label, text in (("clean", "the copy's"), ("noisy", "+ N(0, 0.05)"), ("hard", "+ N(0, 0.3)")):
         full = wide.get(f"full_lsa_{label}")
+        objective = wide.get(f"objective_{label}")
         lines.append(f"| {text} | {wide[f'settled_{label}']} / {wide['width']} | {wide[f'assign_{label}']:.2f} | "
-                     f"{'-' if full is None else f'{full:.2f}'} | {wide.get(f'same_{label}', '-')} |")
-    lines.append("")
+                     f"{'-' if full is None else f'{full:.2f}'} | {wide.get(f'same_{label}', '-')} | "
+                     f"{'-' if objective is None else f'{objective:.6f}'} |")
+    lines += ["", "The shortcut accepts a mutual best only with a clear margin (0.05 in cosine, in the row and in "
+              "the column); on the hard matrix (no clear margins: a copy so damaged that no method recovers it) "
+              "most rows go to the solve, and the answer's total similarity stays within the figure above of the "
+              "optimum.", ""]
     path.write_text("\n".join(lines))
 
 
