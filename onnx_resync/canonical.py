@@ -7,6 +7,11 @@ model into one form (pure onnx/numpy, the input is not modified):
   convert weights (Identity, Cast, DequantizeLinear, QuantizeLinear, Transpose, Reshape, Squeeze,
   Unsqueeze, elementwise arithmetic, ...) are evaluated into initializers: dequantized, cast or
   transposed weights become plain float weights;
+- integer-operator quantized graphs become the float graph (dequantize.py): ConvInteger/QLinearConv
+  -> Conv, MatMulInteger/QLinearMatMul -> MatMul, com.microsoft QGemm -> Gemm, QLinearAdd/Mul/
+  Sigmoid/pooling/Concat -> their float ops, DynamicQuantizeLSTM -> LSTM, each with dequantized
+  weights and float biases; the quantization of activations (QuantizeLinear/DequantizeLinear pairs,
+  DynamicQuantizeLinear and its Cast/Mul-by-scale chains) is removed;
 - every float tensor is float32: fp16/bf16/fp64 initializers are cast, Cast nodes to a float type
   cast to float32, graph inputs and outputs are declared float32;
 - no-op nodes are dropped: Identity, Dropout (inference), Cast of a float tensor to float32;
@@ -31,6 +36,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .dequantize import dequantize
 from .errors import UnsupportedError
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
@@ -188,6 +194,8 @@ class _Canonicalizer:
         self._read()
         self._unfuse()
         self._fold_constants()
+        if dequantize(self):
+            self._fold_constants()
         self._unify_floats()
         self._drop_noops()
         while self._fold_affine():
@@ -486,6 +494,8 @@ class _Canonicalizer:
                 if any(o for o in node.output[1:]) or _attr(node, "training_mode", 0):
                     continue
                 scale, bias, mean, var = (self.consts[i].astype(np.float64) for i in node.input[1:5])
+                if len({p.shape for p in (scale, bias, mean, var)}) != 1 or scale.ndim != 1:
+                    continue  # not one value per channel: a malformed node, left to the graph
                 s = scale / np.sqrt(var + float(_attr(node, "epsilon", 1e-5)))
                 t = bias - mean * s
                 params = list(node.input[1:5])
@@ -519,6 +529,8 @@ class _Canonicalizer:
                 s = vec if node.op_type == "Mul" else np.ones(channels)
                 t = np.zeros(channels) if node.op_type == "Mul" else (vec if node.op_type == "Add" else -vec)
             if s.shape != (channels,) or t.shape != (channels,):
+                if any(v.size != 1 and v.shape != (channels,) for v in (s, t)):
+                    continue  # parameters that do not match the producer's channels
                 s, t = np.broadcast_to(s, (channels,)), np.broadcast_to(t, (channels,))
             if not self._fold_into(p, W, s, t, node, params):
                 continue
