@@ -117,7 +117,7 @@ class ResyncReport:
             mmin = min(g.margin_min for g in self.groups)
             lines.append(f"cosine: mean {cmean:.4f}, min {cmin:.4f}; smallest margin to a runner-up {mmin:.4f}")
         p = self.perturbation
-        if p.get("rescaled"):
+        if p.get("rescaled") and self.derived:
             lines.append(f"rescaled neurons: {p['rescaled']} ({p['rescaled_undone']} exact and neutral: undone; "
                          f"{p['rescaled'] - p['rescaled_undone']} not neutral or not exact: kept)")
         lines.append(f"solved in {self.seconds:.2f}s ({self.passes} passes, {self.solves} group solves)")
