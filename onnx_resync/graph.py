@@ -215,8 +215,8 @@ def _infer_shapes(model: onnx.ModelProto) -> dict[str, list]:
                 continue
             if dims is None or dims == shapes.get(node.output[0]):
                 continue
-            # the element type is irrelevant to the walker; shapes are what matter
-            info = onnx.helper.make_tensor_value_info(node.output[0], onnx.TensorProto.FLOAT, dims)
+            # declare the input's element type: a wrong one would make inference downstream fail
+            info = onnx.helper.make_tensor_value_info(node.output[0], _elem_type(skeleton, node.input[0]), dims)
             if node.output[0] in declared:
                 declared[node.output[0]].CopyFrom(info)
             else:
@@ -237,7 +237,7 @@ def _contrib_shape(node, shapes):
         return shapes.get(node.input[i]) if len(node.input) > i and node.input[i] else None
 
     op = node.op_type
-    if op in ("QLinearSigmoid", "QLinearLeakyRelu"):
+    if op in ("QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax"):
         return shape(0)
     if op in ("QLinearAdd", "QLinearMul"):
         a, b = shape(0), shape(3)
@@ -389,13 +389,24 @@ class _ShapeValues:
         return None
 
 
+def _elem_type(model: onnx.ModelProto, name: str) -> int:
+    g = model.graph
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        if vi.name == name and vi.type.HasField("tensor_type"):
+            return vi.type.tensor_type.elem_type
+    for t in g.initializer:
+        if t.name == name:
+            return t.data_type
+    return onnx.TensorProto.FLOAT
+
+
 def _run_inference(skeleton: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, list]]:
     try:
         inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
     except Exception:
         inferred = skeleton  # shape inference failed: fall back to what the file declares
-    shapes: dict[str, list] = {}
     g = inferred.graph
+    shapes: dict[str, list] = {t.name: [int(d) for d in t.dims] for t in g.initializer}
     for vi in list(g.input) + list(g.value_info) + list(g.output):
         if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
             continue

@@ -1310,6 +1310,7 @@ CONTRIB_RULES = {
     "QLinearMul": qlinear_binary,
     "QLinearSigmoid": qlinear_unary,
     "QLinearLeakyRelu": qlinear_unary,
+    "QLinearSoftmax": qlinear_unary,  # equivariant along its axis, elementwise along the others
     "QLinearGlobalAveragePool": qlinear_pool,
     "QLinearAveragePool": qlinear_pool,
     "QLinearConcat": qlinear_concat,

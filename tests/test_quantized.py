@@ -20,7 +20,7 @@ from onnx_resync.api import permute
 from onnx_resync.walk import walk
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
-NAMES = ["mlp", "vgg", "resnet", "mobilenet", "csp"]
+NAMES = ["mlp", "vgg", "resnet", "mobilenet", "csp", "transformer", "gru"]
 
 
 class _Calibration(CalibrationDataReader):
