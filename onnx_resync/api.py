@@ -1,4 +1,10 @@
-"""The Python API: the same verbs as the CLI, returning dataclasses that serialize to JSON."""
+"""The Python API: the same verbs as the CLI, returning dataclasses that serialize to JSON.
+
+    from onnx_resync import api
+    api.groups(path) / api.permute(...) / api.resync(...) / api.verify(...) / api.audit(...)
+
+resync, verify and audit load on first use (they bring scipy and ONNX Runtime).
+"""
 
 from __future__ import annotations
 
@@ -117,3 +123,20 @@ def permute(
         verify=report.to_dict() if report else None,
     )
     return permuted, result
+
+
+def __getattr__(name: str):
+    # the heavier verbs load on first use, so `groups` and `permute --no-verify` start fast
+    if name == "verify":
+        from .verify import verify
+
+        return verify
+    if name == "resync":
+        from .resync import resync
+
+        return resync
+    if name == "audit":
+        from .audit import audit
+
+        return audit
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
