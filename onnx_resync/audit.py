@@ -34,6 +34,7 @@ from .align import Alignment, align
 from .canonical import CanonicalModel, canonicalize
 from .errors import ResyncError, UnsupportedError
 from .io import WeightStore, load_model, write_text_atomic
+from .jsonable import json_safe
 
 ModelLike = str | os.PathLike | onnx.ModelProto
 
@@ -105,7 +106,7 @@ class AuditReport:
             if not detail:
                 for k in ("margins", "norm_ratios", "cosines"):
                     row.pop(k)
-        return _json_safe(data)
+        return json_safe(data)
 
     def to_json(self, indent: int | None = 1, detail: bool = True) -> str:
         return json.dumps(self.to_dict(detail), indent=indent, allow_nan=False)
@@ -509,17 +510,3 @@ def _downsample(m: np.ndarray, size: int) -> np.ndarray:
 
 def _short(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
-
-
-def _json_safe(obj):
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return _json_safe(obj.item())
-    if isinstance(obj, np.ndarray):
-        return _json_safe(obj.tolist())
-    return obj

@@ -46,7 +46,6 @@ class Label:
         """The whole label repeated `outer` times (merging with leading axes); sub tells copies apart."""
         if outer == 1:
             return self
-        n = len(self)
         sub = (np.arange(outer)[:, None] * (int(self.sub.max(initial=0)) + 1) + self.sub[None, :]).reshape(-1)
         return Label(np.tile(self.elem, outer), sub)
 

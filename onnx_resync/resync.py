@@ -48,6 +48,7 @@ from .match import AGREE, INFORMATIVE, GroupMatch, MatchResult, match
 from .permute import PermutationRecord, apply_permutations
 from .rescale import MIN_LOG_SCALE, find_rescales, neutral_groups, rescaled, undo_rescales
 from .walk import WalkResult, walk
+from .jsonable import json_safe
 
 MIN_EVIDENCE_GROUP = 8  # smaller groups vote only when there is no larger one
 
@@ -94,7 +95,7 @@ class ResyncReport:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["record"] = self.record.to_dict() if self.record else None
-        return _json_safe(data)
+        return json_safe(data)
 
     def to_json(self, indent: int | None = 1) -> str:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
@@ -393,15 +394,3 @@ def estimate_perturbation(ref: WeightStore, restored: WeightStore, result: Match
         kinds.append(f"noise or further training: ~{out['noise_relative_std']:.3g} x weight std")
     out["kinds"] = kinds
     return out
-
-
-def _json_safe(obj):
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return _json_safe(obj.item())
-    return obj

@@ -864,7 +864,6 @@ def slice_(ctx, node) -> None:
     labels = ctx.get(x)
     if not labels:
         return
-    shape = ctx.shape(x)
     r = ctx.rank(x)
     starts, ends = ctx.const(_inputs(node, 1)), ctx.const(_inputs(node, 2))
     axes, steps = ctx.const(_inputs(node, 3)), ctx.const(_inputs(node, 4))

@@ -20,6 +20,7 @@ import numpy as np
 
 from . import runtime
 from .errors import LoadError, ModelMismatchError, UsageError
+from .jsonable import json_safe
 
 
 @dataclass
@@ -54,7 +55,7 @@ class VerifyReport:
     outputs: list[OutputComparison] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return _json_safe(asdict(self))
+        return json_safe(asdict(self))
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
@@ -83,17 +84,6 @@ class VerifyReport:
         for r in rows:
             lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
         return "\n".join(lines)
-
-
-def _json_safe(obj):
-    """JSON has no inf/nan: write them as the strings 'inf', '-inf', 'nan'."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 def check_signatures(ref_specs, cand_specs) -> None:
