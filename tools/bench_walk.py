@@ -76,8 +76,8 @@ def main() -> None:
         del model
         t_load, loaded = best_of(lambda: onnx.load(str(path)))
         t_walk, result = best_of(lambda: walk(loaded))
-    print(f"| model | parameters | file MB | onnx.load s | walk s | walk / load |")
-    print(f"|---|---|---|---|---|---|")
+    print("| model | parameters | file MB | onnx.load s | walk s | walk / load |")
+    print("|---|---|---|---|---|---|")
     print(f"| residual conv net | {params / 1e6:.1f}M | {size_mb:.0f} "
           f"| {t_load:.3f} | {t_walk:.3f} | {t_walk / t_load:.3f} |")
     print(f"groups: {len(result.groups)}, coverage {100 * result.coverage:.1f}%")
