@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import itertools
 import math
+import mmap as mmap_module
 import os
 import tempfile
+import threading
+import time
+import weakref
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -28,6 +32,8 @@ INLINE_LIMIT_BYTES = 2**31 - 2**26
 # biases, norm parameters) are read as usual, so the walker sees them inline.
 LAZY_EXTERNAL_BYTES = int(os.environ.get("ONNX_RESYNC_LAZY_BYTES", 1 << 30))
 LAZY_MIN_TENSOR_BYTES = int(os.environ.get("ONNX_RESYNC_LAZY_MIN_TENSOR_BYTES", 1 << 20))
+# memory-mapped pages kept resident (the newest mappings); older ones are released (see _Residency)
+LAZY_RESIDENT_BYTES = int(os.environ.get("ONNX_RESYNC_LAZY_RESIDENT_BYTES", 256 << 20))
 # location of a tensor whose new data is computed when it is read or saved (see set_lazy)
 DEFERRED_PREFIX = "onnx-resync:deferred:"
 _deferred: dict[str, "Callable[[], np.ndarray]"] = {}
@@ -234,7 +240,60 @@ def read_lazy(tensor: onnx.TensorProto) -> np.ndarray:
         mm = np.memmap(location, dtype=dtype, mode="r", offset=int(info.get("offset", 0)), shape=shape)
     except (OSError, ValueError) as exc:
         raise LoadError(f"weight {tensor.name!r}: cannot map its external data ({type(exc).__name__}: {exc})") from None
+    _residency.add(mm)
     return mm.view(np.ndarray)
+
+
+class _Residency:
+    """Keeps the resident part of the memory-mapped tensors under LAZY_RESIDENT_BYTES.
+
+    A mapped page that was read stays resident (and counts in the process's RSS) for as long as the
+    mapping lives, and callers may keep arrays for a whole run (resync caches both models' weights):
+    a huge model would end up resident twice over. So the mappings past the newest
+    LAZY_RESIDENT_BYTES are told to drop their pages (madvise MADV_DONTNEED: the data stays valid and
+    is read again from the page cache when touched), at every new mapping and every RELEASE_SECONDS
+    while mappings are alive (a daemon thread)."""
+
+    RELEASE_SECONDS = 0.5
+
+    def __init__(self) -> None:
+        self._maps: list[tuple[weakref.ref, int]] = []  # oldest first
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def add(self, mm: np.memmap) -> None:
+        if not hasattr(mmap_module, "MADV_DONTNEED") or getattr(mm, "_mmap", None) is None:
+            return
+        with self._lock:
+            self._maps.append((weakref.ref(mm), mm.nbytes))
+        self.release()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="onnx-resync-residency", daemon=True)
+            self._thread.start()
+
+    def release(self) -> None:
+        with self._lock:
+            live = [(ref, size) for ref, size in self._maps if ref() is not None]
+            self._maps = live
+        kept = 0
+        for ref, size in reversed(live):  # the newest mappings keep their pages
+            kept += size
+            if kept <= LAZY_RESIDENT_BYTES:
+                continue
+            mm = ref()
+            if mm is not None:
+                try:
+                    mm._mmap.madvise(mmap_module.MADV_DONTNEED)
+                except (ValueError, OSError, AttributeError):  # closed meanwhile
+                    pass
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(self.RELEASE_SECONDS)
+            self.release()
+
+
+_residency = _Residency()
 
 
 def _lazy_reader(tensor: onnx.TensorProto) -> Callable[[], np.ndarray]:
