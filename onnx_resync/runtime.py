@@ -148,7 +148,7 @@ def make_session(model, device: str = "auto", *, twin: bool = False) -> ort.Infe
         lazy = io.is_lazy_model(model)  # a huge model: written (streamed) to a temporary file for ORT
         if _has_unloaded_external_data(model) and not lazy:
             raise UsageError("model has external data that is not loaded; pass its file path instead")
-        if model.ByteSize() < io.INLINE_LIMIT_BYTES and not lazy:
+        if not io.over_inline_limit(model) and not lazy:
             source = model.SerializeToString()
         else:  # past protobuf's 2 GiB: ORT must read it from a file with external data
             tmp = tempfile.mkdtemp(prefix="onnx-resync-")
