@@ -38,6 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .dequantize import dequantize
 from .errors import UnsupportedError
+from .graph import constant_node_value
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 BOOL_OUTPUT = {"Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Not", "And", "Or", "Xor",
@@ -223,7 +224,7 @@ class _Canonicalizer:
                 self.protected |= _outer_names(g)
             if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and len(n.output) == 1 \
                     and n.output[0] not in self.protected:
-                value = self._constant_value(n)
+                value = constant_node_value(n)
                 if value is not None:
                     self.consts[n.output[0]] = value
                     self.origins[n.output[0]] = WeightOrigin([n.output[0]], _dtype_name(value))
@@ -232,21 +233,6 @@ class _Canonicalizer:
             self.nodes.append(n)
         self._names = used_names
         self.nodes = topological(self.nodes)
-
-    @staticmethod
-    def _constant_value(node: onnx.NodeProto) -> np.ndarray | None:
-        for a in node.attribute:
-            if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
-                return numpy_helper.to_array(a.t)
-            if a.name == "value_float":
-                return np.array(a.f, dtype=np.float32)
-            if a.name == "value_floats":
-                return np.array(list(a.floats), dtype=np.float32)
-            if a.name == "value_int":
-                return np.array(a.i, dtype=np.int64)
-            if a.name == "value_ints":
-                return np.array(list(a.ints), dtype=np.int64)
-        return None
 
     def _new_name(self, base: str) -> str:
         name = base

@@ -74,7 +74,7 @@ class GraphView:
         else:
             node = self.constant_nodes.get(name)
             if node is not None:
-                value = _constant_attr_value(node)
+                value = constant_node_value(node)
         self._const_cache[name] = value
         return value
 
@@ -160,8 +160,11 @@ def _topological_order(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
     return order
 
 
-def _constant_attr_value(node: onnx.NodeProto) -> np.ndarray | None:
+def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
+    """The value of a Constant node, whichever attribute holds it (None for sparse/string forms)."""
     for attr in node.attribute:
+        if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+            return numpy_helper.to_array(attr.t)
         if attr.name == "value_float":
             return np.array(attr.f, dtype=np.float32)
         if attr.name == "value_floats":
@@ -342,10 +345,7 @@ class _ShapeValues:
             return None
         op, ins = node.op_type, list(node.input)
         if op == "Constant":
-            for a in node.attribute:
-                if a.name == "value":
-                    return numpy_helper.to_array(a.t).reshape(-1).tolist()
-            value = _constant_attr_value(node)
+            value = constant_node_value(node)
             return None if value is None else value.reshape(-1).tolist()
         if op == "Shape":
             dims = self.shapes.get(ins[0])
