@@ -456,9 +456,9 @@ def write_doc(r: dict) -> None:
                   f"Undo restores the reference byte for byte: {'yes' if r['undo_exact'] else 'NO'}. "
                   f"Resync: verdict '{r['resync_verdict']}', every permutation recovered: "
                   f"{'yes' if r['resync_recovered_permutation'] else 'NO'}, restored weights within "
-                  f"{r['resync_restored_max_error_over_std']:.3f} x std of the reference; matching "
-                  f"{r['resync_match_seconds']:.1f} s of which assignment {r['resync_assign_seconds']:.1f} s "
-                  f"({r['resync_passes']} passes).", ""]
+                  f"{r['resync_restored_max_error_over_std']:.3f} x std of the reference; resync reports "
+                  f"{r['resync_match_seconds']:.1f} s of solving, of which the assignment step "
+                  f"{r['resync_assign_seconds']:.2f} s ({r['resync_passes']} passes).", ""]
         if r.get("resync_phases"):
             names = {"match": "matching (`match.match`)", "_rescales": "search for neutral rescales (`rescale.find_rescales`)",
                      "build_report": "report (`estimate_perturbation`...)", "save_model": "writing the restored model"}
