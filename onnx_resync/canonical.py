@@ -38,7 +38,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .dequantize import dequantize
 from .errors import UnsupportedError
-from .graph import constant_node_value
+from .graph import constant_node_value, node_inputs, outer_scope_names, subgraphs
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 BOOL_OUTPUT = {"Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Not", "And", "Or", "Xor",
@@ -109,7 +109,7 @@ def topological(nodes: list[onnx.NodeProto], known: set[str] | None = None) -> l
     users = defaultdict(list)
     remaining = []
     for i, n in enumerate(nodes):
-        deps = {produced[x] for x in _all_inputs(n) if x in produced and produced[x] != i}
+        deps = {produced[x] for x in node_inputs(n) if x in produced and produced[x] != i}
         remaining.append(len(deps))
         for d in deps:
             users[d].append(i)
@@ -126,32 +126,6 @@ def topological(nodes: list[onnx.NodeProto], known: set[str] | None = None) -> l
         stuck = next(nodes[i] for i, r in enumerate(remaining) if r > 0)
         raise UnsupportedError(f"graph has a cycle (node {stuck.name or stuck.op_type!r} never becomes ready)")
     return order
-
-
-def _subgraphs(node: onnx.NodeProto):
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            yield attr.g
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            yield from attr.graphs
-
-
-def _outer_names(graph: onnx.GraphProto) -> set[str]:
-    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
-    used = set()
-    for node in graph.node:
-        for name in _all_inputs(node):
-            if name not in defined:
-                used.add(name)
-        defined.update(o for o in node.output if o)
-    return used - defined
-
-
-def _all_inputs(node: onnx.NodeProto) -> list[str]:
-    names = [i for i in node.input if i]
-    for g in _subgraphs(node):
-        names.extend(sorted(_outer_names(g)))
-    return names
 
 
 def _attr(node: onnx.NodeProto, name: str, default=None):
@@ -220,8 +194,8 @@ class _Canonicalizer:
             used_names.add(name)
             n.name = name
             self.node_origins[name] = display_name(node, i)
-            for g in _subgraphs(n):
-                self.protected |= _outer_names(g)
+            for g in subgraphs(n):
+                self.protected |= outer_scope_names(g)
             if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and len(n.output) == 1 \
                     and n.output[0] not in self.protected:
                 value = constant_node_value(n)
@@ -247,7 +221,7 @@ class _Canonicalizer:
     def _consumers(self) -> dict[str, list[onnx.NodeProto]]:
         users = defaultdict(list)
         for n in self.nodes:
-            for name in _all_inputs(n):
+            for name in node_inputs(n):
                 users[name].append(n)
         return users
 
@@ -427,7 +401,7 @@ class _Canonicalizer:
                 out = [types.get(node.input[1])]
             elif op in ("TopK", "MaxPool"):
                 out = [first, TensorProto.INT64]
-            elif node.domain not in ("", "ai.onnx") or any(True for _ in _subgraphs(node)):
+            elif node.domain not in ("", "ai.onnx") or any(True for _ in subgraphs(node)):
                 out = [None] * len(node.output)
             else:
                 out = [first] * len(node.output)
@@ -647,7 +621,7 @@ class _Canonicalizer:
         nodes = topological(self.nodes)
         used = set(self.outputs)
         for n in nodes:
-            used.update(_all_inputs(n))
+            used.update(node_inputs(n))
         g = helper.make_graph([], self.graph.name or "canonical", [], [])
         g.node.extend(nodes)
         const_names = [name for name in self.consts if name in used]

@@ -7,7 +7,7 @@ typed inputs), so walking a big model never copies or parses its weight bytes.
 from __future__ import annotations
 
 from collections import defaultdict, deque
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import onnx
@@ -108,17 +108,24 @@ class GraphView:
         return len(self.nodes)
 
 
+def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """The bodies of If/Loop/Scan and any other graph-valued attribute."""
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
 def node_inputs(node: onnx.NodeProto) -> list[str]:
     """Explicit inputs plus outer-scope names that the node's subgraphs read implicitly."""
     names = [i for i in node.input if i]
-    for attr in node.attribute:
-        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-        for g in graphs:
-            names.extend(sorted(_outer_scope_names(g)))
+    for g in subgraphs(node):
+        names.extend(sorted(outer_scope_names(g)))
     return names
 
 
-def _outer_scope_names(graph: onnx.GraphProto) -> set[str]:
+def outer_scope_names(graph: onnx.GraphProto) -> set[str]:
     defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
     used: set[str] = set()
     for node in graph.node:
