@@ -26,12 +26,11 @@ import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
-                                      quantize_static)
 
 from onnx_resync.api import permute
 from onnx_resync.audit import audit
 from onnx_resync.canonical import canonicalize
+from quantize_bundled import quantize
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 NAMES = ["mlp", "vgg", "resnet", "mobilenet", "csp", "transformer", "gru"]
@@ -44,25 +43,6 @@ QUANT_OPS = {"DynamicQuantizeLinear", "QuantizeLinear", "DequantizeLinear", "Con
 SKIPS: dict[tuple[str, str, str], str] = {}
 
 
-class _Calibration(CalibrationDataReader):
-    def __init__(self, x: np.ndarray):
-        self._feeds = iter([{"input": x[i:i + 1]} for i in range(min(16, len(x)))])
-
-    def get_next(self):
-        return next(self._feeds, None)
-
-
-def _quantize(src: Path, dst: Path, name: str, kind: str) -> Path:
-    if kind == "dynamic":
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
-    else:
-        x = np.load(MODELS / f"{name}_test.npz")["input"]
-        fmt = QuantFormat.QDQ if kind == "qdq" else QuantFormat.QOperator
-        quantize_static(str(src), str(dst), _Calibration(x), quant_format=fmt, per_channel=True,
-                        weight_type=QuantType.QInt8)
-    return dst
-
-
 @pytest.fixture(scope="module")
 def quantized(tmp_path_factory):
     """(name, kind) -> the bundled float model quantized, made once per module."""
@@ -71,7 +51,7 @@ def quantized(tmp_path_factory):
 
     def get(name: str, kind: str) -> Path:
         if (name, kind) not in made:
-            made[name, kind] = _quantize(MODELS / f"{name}.onnx", folder / f"{name}_{kind}.onnx", name, kind)
+            made[name, kind] = quantize(MODELS / f"{name}.onnx", folder / f"{name}_{kind}.onnx", name, kind)
         return made[name, kind]
 
     return get
@@ -124,7 +104,7 @@ def test_quantized_copy_is_derived(name, kind, order, quantized, tmp_path):
     if order == "permuted_then_quantized":
         permuted, info = permute(str(reference), seed=3, check=False)
         onnx.save(permuted, str(tmp_path / "permuted.onnx"))
-        _quantize(tmp_path / "permuted.onnx", suspect, name, kind)
+        quantize(tmp_path / "permuted.onnx", suspect, name, kind)
     else:
         permuted, info = permute(str(quantized(name, kind)), seed=3, check=False)
         onnx.save(permuted, str(suspect))
@@ -147,7 +127,7 @@ def test_quantized_copy_is_derived(name, kind, order, quantized, tmp_path):
 @pytest.mark.parametrize("kind", ["dynamic", "qoperator"])
 @pytest.mark.parametrize("name", NAMES)
 def test_quantized_independent_model_is_not_derived(name, kind, tmp_path):
-    suspect = _quantize(MODELS / "variants" / f"{name}_seed1.onnx", tmp_path / "seed1.onnx", name, kind)
+    suspect = quantize(MODELS / "variants" / f"{name}_seed1.onnx", tmp_path / "seed1.onnx", name, kind)
     report = audit(str(suspect), str(MODELS / f"{name}.onnx"))
     print(f"{name}_seed1 {kind}: {report.verdict}, {100 * report.matched_fraction:.1f}% best candidates, "
           f"statistic {report.statistic:.2f}")
@@ -225,7 +205,7 @@ def test_dynamically_quantized_lstm_is_derived(tmp_path):
     permuted, info = permute(str(reference), seed=1)
     assert info.verified and info.neurons_moved > 0
     onnx.save(permuted, str(tmp_path / "permuted.onnx"))
-    suspect = _quantize(tmp_path / "permuted.onnx", tmp_path / "suspect.onnx", "lstm", "dynamic")
+    suspect = quantize(tmp_path / "permuted.onnx", tmp_path / "suspect.onnx", "lstm", "dynamic")
     model = onnx.load(str(suspect))
     assert "DynamicQuantizeLSTM" in _ops(model)
     canon = canonicalize(model)

@@ -10,37 +10,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import onnx
 import pytest
-from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
-                                      quantize_static)
 
 from onnx_resync.api import permute
 from onnx_resync.walk import walk
+from quantize_bundled import quantize
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
 NAMES = ["mlp", "vgg", "resnet", "mobilenet", "csp", "transformer", "gru"]
 
 
-class _Calibration(CalibrationDataReader):
-    def __init__(self, x: np.ndarray):
-        self._feeds = iter([{"input": x[i:i + 1]} for i in range(min(16, len(x)))])
-
-    def get_next(self):
-        return next(self._feeds, None)
-
-
 def _quantize(name: str, kind: str, folder: Path) -> onnx.ModelProto:
-    src, dst = MODELS / f"{name}.onnx", folder / f"{name}_{kind}.onnx"
-    if kind == "dynamic":
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
-    else:
-        x = np.load(MODELS / f"{name}_test.npz")["input"]
-        fmt = QuantFormat.QDQ if kind == "qdq" else QuantFormat.QOperator
-        quantize_static(str(src), str(dst), _Calibration(x), quant_format=fmt, per_channel=True,
-                        weight_type=QuantType.QInt8)
-    return onnx.load(str(dst))
+    return onnx.load(str(quantize(MODELS / f"{name}.onnx", folder / f"{name}_{kind}.onnx", name, kind)))
 
 
 @pytest.mark.parametrize("kind", ["dynamic", "qdq", "qoperator"])
