@@ -244,6 +244,17 @@ def read_lazy(tensor: onnx.TensorProto) -> np.ndarray:
     return mm.view(np.ndarray)
 
 
+def read_lazy_grid(tensor: onnx.TensorProto, index: list[np.ndarray]) -> np.ndarray:
+    """values[np.ix_(*index)] of a lazy tensor, reading only that sub-grid where the storage allows
+    (a mapped file, a permutation of one): samples of a huge model cost what they hold."""
+    location = _external_info(tensor)["location"]
+    if location.startswith(DEFERRED_PREFIX):
+        compute = _deferred[location]
+        grid = getattr(compute, "grid", None)
+        return grid(index) if grid is not None else compute()[np.ix_(*index)]
+    return np.asarray(read_lazy(tensor)[np.ix_(*index)])
+
+
 class _Residency:
     """Keeps the resident part of the memory-mapped tensors under LAZY_RESIDENT_BYTES.
 
@@ -302,7 +313,12 @@ def _lazy_reader(tensor: onnx.TensorProto) -> Callable[[], np.ndarray]:
     snapshot.name, snapshot.data_type = tensor.name, tensor.data_type
     snapshot.dims.extend(tensor.dims)
     _set_external(snapshot, _external_info(tensor))
-    return lambda: read_lazy(snapshot)
+
+    def read() -> np.ndarray:
+        return read_lazy(snapshot)
+
+    read.grid = lambda index: read_lazy_grid(snapshot, index)
+    return read
 
 
 def set_deferred(tensor: onnx.TensorProto, compute: Callable[[], np.ndarray]) -> None:
@@ -667,6 +683,13 @@ class WeightStore:
         except Exception as exc:
             raise LoadError(f"weight {name!r} cannot be read ({exc})") from None
 
+    def get_grid(self, name: str, index: list[np.ndarray]) -> np.ndarray:
+        """get(name)[np.ix_(*index)]: one index array per axis; a lazy weight reads only those entries."""
+        tensor = self._tensors[name]
+        if is_lazy_tensor(tensor):
+            return read_lazy_grid(tensor, index)
+        return self.get(name)[np.ix_(*index)]
+
     def is_lazy(self, name: str) -> bool:
         """The weight stays on disk (memory-mapped) or is computed when saved: rewrite it with set_lazy."""
         return is_lazy_tensor(self._tensors[name])
@@ -687,6 +710,9 @@ class WeightStore:
                 raise ValueError(f"weight {name!r}: computed shape {array.shape}, expected {shape}")
             return array.astype(dtype, copy=False)
 
+        grid = getattr(compute, "grid", None)
+        if grid is not None:  # the computation can produce a sub-grid alone (a permutation)
+            checked.grid = lambda index: np.asarray(grid(index)).astype(dtype, copy=False)
         set_deferred(tensor, checked)
 
     def set(self, name: str, array: np.ndarray) -> None:

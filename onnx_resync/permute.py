@@ -118,10 +118,20 @@ def apply_permutations(model: onnx.ModelProto, walk: WalkResult, record: Permuta
 
 
 def _permuted(read, moves):
+    """The permuted tensor as a computation, which can also produce a sub-grid alone: entry i along
+    a moved axis is entry idx[i] of the source, so a sample reads only the entries it needs."""
     def compute() -> np.ndarray:
         array = read()
         for axis, idx in moves:
             array = np.take(array, idx, axis=axis)
         return array
 
+    def grid(index: list[np.ndarray]) -> np.ndarray:
+        source = list(index)
+        for axis, idx in moves:
+            source[axis] = idx[source[axis]]
+        source_grid = getattr(read, "grid", None)
+        return source_grid(source) if source_grid is not None else read()[np.ix_(*source)]
+
+    compute.grid = grid
     return compute

@@ -2,7 +2,9 @@
 1/a on the consumer side, across positively homogeneous activations only (DESIGN.md, integrity).
 
 Pure numpy on a suspect already put in the reference's order. Sides are structural: a slot whose
-weight feeds one of the group's producers (rows, bias) is +1, every other slot -1. For every weight
+weight feeds one of the group's producers (rows, bias; or the scale and bias of the
+BatchNormalization right after it) is +1, one inside (a producer before a BatchNormalization, the
+running mean and variance) 0, every other slot -1. For every weight
 element where both models are non-zero with the same sign, log|suspect / reference| must then equal
 the sum over its grouped axes of side * log(a) of the neuron there. The log-scales are found by
 alternating per-neuron medians (a few sweeps; exact data converges at once), and a neuron is taken
@@ -33,65 +35,152 @@ EXACT = 1e-5  # residual in log|ratio| allowed per element (float32 rounding is 
 MIN_LOG_SCALE = 1e-4  # smaller is no rescale
 MIN_SUPPORT = 2  # non-zero entries needed on each side of a neuron to see its compensation
 SWEEPS = 4
+SAMPLE_ENTRIES = 256  # entries per neuron and slot that the estimate looks at
+LSQR_ITERATIONS = 1000  # least-squares correction (exact data converges well before)
+FULL_CHUNK = 1 << 22  # entries per block when the survivors are checked on all their entries
 
 
 def structural_sides(model: onnx.ModelProto, group) -> list[int]:
-    """+1 for slots on the producer side of `group` (weights its producers read), -1 otherwise."""
+    """Per slot of `group`: +1 on the producer side, 0 inside it, -1 on the consumer side.
+
+    The producer side is what sets the activation's scale: a producer's weights, or, where a
+    producer's only reader is a BatchNormalization, that BatchNormalization's scale and bias (its
+    producer, mean and variance are then inside: the normalization cancels their scale)."""
     nodes = {n.name or n.op_type: n for n in model.graph.node}
-    fed = {i for p in group.producers if p in nodes for i in nodes[p].input}
-    return [1 if slot.weight in fed else -1 for slot in group.slots]
+    readers: dict[str, list] = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    outside, inside = set(), set()
+    for p in group.producers:
+        node = nodes.get(p)
+        if node is None:
+            continue
+        after = readers.get(node.output[0], []) if node.output else []
+        if len(after) == 1 and after[0].op_type == "BatchNormalization" and after[0].input[0] == node.output[0]:
+            bn = after[0]
+            outside |= set(bn.input[1:3])
+            inside |= set(node.input) | set(bn.input[3:5])
+        else:
+            outside |= set(node.input)
+    return [1 if slot.weight in outside else 0 if slot.weight in inside else -1 for slot in group.slots]
 
 
 def neutral_groups(model: onnx.ModelProto, walk_result) -> list:
-    """Groups made by linear producers whose activations only meet positively homogeneous or linear
-    ops: there, a neuron scaled by a on the producer side and 1/a on the rest computes the same."""
+    """Groups made by linear producers (each maybe followed by a BatchNormalization) whose
+    activations only meet positively homogeneous or linear ops: there, a neuron scaled by a on the
+    producer side and 1/a on the rest computes the same."""
     ops = {n.name or n.op_type: n.op_type for n in model.graph.node}
-    return [g for g in walk_result.groups
-            if all(r in HOMOGENEOUS_READERS for r in g.readers)
-            and g.producers and all(ops.get(p) in LINEAR_PRODUCERS for p in g.producers)]
+    bn_params = {i for n in model.graph.node if n.op_type == "BatchNormalization" for i in n.input[1:]}
+    out = []
+    for g in walk_result.groups:
+        if not (g.producers and all(ops.get(p) in LINEAR_PRODUCERS for p in g.producers)
+                and all(r in HOMOGENEOUS_READERS or r == "BatchNormalization" for r in g.readers)):
+            continue
+        # a BatchNormalization further on (after an activation) normalizes the scale away: not neutral
+        sides = structural_sides(model, g)
+        if all(side != -1 for side, slot in zip(sides, g.slots) if slot.weight in bn_params):
+            out.append(g)
+    return out
 
 
 def find_rescales(model: onnx.ModelProto, ref_store, restored_store, groups) -> dict[str, np.ndarray]:
-    """{group key: log(a) per neuron, 0 where not rescaled} for the exact neutral rescales."""
+    """{group key: log(a) per neuron, 0 where not rescaled} for the exact neutral rescales.
+
+    The estimate and a first exactness screen run on a sample of each neuron's entries (every slot
+    of every group, SAMPLE_ENTRIES entries a neuron: an exact rescale shows in all of them); only the
+    neurons that pass are checked on all their entries. So a suspect with no exact rescale (noise,
+    fine-tuning) costs a sample of the model, and memory stays bounded for huge models."""
     if not groups:
         return {}
     sides = {g.key: structural_sides(model, g) for g in groups}
-    names = sorted({slot.weight for g in groups for slot in g.slots})
-    logratio = {}
-    for name in names:
-        r = ref_store.get(name).astype(np.float64)
-        s = restored_store.get(name).astype(np.float64)
-        ok = (r != 0) & (s != 0) & (np.sign(r) == np.sign(s)) & np.isfinite(r) & np.isfinite(s)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            logratio[name] = np.where(ok, np.log(np.abs(s) / np.where(ok, np.abs(r), 1.0)), np.nan)
+    terms = _Terms(groups, sides, ref_store)
+    sections = {(g.key, k): _Section(ref_store, restored_store, slot, sample=True)
+                for g in groups for k, slot in enumerate(g.slots)}
     scales = {g.key: np.zeros(g.size) for g in groups}
     for _ in range(SWEEPS):
         for g in groups:
-            rows = [sides[g.key][k] * _residual_rows(logratio, groups, sides, scales, slot, exclude=g.key)
-                    for k, slot in enumerate(g.slots)]
+            rows = [side * sections[g.key, k].residual(terms, scales, exclude=g.key)
+                    for k, side in enumerate(sides[g.key]) if side]
+            if not rows:
+                continue
             values = np.concatenate(rows, axis=1)
             est = np.zeros(g.size)
             some = ~np.all(np.isnan(values), axis=1)
             if values.shape[1] and some.any():
                 est[some] = np.nanmedian(values[some], axis=1)
             scales[g.key] = est
-    for _ in range(SWEEPS):  # keep only neurons the model explains exactly, seen on both sides
+    # medians are robust to what no rescale explains, but two coupled groups can settle at opposite
+    # offsets (their shared weight outvotes the few entries that pin each); on exact data a least-
+    # squares correction lands on the exact scales: keep whichever the samples say explains more
+    candidates = [scales, _polished(groups, sections, terms, scales)]
+    for c in candidates:
+        _keep_exact(groups, sides, c, lambda g, k, live, c=c: _worst(sections[g.key, k].residual(terms, c)[live]))
+    scales = max(candidates, key=lambda c: sum(int(np.count_nonzero(v)) for v in c.values()))
+    # the survivors on all their entries (a few neurons' rows at a time)
+    _keep_exact(groups, sides, scales,
+                lambda g, k, live: _full_worst(ref_store, restored_store, g.slots[k], live, terms, scales))
+    return {k: v for k, v in scales.items() if np.any(np.abs(v) >= MIN_LOG_SCALE)}
+
+
+def _polished(groups, sections, terms: "_Terms", scales) -> dict[str, np.ndarray]:
+    """scales plus the least-squares correction that best explains the sampled residuals (scipy's
+    lsqr on the sparse system: one equation per sampled entry, side coefficients per grouped axis)."""
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.linalg import lsqr
+
+    offset, unknowns = {}, 0
+    for g in groups:
+        offset[g.key], unknowns = unknowns, unknowns + g.size
+    rows, cols, rhs, equations = [], [], [], 0
+    for sec in sections.values():
+        res = np.broadcast_to(sec.log_ratio - terms.model(sec.slot.weight, sec.index, scales), sec.log_ratio.shape)
+        finite = np.flatnonzero(~np.isnan(res).reshape(-1))
+        coords = np.unravel_index(finite, res.shape)
+        for axis, key, side, neuron_at in terms.by_weight[sec.slot.weight]:
+            at = neuron_at[sec.index[axis][coords[axis]]]
+            hit = np.flatnonzero(at >= 0) if side else np.zeros(0, dtype=np.int64)
+            rows.append(equations + hit)
+            cols.append(np.stack([offset[key] + at[hit], np.full(len(hit), side)]))
+        rhs.append(res.reshape(-1)[finite])
+        equations += len(finite)
+    if not equations or not unknowns:
+        return {k: v.copy() for k, v in scales.items()}
+    col = np.concatenate(cols, axis=1)
+    A = csr_matrix((col[1].astype(np.float64), (np.concatenate(rows), col[0])), shape=(equations, unknowns))
+    delta = lsqr(A, np.concatenate(rhs), atol=1e-14, btol=1e-14, iter_lim=LSQR_ITERATIONS)[0]
+    return {g.key: scales[g.key] + delta[offset[g.key]:offset[g.key] + g.size] for g in groups}
+
+
+def _keep_exact(groups, sides, scales, worst_of) -> None:
+    """Zero the scales of neurons the model does not explain exactly, or without support on both
+    sides; repeat until nothing changes (a neuron let go changes its neighbours' residuals).
+    worst_of(group, slot number, neurons) -> (largest |residual|, supported entries) per neuron."""
+    for _ in range(SWEEPS):
         changed = False
         for g in groups:
-            worst = np.zeros(g.size)
-            seen = {1: np.zeros(g.size, dtype=np.int64), -1: np.zeros(g.size, dtype=np.int64)}
-            for side, slot in zip(sides[g.key], g.slots):
-                res = _residual_rows(logratio, groups, sides, scales, slot)
-                finite = ~np.isnan(res)
-                seen[side] += finite.sum(axis=1)
-                worst = np.fmax(worst, np.where(finite, np.abs(res), 0.0).max(axis=1, initial=0.0))
+            live = np.flatnonzero(scales[g.key])
+            if not len(live):
+                continue
+            worst = np.zeros(len(live))
+            seen = {1: np.zeros(len(live), dtype=np.int64), -1: np.zeros(len(live), dtype=np.int64)}
+            for k, side in enumerate(sides[g.key]):
+                w, n = worst_of(g, k, live)
+                worst = np.fmax(worst, w)
+                if side:  # a slot inside the producer must be unchanged, and is no support
+                    seen[side] += n
             bad = (worst > EXACT) | (seen[1] < MIN_SUPPORT) | (seen[-1] < MIN_SUPPORT)
-            if np.any(bad & (scales[g.key] != 0)):
-                scales[g.key][bad] = 0.0
+            if bad.any():
+                scales[g.key][live[bad]] = 0.0
                 changed = True
         if not changed:
             break
-    return {k: v for k, v in scales.items() if np.any(np.abs(v) >= MIN_LOG_SCALE)}
+
+
+def _worst(res: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: the largest |residual| and the number of supported (non-NaN) entries."""
+    finite = ~np.isnan(res)
+    return np.where(finite, np.abs(res), 0.0).max(axis=1, initial=0.0), finite.sum(axis=1)
 
 
 def rescaled(scales: dict[str, np.ndarray]) -> int:
@@ -99,23 +188,97 @@ def rescaled(scales: dict[str, np.ndarray]) -> int:
     return sum(int(np.count_nonzero(np.abs(v) >= MIN_LOG_SCALE)) for v in scales.values())
 
 
-def _residual_rows(logratio, groups, sides, scales, slot, exclude: str | None = None) -> np.ndarray:
-    """log ratio minus the model (without group `exclude`), one row per neuron of the slot's group."""
-    L = logratio[slot.weight]
-    model = np.zeros_like(L)
-    for g in groups:
-        if g.key == exclude:
-            continue
-        for k, s in enumerate(g.slots):
-            if s.weight == slot.weight and np.any(scales[g.key]):
-                per_position = np.zeros(L.shape[s.axis])
-                per_position[s.positions] = sides[g.key][k] * scales[g.key][:, None]
-                shape = [1] * L.ndim
-                shape[s.axis] = -1
-                model = model + per_position.reshape(shape)
-    res = L - model
-    n = slot.positions.shape[0]
-    return np.moveaxis(np.take(res, slot.positions.reshape(-1), axis=slot.axis), slot.axis, 0).reshape(n, -1)
+class _Terms:
+    """The log-scale model's terms on each weight: (axis, group key, side, neuron at each position
+    along the axis or -1)."""
+
+    def __init__(self, groups, sides, store):
+        self.by_weight: dict[str, list] = {}
+        for g in groups:
+            for side, slot in zip(sides[g.key], g.slots):
+                neuron_at = np.full(store.shape(slot.weight)[slot.axis], -1, dtype=np.int64)
+                neuron_at[slot.positions] = np.arange(g.size)[:, None]
+                self.by_weight.setdefault(slot.weight, []).append((slot.axis, g.key, side, neuron_at))
+
+    def model(self, weight: str, index: list[np.ndarray], scales, exclude: str | None = None):
+        """Sum of side * log(a) over the grouped axes, on the sub-grid np.ix_(*index)."""
+        total = 0.0
+        for axis, key, side, neuron_at in self.by_weight[weight]:
+            if key == exclude or not np.any(scales[key]):
+                continue
+            at = neuron_at[index[axis]]
+            values = np.where(at >= 0, side * scales[key][np.maximum(at, 0)], 0.0)
+            shape = [1] * len(index)
+            shape[axis] = -1
+            total = total + values.reshape(shape)
+        return total
+
+
+def _log_ratio(ref_store, restored_store, weight: str, index: list[np.ndarray]) -> np.ndarray:
+    """log|restored / reference| on a sub-grid; NaN where the two are not non-zero with one sign."""
+    r = ref_store.get_grid(weight, index).astype(np.float64)
+    s = restored_store.get_grid(weight, index).astype(np.float64)
+    ok = (r != 0) & (s != 0) & (np.sign(r) == np.sign(s)) & np.isfinite(r) & np.isfinite(s)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(ok, np.log(np.abs(s) / np.where(ok, np.abs(r), 1.0)), np.nan)
+
+
+def _neuron_rows(x: np.ndarray, axis: int, n: int) -> np.ndarray:
+    """(neurons, entries): the slot's axis (neuron-major positions) first, the rest flattened."""
+    return np.moveaxis(x, axis, 0).reshape(n, -1)
+
+
+class _Section:
+    """One slot's log ratios: every neuron's positions along the slot's axis and, on the other axes,
+    all indices or an evenly spread sample of them (about SAMPLE_ENTRIES entries per neuron)."""
+
+    def __init__(self, ref_store, restored_store, slot, sample: bool):
+        shape = ref_store.shape(slot.weight)
+        n, block = slot.positions.shape
+        others = [a for a in range(len(shape)) if a != slot.axis]
+        counts = _spread_counts([shape[a] for a in others], max(1, SAMPLE_ENTRIES // block)) if sample else \
+            [shape[a] for a in others]
+        self.index = [None] * len(shape)
+        self.index[slot.axis] = slot.positions.reshape(-1)
+        for a, m in zip(others, counts):
+            self.index[a] = np.unique(np.linspace(0, shape[a] - 1, m).round().astype(np.int64))
+        self.slot, self.n = slot, n
+        self.log_ratio = _log_ratio(ref_store, restored_store, slot.weight, self.index)
+
+    def residual(self, terms: _Terms, scales, exclude: str | None = None) -> np.ndarray:
+        """Log ratio minus the model (without group `exclude`): (neurons, entries)."""
+        res = self.log_ratio - terms.model(self.slot.weight, self.index, scales, exclude)
+        return _neuron_rows(np.broadcast_to(res, self.log_ratio.shape), self.slot.axis, self.n)
+
+
+def _full_worst(ref_store, restored_store, slot, neurons: np.ndarray, terms: _Terms, scales):
+    """_worst of some neurons over every entry of the slot, FULL_CHUNK entries at a time."""
+    shape = ref_store.shape(slot.weight)
+    row = max(1, int(np.prod(shape)) // max(shape[slot.axis], 1) * slot.positions.shape[1])
+    step = max(1, FULL_CHUNK // row)
+    worst = np.zeros(len(neurons))
+    seen = np.zeros(len(neurons), dtype=np.int64)
+    for start in range(0, len(neurons), step):
+        part = neurons[start:start + step]
+        index = [np.arange(d, dtype=np.int64) for d in shape]
+        index[slot.axis] = slot.positions[part].reshape(-1)
+        res = _log_ratio(ref_store, restored_store, slot.weight, index) - terms.model(slot.weight, index, scales)
+        rows = _neuron_rows(np.broadcast_to(res, [len(i) for i in index]), slot.axis, len(part))
+        worst[start:start + step], seen[start:start + step] = _worst(rows)
+    return worst, seen
+
+
+def _spread_counts(dims: list[int], budget: int) -> list[int]:
+    """How many indices to take on each axis so that their product is about `budget`: small axes
+    whole, the budget shared out evenly over the rest."""
+    counts = [1] * len(dims)
+    left = budget
+    order = sorted(range(len(dims)), key=lambda i: dims[i])
+    for done, i in enumerate(order):
+        fair = max(1, int(round(left ** (1 / (len(dims) - done)))))
+        counts[i] = min(dims[i], fair)
+        left = max(1, left // counts[i])
+    return counts
 
 
 def undo_rescales(model: onnx.ModelProto, store, groups, scales: dict[str, np.ndarray]) -> int:

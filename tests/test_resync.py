@@ -240,6 +240,43 @@ def test_rescale_across_relu_is_detected_and_undone():
         np.testing.assert_allclose(b.get(name), r.get(name), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("name", ["vgg", "resnet", "mobilenet"])
+def test_rescale_after_batchnorm_is_undone(name):
+    """Trained BatchNorm nets: every neuron whose readers are homogeneous scaled by a in its
+    BatchNormalization's scale and bias (or its Gemm's rows), 1/a in its consumers; the
+    normalization's mean and variance and the conv before it unchanged. All found and undone."""
+    from onnx_resync.rescale import neutral_groups, structural_sides
+
+    ref = reference(name)
+    store = WeightStore(ref)
+    attacked = onnx.ModelProto()
+    attacked.CopyFrom(ref)
+    out = WeightStore(attacked)
+    arrays, count = {}, 0
+    rng = np.random.default_rng(7)
+    groups = neutral_groups(ref, walk(ref))
+    assert any(0 in structural_sides(ref, g) for g in groups)  # some go through a BatchNormalization
+    for g in groups:
+        a = np.exp(rng.uniform(-1.5, 1.5, g.size))
+        count += g.size
+        for side, slot in zip(structural_sides(ref, g), g.slots):
+            if side:
+                arr = arrays.setdefault(slot.weight, store.get(slot.weight).astype(np.float64))
+                view = np.moveaxis(arr, slot.axis, 0)
+                factor = (a if side > 0 else 1 / a).reshape((-1,) + (1,) * (view.ndim - 1))
+                view[slot.positions] = view[slot.positions] * factor[:, None]
+    for k, v in arrays.items():
+        out.set(k, v)
+    suspect, truth = permuted(attacked, 9)
+    restored, report = resync(suspect, ref)
+    assert report.verified and success(report, truth) == 1.0
+    assert report.perturbation["rescaled_undone"] == count
+    r, b = WeightStore(ref), WeightStore(restored)
+    for k in r.names():
+        if r.dtype(k).kind == "f":
+            np.testing.assert_allclose(b.get(k), r.get(k), rtol=2e-6, atol=1e-6)
+
+
 def test_rescale_across_sigmoid_is_a_finding_and_kept():
     ref = gen_mlp(act="Sigmoid")
     a = np.exp(np.random.default_rng(1).uniform(-1, 1, 48))

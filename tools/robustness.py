@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from onnx_resync.io import WeightStore, load_model  # noqa: E402
 from onnx_resync.match import _reindex, _rows, _summarize, _unit, match  # noqa: E402
 from onnx_resync.permute import PermutationRecord, apply_permutations, random_permutations  # noqa: E402
-from onnx_resync.rescale import neutral_groups, rescaled  # noqa: E402
+from onnx_resync.rescale import neutral_groups, rescaled, structural_sides  # noqa: E402
 from onnx_resync.resync import decision_statistics, restore  # noqa: E402
 from onnx_resync.walk import walk  # noqa: E402
 
@@ -91,20 +91,21 @@ def perturb(model: onnx.ModelProto, kind: str, strength, rng: np.random.Generato
 
 
 def rescale_attack(model: onnx.ModelProto, wk, s: float, rng: np.random.Generator):
-    """Scale each neuron of the neutral groups by a on its producer side and 1/a elsewhere."""
+    """Scale each neuron of the neutral groups by a on its producer side (a BatchNormalization's
+    scale and bias where one follows the producer) and 1/a on its consumers."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     store = WeightStore(out)
-    nodes = {n.name or n.op_type: n for n in out.graph.node}
     arrays: dict[str, np.ndarray] = {}
     attacked = 0
     for g in neutral_groups(model, wk):
-        producer_inputs = {i for p in g.producers if p in nodes for i in nodes[p].input}
         a = np.exp(rng.uniform(-math.log(s), math.log(s), g.size))
         attacked += g.size
-        for slot in g.slots:
+        for side, slot in zip(structural_sides(model, g), g.slots):
+            if side == 0:  # inside the producer (before its BatchNormalization): unchanged
+                continue
             arr = arrays.setdefault(slot.weight, store.get(slot.weight).astype(np.float64))
-            factor = a if slot.weight in producer_inputs else 1.0 / a
+            factor = a if side > 0 else 1.0 / a
             view = np.moveaxis(arr, slot.axis, 0)
             sub = view[slot.positions]
             sub *= factor.reshape((-1,) + (1,) * (sub.ndim - 1))
