@@ -39,6 +39,7 @@ RESCALE_ONE_SIDED = float(np.log(1.5))  # a slot this far from its median, the o
 SAMPLE_COLUMNS = 1024  # the sweep compares large groups on a random sample of feature columns ...
 SAMPLE_WORK = 1 << 28  # ... where n * n * feature width exceeds this ...
 SAMPLED_MARGIN = 0.25  # ... and accepts a mutual best there only with this margin (else: full solve)
+HASH_COLUMNS = 64  # columns per slot hashed to find byte-identical neurons (collisions then compared whole)
 
 @dataclass
 class GroupMatch:
@@ -220,7 +221,8 @@ class _Matcher:
         """Byte-identical neurons are paired outright; the rest go through the assignment."""
         self.solves += 1
         f = self.features(gi, aligned_only=True) if first else None
-        if f is None or (f.pairs < 0).any() or (_classes(f.ref_key) >= 0).any():
+        complete = f is not None and len(f.slots) == len(self.groups[gi].slots)
+        if not complete and (f is None or (f.pairs < 0).any() or (_classes(f.ref_key) >= 0).any()):
             # no exact copy (or twins that only the other slots tell apart): every slot
             f = self.features(gi)
         perm = f.pairs.copy()
@@ -439,20 +441,44 @@ def _null_spread(fr, fs, perm, rng) -> np.ndarray:
 
 
 def _keys(feats) -> dict:
-    """Per neuron of either model, one key for all its slices: a random linear hash of their bits
-    (mod 2^64; equal slices, equal keys; different ones collide with probability ~2^-64, and exact
-    pairs are checked element by element anyway)."""
+    """Per neuron of either model, one key for all its slices: equal slices, equal keys.
+
+    A random linear hash of the bits (mod 2^64) of at most HASH_COLUMNS columns per slot, then
+    neurons that share a key are told apart by all their entries: the hash only sorts, whole
+    slices decide (so wide layers cost a hash of a sample and a comparison of the few collisions)."""
     n = feats[0][0].shape[0]
     key = np.zeros(2 * n, dtype=np.uint64)
     rng = np.random.default_rng(0x5EED)
     for xr, xs in feats:
-        both = np.concatenate([xr, xs]) + 0  # -0.0 and 0.0 alike
+        cols = np.unique(np.linspace(0, xr.shape[1] - 1, HASH_COLUMNS).astype(np.int64)) if xr.shape[1] else []
+        both = np.concatenate([xr[:, cols], xs[:, cols]]) + 0  # -0.0 and 0.0 alike
         words = np.ascontiguousarray(both).view(np.uint32 if both.itemsize == 4 else np.uint64)
         mult = rng.integers(1, 2**63, words.shape[1], dtype=np.uint64) | np.uint64(1)
         with np.errstate(over="ignore"):
             key = key * np.uint64(0x9E3779B97F4A7C15) + words.astype(np.uint64) @ mult
     key = np.unique(key, return_inverse=True)[1].reshape(2 * n)
+    key = _split_collisions(key, feats, n)
     return {"ref_key": key[:n], "sus_key": key[n:]}
+
+
+def _split_collisions(key: np.ndarray, feats, n: int) -> np.ndarray:
+    """Keys (over both models' neurons) refined so that equal keys mean equal slices in every slot."""
+    _, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
+    shared = np.flatnonzero(counts[inverse] > 1)
+    if not len(shared):
+        return key
+    out = key.copy()
+    next_key = int(key.max()) + 1
+    for k in np.unique(key[shared]):
+        members = np.flatnonzero(key == k)
+        mine, theirs = members[members < n], members[members >= n] - n
+        rows = np.concatenate([np.concatenate([xr[mine], xs[theirs]]) + 0 for xr, xs in feats], axis=1)
+        _, sub = np.unique(np.ascontiguousarray(rows).view(np.uint8).reshape(len(members), -1), axis=0,
+                           return_inverse=True)
+        sub = sub.reshape(-1)
+        out[members[sub > 0]] = next_key + sub[sub > 0] - 1
+        next_key += int(sub.max())
+    return out
 
 
 def _exact_pairs(ref_key: np.ndarray, sus_key: np.ndarray) -> np.ndarray:

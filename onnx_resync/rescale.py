@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from .sampling import spread, spread_counts
+
 # Readers through which scaling a neuron by a > 0 scales what reaches the consumers by a (and nothing
 # else): positively homogeneous activations and linear ops. "Op/2" (two labelled inputs) is not
 # listed for Mul or MatMul: a product of two scaled activations scales by a^2. (An Add of a constant
@@ -113,7 +115,8 @@ def find_rescales(model: onnx.ModelProto, ref_store, restored_store, groups) -> 
     # medians are robust to what no rescale explains, but two coupled groups can settle at opposite
     # offsets (their shared weight outvotes the few entries that pin each); on exact data a least-
     # squares correction lands on the exact scales: keep whichever the samples say explains more
-    candidates = [scales, _polished(groups, sections, terms, scales)]
+    candidates = [scales] + ([_polished(groups, sections, terms, scales)]
+                             if _offset_rows(sections, terms, scales) else [])
     for c in candidates:
         _keep_exact(groups, sides, c, lambda g, k, live, c=c: _worst(sections[g.key, k].residual(terms, c)[live]))
     scales = max(candidates, key=lambda c: sum(int(np.count_nonzero(v)) for v in c.values()))
@@ -121,6 +124,22 @@ def find_rescales(model: onnx.ModelProto, ref_store, restored_store, groups) -> 
     _keep_exact(groups, sides, scales,
                 lambda g, k, live: _full_worst(ref_store, restored_store, g.slots[k], live, terms, scales))
     return {k: v for k, v in scales.items() if np.any(np.abs(v) >= MIN_LOG_SCALE)}
+
+
+def _offset_rows(sections, terms, scales) -> bool:
+    """Some slot has rows whose residuals are one constant, not zero: what exact rescales with an
+    offset left between coupled groups look like (noise leaves no constant rows)."""
+    for sec in sections.values():
+        res = sec.residual(terms, scales)
+        enough = (~np.isnan(res)).sum(axis=1) >= 2
+        if not enough.any():
+            continue
+        res = res[enough]
+        level = np.nanmedian(res, axis=1)
+        flat = np.nanmax(np.abs(res - level[:, None]), axis=1) <= EXACT
+        if np.any(flat & (np.abs(level) > EXACT)):
+            return True
+    return False
 
 
 def _polished(groups, sections, terms: "_Terms", scales) -> dict[str, np.ndarray]:
@@ -236,12 +255,12 @@ class _Section:
         shape = ref_store.shape(slot.weight)
         n, block = slot.positions.shape
         others = [a for a in range(len(shape)) if a != slot.axis]
-        counts = _spread_counts([shape[a] for a in others], max(1, SAMPLE_ENTRIES // block)) if sample else \
+        counts = spread_counts([shape[a] for a in others], max(1, SAMPLE_ENTRIES // block)) if sample else \
             [shape[a] for a in others]
         self.index = [None] * len(shape)
         self.index[slot.axis] = slot.positions.reshape(-1)
         for a, m in zip(others, counts):
-            self.index[a] = np.unique(np.linspace(0, shape[a] - 1, m).round().astype(np.int64))
+            self.index[a] = spread(shape[a], m)
         self.slot, self.n = slot, n
         self.log_ratio = _log_ratio(ref_store, restored_store, slot.weight, self.index)
 
@@ -266,19 +285,6 @@ def _full_worst(ref_store, restored_store, slot, neurons: np.ndarray, terms: _Te
         rows = _neuron_rows(np.broadcast_to(res, [len(i) for i in index]), slot.axis, len(part))
         worst[start:start + step], seen[start:start + step] = _worst(rows)
     return worst, seen
-
-
-def _spread_counts(dims: list[int], budget: int) -> list[int]:
-    """How many indices to take on each axis so that their product is about `budget`: small axes
-    whole, the budget shared out evenly over the rest."""
-    counts = [1] * len(dims)
-    left = budget
-    order = sorted(range(len(dims)), key=lambda i: dims[i])
-    for done, i in enumerate(order):
-        fair = max(1, int(round(left ** (1 / (len(dims) - done)))))
-        counts[i] = min(dims[i], fair)
-        left = max(1, left // counts[i])
-    return counts
 
 
 def undo_rescales(model: onnx.ModelProto, store, groups, scales: dict[str, np.ndarray]) -> int:
