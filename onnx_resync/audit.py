@@ -476,8 +476,8 @@ def similarity_matrix(group, ref_store: WeightStore, sus_store: WeightStore) -> 
     n = group.size
     parts_r, parts_s, dims = [], [], []
     for slot in group.slots:
-        r = _rows(ref_store.get(slot.weight), slot.axis, slot.positions)
-        s = _rows(sus_store.get(slot.weight), slot.axis, slot.positions)
+        r = _rows(*slot.part(ref_store.get(slot.weight)), slot.positions)
+        s = _rows(*slot.part(sus_store.get(slot.weight)), slot.positions)
         parts_r.append(r)
         parts_s.append(s)
         dims.append(r.shape[1])

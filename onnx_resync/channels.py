@@ -5,6 +5,12 @@ each position of one tensor axis, which element sits there (`elem`) and which su
 element's block (`sub`, non-zero after Flatten merges a channel with trailing axes). Binary ops
 *union* elements (a residual stream is one neuron across many producers); anything the walker
 cannot follow *pins* them.
+
+A *stacked* label sits on a pair of axes (outer, inner): the inner axis's label depends on the
+index along a small outer axis (a bidirectional RNN's direction axis, each direction its own
+units). It lists the inner labels of outer index 0, 1, ... one after another, which is exactly the
+label of the one axis that a Reshape merging the two (outer first) makes. Tensors keep it under the
+key (outer, inner) in their axis -> label maps.
 """
 
 from __future__ import annotations

@@ -161,7 +161,11 @@ class _Matcher:
         group's own other axes (an RNN's recurrent weight), at its current estimate. An unresolved
         group on another axis is summarized by sorting along its neurons; one on the slot's own axis
         (dims inside the heads being matched) by sorting inside each neuron's block. The order of a
-        row's entries is the same for both models, not the weight's."""
+        row's entries is the same for both models, not the weight's.
+
+        A slot in one slice of the weight (slot.at: one direction of an RNN) reads that slice only,
+        where the other slices' groups do not reach; a group in one slice seen from a whole-weight
+        slot is aligned in its slice, or, unresolved, summarized by sorting the whole axis."""
         R, S = self.arrays(slot.weight)
         s = S
         summarize: dict[int, list] = {}
@@ -169,24 +173,34 @@ class _Matcher:
         for o in range(R.ndim):
             index = None
             for hj, hslot in self.axis_groups.get((slot.weight, o), ()):
-                if hj == gi and o == slot.axis:
+                if slot.at is not None and hslot.at not in (None, slot.at):
+                    continue  # another slice than the one read
+                if hj == gi and o == slot.axis and hslot.at == slot.at:
                     continue
-                if self.perm[hj] is not None:
-                    move = np.arange(R.shape[o])
+                sliced = slot.at is None and hslot.at is not None  # moves one slice of what is read
+                if self.perm[hj] is not None and sliced:
+                    s = s.copy() if s is S else s
+                    _reindex(*hslot.part(s), hslot.positions, self.perm[hj])
+                elif self.perm[hj] is not None:  # (in the slot's own slice, moving the whole axis
+                    move = np.arange(R.shape[o])   # changes nothing that is read)
                     move[hslot.positions.reshape(-1)] = hslot.positions[self.perm[hj]].reshape(-1)
                     index = move if index is None else index[move]
                 elif aligned_only:
                     return None
                 elif o == slot.axis:
                     block_sort = True
+                elif sliced:  # sorting the whole axis: invariant to any move in any slice
+                    summarize[o] = [np.arange(R.shape[o])[:, None]]
                 else:
                     summarize.setdefault(o, []).append(hslot.positions)
             if index is not None:
                 s = np.take(s, index, axis=o)
         n, b = slot.positions.shape
-        xr, xs = _rows(R, slot.axis, slot.positions), _rows(s, slot.axis, slot.positions)
+        (r_part, axis), (s_part, _) = slot.part(R), slot.part(s)
+        xr, xs = _rows(r_part, axis, slot.positions), _rows(s_part, axis, slot.positions)
+        gone = [slot.axis] + ([slot.at[0]] if slot.at else [])  # axes not among the other axes
         for o in sorted(summarize, reverse=True):  # (n, b, *other axes); o's place in that
-            axis = 2 + (o if o < slot.axis else o - 1)
+            axis = 2 + o - sum(g < o for g in gone)
             xr, xs = _summarize(xr, axis, summarize[o]), _summarize(xs, axis, summarize[o])
         if block_sort:
             xr, xs = np.sort(np.moveaxis(xr, 1, -1), axis=-1), np.sort(np.moveaxis(xs, 1, -1), axis=-1)
@@ -283,7 +297,7 @@ class _Matcher:
         self.result[gi] = GroupMatch(
             key=g.key, size=n, perm=perm, cosine=cos, margin=margin,
             norm_ratio=np.divide(num, den, out=np.ones(n), where=den > 0),
-            slot_names=[f"{g.slots[k].weight}:{g.slots[k].axis}" for k in f.slots], slot_dims=f.dims,
+            slot_names=[g.slots[k].name() for k in f.slots], slot_dims=f.dims,
             slot_ratio=slot_ratio,
             gap=gap, evidence=float(np.median(gap)),
             ref_class=_classes(f.ref_key), sus_class=_classes(f.sus_key), shortcut=int(settled),

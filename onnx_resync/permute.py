@@ -15,7 +15,7 @@ import onnx
 
 from .errors import ModelMismatchError, UsageError
 from .io import WeightStore
-from .walk import Group, WalkResult
+from .walk import Group, WalkResult, slot_part
 
 RECORD_FORMAT = "onnx-resync/permutation/1"
 
@@ -73,8 +73,9 @@ def select_groups(walk: WalkResult, keys: list[str] | None) -> list[Group]:
     return chosen
 
 
-def slot_indices(walk: WalkResult, perms: dict[str, list[int]], dim_of) -> dict[tuple[str, int], np.ndarray]:
-    """For every (weight, axis) touched: the gather index that realizes all the group permutations.
+def slot_indices(walk: WalkResult, perms: dict[str, list[int]], dim_of) -> dict[tuple, np.ndarray]:
+    """For every (weight, axis, at) touched: the gather index that realizes all the group permutations
+    (`at`: the slice it applies to, None for the whole weight; see GroupSlot).
 
     dim_of(weight, axis) gives the axis length.
     """
@@ -88,11 +89,11 @@ def slot_indices(walk: WalkResult, perms: dict[str, list[int]], dim_of) -> dict[
         if perm.shape != (group.size,) or not np.array_equal(np.sort(perm), np.arange(group.size)):
             raise UsageError(f"record for group {key!r} is not a permutation of {group.size} neurons")
         for slot in group.slots:
-            k = (slot.weight, slot.axis)
+            k = (slot.weight, slot.axis, slot.at)
             if k not in index:
-                index[k] = np.arange(dim_of(*k))
+                index[k] = np.arange(dim_of(slot.weight, slot.axis))
             # compose: groups on one axis touch disjoint positions, or commute (heads and the dims
-            # inside every head), so gathering one after the other realizes them all
+            # inside every head; slices of one axis), so gathering one after the other realizes them all
             move = np.arange(len(index[k]))
             move[slot.positions.reshape(-1)] = slot.positions[perm].reshape(-1)
             index[k] = index[k][move]
@@ -103,35 +104,44 @@ def apply_permutations(model: onnx.ModelProto, walk: WalkResult, record: Permuta
     """Rewrite the model's weights in place; returns the number of weight tensors changed."""
     store = WeightStore(model)
     index = slot_indices(walk, record.perms, lambda w, a: store.shape(w)[a])
-    by_weight: dict[str, list[tuple[int, np.ndarray]]] = defaultdict(list)
-    for (weight, axis), idx in index.items():
-        by_weight[weight].append((axis, idx))
+    by_weight: dict[str, list[tuple]] = defaultdict(list)
+    for (weight, axis, at), idx in index.items():
+        by_weight[weight].append((axis, at, idx))
     for weight, moves in by_weight.items():
         if store.is_lazy(weight):  # a huge model: permuted one tensor at a time, when it is saved
             store.set_lazy(weight, _permuted(store.reader(weight), moves))
             continue
-        array = store.get(weight)
-        for axis, idx in moves:
-            array = np.take(array, idx, axis=axis)
-        store.set(weight, array)
+        store.set(weight, _moved(store.get(weight), moves))
     return len(by_weight)
 
 
 def _permuted(read, moves):
     """The permuted tensor as a computation, which can also produce a sub-grid alone: entry i along
-    a moved axis is entry idx[i] of the source, so a sample reads only the entries it needs."""
+    a moved axis is entry idx[i] of the source, so a sample reads only the entries it needs (a
+    move inside one direction's slice is not one index per axis: that sub-grid is computed whole)."""
     def compute() -> np.ndarray:
-        array = read()
-        for axis, idx in moves:
-            array = np.take(array, idx, axis=axis)
-        return array
+        return _moved(read(), moves)
 
     def grid(index: list[np.ndarray]) -> np.ndarray:
+        if any(at is not None for _, at, _ in moves):
+            return compute()[np.ix_(*index)]
         source = list(index)
-        for axis, idx in moves:
+        for axis, _, idx in moves:
             source[axis] = idx[source[axis]]
         source_grid = getattr(read, "grid", None)
         return source_grid(source) if source_grid is not None else read()[np.ix_(*source)]
 
     compute.grid = grid
     return compute
+
+
+def _moved(array: np.ndarray, moves) -> np.ndarray:
+    """`array` gathered along each (axis, at, index): the whole axis, or inside the slice `at`."""
+    for axis, at, idx in moves:
+        if at is None:
+            array = np.take(array, idx, axis=axis)
+        else:
+            array = array.copy()
+            part, part_axis = slot_part(array, axis, at)
+            part[...] = np.take(part, idx, axis=part_axis)
+    return array

@@ -77,7 +77,8 @@ def neutral_groups(model: onnx.ModelProto, walk_result) -> list:
     out = []
     for g in walk_result.groups:
         if not (g.producers and all(ops.get(p) in LINEAR_PRODUCERS for p in g.producers)
-                and all(r in HOMOGENEOUS_READERS or r == "BatchNormalization" for r in g.readers)):
+                and all(r in HOMOGENEOUS_READERS or r == "BatchNormalization" for r in g.readers)
+                and all(slot.at is None for slot in g.slots)):  # the log model indexes whole axes
             continue
         # a BatchNormalization further on (after an activation) normalizes the scale away: not neutral
         sides = structural_sides(model, g)

@@ -51,8 +51,8 @@ def pin_op(reason: str):
 
 
 def passthrough(ctx, node) -> None:
-    """Elementwise on one data input: every output carries the input's labels."""
-    labels = ctx.get(node.input[0]) if node.input else {}
+    """Elementwise on one data input: every output carries the input's labels (stacked ones too)."""
+    labels = ctx.labels.get(node.input[0], {}) if node.input else {}
     uniform = ctx.uniform.get(node.input[0]) if node.input else None
     for out in node.output:
         ctx.set(out, labels)
@@ -373,12 +373,13 @@ def gather(ctx, node) -> None:
         return
     idx = ctx.const(indices)
     ctx.pin_all(indices, "used as Gather indices")
+    if axis is None or idx is None or idx.ndim > 1 or any(axis == i for _, i in ctx.stacked(data)):
+        ctx.tie_directions(data)  # directions are picked whole, along the outer axis
     labels = ctx.get(data)
-    if not labels:
+    if not ctx.labels.get(data):
         return
     if axis is None:
-        for l in labels.values():
-            ctx.pin(l, "Gather with unknown rank")
+        ctx.pin_all(data, "Gather with unknown rank")
         return
     idx_rank = 0 if idx is None else idx.ndim
     out_labels = {}
@@ -391,6 +392,10 @@ def gather(ctx, node) -> None:
             out_labels[a] = _distinct_copies(label.take(np.where(idx < 0, idx + len(label), idx)))
         else:
             ctx.pin(label, "Gather on the channel axis with non-constant or multi-dim indices")
+    if idx is not None:
+        picked = np.where(idx < 0, idx + (ctx.dim(data, axis) or 0), idx).reshape(-1)
+        where = {a: a if a < axis else a + idx_rank - 1 for a in range(r) if a != axis or idx_rank == 1}
+        out_labels.update(_cut_stacked(ctx, data, lambda a, n: picked if a == axis else None, where))
     ctx.set(out, out_labels)
 
 
@@ -494,6 +499,7 @@ def transpose(ctx, node) -> None:
     for new_axis, old_axis in enumerate(perm):
         if old_axis in labels:
             out[new_axis] = labels[old_axis]
+    out.update(_move_stacked(ctx, x, {old: new for new, old in enumerate(perm)}, node))
     ctx.set(node.output[0], out)
     uniform = ctx.uniform.get(x, set())
     if uniform:
@@ -514,14 +520,13 @@ def squeeze(ctx, node) -> None:
     _derive_reshaped(ctx, node)
     x = node.input[0]
     labels = ctx.get(x)
-    if not labels:
+    if not ctx.labels.get(x):
         return
     r = ctx.rank(x)
     axes = _axes_input(ctx, node)
     shape = ctx.shape(x)
     if r is None or (axes is None and shape is None):
-        for l in labels.values():
-            ctx.pin(l, "Squeeze with unknown shape")
+        ctx.pin_all(x, "Squeeze with unknown shape")
         return
     if axes is None:
         axes = [i for i, d in enumerate(shape) if d == 1]
@@ -532,6 +537,7 @@ def squeeze(ctx, node) -> None:
             ctx.pin(l, "Squeeze of a channel axis")  # cannot happen for len > 1
             continue
         out[a - sum(1 for s in axes if s < a)] = l
+    out.update(_move_stacked(ctx, x, {a: a - sum(1 for s in axes if s < a) for a in range(r) if a not in axes}, node))
     ctx.set(node.output[0], out)
 
 
@@ -544,15 +550,16 @@ def unsqueeze(ctx, node) -> None:
     if ctx.uniform.get(x) and axes is not None and ro is not None:
         kept = [i for i in range(ro) if i not in sorted(a % ro for a in axes)]
         ctx.uniform[node.output[0]] = {kept[a] for a in ctx.uniform[x]}
-    if not labels:
+    if not ctx.labels.get(x):
         return
     if axes is None or ro is None:
-        for l in labels.values():
-            ctx.pin(l, "Unsqueeze with unknown axes")
+        ctx.pin_all(x, "Unsqueeze with unknown axes")
         return
     axes = sorted(a % ro for a in axes)
     kept = [i for i in range(ro) if i not in axes]
-    ctx.set(node.output[0], {kept[a]: l for a, l in labels.items()})
+    out = {kept[a]: l for a, l in labels.items()}
+    out.update(_move_stacked(ctx, x, dict(enumerate(kept)), node))
+    ctx.set(node.output[0], out)
 
 
 def flatten(ctx, node) -> None:
@@ -596,10 +603,10 @@ def _merge_axes(ctx, node, labels, in_shape, groups_of_axes) -> None:
 def reshape(ctx, node) -> None:
     _derive_reshaped(ctx, node)
     x = node.input[0]
-    labels = ctx.get(x)
+    in_shape, out_shape = ctx.shape(x), ctx.shape(node.output[0])
+    labels, in_shape = _merge_stacked(ctx, x, in_shape, out_shape)
     if not labels:
         return
-    in_shape, out_shape = ctx.shape(x), ctx.shape(node.output[0])
     if in_shape is None or out_shape is None:
         for l in labels.values():
             ctx.pin(l, "Reshape with unknown shapes")
@@ -654,6 +661,65 @@ def reshape(ctx, node) -> None:
                 continue
             out.update(zip(real_out, factors))
     ctx.set(node.output[0], out)
+
+
+def _move_stacked(ctx, x, where: dict[int, int], node) -> dict:
+    """`x`'s stacked labels with both axes moved (old axis -> new); one losing an axis pins."""
+    out = {}
+    for (o, i), label in ctx.stacked(x).items():
+        if o in where and i in where:
+            out[(where[o], where[i])] = label
+        else:
+            ctx.pin(label, f"{node.op_type} drops a channel axis")
+    return out
+
+
+def _cut_stacked(ctx, x, pick, where: dict[int, int] | None = None) -> dict:
+    """`x`'s stacked labels cut by pick(axis, length) (the indices kept; None: all) on their outer
+    and inner axes, then moved by `where` (old axis -> new; the outer axis may go when one index is
+    kept). One outer index left: a plain label on the inner axis (one direction's units)."""
+    out = {}
+    for (o, i), label in ctx.stacked(x).items():
+        count = ctx.dim(x, o)
+        if not isinstance(count, int) or count < 1 or len(label) % count:
+            ctx.pin(label, "a stacked channel axis of unknown size")
+            continue
+        inner = len(label) // count
+        outer_kept, inner_kept = pick(o, count), pick(i, inner)
+        outer_kept = np.arange(count) if outer_kept is None else np.asarray(outer_kept) % count
+        inner_kept = np.arange(inner) if inner_kept is None else np.asarray(inner_kept) % inner
+        cut = _distinct_copies(label.take((outer_kept[:, None] * inner + inner_kept[None, :]).reshape(-1)))
+        where_o, where_i = (o, i) if where is None else (where.get(o), where.get(i))
+        if where_i is None or (where_o is None and len(outer_kept) != 1):
+            ctx.pin(label, "a stacked channel axis is cut in a way the walker cannot follow")
+        elif len(outer_kept) == 1:
+            out[where_i] = cut
+        else:
+            out[(where_o, where_i)] = cut
+    return out
+
+
+def _merge_stacked(ctx, x, in_shape, out_shape):
+    """Before a Reshape: a stacked label whose (outer, inner) axes are adjacent, in that order, and
+    merged into one output axis becomes a plain label of the merged axis (see channels.py). Returns
+    the labels and the input shape with that pair merged; other stacked labels tie their directions."""
+    stacked = ctx.stacked(x)
+    if not stacked:
+        return ctx.get(x), in_shape
+    (o, i), label = next(iter(stacked.items()))
+    merged = None
+    if len(stacked) == 1 and i == o + 1 and in_shape is not None and out_shape is not None:
+        if isinstance(in_shape[o], int) and isinstance(in_shape[i], int):
+            merged = list(in_shape[:o]) + [in_shape[o] * in_shape[i]] + list(in_shape[i + 1:])
+            groups = _reshape_groups(merged, out_shape) or []
+            if not any(o in gi and sum(1 for b in go if out_shape[b] != 1) == 1 for gi, go in groups):
+                merged = None  # the pair is split again or spread over several output axes
+    if merged is None:
+        ctx.tie_directions(x)
+        return ctx.get(x), in_shape
+    labels = {(a if a < o else a - 1): l for a, l in ctx.get(x).items()}
+    labels[o] = label
+    return labels, merged
 
 
 def _plain(label) -> bool:
@@ -835,7 +901,7 @@ def concat(ctx, node) -> None:
 def split(ctx, node) -> None:
     x = node.input[0]
     labels = ctx.get(x)
-    if not labels:
+    if not ctx.labels.get(x):
         return
     r = ctx.rank(x)
     axis = _norm_axis(int(attr(node, "axis", 0)), r)
@@ -847,14 +913,15 @@ def split(ctx, node) -> None:
         dims = [ctx.dim(o, axis) for o in node.output]
         sizes = dims if all(isinstance(d, int) for d in dims) else None
     if axis is None or sizes is None:
-        for l in labels.values():
-            ctx.pin(l, "Split with unknown sizes")
+        ctx.pin_all(x, "Split with unknown sizes")
         return
     start = 0
     for out, size in zip(node.output, sizes):
         out_labels = dict(labels)
+        kept = np.arange(start, start + size)
         if axis in labels:
-            out_labels[axis] = labels[axis].take(np.arange(start, start + size))
+            out_labels[axis] = labels[axis].take(kept)
+        out_labels.update(_cut_stacked(ctx, x, lambda a, n: kept if a == axis else None))
         start += size
         ctx.set(out, out_labels)
 
@@ -862,7 +929,7 @@ def split(ctx, node) -> None:
 def slice_(ctx, node) -> None:
     x = node.input[0]
     labels = ctx.get(x)
-    if not labels:
+    if not ctx.labels.get(x):
         return
     r = ctx.rank(x)
     starts, ends = ctx.const(_inputs(node, 1)), ctx.const(_inputs(node, 2))
@@ -870,8 +937,7 @@ def slice_(ctx, node) -> None:
     if starts is None and attr(node, "starts") is not None:  # opset < 10
         starts, ends, axes = attr(node, "starts"), attr(node, "ends"), attr(node, "axes")
     if starts is None or ends is None or r is None:
-        for l in labels.values():
-            ctx.pin(l, "Slice with non-constant bounds")
+        ctx.pin_all(x, "Slice with non-constant bounds")
         return
     starts, ends = np.atleast_1d(starts).tolist(), np.atleast_1d(ends).tolist()
     axes = list(range(len(starts))) if axes is None else [int(a) % r for a in np.atleast_1d(axes)]
@@ -880,6 +946,8 @@ def slice_(ctx, node) -> None:
     for a, s, e, st in zip(axes, starts, ends, steps):
         if a in labels:
             out[a] = labels[a].take(np.arange(len(labels[a]))[slice(*_clamp(s, e, st, len(labels[a])))])
+    cuts = {a: slice(*_clamp(s, e, st, 0)) for a, s, e, st in zip(axes, starts, ends, steps)}
+    out.update(_cut_stacked(ctx, x, lambda a, n: np.arange(n)[cuts[a]] if a in cuts else None))
     ctx.set(node.output[0], out)
 
 
@@ -1036,23 +1104,32 @@ def dynamic_quantize_linear(ctx, node) -> None:
 
 
 def rnn(ctx, node, *, transposed: bool = False) -> None:
-    """LSTM/GRU/RNN: input features are a slot of W; hidden units are fresh elements.
+    """LSTM/GRU/RNN: input features are a slot of W; hidden units are fresh elements, one set per
+    direction.
 
-    The hidden units sit in every gate block of W, R and B (gate g, unit k at g*H + k), on both axes
-    of the recurrence R, and in the states. A bidirectional layer gets one permutation for both
-    directions (Y's direction axis carries no label, so a merged [fwd | bwd] axis repeats it).
-    Tensor axes are the same for layout 0 and 1: features on X's axis 2, units on Y's axis 3 and
-    on axis 2 of Y_h, Y_c and the initial states. `transposed`: com.microsoft.DynamicQuantizeLSTM
-    stores W as [dir, input, 4H] and R as [dir, H, 4H], with per-direction or per-row scales.
+    A direction's units sit in every gate block of its slice of W, R and B (gate g, unit k at
+    g*H + k), on both axes of its recurrence R[d], in its initial states, peepholes and (for
+    DynamicQuantizeLSTM) per-row scales: slots `at` (direction axis, d). Each direction is its own
+    group, so Y, Y_h and Y_c carry a stacked label over (direction axis, unit axis) (channels.py):
+    merging the two axes gives [fwd units | bwd units], picking one direction gives its units, and a
+    reader that mixes directions ties them (one permutation for both, the old model; still exact).
+    Units are on Y's axis 3 and on axis 2 of Y_h, Y_c and the initial states in both layouts; the
+    direction axis is 1 of Y and 0 of the states with layout 0, 2 and 1 with layout 1.
+    `transposed`: com.microsoft.DynamicQuantizeLSTM stores W as [dir, input, 4H] and R as
+    [dir, H, 4H], with per-direction or per-row scales and zero points (inputs 8-11).
     """
     in_axis, gate_axis = (1, 2) if transposed else (2, 1)
     x, w, r_w = node.input[0], node.input[1], node.input[2]
     b = _inputs(node, 3)
     hidden = int(attr(node, "hidden_size", 0))
     gates = {"LSTM": 4, "GRU": 3, "RNN": 1, "DynamicQuantizeLSTM": 4}[node.op_type]
+    dirs = 2 if attr(node, "direction", b"forward") in (b"bidirectional", "bidirectional") else 1
+    layout = int(attr(node, "layout", 0))
+    for l in ctx.stacked(x).values():
+        ctx.pin(l, f"{node.op_type} input on a non-feature axis")
     for a, l in ctx.get(x).items():
         if a == 2 and ctx.is_weightlike(w):
-            ctx.slot(w, in_axis, l)
+            ctx.slot(w, in_axis, l)  # the same features feed both directions
         else:
             ctx.pin(l, f"{node.op_type} input on a non-feature axis")
     weights_ok = all(ctx.is_weightlike(t) for t in (w, r_w)) and (not b or ctx.is_weightlike(b))
@@ -1062,37 +1139,59 @@ def rnn(ctx, node, *, transposed: bool = False) -> None:
         units = ctx.new(max(hidden, 1), node, node.output[0] if node.output else "")
         ctx.pin(units, f"{node.op_type} with computed weights or unknown hidden_size")
         return
-    units = ctx.new(hidden, node, node.output[0] if node.output else "")
-    gate_label = units.tile(gates)
-    ctx.slot(w, gate_axis, gate_label)
-    ctx.slot(r_w, gate_axis, gate_label)
-    ctx.slot(r_w, in_axis, units)
-    if b:
-        ctx.slot(b, 1, units.tile(2 * gates))
-    # inputs: 4 sequence_lens (no channels), 5 initial_h, 6 initial_c, 7 peepholes P (LSTM: 3 blocks);
-    # DynamicQuantizeLSTM: 8-11 W/R scale and zero point, per direction or per gate row
+    units = [ctx.new(hidden, node, node.output[0] if node.output else "") for _ in range(dirs)]
+    for d, u in enumerate(units):
+        at = (0, d) if dirs > 1 else None  # a single direction keeps plain slots
+        gate_label = u.tile(gates)
+        ctx.slot(w, gate_axis, gate_label, at)
+        ctx.slot(r_w, gate_axis, gate_label, at)
+        ctx.slot(r_w, in_axis, u, at)
+        if b:
+            ctx.slot(b, 1, u.tile(2 * gates), at)
+        _rnn_extras(ctx, node, d, u, gate_label, at, layout, gates * hidden)
+    stacked = Label.concat(units)
+    outs = list(node.output) + [""] * 3
+    if dirs == 1:
+        ctx.set(outs[0], {3: units[0]})
+        ctx.set(outs[1], {2: units[0]})
+        ctx.set(outs[2], {2: units[0]})
+    else:
+        ctx.set(outs[0], {(1 + layout, 3): stacked})
+        ctx.set(outs[1], {(layout, 2): stacked})
+        ctx.set(outs[2], {(layout, 2): stacked})
+
+
+def _rnn_extras(ctx, node, d, units, gate_label, at, layout, rows) -> None:
+    """Inputs 5 initial_h, 6 initial_c, 7 peepholes P (LSTM: 3 blocks); DynamicQuantizeLSTM: 8-11
+    W/R scale and zero point, per direction or per gate row. `d`: the direction of `units`."""
+    state_at = (layout, d) if at is not None else None
     for idx, name in enumerate(node.input):
         if idx < 5 or not name:
             continue
         if idx >= 8:
             shape = ctx.shape(name)
-            if shape and len(shape) == 2 and shape[1] == gates * hidden:
-                ctx.slot(name, 1, gate_label)
+            if shape and len(shape) == 2 and shape[1] == rows:
+                ctx.slot(name, 1, gate_label, at)
             continue
+        stacked = ctx.stacked(name).get((layout, 2)) if at is not None else None
+        stacked = stacked if stacked is not None and len(stacked) == 2 * len(units) else None
         if idx == 7:
-            ctx.slot(name, 1, units.tile(3))
+            ctx.slot(name, 1, units.tile(3), at)
         elif ctx.is_weightlike(name):
-            ctx.slot(name, 2, units)
+            ctx.slot(name, 2, units, state_at)
+        elif stacked is not None:
+            ctx.union(stacked.take(np.arange(d * len(units), (d + 1) * len(units))), units)
         elif ctx.get(name).get(2) is not None:
-            ctx.union(ctx.get(name)[2], units)
+            ctx.union(ctx.get(name)[2], units)  # the same state for every direction: they move together
         elif _is_uniform(ctx, name, 2):
             continue  # e.g. zeros from ConstantOfShape
         else:
             ctx.pin(units, f"{node.op_type} initial state from an unlabelled tensor")
-    outs = list(node.output) + [""] * 3
-    ctx.set(outs[0], {3: units})
-    ctx.set(outs[1], {2: units})
-    ctx.set(outs[2], {2: units})
+    if d == 0:
+        for name in node.input[5:7]:
+            for key, label in ctx.stacked(name).items():
+                if key != (layout, 2) or at is None or len(label) != 2 * len(units):
+                    ctx.pin(label, f"{node.op_type} initial state with its units on another axis")
 
 
 def matmul_integer(ctx, node) -> None:
@@ -1314,3 +1413,8 @@ CONTRIB_RULES = {
     "QLinearAveragePool": qlinear_pool,
     "QLinearConcat": qlinear_concat,
 }
+
+# Rules that read stacked labels (channels.py) themselves; before any other, the walker ties the
+# directions of its inputs (walk.py).
+STACKED_RULES = {passthrough, transpose, squeeze, unsqueeze, reshape, gather, split, slice_, rnn,
+                 dynamic_quantize_lstm, shape_only, constant_of_shape}

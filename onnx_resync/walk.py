@@ -16,7 +16,7 @@ import onnx
 from .channels import ElementTable, Label
 from .errors import UnsupportedError
 from .graph import GraphView
-from .rules import CONTRIB_RULES, RULES, resolve_weight_axes, unknown_op
+from .rules import CONTRIB_RULES, RULES, STACKED_RULES, resolve_weight_axes, unknown_op
 
 
 @dataclass
@@ -26,9 +26,32 @@ class GroupSlot:
     weight: str
     axis: int
     positions: np.ndarray  # (size, block) int64
+    # (outer axis, index): the positions lie in this slice of the weight only (one direction of a
+    # bidirectional RNN, whose units move independently of the other direction's); axes count in
+    # the whole weight
+    at: tuple[int, int] | None = None
+
+    def part(self, array: np.ndarray) -> tuple[np.ndarray, int]:
+        """The part of `array` that the positions index (a view) and the axis they run along there."""
+        return slot_part(array, self.axis, self.at)
+
+    def name(self) -> str:
+        """weight:axis, and [index] for a slice."""
+        return f"{self.weight}:{self.axis}" + (f"[{self.at[1]}]" if self.at else "")
 
     def to_dict(self) -> dict:
-        return {"weight": self.weight, "axis": self.axis, "block": int(self.positions.shape[1])}
+        out = {"weight": self.weight, "axis": self.axis, "block": int(self.positions.shape[1])}
+        if self.at is not None:
+            out["at"] = list(self.at)
+        return out
+
+
+def slot_part(array: np.ndarray, axis: int, at: tuple[int, int] | None) -> tuple[np.ndarray, int]:
+    """`array` itself, or its slice `at` = (outer axis, index) as a view; and where `axis` is there."""
+    if at is None:
+        return array, axis
+    outer, index = at
+    return array[(slice(None),) * outer + (index,)], axis - (axis > outer)
 
 
 @dataclass
@@ -112,7 +135,12 @@ class WalkContext:
 
     # ---- reading -----------------------------------------------------------------------------
     def get(self, name: str) -> dict[int, Label]:
-        return self.labels.get(name, {})
+        """Plain labels (axis -> label); stacked ones are read with `stacked`."""
+        return {a: l for a, l in self.labels.get(name, {}).items() if not isinstance(a, tuple)}
+
+    def stacked(self, name: str) -> dict[tuple[int, int], Label]:
+        """Stacked labels ((outer axis, inner axis) -> label, see channels.py)."""
+        return {a: l for a, l in self.labels.get(name, {}).items() if isinstance(a, tuple)}
 
     def shape(self, name: str):
         return self.view.shape(name)
@@ -189,23 +217,50 @@ class WalkContext:
         self.elements.pin(label.elem, reason)
 
     def pin_all(self, name: str, reason: str) -> None:
-        for label in self.get(name).values():
+        for label in self.labels.get(name, {}).values():
             self.pin(label, reason)
+
+    def tie_directions(self, name: str) -> None:
+        """For a reader that does not keep the outer index of a stacked label apart (it mixes
+        directions, or the walker cannot follow it): the units at one offset become one neuron, so
+        every direction moves the same way (still exact) and the label turns plain."""
+        stacked = self.stacked(name)
+        if not stacked:
+            return
+        labels = self.get(name)
+        for (outer, inner), label in stacked.items():
+            count = self.dim(name, outer)
+            if not isinstance(count, int) or count < 1 or len(label) % count or inner in labels:
+                self.pin(label, "a stacked channel axis of unknown size")
+                continue
+            chunks = label.elem.reshape(count, -1)
+            for chunk in chunks[1:]:
+                self.elements.union(chunks[0], chunk)
+            labels[inner] = label.take(np.arange(chunks.shape[1]))
+        self.labels[name] = {}
+        self.set(name, labels)
 
     def union(self, a: Label, b: Label) -> None:
         self.elements.union(a.elem, b.elem)
 
-    def slot(self, tensor: str, axis: int, label: Label) -> bool:
-        """Record that `tensor`'s `axis` is indexed by `label`; maps weight views to stored weights."""
+    def slot(self, tensor: str, axis: int, label: Label, at: tuple[int, int] | None = None) -> bool:
+        """Record that `tensor`'s `axis` is indexed by `label`, only inside the slice `at` = (outer
+        axis, index) when given (one direction of an RNN); maps weight views to stored weights."""
         if not tensor:
             return True
         self._node_slots.add((tensor, axis))
         targets = self.sources(tensor, axis)
-        if targets is None:
+        outers = self.sources(tensor, at[0]) if at is not None else []
+        if targets is None or outers is None:
             self.pin(label, f"weight {tensor!r} is computed in a way the walker cannot index")
             return False
         for base, base_axis in targets:
             key = (base, base_axis)
+            outer = next((a for b, a in outers if b == base), None)
+            if outer is not None:
+                key = (base, base_axis, (outer, at[1]))
+            # (a stored tensor without the outer axis, e.g. a per-row scale of both directions,
+            # serves every slice: the slices' labels meet in its one slot and move together)
             stored = self.view.stored_tensor(base)
             if stored is not None and stored.data_type in (onnx.TensorProto.UNDEFINED, onnx.TensorProto.STRING):
                 self.pin(label, f"weight {base!r} is not numeric")
@@ -272,6 +327,9 @@ def walk(model: onnx.ModelProto, view: GraphView | None = None) -> WalkResult:
             rule = CONTRIB_RULES.get(node.op_type) if node.domain == "com.microsoft" else None
         first_element = len(ctx.elements)
         try:
+            if rule not in STACKED_RULES:  # a reader that cannot keep directions apart ties them
+                for name in node.input:
+                    ctx.tie_directions(name)
             if rule is None:
                 ctx.ops_without_rule[f"{node.domain + '.' if node.domain else ''}{node.op_type}"] += 1
                 unknown_op(ctx, node)
@@ -322,10 +380,10 @@ def _spread_constant_fill(ctx: WalkContext, node: onnx.NodeProto) -> None:
 
 
 def _note_readers(ctx: WalkContext, node: onnx.NodeProto) -> None:
-    labelled = [name for name in node.input if name and ctx.get(name)]
+    labelled = [name for name in node.input if name and ctx.labels.get(name)]
     tag = node.op_type if len(labelled) <= 1 else f"{node.op_type}/{len(labelled)}"
     for name in labelled:
-        for label in ctx.get(name).values():
+        for label in ctx.labels[name].values():
             ctx.readers.setdefault(id(label), (label, set()))[1].add(tag)
 
 
@@ -333,8 +391,12 @@ def _form_groups(ctx: WalkContext) -> WalkResult:
     table = ctx.elements
     view = ctx.view
     for key, label in ctx.slots.items():
-        if key in ctx.fixed:
-            ctx.pin(label, ctx.fixed[key])
+        if key[:2] in ctx.fixed:
+            ctx.pin(label, ctx.fixed[key[:2]])
+        for whole in ([key[:2], (key[0], key[2][0])] if len(key) == 3 else []):
+            if whole in ctx.slots:  # one layer moves the axis inside each slice, another the whole axis
+                for l in (label, ctx.slots[whole]):
+                    ctx.pin(l, f"weight {key[0]!r} is indexed both per slice and whole")
     for name in view.graph_outputs:
         ctx.pin_all(name, "reaches a graph output")
 
@@ -374,7 +436,8 @@ def _form_groups(ctx: WalkContext) -> WalkResult:
         group_of[rs] = gid
 
     groups = [Group(gid, len(rs), [], [], "") for gid, rs in enumerate(group_roots)]
-    for (weight, axis), label in sorted(ctx.slots.items()):
+    for key, label in sorted(ctx.slots.items()):
+        weight, axis, at = key[0], key[1], (key[2] if len(key) == 3 else None)
         pieces = rewrite(label)
         elem = np.concatenate([p[0] for p in pieces])
         sub = np.concatenate([p[1] for p in pieces])
@@ -386,7 +449,7 @@ def _form_groups(ctx: WalkContext) -> WalkResult:
             order = np.lexsort((pos[mine], sub[mine], origin[elem[mine]], rank_of[lab_roots[mine]]))
             chosen = pos[mine][order]
             size = groups[gid].size
-            groups[gid].slots.append(GroupSlot(weight, axis, chosen.reshape(size, len(chosen) // size)))
+            groups[gid].slots.append(GroupSlot(weight, axis, chosen.reshape(size, len(chosen) // size), at))
 
     # a group that no weight indexes (e.g. the factors of a grid read only by activations) moves
     # nothing: drop it, and count its neurons as having nothing to swap with
@@ -548,7 +611,7 @@ def _disambiguate_keys(groups: list[Group]) -> None:
     count = Counter(g.key for g in groups)
     for g in groups:
         if count[g.key] > 1:
-            first = min(g.slots, key=lambda s: (s.weight, s.axis))
+            first = min(g.slots, key=_slot_order)
             g.key += "@" + ",".join(str(int(p)) for p in first.positions[0])
     seen: Counter = Counter()
     for g in groups:
@@ -557,7 +620,11 @@ def _disambiguate_keys(groups: list[Group]) -> None:
             g.key += f"#{seen[g.key] - 1}"
 
 
+def _slot_order(slot: GroupSlot):
+    return slot.weight, slot.axis, slot.at or ()
+
+
 def _group_key(group: Group) -> str:
-    first = min(group.slots, key=lambda s: (s.weight, s.axis)) if group.slots else None
-    where = f"{first.weight}:{first.axis}" if first else "no-slot"
+    first = min(group.slots, key=_slot_order) if group.slots else None
+    where = first.name() if first else "no-slot"
     return f"{where}/{group.size}x{len(group.slots)}"

@@ -625,3 +625,105 @@ def mlp_graphs(draw, max_layers: int = 5):
         b.add_output(tap, lead + [td])
         b.used("second_output")
     return Generated(b.model("mlp"), "mlp", b.constructs, b.full_coverage)
+
+
+# ---- recurrent layers -------------------------------------------------------------------------------
+# A producer, then one or two LSTM/GRU/RNN layers (forward or bidirectional, layout 0 or 1), read the
+# ways exporters read them: Y merged to [.., dirs*H] (Transpose + Reshape), Y_h squeezed, one
+# direction sliced or gathered, directions concatenated or summed (which ties them). Each direction
+# is its own group except where a reader mixes them.
+
+SEQ = 3
+GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+
+
+def recurrent(b: Builder, x: str, feat: int, layout: int, like: tuple | None = None):
+    """One recurrent layer on x ([S, B, feat], layout 1: [B, S, feat]); returns (Y, Y_h, dirs, H).
+    like = (dirs, H, state): the same size as a layer before, starting from its last state."""
+    op = b.pick(["LSTM", "GRU", "RNN"])
+    dirs, hidden, state = like or (b.pick([2, 1]), b.int(2, 5), None)
+    g = GATES[op]
+    inputs = [x, b.weight((dirs, g * hidden, feat), "rnn_w", fan_in=feat),
+              b.weight((dirs, g * hidden, hidden), "rnn_r", fan_in=hidden)]
+    extra = {}
+    if b.flag():
+        inputs.append(b.weight((dirs, 2 * g * hidden), "rnn_b"))
+    if state is None and b.flag():  # a stored initial state (else zeros)
+        shape = (BATCH, dirs, hidden) if layout else (dirs, BATCH, hidden)
+        state = b.weight(shape, "rnn_h0", mode="init")
+        b.used("rnn_state_weight")
+    if state is not None:
+        inputs += [""] * (5 - len(inputs)) + [state]
+    if op == "LSTM" and b.flag():  # peepholes
+        inputs += [""] * (7 - len(inputs)) + [b.weight((dirs, 3 * hidden), "rnn_p")]
+        b.used("lstm_peepholes")
+    if op == "GRU":
+        extra["linear_before_reset"] = b.pick([0, 1])
+        b.used(f"gru_lbr{extra['linear_before_reset']}")
+    direction = "bidirectional" if dirs == 2 else "forward"
+    y, y_h = b.node(op, inputs, op.lower(), outputs=2, hidden_size=hidden, direction=direction, layout=layout, **extra)
+    b.used(f"{op}_{direction}_layout{layout}")
+    return y, y_h, dirs, hidden
+
+
+def merged_sequence(b: Builder, y: str, dirs: int, hidden: int, layout: int) -> str:
+    """Y -> [S, B, dirs*H] (layout 1: [B, S, dirs*H]) as PyTorch exports it."""
+    if layout == 0:
+        y = b.node("Transpose", [y], "rnn_t", perm=[0, 2, 1, 3])
+        return b.node("Reshape", [y, b.const(np.array([SEQ, BATCH, dirs * hidden], dtype=np.int64))], "rnn_seq")
+    return b.node("Reshape", [y, b.const(np.array([BATCH, SEQ, dirs * hidden], dtype=np.int64))], "rnn_seq")
+
+
+def final_state(b: Builder, y_h: str, dirs: int, hidden: int, layout: int) -> tuple[str, int]:
+    """Y_h ([dirs, B, H], layout 1: [B, dirs, H]) -> [B, features], one of the ways exporters do it."""
+    axis = layout  # the direction axis
+    kind = b.pick(["merge", "slice", "gather", "concat", "sum"] if dirs == 2 else ["merge", "gather"])
+    b.used(f"rnn_state_{kind}")
+    if kind == "merge":  # [B, dirs*H]
+        if layout == 0:
+            y_h = b.node("Transpose", [y_h], "h_t", perm=[1, 0, 2])
+        return b.node("Reshape", [y_h, b.const(np.array([BATCH, dirs * hidden], dtype=np.int64))], "h_flat"), dirs * hidden
+    d = b.pick(range(dirs))
+    if kind == "slice":  # one direction: Slice + Squeeze
+        one = b.node("Slice", [y_h, b.const(np.array([d], dtype=np.int64)), b.const(np.array([d + 1], dtype=np.int64)),
+                               b.const(np.array([axis], dtype=np.int64))], "h_slice")
+        return b.node("Squeeze", [one, b.const(np.array([axis], dtype=np.int64))], "h_one"), hidden
+    if kind == "gather":
+        return b.node("Gather", [y_h, b.const(np.array(d - dirs if b.flag() else d, dtype=np.int64))], "h_dir",
+                      axis=axis), hidden
+    if kind == "concat":  # [h_bwd, h_fwd] or [h_fwd, h_bwd]
+        order = b.pick([[0, 1], [1, 0]])
+        parts = [b.node("Gather", [y_h, b.const(np.array(k, dtype=np.int64))], "h_dir", axis=axis) for k in order]
+        return b.node("Concat", parts, "h_cat", axis=-1), 2 * hidden
+    # sum over directions: fwd unit k meets bwd unit k, so the two directions move together
+    return b.node("ReduceSum", [y_h, b.const(np.array([axis], dtype=np.int64))], "h_sum", keepdims=0), hidden
+
+
+@st.composite
+def rnn_graphs(draw):
+    seed = draw(st.integers(0, 2**32 - 1))
+    b = Builder(draw, seed)
+    layout = b.pick([0, 1])
+    d0 = b.int(1, 4)
+    lead = [SEQ, BATCH] if layout == 0 else [BATCH, SEQ]
+    b.add_input("x", lead + [d0])
+    feat = b.int(2, 6)
+    x = b.node("MatMul", ["x", b.weight((d0, feat), "mm_w", fan_in=d0)], "mm")
+    if b.flag():
+        x = b.node("Tanh", [x], "act")
+    y, y_h, dirs, hidden = recurrent(b, x, feat, layout)
+    if b.flag():  # a stacked layer reads the merged sequence (maybe starting from the last state)
+        x = merged_sequence(b, y, dirs, hidden, layout)
+        like = (dirs, hidden, y_h) if b.flag() else None
+        b.used("rnn_stacked" + ("_state" if like else ""))
+        y, y_h, dirs, hidden = recurrent(b, x, dirs * hidden, layout, like)
+    if b.flag():
+        out, n = final_state(b, y_h, dirs, hidden, layout)
+    else:  # mean over time of the merged sequence
+        seq = merged_sequence(b, y, dirs, hidden, layout)
+        out = b.node("ReduceMean", [seq], "seq_mean", axes=[layout], keepdims=0)
+        n = dirs * hidden
+        b.used("rnn_sequence")
+    logits = gemm(b, out, n, b.int(2, 4), hint="logits")
+    b.add_output(logits, [BATCH, None])
+    return Generated(b.model("rnn"), "rnn", b.constructs, b.full_coverage)

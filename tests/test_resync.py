@@ -320,7 +320,7 @@ def inconsistent_shuffle(model, seed):
     for g in walk(model).groups:
         for slot in g.slots:
             arr = arrays.setdefault(slot.weight, store.get(slot.weight).copy())
-            view = np.moveaxis(arr, slot.axis, 0)
+            view = np.moveaxis(*slot.part(arr), 0)
             view[slot.positions.reshape(-1)] = view[slot.positions[rng.permutation(g.size)].reshape(-1)]
     for name, arr in arrays.items():
         store.set(name, arr)

@@ -51,3 +51,27 @@ def test_vendor_files_pin_only_output_channels():
         result = walk(load_model(vendor_model(key)))
         reasons = {p.reason for p in result.pinned}
         assert reasons <= {"reaches a graph output"}, (key, reasons)
+
+
+@pytest.mark.parametrize("key", ["ddddocr_common", "ddddocr_common_old", "arabic_gru_encoder"])
+def test_vendor_bidirectional_layers_have_a_group_per_direction(key):
+    """Every bidirectional layer's two directions are separate groups (slots in one direction's slice
+    of W), and resync of a permuted copy against the file writes its bytes back exactly."""
+    from onnx_resync.permute import apply_permutations, random_permutations
+    from onnx_resync.resync import resync
+
+    model = load_model(vendor_model(key))
+    result = walk(model)
+    recurrent = [n for n in model.graph.node if n.op_type in ("LSTM", "GRU", "DynamicQuantizeLSTM")]
+    assert recurrent
+    for node in recurrent:
+        gate_axis = 2 if node.op_type == "DynamicQuantizeLSTM" else 1
+        owners = {s.at: g.key for g in result.groups for s in g.slots if s.weight == node.input[1] and s.axis == gate_axis}
+        # arabic's second layer reaches the graph output (memory_out): pinned, no group
+        assert set(owners) in ({(0, 0), (0, 1)}, set()) and len(set(owners.values())) == len(owners), owners
+    assert any(s.at for g in result.groups for s in g.slots)
+    permuted = onnx.ModelProto()
+    permuted.CopyFrom(model)
+    apply_permutations(permuted, result, random_permutations(result, 3))
+    restored, report = resync(permuted, model, check=False)
+    assert restored.SerializeToString() == model.SerializeToString(), report.verdict

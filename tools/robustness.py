@@ -106,7 +106,7 @@ def rescale_attack(model: onnx.ModelProto, wk, s: float, rng: np.random.Generato
                 continue
             arr = arrays.setdefault(slot.weight, store.get(slot.weight).astype(np.float64))
             factor = a if side > 0 else 1.0 / a
-            view = np.moveaxis(arr, slot.axis, 0)
+            view = np.moveaxis(*slot.part(arr), 0)
             sub = view[slot.positions]
             sub *= factor.reshape((-1,) + (1,) * (sub.ndim - 1))
             view[slot.positions] = sub
@@ -124,7 +124,7 @@ def inconsistent_shuffle(model: onnx.ModelProto, wk, rng) -> onnx.ModelProto:
     for g in wk.groups:
         for slot in g.slots:
             arr = arrays.setdefault(slot.weight, store.get(slot.weight).copy())
-            _reindex(arr, slot.axis, slot.positions, rng.permutation(g.size))
+            _reindex(*slot.part(arr), slot.positions, rng.permutation(g.size))
     for name, arr in arrays.items():
         store.set(name, arr)
     return out
