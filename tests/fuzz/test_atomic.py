@@ -80,15 +80,16 @@ def test_sigkill_during_write_leaves_old_or_new(mode, inputs, tmp_path):
     env = {"ONNX_RESYNC_LAZY_BYTES": "0"} if mode == "lazy" else {"ONNX_RESYNC_LAZY_BYTES": str(1 << 40)}
     before = files_digest(inputs)
     # the two complete outputs (seed 1 and seed 2), made without interruption
-    expected = {}
+    expected, durations = {}, []
     for seed in (1, 2):
         ref = tmp_path / f"ref{seed}"
         ref.mkdir()
         t0 = time.perf_counter()
         p = cli("permute", str(src), "-o", str(ref / "t.onnx"), "--no-verify", "--seed", str(seed), env=env)
         assert p.wait(timeout=300) == 0, p.stderr.read().decode()
-        duration = time.perf_counter() - t0
+        durations.append(time.perf_counter() - t0)
         expected[weights_digest(ref / "t.onnx")] = seed
+    duration = min(durations)  # a load spike during one run must not push every kill past the end
     assert len(expected) == 2
     out = tmp_path / "out"
     out.mkdir()
