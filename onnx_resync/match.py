@@ -457,42 +457,38 @@ def _null_spread(fr, fs, perm, rng) -> np.ndarray:
 def _keys(feats) -> dict:
     """Per neuron of either model, one key for all its slices: equal slices, equal keys.
 
-    A random linear hash of the bits (mod 2^64) of at most HASH_COLUMNS columns per slot, then
-    neurons that share a key are told apart by all their entries: the hash only sorts, whole
-    slices decide (so wide layers cost a hash of a sample and a comparison of the few collisions)."""
+    A random linear hash of the bits (mod 2^64; different slices collide with probability ~2^-64,
+    and exact pairs are checked element by element anyway) of at most HASH_COLUMNS columns per slot;
+    the neurons that share such a key are then hashed again on all their entries: wide layers cost
+    a hash of a sample, and of the few collisions."""
     n = feats[0][0].shape[0]
-    key = np.zeros(2 * n, dtype=np.uint64)
+    key = _hash(feats, np.arange(2 * n), HASH_COLUMNS)
+    _, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
+    shared = np.flatnonzero(counts[inverse.reshape(-1)] > 1)
+    second = np.zeros_like(key)  # unique keys stay unique whatever the second part
+    if len(shared):
+        second[shared] = _hash(feats, shared, None)
+    key = np.unique(np.stack([key, second], axis=1), axis=0, return_inverse=True)[1].reshape(2 * n)
+    return {"ref_key": key[:n], "sus_key": key[n:]}
+
+
+def _hash(feats, which: np.ndarray, columns: int | None) -> np.ndarray:
+    """Hash of neurons `which` (indices over [reference, suspect]) on `columns` evenly spread
+    columns of each slot (None: all)."""
+    n = feats[0][0].shape[0]
+    mine, theirs = which[which < n], which[which >= n] - n
+    key = np.zeros(len(which), dtype=np.uint64)
     rng = np.random.default_rng(0x5EED)
     for xr, xs in feats:
-        cols = np.unique(np.linspace(0, xr.shape[1] - 1, HASH_COLUMNS).astype(np.int64)) if xr.shape[1] else []
-        both = np.concatenate([xr[:, cols], xs[:, cols]]) + 0  # -0.0 and 0.0 alike
+        width = xr.shape[1]
+        cols = slice(None) if columns is None or width <= columns else \
+            np.unique(np.linspace(0, width - 1, columns).astype(np.int64))
+        both = np.concatenate([xr[:, cols][mine], xs[:, cols][theirs]]) + 0  # -0.0 and 0.0 alike
         words = np.ascontiguousarray(both).view(np.uint32 if both.itemsize == 4 else np.uint64)
         mult = rng.integers(1, 2**63, words.shape[1], dtype=np.uint64) | np.uint64(1)
         with np.errstate(over="ignore"):
             key = key * np.uint64(0x9E3779B97F4A7C15) + words.astype(np.uint64) @ mult
-    key = np.unique(key, return_inverse=True)[1].reshape(2 * n)
-    key = _split_collisions(key, feats, n)
-    return {"ref_key": key[:n], "sus_key": key[n:]}
-
-
-def _split_collisions(key: np.ndarray, feats, n: int) -> np.ndarray:
-    """Keys (over both models' neurons) refined so that equal keys mean equal slices in every slot."""
-    _, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
-    shared = np.flatnonzero(counts[inverse] > 1)
-    if not len(shared):
-        return key
-    out = key.copy()
-    next_key = int(key.max()) + 1
-    for k in np.unique(key[shared]):
-        members = np.flatnonzero(key == k)
-        mine, theirs = members[members < n], members[members >= n] - n
-        rows = np.concatenate([np.concatenate([xr[mine], xs[theirs]]) + 0 for xr, xs in feats], axis=1)
-        _, sub = np.unique(np.ascontiguousarray(rows).view(np.uint8).reshape(len(members), -1), axis=0,
-                           return_inverse=True)
-        sub = sub.reshape(-1)
-        out[members[sub > 0]] = next_key + sub[sub > 0] - 1
-        next_key += int(sub.max())
-    return out
+    return key
 
 
 def _exact_pairs(ref_key: np.ndarray, sus_key: np.ndarray) -> np.ndarray:

@@ -299,7 +299,16 @@ def write_report(path: Path, rn: dict, wide: dict) -> None:
               "the column); on the hard matrix (no clear margins: a copy so damaged that no method recovers it) "
               "most rows go to the solve, and the answer's total similarity stays within the figure above of the "
               "optimum.", ""]
-    path.write_text("\n".join(lines))
+    text = "\n".join(lines)
+    if path.exists():  # the walk and huge-model sections belong to other tools: keep them
+        old = path.read_text()
+        cuts = [old.find(m) for m in OTHER_SECTIONS if m in old]
+        if cuts:
+            text = text.rstrip("\n") + "\n\n" + old[min(cuts):]
+    path.write_text(text)
+
+
+OTHER_SECTIONS = ("<!-- walk -->", "<!-- huge -->")  # written by bench_walk.py and bench_huge.py
 
 
 def main(argv=None) -> int:
