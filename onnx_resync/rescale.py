@@ -23,7 +23,7 @@ from .sampling import spread, spread_counts
 # else): positively homogeneous activations and linear ops. "Op/2" (two labelled inputs) is not
 # listed for Mul or MatMul: a product of two scaled activations scales by a^2. (An Add of a constant
 # that is not a slot would break it; the ORT check after the undo catches that, and resync then keeps
-# the rescale.)
+# the rescale; without the check, resync does not undo at all.)
 HOMOGENEOUS_READERS = {
     "Relu", "LeakyRelu", "PRelu", "MaxPool", "GlobalMaxPool", "AveragePool", "GlobalAveragePool",
     "Identity", "Dropout", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Concat",

@@ -147,7 +147,8 @@ def resync(
     """Recover every group's permutation, write the suspect in the reference's order, and judge it.
 
     The restored model computes what the suspect computes (verified with ONNX Runtime unless
-    check=False); neutral rescales across positively homogeneous activations are undone.
+    check=False); neutral rescales across positively homogeneous activations are undone (only when
+    checked: the check is what proves a rescale neutral; unchecked they are reported).
     """
     inputs = [m for m in (suspect, reference) if not isinstance(m, onnx.ModelProto)]
     for path in (output, report_path):
@@ -159,7 +160,9 @@ def resync(
     check_structure(ref_model, sus_model, ref_walk)
     ref_store, sus_store = WeightStore(ref_model), WeightStore(sus_model)
     result = match(ref_store, sus_store, ref_walk, max_passes=max_passes)
-    restored, scales = restore(sus_model, ref_model, ref_walk, result, undo_rescale=undo_rescale)
+    # an undo claims that the rescale is neutral, which only the check proves (an Add of a constant
+    # between the activation and its consumers, say, makes it not neutral): unchecked, report it only
+    restored, scales = restore(sus_model, ref_model, ref_walk, result, undo_rescale=undo_rescale and check)
     record = result.record()
     seconds = time.perf_counter() - t0
     report = None

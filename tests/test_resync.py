@@ -240,6 +240,16 @@ def test_rescale_across_relu_is_detected_and_undone():
         np.testing.assert_allclose(b.get(name), r.get(name), rtol=1e-6, atol=1e-7)
 
 
+def test_unchecked_resync_reports_rescales_without_undoing_them():
+    """Only the ORT check proves a rescale neutral: with check=False it is a finding, not an undo."""
+    ref = gen_mlp()
+    a = np.exp(np.random.default_rng(0).uniform(-1.5, 1.5, 48))
+    suspect, truth = permuted(rescale_first_layer(ref, a), 5)
+    _, report = resync(suspect, ref, check=False)
+    assert success(report, truth) == 1.0
+    assert report.perturbation["rescaled"] > 0 and report.perturbation["rescaled_undone"] == 0
+
+
 @pytest.mark.parametrize("name", ["vgg", "resnet", "mobilenet"])
 def test_rescale_after_batchnorm_is_undone(name):
     """Trained BatchNorm nets: every neuron whose readers are homogeneous scaled by a in its

@@ -19,7 +19,8 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", help="write the suspect in the reference's neuron order here")
     p.add_argument("--report", metavar="REPORT.json", help="write the full report (per neuron) here")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
-    p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime equivalence check")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip the ONNX Runtime equivalence check (rescales are then reported, not undone)")
     p.add_argument("--keep-rescale", action="store_true", help="do not undo neutral rescales")
     add_verify_options(p)
     p.set_defaults(func=run)
