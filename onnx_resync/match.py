@@ -463,8 +463,12 @@ def _keys(feats) -> dict:
     a hash of a sample, and of the few collisions."""
     n = feats[0][0].shape[0]
     key = _hash(feats, np.arange(2 * n), HASH_COLUMNS)
-    _, inverse, counts = np.unique(key, return_inverse=True, return_counts=True)
-    shared = np.flatnonzero(counts[inverse.reshape(-1)] > 1)
+    # keys shared inside one model (twins, or a sample that cannot tell two neurons apart): one
+    # reference and one suspect neuron under a key is the pair that the element-wise check confirms
+    inverse = np.unique(key, return_inverse=True)[1].reshape(-1)
+    in_ref, in_sus = np.bincount(inverse[:n]), np.bincount(inverse[n:], minlength=len(np.bincount(inverse)))
+    in_ref = np.pad(in_ref, (0, len(in_sus) - len(in_ref)))
+    shared = np.flatnonzero((in_ref[inverse] > 1) | (in_sus[inverse] > 1))
     second = np.zeros_like(key)  # unique keys stay unique whatever the second part
     if len(shared):
         second[shared] = _hash(feats, shared, None)
