@@ -446,7 +446,7 @@ def write_doc(r: dict) -> None:
             "|---|---|---|---|---|---|---|"]
         for step, label in (("permute", "`permute --no-verify`"), ("undo", "`permute --undo --no-verify`"),
                             ("resync", "`resync --no-verify` (suspect: permuted + 1% noise)"),
-                            ("resync_keep_rescale", "`resync --no-verify --keep-rescale` (no search for neutral rescales)")):
+                            ("resync_keep_rescale", "`resync --no-verify --keep-rescale` (the same: unchecked, rescales are never undone)")):
             f = r[step]
             lines.append(f"| {label} | {f['seconds']:.1f} s | {f['time_over_copy']:.2f} | "
                          f"{f['time_over_copy_fsync']:.2f} | {f['peak_rss_bytes'] / gib:.2f} GiB | "
@@ -484,7 +484,12 @@ def write_doc(r: dict) -> None:
               "their file and are memory-mapped when read; permuting one makes its new data a computation "
               "(`WeightStore.set_lazy`) run when the model is saved, one tensor at a time, straight into the new "
               "data file (`io.save_model`), so no step holds the model. Verification (`--no-verify` left out) "
-              "runs both models in ONNX Runtime, which holds each one in memory.", "", "<!-- /huge -->"]
+              "runs both models in ONNX Runtime, which holds each one in memory. Matching reads each group's rows "
+              "once (the transposed copy of a [98369, 256] weight is most of its time); everything that needs only a "
+              "statistic (the perturbation estimate, the first look of the byte-equality test, the search for neutral "
+              "rescales when the check runs) reads an evenly spread sub-grid of each tensor (`sampling.py`, "
+              "`WeightStore.get_grid`). Before those samples (previous session) the same resync took 272 s and "
+              "7.07 GiB.", "", "<!-- /huge -->"]
     section = "\n".join(lines)
     text = DOC.read_text() if DOC.exists() else "# Performance\n"
     if "<!-- huge -->" in text and "<!-- /huge -->" in text:
