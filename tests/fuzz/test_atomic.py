@@ -102,7 +102,11 @@ def test_sigkill_during_write_leaves_old_or_new(mode, inputs, tmp_path):
     for i in range(KILLS):
         seed = 2 if i % 2 == 0 else 1
         proc = cli("permute", str(src), "-o", str(target), "--no-verify", "--seed", str(seed), env=env)
-        time.sleep(rng.uniform(0.3, 1.4) * duration)
+        if i % 3 == 0:  # wait for the write to start, then kill inside it (the window is short)
+            _wait_for_temp_file(out, proc, timeout=5 * duration)
+            time.sleep(rng.uniform(0.0, 0.02))
+        else:  # anywhere from the load to after the end
+            time.sleep(rng.uniform(0.3, 1.4) * duration)
         proc.send_signal(signal.SIGKILL)
         rc = proc.wait(timeout=300)
         completed += rc == 0
@@ -119,6 +123,15 @@ def test_sigkill_during_write_leaves_old_or_new(mode, inputs, tmp_path):
         assert names in (["t.onnx"], ["t.onnx", "t.onnx.data"], ["t.onnx", "t.onnx.1.data"]), names
     assert mid_write >= 1, "no kill landed during a write: the test proves nothing"
     print(f"{mode}: {KILLS} kills, {mid_write} during a write, {completed} completed, outputs seen {seen}")
+
+
+def _wait_for_temp_file(folder: Path, proc, timeout: float) -> None:
+    """Poll until a temp file of the write shows up in `folder` (or the run ends, or time is up)."""
+    end = time.perf_counter() + timeout
+    while time.perf_counter() < end and proc.poll() is None:
+        if any(p.name.endswith(".tmp") for p in folder.iterdir()):
+            return
+        time.sleep(0.001)
 
 
 # ---- -o equal to an input ------------------------------------------------------------------------
