@@ -27,6 +27,7 @@ import numpy as np
 
 from .errors import ModelMismatchError
 from .permute import PermutationRecord
+from .sampling import spread
 from .walk import WalkResult
 
 AGREE = 1.0  # a group agrees (its matches stand out) at this evidence or more
@@ -466,8 +467,8 @@ def _keys(feats) -> dict:
     # keys shared inside one model (twins, or a sample that cannot tell two neurons apart): one
     # reference and one suspect neuron under a key is the pair that the element-wise check confirms
     inverse = np.unique(key, return_inverse=True)[1].reshape(-1)
-    in_ref, in_sus = np.bincount(inverse[:n]), np.bincount(inverse[n:], minlength=len(np.bincount(inverse)))
-    in_ref = np.pad(in_ref, (0, len(in_sus) - len(in_ref)))
+    keys = int(inverse.max()) + 1
+    in_ref, in_sus = np.bincount(inverse[:n], minlength=keys), np.bincount(inverse[n:], minlength=keys)
     shared = np.flatnonzero((in_ref[inverse] > 1) | (in_sus[inverse] > 1))
     second = np.zeros_like(key)  # unique keys stay unique whatever the second part
     if len(shared):
@@ -484,9 +485,7 @@ def _hash(feats, which: np.ndarray, columns: int | None) -> np.ndarray:
     key = np.zeros(len(which), dtype=np.uint64)
     rng = np.random.default_rng(0x5EED)
     for xr, xs in feats:
-        width = xr.shape[1]
-        cols = slice(None) if columns is None or width <= columns else \
-            np.unique(np.linspace(0, width - 1, columns).astype(np.int64))
+        cols = slice(None) if columns is None else spread(xr.shape[1], columns)
         both = np.concatenate([xr[:, cols][mine], xs[:, cols][theirs]]) + 0  # -0.0 and 0.0 alike
         words = np.ascontiguousarray(both).view(np.uint32 if both.itemsize == 4 else np.uint64)
         mult = rng.integers(1, 2**63, words.shape[1], dtype=np.uint64) | np.uint64(1)

@@ -14,6 +14,8 @@ else (noise, fine-tuning, a rescale that does not compensate) is left alone.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
 
@@ -249,20 +251,22 @@ def _neuron_rows(x: np.ndarray, axis: int, n: int) -> np.ndarray:
 
 
 class _Section:
-    """One slot's log ratios: every neuron's positions along the slot's axis and, on the other axes,
-    all indices or an evenly spread sample of them (about SAMPLE_ENTRIES entries per neuron)."""
+    """One slot's log ratios for some of its neurons (all by default): their positions along the
+    slot's axis and, on the other axes, an evenly spread sample of indices (about SAMPLE_ENTRIES
+    entries per neuron) or, with sample=False, all of them."""
 
-    def __init__(self, ref_store, restored_store, slot, sample: bool):
+    def __init__(self, ref_store, restored_store, slot, sample: bool, neurons: np.ndarray | None = None):
         shape = ref_store.shape(slot.weight)
-        n, block = slot.positions.shape
+        positions = slot.positions if neurons is None else slot.positions[neurons]
         others = [a for a in range(len(shape)) if a != slot.axis]
-        counts = spread_counts([shape[a] for a in others], max(1, SAMPLE_ENTRIES // block)) if sample else \
-            [shape[a] for a in others]
+        counts = [shape[a] for a in others]
+        if sample:
+            counts = spread_counts(counts, max(1, SAMPLE_ENTRIES // positions.shape[1]))
         self.index = [None] * len(shape)
-        self.index[slot.axis] = slot.positions.reshape(-1)
+        self.index[slot.axis] = positions.reshape(-1)
         for a, m in zip(others, counts):
             self.index[a] = spread(shape[a], m)
-        self.slot, self.n = slot, n
+        self.slot, self.n = slot, len(positions)
         self.log_ratio = _log_ratio(ref_store, restored_store, slot.weight, self.index)
 
     def residual(self, terms: _Terms, scales, exclude: str | None = None) -> np.ndarray:
@@ -274,17 +278,13 @@ class _Section:
 def _full_worst(ref_store, restored_store, slot, neurons: np.ndarray, terms: _Terms, scales):
     """_worst of some neurons over every entry of the slot, FULL_CHUNK entries at a time."""
     shape = ref_store.shape(slot.weight)
-    row = max(1, int(np.prod(shape)) // max(shape[slot.axis], 1) * slot.positions.shape[1])
+    row = max(1, math.prod(shape) // max(shape[slot.axis], 1) * slot.positions.shape[1])
     step = max(1, FULL_CHUNK // row)
     worst = np.zeros(len(neurons))
     seen = np.zeros(len(neurons), dtype=np.int64)
     for start in range(0, len(neurons), step):
-        part = neurons[start:start + step]
-        index = [np.arange(d, dtype=np.int64) for d in shape]
-        index[slot.axis] = slot.positions[part].reshape(-1)
-        res = _log_ratio(ref_store, restored_store, slot.weight, index) - terms.model(slot.weight, index, scales)
-        rows = _neuron_rows(np.broadcast_to(res, [len(i) for i in index]), slot.axis, len(part))
-        worst[start:start + step], seen[start:start + step] = _worst(rows)
+        part = _Section(ref_store, restored_store, slot, sample=False, neurons=neurons[start:start + step])
+        worst[start:start + step], seen[start:start + step] = _worst(part.residual(terms, scales))
     return worst, seen
 
 

@@ -255,28 +255,17 @@ def test_rescale_after_batchnorm_is_undone(name):
     """Trained BatchNorm nets: every neuron whose readers are homogeneous scaled by a in its
     BatchNormalization's scale and bias (or its Gemm's rows), 1/a in its consumers; the
     normalization's mean and variance and the conv before it unchanged. All found and undone."""
-    from onnx_resync.rescale import neutral_groups, structural_sides
+    from onnx_resync.rescale import neutral_groups, structural_sides, undo_rescales
 
     ref = reference(name)
-    store = WeightStore(ref)
     attacked = onnx.ModelProto()
     attacked.CopyFrom(ref)
-    out = WeightStore(attacked)
-    arrays, count = {}, 0
     rng = np.random.default_rng(7)
     groups = neutral_groups(ref, walk(ref))
     assert any(0 in structural_sides(ref, g) for g in groups)  # some go through a BatchNormalization
-    for g in groups:
-        a = np.exp(rng.uniform(-1.5, 1.5, g.size))
-        count += g.size
-        for side, slot in zip(structural_sides(ref, g), g.slots):
-            if side:
-                arr = arrays.setdefault(slot.weight, store.get(slot.weight).astype(np.float64))
-                view = np.moveaxis(arr, slot.axis, 0)
-                factor = (a if side > 0 else 1 / a).reshape((-1,) + (1,) * (view.ndim - 1))
-                view[slot.positions] = view[slot.positions] * factor[:, None]
-    for k, v in arrays.items():
-        out.set(k, v)
+    # an attack is an undo of the opposite scales
+    log_a = {g.key: rng.uniform(-1.5, 1.5, g.size) for g in groups}
+    count = undo_rescales(ref, WeightStore(attacked), groups, {k: -v for k, v in log_a.items()})
     suspect, truth = permuted(attacked, 9)
     restored, report = resync(suspect, ref)
     assert report.verified and success(report, truth) == 1.0

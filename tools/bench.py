@@ -116,6 +116,20 @@ def _maxrss_mb() -> float:
     return rss / 2**20 if platform.system() == "Darwin" else rss / 1024  # bytes on macOS, KiB on Linux
 
 
+def _load_and_save(ref_path: Path, sus_path: Path, folder: Path, fsync: bool) -> float:
+    """Seconds for the baseline: onnx.load of both models and onnx.save of both (fsynced or not)."""
+    t = time.perf_counter()
+    models = [onnx.load(ref_path), onnx.load(sus_path)]
+    for k, model in enumerate(models):
+        out = folder / f"io_{k}.onnx"
+        onnx.save(model, out)
+        if fsync:
+            fd = os.open(out, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+    return time.perf_counter() - t
+
+
 def bench_resnet(folder: Path, repeat: int) -> dict:
     model, params = resnet50()
     ref_path, sus_path, out_path = folder / "ref.onnx", folder / "suspect.onnx", folder / "restored.onnx"
@@ -134,22 +148,9 @@ def bench_resnet(folder: Path, repeat: int) -> dict:
     times: dict[str, list[float]] = {k: [] for k in ("io", "io_fsync", "resync", "pkg_io", "walk", "match")}
     report = result = None
     for _ in range(repeat):  # every figure is the best of `repeat` runs (a shared machine is noisy)
-        t = time.perf_counter()
-        a, b = onnx.load(ref_path), onnx.load(sus_path)
-        onnx.save(a, folder / "io_a.onnx")
-        onnx.save(b, folder / "io_b.onnx")
-        times["io"].append(time.perf_counter() - t)
-        # the same with the written file made durable, as onnx-resync's atomic save does
-        t = time.perf_counter()
-        a, b = onnx.load(ref_path), onnx.load(sus_path)
-        onnx.save(a, folder / "io_a.onnx")
-        onnx.save(b, folder / "io_b.onnx")
-        for name in ("io_a.onnx", "io_b.onnx"):
-            fd = os.open(folder / name, os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
-        times["io_fsync"].append(time.perf_counter() - t)
-        del a, b
+        times["io"].append(_load_and_save(ref_path, sus_path, folder, fsync=False))
+        # the same with the written files made durable, as onnx-resync's atomic save does
+        times["io_fsync"].append(_load_and_save(ref_path, sus_path, folder, fsync=True))
         t = time.perf_counter()
         _, report = resync(sus_path, ref_path, out_path, check=False)
         times["resync"].append(time.perf_counter() - t)

@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from onnx_resync.io import WeightStore, load_model  # noqa: E402
 from onnx_resync.match import _reindex, _rows, _summarize, _unit, match  # noqa: E402
 from onnx_resync.permute import PermutationRecord, apply_permutations, random_permutations  # noqa: E402
-from onnx_resync.rescale import neutral_groups, rescaled, structural_sides  # noqa: E402
+from onnx_resync.rescale import neutral_groups, rescaled, undo_rescales  # noqa: E402
 from onnx_resync.resync import decision_statistics, restore  # noqa: E402
 from onnx_resync.walk import walk  # noqa: E402
 
@@ -92,27 +92,14 @@ def perturb(model: onnx.ModelProto, kind: str, strength, rng: np.random.Generato
 
 def rescale_attack(model: onnx.ModelProto, wk, s: float, rng: np.random.Generator):
     """Scale each neuron of the neutral groups by a on its producer side (a BatchNormalization's
-    scale and bias where one follows the producer) and 1/a on its consumers."""
+    scale and bias where one follows the producer) and 1/a on its consumers: the undo of the
+    opposite scales."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    store = WeightStore(out)
-    arrays: dict[str, np.ndarray] = {}
-    attacked = 0
-    for g in neutral_groups(model, wk):
-        a = np.exp(rng.uniform(-math.log(s), math.log(s), g.size))
-        attacked += g.size
-        for side, slot in zip(structural_sides(model, g), g.slots):
-            if side == 0:  # inside the producer (before its BatchNormalization): unchanged
-                continue
-            arr = arrays.setdefault(slot.weight, store.get(slot.weight).astype(np.float64))
-            factor = a if side > 0 else 1.0 / a
-            view = np.moveaxis(*slot.part(arr), 0)
-            sub = view[slot.positions]
-            sub *= factor.reshape((-1,) + (1,) * (sub.ndim - 1))
-            view[slot.positions] = sub
-    for name, arr in arrays.items():
-        store.set(name, arr)
-    return out, attacked
+    groups = neutral_groups(model, wk)
+    log_a = {g.key: rng.uniform(-math.log(s), math.log(s), g.size) for g in groups}
+    undo_rescales(model, WeightStore(out), groups, {k: -v for k, v in log_a.items()})
+    return out, sum(g.size for g in groups)
 
 
 def inconsistent_shuffle(model: onnx.ModelProto, wk, rng) -> onnx.ModelProto:
