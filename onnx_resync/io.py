@@ -30,8 +30,9 @@ INLINE_LIMIT_BYTES = 2**31 - 2**26
 # Models with more external data than this are not read into memory ("lazy"): each large tensor
 # stays in its file and is memory-mapped when used, and a tensor that is rewritten (permuted) is
 # computed only when it is saved, tensor by tensor. Tensors under LAZY_MIN_TENSOR_BYTES (shapes,
-# biases, norm parameters) are read as usual, so the walker sees them inline.
-LAZY_EXTERNAL_BYTES = int(os.environ.get("ONNX_RESYNC_LAZY_BYTES", 1 << 30))
+# biases, norm parameters) are read as usual, so the walker sees them inline. (Read into memory, a
+# model with external data costs several times its size in copies: a 1 GiB model peaked at 6 GiB.)
+LAZY_EXTERNAL_BYTES = int(os.environ.get("ONNX_RESYNC_LAZY_BYTES", 64 << 20))
 LAZY_MIN_TENSOR_BYTES = int(os.environ.get("ONNX_RESYNC_LAZY_MIN_TENSOR_BYTES", 1 << 20))
 # memory-mapped pages kept resident (the newest mappings); older ones are released (see _Residency)
 LAZY_RESIDENT_BYTES = int(os.environ.get("ONNX_RESYNC_LAZY_RESIDENT_BYTES", 256 << 20))
@@ -256,6 +257,20 @@ def read_lazy_grid(tensor: onnx.TensorProto, index: list[np.ndarray]) -> np.ndar
     return np.asarray(read_lazy(tensor)[np.ix_(*index)])
 
 
+def read_lazy_rows(tensor: onnx.TensorProto, index: np.ndarray) -> np.ndarray:
+    """values[index] (entries along the first axis) of a lazy tensor, reading only those rows where
+    the storage allows: a saved tensor is produced a piece at a time."""
+    location = _external_info(tensor)["location"]
+    if location.startswith(DEFERRED_PREFIX):
+        compute = _deferred[location]
+        rows = getattr(compute, "rows", None)
+        return rows(index) if rows is not None else compute()[index]
+    values = read_lazy(tensor)
+    if len(index) and index[-1] - index[0] + 1 == len(index) and (np.diff(index) == 1).all():
+        return values[int(index[0]):int(index[-1]) + 1]  # a run of rows: a view of the mapping
+    return np.take(values, index, axis=0)
+
+
 class _Residency:
     """Keeps the resident part of the memory-mapped tensors under LAZY_RESIDENT_BYTES.
 
@@ -319,6 +334,7 @@ def _lazy_reader(tensor: onnx.TensorProto) -> Callable[[], np.ndarray]:
         return read_lazy(snapshot)
 
     read.grid = lambda index: read_lazy_grid(snapshot, index)
+    read.rows = lambda index: read_lazy_rows(snapshot, index)
     return read
 
 
@@ -635,12 +651,22 @@ def _write_lazy(tensor: onnx.TensorProto, fh) -> int:
     expected = _expected_nbytes(tensor)
     if info["location"].startswith(DEFERRED_PREFIX):
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
-        array = np.ascontiguousarray(read_lazy(tensor), dtype=dtype)
-        if array.nbytes != expected:
-            raise ValueError(f"weight {tensor.name!r}: computed {array.nbytes} bytes, expected {expected}")
-        if array.nbytes:
-            fh.write(memoryview(array.reshape(-1)).cast("B"))
-        return array.nbytes
+        compute = _deferred[info["location"]]
+        shape = [int(d) for d in tensor.dims]
+        if getattr(compute, "rows", None) is None or not shape or not expected:
+            pieces = [read_lazy(tensor)]
+        else:  # a piece of rows at a time: no copy of the whole tensor in memory
+            step = max(1, COPY_CHUNK_BYTES // max(1, expected // shape[0]))
+            pieces = (compute.rows(np.arange(a, min(a + step, shape[0]))) for a in range(0, shape[0], step))
+        written = 0
+        for piece in pieces:
+            piece = np.ascontiguousarray(piece, dtype=dtype)
+            if piece.nbytes:
+                fh.write(memoryview(piece.reshape(-1)).cast("B"))
+            written += piece.nbytes
+        if written != expected:
+            raise ValueError(f"weight {tensor.name!r}: computed {written} bytes, expected {expected}")
+        return written
     length = int(info["length"]) if info.get("length", "").isdigit() else expected
     buffer = bytearray(min(COPY_CHUNK_BYTES, max(length, 1)))
     left = length
@@ -742,6 +768,15 @@ class WeightStore:
         grid = getattr(compute, "grid", None)
         if grid is not None:  # the computation can produce a sub-grid alone (a permutation)
             checked.grid = lambda index: np.asarray(grid(index)).astype(dtype, copy=False)
+        rows = getattr(compute, "rows", None)
+        if rows is not None and len(shape):  # ... or some of its rows (saved a piece at a time)
+            def checked_rows(index: np.ndarray) -> np.ndarray:
+                piece = np.asarray(rows(index))
+                if piece.shape != (len(index),) + shape[1:]:
+                    raise ValueError(f"weight {name!r}: computed rows of shape {piece.shape}, expected "
+                                     f"{(len(index),) + shape[1:]}")
+                return piece.astype(dtype, copy=False)
+            checked.rows = checked_rows
         set_deferred(tensor, checked)
 
     def set(self, name: str, array: np.ndarray) -> None:

@@ -29,6 +29,7 @@ from .errors import ModelMismatchError
 from .permute import PermutationRecord
 from .sampling import spread
 from .walk import WalkResult
+from .wide import WideSlot
 
 AGREE = 1.0  # a group agrees (its matches stand out) at this evidence or more
 INFORMATIVE = 3.0  # a group votes if an exact copy would give this much (capacity) or it gives it
@@ -41,6 +42,8 @@ SAMPLE_COLUMNS = 1024  # the sweep compares large groups on a random sample of f
 SAMPLE_WORK = 1 << 28  # ... where n * n * feature width exceeds this ...
 SAMPLED_MARGIN = 0.25  # ... and accepts a mutual best there only with this margin (else: full solve)
 HASH_COLUMNS = 64  # columns per slot hashed to find byte-identical neurons (collisions then compared whole)
+WIDE_ENTRIES = 4096  # a slot with this many entries per neuron ...
+WIDE_BYTES = 32 << 20  # ... and this many bytes of rows is read in pieces, never copied whole (wide.py)
 
 @dataclass
 class GroupMatch:
@@ -170,6 +173,7 @@ class _Matcher:
         R, S = self.arrays(slot.weight)
         s = S
         summarize: dict[int, list] = {}
+        indexes: dict[int, np.ndarray] = {}  # axis -> gather index aligning the suspect there
         block_sort = False
         for o in range(R.ndim):
             index = None
@@ -195,7 +199,12 @@ class _Matcher:
                 else:
                     summarize.setdefault(o, []).append(hslot.positions)
             if index is not None:
-                s = np.take(s, index, axis=o)
+                indexes[o] = index
+        if not summarize and not block_sort and slot.at is None and s is S and \
+                WideSlot.worth(R.shape, slot.axis, slot.positions, WIDE_ENTRIES, WIDE_BYTES):
+            return WideSlot(R, S, slot.axis, slot.positions, indexes)
+        for o, index in indexes.items():
+            s = np.take(s, index, axis=o)
         n, b = slot.positions.shape
         (r_part, axis), (s_part, _) = slot.part(R), slot.part(s)
         xr, xs = _rows(r_part, axis, slot.positions), _rows(s_part, axis, slot.positions)
@@ -221,16 +230,26 @@ class _Matcher:
                 feats.append(rows)
         if not feats:
             return None
-        dims = np.array([xr.shape[1] for xr, _ in feats], dtype=np.int64)
-        nr = np.stack([np.linalg.norm(xr, axis=1) for xr, _ in feats], axis=1)
-        ns = np.stack([np.linalg.norm(xs, axis=1) for _, xs in feats], axis=1)
-        fr, fs = _combined(feats, dims, nr, ns)
+        dims = np.array([x.width if isinstance(x, WideSlot) else x[0].shape[1] for x in feats], dtype=np.int64)
+        norms = [x.norms() if isinstance(x, WideSlot) else (np.linalg.norm(x[0], axis=1), np.linalg.norm(x[1], axis=1))
+                 for x in feats]
+        nr = np.stack([r for r, _ in norms], axis=1)
+        ns = np.stack([s for _, s in norms], axis=1)
+        fr, fs, wide = _combined(feats, dims, nr, ns)
         keys = _keys(feats)
         pairs = _exact_pairs(keys["ref_key"], keys["sus_key"])
-        for xr, xs in feats:  # the hash said equal: check it
-            i = np.flatnonzero(pairs >= 0)
-            pairs[i[~(xr[i] == xs[pairs[i]]).all(axis=1)]] = -1
-        return _Features(slots=used, dims=dims, fr=fr, fs=fs, nr=nr, ns=ns, pairs=pairs, **keys)
+        i = np.flatnonzero(pairs >= 0)
+        for x in feats:  # the hash said equal: check it
+            if isinstance(x, WideSlot):
+                for xr, xs in x.chunks():
+                    same = (xr[:, i] == xs[:, pairs[i]]).all(axis=0)
+                    pairs[i[~same]] = -1
+                    i = i[same]
+            else:
+                same = (x[0][i] == x[1][pairs[i]]).all(axis=1)
+                pairs[i[~same]] = -1
+                i = i[same]
+        return _Features(slots=used, dims=dims, fr=fr, fs=fs, wide=wide, nr=nr, ns=ns, pairs=pairs, **keys)
 
     def solve(self, gi: int, first: bool = False) -> None:
         """Byte-identical neurons are paired outright; the rest go through the assignment."""
@@ -241,18 +260,15 @@ class _Matcher:
             # no exact copy (or twins that only the other slots tell apart): every slot
             f = self.features(gi)
         perm = f.pairs.copy()
-        n, width = f.fr.shape
+        n, width = len(perm), f.width
         rest = np.flatnonzero(perm < 0)
         if width > SAMPLE_COLUMNS and n * n * width > SAMPLE_WORK and (first or not len(rest)):
             # an unbiased estimate of every similarity: assignments accepted only with a wide margin
             # (all pairs exact: it only estimates the runner-ups for the report, a smaller sample)
-            k = SAMPLE_COLUMNS if len(rest) else SAMPLE_COLUMNS // 4
-            cols = np.sort(np.random.default_rng(gi).choice(width, k, replace=False))
-            C = f.fr[:, cols] @ f.fs[:, cols].T
-            C *= width / k
+            C = f.sampled_gram(SAMPLE_COLUMNS if len(rest) else SAMPLE_COLUMNS // 4, np.random.default_rng(gi))
             margin = SAMPLED_MARGIN
         else:
-            C = f.fr @ f.fs.T
+            C = f.gram()
             margin = self.margin
         settled = n - len(rest)
         if len(rest):
@@ -264,32 +280,32 @@ class _Matcher:
             settled += ok
         runner_up, _ = _runner_up(C, np.arange(n), perm, columns=False)
         del C
-        cos = np.einsum("ij,ij->i", f.fr, f.fs[perm]).astype(np.float64)
+        null_cols = _null_columns(n, np.random.default_rng(gi))
+        cos, null = f.paired(perm, null_cols)  # (one read of the wide slots for both)
         self.perm[gi] = perm
         if settled < n:
             self.uncertain.add(gi)
         else:
             self.uncertain.discard(gi)
-        self.describe(gi, f, perm, cos, cos - runner_up, settled)
+        self.describe(gi, f, perm, cos, cos - runner_up, settled, _spread(null, null_cols, perm))
         self.result[gi].exact = not len(rest)
 
     def capacity(self, gi: int) -> float:
         """The evidence an exact copy would give: the reference matched against itself."""
         f = self.features(gi)
-        C = f.fr @ f.fr.T
+        C = f.gram(suspect=False)
+        self_similarity = np.diag(C).astype(np.float64)
         np.fill_diagonal(C, -np.inf)
         runner_up = C.max(axis=1)
         del C
         ident = np.arange(len(runner_up))
-        spread = _null_spread(f.fr, f.fr, ident, np.random.default_rng(gi))
-        gap = (np.einsum("ij,ij->i", f.fr, f.fr) - runner_up) / np.maximum(spread, 1e-12)
+        spread = _null_spread(f, ident, np.random.default_rng(gi), suspect=False)
+        gap = (self_similarity - runner_up) / np.maximum(spread, 1e-12)
         return float(np.median(gap))
 
-    def describe(self, gi: int, f: "_Features", perm, cos, margin, settled) -> None:
+    def describe(self, gi: int, f: "_Features", perm, cos, margin, settled, spread) -> None:
         g = self.groups[gi]
         n = g.size
-        rng = np.random.default_rng(gi)
-        spread = _null_spread(f.fr, f.fs, perm, rng)
         num = np.sqrt((f.ns[perm] ** 2).sum(axis=1))
         den = np.sqrt((f.nr ** 2).sum(axis=1))
         slot_ratio = np.divide(f.ns[perm], f.nr, out=np.ones_like(f.nr), where=f.nr > 0)
@@ -309,27 +325,82 @@ class _Matcher:
 
 @dataclass
 class _Features:
+    """A group's neurons as unit rows, the dot product of two rows being their similarity (see
+    _combined): slots of ordinary size held as two matrices, wide slots (wide.py) read in pieces."""
+
     slots: list[int]  # which of the group's slots
     dims: np.ndarray  # entries per neuron in each slot
-    fr: np.ndarray  # combined unit features, reference (see _combined)
+    fr: np.ndarray  # combined rows of the slots held, reference
     fs: np.ndarray  # same, suspect (suspect order)
+    wide: list  # (WideSlot, reference row scale, suspect row scale): the rest of each row
     nr: np.ndarray  # (n, slots) norms, reference
     ns: np.ndarray  # (n, slots) norms, suspect
     ref_key: np.ndarray  # per neuron: equal keys for neurons identical in every slot (either model)
     sus_key: np.ndarray
     pairs: np.ndarray  # reference neuron -> its byte-identical suspect neuron, -1 (twins in order)
 
+    @property
+    def width(self) -> int:
+        return self.fr.shape[1] + sum(w.width for w, _, _ in self.wide)
+
+    def gram(self, cols: np.ndarray | None = None, suspect: bool = True) -> np.ndarray:
+        """Similarity of every reference neuron with the suspect's (or, suspect=False, the
+        reference's) neurons `cols` (None: all), float32 (n, len(cols))."""
+        other = self.fs if suspect else self.fr
+        C = self.fr @ (other if cols is None else other[cols]).T
+        for w, sr, ss in self.wide:
+            so = ss if suspect else sr
+            if cols is not None:
+                so = so[cols]
+            part = np.zeros(C.shape)
+            for xr, xs in w.chunks():
+                xo = xs if suspect else xr
+                part += xr.T @ (xo if cols is None else xo[:, cols])
+            C += (part * sr[:, None] * so[None, :]).astype(C.dtype)
+        return C
+
+    def sampled_gram(self, k: int, rng: np.random.Generator) -> np.ndarray:
+        """An unbiased estimate of gram() from about k entries per row: k columns drawn at random
+        from the held part, and evenly spread ones from each wide slot, shared out by width."""
+        width = self.width
+        held = self.fr.shape[1]
+        C = np.zeros((self.fr.shape[0], self.fs.shape[0]), dtype=np.float32)
+        if held:
+            kh = min(held, max(1, round(k * held / width)))
+            cols = np.sort(rng.choice(held, kh, replace=False))
+            C += (self.fr[:, cols] @ self.fs[:, cols].T) * np.float32(held / kh)
+        for w, sr, ss in self.wide:
+            xr, xs = w.sample(max(1, round(k * w.width / width)))
+            C += ((xr.T @ xs) * (sr[:, None] * ss[None, :] * (w.width / xr.shape[0]))).astype(np.float32)
+        return C
+
+    def paired(self, perm: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Similarity of each reference neuron with suspect neuron perm[i] (float64), and
+        gram(cols), in one read of the wide slots."""
+        cos = np.einsum("ij,ij->i", self.fr, self.fs[perm]).astype(np.float64)
+        C = self.fr @ self.fs[cols].T
+        for w, sr, ss in self.wide:
+            part, cross = np.zeros(len(perm)), np.zeros(C.shape)
+            for xr, xs in w.chunks():
+                part += np.einsum("ij,ij->j", xr, xs[:, perm])
+                cross += xr.T @ xs[:, cols]
+            cos += part * sr * ss[perm]
+            C += (cross * sr[:, None] * ss[cols][None, :]).astype(C.dtype)
+        return cos, C
+
 
 def _combined(feats, dims, nr, ns):
     """Unit rows per slot, weighted by sqrt(slot share) and side by side (scalar slots pooled), so
     that a dot product is the size-weighted mean of slot cosines; rows end at unit length (neurons
-    empty in some slots: dead, pruned). Returns (ref, sus)."""
-    n = feats[0][0].shape[0]
+    empty in some slots: dead, pruned). Wide slots are not copied: their part of the rows is the
+    slot read in pieces times a scale per row. Returns (ref, sus, [(wide slot, ref scale, sus scale)])."""
+    n = nr.shape[0]
     total = max(int(dims.sum()), 1)
     vec = [k for k, d in enumerate(dims) if d >= 2]
     small = [k for k, d in enumerate(dims) if d < 2]
-    width = int(dims[vec].sum()) + (len(small) + 1 if small else 0)
-    out = []
+    held = [k for k in vec if not isinstance(feats[k], WideSlot)]
+    width = int(dims[held].sum()) + (len(small) + 1 if small else 0)
+    out, scales = [], {}
     for side, norms in ((0, nr), (1, ns)):
         f = np.empty((n, width), dtype=np.float32)
         # squared length each row would have: the weights of its non-empty slots
@@ -337,8 +408,11 @@ def _combined(feats, dims, nr, ns):
         row = np.divide(1.0, np.sqrt(length), out=np.zeros(n), where=length > 0)
         col = 0
         for k in vec:
-            stop = col + int(dims[k])
             scale = np.divide(np.sqrt(dims[k] / total) * row, norms[:, k], out=np.zeros(n), where=norms[:, k] > 0)
+            if k not in held:
+                scales.setdefault(k, []).append(scale)
+                continue
+            stop = col + int(dims[k])
             np.multiply(feats[k][side], scale[:, None].astype(np.float32), out=f[:, col:stop], casting="unsafe")
             col = stop
         if small:  # scalars (bias, norm parameters) pooled, plus a constant: similar values, high cosine
@@ -348,7 +422,8 @@ def _combined(feats, dims, nr, ns):
             _put_unit(f[:, col:], pooled, float(np.sqrt(len(small) / total)))
             f[:, col:] *= row[:, None].astype(np.float32)
         out.append(f)
-    return out[0], out[1]
+    wide = [(feats[k], scales[k][0], scales[k][1]) for k in vec if k not in held]
+    return out[0], out[1], wide
 
 
 def _put_unit(out: np.ndarray, x: np.ndarray, weight: float) -> None:
@@ -444,15 +519,25 @@ def _unit(x: np.ndarray, norms: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
-def _null_spread(fr, fs, perm, rng) -> np.ndarray:
-    """Per row: standard deviation of the similarity with a sample of unrelated suspect neurons."""
-    n = len(perm)
-    cols = np.arange(n) if n <= NULL_COLUMNS + 1 else rng.choice(n, NULL_COLUMNS, replace=False)
-    null = fr @ fs[cols].T
+def _null_columns(n: int, rng: np.random.Generator) -> np.ndarray:
+    """The suspect neurons whose similarities with every row estimate the null spread."""
+    return np.arange(n) if n <= NULL_COLUMNS + 1 else rng.choice(n, NULL_COLUMNS, replace=False)
+
+
+def _spread(null: np.ndarray, cols: np.ndarray, perm: np.ndarray) -> np.ndarray:
+    """Per row: standard deviation of the similarities `null` (with suspect neurons `cols`), the
+    row's own match left out."""
+    null = null.copy()
     null[cols[None, :] == perm[:, None]] = np.nan
     if null.shape[1] < 2:
-        return np.ones(n)
+        return np.ones(len(perm))
     return np.nan_to_num(np.nanstd(null, axis=1), nan=1.0)
+
+
+def _null_spread(f: _Features, perm, rng, suspect: bool = True) -> np.ndarray:
+    """Per row: standard deviation of the similarity with a sample of unrelated suspect neurons."""
+    cols = _null_columns(len(perm), rng)
+    return _spread(f.gram(cols, suspect=suspect), cols, perm)
 
 
 def _keys(feats) -> dict:
@@ -462,7 +547,7 @@ def _keys(feats) -> dict:
     and exact pairs are checked element by element anyway) of at most HASH_COLUMNS columns per slot;
     the neurons that share such a key are then hashed again on all their entries: wide layers cost
     a hash of a sample, and of the few collisions."""
-    n = feats[0][0].shape[0]
+    n = feats[0].n if isinstance(feats[0], WideSlot) else feats[0][0].shape[0]
     key = _hash(feats, np.arange(2 * n), HASH_COLUMNS)
     # keys shared inside one model (twins, or a sample that cannot tell two neurons apart): one
     # reference and one suspect neuron under a key is the pair that the element-wise check confirms
@@ -479,18 +564,25 @@ def _keys(feats) -> dict:
 
 def _hash(feats, which: np.ndarray, columns: int | None) -> np.ndarray:
     """Hash of neurons `which` (indices over [reference, suspect]) on `columns` evenly spread
-    columns of each slot (None: all)."""
-    n = feats[0][0].shape[0]
+    columns of each slot (None: all; a wide slot: about that many, see WideSlot.sample)."""
+    n = feats[0].n if isinstance(feats[0], WideSlot) else feats[0][0].shape[0]
     mine, theirs = which[which < n], which[which >= n] - n
     key = np.zeros(len(which), dtype=np.uint64)
     rng = np.random.default_rng(0x5EED)
-    for xr, xs in feats:
-        cols = slice(None) if columns is None else spread(xr.shape[1], columns)
-        both = np.concatenate([xr[:, cols][mine], xs[:, cols][theirs]]) + 0  # -0.0 and 0.0 alike
-        words = np.ascontiguousarray(both).view(np.uint32 if both.itemsize == 4 else np.uint64)
-        mult = rng.integers(1, 2**63, words.shape[1], dtype=np.uint64) | np.uint64(1)
-        with np.errstate(over="ignore"):
-            key = key * np.uint64(0x9E3779B97F4A7C15) + words.astype(np.uint64) @ mult
+    for x in feats:
+        if isinstance(x, WideSlot):
+            pieces = [x.sample(columns)] if columns is not None else x.chunks()
+        else:
+            cols = slice(None) if columns is None else spread(x[0].shape[1], columns)
+            pieces = [(x[0][:, cols], x[1][:, cols])]
+        for xr, xs in pieces:  # (a wide slot's pieces are hashed in turn, like slots)
+            if isinstance(x, WideSlot):  # pieces are (entries, neurons)
+                xr, xs = xr.T, xs.T
+            both = np.concatenate([xr[mine], xs[theirs]]) + 0  # -0.0 and 0.0 alike
+            words = np.ascontiguousarray(both).view(np.uint32 if both.itemsize == 4 else np.uint64)
+            mult = rng.integers(1, 2**63, words.shape[1], dtype=np.uint64) | np.uint64(1)
+            with np.errstate(over="ignore"):
+                key = key * np.uint64(0x9E3779B97F4A7C15) + words.astype(np.uint64) @ mult
     return key
 
 

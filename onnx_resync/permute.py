@@ -116,9 +116,10 @@ def apply_permutations(model: onnx.ModelProto, walk: WalkResult, record: Permuta
 
 
 def _permuted(read, moves):
-    """The permuted tensor as a computation, which can also produce a sub-grid alone: entry i along
-    a moved axis is entry idx[i] of the source, so a sample reads only the entries it needs (a
-    move inside one direction's slice is not one index per axis: that sub-grid is computed whole)."""
+    """The permuted tensor as a computation, which can also produce a sub-grid or some rows alone:
+    entry i along a moved axis is entry idx[i] of the source, so a sample reads only the entries it
+    needs, and a save only a piece at a time (a move inside one direction's slice is not one index
+    per axis: that sub-grid is computed whole)."""
     def compute() -> np.ndarray:
         return _moved(read(), moves)
 
@@ -131,7 +132,19 @@ def _permuted(read, moves):
         source_grid = getattr(read, "grid", None)
         return source_grid(source) if source_grid is not None else read()[np.ix_(*source)]
 
+    def rows(index: np.ndarray) -> np.ndarray:
+        if any(at is not None for _, at, _ in moves):
+            return compute()[index]
+        source = index
+        for axis, _, idx in moves:
+            if axis == 0:
+                source = idx[source]
+        source_rows = getattr(read, "rows", None)
+        piece = source_rows(source) if source_rows is not None else read()[source]
+        return _moved(piece, [move for move in moves if move[0] != 0])
+
     compute.grid = grid
+    compute.rows = rows
     return compute
 
 

@@ -52,7 +52,7 @@ from .walk import WalkResult, walk
 from .jsonable import json_safe
 
 MIN_EVIDENCE_GROUP = 8  # smaller groups vote only when there is no larger one
-STATISTICS_SAMPLE = 1 << 20  # entries of a tensor that the perturbation statistics look at
+STATISTICS_SAMPLE = 1 << 18  # entries of a tensor that the perturbation statistics look at
 
 ModelLike = str | os.PathLike | onnx.ModelProto
 
