@@ -36,6 +36,7 @@ INFORMATIVE = 3.0  # a group votes if an exact copy would give this much (capaci
 EXACT_COSINE = 1 - 1e-6  # matched similarity of an exact copy (float32 rounding)
 SHORTCUT_MARGIN = 0.05  # cosine gap to the runner-up (row and column) for a mutual best to be accepted
 NULL_COLUMNS = 128  # unrelated suspect neurons sampled per row to estimate the null spread of cosines
+NULL_COLUMNS_WIDE = 32  # the same for a group with wide slots (each costs a product over every entry)
 RESCALE_DETECT = 0.1  # |log norm ratio| (against the slot's median) that counts as a rescaled slot
 RESCALE_ONE_SIDED = float(np.log(1.5))  # a slot this far from its median, the others not: one-sided
 SAMPLE_COLUMNS = 1024  # the sweep compares large groups on a random sample of feature columns ...
@@ -280,7 +281,7 @@ class _Matcher:
             settled += ok
         runner_up, _ = _runner_up(C, np.arange(n), perm, columns=False)
         del C
-        null_cols = _null_columns(n, np.random.default_rng(gi))
+        null_cols = _null_columns(n, np.random.default_rng(gi), NULL_COLUMNS_WIDE if f.wide else NULL_COLUMNS)
         cos, null = f.paired(perm, null_cols)  # (one read of the wide slots for both)
         self.perm[gi] = perm
         if settled < n:
@@ -519,9 +520,9 @@ def _unit(x: np.ndarray, norms: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
-def _null_columns(n: int, rng: np.random.Generator) -> np.ndarray:
+def _null_columns(n: int, rng: np.random.Generator, count: int = NULL_COLUMNS) -> np.ndarray:
     """The suspect neurons whose similarities with every row estimate the null spread."""
-    return np.arange(n) if n <= NULL_COLUMNS + 1 else rng.choice(n, NULL_COLUMNS, replace=False)
+    return np.arange(n) if n <= count + 1 else rng.choice(n, count, replace=False)
 
 
 def _spread(null: np.ndarray, cols: np.ndarray, perm: np.ndarray) -> np.ndarray:
