@@ -789,6 +789,17 @@ class WeightStore:
             set_deferred(old, lambda: array)
             return
         typed = next((f for f in _TYPED_FIELDS if len(getattr(old, f))), None)
+        if (old.HasField("raw_data") or typed is None) and array.dtype.kind in "fiub" \
+                and old.data_type not in _SUBBYTE_BITS:  # plain little-endian bytes: one copy, not four
+            if old.data_location == onnx.TensorProto.EXTERNAL:
+                old.ClearField("external_data")
+                old.ClearField("data_location")
+            for field in _TYPED_FIELDS:
+                old.ClearField(field)
+            old.raw_data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
+            del old.dims[:]
+            old.dims.extend(array.shape)
+            return
         if old.HasField("raw_data") or typed is None:
             new = numpy_helper.from_array(array, name=old.name)
         else:  # keep the file's own storage field, so that undo restores the original bytes

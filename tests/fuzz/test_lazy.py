@@ -111,3 +111,22 @@ def test_lazy_permute_memory_stays_small(tmp_path):
     assert peaks["lazy"] < 0.5 * peaks["eager"], peaks
     assert peaks["lazy"] - 60e6 < 0.5 * size, peaks  # what the interpreter itself needs aside
     assert _weights(tmp_path / "lazy.onnx") == _weights(tmp_path / "eager.onnx")
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_lazy_save_in_pieces(name, ext_models, tmp_path, monkeypatch):
+    """A permuted lazy tensor is saved a few rows at a time (read_lazy_rows): with pieces of one
+    row, permute, a second permute of the deferred result, and undo give the in-memory bytes."""
+    monkeypatch.setattr(io, "LAZY_MIN_TENSOR_BYTES", 0)
+    monkeypatch.setattr(io, "COPY_CHUNK_BYTES", 1)
+    src = ext_models[name]
+    eager, _ = api.permute(io.load_model(src, lazy=False), tmp_path / "e.onnx", seed=4, check=False)
+    eager2, _ = api.permute(eager, tmp_path / "e2.onnx", seed=9, check=False)
+    lazy, first = api.permute(io.load_model(src, lazy=True), tmp_path / "l.onnx", seed=4, check=False)
+    assert io.is_lazy_model(lazy)
+    lazy2, _ = api.permute(lazy, tmp_path / "l2.onnx", seed=9, check=False)  # rows of rows
+    assert _weights(tmp_path / "l.onnx") == _weights(tmp_path / "e.onnx")
+    assert _weights(tmp_path / "l2.onnx") == _weights(tmp_path / "e2.onnx")
+    back, _ = api.permute(io.load_model(tmp_path / "l.onnx", lazy=True), tmp_path / "u.onnx",
+                          undo=first.record, check=False)
+    assert _weights(tmp_path / "u.onnx") == _weights(src)
