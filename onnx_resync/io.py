@@ -6,7 +6,6 @@ the difference so the rest of the package reads and writes both the same way.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import mmap as mmap_module
@@ -426,8 +425,7 @@ def _check(model: onnx.ModelProto, path: Path) -> None:
             # (checking the proto looks in the current directory); a path check also has no 2 GiB limit.
             onnx.checker.check_model(str(path))
         else:
-            with _payloads_set_aside(model):
-                onnx.checker.check_model(model)
+            onnx.checker.check_model(_checker_copy(model))
     except onnx.checker.ValidationError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
         raise LoadError(f"{path}: invalid ONNX model: {first}") from None
@@ -435,31 +433,45 @@ def _check(model: onnx.ModelProto, path: Path) -> None:
         raise LoadError(f"{path}: invalid ONNX model ({type(exc).__name__})") from None
 
 
-@contextlib.contextmanager
-def _payloads_set_aside(model: onnx.ModelProto):
-    """While the checker runs, every large raw payload is one element of a [1, ..., 1] tensor.
+def _checker_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model for onnx.checker, its initializers' large raw payloads cut to one element of a
+    [1, ..., 1] tensor.
 
     The checker copies the whole model to C++ and reads no weight value, only that each tensor's
-    data fits its dims and type, which check_tensor_data has verified for the real dims (0.4 s
-    for 100 MB of weights, twice per resync, saved). Put back on the way out, whatever happens."""
-    aside = []
-    try:
-        for t in _iter_graph_tensors(model.graph):
-            if not t.HasField("raw_data") or not t.dims or t.data_type in _SUBBYTE_BITS:
-                continue
-            raw, count = t.raw_data, math.prod(t.dims)
-            if len(raw) <= 4096 or count <= 0 or len(raw) % count:
-                continue
-            aside.append((t, list(t.dims), raw))
-            t.raw_data = raw[:len(raw) // count]
-            del t.dims[:]
-            t.dims.extend([1] * len(aside[-1][1]))
-        yield
-    finally:
-        for t, dims, raw in aside:
-            del t.dims[:]
-            t.dims.extend(dims)
-            t.raw_data = raw
+    data fits its dims and type, which check_tensor_data has verified for the real dims. Building
+    this copy never touches a payload: setting the real ones aside and back in place copied every
+    weight twice (0.12 s of the 0.32 s that loading two 98 MiB models took)."""
+    skeleton = onnx.ModelProto()
+    for field, value in model.ListFields():
+        if field.name != "graph":
+            _copy_field(skeleton, field, value)
+    for field, value in model.graph.ListFields():
+        if field.name != "initializer":
+            _copy_field(skeleton.graph, field, value)
+    for t in model.graph.initializer:
+        cut = skeleton.graph.initializer.add()
+        count, nbytes = math.prod(t.dims), _expected_nbytes(t)
+        if (not t.HasField("raw_data") or not t.dims or t.data_type in _SUBBYTE_BITS or count <= 0
+                or nbytes is None or nbytes <= 4096):
+            cut.CopyFrom(t)
+            continue
+        cut.name, cut.data_type = t.name, t.data_type
+        cut.dims.extend([1] * len(t.dims))
+        cut.raw_data = bytes(nbytes // count)
+        for field, value in t.ListFields():
+            if field.name not in ("name", "data_type", "dims", "raw_data"):
+                _copy_field(cut, field, value)
+    return skeleton
+
+
+def _copy_field(target, field, value) -> None:
+    repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+    if repeated:
+        getattr(target, field.name).extend(value)
+    elif field.type == field.TYPE_MESSAGE:
+        getattr(target, field.name).CopyFrom(value)
+    else:
+        setattr(target, field.name, value)
 
 
 def _same_file(a: Path, b: Path) -> bool:
