@@ -17,7 +17,7 @@ import onnx
 
 from .errors import CheckFailed, UsageError
 from .io import check_output_path, check_tensor_data, load_model, refuse_overwrite, save_model, write_text_atomic
-from .permute import PermutationRecord, apply_permutations, random_permutations
+from .permute import PermutationRecord, permuted_copy, random_permutations
 from .walk import WalkResult, walk
 
 ModelLike = str | os.PathLike | onnx.ModelProto
@@ -97,9 +97,7 @@ def permute(
         record = (undo if isinstance(undo, PermutationRecord) else load_record(undo)).inverse()
     else:
         record = random_permutations(result_walk, seed, group_keys)
-    permuted = onnx.ModelProto()
-    permuted.CopyFrom(original)
-    changed = apply_permutations(permuted, result_walk, record)
+    permuted, changed = permuted_copy(original, result_walk, record)
     moved = sum(sum(1 for i, p in enumerate(perm) if i != p) for perm in record.perms.values())
     report = None
     if check:

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from .errors import ModelMismatchError, UsageError
-from .io import WeightStore
+from .io import WeightStore, copy_without_payloads
 from .walk import Group, WalkResult, slot_part
 
 RECORD_FORMAT = "onnx-resync/permutation/1"
@@ -100,19 +100,35 @@ def slot_indices(walk: WalkResult, perms: dict[str, list[int]], dim_of) -> dict[
     return index
 
 
-def apply_permutations(model: onnx.ModelProto, walk: WalkResult, record: PermutationRecord) -> int:
-    """Rewrite the model's weights in place; returns the number of weight tensors changed."""
+def apply_permutations(model: onnx.ModelProto, walk: WalkResult, record: PermutationRecord,
+                       source: onnx.ModelProto | None = None) -> int:
+    """Rewrite the model's weights in place (reading them from `source` where given: `model` is
+    its copy without them, see permuted_copy); returns the number of weight tensors changed."""
     store = WeightStore(model)
+    read = WeightStore(source) if source is not None else store
+    by_weight = _moves_by_weight(walk, record, store)
+    for weight, moves in by_weight.items():
+        if read.is_lazy(weight):  # a huge model: permuted one tensor at a time, when it is saved
+            store.set_lazy(weight, _permuted(read.reader(weight), moves))
+            continue
+        store.set(weight, _moved(read.get(weight), moves))
+    return len(by_weight)
+
+
+def permuted_copy(model: onnx.ModelProto, walk: WalkResult, record: PermutationRecord) -> tuple[onnx.ModelProto, int]:
+    """A new model: `model` with the record applied (the weights it rewrites are not copied first);
+    and the number of weight tensors changed."""
+    by_weight = _moves_by_weight(walk, record, WeightStore(model))
+    copy = copy_without_payloads(model, set(by_weight))
+    return copy, apply_permutations(copy, walk, record, source=model)
+
+
+def _moves_by_weight(walk: WalkResult, record: PermutationRecord, store: WeightStore) -> dict[str, list[tuple]]:
     index = slot_indices(walk, record.perms, lambda w, a: store.shape(w)[a])
     by_weight: dict[str, list[tuple]] = defaultdict(list)
     for (weight, axis, at), idx in index.items():
         by_weight[weight].append((axis, at, idx))
-    for weight, moves in by_weight.items():
-        if store.is_lazy(weight):  # a huge model: permuted one tensor at a time, when it is saved
-            store.set_lazy(weight, _permuted(store.reader(weight), moves))
-            continue
-        store.set(weight, _moved(store.get(weight), moves))
-    return len(by_weight)
+    return by_weight
 
 
 def _permuted(read, moves):

@@ -45,7 +45,7 @@ import onnx
 from .errors import CheckFailed, ModelMismatchError
 from .io import WeightStore, load_model, refuse_overwrite, save_model, write_text_atomic
 from .match import AGREE, INFORMATIVE, GroupMatch, MatchResult, match
-from .permute import PermutationRecord, apply_permutations
+from .permute import PermutationRecord, permuted_copy
 from .rescale import MIN_LOG_SCALE, find_rescales, neutral_groups, rescaled, undo_rescales
 from .sampling import sub_grid
 from .walk import WalkResult, walk
@@ -251,9 +251,7 @@ _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProt
 def restore(suspect: onnx.ModelProto, reference: onnx.ModelProto, ref_walk: WalkResult, result: MatchResult,
             *, undo_rescale: bool = True) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """The suspect in the reference's order, exact neutral rescales undone; (model, {key: log a})."""
-    restored = onnx.ModelProto()
-    restored.CopyFrom(suspect)
-    apply_permutations(restored, ref_walk, result.record())
+    restored, _ = permuted_copy(suspect, ref_walk, result.record())
     scales = _rescales(reference, ref_walk, result, WeightStore(reference), restored) if undo_rescale else {}
     if scales:
         undo_rescales(reference, WeightStore(restored), ref_walk.groups, scales)
