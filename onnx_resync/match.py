@@ -247,7 +247,8 @@ class _Matcher:
                     pairs[i[~same]] = -1
                     i = i[same]
             else:
-                same = (x[0][i] == x[1][pairs[i]]).all(axis=1)
+                mine = x[0] if len(i) == len(pairs) else x[0][i]  # (all paired: no copy)
+                same = (mine == x[1][pairs[i]]).all(axis=1)
                 pairs[i[~same]] = -1
                 i = i[same]
         return _Features(slots=used, dims=dims, fr=fr, fs=fs, wide=wide, nr=nr, ns=ns, pairs=pairs, **keys)
@@ -492,6 +493,8 @@ def _reindex(a: np.ndarray, axis: int, positions: np.ndarray, perm: np.ndarray) 
 def _rows(a: np.ndarray, axis: int, positions: np.ndarray) -> np.ndarray:
     """(neurons, block, *other axes): each neuron's positions along `axis` (one gather)."""
     n, b = positions.shape
+    if axis == 0 and positions.size == a.shape[0] and (positions.reshape(-1) == np.arange(a.shape[0])).all():
+        return a.reshape((n, b) + a.shape[1:])  # the neurons are the rows, in order: a view
     picked = np.moveaxis(a, axis, 0)[positions.reshape(-1)]
     return picked.reshape((n, b) + picked.shape[1:])
 
