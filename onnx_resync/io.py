@@ -22,6 +22,7 @@ import onnx
 from onnx import numpy_helper
 
 from .errors import LoadError, UsageError
+from .prefetch import prefetched
 
 # protobuf cannot serialize a message past 2 GiB; leave headroom for the graph itself.
 INLINE_LIMIT_BYTES = 2**31 - 2**26
@@ -680,6 +681,7 @@ def _restore_inline(tensor: onnx.TensorProto, raw: bytes, had_location: bool) ->
 
 
 COPY_CHUNK_BYTES = 16 << 20
+WRITE_PIECE_BYTES = 16 << 20  # a computed tensor is written this many bytes of rows at a time
 
 
 def _write_lazy(tensor: onnx.TensorProto, fh) -> int:
@@ -692,9 +694,11 @@ def _write_lazy(tensor: onnx.TensorProto, fh) -> int:
         shape = [int(d) for d in tensor.dims]
         if getattr(compute, "rows", None) is None or not shape or not expected:
             pieces = [read_lazy(tensor)]
-        else:  # a piece of rows at a time: no copy of the whole tensor in memory
-            step = max(1, COPY_CHUNK_BYTES // max(1, expected // shape[0]))
-            pieces = (compute.rows(np.arange(a, min(a + step, shape[0]))) for a in range(0, shape[0], step))
+        else:  # a piece of rows at a time (no copy of the whole tensor), the next one computed
+            #    while this one is written
+            step = max(1, WRITE_PIECE_BYTES // max(1, expected // shape[0]))
+            pieces = prefetched(np.ascontiguousarray(compute.rows(np.arange(a, min(a + step, shape[0]))), dtype=dtype)
+                                for a in range(0, shape[0], step))
         written = 0
         for piece in pieces:
             piece = np.ascontiguousarray(piece, dtype=dtype)

@@ -97,6 +97,6 @@ def _neuron_columns(a: np.ndarray, axis: int, positions: np.ndarray) -> np.ndarr
         if block == 1 and np.array_equal(positions[:, 0], np.arange(x.shape[-1])):
             picked = x.reshape(-1, n)  # a view where the axis was already last
         else:
-            x = x[..., positions.reshape(-1)].reshape(x.shape[:-1] + (n, block))
+            x = np.take(x, positions.reshape(-1), axis=-1).reshape(x.shape[:-1] + (n, block))
             picked = np.moveaxis(x, -2, -1).reshape(-1, n)
     return picked if picked.dtype in (np.float32, np.float64) else picked.astype(np.float32)

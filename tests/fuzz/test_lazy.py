@@ -118,7 +118,7 @@ def test_lazy_save_in_pieces(name, ext_models, tmp_path, monkeypatch):
     """A permuted lazy tensor is saved a few rows at a time (read_lazy_rows): with pieces of one
     row, permute, a second permute of the deferred result, and undo give the in-memory bytes."""
     monkeypatch.setattr(io, "LAZY_MIN_TENSOR_BYTES", 0)
-    monkeypatch.setattr(io, "COPY_CHUNK_BYTES", 1)
+    monkeypatch.setattr(io, "WRITE_PIECE_BYTES", 1)
     src = ext_models[name]
     eager, _ = api.permute(io.load_model(src, lazy=False), tmp_path / "e.onnx", seed=4, check=False)
     eager2, _ = api.permute(eager, tmp_path / "e2.onnx", seed=9, check=False)
