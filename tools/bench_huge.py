@@ -308,7 +308,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-doc", action="store_true", help="do not update docs/performance.md")
     args = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="onnx-resync-huge-", dir=args.workdir))
-    results: dict = {"size_gb": args.size_gb}
+    results: dict = {"size_gb": args.size_gb, "repeat": args.repeat}
     try:
         if args.size_gb > 0:
             results.update(bench_huge(work, args.size_gb, args.repeat))
@@ -496,7 +496,7 @@ def write_doc(r: dict) -> None:
                              f"{r[f'{p}_recovered']}/{r[f'{p}_total']} | {r[f'{p}_verdict']} |")
         lines.append("")
     lines += ["Every timed step ran from a flushed disk (os.sync) with its inputs in the page cache, "
-              "twice (`--repeat`); the faster run counts, the higher peak RSS is shown. The disk of this shared "
+              f"{r.get('repeat', 2)} times (`--repeat`); the fastest run counts, the highest peak RSS is shown. The disk of this shared "
               "machine moves a 3 GiB write by up to 2x between runs, in the baseline as in the steps.", "",
               "How: a model with more than 64 MiB of external data is loaded lazily: tensors over 1 MiB stay in "
               "their file and are memory-mapped when read; permuting one makes its new data a computation "
