@@ -346,13 +346,21 @@ def _group_report(gm: GroupMatch, log_scale: np.ndarray | None) -> GroupReport:
 
 
 def _same(a: WeightStore, b: WeightStore, name: str) -> bool:
-    """Byte-equal weights; a sample first, so that a huge tensor that differs is told cheaply."""
+    """Byte-equal weights; for a huge (lazy) one a sample first, so that one that differs is told cheaply."""
     if a.shape(name) != b.shape(name) or a.dtype(name) != b.dtype(name):
         return False
-    grid = sub_grid(a.shape(name), STATISTICS_SAMPLE)
+    grid = sub_grid(a.shape(name), STATISTICS_SAMPLE) if a.is_lazy(name) or b.is_lazy(name) else None
     if grid is not None and a.get_grid(name, grid).tobytes() != b.get_grid(name, grid).tobytes():
         return False
-    return a.get(name).tobytes() == b.get(name).tobytes()
+    x, y = a.get(name), b.get(name)
+    if x.dtype.kind == "O" or y.dtype.kind == "O":  # strings
+        return x.shape == y.shape and x.tolist() == y.tolist()
+    return np.array_equal(_bytes_of(x), _bytes_of(y))
+
+
+def _bytes_of(array: np.ndarray) -> np.ndarray:
+    """The array's bytes, as a view where it is contiguous (NaN payloads and -0.0 count)."""
+    return np.ascontiguousarray(array).reshape(-1).view(np.uint8)
 
 
 def _sampled(store: WeightStore, name: str, grid) -> np.ndarray:
