@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ModelMismatchError
+from .errors import ModelMismatchError, UnsupportedError
 from .permute import PermutationRecord
 from .sampling import spread
 from .walk import WalkResult
@@ -232,8 +232,12 @@ class _Matcher:
         if not feats:
             return None
         dims = np.array([x.width if isinstance(x, WideSlot) else x[0].shape[1] for x in feats], dtype=np.int64)
-        norms = [x.norms() if isinstance(x, WideSlot) else (np.linalg.norm(x[0], axis=1), np.linalg.norm(x[1], axis=1))
-                 for x in feats]
+        norms = [x.norms() if isinstance(x, WideSlot) else (_row_norms(x[0]), _row_norms(x[1])) for x in feats]
+        for k, pair in zip(used, norms):
+            for side, values in zip(("reference", "suspect"), pair):
+                if not np.isfinite(values).all():  # (norms add up in float64: only NaN or Inf get here)
+                    raise UnsupportedError(f"weight {slots[k].weight!r} holds NaN or infinite values in the "
+                                           f"{side}: its neurons cannot be compared")
         nr = np.stack([r for r, _ in norms], axis=1)
         ns = np.stack([s for _, s in norms], axis=1)
         fr, fs, wide = _combined(feats, dims, nr, ns)
@@ -426,6 +430,14 @@ def _combined(feats, dims, nr, ns):
         out.append(f)
     wide = [(feats[k], scales[k][0], scales[k][1]) for k in vec if k not in held]
     return out[0], out[1], wide
+
+
+def _row_norms(x: np.ndarray) -> np.ndarray:
+    """L2 norm of each row; squares that overflow float32 are added up again in float64."""
+    norms = np.linalg.norm(x, axis=1)
+    if not np.isfinite(norms).all():
+        norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+    return norms
 
 
 def _put_unit(out: np.ndarray, x: np.ndarray, weight: float) -> None:

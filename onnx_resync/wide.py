@@ -84,6 +84,11 @@ class WideSlot:
         for xr, xs in self.chunks():
             sr += np.einsum("ij,ij->j", xr, xr)
             ss += np.einsum("ij,ij->j", xs, xs)
+        if not (np.isfinite(sr).all() and np.isfinite(ss).all()):  # float32 squares overflowed, or NaN/Inf
+            sr, ss = np.zeros(self.n), np.zeros(self.n)
+            for xr, xs in self.chunks():
+                sr += np.einsum("ij,ij->j", xr, xr, dtype=np.float64)
+                ss += np.einsum("ij,ij->j", xs, xs, dtype=np.float64)
         return np.sqrt(sr), np.sqrt(ss)
 
 

@@ -355,6 +355,29 @@ def test_architecture_mismatch_exits_3_with_one_line(tmp_path):
     assert not (tmp_path / "out.onnx").exists()
 
 
+@pytest.mark.parametrize("value", [np.nan, np.inf], ids=["nan", "inf"])
+@pytest.mark.parametrize("side", ["suspect", "reference"])
+def test_non_finite_weight_exits_3_with_one_line(tmp_path, value, side):
+    """A NaN or Inf in a weight that matching compares: a clean refusal naming it (the assignment
+    solver raised an internal error on it; found by the fuzz suite)."""
+    broken = gen_mlp()
+    w = broken.graph.initializer[0]
+    a = nh.to_array(w).copy()
+    a.flat[5] = value
+    w.CopyFrom(nh.from_array(a, w.name))
+    onnx.save(gen_mlp(), tmp_path / "good.onnx")
+    onnx.save(broken, tmp_path / "broken.onnx")
+    sus, ref = ("broken", "good") if side == "suspect" else ("good", "broken")
+    for command in (["resync", str(tmp_path / f"{sus}.onnx"), "--reference", str(tmp_path / f"{ref}.onnx"),
+                     "-o", str(tmp_path / "out.onnx")],
+                    ["audit", str(tmp_path / f"{sus}.onnx"), "--reference", str(tmp_path / f"{ref}.onnx")]):
+        proc = subprocess.run([sys.executable, "-m", "onnx_resync", *command], capture_output=True, text=True)
+        assert proc.returncode == 3, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "NaN or infinite" in lines[0] and w.name in lines[0] and side in lines[0]
+    assert not (tmp_path / "out.onnx").exists()
+
+
 def test_mismatch_in_the_graph_is_named(tmp_path):
     ref = gen_mlp()
     other = gen_mlp(act="Sigmoid")
