@@ -745,8 +745,11 @@ def _umask() -> int:
 class WeightStore:
     """Read and write weights by tensor name, whether initializer or Constant-node output."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, *, cache: bool = False):
+        """cache: keep what get() returns for in-memory weights (each read copies the tensor's
+        bytes), for a caller that reads a model several times and never changes it elsewhere."""
         self.model = model
+        self._cache: dict[str, np.ndarray] | None = {} if cache else None
         self._tensors: dict[str, onnx.TensorProto] = {}
         for init in model.graph.initializer:
             self._tensors[init.name] = init
@@ -774,10 +777,16 @@ class WeightStore:
             return read_lazy(tensor)  # read-only (memory-mapped) or computed: do not write into it
         if tensor.data_location == onnx.TensorProto.EXTERNAL:  # never resolved against the current folder
             raise LoadError(f"weight {name!r} is in external data that was not loaded")
+        if self._cache is not None and name in self._cache:
+            return self._cache[name]
         try:
-            return numpy_helper.to_array(tensor)
+            array = numpy_helper.to_array(tensor)
         except Exception as exc:
             raise LoadError(f"weight {name!r} cannot be read ({exc})") from None
+        if self._cache is not None:
+            array.flags.writeable = False  # shared by every later reader
+            self._cache[name] = array
+        return array
 
     def get_grid(self, name: str, index: list[np.ndarray]) -> np.ndarray:
         """get(name)[np.ix_(*index)]: one index array per axis; a lazy weight reads only those entries."""
@@ -797,6 +806,8 @@ class WeightStore:
     def set_lazy(self, name: str, compute: Callable[[], np.ndarray]) -> None:
         """A lazy weight's new values are `compute()` (same shape and dtype), computed when read or
         saved: a huge model is rewritten one tensor at a time, never held in memory at once."""
+        if self._cache is not None:
+            self._cache.pop(name, None)
         tensor = self._tensors[name]
         shape, dtype = self.shape(name), self.dtype(name)
 
@@ -822,6 +833,8 @@ class WeightStore:
 
     def set(self, name: str, array: np.ndarray) -> None:
         """Replace a weight's values in place, keeping its name and dtype."""
+        if self._cache is not None:
+            self._cache.pop(name, None)
         old = self._tensors[name]
         array = np.ascontiguousarray(array).astype(self.dtype(name), copy=False)
         if is_lazy_tensor(old):  # a lazy model stays lazy: held here until saved

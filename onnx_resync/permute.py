@@ -101,11 +101,11 @@ def slot_indices(walk: WalkResult, perms: dict[str, list[int]], dim_of) -> dict[
 
 
 def apply_permutations(model: onnx.ModelProto, walk: WalkResult, record: PermutationRecord,
-                       source: onnx.ModelProto | None = None) -> int:
+                       source: WeightStore | None = None) -> int:
     """Rewrite the model's weights in place (reading them from `source` where given: `model` is
     its copy without them, see permuted_copy); returns the number of weight tensors changed."""
     store = WeightStore(model)
-    read = WeightStore(source) if source is not None else store
+    read = source if source is not None else store
     by_weight = _moves_by_weight(walk, record, store)
     for weight, moves in by_weight.items():
         if read.is_lazy(weight):  # a huge model: permuted one tensor at a time, when it is saved
@@ -115,12 +115,14 @@ def apply_permutations(model: onnx.ModelProto, walk: WalkResult, record: Permuta
     return len(by_weight)
 
 
-def permuted_copy(model: onnx.ModelProto, walk: WalkResult, record: PermutationRecord) -> tuple[onnx.ModelProto, int]:
+def permuted_copy(model: onnx.ModelProto, walk: WalkResult, record: PermutationRecord,
+                  store: WeightStore | None = None) -> tuple[onnx.ModelProto, int]:
     """A new model: `model` with the record applied (the weights it rewrites are not copied first);
-    and the number of weight tensors changed."""
-    by_weight = _moves_by_weight(walk, record, WeightStore(model))
+    and the number of weight tensors changed. `store`: the caller's WeightStore of `model`."""
+    store = store if store is not None else WeightStore(model)
+    by_weight = _moves_by_weight(walk, record, store)
     copy = copy_without_payloads(model, set(by_weight))
-    return copy, apply_permutations(copy, walk, record, source=model)
+    return copy, apply_permutations(copy, walk, record, source=store)
 
 
 def _moves_by_weight(walk: WalkResult, record: PermutationRecord, store: WeightStore) -> dict[str, list[tuple]]:

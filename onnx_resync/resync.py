@@ -158,11 +158,13 @@ def resync(
     t0 = time.perf_counter()
     ref_walk = walk(ref_model)
     check_structure(ref_model, sus_model, ref_walk)
-    ref_store, sus_store = WeightStore(ref_model), WeightStore(sus_model)
+    # read by matching, restoring and the report, never changed here: each weight read once
+    ref_store, sus_store = WeightStore(ref_model, cache=True), WeightStore(sus_model, cache=True)
     result = match(ref_store, sus_store, ref_walk, max_passes=max_passes)
     # an undo claims that the rescale is neutral, which only the check proves (an Add of a constant
     # between the activation and its consumers, say, makes it not neutral): unchecked, report it only
-    restored, scales = restore(sus_model, ref_model, ref_walk, result, undo_rescale=undo_rescale and check)
+    restored, scales = restore(sus_model, ref_model, ref_walk, result, undo_rescale=undo_rescale and check,
+                               stores=(sus_store, ref_store))
     record = result.record()
     seconds = time.perf_counter() - t0
     report = None
@@ -171,7 +173,8 @@ def resync(
 
         report = verify(sus_model, restored, **(verify_options or {}))
         if not report.equivalent and scales:  # the rescales were not neutral after all: keep them
-            restored, scales = restore(sus_model, ref_model, ref_walk, result, undo_rescale=False)
+            restored, scales = restore(sus_model, ref_model, ref_walk, result, undo_rescale=False,
+                                       stores=(sus_store, ref_store))
             report = verify(sus_model, restored, **(verify_options or {}))
         if not report.equivalent:
             raise CheckFailed("the restored model is not equivalent to the suspect; nothing written "
@@ -249,10 +252,13 @@ _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProt
 
 
 def restore(suspect: onnx.ModelProto, reference: onnx.ModelProto, ref_walk: WalkResult, result: MatchResult,
-            *, undo_rescale: bool = True) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
-    """The suspect in the reference's order, exact neutral rescales undone; (model, {key: log a})."""
-    restored, _ = permuted_copy(suspect, ref_walk, result.record())
-    scales = _rescales(reference, ref_walk, result, WeightStore(reference), restored) if undo_rescale else {}
+            *, undo_rescale: bool = True, stores: tuple[WeightStore, WeightStore] | None = None,
+            ) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """The suspect in the reference's order, exact neutral rescales undone; (model, {key: log a}).
+    stores: the caller's WeightStores of (suspect, reference), whose reads may be cached."""
+    sus_store, ref_store = stores if stores is not None else (WeightStore(suspect), WeightStore(reference))
+    restored, _ = permuted_copy(suspect, ref_walk, result.record(), store=sus_store)
+    scales = _rescales(reference, ref_walk, result, ref_store, restored) if undo_rescale else {}
     if scales:
         undo_rescales(reference, WeightStore(restored), ref_walk.groups, scales)
     return restored, scales

@@ -98,7 +98,7 @@ def test_sigkill_during_write_leaves_old_or_new(mode, inputs, tmp_path):
     assert p.wait(timeout=300) == 0
     rng = random.Random(f"kill-{mode}")
     seen = {1: 0, 2: 0}
-    mid_write = completed = 0
+    mid_write = completed = between_renames = 0
     for i in range(KILLS):
         seed = 2 if i % 2 == 0 else 1
         proc = cli("permute", str(src), "-o", str(target), "--no-verify", "--seed", str(seed), env=env)
@@ -118,11 +118,16 @@ def test_sigkill_during_write_leaves_old_or_new(mode, inputs, tmp_path):
         assert digest in expected, f"kill {i}: the output is neither the old nor the new model"
         seen[expected[digest]] += 1
         assert files_digest(inputs) == before, "the input changed"
-        # no stray data file: the model's data file and at most nothing else
+        # no other files than the model and its data file; both data names only when the kill fell
+        # between the renames or before the old data file's removal (a few milliseconds): the file
+        # the model does not name is never read, and the next save replaces it
         names = sorted(p.name for p in out.iterdir())
-        assert names in (["t.onnx"], ["t.onnx", "t.onnx.data"], ["t.onnx", "t.onnx.1.data"]), names
+        assert names in (["t.onnx"], ["t.onnx", "t.onnx.data"], ["t.onnx", "t.onnx.1.data"],
+                         ["t.onnx", "t.onnx.1.data", "t.onnx.data"]), names
+        between_renames += len(names) == 3
     assert mid_write >= 1, "no kill landed during a write: the test proves nothing"
-    print(f"{mode}: {KILLS} kills, {mid_write} during a write, {completed} completed, outputs seen {seen}")
+    print(f"{mode}: {KILLS} kills, {mid_write} during a write, {between_renames} between the renames, "
+          f"{completed} completed, outputs seen {seen}")
 
 
 def _wait_for_temp_file(folder: Path, proc, timeout: float) -> None:
