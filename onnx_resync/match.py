@@ -268,7 +268,8 @@ class _Matcher:
         perm = f.pairs.copy()
         n, width = len(perm), f.width
         rest = np.flatnonzero(perm < 0)
-        if width > SAMPLE_COLUMNS and n * n * width > SAMPLE_WORK and (first or not len(rest)):
+        sampled = width > SAMPLE_COLUMNS and n * n * width > SAMPLE_WORK and (first or not len(rest))
+        if sampled:
             # an unbiased estimate of every similarity: assignments accepted only with a wide margin
             # (all pairs exact: it only estimates the runner-ups for the report, a smaller sample)
             C = f.sampled_gram(SAMPLE_COLUMNS if len(rest) else SAMPLE_COLUMNS // 4, np.random.default_rng(gi))
@@ -285,9 +286,12 @@ class _Matcher:
             perm[rest] = free[sub]
             settled += ok
         runner_up, _ = _runner_up(C, np.arange(n), perm, columns=False)
-        del C
         null_cols = _null_columns(n, np.random.default_rng(gi), NULL_COLUMNS_WIDE if f.wide else NULL_COLUMNS)
-        cos, null = f.paired(perm, null_cols)  # (one read of the wide slots for both)
+        if sampled:  # estimates: the matched pairs and the null sample are computed exactly
+            cos, null = f.paired(perm, null_cols)  # (one read of the wide slots for both)
+        else:  # every similarity is in C already
+            cos, null = C[np.arange(n), perm].astype(np.float64), C[:, null_cols]
+        del C
         self.perm[gi] = perm
         if settled < n:
             self.uncertain.add(gi)
