@@ -53,19 +53,21 @@ class WideSlot:
 
     def columns(self, sel: np.ndarray | slice) -> tuple[np.ndarray, np.ndarray]:
         """(reference, suspect) on the entries at `sel` of the cut axis: (entries, n) each."""
-        if isinstance(sel, slice):
-            r = self.ref[(slice(None),) * self.cut + (sel,)]
-            picked = np.arange(self.ref.shape[self.cut])[sel]
-        else:
-            r = np.take(self.ref, sel, axis=self.cut)
-            picked = sel
-        s = np.take(self.sus, self.indexes[self.cut][picked], axis=self.cut) if self.cut in self.indexes \
-            else self.sus[(slice(None),) * self.cut + (sel,)] if isinstance(sel, slice) \
-            else np.take(self.sus, sel, axis=self.cut)
+        r, s = self._cut(self.ref, sel), self._cut(self.sus, sel, self.indexes.get(self.cut))
         for o, index in self.indexes.items():
             if o != self.cut:
                 s = np.take(s, index, axis=o)
         return _neuron_columns(r, self.axis, self.positions), _neuron_columns(s, self.axis, self.positions)
+
+    def _cut(self, a: np.ndarray, sel: np.ndarray | slice, align: np.ndarray | None = None) -> np.ndarray:
+        """a's entries at `sel` of the cut axis (through `align`, the suspect's alignment there, if
+        any): a view for a run without alignment, else a gather."""
+        if align is not None:
+            picked = np.arange(a.shape[self.cut])[sel] if isinstance(sel, slice) else sel
+            return np.take(a, align[picked], axis=self.cut)
+        if isinstance(sel, slice):
+            return a[(slice(None),) * self.cut + (sel,)]
+        return np.take(a, sel, axis=self.cut)
 
     def chunks(self):
         length = self.ref.shape[self.cut]
