@@ -697,8 +697,7 @@ def _write_lazy(tensor: onnx.TensorProto, fh) -> int:
         else:  # a piece of rows at a time (no copy of the whole tensor), the next one computed
             #    while this one is written
             step = max(1, WRITE_PIECE_BYTES // max(1, expected // shape[0]))
-            pieces = prefetched(np.ascontiguousarray(compute.rows(np.arange(a, min(a + step, shape[0]))), dtype=dtype)
-                                for a in range(0, shape[0], step))
+            pieces = prefetched(compute.rows(np.arange(a, min(a + step, shape[0]))) for a in range(0, shape[0], step))
         written = 0
         for piece in pieces:
             piece = np.ascontiguousarray(piece, dtype=dtype)
@@ -843,18 +842,11 @@ class WeightStore:
             set_deferred(old, lambda: array)
             return
         typed = next((f for f in _TYPED_FIELDS if len(getattr(old, f))), None)
-        if (old.HasField("raw_data") or typed is None) and array.dtype.kind in "fiub" \
-                and old.data_type not in _SUBBYTE_BITS:  # plain little-endian bytes: one copy, not four
-            if old.data_location == onnx.TensorProto.EXTERNAL:
-                old.ClearField("external_data")
-                old.ClearField("data_location")
-            for field in _TYPED_FIELDS:
-                old.ClearField(field)
-            old.raw_data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
-            del old.dims[:]
-            old.dims.extend(array.shape)
-            return
-        if old.HasField("raw_data") or typed is None:
+        raw_storage = old.HasField("raw_data") or typed is None
+        new = None
+        if raw_storage and array.dtype.kind in "fiub" and old.data_type not in _SUBBYTE_BITS:
+            raw = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()  # one copy (from_array: four)
+        elif raw_storage:
             new = numpy_helper.from_array(array, name=old.name)
         else:  # keep the file's own storage field, so that undo restores the original bytes
             new = onnx.helper.make_tensor(old.name, old.data_type, array.shape, array.reshape(-1).tolist())
@@ -863,12 +855,14 @@ class WeightStore:
             old.ClearField("data_location")  # not DEFAULT: proto2 would serialize it, changing the bytes
         for field in _TYPED_FIELDS:
             old.ClearField(field)
-        if new.HasField("raw_data"):
+        if new is None:
+            old.raw_data = raw
+        elif new.HasField("raw_data"):
             old.raw_data = new.raw_data
         else:
             getattr(old, typed).extend(getattr(new, typed))
         del old.dims[:]
-        old.dims.extend(new.dims)
+        old.dims.extend(array.shape)
 
 
 _TYPED_FIELDS = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data")

@@ -567,7 +567,7 @@ def _keys(feats) -> dict:
     and exact pairs are checked element by element anyway) of at most HASH_COLUMNS columns per slot;
     the neurons that share such a key are then hashed again on all their entries: wide layers cost
     a hash of a sample, and of the few collisions."""
-    n = feats[0].n if isinstance(feats[0], WideSlot) else feats[0][0].shape[0]
+    n = _neurons(feats[0])
     key = _hash(feats, np.arange(2 * n), HASH_COLUMNS)
     # keys shared inside one model (twins, or a sample that cannot tell two neurons apart): one
     # reference and one suspect neuron under a key is the pair that the element-wise check confirms
@@ -582,10 +582,15 @@ def _keys(feats) -> dict:
     return {"ref_key": key[:n], "sus_key": key[n:]}
 
 
+def _neurons(x) -> int:
+    """Neurons of one slot's features: a WideSlot, or (reference rows, suspect rows)."""
+    return x.n if isinstance(x, WideSlot) else x[0].shape[0]
+
+
 def _hash(feats, which: np.ndarray, columns: int | None) -> np.ndarray:
     """Hash of neurons `which` (indices over [reference, suspect]) on `columns` evenly spread
     columns of each slot (None: all; a wide slot: about that many, see WideSlot.sample)."""
-    n = feats[0].n if isinstance(feats[0], WideSlot) else feats[0][0].shape[0]
+    n = _neurons(feats[0])
     mine, theirs = which[which < n], which[which >= n] - n
     key = np.zeros(len(which), dtype=np.uint64)
     rng = np.random.default_rng(0x5EED)

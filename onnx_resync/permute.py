@@ -102,16 +102,11 @@ def slot_indices(walk: WalkResult, perms: dict[str, list[int]], dim_of) -> dict[
 
 def apply_permutations(model: onnx.ModelProto, walk: WalkResult, record: PermutationRecord,
                        source: WeightStore | None = None) -> int:
-    """Rewrite the model's weights in place (reading them from `source` where given: `model` is
-    its copy without them, see permuted_copy); returns the number of weight tensors changed."""
+    """Rewrite the model's weights in place (reading them from `source` where given); returns the
+    number of weight tensors changed."""
     store = WeightStore(model)
-    read = source if source is not None else store
     by_weight = _moves_by_weight(walk, record, store)
-    for weight, moves in by_weight.items():
-        if read.is_lazy(weight):  # a huge model: permuted one tensor at a time, when it is saved
-            store.set_lazy(weight, _permuted(read.reader(weight), moves))
-            continue
-        store.set(weight, _moved(read.get(weight), moves))
+    _rewrite(store, source if source is not None else store, by_weight)
     return len(by_weight)
 
 
@@ -122,7 +117,17 @@ def permuted_copy(model: onnx.ModelProto, walk: WalkResult, record: PermutationR
     store = store if store is not None else WeightStore(model)
     by_weight = _moves_by_weight(walk, record, store)
     copy = copy_without_payloads(model, set(by_weight))
-    return copy, apply_permutations(copy, walk, record, source=store)
+    _rewrite(WeightStore(copy), store, by_weight)
+    return copy, len(by_weight)
+
+
+def _rewrite(store: WeightStore, read: WeightStore, by_weight: dict[str, list[tuple]]) -> None:
+    """Write each weight's moved values (read from `read`) into `store`."""
+    for weight, moves in by_weight.items():
+        if read.is_lazy(weight):  # a huge model: permuted one tensor at a time, when it is saved
+            store.set_lazy(weight, _permuted(read.reader(weight), moves))
+            continue
+        store.set(weight, _moved(read.get(weight), moves))
 
 
 def _moves_by_weight(walk: WalkResult, record: PermutationRecord, store: WeightStore) -> dict[str, list[tuple]]:
