@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from . import wire
 from .errors import LoadError, UsageError
 from .prefetch import prefetched
 
@@ -34,6 +35,14 @@ INLINE_LIMIT_BYTES = 2**31 - 2**26
 # model with external data costs several times its size in copies: a 1 GiB model peaked at 6 GiB.)
 LAZY_EXTERNAL_BYTES = int(os.environ.get("ONNX_RESYNC_LAZY_BYTES", 64 << 20))
 LAZY_MIN_TENSOR_BYTES = int(os.environ.get("ONNX_RESYNC_LAZY_MIN_TENSOR_BYTES", 1 << 20))
+# The same holds for a model file past LAZY_EXTERNAL_BYTES with its weights inline: the initializers'
+# raw payloads of at least IN_PLACE_MIN_TENSOR_BYTES are not parsed but memory-mapped from the model
+# file itself (see wire.py), and the model is saved inline again, streamed. Parsing copies every
+# payload, reading raw_data copies it again, and serializing once more: for a 100 MB model those
+# copies cost more than the matching. Such tensors carry IN_PLACE_KEY in their external_data entries,
+# which is never written to a file.
+IN_PLACE_MIN_TENSOR_BYTES = int(os.environ.get("ONNX_RESYNC_IN_PLACE_MIN_TENSOR_BYTES", 64 << 10))
+IN_PLACE_KEY = "onnx-resync:in-place"
 # memory-mapped pages kept resident (the newest mappings); older ones are released (see _Residency)
 LAZY_RESIDENT_BYTES = int(os.environ.get("ONNX_RESYNC_LAZY_RESIDENT_BYTES", 256 << 20))
 # location of a tensor whose new data is computed when it is read or saved (see set_lazy)
@@ -183,19 +192,52 @@ def check_tensor_data(model: onnx.ModelProto, where: str | os.PathLike = "model"
 
 def _external_nbytes(model: onnx.ModelProto) -> int:
     total = 0
-    for tensor in _iter_graph_tensors(model.graph):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            length = _external_info(tensor).get("length", "")
-            total += int(length) if length.isdigit() else (_expected_nbytes(tensor) or 0)
+    for tensor in _in_file_data(model):
+        length = _external_info(tensor).get("length", "")
+        total += int(length) if length.isdigit() else (_expected_nbytes(tensor) or 0)
     return total
+
+
+def _in_file_data(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """The tensors whose data is in an external-data file (not yet read, nor mapped in place)."""
+    for tensor in _iter_graph_tensors(model.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL and not is_in_place(tensor):
+            yield tensor
+
+
+def is_in_place(tensor: onnx.TensorProto) -> bool:
+    """A lazy tensor whose data was inline in its model file (and is written inline again)."""
+    return tensor.data_location == onnx.TensorProto.EXTERNAL and any(e.key == IN_PLACE_KEY for e in tensor.external_data)
+
+
+def _map_in_place(model: onnx.ModelProto, cuts: list, path: Path) -> None:
+    """Point each initializer whose payload wire.cut_payloads left in the file at that place; one that
+    cannot be mapped (a string or packed type, other data fields) gets its payload back."""
+    location = str(path.resolve())
+    with open(path, "rb") as fh:
+        for cut in cuts:
+            tensor = model.graph.initializer[cut.index]
+            mappable = (tensor.data_location != onnx.TensorProto.EXTERNAL and not len(tensor.external_data)
+                        and tensor.data_type in _FIXED_ITEMSIZE and _expected_nbytes(tensor) == cut.length
+                        and not any(len(getattr(tensor, f)) for f in _TYPED_FIELDS))
+            if mappable:
+                _set_external(tensor, {"location": location, "offset": str(cut.offset), "length": str(cut.length),
+                                       IN_PLACE_KEY: "1"})
+            else:
+                fh.seek(cut.offset)
+                tensor.raw_data = fh.read(cut.length)
+
+
+def _load_external(model: onnx.ModelProto, base_dir: Path) -> None:
+    """Read every external tensor's data into the model."""
+    for tensor in list(_in_file_data(model)):
+        onnx.external_data_helper.load_external_data_for_tensor(tensor, str(base_dir))
 
 
 def _make_lazy(model: onnx.ModelProto, base_dir: Path) -> None:
     """Small external tensors are read in; large ones point at their (checked) file by absolute path."""
     root = base_dir.resolve()
-    for tensor in _iter_graph_tensors(model.graph):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
+    for tensor in list(_in_file_data(model)):
         info = _external_info(tensor)
         nbytes = int(info["length"]) if info.get("length", "").isdigit() else (_expected_nbytes(tensor) or 0)
         if nbytes < LAZY_MIN_TENSOR_BYTES or _expected_nbytes(tensor) is None or tensor.data_type in _SUBBYTE_BITS:
@@ -342,7 +384,10 @@ def set_deferred(tensor: onnx.TensorProto, compute: Callable[[], np.ndarray]) ->
     """From now on the tensor's data is what `compute()` returns (called when read or saved)."""
     key = f"{DEFERRED_PREFIX}{next(_deferred_ids)}"
     _deferred[key] = compute
-    _set_external(tensor, {"location": key, "length": str(_expected_nbytes(tensor) or 0)})
+    info = {"location": key, "length": str(_expected_nbytes(tensor) or 0)}
+    if is_in_place(tensor):  # still written inline
+        info[IN_PLACE_KEY] = "1"
+    _set_external(tensor, info)
 
 
 def _check_text(message) -> None:
@@ -378,8 +423,9 @@ def load_model(path: str | os.PathLike, *, load_weights: bool = True, check: boo
         raise LoadError(f"{path}: no such file")
     if not path.is_file():
         raise LoadError(f"{path}: not a regular file")
+    in_place = path.stat().st_size > LAZY_EXTERNAL_BYTES if lazy is None else lazy
     try:
-        model = onnx.load_model(str(path), load_external_data=False)
+        model, cuts = _parse(path, in_place)
     except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning, ValueError...
         raise LoadError(f"{path}: not a readable ONNX protobuf ({type(exc).__name__})") from None
     if not model.HasField("graph") or model.ir_version <= 0:
@@ -389,15 +435,16 @@ def load_model(path: str | os.PathLike, *, load_weights: bool = True, check: boo
     except UnicodeDecodeError:
         raise LoadError(f"{path}: not a valid ONNX model (a name or attribute is not UTF-8 text)") from None
     check_external_data(model, path.parent)
+    _map_in_place(model, cuts, path)
     check_tensor_data(model, path)
     if load_weights:
         if lazy is None:
-            lazy = _external_nbytes(model) > LAZY_EXTERNAL_BYTES
+            lazy = in_place or _external_nbytes(model) > LAZY_EXTERNAL_BYTES
         try:
             if lazy:
                 _make_lazy(model, path.parent)
             else:
-                onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+                _load_external(model, path.parent)
         except Exception as exc:
             raise LoadError(f"{path}: cannot read external data ({exc})") from None
     if check:
@@ -405,11 +452,36 @@ def load_model(path: str | os.PathLike, *, load_weights: bool = True, check: boo
     return model
 
 
+def _parse(path: Path, in_place: bool) -> tuple[onnx.ModelProto, list]:
+    """The model, and (in_place) the initializer payloads left in the file (see wire.cut_payloads)."""
+    found = None
+    if in_place:
+        with open(path, "rb") as fh:
+            try:
+                buf = mmap_module.mmap(fh.fileno(), 0, access=mmap_module.ACCESS_READ)
+            except (ValueError, OSError):  # an empty file cannot be mapped
+                buf = None
+        if buf is not None:
+            try:
+                found = wire.cut_payloads(buf, IN_PLACE_MIN_TENSOR_BYTES)
+            finally:
+                buf.close()
+    if found is None:
+        return onnx.load_model(str(path), load_external_data=False), []
+    skeleton, cuts = found
+    model = onnx.ModelProto()
+    if model.ParseFromString(skeleton) != len(skeleton):
+        raise ValueError("trailing bytes")
+    return model, cuts
+
+
 def over_inline_limit(model: onnx.ModelProto) -> bool:
     """Would the model serialize past protobuf's limit? ByteSize() walks the whole message (0.4 s
     for 100 MB); the tensor payloads decide it unless they come within 256 MiB of the limit."""
     payload = 0
     for t in _iter_graph_tensors(model.graph):
+        if is_in_place(t):
+            payload += _expected_nbytes(t) or 0
         payload += len(t.raw_data) + 8 * (len(t.float_data) + len(t.int32_data) + len(t.int64_data)
                                           + len(t.double_data) + len(t.uint64_data))
         payload += sum(len(b) for b in t.string_data)
@@ -420,8 +492,7 @@ def over_inline_limit(model: onnx.ModelProto) -> bool:
 
 def _check(model: onnx.ModelProto, path: Path) -> None:
     try:
-        external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in _iter_graph_tensors(model.graph))
-        if external or over_inline_limit(model):
+        if any(True for _ in _in_file_data(model)) or over_inline_limit(model):
             # Unloaded external data is resolved against the model's folder only when checked by path
             # (checking the proto looks in the current directory); a path check also has no 2 GiB limit.
             onnx.checker.check_model(str(path))
@@ -444,6 +515,14 @@ def _checker_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     weight twice (0.12 s of the 0.32 s that loading two 98 MiB models took)."""
     def cut(source: onnx.TensorProto, target: onnx.TensorProto) -> None:
         count, nbytes = math.prod(source.dims), _expected_nbytes(source)
+        if is_in_place(source):  # its data is checked in its file (check_tensor_data)
+            _copy_tensor_header(source, target)
+            for name in ("external_data", "data_location"):
+                target.ClearField(name)
+            del target.dims[:]
+            target.dims.extend([1] * len(source.dims))
+            target.raw_data = bytes(nbytes // max(count, 1))
+            return
         if (not source.HasField("raw_data") or not source.dims or source.data_type in _SUBBYTE_BITS
                 or count <= 0 or nbytes is None or nbytes <= 4096):
             target.CopyFrom(source)
@@ -546,7 +625,8 @@ def save_model(
     if out.is_dir():
         raise UsageError(f"output {out} is a folder")
     move_inline = over_inline_limit(model)
-    external = move_inline or is_lazy_model(model)
+    streamed = not move_inline and streams_inline(model)
+    external = move_inline or (is_lazy_model(model) and not streamed)
     candidates = _data_candidates(out)
     old_data = _data_files_of(out) & set(candidates)  # our data file that the current output uses
     data_name = None
@@ -567,7 +647,7 @@ def save_model(
                 _write_external_data(model, data_tmp, data_name, restore, move_inline)
             model_tmp = _temp_path(folder, out.name)
             tmp_paths.append(model_tmp)
-            _write_bytes(model_tmp, model.SerializeToString())
+            _write_bytes(model_tmp, *(_inline_chunks(model) if streamed else [model.SerializeToString()]))
         finally:
             for undo in reversed(restore):  # give the caller's model its data back, byte for byte
                 undo()
@@ -636,11 +716,33 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _write_bytes(path: Path, payload: bytes) -> None:
+def _write_bytes(path: Path, *chunks) -> None:
     with open(path, "wb") as fh:
-        fh.write(payload)
+        for chunk in chunks:
+            fh.write(chunk)
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def streams_inline(model: onnx.ModelProto) -> bool:
+    """A lazy model whose every lazy tensor was inline in its file (a graph initializer mapped in
+    place, or computed from one): it is written inline again, its payloads streamed."""
+    lazy = [t for t in _iter_graph_tensors(model.graph) if is_lazy_tensor(t)]
+    return bool(lazy) and all(is_in_place(t) for t in lazy) and len(lazy) == sum(
+        is_lazy_tensor(t) for t in model.graph.initializer)
+
+
+def _inline_chunks(model: onnx.ModelProto) -> Iterator:
+    return wire.model_chunks(model, is_lazy_tensor, lazy_payload)
+
+
+def serialize(model: onnx.ModelProto) -> bytes:
+    """model.SerializeToString(), also for a model whose weights are mapped in place or computed."""
+    if streams_inline(model) and not over_inline_limit(model):
+        return b"".join(_inline_chunks(model))
+    if is_lazy_model(model):
+        raise UsageError("a model with lazy external data cannot be serialized in one piece; save it")
+    return model.SerializeToString()
 
 
 def _write_external_data(model: onnx.ModelProto, data_path: Path, location: str,
@@ -685,29 +787,46 @@ WRITE_PIECE_BYTES = 16 << 20  # a computed tensor is written this many bytes of 
 
 
 def _write_lazy(tensor: onnx.TensorProto, fh) -> int:
-    """Append a lazy tensor's bytes to fh: copied in chunks from its file, or computed; returns the length."""
+    """Append a lazy tensor's bytes to fh; returns the length."""
+    length, pieces = lazy_payload(tensor)
+    for piece in pieces:
+        fh.write(piece)
+    return length
+
+
+def lazy_payload(tensor: onnx.TensorProto) -> tuple[int, Iterator[memoryview]]:
+    """A lazy tensor's length in bytes and its bytes in pieces (each valid until the next is asked
+    for): copied in chunks from its file, or computed a piece of rows at a time."""
     info = _external_info(tensor)
     expected = _expected_nbytes(tensor)
     if info["location"].startswith(DEFERRED_PREFIX):
-        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
-        compute = _deferred[info["location"]]
-        shape = [int(d) for d in tensor.dims]
-        if getattr(compute, "rows", None) is None or not shape or not expected:
-            pieces = [read_lazy(tensor)]
-        else:  # a piece of rows at a time (no copy of the whole tensor), the next one computed
-            #    while this one is written
-            step = max(1, WRITE_PIECE_BYTES // max(1, expected // shape[0]))
-            pieces = prefetched(compute.rows(np.arange(a, min(a + step, shape[0]))) for a in range(0, shape[0], step))
-        written = 0
-        for piece in pieces:
-            piece = np.ascontiguousarray(piece, dtype=dtype)
-            if piece.nbytes:
-                fh.write(memoryview(piece.reshape(-1)).cast("B"))
-            written += piece.nbytes
-        if written != expected:
-            raise ValueError(f"weight {tensor.name!r}: computed {written} bytes, expected {expected}")
-        return written
+        return expected, _computed_pieces(tensor, _deferred[info["location"]], expected)
     length = int(info["length"]) if info.get("length", "").isdigit() else expected
+    return length, _file_pieces(tensor, info, length)
+
+
+def _computed_pieces(tensor: onnx.TensorProto, compute, expected: int) -> Iterator[memoryview]:
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
+    shape = [int(d) for d in tensor.dims]
+    if getattr(compute, "rows", None) is None or not shape or not expected:
+        pieces = [read_lazy(tensor)]
+    else:  # a piece of rows at a time (no copy of the whole tensor), the next one computed
+        #    while this one is written
+        step = max(1, WRITE_PIECE_BYTES // max(1, expected // shape[0]))
+        pieces = prefetched(compute.rows(np.arange(a, min(a + step, shape[0]))) for a in range(0, shape[0], step))
+    written = 0
+    for piece in pieces:
+        piece = np.ascontiguousarray(piece, dtype=dtype)
+        written += piece.nbytes
+        if written > expected:
+            break
+        if piece.nbytes:
+            yield memoryview(piece.reshape(-1)).cast("B")
+    if written != expected:
+        raise ValueError(f"weight {tensor.name!r}: computed {written} bytes, expected {expected}")
+
+
+def _file_pieces(tensor: onnx.TensorProto, info: dict[str, str], length: int) -> Iterator[memoryview]:
     buffer = bytearray(min(COPY_CHUNK_BYTES, max(length, 1)))
     left = length
     with open(info["location"], "rb") as src:
@@ -717,9 +836,8 @@ def _write_lazy(tensor: onnx.TensorProto, fh) -> int:
             got = src.readinto(view)
             if not got:
                 raise LoadError(f"weight {tensor.name!r}: its external data file is shorter than before")
-            fh.write(view[:got])
+            yield view[:got]
             left -= got
-    return length
 
 
 def _temp_path(folder: Path, name: str) -> Path:

@@ -145,11 +145,13 @@ def make_session(model, device: str = "auto", *, twin: bool = False) -> ort.Infe
 
     tmp = None
     if isinstance(model, onnx.ModelProto):
-        lazy = io.is_lazy_model(model)  # a huge model: written (streamed) to a temporary file for ORT
-        if _has_unloaded_external_data(model) and not lazy:
+        # a lazy model goes to ORT in one piece when its weights were inline in its file, else (a huge
+        # model) it is written (streamed) to a temporary file
+        lazy = io.is_lazy_model(model) and not io.streams_inline(model)
+        if _has_unloaded_external_data(model) and not io.is_lazy_model(model):
             raise UsageError("model has external data that is not loaded; pass its file path instead")
         if not io.over_inline_limit(model) and not lazy:
-            source = model.SerializeToString()
+            source = io.serialize(model)
         else:  # past protobuf's 2 GiB: ORT must read it from a file with external data
             tmp = tempfile.mkdtemp(prefix="onnx-resync-")
             try:

@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 from onnx_resync.api import permute
-from onnx_resync.io import load_model
+from onnx_resync.io import load_model, serialize
 from onnx_resync.walk import walk
 from vendor_models import vendor_model
 
@@ -40,9 +40,10 @@ def test_vendor_permute_verify_undo(key):
     inputs = {i.name for i in model.graph.input}
     permuted, info = permute(model, seed=7, verify_options={"shapes": {k: v for k, v in shapes.items() if k in inputs}})
     assert info.verified and info.neurons_moved > 0
-    assert permuted.SerializeToString() != model.SerializeToString()
+    # serialize: a large file (minilm) is read in place, its weights mapped from the file
+    assert serialize(permuted) != serialize(model)
     restored, _ = permute(permuted, undo=info.record, check=False)
-    assert restored.SerializeToString() == model.SerializeToString()
+    assert serialize(restored) == serialize(model)
 
 
 def test_vendor_files_pin_only_output_channels():
