@@ -912,6 +912,22 @@ class WeightStore:
             return read_lazy_grid(tensor, index)
         return self.get(name)[np.ix_(*index)]
 
+    def row_blocks(self, name: str, block_bytes: int = COPY_CHUNK_BYTES) -> Iterator[np.ndarray]:
+        """The weight in consecutive blocks of whole rows (first axis) of about block_bytes: a
+        computed (deferred) weight is computed a block at a time, never whole."""
+        shape = self.shape(name)
+        tensor = self._tensors[name]
+        deferred = is_lazy_tensor(tensor) and _external_info(tensor)["location"].startswith(DEFERRED_PREFIX)
+        whole = None if deferred else self.get(name)
+        if not shape:
+            yield self.get(name) if whole is None else whole
+            return
+        row_bytes = max(1, math.prod(shape[1:]) * np.dtype(self.dtype(name)).itemsize)
+        step = max(1, block_bytes // row_bytes)
+        for start in range(0, shape[0], step):
+            stop = min(start + step, shape[0])
+            yield whole[start:stop] if whole is not None else read_lazy_rows(tensor, np.arange(start, stop))
+
     def is_lazy(self, name: str) -> bool:
         """The weight stays on disk (memory-mapped) or is computed when saved: rewrite it with set_lazy."""
         return is_lazy_tensor(self._tensors[name])

@@ -43,7 +43,7 @@ import numpy as np
 import onnx
 
 from .errors import CheckFailed, ModelMismatchError
-from .io import WeightStore, load_model, refuse_overwrite, save_model, write_text_atomic
+from .io import WeightStore, is_lazy_model, load_model, refuse_overwrite, save_model, write_text_atomic
 from .match import AGREE, INFORMATIVE, GroupMatch, MatchResult, match
 from .permute import PermutationRecord, permuted_copy
 from .rescale import MIN_LOG_SCALE, find_rescales, neutral_groups, rescaled, undo_rescales
@@ -179,13 +179,16 @@ def resync(
         if not report.equivalent:
             raise CheckFailed("the restored model is not equivalent to the suspect; nothing written "
                               "(please report this model: a walker rule is wrong)")
-    summary = build_report(result, ref_store, sus_store, WeightStore(restored), scales, seconds)
+    if output is not None:
+        save_model(restored, output, inputs=inputs)
+    # the report describes the file as written; a lazy model's weights are then mapped from it, where
+    # they would otherwise be computed (permuted) once more
+    written = load_model(output, lazy=True) if output is not None and is_lazy_model(restored) else restored
+    summary = build_report(result, ref_store, sus_store, WeightStore(written), scales, seconds)
     summary.record = record
     summary.verified = bool(report and report.equivalent)
     summary.verify = report.to_dict() if report else None
-    if output is not None:
-        save_model(restored, output, inputs=inputs)
-        summary.output = str(output)
+    summary.output = None if output is None else str(output)
     if report_path is not None:
         write_text_atomic(report_path, summary.to_json())
     return restored, summary
@@ -352,16 +355,14 @@ def _group_report(gm: GroupMatch, log_scale: np.ndarray | None) -> GroupReport:
 
 
 def _same(a: WeightStore, b: WeightStore, name: str) -> bool:
-    """Byte-equal weights; for a huge (lazy) one a sample first, so that one that differs is told cheaply."""
+    """Byte-equal weights, compared a block of rows at a time: weights that differ are told at their
+    first differing block, and a computed one is never whole in memory."""
     if a.shape(name) != b.shape(name) or a.dtype(name) != b.dtype(name):
         return False
-    grid = sub_grid(a.shape(name), STATISTICS_SAMPLE) if a.is_lazy(name) or b.is_lazy(name) else None
-    if grid is not None and a.get_grid(name, grid).tobytes() != b.get_grid(name, grid).tobytes():
-        return False
-    x, y = a.get(name), b.get(name)
-    if x.dtype.kind == "O" or y.dtype.kind == "O":  # strings
+    if a.dtype(name) == np.dtype(object):  # strings
+        x, y = a.get(name), b.get(name)
         return x.shape == y.shape and x.tolist() == y.tolist()
-    return np.array_equal(_bytes_of(x), _bytes_of(y))
+    return all(np.array_equal(_bytes_of(x), _bytes_of(y)) for x, y in zip(a.row_blocks(name), b.row_blocks(name)))
 
 
 def _bytes_of(array: np.ndarray) -> np.ndarray:
