@@ -122,4 +122,11 @@ class ElementTable:
             self.tags.setdefault(int(e), []).append(t)
 
     def roots(self, elems: np.ndarray) -> np.ndarray:
-        return np.fromiter((self.find(e) for e in elems.tolist()), dtype=np.int64, count=len(elems))
+        # every element's root at once: parents followed by pointer jumping (each step halves the
+        # longest path), not one find() per element
+        parent = np.asarray(self._parent, dtype=np.int64)
+        while True:
+            grand = parent[parent]
+            if np.array_equal(grand, parent):
+                return parent[np.asarray(elems, dtype=np.int64)]
+            parent = grand

@@ -437,8 +437,9 @@ def _combined(feats, dims, nr, ns):
 
 
 def _row_norms(x: np.ndarray) -> np.ndarray:
-    """L2 norm of each row; squares that overflow float32 are added up again in float64."""
-    norms = np.linalg.norm(x, axis=1)
+    """L2 norm of each row; squares that overflow float32 are added up again in float64. (einsum:
+    no temporary the size of x, which linalg.norm makes.)"""
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x))
     if not np.isfinite(norms).all():
         norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
     return norms

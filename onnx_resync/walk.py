@@ -406,24 +406,23 @@ def _form_groups(ctx: WalkContext) -> WalkResult:
     roots = table.roots(np.arange(n))
     origin = np.asarray(table.origin, dtype=np.int64)
 
-    # a neuron tied to another channel of the same producer (e.g. x + shuffle(x)) has no clean role
-    members: dict[int, list[int]] = defaultdict(list)
-    for e, r in enumerate(roots.tolist()):
-        members[r].append(e)
     pinned_roots = {}
     for e, reason in table.pins.items():
         pinned_roots.setdefault(int(roots[e]), reason)
-    for r, elems in members.items():
-        origins = [table.origin[e] for e in elems]
-        if len(set(origins)) != len(origins):
-            pinned_roots.setdefault(r, "tied to another channel of the same layer")
+    # a neuron tied to another channel of the same producer (e.g. x + shuffle(x)) has no clean role:
+    # two of its elements with the same origin are neighbours once sorted by (neuron, origin)
+    order = np.lexsort((origin, roots))
+    r_sorted, o_sorted = roots[order], origin[order]
+    tied = (r_sorted[1:] == r_sorted[:-1]) & (o_sorted[1:] == o_sorted[:-1])
+    for r in np.unique(r_sorted[1:][tied]).tolist():
+        pinned_roots.setdefault(r, "tied to another channel of the same layer")
 
     products = _product_roots(table, roots, pinned_roots)
     rewrite = _ProductRewriter(products, roots)
     label_pieces = [piece for label in ctx.registered.values() for piece in rewrite(label)]
     signatures = _signatures(ctx, roots, origin, label_pieces)
     by_signature: dict[bytes, list[int]] = defaultdict(list)
-    for r in sorted(members):
+    for r in np.unique(roots).tolist():
         if r not in pinned_roots and r not in products:
             by_signature[signatures.get(r, b"")].append(r)
 
@@ -462,36 +461,8 @@ def _form_groups(ctx: WalkContext) -> WalkResult:
         group_of = renumber[group_of]  # -1 stays -1 (index -1 is the extra last entry)
         groups = kept
 
-    hidden = 0
-    permutable = 0
-    to_output = 0
-    singletons = 0
-    pin_counts: dict[str, list] = {}
-    for rec in table.origins:
-        if rec["kind"] != "producer":
-            continue
-        for e in range(rec["start"], rec["start"] + rec["count"]):
-            hidden += 1
-            r = int(roots[e])
-            # a (head, dim) cell moves when its head or its dim moves
-            factors = _leaf_factors(r, products, roots)
-            gids = [int(group_of[f]) for f in factors]
-            reason = pinned_roots.get(r)
-            if reason is None and r in products:  # a cell whose head and dim are pinned: their reason
-                reason = next((pinned_roots[f] for f in factors if f in pinned_roots), None)
-            if reason is not None and max(gids) < 0:
-                if reason == "reaches a graph output":
-                    to_output += 1
-                entry = pin_counts.setdefault(reason, [0, set()])
-                entry[0] += 1
-                entry[1].add(rec["node"])
-            elif max(gids) >= 0:
-                permutable += 1
-                for gid in gids:
-                    if gid >= 0 and rec["node"] not in groups[gid].producers:
-                        groups[gid].producers.append(rec["node"])
-            else:
-                singletons += 1
+    hidden, permutable, to_output, singletons, pin_counts = _count_channels(
+        table, roots, group_of, groups, products, pinned_roots)
     for label, tags in ctx.readers.values():
         for elem, _, _ in rewrite(label):
             gids = group_of[roots[elem]]
@@ -503,6 +474,66 @@ def _form_groups(ctx: WalkContext) -> WalkResult:
     pinned = [PinnedReason(reason, c, sorted(nodes)) for reason, (c, nodes) in pin_counts.items()]
     pinned.sort(key=lambda p: -p.channels)
     return WalkResult(groups, pinned, hidden, permutable, to_output, singletons, dict(ctx.ops_without_rule))
+
+
+def _count_channels(table: ElementTable, roots: np.ndarray, group_of: np.ndarray, groups: list[Group],
+                    products: dict, pinned_roots: dict) -> tuple[int, int, int, int, dict]:
+    """Every producer channel counted as permutable, pinned (per reason, with its nodes) or single,
+    and each group's producer nodes listed. A layer without head x dim cells is counted at once (a
+    big model has tens of thousands of channels), its outside channels per distinct neuron."""
+    hidden = permutable = to_output = singletons = 0
+    pin_counts: dict[str, list] = {}
+
+    def pin(reason: str, count: int, node: str) -> None:
+        nonlocal to_output
+        if reason == "reaches a graph output":
+            to_output += count
+        entry = pin_counts.setdefault(reason, [0, set()])
+        entry[0] += count
+        entry[1].add(node)
+
+    def add_producer(gid: int, node: str) -> None:
+        if node not in groups[gid].producers:
+            groups[gid].producers.append(node)
+
+    product_roots = np.fromiter(products, dtype=np.int64, count=len(products))
+    for rec in table.origins:
+        if rec["kind"] != "producer":
+            continue
+        node = rec["node"]
+        rs = roots[rec["start"]:rec["start"] + rec["count"]]
+        hidden += len(rs)
+        if not np.isin(rs, product_roots).any():
+            gids = group_of[rs]
+            inside = gids >= 0
+            permutable += int(inside.sum())
+            for gid in np.unique(gids[inside]).tolist():
+                add_producer(gid, node)
+            outside, first, counts = np.unique(rs[~inside], return_index=True, return_counts=True)
+            for k in np.argsort(first, kind="stable").tolist():  # (reasons in the order met)
+                reason = pinned_roots.get(int(outside[k]))
+                if reason is None:
+                    singletons += int(counts[k])
+                else:
+                    pin(reason, int(counts[k]), node)
+            continue
+        for r in rs.tolist():
+            # a (head, dim) cell moves when its head or its dim moves
+            factors = _leaf_factors(r, products, roots)
+            gids = [int(group_of[f]) for f in factors]
+            reason = pinned_roots.get(r)
+            if reason is None and r in products:  # a cell whose head and dim are pinned: their reason
+                reason = next((pinned_roots[f] for f in factors if f in pinned_roots), None)
+            if reason is not None and max(gids) < 0:
+                pin(reason, 1, node)
+            elif max(gids) >= 0:
+                permutable += 1
+                for gid in gids:
+                    if gid >= 0:
+                        add_producer(gid, node)
+            else:
+                singletons += 1
+    return hidden, permutable, to_output, singletons, pin_counts
 
 
 def _leaf_factors(root: int, products: dict, roots: np.ndarray, depth: int = 0) -> list[int]:
