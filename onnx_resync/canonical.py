@@ -39,6 +39,7 @@ from onnx import TensorProto, helper, numpy_helper
 from .dequantize import dequantize
 from .errors import UnsupportedError
 from .graph import constant_node_value, node_inputs, outer_scope_names, subgraphs
+from .io import tensor_values
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 BOOL_OUTPUT = {"Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Not", "And", "Or", "Xor",
@@ -181,7 +182,7 @@ class _Canonicalizer:
 
     def _read(self) -> None:
         for t in self.graph.initializer:
-            arr = numpy_helper.to_array(t)
+            arr = tensor_values(t)
             self.consts[t.name] = arr
             self.origins[t.name] = WeightOrigin([t.name], _dtype_name(arr))
         used_names = set()
@@ -363,7 +364,7 @@ class _Canonicalizer:
             if node.op_type == "ConstantOfShape":
                 value = _attr(node, "value")
                 if value is not None and value.data_type in FLOAT_TYPES - {TensorProto.FLOAT}:
-                    arr = numpy_helper.to_array(value).astype(np.float32)
+                    arr = tensor_values(value).astype(np.float32)
                     _set_attr(node, "value", numpy_helper.from_array(arr, value.name))
 
     def _dtypes(self) -> dict[str, int | None]:

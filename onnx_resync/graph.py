@@ -11,9 +11,9 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from .errors import UnsupportedError
+from .io import is_lazy_tensor, tensor_values
 
 # Initializers up to this many elements keep their data in the skeleton: shape inference needs
 # the values of Reshape shapes, Slice starts, Split sizes, and those are small.
@@ -70,7 +70,7 @@ class GraphView:
         if tensor is not None:
             count = int(np.prod(tensor.dims)) if len(tensor.dims) else 1
             if count <= max_elements:
-                value = numpy_helper.to_array(tensor)
+                value = tensor_values(tensor)
         else:
             node = self.constant_nodes.get(name)
             if node is not None:
@@ -171,7 +171,7 @@ def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
     """The value of a Constant node, whichever attribute holds it (None for sparse/string forms)."""
     for attr in node.attribute:
         if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-            return numpy_helper.to_array(attr.t)
+            return tensor_values(attr.t)
         if attr.name == "value_float":
             return np.array(attr.f, dtype=np.float32)
         if attr.name == "value_floats":
@@ -200,6 +200,8 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
         count = int(np.prod(init.dims)) if len(init.dims) else 1
         if count <= SMALL_CONSTANT_ELEMENTS and init.data_location != onnx.TensorProto.EXTERNAL:
             g.initializer.append(init)
+        elif count <= SMALL_CONSTANT_ELEMENTS and is_lazy_tensor(init):  # mapped: its values inline
+            g.initializer.append(onnx.numpy_helper.from_array(tensor_values(init), init.name))
         elif init.name not in declared:
             g.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
     return skel
@@ -346,7 +348,7 @@ class _ShapeValues:
 
     def _compute(self, name: str):
         if name in self.inits:
-            return numpy_helper.to_array(self.inits[name]).reshape(-1).tolist()
+            return tensor_values(self.inits[name]).reshape(-1).tolist()
         node = self.producer.get(name)
         if node is None:
             return None

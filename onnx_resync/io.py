@@ -288,6 +288,14 @@ def read_lazy(tensor: onnx.TensorProto) -> np.ndarray:
     return mm.view(np.ndarray)
 
 
+def tensor_values(tensor: onnx.TensorProto) -> np.ndarray:
+    """numpy_helper.to_array, also for a lazy tensor (mapped from its file or computed: then a
+    private, writable copy)."""
+    if is_lazy_tensor(tensor):
+        return np.array(read_lazy(tensor))
+    return numpy_helper.to_array(tensor)
+
+
 def read_lazy_grid(tensor: onnx.TensorProto, index: list[np.ndarray]) -> np.ndarray:
     """values[np.ix_(*index)] of a lazy tensor, reading only that sub-grid where the storage allows
     (a mapped file, a permutation of one): samples of a huge model cost what they hold."""

@@ -251,8 +251,7 @@ class _Matcher:
                     pairs[i[~same]] = -1
                     i = i[same]
             else:
-                mine = x[0] if len(i) == len(pairs) else x[0][i]  # (all paired: no copy)
-                same = (mine == x[1][pairs[i]]).all(axis=1)
+                same = _rows_equal(x[0], x[1], i, pairs[i])
                 pairs[i[~same]] = -1
                 i = i[same]
         return _Features(slots=used, dims=dims, fr=fr, fs=fs, wide=wide, nr=nr, ns=ns, pairs=pairs, **keys)
@@ -434,6 +433,22 @@ def _combined(feats, dims, nr, ns):
         out.append(f)
     wide = [(feats[k], scales[k][0], scales[k][1]) for k in vec if k not in held]
     return out[0], out[1], wide
+
+
+COMPARE_BLOCK_BYTES = 1 << 20
+
+
+def _rows_equal(a: np.ndarray, b: np.ndarray, rows_a: np.ndarray, rows_b: np.ndarray) -> np.ndarray:
+    """Per k: row rows_a[k] of a equals row rows_b[k] of b, entry for entry; a block of rows at a
+    time, so that no copy of a whole slot is made (rows_a all of a, in order: views)."""
+    out = np.empty(len(rows_a), dtype=bool)
+    in_order = len(rows_a) == len(a) and (rows_a == np.arange(len(a))).all()
+    step = max(1, COMPARE_BLOCK_BYTES // max(1, a[0].nbytes if len(a) else 1))
+    for start in range(0, len(rows_a), step):
+        stop = min(start + step, len(rows_a))
+        mine = a[start:stop] if in_order else np.take(a, rows_a[start:stop], axis=0)
+        out[start:stop] = (mine == np.take(b, rows_b[start:stop], axis=0)).all(axis=1)
+    return out
 
 
 def _row_norms(x: np.ndarray) -> np.ndarray:

@@ -5,6 +5,7 @@ that the in-memory path gives, and a damaged file the same outcome."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -111,6 +112,12 @@ def test_cli_in_place_gives_the_in_memory_bytes(name, tmp_path):
             assert proc.returncode == 0, proc.stderr
     for f in ("p.onnx", "u.onnx", "x.onnx"):
         assert (tmp_path / "in-place" / f).read_bytes() == (tmp_path / "eager" / f).read_bytes(), f
+    audits = {}  # audit canonicalizes the whole model (every weight read, Constant nodes folded)
+    for mode, env in (("eager", EAGER), ("in-place", IN_PLACE)):
+        proc = _cli("audit", str(tmp_path / mode / "p.onnx"), "--reference", str(src), "--json", env=env)
+        assert proc.returncode == 0, proc.stderr
+        audits[mode] = {k: v for k, v in json.loads(proc.stdout).items() if k not in ("timings", "suspect")}
+    assert audits["in-place"] == audits["eager"] and audits["eager"]["verdict"].startswith("permuted")
     assert not list((tmp_path / "in-place").glob("*.data"))
     original = onnx.load(src).SerializeToString()
     assert (tmp_path / "in-place" / "u.onnx").read_bytes() == original

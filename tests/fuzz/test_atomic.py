@@ -74,10 +74,12 @@ def inputs(tmp_path_factory):
     return folder
 
 
-@pytest.mark.parametrize("mode", ["inline", "lazy"])
+@pytest.mark.parametrize("mode", ["inline", "in-place", "lazy"])
 def test_sigkill_during_write_leaves_old_or_new(mode, inputs, tmp_path):
-    src = inputs / ("inline.onnx" if mode == "inline" else "ext.onnx")
-    env = {"ONNX_RESYNC_LAZY_BYTES": "0"} if mode == "lazy" else {"ONNX_RESYNC_LAZY_BYTES": str(1 << 40)}
+    """inline: parsed, serialized whole; in-place: payloads mapped from the file and streamed into an
+    inline file (wire.py); lazy: external data mapped, streamed into a data file."""
+    src = inputs / ("ext.onnx" if mode == "lazy" else "inline.onnx")
+    env = {"ONNX_RESYNC_LAZY_BYTES": str(1 << 40)} if mode == "inline" else {"ONNX_RESYNC_LAZY_BYTES": "0"}
     before = files_digest(inputs)
     # the two complete outputs (seed 1 and seed 2), made without interruption
     expected, durations = {}, []
