@@ -43,6 +43,9 @@ LAZY_MIN_TENSOR_BYTES = int(os.environ.get("ONNX_RESYNC_LAZY_MIN_TENSOR_BYTES", 
 # which is never written to a file.
 IN_PLACE_MIN_TENSOR_BYTES = int(os.environ.get("ONNX_RESYNC_IN_PLACE_MIN_TENSOR_BYTES", 64 << 10))
 IN_PLACE_KEY = "onnx-resync:in-place"
+# the identity of a lazy tensor's file when it was loaded: a file replaced or rewritten since (say, a
+# model saved over its own source) is refused, never read at offsets that now hold something else
+STAMP_KEY = "onnx-resync:file"
 # memory-mapped pages kept resident (the newest mappings); older ones are released (see _Residency)
 LAZY_RESIDENT_BYTES = int(os.environ.get("ONNX_RESYNC_LAZY_RESIDENT_BYTES", 256 << 20))
 # location of a tensor whose new data is computed when it is read or saved (see set_lazy)
@@ -214,6 +217,7 @@ def _map_in_place(model: onnx.ModelProto, cuts: list, path: Path) -> None:
     """Point each initializer whose payload wire.cut_payloads left in the file at that place; one that
     cannot be mapped (a string or packed type, other data fields) gets its payload back."""
     location = str(path.resolve())
+    stamp = _file_stamp(location)
     with open(path, "rb") as fh:
         for cut in cuts:
             tensor = model.graph.initializer[cut.index]
@@ -222,7 +226,7 @@ def _map_in_place(model: onnx.ModelProto, cuts: list, path: Path) -> None:
                         and not any(len(getattr(tensor, f)) for f in _TYPED_FIELDS))
             if mappable:
                 _set_external(tensor, {"location": location, "offset": str(cut.offset), "length": str(cut.length),
-                                       IN_PLACE_KEY: "1"})
+                                       IN_PLACE_KEY: "1", STAMP_KEY: stamp})
             else:
                 fh.seek(cut.offset)
                 tensor.raw_data = fh.read(cut.length)
@@ -246,7 +250,24 @@ def _make_lazy(model: onnx.ModelProto, base_dir: Path) -> None:
             tensor.ClearField("data_location")
             continue
         info["location"] = str((root / info["location"]).resolve())
+        info[STAMP_KEY] = _file_stamp(info["location"])
         _set_external(tensor, info)
+
+
+def _file_stamp(location: str) -> str:
+    st = os.stat(location)
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _check_unchanged(tensor: onnx.TensorProto, info: dict[str, str]) -> None:
+    stamp = info.get(STAMP_KEY)
+    try:
+        same = stamp is None or _file_stamp(info["location"]) == stamp
+    except OSError:
+        same = False
+    if not same:
+        raise LoadError(f"weight {tensor.name!r}: {info['location']} was replaced or changed after the model was "
+                        f"loaded; load it again")
 
 
 def _set_external(tensor: onnx.TensorProto, info: dict[str, str]) -> None:
@@ -280,6 +301,7 @@ def read_lazy(tensor: onnx.TensorProto) -> np.ndarray:
     shape = tuple(int(d) for d in tensor.dims)
     if math.prod(shape) == 0:
         return np.zeros(shape, dtype)
+    _check_unchanged(tensor, info)
     try:
         mm = np.memmap(location, dtype=dtype, mode="r", offset=int(info.get("offset", 0)), shape=shape)
     except (OSError, ValueError) as exc:
@@ -655,7 +677,7 @@ def save_model(
                 _write_external_data(model, data_tmp, data_name, restore, move_inline)
             model_tmp = _temp_path(folder, out.name)
             tmp_paths.append(model_tmp)
-            _write_bytes(model_tmp, *(_inline_chunks(model) if streamed else [model.SerializeToString()]))
+            _write_bytes(model_tmp, _inline_chunks(model) if streamed else [model.SerializeToString()])
         finally:
             for undo in reversed(restore):  # give the caller's model its data back, byte for byte
                 undo()
@@ -724,7 +746,8 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def _write_bytes(path: Path, *chunks) -> None:
+def _write_bytes(path: Path, chunks: Iterable) -> None:
+    """Write the chunks as they come (a streamed one is valid only until the next is made)."""
     with open(path, "wb") as fh:
         for chunk in chunks:
             fh.write(chunk)
@@ -747,7 +770,10 @@ def _inline_chunks(model: onnx.ModelProto) -> Iterator:
 def serialize(model: onnx.ModelProto) -> bytes:
     """model.SerializeToString(), also for a model whose weights are mapped in place or computed."""
     if streams_inline(model) and not over_inline_limit(model):
-        return b"".join(_inline_chunks(model))
+        out = bytearray()
+        for chunk in _inline_chunks(model):  # (each valid only until the next is made: no join)
+            out += chunk
+        return bytes(out)
     if is_lazy_model(model):
         raise UsageError("a model with lazy external data cannot be serialized in one piece; save it")
     return model.SerializeToString()
@@ -835,6 +861,7 @@ def _computed_pieces(tensor: onnx.TensorProto, compute, expected: int) -> Iterat
 
 
 def _file_pieces(tensor: onnx.TensorProto, info: dict[str, str], length: int) -> Iterator[memoryview]:
+    _check_unchanged(tensor, info)
     buffer = bytearray(min(COPY_CHUNK_BYTES, max(length, 1)))
     left = length
     with open(info["location"], "rb") as src:
@@ -1019,7 +1046,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
         raise UsageError(f"output {out} is a folder")
     tmp = _temp_path(out.parent, out.name)
     try:
-        _write_bytes(tmp, text.encode())
+        _write_bytes(tmp, [text.encode()])
         os.replace(tmp, out)
     finally:
         if tmp.exists():

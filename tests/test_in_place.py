@@ -63,9 +63,11 @@ def test_streamed_payload_of_wrong_length_is_refused():
 
 
 @pytest.mark.parametrize("path", BUNDLED, ids=[p.stem for p in BUNDLED])
-def test_loaded_in_place(path, everything_in_place, tmp_path):
-    """Weights read in place equal the parsed ones, read-only; saved unchanged, the file is what
-    onnx.save writes; nothing is written beside it."""
+def test_loaded_in_place(path, everything_in_place, tmp_path, monkeypatch):
+    """Weights read in place equal the parsed ones, read-only; saved unchanged (copied from the file
+    in pieces of 100 bytes, each valid only until the next), the file is what onnx.save writes;
+    nothing is written beside it."""
+    monkeypatch.setattr(io, "COPY_CHUNK_BYTES", 100)
     model = io.load_model(path, lazy=True)
     eager = io.load_model(path, lazy=False)
     mapped = [t.name for t in model.graph.initializer if io.is_in_place(t)]
@@ -81,7 +83,11 @@ def test_loaded_in_place(path, everything_in_place, tmp_path):
     assert io.serialize(model) == eager.SerializeToString()
 
 
-def test_permute_undo_in_place_api(everything_in_place, tmp_path):
+def test_permute_undo_in_place_api(everything_in_place, tmp_path, monkeypatch):
+    """Permuted weights computed and written a row at a time, a mapped one copied 100 bytes at a
+    time: the in-memory bytes."""
+    monkeypatch.setattr(io, "WRITE_PIECE_BYTES", 1)
+    monkeypatch.setattr(io, "COPY_CHUNK_BYTES", 100)
     src = ROOT / "models" / "resnet.onnx"
     eager, first = api.permute(io.load_model(src, lazy=False), tmp_path / "e.onnx", seed=3, check=False)
     lazy, lazy_first = api.permute(io.load_model(src, lazy=True), tmp_path / "l.onnx", seed=3)
@@ -159,3 +165,17 @@ def test_damaged_files_load_alike(data, tmp_path_factory, monkeypatch):
     path = tmp_path_factory.mktemp("damaged") / "m.onnx"
     path.write_bytes(bytes(buf))
     assert _outcome(path, lazy=True) == _outcome(path, lazy=False)
+
+
+def test_source_saved_over_is_refused_not_misread(everything_in_place, tmp_path):
+    """A model mapped from its file, then saved over that file (allowed: the API cannot know every
+    name a file has): the save reads the old file to the end, and later reads of the old model are
+    refused in one line instead of reading the new file at the old offsets."""
+    src = tmp_path / "m.onnx"
+    src.write_bytes((ROOT / "models" / "mlp.onnx").read_bytes())
+    model = io.load_model(src, lazy=True)
+    permuted, _ = api.permute(model, src, seed=1, check=False)
+    name = next(t.name for t in model.graph.initializer if io.is_in_place(t))
+    with pytest.raises(LoadError, match="replaced or changed after the model was loaded"):
+        io.WeightStore(model).get(name)
+    assert io.load_model(src, lazy=False).SerializeToString() != (ROOT / "models" / "mlp.onnx").read_bytes()
