@@ -45,6 +45,9 @@ SAMPLED_MARGIN = 0.25  # ... and accepts a mutual best there only with this marg
 HASH_COLUMNS = 64  # columns per slot hashed to find byte-identical neurons (collisions then compared whole)
 WIDE_ENTRIES = 4096  # a slot with this many entries per neuron ...
 WIDE_BYTES = 32 << 20  # ... and this many bytes of rows is read in pieces, never copied whole (wide.py)
+# ... or this many where the neurons are the weight's rows: they are views then, and reading in
+# pieces (the suspect aligned piece by piece) would cost several times the one aligned copy
+WIDE_ROWS_BYTES = 512 << 20
 
 @dataclass
 class GroupMatch:
@@ -202,7 +205,8 @@ class _Matcher:
             if index is not None:
                 indexes[o] = index
         if not summarize and not block_sort and slot.at is None and s is S and \
-                WideSlot.worth(R.shape, slot.axis, slot.positions, WIDE_ENTRIES, WIDE_BYTES):
+                WideSlot.worth(R.shape, slot.axis, slot.positions, WIDE_ENTRIES,
+                               WIDE_ROWS_BYTES if slot.axis == 0 else WIDE_BYTES):
             return WideSlot(R, S, slot.axis, slot.positions, indexes)
         for o, index in indexes.items():
             s = np.take(s, index, axis=o)
@@ -247,7 +251,8 @@ class _Matcher:
         for x in feats:  # the hash said equal: check it
             if isinstance(x, WideSlot):
                 for xr, xs in x.chunks():  # (np.take: a column gather 4x faster than indexing)
-                    same = (np.take(xr, i, axis=1) == np.take(xs, pairs[i], axis=1)).all(axis=0)
+                    mine = xr if len(i) == x.n else np.take(xr, i, axis=1)  # (all: in order)
+                    same = (mine == np.take(xs, pairs[i], axis=1)).all(axis=0)
                     pairs[i[~same]] = -1
                     i = i[same]
             else:
@@ -365,7 +370,9 @@ class _Features:
             for xr, xs in w.chunks():
                 xo = xs if suspect else xr
                 part += xr.T @ (xo if cols is None else np.take(xo, cols, axis=1))
-            C += (part * sr[:, None] * so[None, :]).astype(C.dtype)
+            part *= sr[:, None]  # (in place: an n x n matrix of a wide layer is large)
+            part *= so[None, :]
+            C += part
         return C
 
     def sampled_gram(self, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -380,7 +387,9 @@ class _Features:
             C += (self.fr[:, cols] @ self.fs[:, cols].T) * np.float32(held / kh)
         for w, sr, ss in self.wide:
             xr, xs = w.sample(max(1, round(k * w.width / width)))
-            C += ((xr.T @ xs) * (sr[:, None] * ss[None, :] * (w.width / xr.shape[0]))).astype(np.float32)
+            # the scales applied to the sample's columns, not to the n x n product
+            xr = xr * (sr * (w.width / xr.shape[0]))[None, :].astype(np.float32)
+            C += xr.T @ (xs * ss[None, :].astype(np.float32))
         return C
 
     def paired(self, perm: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

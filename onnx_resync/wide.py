@@ -97,7 +97,9 @@ class WideSlot:
 def _neuron_columns(a: np.ndarray, axis: int, positions: np.ndarray) -> np.ndarray:
     """(entries, neurons): each neuron's positions along `axis`, the other axes flattened."""
     n, block = positions.shape
-    if axis == 0:  # rows are contiguous: gather them, hand out the transposed view
+    if axis == 0 and block == 1 and np.array_equal(positions[:, 0], np.arange(a.shape[0])):
+        picked = a.reshape(n, -1).T  # the neurons are the rows, in order: a transposed view
+    elif axis == 0:  # rows are contiguous: gather them, hand out the transposed view
         picked = a[positions.reshape(-1)].reshape(n, -1).T
     else:
         x = np.moveaxis(a, axis, -1)

@@ -54,6 +54,7 @@ def test_wide_path_matches_whole_rows(model, noise, sampled, monkeypatch):
     made = []
     monkeypatch.setattr(match_module, "WIDE_ENTRIES", 2)
     monkeypatch.setattr(match_module, "WIDE_BYTES", 0)
+    monkeypatch.setattr(match_module, "WIDE_ROWS_BYTES", 0)
     monkeypatch.setattr(wide, "CHUNK_BYTES", 4096)
     original_init = wide.WideSlot.__init__
 
