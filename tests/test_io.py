@@ -235,9 +235,9 @@ def test_save_atomic_on_failure(tmp_path, monkeypatch, external):
     model = mlp_model(hidden=64)
     before = model.SerializeToString()
 
-    def broken_write(path, payload):
+    def broken_write(path, chunks):
         with open(path, "wb") as fh:
-            fh.write(payload[:10])
+            fh.write(bytes(next(iter(chunks)))[:10])
         raise OSError("disk full")
 
     monkeypatch.setattr(io, "_write_bytes", broken_write)
