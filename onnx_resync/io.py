@@ -1005,7 +1005,7 @@ class WeightStore:
             self._cache.pop(name, None)
         old = self._tensors[name]
         array = np.ascontiguousarray(array).astype(self.dtype(name), copy=False)
-        if is_lazy_tensor(old):  # a lazy model stays lazy: held here until saved
+        if is_lazy_tensor(old) and not is_in_place(old):  # a huge model stays lazy: held here until saved
             if array.shape != self.shape(name):
                 raise ValueError(f"weight {name!r}: new shape {array.shape}, expected {self.shape(name)}")
             set_deferred(old, lambda: array)

@@ -179,3 +179,23 @@ def test_source_saved_over_is_refused_not_misread(everything_in_place, tmp_path)
     with pytest.raises(LoadError, match="replaced or changed after the model was loaded"):
         io.WeightStore(model).get(name)
     assert io.load_model(src, lazy=False).SerializeToString() != (ROOT / "models" / "mlp.onnx").read_bytes()
+
+
+def test_rescale_undone_in_place(everything_in_place, tmp_path):
+    """A rescaled, permuted copy resynced from files read in place: the undone rescale (weights set
+    inline, not held as computations) gives the bytes of the in-memory path."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_resync import gen_mlp, permuted, rescale_first_layer
+
+    ref = gen_mlp()
+    a = np.exp(np.random.default_rng(0).uniform(-1.5, 1.5, 48))
+    suspect, _ = permuted(rescale_first_layer(ref, a), 5)
+    onnx.save(ref, tmp_path / "ref.onnx")
+    onnx.save(suspect, tmp_path / "sus.onnx")
+    outs = {}
+    for lazy in (False, True):
+        model, report = api.resync(io.load_model(tmp_path / "sus.onnx", lazy=lazy),
+                                   io.load_model(tmp_path / "ref.onnx", lazy=lazy), tmp_path / f"{lazy}.onnx")
+        assert report.verified and report.perturbation["rescaled_undone"] == 48
+        outs[lazy] = (tmp_path / f"{lazy}.onnx").read_bytes()
+    assert outs[True] == outs[False]
