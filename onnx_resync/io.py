@@ -580,13 +580,8 @@ def copy_without_payloads(model: onnx.ModelProto, names: set[str]) -> onnx.Model
 
 def _copy_model(model: onnx.ModelProto, copy_initializer) -> onnx.ModelProto:
     """A copy of the model, its graph's initializers copied by copy_initializer(source, target)."""
-    out = onnx.ModelProto()
-    for field, value in model.ListFields():
-        if field.name != "graph":
-            _copy_field(out, field, value)
-    for field, value in model.graph.ListFields():
-        if field.name != "initializer":
-            _copy_field(out.graph, field, value)
+    out = wire.copy_fields(model, onnx.ModelProto(), {"graph"})
+    wire.copy_fields(model.graph, out.graph, {"initializer"})
     for t in model.graph.initializer:
         copy_initializer(t, out.graph.initializer.add())
     return out
@@ -594,19 +589,7 @@ def _copy_model(model: onnx.ModelProto, copy_initializer) -> onnx.ModelProto:
 
 def _copy_tensor_header(source: onnx.TensorProto, target: onnx.TensorProto) -> None:
     """Every field of the tensor but its raw data."""
-    for field, value in source.ListFields():
-        if field.name != "raw_data":
-            _copy_field(target, field, value)
-
-
-def _copy_field(target, field, value) -> None:
-    repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
-    if repeated:
-        getattr(target, field.name).extend(value)
-    elif field.type == field.TYPE_MESSAGE:
-        getattr(target, field.name).CopyFrom(value)
-    else:
-        setattr(target, field.name, value)
+    wire.copy_fields(source, target, {"raw_data"})
 
 
 def _same_file(a: Path, b: Path) -> bool:

@@ -147,7 +147,8 @@ def _split(message_bytes: bytes, number: int, descriptor) -> tuple[bytes, bytes]
     return message_bytes, b""
 
 
-def _copy_except(source, target, skip: set[str]):
+def copy_fields(source, target, skip: set[str]):
+    """Every set field of the message `source` but those named in skip, into target (returned)."""
     for field, value in source.ListFields():
         if field.name in skip:
             continue
@@ -171,16 +172,16 @@ def model_chunks(model: onnx.ModelProto, streamed: Callable[[onnx.TensorProto], 
 
     Unknown fields at the top level of the model and of its graph are not kept (like any field-wise
     copy). Payload chunks are yielded as they come, so the model is never whole in memory."""
-    head = _copy_except(model, onnx.ModelProto(), {"graph"}).SerializeToString()
+    head = copy_fields(model, onnx.ModelProto(), {"graph"}).SerializeToString()
     head_before, head_after = _split(head, MODEL_GRAPH, onnx.ModelProto.DESCRIPTOR)
-    graph = _copy_except(model.graph, onnx.GraphProto(), {"initializer"}).SerializeToString()
+    graph = copy_fields(model.graph, onnx.GraphProto(), {"initializer"}).SerializeToString()
     graph_before, graph_after = _split(graph, GRAPH_INITIALIZER, onnx.GraphProto.DESCRIPTOR)
 
     records = []  # per initializer: (its bytes before the payload, payload length, chunks, bytes after)
     graph_length = len(graph_before) + len(graph_after)
     for tensor in model.graph.initializer:
         if streamed(tensor):
-            header = _copy_except(tensor, onnx.TensorProto(), _PLACEMENT).SerializeToString()
+            header = copy_fields(tensor, onnx.TensorProto(), _PLACEMENT).SerializeToString()
             before, after = _split(header, TENSOR_RAW_DATA, onnx.TensorProto.DESCRIPTOR)
             length, chunks = payload(tensor)
             before += _key(TENSOR_RAW_DATA, LEN) + encode_varint(length)
