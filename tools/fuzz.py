@@ -317,6 +317,10 @@ def write_doc(camp: Campaign | None, kills: dict | None, ath: dict | None, secon
               "- save: the new external-data file replaced the old one before the model was renamed "
               "(a kill in between left the old model over new data); '-o' naming an input's external "
               "data was not refused; '-o' naming a folder or an unwritable path was an internal error.",
+              "- audit: a model whose weights are memory-mapped (read in place, or past 64 MiB of external "
+              "data) crashed audit's canonical form, which read tensors with numpy_helper; found by the "
+              "first campaign that read files in place.",
+              "- matcher: a NaN or Inf in a compared weight crashed the assignment; now a one-line refusal.",
               ""]
     text = "\n".join(lines)
     DOC.write_text(text)
