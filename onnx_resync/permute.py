@@ -100,13 +100,11 @@ def slot_indices(walk: WalkResult, perms: dict[str, list[int]], dim_of) -> dict[
     return index
 
 
-def apply_permutations(model: onnx.ModelProto, walk: WalkResult, record: PermutationRecord,
-                       source: WeightStore | None = None) -> int:
-    """Rewrite the model's weights in place (reading them from `source` where given); returns the
-    number of weight tensors changed."""
+def apply_permutations(model: onnx.ModelProto, walk: WalkResult, record: PermutationRecord) -> int:
+    """Rewrite the model's weights in place; returns the number of weight tensors changed."""
     store = WeightStore(model)
     by_weight = _moves_by_weight(walk, record, store)
-    _rewrite(store, source if source is not None else store, by_weight)
+    _rewrite(store, store, by_weight)
     return len(by_weight)
 
 
