@@ -46,8 +46,8 @@ from .errors import CheckFailed, ModelMismatchError
 from .io import WeightStore, is_lazy_model, load_model, refuse_overwrite, save_model, write_text_atomic
 from .match import AGREE, INFORMATIVE, GroupMatch, MatchResult, match
 from .permute import PermutationRecord, permuted_copy
-from .rescale import MIN_LOG_SCALE, find_rescales, neutral_groups, rescaled, undo_rescales
-from .sampling import sub_grid
+from .match.rescale import MIN_LOG_SCALE, find_rescales, neutral_groups, rescaled, undo_rescales
+from .match.sampling import sub_grid
 from .walk import WalkResult, walk
 from .jsonable import json_safe
 

@@ -27,7 +27,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_resync.api import permute
 from onnx_resync.audit import audit, audit_file
-from onnx_resync.canonical import canonicalize
+from onnx_resync.audit.canonical import canonicalize
 from onnx_resync.errors import ModelMismatchError
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -29,7 +29,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_resync.api import permute
 from onnx_resync.audit import audit
-from onnx_resync.canonical import canonicalize
+from onnx_resync.audit.canonical import canonicalize
 from quantize_bundled import quantize
 
 MODELS = Path(__file__).resolve().parent.parent / "models"

@@ -255,7 +255,7 @@ def test_rescale_after_batchnorm_is_undone(name):
     """Trained BatchNorm nets: every neuron whose readers are homogeneous scaled by a in its
     BatchNormalization's scale and bias (or its Gemm's rows), 1/a in its consumers; the
     normalization's mean and variance and the conv before it unchanged. All found and undone."""
-    from onnx_resync.rescale import neutral_groups, structural_sides, undo_rescales
+    from onnx_resync.match.rescale import neutral_groups, structural_sides, undo_rescales
 
     ref = reference(name)
     attacked = onnx.ModelProto()

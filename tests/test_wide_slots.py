@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from onnx_resync import match as match_module
-from onnx_resync import wide
+from onnx_resync.match import matcher as match_module
+from onnx_resync.match import wide
 from onnx_resync.io import WeightStore, load_model
 from onnx_resync.match import match
 from onnx_resync.permute import apply_permutations, random_permutations

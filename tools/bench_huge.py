@@ -250,7 +250,8 @@ def same_weights(a: Path, b: Path, atol: float = 0.0) -> tuple[bool, float]:
 TIMED_RESYNC = r"""
 import json, sys, time
 import scipy.optimize
-from onnx_resync import match, resync as rs
+from onnx_resync import resync as rs
+from onnx_resync.match import matcher as match
 spent = {"assign": 0.0, "assign_calls": 0, "lsa": 0.0, "lsa_rows": 0}
 _assign, _lsa = match.assign, scipy.optimize.linear_sum_assignment
 def assign(C, *a, **k):

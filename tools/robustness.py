@@ -41,9 +41,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from onnx_resync.io import WeightStore, load_model  # noqa: E402
-from onnx_resync.match import _reindex, _rows, _summarize, _unit, match  # noqa: E402
+from onnx_resync.match.matcher import _reindex, _rows, _summarize, _unit, match  # noqa: E402
 from onnx_resync.permute import PermutationRecord, apply_permutations, random_permutations  # noqa: E402
-from onnx_resync.rescale import neutral_groups, rescaled, undo_rescales  # noqa: E402
+from onnx_resync.match.rescale import neutral_groups, rescaled, undo_rescales  # noqa: E402
 from onnx_resync.resync import decision_statistics, restore  # noqa: E402
 from onnx_resync.walk import walk  # noqa: E402
 

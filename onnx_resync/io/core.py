@@ -22,7 +22,7 @@ import onnx
 from onnx import numpy_helper
 
 from . import wire
-from .errors import LoadError, UsageError
+from ..errors import LoadError, UsageError
 from .prefetch import prefetched
 
 # protobuf cannot serialize a message past 2 GiB; leave headroom for the graph itself.

@@ -16,7 +16,7 @@ import zlib
 
 import numpy as np
 
-from .io import write_text_atomic
+from ..io import write_text_atomic
 
 VERDICT_COLOURS = {"identical": "#1a7f37", "permuted": "#1a7f37", "perturbed": "#bf8700", "not derived": "#cf222e"}
 # viridis anchors (0 -> 1)

@@ -25,8 +25,8 @@ import numpy as np
 import onnx
 
 from .canonical import CanonicalModel, topological
-from .errors import ModelMismatchError
-from .io import WeightStore
+from ..errors import ModelMismatchError
+from ..io import WeightStore
 
 COMMUTATIVE = {"Add", "Mul", "Sum", "Max", "Min", "Mean"}
 # ops that do not change what a tensor *is* (for roles): views, pointwise activations, pooling

@@ -32,9 +32,9 @@ import onnx
 
 from .align import Alignment, align
 from .canonical import CanonicalModel, canonicalize
-from .errors import ResyncError, UnsupportedError
-from .io import WeightStore, load_model, write_text_atomic
-from .jsonable import json_safe
+from ..errors import ResyncError, UnsupportedError
+from ..io import WeightStore, load_model, write_text_atomic
+from ..jsonable import json_safe
 
 ModelLike = str | os.PathLike | onnx.ModelProto
 
@@ -135,7 +135,7 @@ def audit(suspect: ModelLike, reference: ModelLike, *, html: str | os.PathLike |
           json_path: str | os.PathLike | None = None, max_passes: int = 8,
           heatmap_max: int = HEATMAP_MAX) -> AuditReport:
     """Audit one suspect against its reference (paths or ModelProtos); optionally write HTML / JSON."""
-    from .resync import resync
+    from ..resync import resync
 
     t0 = time.perf_counter()
     timings = {}
@@ -159,7 +159,7 @@ def audit(suspect: ModelLike, reference: ModelLike, *, html: str | os.PathLike |
     if json_path is not None:
         write_text_atomic(json_path, report.to_json())
     if html is not None:
-        from .report_html import write_html
+        from .html import write_html
 
         write_html(report, html)
     return report
@@ -182,7 +182,7 @@ def audit_file(suspect_path: str, reference_path: str, **options) -> dict:
     except BaseException as exc:  # noqa: BLE001 - a batch must go on (KeyboardInterrupt aside)
         if isinstance(exc, KeyboardInterrupt):
             raise
-        from .errors import ResyncError
+        from ..errors import ResyncError
 
         code = exc.exit_code if isinstance(exc, ResyncError) and exc.exit_code >= 3 else 3
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -238,7 +238,7 @@ def _name(model: ModelLike) -> str:
 
 def _build(suspect, reference, ref_c: CanonicalModel, sus_c: CanonicalModel, alignment: Alignment,
            restored: onnx.ModelProto, rs, heatmap_max: int) -> AuditReport:
-    from .walk import walk
+    from ..walk import walk
 
     ref_store, res_store = WeightStore(ref_c.model), WeightStore(restored)
     precision = _precision(ref_store, res_store, alignment, ref_c, sus_c)
@@ -337,8 +337,8 @@ def _evidence(rs, precision, re_export, alignment, moved, derived) -> list[str]:
 
 def decision(rs) -> tuple[str, float, float]:
     """resync's decision statistic: (name, value, threshold for derived; nan if resync names none)."""
-    from . import match as mmod
-    from . import resync as rmod
+    from .. import match as mmod
+    from .. import resync as rmod
 
     if hasattr(rs, "agreement") and hasattr(rmod, "AGREEMENT_THRESHOLD"):
         return "agreement", float(rs.agreement), float(rmod.AGREEMENT_THRESHOLD)

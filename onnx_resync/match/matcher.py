@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ModelMismatchError, UnsupportedError
-from .permute import PermutationRecord
+from ..errors import ModelMismatchError, UnsupportedError
+from ..permute import PermutationRecord
 from .sampling import spread
-from .walk import WalkResult
+from ..walk import WalkResult
 from .wide import WideSlot
 
 AGREE = 1.0  # a group agrees (its matches stand out) at this evidence or more

@@ -37,9 +37,9 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .dequantize import dequantize
-from .errors import UnsupportedError
-from .graph import constant_node_value, node_inputs, outer_scope_names, subgraphs
-from .io import tensor_values
+from ..errors import UnsupportedError
+from ..walk.graph import constant_node_value, node_inputs, outer_scope_names, subgraphs
+from ..io import tensor_values
 
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
 BOOL_OUTPUT = {"Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Not", "And", "Or", "Xor",

@@ -12,15 +12,14 @@ from typing import Iterable, Iterator
 import numpy as np
 import onnx
 
-from .errors import UnsupportedError
-from .io import is_lazy_tensor, tensor_values
+from ..errors import UnsupportedError
+from . import registry
+from ..io import is_lazy_tensor, tensor_values
 
 # Initializers up to this many elements keep their data in the skeleton: shape inference needs
 # the values of Reshape shapes, Slice starts, Split sizes, and those are small.
 SMALL_CONSTANT_ELEMENTS = 64
 
-# Ops that only re-view a weight: a weight passed through them is still that weight.
-WEIGHT_VIEW_OPS = {"Identity", "Cast", "DequantizeLinear", "Unsqueeze", "Squeeze", "Reshape", "Transpose"}
 
 
 class GraphView:
@@ -28,6 +27,7 @@ class GraphView:
         self.model = model
         graph = model.graph
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        self.opsets = {("" if o.domain == "ai.onnx" else o.domain): o.version for o in model.opset_import}
         self.initializers = {t.name: t for t in graph.initializer}
         self.constant_nodes = {
             n.output[0]: n for n in graph.node if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and n.output
@@ -84,7 +84,8 @@ class GraphView:
             name for name in self.constant_nodes if self.stored_tensor(name) is not None
         }
         for node in self.nodes:
-            if node.op_type in WEIGHT_VIEW_OPS and node.domain in ("", "ai.onnx"):
+            spec = registry.spec_of(node, self.opsets)
+            if spec is not None and spec.weight_view:  # a weight passed through it is still that weight
                 data_inputs = [i for i in node.input if i]
                 if data_inputs and all(i in weights for i in data_inputs):
                     weights.update(o for o in node.output if o)

@@ -1,7 +1,7 @@
 """The graph walker: propagate channel labels through the graph and form permutable groups.
 
 Pure analysis of one graph: reads shapes and small constants, never weight values.
-See DESIGN.md (the channel-flow model) and rules.py (one rule per op type).
+See DESIGN.md (the channel-flow model), registry.py (one declaration per op) and rules/.
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ import numpy as np
 import onnx
 
 from .channels import ElementTable, Label
-from .errors import UnsupportedError
+from ..errors import UnsupportedError
 from .graph import GraphView
-from .rules import CONTRIB_RULES, RULES, STACKED_RULES, resolve_weight_axes, unknown_op
+from . import registry
+from .rules import resolve_weight_axes, unknown_op
 
 
 @dataclass
@@ -321,13 +322,11 @@ def walk(model: onnx.ModelProto, view: GraphView | None = None) -> WalkResult:
             continue  # weights and their views are not activations
         ctx.begin_node()
         _note_readers(ctx, node)
-        if node.domain in ("", "ai.onnx"):
-            rule = RULES.get(node.op_type)
-        else:
-            rule = CONTRIB_RULES.get(node.op_type) if node.domain == "com.microsoft" else None
+        spec = registry.spec_of(node, view.opsets)
+        rule = spec.rule if spec is not None else None
         first_element = len(ctx.elements)
         try:
-            if rule not in STACKED_RULES:  # a reader that cannot keep directions apart ties them
+            if rule is None or not spec.stacked:  # a reader that cannot keep directions apart ties them
                 for name in node.input:
                     ctx.tie_directions(name)
             if rule is None:
@@ -335,7 +334,7 @@ def walk(model: onnx.ModelProto, view: GraphView | None = None) -> WalkResult:
                 unknown_op(ctx, node)
             else:
                 rule(ctx, node)
-            _spread_constant_fill(ctx, node)
+            _spread_constant_fill(ctx, node, spec)
             ctx.end_node(node)
         except MemoryError:
             raise
@@ -363,13 +362,9 @@ def _node_failed(ctx: WalkContext, node: onnx.NodeProto, first_element: int, exc
         raise UnsupportedError(f"node {node.name or node.op_type!r} ({node.op_type}) cannot be walked") from None
 
 
-# Ops that only move or select values: a tensor filled with one value stays filled with one value.
-_LAYOUT_OPS = {"Slice", "Split", "Reshape", "Squeeze", "Unsqueeze", "Transpose", "Expand", "Tile",
-               "Concat", "Gather", "Identity", "Cast", "Flatten"}
-
-
-def _spread_constant_fill(ctx: WalkContext, node: onnx.NodeProto) -> None:
-    if node.op_type not in _LAYOUT_OPS:
+def _spread_constant_fill(ctx: WalkContext, node: onnx.NodeProto, spec) -> None:
+    """A layout op keeps a tensor filled with one value filled with one value."""
+    if spec is None or not spec.layout:
         return
     data = [n for n in node.input[:1 if node.op_type not in ("Concat",) else None] if n]
     full = all(ctx.rank(n) is not None and ctx.uniform.get(n, set()) >= set(range(ctx.rank(n))) for n in data)

@@ -1,0 +1,7 @@
+"""audit: is a vendor's file our model? Canonical form, order-free alignment, resync, verdict.
+
+canonical.py and dequantize.py put a file in canonical form; align.py pairs its layers with the
+reference's; report.py builds the verdict; html.py draws it.
+"""
+
+from .report import AuditReport, LayerRow, audit, audit_file, decision  # noqa: F401

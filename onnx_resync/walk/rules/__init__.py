@@ -1,0 +1,9 @@
+"""Walker rules by op family; importing this package fills the op registry (walk/registry.py).
+
+base: helpers and fallbacks; elementwise; producers (Conv, Gemm, MatMul); layout (Transpose,
+Reshape, Flatten, Pad, pooling, ...); selection (Gather, Concat, Split, Slice); normalization;
+reduction; recurrent (LSTM, GRU, RNN); quantized (Q/DQ, integer and QLinear ops).
+"""
+
+from . import elementwise, layout, normalization, producers, quantized, recurrent, reduction, selection  # noqa: F401
+from .base import resolve_weight_axes, unknown_op  # noqa: F401

@@ -1,0 +1,138 @@
+"""Helpers every rule family uses, and the fallbacks: an op without a rule pins what it touches.
+
+A rule reads `ctx.get(tensor)` (axis -> Label), writes `ctx.set(output, labels)`, declares weight
+slots with `ctx.slot(weight, axis, label)`, creates elements with `ctx.new(...)` (producers), unions
+elements that must move together, and pins what it cannot follow: nothing is guessed. Attributes are
+read with `attr(node, name)`, whose default is the one the op's registry entry declares.
+"""
+
+from __future__ import annotations
+
+
+from ..registry import attr  # noqa: F401  (rules read attributes through their declarations)
+
+
+def _norm_axis(axis: int, rank: int | None) -> int | None:
+    if axis < 0:
+        return None if rank is None else axis + rank
+    return axis
+
+
+def _inputs(node, idx):
+    return node.input[idx] if len(node.input) > idx and node.input[idx] else ""
+
+
+# ---- fallbacks ------------------------------------------------------------------------------
+def unknown_op(ctx, node) -> None:
+    """No rule: every labelled input pins; outputs carry no label."""
+    for name in node.input:
+        ctx.pin_all(name, f"consumed by {node.op_type} (no rule)")
+    from ..graph import node_inputs
+
+    for name in node_inputs(node)[len(node.input):]:
+        ctx.pin_all(name, f"read inside a {node.op_type} subgraph")
+
+
+def pin_op(reason: str):
+    def rule(ctx, node):
+        for name in node.input:
+            ctx.pin_all(name, reason.format(op=node.op_type))
+
+    return rule
+
+
+def passthrough(ctx, node) -> None:
+    """Elementwise on one data input: every output carries the input's labels (stacked ones too)."""
+    labels = ctx.labels.get(node.input[0], {}) if node.input else {}
+    uniform = ctx.uniform.get(node.input[0]) if node.input else None
+    for out in node.output:
+        ctx.set(out, labels)
+        if uniform:
+            ctx.uniform[out] = set(uniform)
+    if node.input and ctx.is_weightlike(node.input[0]) and node.output:
+        _derive_mapped(ctx, node, {a: a for a in range(ctx.rank(node.input[0]) or 0)})
+
+
+def _derive_reshaped(ctx, node) -> None:
+    """Reshape/Squeeze/Unsqueeze of a weight-like tensor that only adds or drops size-1 axes."""
+    src, out = node.input[0], node.output[0]
+    in_shape, out_shape = ctx.shape(src), ctx.shape(out)
+    if not ctx.is_weightlike(src) or in_shape is None or out_shape is None:
+        return
+    in_real = [i for i, d in enumerate(in_shape) if d != 1]
+    out_real = [i for i, d in enumerate(out_shape) if d != 1]
+    if [in_shape[i] for i in in_real] == [out_shape[i] for i in out_real]:
+        _derive_mapped(ctx, node, dict(zip(in_real, out_real)))
+
+
+def _derive_mapped(ctx, node, axis_map: dict[int, int]) -> None:
+    """A weight-like tensor moved by a layout op: its indexed axes move with it."""
+    src = node.input[0]
+    axis_sources = {}
+    for ia, oa in axis_map.items():
+        found = ctx.sources(src, ia)
+        if found is not None:
+            axis_sources[oa] = found
+            ctx.mark_read(src, ia)
+    ctx.derive(node.output[0], axis_sources, [src])
+
+
+def constant_of_shape(ctx, node) -> None:
+    """A filled tensor is the same along every axis."""
+    rank = ctx.rank(node.output[0])
+    if rank is not None:
+        ctx.uniform[node.output[0]] = set(range(rank))
+
+
+def _is_uniform(ctx, name, axis) -> bool:
+    return axis in ctx.uniform.get(name, ())
+
+
+def shape_only(ctx, node) -> None:
+    """Reads shapes, not data: no constraint."""
+
+
+def resolve_weight_axes(view, name: str, axis: int):
+    """Map an axis of a weight (or of a view of weights) to the stored tensors' axes it indexes.
+
+    Returns [(stored_name, axis), ...], or None when the view scrambles axes (cannot index).
+    """
+    if view.stored_tensor(name) is not None:
+        return [(name, axis)]
+    node = view.producer.get(name)
+    if node is None:
+        return None
+    op = node.op_type
+    src = node.input[0]
+    if op in ("Identity", "Cast"):
+        return resolve_weight_axes(view, src, axis)
+    if op == "DequantizeLinear":
+        targets = resolve_weight_axes(view, src, axis)
+        if targets is None:
+            return None
+        scale_shape = view.shape(node.input[1])
+        q_axis = attr(node, "axis")
+        rank = view.rank(src)
+        if scale_shape and len(scale_shape) == 1 and scale_shape[0] > 1 and rank and q_axis % rank == axis:
+            for extra in node.input[1:3]:
+                if extra:
+                    more = resolve_weight_axes(view, extra, 0)
+                    if more is None:
+                        return None
+                    targets = targets + more
+        return targets
+    if op == "Transpose":
+        perm = attr(node, "perm")
+        rank = view.rank(src)
+        perm = list(perm) if perm is not None else list(reversed(range(rank or 0)))
+        return resolve_weight_axes(view, src, perm[axis]) if axis < len(perm) else None
+    if op in ("Unsqueeze", "Squeeze", "Reshape"):
+        in_shape, out_shape = view.shape(src), view.shape(name)
+        if in_shape is None or out_shape is None:
+            return None
+        in_real = [i for i, d in enumerate(in_shape) if d != 1]
+        out_real = [i for i, d in enumerate(out_shape) if d != 1]
+        if [in_shape[i] for i in in_real] != [out_shape[i] for i in out_real] or axis not in out_real:
+            return None
+        return resolve_weight_axes(view, src, in_real[out_real.index(axis)])
+    return None

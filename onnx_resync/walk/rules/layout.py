@@ -1,0 +1,478 @@
+"""Layout: ops that move axes (Transpose, Squeeze, Unsqueeze), merge or split them (Flatten,
+Reshape), or resample along other axes (Pad, Resize, pooling, Expand, Tile). Labels move with
+their axis; merged axes repeat each element as a block (channels.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..channels import Label
+from .base import (_derive_mapped, _derive_reshaped, _inputs, _is_uniform, _norm_axis, attr, constant_of_shape,
+                   passthrough, shape_only)
+from ..registry import declare
+
+
+# ---- layout ---------------------------------------------------------------------------------
+def transpose(ctx, node) -> None:
+    x = node.input[0]
+    labels = ctx.get(x)
+    r = ctx.rank(x)
+    perm = attr(node, "perm")
+    if labels and r is None and perm is None:
+        for l in labels.values():
+            ctx.pin(l, "Transpose with unknown rank")
+        return
+    perm = list(perm) if perm is not None else list(reversed(range(r or 0)))
+    out = {}
+    for new_axis, old_axis in enumerate(perm):
+        if old_axis in labels:
+            out[new_axis] = labels[old_axis]
+    out.update(_move_stacked(ctx, x, {old: new for new, old in enumerate(perm)}, node))
+    ctx.set(node.output[0], out)
+    uniform = ctx.uniform.get(x, set())
+    if uniform:
+        ctx.uniform[node.output[0]] = {new for new, old in enumerate(perm) if old in uniform}
+    if ctx.is_weightlike(x):
+        _derive_mapped(ctx, node, {old: new for new, old in enumerate(perm)})
+
+
+def _axes_input(ctx, node, idx=1):
+    axes = attr(node, "axes")
+    if axes is None and len(node.input) > idx and node.input[idx]:
+        value = ctx.const(node.input[idx])
+        axes = None if value is None else [int(v) for v in np.atleast_1d(value)]
+    return axes
+
+
+def squeeze(ctx, node) -> None:
+    _derive_reshaped(ctx, node)
+    x = node.input[0]
+    labels = ctx.get(x)
+    if not ctx.labels.get(x):
+        return
+    r = ctx.rank(x)
+    axes = _axes_input(ctx, node)
+    shape = ctx.shape(x)
+    if r is None or (axes is None and shape is None):
+        ctx.pin_all(x, "Squeeze with unknown shape")
+        return
+    if axes is None:
+        axes = [i for i, d in enumerate(shape) if d == 1]
+    axes = sorted(a % r for a in axes)
+    out = {}
+    for a, l in labels.items():
+        if a in axes:
+            ctx.pin(l, "Squeeze of a channel axis")  # cannot happen for len > 1
+            continue
+        out[a - sum(1 for s in axes if s < a)] = l
+    out.update(_move_stacked(ctx, x, {a: a - sum(1 for s in axes if s < a) for a in range(r) if a not in axes}, node))
+    ctx.set(node.output[0], out)
+
+
+def unsqueeze(ctx, node) -> None:
+    _derive_reshaped(ctx, node)
+    x = node.input[0]
+    labels = ctx.get(x)
+    axes = _axes_input(ctx, node)
+    ro = ctx.rank(node.output[0])
+    if ctx.uniform.get(x) and axes is not None and ro is not None:
+        kept = [i for i in range(ro) if i not in sorted(a % ro for a in axes)]
+        ctx.uniform[node.output[0]] = {kept[a] for a in ctx.uniform[x]}
+    if not ctx.labels.get(x):
+        return
+    if axes is None or ro is None:
+        ctx.pin_all(x, "Unsqueeze with unknown axes")
+        return
+    axes = sorted(a % ro for a in axes)
+    kept = [i for i in range(ro) if i not in axes]
+    out = {kept[a]: l for a, l in labels.items()}
+    out.update(_move_stacked(ctx, x, dict(enumerate(kept)), node))
+    ctx.set(node.output[0], out)
+
+
+def flatten(ctx, node) -> None:
+    x = node.input[0]
+    labels = ctx.get(x)
+    if not labels:
+        return
+    shape = ctx.shape(x)
+    r = len(shape) if shape is not None else None
+    axis = _norm_axis(int(attr(node, "axis")), r)
+    if shape is None or axis is None:
+        for l in labels.values():
+            ctx.pin(l, "Flatten with unknown shape")
+        return
+    _merge_axes(ctx, node, labels, shape, [list(range(0, axis)), list(range(axis, r))])
+
+
+def _merge_axes(ctx, node, labels, in_shape, groups_of_axes) -> None:
+    """Each output axis i is the merge of input axes groups_of_axes[i] (row-major)."""
+    out = {}
+    for new_axis, axes in enumerate(groups_of_axes):
+        inside = [a for a in axes if a in labels]
+        if not inside:
+            continue
+        if len(inside) > 1:
+            for a in inside:
+                ctx.pin(labels[a], f"{node.op_type} merges two channel axes")
+            continue
+        a = inside[0]
+        before = [in_shape[b] for b in axes if b < a]
+        after = [in_shape[b] for b in axes if b > a]
+        if not all(isinstance(d, int) for d in before + after):
+            ctx.pin(labels[a], f"{node.op_type} merges the channel axis with a symbolic axis")
+            continue
+        out[new_axis] = labels[a].repeat_blocks(int(np.prod(after, dtype=np.int64))).tile(
+            int(np.prod(before, dtype=np.int64))
+        )
+    ctx.set(node.output[0], out)
+
+
+def reshape(ctx, node) -> None:
+    _derive_reshaped(ctx, node)
+    x = node.input[0]
+    in_shape, out_shape = ctx.shape(x), ctx.shape(node.output[0])
+    labels, in_shape = _merge_stacked(ctx, x, in_shape, out_shape)
+    if not labels:
+        return
+    if in_shape is None or out_shape is None:
+        for l in labels.values():
+            ctx.pin(l, "Reshape with unknown shapes")
+        return
+    mapping = _reshape_groups(in_shape, out_shape)
+    to_output = node.output[0] in ctx.view.graph_outputs  # the output's own layout is not ours to keep
+    if mapping is None:
+        for l in labels.values():
+            ctx.pin(l, "reaches a graph output" if to_output else
+                    "Reshape that mixes the channel axis in a way the walker cannot follow")
+        return
+    from ..graph import dim_product
+
+    out: dict[int, Label] = {}
+    for in_axes, out_axes in mapping:
+        inside = [a for a in in_axes if a in labels]
+        if not inside:
+            continue
+        if dim_product([in_shape[b] for b in in_axes]) != dim_product([out_shape[o] for o in out_axes]) or not all(
+                isinstance(in_shape[b], int) for b in in_axes):
+            for a in inside:
+                ctx.pin(labels[a], "reaches a graph output" if to_output else
+                        "Reshape mixes the channel axis with axes of unknown size")
+            continue
+        real_out = [o for o in out_axes if out_shape[o] != 1]
+        if len(inside) > 1:
+            merged = _merge_pair(ctx, node, [labels[a] for a in inside], [in_shape[b] for b in in_axes])
+            if merged is not None and len(real_out) == 1:
+                out[real_out[0]] = merged
+            else:
+                for a in inside:
+                    ctx.pin(labels[a], "Reshape merges channel axes in a way the walker cannot follow")
+            continue
+        a = inside[0]
+        label = labels[a]
+        if len(real_out) == 1:
+            before = [in_shape[b] for b in in_axes if b < a]
+            after = [in_shape[b] for b in in_axes if b > a]
+            out[real_out[0]] = label.repeat_blocks(int(np.prod(after, dtype=np.int64))).tile(
+                int(np.prod(before, dtype=np.int64))
+            )
+        elif len(real_out) == 0:
+            continue  # cannot happen: a label has more than one position
+        else:
+            split = _split_label(label, [out_shape[o] for o in real_out], in_shape, in_axes, a)
+            if split is not None:
+                out[real_out[split[0]]] = split[1]
+                continue
+            factors = _split_product(ctx, node, label, [out_shape[o] for o in real_out])
+            if factors is None:
+                ctx.pin(label, "Reshape splits the channel axis in an irregular layout")
+                continue
+            out.update(zip(real_out, factors))
+    ctx.set(node.output[0], out)
+
+
+def _move_stacked(ctx, x, where: dict[int, int], node) -> dict:
+    """`x`'s stacked labels with both axes moved (old axis -> new); one losing an axis pins."""
+    out = {}
+    for (o, i), label in ctx.stacked(x).items():
+        if o in where and i in where:
+            out[(where[o], where[i])] = label
+        else:
+            ctx.pin(label, f"{node.op_type} drops a channel axis")
+    return out
+
+
+def _cut_stacked(ctx, x, pick, where: dict[int, int] | None = None) -> dict:
+    """`x`'s stacked labels cut by pick(axis, length) (the indices kept; None: all) on their outer
+    and inner axes, then moved by `where` (old axis -> new; the outer axis may go when one index is
+    kept). One outer index left: a plain label on the inner axis (one direction's units)."""
+    out = {}
+    for (o, i), label in ctx.stacked(x).items():
+        count = ctx.dim(x, o)
+        if not isinstance(count, int) or count < 1 or len(label) % count:
+            ctx.pin(label, "a stacked channel axis of unknown size")
+            continue
+        inner = len(label) // count
+        outer_kept, inner_kept = pick(o, count), pick(i, inner)
+        outer_kept = np.arange(count) if outer_kept is None else np.asarray(outer_kept) % count
+        inner_kept = np.arange(inner) if inner_kept is None else np.asarray(inner_kept) % inner
+        cut = _distinct_copies(label.take((outer_kept[:, None] * inner + inner_kept[None, :]).reshape(-1)))
+        where_o, where_i = (o, i) if where is None else (where.get(o), where.get(i))
+        if where_i is None or (where_o is None and len(outer_kept) != 1):
+            ctx.pin(label, "a stacked channel axis is cut in a way the walker cannot follow")
+        elif len(outer_kept) == 1:
+            out[where_i] = cut
+        else:
+            out[(where_o, where_i)] = cut
+    return out
+
+
+def _merge_stacked(ctx, x, in_shape, out_shape):
+    """Before a Reshape: a stacked label whose (outer, inner) axes are adjacent, in that order, and
+    merged into one output axis becomes a plain label of the merged axis (see channels.py). Returns
+    the labels and the input shape with that pair merged; other stacked labels tie their directions."""
+    stacked = ctx.stacked(x)
+    if not stacked:
+        return ctx.get(x), in_shape
+    (o, i), label = next(iter(stacked.items()))
+    merged = None
+    if len(stacked) == 1 and i == o + 1 and in_shape is not None and out_shape is not None:
+        if isinstance(in_shape[o], int) and isinstance(in_shape[i], int):
+            merged = list(in_shape[:o]) + [in_shape[o] * in_shape[i]] + list(in_shape[i + 1:])
+            groups = _reshape_groups(merged, out_shape) or []
+            if not any(o in gi and sum(1 for b in go if out_shape[b] != 1) == 1 for gi, go in groups):
+                merged = None  # the pair is split again or spread over several output axes
+    if merged is None:
+        ctx.tie_directions(x)
+        return ctx.get(x), in_shape
+    labels = {(a if a < o else a - 1): l for a, l in ctx.get(x).items()}
+    labels[o] = label
+    return labels, merged
+
+
+def _plain(label) -> bool:
+    return not label.sub.any() and len(np.unique(label.elem)) == len(label)
+
+
+def _split_product(ctx, node, label, out_dims):
+    """Channel axis -> (heads, dims), or (q/k/v, heads, dims): fresh factor elements per new axis.
+
+    Each channel becomes a cell of the grid. Heads may then move as wholes, and dims inside every
+    head the same way (DESIGN.md, structured axes); the walker rewrites every tensor holding the
+    cells into their factors. More than two axes nest: (a, b, c) is (a, (b, c)).
+    """
+    if len(out_dims) < 2 or not all(isinstance(d, int) for d in out_dims) or not _plain(label):
+        return None
+    rows = ctx.new(out_dims[0], node, node.output[0], kind="factor")
+    if len(out_dims) == 2:
+        rest = [ctx.new(out_dims[1], node, node.output[0], kind="factor")]
+        cols = rest[0]
+    else:
+        cols = ctx.new(int(np.prod(out_dims[1:], dtype=np.int64)), node, node.output[0], kind="product")
+        rest = _split_product(ctx, node, cols, out_dims[1:])
+        if rest is None:
+            return None
+    if not ctx.elements.product(label.elem, rows, cols):
+        return None
+    return [rows] + rest
+
+
+def _merge_pair(ctx, node, labels, dims):
+    """(heads, dims) -> one axis: fresh cell elements, each the product of a head and a dim."""
+    if len(labels) != 2 or not all(_plain(l) for l in labels) or not all(isinstance(d, int) for d in dims):
+        return None
+    if int(np.prod([d for d in dims if d != 1], dtype=np.int64)) != len(labels[0]) * len(labels[1]):
+        return None  # another non-trivial axis is merged in as well
+    cells = ctx.new(len(labels[0]) * len(labels[1]), node, node.output[0], kind="product")
+    return cells if ctx.elements.product(cells.elem, labels[0], labels[1]) else None
+
+
+def _split_label(label, out_dims, in_shape, in_axes, a):
+    """A split whose trailing pieces only cut an element's block (undoing a Flatten): keep the label."""
+    if len(in_axes) != 1 or not all(isinstance(d, int) for d in out_dims):
+        return None
+    lead = out_dims[0]
+    inner = int(np.prod(out_dims[1:], dtype=np.int64))
+    elem = label.elem.reshape(lead, inner)
+    sub = label.sub.reshape(lead, inner)
+    if not (elem == elem[:, :1]).all():
+        return None
+    base = sub[:, :1]
+    if not (sub - base == np.arange(inner)[None, :]).all() or (base % inner).any():
+        return None
+    return 0, Label(elem[:, 0].copy(), (base[:, 0] // inner).copy())
+
+
+def _reshape_groups(in_shape, out_shape):
+    """Pair up runs of input and output axes with equal products; symbolic dims count as factors.
+
+    Equal leading and trailing dims pair one to one first, so a middle that symbolic algebra cannot
+    untangle (H*W -> 1 x W when H is 1 at run time) stays one group without hiding the channels.
+    """
+    lead = 0
+    while lead < min(len(in_shape), len(out_shape)) and in_shape[lead] == out_shape[lead]:
+        lead += 1
+    tail = 0
+    while (tail < min(len(in_shape), len(out_shape)) - lead
+           and in_shape[len(in_shape) - 1 - tail] == out_shape[len(out_shape) - 1 - tail]):
+        tail += 1
+    mid_in = list(range(lead, len(in_shape) - tail))
+    mid_out = list(range(lead, len(out_shape) - tail))
+    middle = _pair_runs([in_shape[k] for k in mid_in], [out_shape[k] for k in mid_out])
+    if middle is None:
+        if not (mid_in and mid_out):
+            return None
+        # one opaque group: its dim products differ symbolically, so a label inside it pins
+        middle = [(list(range(len(mid_in))), list(range(len(mid_out))))]
+    groups = [([k], [k]) for k in range(lead)]
+    groups += [([mid_in[a] for a in gi], [mid_out[b] for b in gj]) for gi, gj in middle]
+    groups += [([len(in_shape) - tail + k], [len(out_shape) - tail + k]) for k in range(tail)]
+    return groups
+
+
+def _pair_runs(in_shape, out_shape):
+    from ..graph import dim_divide, dim_product
+
+    groups = []
+    i = j = 0
+    while i < len(in_shape) or j < len(out_shape):
+        gi, gj = [], []
+        if i < len(in_shape):
+            gi.append(i)
+            i += 1
+        if j < len(out_shape):
+            gj.append(j)
+            j += 1
+        while True:
+            pi = dim_product([in_shape[k] for k in gi])
+            pj = dim_product([out_shape[k] for k in gj])
+            if pi == pj:
+                break
+            if dim_divide(pj, pi) is not None and i < len(in_shape):
+                gi.append(i)
+                i += 1
+            elif dim_divide(pi, pj) is not None and j < len(out_shape):
+                gj.append(j)
+                j += 1
+            else:
+                return None
+        groups.append((gi, gj))
+    return groups
+
+
+def _distinct_copies(label: Label) -> Label:
+    """Copies of one element at one sub-position (Concat of x with x, Gather with a repeated index)
+    get distinct sub-positions, like the copies a Flatten makes.
+
+    The copies are different tensors that move the same way. A later Slice that keeps one copy of
+    some elements and another copy of others must not see them as one group: permuting would move
+    values between the copies (Concat(x + f(x), x + g(x)) -> Slice across the seam was off by O(1)).
+    """
+    if len(label) < 2:
+        return label
+    order = np.lexsort((np.arange(len(label)), label.sub, label.elem))
+    elem, sub = label.elem[order], label.sub[order]
+    first = np.r_[True, (elem[1:] != elem[:-1]) | (sub[1:] != sub[:-1])]
+    if first.all():
+        return label
+    run_start = np.maximum.accumulate(np.where(first, np.arange(len(label)), 0))
+    copy = np.empty(len(label), dtype=np.int64)
+    copy[order] = np.arange(len(label)) - run_start  # k-th copy, in position order
+    return Label(label.elem, label.sub + copy * (int(label.sub.max()) + 1))
+
+
+def pad(ctx, node) -> None:
+    x = node.input[0]
+    labels = ctx.get(x)
+    r = ctx.rank(x)
+    pads = attr(node, "pads")
+    if pads is None and len(node.input) > 1:
+        value = ctx.const(node.input[1])
+        pads = None if value is None else value.tolist()
+    axes = ctx.const(_inputs(node, 3))
+    if labels and (pads is None or r is None):
+        for l in labels.values():
+            ctx.pin(l, "Pad with non-constant pads")
+        return
+    if labels:
+        axes = list(range(r)) if axes is None else [int(a) % r for a in axes]
+        n = len(axes)
+        for i, a in enumerate(axes):
+            if a in labels and (pads[i] != 0 or pads[i + n] != 0):
+                ctx.pin(labels[a], "Pad on the channel axis")
+    passthrough(ctx, node)
+
+
+def resize(ctx, node) -> None:
+    x = node.input[0]
+    labels = ctx.get(x)
+    for a, l in labels.items():
+        if ctx.dim(node.output[0], a) != len(l):
+            ctx.pin(l, "Resize along the channel axis")
+    ctx.set(node.output[0], {a: l for a, l in labels.items() if ctx.dim(node.output[0], a) == len(l)})
+
+
+def pool(ctx, node) -> None:
+    labels = ctx.get(node.input[0])
+    for a, l in labels.items():
+        if a != 1:
+            ctx.pin(l, f"{node.op_type} over a channel-carrying axis")
+    ctx.set(node.output[0], {1: labels[1]} if 1 in labels else {})
+    for extra in node.output[1:]:
+        if extra and ctx.view.consumers.get(extra) and 1 in labels:
+            ctx.pin(labels[1], f"{node.op_type} indices output is used")
+
+
+def expand(ctx, node) -> None:
+    labels = ctx.get(node.input[0])
+    r, ro = ctx.rank(node.input[0]), ctx.rank(node.output[0])
+    if r is not None and ro is not None:
+        ctx.uniform[node.output[0]] = {
+            oa for oa in range(ro)
+            if oa < ro - r or ctx.dim(node.input[0], oa - (ro - r)) == 1
+            or _is_uniform(ctx, node.input[0], oa - (ro - r))
+        }
+    if labels and (r is None or ro is None):
+        for l in labels.values():
+            ctx.pin(l, "Expand with unknown ranks")
+        return
+    ctx.set(node.output[0], {a + ro - r: l for a, l in labels.items()} if labels else {})
+
+
+def tile(ctx, node) -> None:
+    labels = ctx.get(node.input[0])
+    reps = ctx.const(_inputs(node, 1))
+    out = {}
+    for a, l in labels.items():
+        if reps is not None and int(reps[a]) == 1:
+            out[a] = l
+        else:
+            ctx.pin(l, "Tile along the channel axis")
+    ctx.set(node.output[0], out)
+
+
+# ---- declarations ---------------------------------------------------------------------------
+_VIEW = dict(layout=True, homogeneous=True, trivial=True, foldable=True, quantized_view=True)
+declare("Transpose", transpose, attributes={"perm": None}, stacked=True, weight_view=True, **_VIEW)
+declare("Squeeze", squeeze, attributes={"axes": None}, stacked=True, weight_view=True, **_VIEW)
+declare("Unsqueeze", unsqueeze, attributes={"axes": None}, stacked=True, weight_view=True, **_VIEW)
+declare("Reshape", reshape, stacked=True, weight_view=True, **_VIEW)
+declare("Flatten", flatten, attributes={"axis": 1}, **_VIEW)
+declare("Expand", expand, layout=True, homogeneous=True, foldable=True, quantized_view=True)
+declare("Tile", tile, layout=True, homogeneous=True, foldable=True, quantized_view=True)
+declare("Pad", pad, attributes={"pads": None}, homogeneous=True, trivial=True)
+for _op in ("Resize", "Upsample"):
+    declare(_op, resize, homogeneous=True, trivial=True, quantized_view=True)
+for _op in ("MaxPool", "GlobalMaxPool"):
+    declare(_op, pool, homogeneous=True, trivial=True, quantized_view=True)
+for _op in ("AveragePool", "GlobalAveragePool"):
+    declare(_op, pool, homogeneous=True, trivial=True)
+for _op in ("LpPool", "GlobalLpPool"):
+    declare(_op, pool)
+# no rule yet: channels and space trade places in blocks the walker does not model (they pin)
+for _op in ("DepthToSpace", "SpaceToDepth"):
+    declare(_op, None, homogeneous=True, quantized_view=True)
+declare("Shape", shape_only, stacked=True, foldable=True, output_type="int64", shape_reader=True)
+declare("Size", shape_only, output_type="int64", shape_reader=True)
+declare("ConstantOfShape", constant_of_shape, stacked=True)
+declare("NonZero", None, output_type="int64")
