@@ -93,6 +93,8 @@ class ResyncReport:
     verified: bool = False
     verify: dict | None = None
     record: PermutationRecord | None = None
+    statistic: str = "evidence"  # the decision statistic's name: derived when it is >= threshold
+    threshold: float = AGREE
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -108,7 +110,7 @@ class ResyncReport:
         if math.isinf(self.evidence):
             lines.append("evidence: every voting group is an exact copy (byte-identical neurons)")
         else:
-            lines.append(f"evidence {self.evidence:.2f} (weakest group; derived at >= {AGREE:g}; unrelated models: "
+            lines.append(f"evidence {self.evidence:.2f} (weakest group; derived at >= {self.threshold:g}; unrelated models: "
                          f"about 0), median over groups {self.evidence_median:.2f}")
         pct = 100 * self.matched / self.neurons if self.neurons else 100.0
         lines.append(f"neurons: {self.neurons} in {len(self.groups)} groups, {self.moved} moved back, "
@@ -269,7 +271,7 @@ def restore(suspect: onnx.ModelProto, reference: onnx.ModelProto, ref_walk: Walk
 
 def _rescales(model, walk_result, result: MatchResult, ref_store, restored) -> dict[str, np.ndarray]:
     """Exact neutral rescales, looked for only where the norms hint at one (cheap gate)."""
-    neutral = neutral_groups(model, walk_result)
+    neutral = neutral_groups(walk_result)
     by_key = {gm.key: gm for gm in result.groups}
     hinted = False
     for g in neutral:

@@ -96,7 +96,7 @@ def rescale_attack(model: onnx.ModelProto, wk, s: float, rng: np.random.Generato
     opposite scales."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    groups = neutral_groups(model, wk)
+    groups = neutral_groups(wk)
     log_a = {g.key: rng.uniform(-math.log(s), math.log(s), g.size) for g in groups}
     undo_rescales(model, WeightStore(out), groups, {k: -v for k, v in log_a.items()})
     return out, sum(g.size for g in groups)
@@ -144,7 +144,7 @@ def baseline(model: onnx.ModelProto, ref: WeightStore, sus: WeightStore, wk) -> 
             axis_groups.setdefault((slot.weight, slot.axis), []).append((gi, slot))
     out = {}
     for gi, g in enumerate(wk.groups):
-        producer_inputs = {i for p in g.producers if p in nodes for i in nodes[p].input}
+        producer_inputs = {i for p in g.producers if p.name in nodes for i in nodes[p.name].input}
         slots = [s for s in g.slots if s.weight in producer_inputs and len(ref.shape(s.weight)) >= 2]
         slots = slots or [s for s in g.slots if len(ref.shape(s.weight)) >= 2] or g.slots
         xr, xs = [], []

@@ -336,16 +336,8 @@ def _evidence(rs, precision, re_export, alignment, moved, derived) -> list[str]:
 
 
 def decision(rs) -> tuple[str, float, float]:
-    """resync's decision statistic: (name, value, threshold for derived; nan if resync names none)."""
-    from .. import match as mmod
-    from .. import resync as rmod
-
-    if hasattr(rs, "agreement") and hasattr(rmod, "AGREEMENT_THRESHOLD"):
-        return "agreement", float(rs.agreement), float(rmod.AGREEMENT_THRESHOLD)
-    for mod, attr in ((rmod, "EVIDENCE_THRESHOLD"), (rmod, "DERIVED_THRESHOLD"), (mmod, "AGREE")):
-        if hasattr(mod, attr):
-            return "evidence", float(rs.evidence), float(getattr(mod, attr))
-    return "evidence", float(rs.evidence), float("nan")
+    """resync's decision statistic as its report states it: (name, value, threshold for derived)."""
+    return rs.statistic, float(rs.evidence), float(rs.threshold)
 
 
 def _differences(sus_c: CanonicalModel, ref_c: CanonicalModel) -> list[str]:
@@ -437,9 +429,9 @@ def _row(gr, g, alignment: Alignment, ref_c: CanonicalModel, sus_c: CanonicalMod
     max_diff = 0.0
     if g is not None:
         for p in g.producers:
-            ref_layers.append(ref_c.layer_of(p))
-            sn = alignment.node_map.get(p)
-            name = sus_c.layer_of(sn) if sn else f"(reference) {ref_c.layer_of(p)}"
+            ref_layers.append(ref_c.layer_of(p.name))
+            sn = alignment.node_map.get(p.name)
+            name = sus_c.layer_of(sn) if sn else f"(reference) {ref_c.layer_of(p.name)}"
             if name not in sus_layers:
                 sus_layers.append(name)
         for slot in g.slots:

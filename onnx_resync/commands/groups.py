@@ -21,7 +21,7 @@ def run(args) -> int:
         return 0
     print(f"{'id':>4}  {'size':>5}  {'slots':>5}  producers / key")
     for g in result.groups:
-        producers = ", ".join(g.producers[:3]) + (f" (+{len(g.producers) - 3})" if len(g.producers) > 3 else "")
+        producers = ", ".join(p.name for p in g.producers[:3]) + (f" (+{len(g.producers) - 3})" if len(g.producers) > 3 else "")
         print(f"{g.id:>4}  {g.size:>5}  {len(g.slots):>5}  {producers}  [{g.key}]")
         if args.slots:
             for s in g.slots:

@@ -19,22 +19,14 @@ import math
 import numpy as np
 import onnx
 
+from ..walk import registry
 from .sampling import spread, spread_counts
 
-# Readers through which scaling a neuron by a > 0 scales what reaches the consumers by a (and nothing
-# else): positively homogeneous activations and linear ops. "Op/2" (two labelled inputs) is not
-# listed for Mul or MatMul: a product of two scaled activations scales by a^2. (An Add of a constant
-# that is not a slot would break it; the ORT check after the undo catches that, and resync then keeps
-# the rescale; without the check, resync does not undo at all.)
-HOMOGENEOUS_READERS = {
-    "Relu", "LeakyRelu", "PRelu", "MaxPool", "GlobalMaxPool", "AveragePool", "GlobalAveragePool",
-    "Identity", "Dropout", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Concat",
-    "Split", "Slice", "Gather", "Pad", "Resize", "Upsample", "Add", "Sub", "Mul", "Sum",
-    "Conv", "ConvTranspose", "Gemm", "MatMul", "ReduceSum", "ReduceMean", "ReduceMax",
-    "SpaceToDepth", "DepthToSpace", "Tile", "Expand",
-}
-HOMOGENEOUS_READERS |= {f"{op}/{k}" for op in ("Add", "Sub", "Sum", "Concat") for k in range(2, 9)}
-LINEAR_PRODUCERS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}  # not an RNN: its state feeds back
+# Which readers keep a rescale neutral (positively homogeneous ones), and which producers may be
+# rescaled (linear ones; not an RNN, whose state feeds back), are properties in the op registry
+# (walk/registry.py). (An Add of a constant that is not a slot would break neutrality; the ORT check
+# after the undo catches that, and resync then keeps the rescale; without the check, resync does
+# not undo at all.)
 EXACT = 1e-5  # residual in log|ratio| allowed per element (float32 rounding is ~1e-7)
 MIN_LOG_SCALE = 1e-4  # smaller is no rescale
 MIN_SUPPORT = 2  # non-zero entries needed on each side of a neuron to see its compensation
@@ -44,47 +36,35 @@ LSQR_ITERATIONS = 1000  # least-squares correction (exact data converges well be
 FULL_CHUNK = 1 << 22  # entries per block when the survivors are checked on all their entries
 
 
-def structural_sides(model: onnx.ModelProto, group) -> list[int]:
+def structural_sides(group) -> list[int]:
     """Per slot of `group`: +1 on the producer side, 0 inside it, -1 on the consumer side.
 
-    The producer side is what sets the activation's scale: a producer's weights, or, where a
-    producer's only reader is a BatchNormalization, that BatchNormalization's scale and bias (its
-    producer, mean and variance are then inside: the normalization cancels their scale)."""
-    nodes = {n.name or n.op_type: n for n in model.graph.node}
-    readers: dict[str, list] = {}
-    for n in model.graph.node:
-        for i in n.input:
-            readers.setdefault(i, []).append(n)
-    outside, inside = set(), set()
-    for p in group.producers:
-        node = nodes.get(p)
-        if node is None:
-            continue
-        after = readers.get(node.output[0], []) if node.output else []
-        if len(after) == 1 and after[0].op_type == "BatchNormalization" and after[0].input[0] == node.output[0]:
-            bn = after[0]
-            outside |= set(bn.input[1:3])
-            inside |= set(node.input) | set(bn.input[3:5])
-        else:
-            outside |= set(node.input)
-    return [1 if slot.weight in outside else 0 if slot.weight in inside else -1 for slot in group.slots]
+    The walker's producer records say it (walk/groups.py): a producer's weights and the bias added
+    right after it set the activation's scale; where a BatchNormalization follows, its scale and
+    bias do, and the producer, mean and variance are inside (the normalization cancels their scale)."""
+    return group.sides()
 
 
-def neutral_groups(model: onnx.ModelProto, walk_result) -> list:
+def _homogeneous(reader) -> bool:
+    if reader.op_type == "BatchNormalization":
+        return True  # its producer side is in the records: whether it is neutral is decided below
+    spec = registry.lookup(reader.op_type, reader.domain)
+    return spec is not None and (spec.homogeneous_joint if reader.labelled > 1 else spec.homogeneous)
+
+
+def neutral_groups(walk_result) -> list:
     """Groups made by linear producers (each maybe followed by a BatchNormalization) whose
     activations only meet positively homogeneous or linear ops: there, a neuron scaled by a on the
     producer side and 1/a on the rest computes the same."""
-    ops = {n.name or n.op_type: n.op_type for n in model.graph.node}
-    bn_params = {i for n in model.graph.node if n.op_type == "BatchNormalization" for i in n.input[1:]}
     out = []
     for g in walk_result.groups:
-        if not (g.producers and all(ops.get(p) in LINEAR_PRODUCERS for p in g.producers)
-                and all(r in HOMOGENEOUS_READERS or r == "BatchNormalization" for r in g.readers)
+        linear = all((registry.lookup(p.op_type, p.domain) or _NONE).linear_producer for p in g.producers)
+        if not (g.producers and linear and all(_homogeneous(r) for r in g.readers)
                 and all(slot.at is None for slot in g.slots)):  # the log model indexes whole axes
             continue
         # a BatchNormalization further on (after an activation) normalizes the scale away: not neutral
-        sides = structural_sides(model, g)
-        if all(side != -1 for side, slot in zip(sides, g.slots) if slot.weight in bn_params):
+        norms = {p.norm for p in g.producers if p.norm}
+        if all(r.node in norms for r in g.readers if r.op_type == "BatchNormalization"):
             out.append(g)
     return out
 
@@ -98,7 +78,7 @@ def find_rescales(model: onnx.ModelProto, ref_store, restored_store, groups) -> 
     fine-tuning) costs a sample of the model, and memory stays bounded for huge models."""
     if not groups:
         return {}
-    sides = {g.key: structural_sides(model, g) for g in groups}
+    sides = {g.key: structural_sides(g) for g in groups}
     terms = _Terms(groups, sides, ref_store)
     sections = {(g.key, k): _Section(ref_store, restored_store, slot, sample=True)
                 for g in groups for k, slot in enumerate(g.slots)}
@@ -297,7 +277,7 @@ def undo_rescales(model: onnx.ModelProto, store, groups, scales: dict[str, np.nd
         if log_a is None:
             continue
         count += int(np.count_nonzero(np.abs(log_a) >= MIN_LOG_SCALE))
-        for side, slot in zip(structural_sides(model, g), g.slots):
+        for side, slot in zip(structural_sides(g), g.slots):
             if slot.weight not in pending:
                 pending[slot.weight] = store.get(slot.weight).astype(np.float64)
             factor = np.ones(pending[slot.weight].shape[slot.axis])

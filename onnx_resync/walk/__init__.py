@@ -5,4 +5,5 @@ graph.py reads the graph (shapes, constants, topological order); channels.py is 
 stages read; rules/ the rules by family; walker.py propagates labels and forms the groups.
 """
 
-from .walker import Group, GroupSlot, PinnedReason, WalkResult, slot_part, walk  # noqa: F401
+from .groups import Group, GroupSlot, PinnedReason, Producer, Reader, WalkResult, slot_part  # noqa: F401
+from .walker import walk  # noqa: F401

@@ -66,7 +66,7 @@ class ElementTable:
     def __init__(self) -> None:
         self._parent: list[int] = []
         self.origin: list[int] = []  # which producer record created each element
-        self.origins: list[dict] = []  # producer records: node name, op, output, kind
+        self.origins: list[dict] = []  # producer records: node name and index, op, output, kind
         self.pins: dict[int, str] = {}  # element -> first reason it was pinned
         self.tags: dict[int, list] = {}  # element -> extra constraints (e.g. grouped-conv block)
         # element -> (a, b, ia, ib, na, nb): the element is cell (ia, ib) of a grid whose rows are
@@ -76,11 +76,12 @@ class ElementTable:
     def __len__(self) -> int:
         return len(self._parent)
 
-    def new(self, count: int, *, node: str, op: str, kind: str = "producer", output: str = "") -> Label:
+    def new(self, count: int, *, node: str, op: str, kind: str = "producer", output: str = "", index: int = -1) -> Label:
         start = len(self._parent)
         self._parent.extend(range(start, start + count))
         self.origin.extend([len(self.origins)] * count)
-        self.origins.append({"node": node, "op": op, "kind": kind, "output": output, "start": start, "count": count})
+        self.origins.append({"node": node, "op": op, "kind": kind, "output": output, "start": start, "count": count,
+                             "index": index})
         return Label.of(np.arange(start, start + count))
 
     def find(self, e: int) -> int:

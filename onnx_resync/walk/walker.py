@@ -14,103 +14,11 @@ import numpy as np
 import onnx
 
 from .channels import ElementTable, Label
+from .groups import Group, GroupSlot, PinnedReason, Producer, Reader, WalkResult, slot_part  # noqa: F401
 from ..errors import UnsupportedError
 from .graph import GraphView
 from . import registry
 from .rules import resolve_weight_axes, unknown_op
-
-
-@dataclass
-class GroupSlot:
-    """One weight axis that a group reindexes: positions[i] are the positions of the group's i-th neuron."""
-
-    weight: str
-    axis: int
-    positions: np.ndarray  # (size, block) int64
-    # (outer axis, index): the positions lie in this slice of the weight only (one direction of a
-    # bidirectional RNN, whose units move independently of the other direction's); axes count in
-    # the whole weight
-    at: tuple[int, int] | None = None
-
-    def part(self, array: np.ndarray) -> tuple[np.ndarray, int]:
-        """The part of `array` that the positions index (a view) and the axis they run along there."""
-        return slot_part(array, self.axis, self.at)
-
-    def name(self) -> str:
-        """weight:axis, and [index] for a slice."""
-        return f"{self.weight}:{self.axis}" + (f"[{self.at[1]}]" if self.at else "")
-
-    def to_dict(self) -> dict:
-        out = {"weight": self.weight, "axis": self.axis, "block": int(self.positions.shape[1])}
-        if self.at is not None:
-            out["at"] = list(self.at)
-        return out
-
-
-def slot_part(array: np.ndarray, axis: int, at: tuple[int, int] | None) -> tuple[np.ndarray, int]:
-    """`array` itself, or its slice `at` = (outer axis, index) as a view; and where `axis` is there."""
-    if at is None:
-        return array, axis
-    outer, index = at
-    return array[(slice(None),) * outer + (index,)], axis - (axis > outer)
-
-
-@dataclass
-class Group:
-    id: int
-    size: int
-    producers: list[str]
-    slots: list[GroupSlot]
-    key: str  # structural identity (independent of weight values), used to match records
-    # op types that read the group's activations ("Mul/2": with two labelled inputs); lets resync
-    # tell whether rescaling a neuron is neutral (only positively homogeneous readers)
-    readers: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return {
-            "id": self.id,
-            "size": self.size,
-            "key": self.key,
-            "producers": self.producers,
-            "slots": [s.to_dict() for s in self.slots],
-            "readers": self.readers,
-        }
-
-
-@dataclass
-class PinnedReason:
-    reason: str
-    channels: int
-    producers: list[str]
-
-
-@dataclass
-class WalkResult:
-    groups: list[Group]
-    pinned: list[PinnedReason]
-    hidden_channels: int  # producer output channels
-    permutable_channels: int  # hidden channels in a group of two or more
-    output_channels: int  # hidden channels pinned because they reach a graph output
-    singleton_channels: int  # hidden channels alone in their group (nothing to swap with)
-    ops_without_rule: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def coverage(self) -> float:
-        """Permutable hidden channels / hidden channels that do not reach a graph output."""
-        denominator = self.hidden_channels - self.output_channels
-        return self.permutable_channels / denominator if denominator else 1.0
-
-    def to_dict(self) -> dict:
-        return {
-            "coverage": self.coverage,
-            "hidden_channels": self.hidden_channels,
-            "permutable_channels": self.permutable_channels,
-            "output_channels": self.output_channels,
-            "singleton_channels": self.singleton_channels,
-            "groups": [g.to_dict() for g in self.groups],
-            "pinned": [asdict(p) for p in self.pinned],
-            "ops_without_rule": self.ops_without_rule,
-        }
 
 
 class WalkContext:
@@ -133,6 +41,7 @@ class WalkContext:
         self.ops_without_rule: Counter = Counter()
         self.readers: dict[int, tuple[Label, set]] = {}  # id(label) -> (label, op types reading it)
         self._node_slots: set[tuple[str, int]] = set()
+        self.node_index = -1  # position in view.nodes of the node being walked
 
     # ---- reading -----------------------------------------------------------------------------
     def get(self, name: str) -> dict[int, Label]:
@@ -210,7 +119,8 @@ class WalkContext:
                 self.registered[id(label)] = label
 
     def new(self, count: int, node: onnx.NodeProto, output: str = "", kind: str = "producer") -> Label:
-        label = self.elements.new(count, node=node.name or node.op_type, op=node.op_type, kind=kind, output=output)
+        label = self.elements.new(count, node=node.name or node.op_type, op=node.op_type, kind=kind, output=output,
+                                  index=self.node_index)
         self.registered[id(label)] = label
         return label
 
@@ -317,7 +227,8 @@ class WalkContext:
 def walk(model: onnx.ModelProto, view: GraphView | None = None) -> WalkResult:
     view = view or GraphView(model)
     ctx = WalkContext(view)
-    for node in view.nodes:
+    for index, node in enumerate(view.nodes):
+        ctx.node_index = index
         if node.op_type == "Constant" or (view.is_weight(node.output[0]) if node.output else False):
             continue  # weights and their views are not activations
         ctx.begin_node()
@@ -376,7 +287,8 @@ def _spread_constant_fill(ctx: WalkContext, node: onnx.NodeProto, spec) -> None:
 
 def _note_readers(ctx: WalkContext, node: onnx.NodeProto) -> None:
     labelled = [name for name in node.input if name and ctx.labels.get(name)]
-    tag = node.op_type if len(labelled) <= 1 else f"{node.op_type}/{len(labelled)}"
+    tag = Reader(node.op_type, registry.STANDARD if node.domain == "ai.onnx" else node.domain, len(labelled),
+                 node.name or node.op_type)
     for name in labelled:
         for label in ctx.labels[name].values():
             ctx.readers.setdefault(id(label), (label, set()))[1].add(tag)
@@ -457,7 +369,7 @@ def _form_groups(ctx: WalkContext) -> WalkResult:
         groups = kept
 
     hidden, permutable, to_output, singletons, pin_counts = _count_channels(
-        table, roots, group_of, groups, products, pinned_roots)
+        table, roots, group_of, groups, products, pinned_roots, lambda rec: _producer(ctx, rec))
     for label, tags in ctx.readers.values():
         for elem, _, _ in rewrite(label):
             gids = group_of[roots[elem]]
@@ -472,7 +384,7 @@ def _form_groups(ctx: WalkContext) -> WalkResult:
 
 
 def _count_channels(table: ElementTable, roots: np.ndarray, group_of: np.ndarray, groups: list[Group],
-                    products: dict, pinned_roots: dict) -> tuple[int, int, int, int, dict]:
+                    products: dict, pinned_roots: dict, producer_of) -> tuple[int, int, int, int, dict]:
     """Every producer channel counted as permutable, pinned (per reason, with its nodes) or single,
     and each group's producer nodes listed. A layer without head x dim cells is counted at once (a
     big model has tens of thousands of channels), its outside channels per distinct neuron."""
@@ -487,9 +399,13 @@ def _count_channels(table: ElementTable, roots: np.ndarray, group_of: np.ndarray
         entry[0] += count
         entry[1].add(node)
 
-    def add_producer(gid: int, node: str) -> None:
-        if node not in groups[gid].producers:
-            groups[gid].producers.append(node)
+    records: dict[int, Producer] = {}
+
+    def add_producer(gid: int, rec: dict) -> None:
+        if rec["start"] not in records:
+            records[rec["start"]] = producer_of(rec)
+        if records[rec["start"]] not in groups[gid].producers:
+            groups[gid].producers.append(records[rec["start"]])
 
     product_roots = np.fromiter(products, dtype=np.int64, count=len(products))
     for rec in table.origins:
@@ -503,7 +419,7 @@ def _count_channels(table: ElementTable, roots: np.ndarray, group_of: np.ndarray
             inside = gids >= 0
             permutable += int(inside.sum())
             for gid in np.unique(gids[inside]).tolist():
-                add_producer(gid, node)
+                add_producer(gid, rec)
             outside, first, counts = np.unique(rs[~inside], return_index=True, return_counts=True)
             for k in np.argsort(first, kind="stable").tolist():  # (reasons in the order met)
                 reason = pinned_roots.get(int(outside[k]))
@@ -525,10 +441,38 @@ def _count_channels(table: ElementTable, roots: np.ndarray, group_of: np.ndarray
                 permutable += 1
                 for gid in gids:
                     if gid >= 0:
-                        add_producer(gid, node)
+                        add_producer(gid, rec)
             else:
                 singletons += 1
     return hidden, permutable, to_output, singletons, pin_counts
+
+
+def _producer(ctx: WalkContext, rec: dict) -> Producer:
+    """The typed record of one producer: its stored weights, the bias added and the BatchNormalization
+    applied right after it (each only where it is the output's one reader)."""
+    view = ctx.view
+    node = view.nodes[rec["index"]]
+    domain = registry.STANDARD if node.domain == "ai.onnx" else node.domain
+    weights = tuple(sorted({b for i in node.input if i and ctx.is_weightlike(i) for b in ctx.bases(i)}))
+    out = rec["output"] or (node.output[0] if node.output else "")
+    bias: tuple[str, ...] = ()
+    after = view.consumers.get(out, [])
+    if len(after) == 1 and after[0].op_type in ("Add",) and after[0].domain in ("", "ai.onnx"):
+        other = [i for i in after[0].input if i and i != out]
+        if len(other) == 1 and ctx.is_weightlike(other[0]):
+            bias = tuple(sorted(ctx.bases(other[0])))
+            out = after[0].output[0]
+            after = view.consumers.get(out, [])
+    norm = None
+    scale: tuple[str, ...] = ()
+    stats: tuple[str, ...] = ()
+    if (len(after) == 1 and after[0].op_type == "BatchNormalization" and after[0].input[0] == out
+            and len(after[0].input) >= 5):
+        bn = after[0]
+        norm = bn.name or bn.op_type
+        scale = tuple(sorted({b for i in bn.input[1:3] if i and ctx.is_weightlike(i) for b in ctx.bases(i)}))
+        stats = tuple(sorted({b for i in bn.input[3:5] if i and ctx.is_weightlike(i) for b in ctx.bases(i)}))
+    return Producer(rec["node"], node.op_type, domain, rec["output"], weights, bias, norm, scale, stats)
 
 
 def _leaf_factors(root: int, products: dict, roots: np.ndarray, depth: int = 0) -> list[int]:
