@@ -34,6 +34,8 @@ class GraphView:
         }
         init_names = set(self.initializers)
         self.graph_inputs = [i.name for i in graph.input if i.name not in init_names]
+        # initializers listed as graph inputs too (IR < 4 style): a caller may feed other values
+        self.overridable = [i.name for i in graph.input if i.name in init_names]
         self.graph_outputs = [o.name for o in graph.output]
         self.nodes = _topological_order(graph)
         self.producer = {out: node for node in self.nodes for out in node.output if out}

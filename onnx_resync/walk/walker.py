@@ -16,7 +16,7 @@ import onnx
 from .channels import ElementTable, Label
 from .groups import Group, GroupSlot, PinnedReason, Producer, Reader, WalkResult, slot_part  # noqa: F401
 from ..errors import UnsupportedError
-from .graph import GraphView
+from .graph import GraphView, node_inputs
 from . import registry
 from .rules import resolve_weight_axes, unknown_op
 
@@ -198,7 +198,11 @@ class WalkContext:
         self._node_slots = set()
 
     def end_node(self, node: onnx.NodeProto) -> None:
-        """Weight axes this node read without a slot must keep their order."""
+        """Weight axes this node read without a slot must keep their order; so must every weight its
+        subgraphs read (the walker does not follow them: a branch would read the weight unpermuted)."""
+        for name in node_inputs(node)[len(node.input):]:
+            if self.is_weightlike(name):
+                self._fix_all(name, f"read inside a {node.op_type} subgraph (weight {{}})".replace("{{}}", "{}"))
         for name in node.input:
             if not name or not self.is_weightlike(name):
                 continue
@@ -297,6 +301,13 @@ def _note_readers(ctx: WalkContext, node: onnx.NodeProto) -> None:
 def _form_groups(ctx: WalkContext) -> WalkResult:
     table = ctx.elements
     view = ctx.view
+    # a weight that is also a graph output, or a graph input (an initializer a caller may override),
+    # is seen from outside in its stored order: none of its axes may move
+    for name in view.graph_outputs:
+        if ctx.is_weightlike(name):
+            ctx._fix_all(name, "weight {} is a graph output")
+    for name in view.overridable:
+        ctx._fix_all(name, "weight {} is also a graph input (a caller may feed it)")
     for key, label in ctx.slots.items():
         if key[:2] in ctx.fixed:
             ctx.pin(label, ctx.fixed[key[:2]])

@@ -37,11 +37,17 @@ def transpose(ctx, node) -> None:
 
 
 def _axes_input(ctx, node, idx=1):
+    """The axes from the attribute (older opsets) or the constant input; None when neither is given."""
     axes = attr(node, "axes")
     if axes is None and len(node.input) > idx and node.input[idx]:
         value = ctx.const(node.input[idx])
         axes = None if value is None else [int(v) for v in np.atleast_1d(value)]
     return axes
+
+
+def _axes_at_run_time(ctx, node, idx=1) -> bool:
+    """An axes input that is not a constant: which axes the op touches is known only at run time."""
+    return len(node.input) > idx and bool(node.input[idx]) and ctx.const(node.input[idx]) is None
 
 
 def squeeze(ctx, node) -> None:
@@ -51,6 +57,9 @@ def squeeze(ctx, node) -> None:
     if not ctx.labels.get(x):
         return
     r = ctx.rank(x)
+    if _axes_at_run_time(ctx, node):
+        ctx.pin_all(x, "Squeeze with axes computed at run time")
+        return
     axes = _axes_input(ctx, node)
     shape = ctx.shape(x)
     if r is None or (axes is None and shape is None):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 from .base import _norm_axis, attr
-from .layout import _axes_input
+from .layout import _axes_at_run_time, _axes_input
 from ..registry import declare
 
 
@@ -15,6 +15,10 @@ def reduce(ctx, node) -> None:
         return
     r = ctx.rank(x)
     keepdims = int(attr(node, "keepdims"))
+    if _axes_at_run_time(ctx, node):  # ReduceSum from opset 13, the others from 18
+        for l in labels.values():
+            ctx.pin(l, f"{node.op_type} with axes computed at run time")
+        return
     axes = _axes_input(ctx, node)
     if r is None:
         for l in labels.values():
