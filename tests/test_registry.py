@@ -39,21 +39,7 @@ RULELESS: dict[str, str] = {
 }
 
 # cases that show a walker bug (the rule's owner fixes it): name -> what goes wrong
-XFAIL: dict[str, tuple[type, str]] = {
-    "MaxPool[indices-output]": (CheckFailed, (
-        "rules/layout.pool pins the channels behind MaxPool's Indices output only when a node reads it "
-        "(ctx.view.consumers); as a graph output it is not pinned, and Indices are flat offsets over "
-        "(N, C, H, W), so permuting W1's channels changes their values: permute verifies NOT equivalent")),
-    "QuantizeLinear[blocked]": (CheckFailed, (
-        "rules/quantized.quantize_linear slots a scale/zero point only when it is 1-D per channel; a "
-        "blocked one (opset 21 block_size, scale [1, C/2, H, W]) is neither slotted nor pinned, so "
-        "channels move between blocks while their scales stay: permute verifies NOT equivalent")),
-    "DequantizeLinear[blocked-weight]": (CheckFailed, (
-        "rules/base.resolve_weight_axes maps a DequantizeLinear weight axis to the int8 tensor only "
-        "when the scale is not 1-D per channel: a blocked scale (block_size=2 along axis 0, shape "
-        "[C/2, N]) is not reindexed with the weight's columns, nor are rows kept inside their blocks: "
-        "permute verifies NOT equivalent")),
-}
+XFAIL: dict = {}  # case name -> (exception, reason): walker bugs not fixed yet (none now)
 
 
 def _params():

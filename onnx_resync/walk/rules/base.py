@@ -108,7 +108,7 @@ def resolve_weight_axes(view, name: str, axis: int):
         return resolve_weight_axes(view, src, axis)
     if op == "DequantizeLinear":
         targets = resolve_weight_axes(view, src, axis)
-        if targets is None:
+        if targets is None or int(attr(node, "block_size")):  # blocked scales: rows may not leave a block
             return None
         scale_shape = view.shape(node.input[1])
         q_axis = attr(node, "axis")

@@ -427,8 +427,8 @@ def pool(ctx, node) -> None:
         if a != 1:
             ctx.pin(l, f"{node.op_type} over a channel-carrying axis")
     ctx.set(node.output[0], {1: labels[1]} if 1 in labels else {})
-    for extra in node.output[1:]:
-        if extra and ctx.view.consumers.get(extra) and 1 in labels:
+    for extra in node.output[1:]:  # indices are flat offsets over (N, C, H, W): they name channels
+        if extra and (ctx.view.consumers.get(extra) or extra in ctx.view.graph_outputs) and 1 in labels:
             ctx.pin(labels[1], f"{node.op_type} indices output is used")
 
 

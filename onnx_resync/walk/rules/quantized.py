@@ -21,6 +21,11 @@ def quantize_linear(ctx, node) -> None:
     axis = _norm_axis(int(attr(node, "axis")), r)
     sshape = ctx.shape(scale) if scale else None
     per_channel = sshape is not None and len(sshape) == 1 and sshape[0] > 1
+    if int(attr(node, "block_size")):  # one scale per block of channels: channels may not leave their block
+        for l in labels.values():
+            ctx.pin(l, f"{node.op_type} with blocked scales")
+        ctx.set(node.output[0], {})
+        return
     for a, l in labels.items():
         if per_channel and a == axis:
             ctx.slot(scale, 0, l)
@@ -120,8 +125,8 @@ def qlinear_concat(ctx, node) -> None:
 
 
 # ---- declarations ---------------------------------------------------------------------------
-declare("QuantizeLinear", quantize_linear, attributes={"axis": 1}, trivial=True, foldable=True)
-declare("DequantizeLinear", quantize_linear, attributes={"axis": 1}, trivial=True, foldable=True,
+declare("QuantizeLinear", quantize_linear, attributes={"axis": 1, "block_size": 0}, trivial=True, foldable=True)
+declare("DequantizeLinear", quantize_linear, attributes={"axis": 1, "block_size": 0}, trivial=True, foldable=True,
         weight_view=True)
 declare("DynamicQuantizeLinear", dynamic_quantize_linear)
 declare("ConvInteger", conv_integer, attributes={"group": 1})
