@@ -117,10 +117,13 @@ def attr(node, name: str):
     for a in node.attribute:
         if a.name == name:
             return onnx.helper.get_attribute_value(a)
-    spec = lookup(node.op_type, node.domain)
-    if spec is None:
-        raise KeyError(f"{node.op_type} is not registered")
-    return spec.attributes[name]
+    _load()
+    # the newest version that declares it: versions differ in which attributes exist, never in a
+    # default, and a rule reads both forms (Squeeze's axes attribute before opset 13, input after)
+    for spec in reversed(_SPECS.get((_domain(node.domain), node.op_type), [])):
+        if name in spec.attributes:
+            return spec.attributes[name]
+    raise KeyError(f"{node.op_type} declares no attribute {name!r}")
 
 
 _loaded = False

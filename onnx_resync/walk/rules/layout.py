@@ -463,13 +463,15 @@ def tile(ctx, node) -> None:
 # ---- declarations ---------------------------------------------------------------------------
 _VIEW = dict(layout=True, homogeneous=True, trivial=True, foldable=True, quantized_view=True)
 declare("Transpose", transpose, attributes={"perm": None}, stacked=True, weight_view=True, **_VIEW)
-declare("Squeeze", squeeze, attributes={"axes": None}, stacked=True, weight_view=True, **_VIEW)
-declare("Unsqueeze", unsqueeze, attributes={"axes": None}, stacked=True, weight_view=True, **_VIEW)
+for _op, _rule in (("Squeeze", squeeze), ("Unsqueeze", unsqueeze)):  # axes: an attribute, then an input
+    declare(_op, _rule, attributes={"axes": None}, stacked=True, weight_view=True, **_VIEW)
+    declare(_op, _rule, since=13, stacked=True, weight_view=True, **_VIEW)
 declare("Reshape", reshape, stacked=True, weight_view=True, **_VIEW)
 declare("Flatten", flatten, attributes={"axis": 1}, **_VIEW)
 declare("Expand", expand, layout=True, homogeneous=True, foldable=True, quantized_view=True)
 declare("Tile", tile, layout=True, homogeneous=True, foldable=True, quantized_view=True)
-declare("Pad", pad, attributes={"pads": None}, homogeneous=True, trivial=True)
+declare("Pad", pad, attributes={"pads": None}, homogeneous=True, trivial=True)  # pads: an attribute,
+declare("Pad", pad, since=11, homogeneous=True, trivial=True)  # then an input
 for _op in ("Resize", "Upsample"):
     declare(_op, resize, homogeneous=True, trivial=True, quantized_view=True)
 for _op in ("MaxPool", "GlobalMaxPool"):

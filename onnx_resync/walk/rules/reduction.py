@@ -54,9 +54,13 @@ def arg_reduce(ctx, node) -> None:
 
 
 # ---- declarations ---------------------------------------------------------------------------
-_REDUCE = {"axes": None, "keepdims": 1, "noop_with_empty_axes": 0}
+_REDUCE = {"axes": None, "keepdims": 1}
 for _op in ("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
             "ReduceLogSumExp", "ReduceSumSquare"):
-    declare(_op, reduce, attributes=_REDUCE, homogeneous=_op in ("ReduceMean", "ReduceSum", "ReduceMax"))
+    # axes: an attribute, then an input (ReduceSum from opset 13, the others from 18)
+    homogeneous = _op in ("ReduceMean", "ReduceSum", "ReduceMax")
+    declare(_op, reduce, attributes=_REDUCE, homogeneous=homogeneous)
+    declare(_op, reduce, since=13 if _op == "ReduceSum" else 18,
+            attributes={"keepdims": 1, "noop_with_empty_axes": 0}, homogeneous=homogeneous)
 for _op in ("ArgMax", "ArgMin"):
     declare(_op, arg_reduce, attributes={"axis": 0, "keepdims": 1}, output_type="int64")

@@ -168,7 +168,9 @@ declare("Gather", gather, attributes={"axis": 0}, stacked=True, layout=True, hom
         quantized_view=True)
 declare("Concat", concat, attributes={"axis": 0}, layout=True, homogeneous=True, homogeneous_joint=True,
         foldable=True)
-declare("Split", split, attributes={"axis": 0, "split": None}, stacked=True, layout=True, homogeneous=True,
-        quantized_view=True)
-declare("Slice", slice_, attributes={"starts": None, "ends": None, "axes": None}, stacked=True, layout=True,
-        homogeneous=True, foldable=True, quantized_view=True)
+_SPLIT = dict(stacked=True, layout=True, homogeneous=True, quantized_view=True)
+declare("Split", split, attributes={"axis": 0, "split": None}, **_SPLIT)  # sizes: an attribute,
+declare("Split", split, since=13, attributes={"axis": 0}, **_SPLIT)  # then an input
+_SLICE = dict(stacked=True, layout=True, homogeneous=True, foldable=True, quantized_view=True)
+declare("Slice", slice_, attributes={"starts": None, "ends": None, "axes": None}, **_SLICE)  # attributes,
+declare("Slice", slice_, since=10, **_SLICE)  # then inputs
