@@ -104,6 +104,9 @@ def permute(
         from .verify import verify
 
         report = verify(original, permuted, **(verify_options or {}))
+        if report.verdict == "cannot check":
+            raise CheckFailed(f"cannot check the permuted model: {report.reason}; nothing written "
+                              "(give --inputs or --shape that the check can compare, or --no-verify)")
         if not report.equivalent:
             raise CheckFailed("the permuted model is not equivalent to the input; nothing written "
                               "(please report this model: a walker rule is wrong)")

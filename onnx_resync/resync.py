@@ -174,10 +174,13 @@ def resync(
         from .verify import verify
 
         report = verify(sus_model, restored, **(verify_options or {}))
-        if not report.equivalent and scales:  # the rescales were not neutral after all: keep them
+        if report.verdict == "not equivalent" and scales:  # the rescales were not neutral after all: keep them
             restored, scales = restore(sus_model, ref_model, ref_walk, result, undo_rescale=False,
                                        stores=(sus_store, ref_store))
             report = verify(sus_model, restored, **(verify_options or {}))
+        if report.verdict == "cannot check":
+            raise CheckFailed(f"cannot check the restored model: {report.reason}; nothing written "
+                              "(give --inputs or --shape that the check can compare, or --no-verify)")
         if not report.equivalent:
             raise CheckFailed("the restored model is not equivalent to the suspect; nothing written "
                               "(please report this model: a walker rule is wrong)")

@@ -3,9 +3,24 @@
 Default verdict, per output: normalized error = max|cand - ref| / max|ref| <= tolerance. This scales
 with the output, so a correctly permuted deep fp32 model (~1e-6) passes where an element-wise rtol
 check can fail on near-zero elements. With atol/rtol, an np.isclose-style element-wise check is used
-instead. Integer and bool outputs must match exactly. NaN (and inf) in the same place count as equal.
-With several samples every sample is judged on its own (normalized by its own max|ref|) and the
-worst one is reported, so a sample with small outputs is never hidden by one with large outputs.
+instead. Integer and bool outputs must match exactly. With several feeds every feed is judged on its
+own (normalized by its own max|ref|) and the worst one is reported, so a feed with small outputs is
+never hidden by one with large outputs.
+
+What counts, per output element (one rule, here):
+- compared: both sides finite (every element of an integer or bool output). Only compared values
+  can show that two models agree; `compared` counts them per output, over all feeds.
+- mismatch: a compared value past the tolerance, or a value non-finite on one side only, or
+  non-finite on both sides but not the same (NaN vs inf, +inf vs -inf), or a shape difference.
+- neither: the same non-finite value on both sides (NaN and NaN, +inf and +inf). It is not a
+  mismatch, but it proves nothing.
+Verdict: "not equivalent" when any output has a mismatch; else "cannot check" when any output
+compared fewer than MIN_COMPARED finite values (an empty batch, outputs all NaN/inf, no outputs: two
+unrelated networks would pass such a check by accident); else "equivalent". The CLI exits 0, 1, 4
+(EXIT_CODES), and permute/resync refuse to write unless the verdict is "equivalent".
+
+Every branch runs: bool inputs, and inputs that reach an If or Loop condition, are varied on top of
+the random (or given) feed (see inputs.py for the plan and its caps); the report lists them.
 """
 
 from __future__ import annotations
@@ -17,10 +32,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 
-from . import runtime
-from .errors import LoadError, ModelMismatchError, UsageError
+from . import io, runtime
+from .errors import LoadError, ModelMismatchError, ResyncError, UsageError
+from .inputs import MAX_SAMPLES, fill, plan_variations
 from .jsonable import json_safe
+
+EQUIVALENT, NOT_EQUIVALENT, CANNOT_CHECK = "equivalent", "not equivalent", "cannot check"
+# the fewest finite values each output must have compared for a verdict of "equivalent"
+MIN_COMPARED = 1
+# `onnx-resync verify` exit codes, by verdict
+EXIT_CODES = {EQUIVALENT: 0, NOT_EQUIVALENT: 1, CANNOT_CHECK: 4}
 
 
 @dataclass
@@ -32,6 +55,7 @@ class OutputComparison:
     cosine: float
     mismatches: int
     numel: int
+    compared: int  # values finite on both sides (see the module docstring)
     passed: bool
     note: str = ""
     # max abs difference between two executions of the reference itself (other kernels/threads);
@@ -41,7 +65,9 @@ class OutputComparison:
 
 @dataclass
 class VerifyReport:
-    equivalent: bool
+    equivalent: bool  # True only for verdict "equivalent"
+    verdict: str  # "equivalent" | "not equivalent" | "cannot check"
+    reason: str  # one line: what decided the verdict
     provider: str
     device_requested: str
     samples: int
@@ -53,6 +79,16 @@ class VerifyReport:
     inputs: str  # "random" or where the user's inputs came from
     input_shapes: dict[str, list[int]] = field(default_factory=dict)
     outputs: list[OutputComparison] = field(default_factory=list)
+    feeds: int = 0  # feeds run: the samples (or the given inputs) and the varied ones
+    varied: dict[str, list] = field(default_factory=dict)  # input -> the values its varied feeds took
+    varied_why: dict[str, str] = field(default_factory=dict)
+    variation: str = ""  # how the varied feeds were chosen
+    skipped_feeds: int = 0  # varied feeds the reference itself could not run (e.g. an index out of range)
+    compared: int = 0  # finite values compared, all outputs together
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES[self.verdict]
 
     def to_dict(self) -> dict:
         return json_safe(asdict(self))
@@ -61,24 +97,35 @@ class VerifyReport:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
     def format_text(self) -> str:
-        verdict = "EQUIVALENT" if self.equivalent else "NOT EQUIVALENT"
+        verdict = self.verdict.upper()
         if self.mode == "normalized":
             rule = f"max|err| / max|ref| <= {self.tolerance:g} per output"
         else:
             rule = f"|err| <= {self.atol:g} + {self.rtol:g}*|ref| per element"
         plural = "s" if self.samples != 1 else ""
-        lines = [
-            f"verify: {verdict}",
-            f"provider {self.provider} (requested {self.device_requested}); {self.samples} sample{plural},"
-            f" seed {self.seed}, inputs {self.inputs}",
-            f"check: {rule}; integer/bool outputs exact",
-        ]
-        rows = [("output", "shape", "max_abs_err", "normalized", "cosine", "mismatches", "result")]
+        lines = [f"verify: {verdict}"]
+        if self.verdict != EQUIVALENT:
+            lines.append(f"why: {self.reason}")
+        lines.append(f"provider {self.provider} (requested {self.device_requested}); {self.samples} sample{plural},"
+                     f" seed {self.seed}, inputs {self.inputs}")
+        if self.varied:
+            varied = "; ".join(f"{k} in {{{', '.join(map(str, v))}}} ({self.varied_why.get(k, '')})"
+                               for k, v in self.varied.items())
+            skipped = f", {self.skipped_feeds} the reference could not run" if self.skipped_feeds else ""
+            lines.append(f"feeds: {self.feeds} run ({self.samples} base + {self.feeds - self.samples} varied{skipped}, "
+                         f"{self.variation}); varied {varied}")
+        else:
+            lines.append(f"feeds: {self.feeds} run; no input decides a branch (none varied)")
+        value_s = "value" if self.compared == 1 else "values"
+        lines.append(f"check: {rule}; integer/bool outputs exact; compared {self.compared} finite {value_s} "
+                     f"(each output needs {MIN_COMPARED})")
+        rows = [("output", "shape", "max_abs_err", "normalized", "cosine", "compared", "mismatches", "result")]
         for o in self.outputs:
             rows.append((
                 o.name, "x".join(map(str, o.shape)) or "scalar", f"{o.max_abs_error:.3e}",
-                f"{o.normalized_error:.3e}", f"{o.cosine:.9f}", f"{o.mismatches}/{o.numel}",
-                ("ok" if o.passed else "FAIL") + (f" ({o.note})" if o.note else ""),
+                f"{o.normalized_error:.3e}", f"{o.cosine:.9f}", str(o.compared), f"{o.mismatches}/{o.numel}",
+                ("FAIL" if not o.passed else "ok" if o.compared >= MIN_COMPARED else "UNCHECKED")
+                + (f" ({o.note})" if o.note else ""),
             ))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
         for r in rows:
@@ -157,6 +204,7 @@ class _Accumulator:
         self.normalized = 0.0
         self.mismatches = 0
         self.numel = 0
+        self.compared = 0
         self.dot = self.ref_sq = self.cand_sq = 0.0
 
     def add(self, ref: np.ndarray, cand: np.ndarray, tolerance: float, atol, rtol) -> None:
@@ -194,8 +242,11 @@ class _Accumulator:
             bad = err > atol + rtol * np.abs(a)
         else:
             bad = norm_err > tolerance
-        self.mismatches += int(np.count_nonzero(bad | one_nan))
         ok = np.isfinite(a) & np.isfinite(b)
+        # not both finite and not the same: inf vs a number (which rtol*inf would let pass), NaN vs inf, +inf vs -inf
+        bad |= ~ok & ~same
+        self.mismatches += int(np.count_nonzero(bad | one_nan))
+        self.compared += int(np.count_nonzero(ok))
         fa, fb = a[ok], b[ok]
         self.dot += float(fa @ fb)
         self.ref_sq += float(fa @ fa)
@@ -211,7 +262,7 @@ class _Accumulator:
         return OutputComparison(
             name=self.name, shape=self.shape or [], max_abs_error=self.max_abs,
             normalized_error=self.normalized, cosine=cosine, mismatches=self.mismatches,
-            numel=self.numel, passed=self.mismatches == 0, note=self.note,
+            numel=self.numel, compared=self.compared, passed=self.mismatches == 0, note=self.note,
         )
 
 
@@ -247,8 +298,8 @@ def verify(reference, candidate, *, inputs=None, shapes=None, samples: int = 1, 
     with symbolic dims set by `shapes` (name -> dims) or 1. With atol and/or rtol (the other one
     defaults to 0) the check is element-wise |cand - ref| <= atol + rtol*|ref|.
     """
-    if samples < 1:
-        raise UsageError("samples must be at least 1")
+    if not isinstance(samples, (int, np.integer)) or not 1 <= samples <= MAX_SAMPLES:
+        raise UsageError(f"samples must be from 1 to {MAX_SAMPLES}, not {samples}")
     if not tolerance >= 0 or any(t is not None and not t >= 0 for t in (atol, rtol)):
         raise UsageError("tolerance, atol and rtol must be non-negative numbers")
     if inputs is not None and (samples != 1 or shapes):
@@ -273,24 +324,88 @@ def verify(reference, candidate, *, inputs=None, shapes=None, samples: int = 1, 
         s.dtype  # raises for outputs that cannot be compared (sequences, maps, strings)
 
     if inputs is not None:
-        feeds = [load_inputs(inputs, ref_specs[0])]
+        base = [load_inputs(inputs, ref_specs[0])]
     else:
-        feeds = runtime.random_inputs(ref_specs[0], shapes, samples, seed)
+        base = runtime.random_inputs(ref_specs[0], shapes, samples, seed)
+    plan = plan_variations([_graph_of(reference), _graph_of(candidate)], ref_specs[0])
+    assignments, variation = plan.assignments()
+    # a varied feed is made when it runs: up to MAX_VARIED_FEEDS copies of an input are never held at once
+    jobs = [(feed, None) for feed in base] + [(base[0], a) for a in assignments]
 
     accs = [_Accumulator(s.name) for s in ref_specs[1]]
-    for feed in feeds:
-        ref_out = runtime.run(ref_session, feed)
+    ran, skipped, failed_empty = [], 0, None
+    for src, assignment in jobs:
+        feed = src if assignment is None else fill(src, assignment)
+        try:
+            ref_out = runtime.run(ref_session, feed)
+        except ResyncError:
+            if assignment is not None:  # a value the model does not accept (an index past a table, say)
+                skipped += 1
+                continue
+            empty = _empty_input(feed)
+            if empty is None:
+                raise
+            failed_empty = empty
+            continue
         cand_out = runtime.run(cand_session, feed)
         for acc, r, c in zip(accs, ref_out, cand_out):
             acc.add(r, c, tolerance, atol, rtol)
-        del ref_out, cand_out
+        del ref_out, cand_out, feed
+        ran.append((src, assignment))
 
     outputs = [acc.result() for acc in accs]
-    if not elementwise and not all(o.passed for o in outputs):
-        _judge_against_noise_floor(reference, provider, feeds, outputs)
+    if ran and not elementwise and not all(o.passed for o in outputs):
+        _judge_against_noise_floor(reference, provider, (src if a is None else fill(src, a) for src, a in ran),
+                                   outputs)
+    verdict, reason = _verdict(outputs, base, failed_empty, len(ran))
     return VerifyReport(
-        equivalent=all(o.passed for o in outputs), provider=provider, device_requested=device,
-        samples=len(feeds), seed=seed, mode="elementwise" if elementwise else "normalized",
+        equivalent=verdict == EQUIVALENT, verdict=verdict, reason=reason, provider=provider,
+        device_requested=device, samples=len(base), seed=seed, mode="elementwise" if elementwise else "normalized",
         tolerance=tolerance, atol=atol, rtol=rtol, inputs=source,
-        input_shapes={k: list(v.shape) for k, v in feeds[0].items()}, outputs=outputs,
+        input_shapes={k: list(v.shape) for k, v in base[0].items()}, outputs=outputs,
+        feeds=len(ran), varied=dict(plan.values), varied_why=dict(plan.why), variation=variation,
+        skipped_feeds=skipped, compared=sum(o.compared for o in outputs),
     )
+
+
+def _graph_of(model) -> onnx.ModelProto:
+    """The graph (weights left where they are) that the input plan reads."""
+    if isinstance(model, onnx.ModelProto):
+        return model
+    return io.load_model(model, load_weights=False, check=False)
+
+
+def _empty_input(feed: dict[str, np.ndarray]) -> str | None:
+    for name, arr in feed.items():
+        if arr.size == 0:
+            return f"input {name!r} has shape {list(arr.shape)}"
+    return None
+
+
+def _verdict(outputs: list[OutputComparison], base: list[dict], failed_empty: str | None,
+             ran: int) -> tuple[str, str]:
+    """The verdict and its one-line reason, by the rule in the module docstring."""
+    failing = [o for o in outputs if not o.passed]
+    if failing:
+        o = failing[0]
+        more = f" (and {len(failing) - 1} more output{'s' if len(failing) > 2 else ''})" if len(failing) > 1 else ""
+        note = f": {o.note}" if o.note else ""
+        return NOT_EQUIVALENT, f"output {o.name!r} differs in {o.mismatches} of {o.numel} values{note}{more}"
+    if not outputs:
+        return CANNOT_CHECK, "the models have no outputs: nothing to compare"
+    if not ran:
+        return CANNOT_CHECK, f"onnxruntime cannot run an empty input: {failed_empty}"
+    short = [o for o in outputs if o.compared < MIN_COMPARED]
+    if short:
+        o = short[0]
+        if o.numel == 0:
+            empty = next((e for e in map(_empty_input, base) if e), None)
+            why = f"it is empty ({empty})" if empty else "it is empty"
+        else:
+            why = "every value is NaN or inf on both sides"
+            if any(a.dtype.kind == "f" and not np.isfinite(a).all() for feed in base for a in feed.values()):
+                why += " (the inputs hold NaN or inf)"
+        count = "no finite value" if o.compared == 0 else f"only {o.compared} finite values"
+        return CANNOT_CHECK, f"output {o.name!r} compared {count}: {why}"
+    total = sum(o.compared for o in outputs)
+    return EQUIVALENT, f"compared {total} finite value{'s' if total != 1 else ''}"

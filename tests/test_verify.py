@@ -278,3 +278,264 @@ def test_cli_bad_shape_is_usage_error(models, spec):
 def test_cli_missing_npz(tmp_path, models):
     proc = cli("verify", str(models["ref"]), str(models["perm"]), "--inputs", str(tmp_path / "no.npz"))
     assert proc.returncode == 3 and len(proc.stderr.strip().splitlines()) == 1
+
+
+# --- checks that cannot pass by accident (issue 18) ---------------------------------------------
+
+from onnx_resync.inputs import MAX_SAMPLES, MAX_VARIED_FEEDS, plan_variations  # noqa: E402
+
+
+def unrelated(tmp_path):
+    path = tmp_path / "unrelated.onnx"
+    onnx.save(mlp(mlp_weights(seed=7)), path)
+    return path
+
+
+def test_empty_batch_by_shape_cannot_check(tmp_path, models):
+    for other in (models["perm"], unrelated(tmp_path)):  # was EQUIVALENT for both, nothing compared
+        report = verify(models["ref"], other, shapes={"x": [0, 16]}, device="cpu")
+        assert report.verdict == "cannot check" and not report.equivalent, report.format_text()
+        assert report.outputs[0].compared == 0 and report.compared == 0
+        assert "empty" in report.reason and "[0, 16]" in report.reason
+        assert "CANNOT CHECK" in report.format_text() and "compared 0 finite values" in report.format_text()
+
+
+def test_empty_batch_by_npz_cannot_check(tmp_path, models):
+    npz = tmp_path / "empty.npz"
+    np.savez(npz, x=np.zeros((0, 16), np.float32))
+    for other in (models["perm"], unrelated(tmp_path)):
+        report = verify(models["ref"], other, inputs=npz, device="cpu")
+        assert report.verdict == "cannot check" and not report.equivalent
+        assert json.loads(report.to_json())["verdict"] == "cannot check"
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf, 3e38])
+def test_non_finite_inputs_cannot_pass(tmp_path, models, value):
+    x = np.full((3, 16), value, np.float32)
+    for other in (models["perm"], unrelated(tmp_path)):
+        report = verify(models["ref"], other, inputs={"x": x}, device="cpu")
+        assert not report.equivalent and report.verdict in ("cannot check", "not equivalent"), report.format_text()
+    assert verify(models["ref"], unrelated(tmp_path), inputs={"x": x}, device="cpu").verdict == "cannot check"
+
+
+@pytest.mark.parametrize(
+    "ref, cand, verdict",
+    [
+        ([np.nan] * 4, [np.nan] * 4, "cannot check"),  # both all NaN: was equivalent
+        ([np.inf, -np.inf, np.inf, np.inf], [np.inf, -np.inf, np.inf, np.inf], "cannot check"),
+        ([np.nan, 2.0, 3.0, 4.0], [np.nan, 2.0, 3.0, 4.0], "equivalent"),  # 3 finite values compared
+        ([1.0, 2.0, np.inf, 4.0], [1.0, 2.0, 5.0, 4.0], "not equivalent"),  # inf vs a number
+        ([1.0, 2.0, 5.0, 4.0], [1.0, 2.0, np.inf, 4.0], "not equivalent"),
+        ([1.0, 2.0, np.inf, 4.0], [1.0, 2.0, -np.inf, 4.0], "not equivalent"),
+        ([np.nan, 2.0, 3.0, 4.0], [np.inf, 2.0, 3.0, 4.0], "not equivalent"),
+        ([np.nan] * 4, [1.0, 2.0, 3.0, 4.0], "not equivalent"),  # a mismatch beats "cannot check"
+    ],
+)
+def test_non_finite_outputs(ref, cand, verdict):
+    report = verify(_const_model(np.array(ref, np.float32)), _const_model(np.array(cand, np.float32)), device="cpu")
+    assert report.verdict == verdict and report.equivalent is (verdict == "equivalent"), report.format_text()
+    assert report.outputs[1].compared == sum(np.isfinite(ref) & np.isfinite(cand))
+    json.loads(report.to_json())
+
+
+def test_inf_against_a_number_fails_elementwise():
+    ref, cand = np.array([1.0, np.inf], np.float32), np.array([1.0, 5.0], np.float32)
+    report = verify(_const_model(ref), _const_model(cand), device="cpu", atol=0.0, rtol=0.5)  # rtol*inf = inf
+    assert report.verdict == "not equivalent"
+
+
+def test_equivalent_pair_reports_what_it_compared(models):
+    report = verify(models["ref"], models["perm"], samples=3, device="cpu")
+    assert report.verdict == "equivalent" and report.equivalent and report.reason == "compared 12 finite values"
+    assert report.outputs[0].compared == 12 and report.compared == 12 and report.feeds == 3
+    assert report.varied == {}  # nothing decides a branch: nothing varied
+    assert "compared 12 finite values" in report.format_text()
+    report = verify(models["ref"], models["perm"], shapes={"x": [5, 16]}, device="cpu")
+    assert report.equivalent and report.compared == 20
+
+
+def test_random_inputs_never_empty_from_symbolic_dims():
+    specs = [runtime.TensorSpec("x", "tensor(float)", (None, None, 3)), runtime.TensorSpec("n", "tensor(int64)", (None,))]
+    (feed,) = runtime.random_inputs(specs)
+    assert feed["x"].shape == (1, 1, 3) and feed["n"].shape == (1,)
+
+
+def test_samples_are_bounded(models):
+    with pytest.raises(UsageError, match=str(MAX_SAMPLES)):
+        verify(models["ref"], models["perm"], samples=MAX_SAMPLES + 1, device="cpu")
+    with pytest.raises(UsageError):
+        verify(models["ref"], models["perm"], samples=0, device="cpu")
+
+
+# If / Loop models: every branch runs, whatever the seed
+
+def if_model(w1: np.ndarray, w2: np.ndarray, cond_input: str = "bool") -> onnx.ModelProto:
+    """x[1,16], cond -> If(cond) then x @ W1 else x @ W2 -> y[1,4]; W1, W2 read from the outer scope.
+    cond_input "bool": a bool input; "int": an int64 input k and cond = Greater(Cast(k), 5)."""
+    then_g = helper.make_graph([helper.make_node("MatMul", ["x", "W1"], ["y_then"])], "then", [],
+                               [helper.make_tensor_value_info("y_then", TensorProto.FLOAT, [1, 4])])
+    else_g = helper.make_graph([helper.make_node("MatMul", ["x", "W2"], ["y_else"])], "else", [],
+                               [helper.make_tensor_value_info("y_else", TensorProto.FLOAT, [1, 4])])
+    nodes, inputs = [], [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])]
+    inits = [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2")]
+    if cond_input == "bool":
+        inputs.append(helper.make_tensor_value_info("cond", TensorProto.BOOL, []))
+        cond = "cond"
+    else:
+        inputs.append(helper.make_tensor_value_info("k", TensorProto.INT64, []))
+        inits.append(numpy_helper.from_array(np.array(5, np.int32), "five"))
+        nodes += [helper.make_node("Cast", ["k"], ["k32"], to=TensorProto.INT32),
+                  helper.make_node("Greater", ["k32", "five"], ["cond"])]
+        cond = "cond"
+    nodes.append(helper.make_node("If", [cond], ["y"], then_branch=then_g, else_branch=else_g))
+    graph = helper.make_graph(nodes, "if", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+                              inits)
+    return helper.make_model(graph, ir_version=8, opset_imports=OPSET)
+
+
+@pytest.fixture
+def branch_weights():
+    rng = np.random.default_rng(3)
+    w1, w2 = (rng.standard_normal((16, 4)).astype(np.float32) for _ in range(2))
+    w1_changed = w1.copy()
+    w1_changed[3, 1] += 0.5
+    return w1, w2, w1_changed
+
+
+@pytest.mark.parametrize("kind", ["bool", "int"])
+@pytest.mark.parametrize("seed", range(4))
+def test_if_branch_change_is_caught_whatever_seed(branch_weights, kind, seed):
+    w1, w2, w1_changed = branch_weights
+    report = verify(if_model(w1, w2, kind), if_model(w1_changed, w2, kind), seed=seed, device="cpu")
+    assert report.verdict == "not equivalent" and not report.equivalent, report.format_text()
+    name = "cond" if kind == "bool" else "k"
+    assert name in report.varied and report.feeds == 1 + len(report.varied[name])
+    if kind == "bool":
+        assert report.varied["cond"] == [False, True]
+    else:  # both sides of the constant 5 it is compared with
+        assert {4, 5, 6} <= set(report.varied["k"]) and "compared with 5" in report.varied_why["k"]
+
+
+@pytest.mark.parametrize("kind", ["bool", "int"])
+def test_if_model_equal_branches_pass(branch_weights, kind):
+    w1, w2, _ = branch_weights
+    report = verify(if_model(w1, w2, kind), if_model(w1.copy(), w2.copy(), kind), device="cpu")
+    assert report.verdict == "equivalent" and report.compared == 4 * report.feeds
+    text = report.format_text()
+    assert "varied" in text and ("cond in {False, True}" in text or "k in {" in text)
+
+
+def test_nested_if_and_loop_inputs_are_varied():
+    """A bool reaching an inner If through Not, an int trip count of a Loop: both varied; a float
+    input that only feeds data is not."""
+    inner_then = helper.make_graph([helper.make_node("Identity", ["x"], ["t"])], "t", [],
+                                   [helper.make_tensor_value_info("t", TensorProto.FLOAT, [1])])
+    inner_else = helper.make_graph([helper.make_node("Neg", ["x"], ["e"])], "e", [],
+                                   [helper.make_tensor_value_info("e", TensorProto.FLOAT, [1])])
+    outer_then = helper.make_graph(
+        [helper.make_node("Not", ["inner"], ["ninner"]),
+         helper.make_node("If", ["ninner"], ["o"], then_branch=inner_then, else_branch=inner_else)],
+        "ot", [], [helper.make_tensor_value_info("o", TensorProto.FLOAT, [1])])
+    outer_else = helper.make_graph([helper.make_node("Identity", ["x"], ["oe"])], "oe", [],
+                                   [helper.make_tensor_value_info("oe", TensorProto.FLOAT, [1])])
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["c_in"], ["c_out"]), helper.make_node("Add", ["acc", "x"], ["acc_out"])],
+        "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("c_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("acc", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []), helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, [1])])
+    graph = helper.make_graph(
+        [helper.make_node("If", ["outer"], ["y"], then_branch=outer_then, else_branch=outer_else),
+         helper.make_node("Loop", ["n", ""], ["z"], body=body)],
+        "nested",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1]), helper.make_tensor_value_info("outer", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("inner", TensorProto.BOOL, []), helper.make_tensor_value_info("n", TensorProto.INT64, []),
+         helper.make_tensor_value_info("z0", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1]), helper.make_tensor_value_info("z", TensorProto.FLOAT, [1])],
+    )
+    graph.node[1].input.append("z0")
+    model = helper.make_model(graph, ir_version=8, opset_imports=OPSET)
+    plan = plan_variations([model], runtime.specs(model)[0])
+    assert list(plan.values) == ["outer", "inner", "n"]
+    assert plan.values["outer"] == [False, True] and "If condition" in plan.why["inner"]
+    assert {0, 1} <= set(plan.values["n"]) and "Loop" in plan.why["n"]
+    report = verify(model, model, device="cpu")
+    assert report.equivalent and report.feeds == 1 + 2 * 2 * len(plan.values["n"])
+
+
+def test_many_bool_inputs_each_alone_past_the_cap():
+    n = 7  # 2**7 combinations > MAX_VARIED_FEEDS
+    assert 2 ** n > MAX_VARIED_FEEDS
+    specs = [runtime.TensorSpec(f"b{i}", "tensor(bool)", ()) for i in range(n)]
+    plan = plan_variations([], specs)
+    assignments, how = plan.assignments()
+    assert len(assignments) == 2 * n and "each input alone" in how
+    assert sum(1 for a in assignments if a == {"b3": True}) == 1
+    few = plan_variations([], specs[:3]).assignments()
+    assert len(few[0]) == 8 and few[1] == "every combination"
+
+
+# command line: exit codes 0 equivalent, 1 not, 4 cannot check; --samples bounded
+
+def test_cli_cannot_check_exit_4(tmp_path, models):
+    proc = cli("verify", str(models["ref"]), str(unrelated(tmp_path)), "--shape", "x:0,16", "--device", "cpu")
+    assert proc.returncode == 4, (proc.stdout, proc.stderr)
+    assert "CANNOT CHECK" in proc.stdout and "compared 0 finite values" in proc.stdout and proc.stderr == ""
+    npz = tmp_path / "empty.npz"
+    np.savez(npz, x=np.zeros((0, 16), np.float32))
+    proc = cli("verify", str(models["ref"]), str(models["perm"]), "--inputs", str(npz), "--json", "--device", "cpu")
+    assert proc.returncode == 4 and json.loads(proc.stdout)["verdict"] == "cannot check"
+    nan = tmp_path / "nan.npz"
+    np.savez(nan, x=np.full((2, 16), np.nan, np.float32))
+    proc = cli("verify", str(models["ref"]), str(unrelated(tmp_path)), "--inputs", str(nan), "--device", "cpu")
+    assert proc.returncode == 4
+    ok = cli("verify", str(models["ref"]), str(models["perm"]), "--device", "cpu")
+    assert ok.returncode == 0 and "compared 4 finite values" in ok.stdout
+
+
+def test_cli_if_branch_exit_1(tmp_path, branch_weights):
+    w1, w2, w1_changed = branch_weights
+    ref, cand = tmp_path / "if_ref.onnx", tmp_path / "if_cand.onnx"
+    onnx.save(if_model(w1, w2), ref)
+    onnx.save(if_model(w1_changed, w2), cand)
+    for seed in ("0", "1"):
+        proc = cli("verify", str(ref), str(cand), "--seed", seed, "--device", "cpu")
+        assert proc.returncode == 1 and "NOT EQUIVALENT" in proc.stdout and "cond in {False, True}" in proc.stdout
+
+
+def test_cli_samples_bound_and_help(models):
+    proc = cli("verify", str(models["ref"]), str(models["perm"]), "--samples", str(MAX_SAMPLES + 1))
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+    help_text = " ".join(cli("verify", "--help").stdout.split())
+    assert f"1..{MAX_SAMPLES}" in help_text and "4 cannot check" in help_text
+
+
+def test_permute_refuses_to_write_when_it_cannot_check(tmp_path, models):
+    out = tmp_path / "p.onnx"
+    proc = cli("permute", str(models["ref"]), "-o", str(out), "--shape", "x:0,16", "--device", "cpu")
+    assert proc.returncode != 0 and not out.exists()
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot check" in lines[0] and "Traceback" not in proc.stderr
+    from onnx_resync import api
+    from onnx_resync.errors import CheckFailed
+
+    with pytest.raises(CheckFailed, match="cannot check"):
+        api.permute(str(models["ref"]), out, verify_options={"shapes": {"x": [0, 16]}, "device": "cpu"})
+    assert not out.exists()
+    _, ok = api.permute(str(models["ref"]), out, verify_options={"device": "cpu"})
+    assert ok.verified and out.exists() and ok.verify["compared"] == 4
+
+
+def test_resync_refuses_to_write_when_it_cannot_check(tmp_path, models):
+    from onnx_resync import api
+    from onnx_resync.errors import CheckFailed
+
+    out = tmp_path / "r.onnx"
+    with pytest.raises(CheckFailed, match="cannot check"):
+        api.resync(str(models["perm"]), str(models["ref"]), out, verify_options={"shapes": {"x": [0, 16]}, "device": "cpu"})
+    assert not out.exists()
+    nan = tmp_path / "nan.npz"
+    np.savez(nan, x=np.full((2, 16), np.nan, np.float32))
+    proc = cli("resync", str(models["perm"]), "--reference", str(models["ref"]), "-o", str(out),
+               "--inputs", str(nan), "--device", "cpu")
+    assert proc.returncode != 0 and not out.exists() and "cannot check" in proc.stderr

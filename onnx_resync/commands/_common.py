@@ -6,6 +6,7 @@ import json
 import sys
 
 from ..errors import UsageError
+from ..inputs import MAX_SAMPLES  # one bound, which verify() enforces too
 
 
 def add_verify_options(parser, *, prefix_help: str = "") -> None:
@@ -14,7 +15,9 @@ def add_verify_options(parser, *, prefix_help: str = "") -> None:
     g.add_argument("--shape", action="append", default=[], metavar="NAME:D1,D2,...",
                    help="fix an input's shape (symbolic dims default to 1); repeatable")
     g.add_argument("--inputs", metavar="FILE.npz", help="inputs to run instead of seeded random ones")
-    g.add_argument("--samples", type=int, default=1, help="random input batches (default 1)")
+    g.add_argument("--samples", type=int, default=1,
+                   help=f"random input batches, 1..{MAX_SAMPLES} (default 1); bool inputs and inputs that "
+                   "reach an If/Loop condition are also varied so that every branch runs")
     g.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto")
     g.add_argument("--tolerance", type=float, default=1e-5,
                    help="max abs error / max |reference| per output (default 1e-5)")

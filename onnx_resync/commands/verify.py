@@ -1,4 +1,5 @@
-"""`onnx-resync verify A.onnx B.onnx`: do two models compute the same function? (exit 0 yes, 1 no)"""
+"""`onnx-resync verify A.onnx B.onnx`: do two models compute the same function? (exit 0 yes, 1 no,
+4 cannot check: no finite value compared)"""
 
 from __future__ import annotations
 
@@ -13,7 +14,10 @@ def register(subparsers) -> None:
         help="check with ONNX Runtime that two models compute the same function",
         description="Run both models on the same seeded random inputs (or --inputs) and compare every "
         "output. Passes when max|err| / max|ref| <= --tolerance per output, or element-wise with "
-        "--atol/--rtol. Exit 0 equivalent, 1 not, 2 usage, 3 load/signature error.",
+        "--atol/--rtol. Bool inputs and inputs that reach an If/Loop condition are varied so that every "
+        "branch runs. Every output must compare at least one finite value (finite on both sides): an "
+        "empty batch, or outputs all NaN/inf, prove nothing. Exit 0 equivalent, 1 not equivalent, "
+        "2 usage, 3 load/signature error, 4 cannot check (no finite value compared).",
     )
     p.add_argument("reference", help="reference model (.onnx)")
     p.add_argument("candidate", help="model to compare against the reference (.onnx)")
@@ -31,4 +35,4 @@ def run(args: argparse.Namespace) -> int:
     report = verify(args.reference, args.candidate, seed=args.seed, atol=args.atol, rtol=args.rtol,
                     **verify_options(args))
     print(report.to_json() if args.json else report.format_text())
-    return 0 if report.equivalent else 1
+    return report.exit_code
