@@ -27,15 +27,11 @@ import onnx
 from .canonical import CanonicalModel, topological
 from ..errors import ModelMismatchError
 from ..io import WeightStore
+from ..walk import registry
 
-COMMUTATIVE = {"Add", "Mul", "Sum", "Max", "Min", "Mean"}
+COMMUTATIVE = registry.having("commutative")
 # ops that do not change what a tensor *is* (for roles): views, pointwise activations, pooling
-TRIVIAL = set(
-    "Reshape Transpose Flatten Squeeze Unsqueeze Identity Cast CastLike Dropout Relu LeakyRelu Elu Selu "
-    "Celu Sigmoid HardSigmoid HardSwish Tanh Softplus Softsign Gelu Mish Erf Exp Log Abs Neg Sqrt Swish "
-    "Reciprocal Clip PRelu QuantizeLinear DequantizeLinear MaxPool AveragePool GlobalAveragePool "
-    "GlobalMaxPool Pad Resize Upsample BatchNormalization LayerNormalization InstanceNormalization".split()
-)
+TRIVIAL = registry.having("trivial")
 ROLE_DEPTH = 3
 ROLE_FANOUT = 16
 

@@ -112,7 +112,8 @@ _BOOL = {"Equal", "Less", "Greater", "LessOrEqual", "GreaterOrEqual", "Not", "An
 for _op in UNARY:
     declare(_op, passthrough, homogeneous=_op in _HOMOGENEOUS_UNARY, trivial=_op in _TRIVIAL_UNARY,
             foldable=_op in _FOLDABLE_UNARY, layout=_op in ("Identity", "Cast"),
-            weight_view=_op in ("Identity", "Cast"), output_type="bool" if _op in _BOOL else None)
+            weight_view=_op in ("Identity", "Cast"), quantized_view=_op == "Identity",
+            output_type="bool" if _op in _BOOL else None)
 for _op in BINARY:
     declare(_op, broadcast, homogeneous=_op in ("Add", "Sub", "Mul", "Sum"),
             homogeneous_joint=_op in ("Add", "Sub", "Sum"), foldable=_op in ("Mul", "Add", "Sub", "Div", "Pow"),

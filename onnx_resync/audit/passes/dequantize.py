@@ -1,4 +1,4 @@
-"""Integer-operator quantized graphs back to the float graph (a step of canonical.py).
+"""Quantized graphs back to the float graph they were quantized from.
 
 onnxruntime.quantization writes a quantized model in three ways. QDQ keeps the float ops with
 QuantizeLinear/DequantizeLinear pairs around them; the others replace the ops themselves:
@@ -14,47 +14,44 @@ QuantizeLinear/DequantizeLinear pairs around them; the others replace the ops th
   QLinear(Global)AveragePool, QLinearConcat, QLinearReduceMean, with plain MaxPool, Reshape,
   Split, Transpose... on the int8 tensors, DequantizeLinear where a float op follows.
 
-`dequantize(canonicalizer)` rewrites all of these into the float ops they stand for: a quantized
-activation is replaced by the float tensor it encodes (`(q - zero_point) * scale`, which is the
-tensor that was quantized), weights by their dequantized float values (per tensor or per output
-channel), biases by their float values, and the quantization ops of activations (QuantizeLinear,
-DequantizeLinear, DynamicQuantizeLinear, the Cast/Mul-by-scale chains) disappear. The result is the
-float graph the model was quantized from, up to the rounding of its weights. Anything that does not
-follow these patterns is left as it is (alignment will then name it).
+Canonical form: the float ops these stand for. A quantized activation is replaced by the float
+tensor it encodes (`(q - zero_point) * scale`, which is the tensor that was quantized), weights by
+their dequantized float values (per tensor or per output channel), biases by their float values;
+the quantization ops of activations (QuantizeLinear, DequantizeLinear, DynamicQuantizeLinear, the
+Cast/Mul-by-scale chains) disappear, and a Relu that static quantization folded into a range
+starting at 0 is put back. The result computes what the file computes up to the rounding of the
+quantized activations (the file's outputs are those of the float graph, quantized). Anything that
+does not follow these patterns is left as it is (alignment will then name it). Which ops move
+quantized values without arithmetic, only read shapes, or stand for which float op, is the op
+registry's (`quantized_view`, `shape_reader`, `float_form`).
 
-Works on canonical.py's `_Canonicalizer` state (nodes in topological order, constants, origins,
-node names); no import of canonical.py, so the import goes one way.
+The original of a rewritten node stays next to its float form until nothing reads it (another
+reader may still need the quantized tensor); the pass ends by removing what is then unused.
 """
 
 from __future__ import annotations
-
-from collections import defaultdict
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-STANDARD = ("", "ai.onnx")
+from ..rewrite import STANDARD, Workspace, attr
+from .cleanup import remove_unused
+from ...walk import registry
+
 MS = "com.microsoft"
-# ops that move or select quantized values without arithmetic: the same op on the float tensor
-VIEWS = {"MaxPool", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Split", "Slice", "Gather",
-         "Identity", "DepthToSpace", "SpaceToDepth", "Expand", "Tile", "Resize", "Upsample", "GlobalMaxPool"}
-SHAPE_READERS = {"Shape", "Size"}
-UNARY = {"QLinearSigmoid": "Sigmoid", "QLinearLeakyRelu": "LeakyRelu", "QLinearSoftmax": "Softmax",
-         "QLinearGlobalAveragePool": "GlobalAveragePool", "QLinearAveragePool": "AveragePool",
-         "QLinearReduceMean": "ReduceMean"}
+# ops whose output is at least 0, or in [-1, 1], whatever their input; and ops whose output values
+# are among (or averages of) their first input's: a lower bound passes through them
+_NONNEGATIVE = ("Relu", "Sigmoid", "Softmax", "HardSigmoid", "Abs", "Exp", "Sqrt", "Softplus")
+_BOUNDED = ("Erf", "Tanh")
+_WITHIN_INPUT = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Reshape", "Transpose",
+                 "Flatten", "Squeeze", "Unsqueeze", "Split", "Slice", "Identity", "Resize", "Gather")
+_ROLLBACK = (IndexError, KeyError, ValueError, TypeError, ArithmeticError)
 
 
-def dequantize(c) -> bool:
-    """Rewrite `c.nodes` (a _Canonicalizer) into float ops; True if anything changed."""
-    return _Dequantizer(c).run()
-
-
-def _attr(node: onnx.NodeProto, name: str, default=None):
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
+def dequantize(ws: Workspace) -> bool:
+    """Rewrite every quantized pattern into float ops; True if anything changed."""
+    return _Dequantizer(ws).run()
 
 
 def _opset(model: onnx.ModelProto) -> int:
@@ -62,83 +59,61 @@ def _opset(model: onnx.ModelProto) -> int:
 
 
 class _Dequantizer:
-    def __init__(self, c):
-        self.c = c
-        self.consts = c.consts
+    def __init__(self, ws: Workspace):
+        self.ws = ws
         self.real: dict[str, str] = {}  # quantized activation -> the float tensor it encodes
         self.scale: dict[str, str] = {}  # quantized activation -> its scale tensor (dynamic or constant)
-        self.alias: dict[str, str] = {}  # float tensor (a DequantizeLinear output) -> the same value
-        self.dropped: set[int] = set()  # id() of original nodes replaced outright
-        self.maybe_dead: list[onnx.NodeProto] = []  # originals kept until nothing reads them
-        self.users: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        self.producer: dict[str, onnx.NodeProto] = {}
-        self.made: dict[str, onnx.NodeProto] = {}  # outputs of the nodes written here
         self.pending: list[tuple[str, str, np.dtype | None]] = []  # (quantized tensor, zero point, type)
-        self.inputs = {i.name for i in c.graph.input}
+        self.outputs: list[tuple[str, str]] = []  # (graph output a DequantizeLinear wrote, its float tensor)
+        self.shape_readers = registry.having("shape_reader")
+        self.views = registry.having("quantized_view") | self.shape_readers | {"Concat"}
+        self.float_forms = registry.having("float_form", domain=MS)
         self.changed = False
 
     # ---- driver ------------------------------------------------------------------------------
     def run(self) -> bool:
-        for n in self.c.nodes:
-            for i in n.input:
-                if i:
-                    self.users[i].append(n)
-            for o in n.output:
-                if o:
-                    self.producer[o] = n
-        out = []
-        for node in self.c.nodes:
-            if id(node) in self.dropped:
-                continue
-            for k, name in enumerate(node.input):
-                if name in self.alias:
-                    node.input[k] = self.alias[name]
+        ws = self.ws
+        for node in ws.nodes:
+            if node not in ws:
+                continue  # taken in by an earlier node's rewrite
             new, keep = self._rewrite(node)
-            for n in new:
-                for o in n.output:
-                    self.made[o] = n
             if new and keep:
                 self._rename_original(node, new)
-                self.maybe_dead.append(node)
-            for relu in self._clamps():
-                relu.name = self.c._new_name(f"{new[0].name if new else node.name}/Relu")
-                self.c.node_origins[relu.name] = self.c.node_origins.get(node.name, node.name)
-                new.append(relu)
-            self.changed |= bool(new)
             if keep:
-                out.append(node)
-            out.extend(new)
-        self.c.nodes = out
+                ws.add(new, after=node)
+            else:
+                ws.replace(node, new)
+            relus = self._clamps(node)
+            for relu in relus:
+                ws.name_node(relu, f"{new[0].name if new else node.name}/Relu", node)
+            self.changed |= bool(new) or bool(relus)
         if not self.changed:
             return False
-        self._protected_aliases()
-        self._remove_dead()
+        self._restore_outputs()
+        remove_unused(ws)
         return True
 
     def _rewrite(self, node) -> tuple[list[onnx.NodeProto], bool]:
         """(new nodes, keep the original); ([], True) leaves the node as it is, as for a malformed
-        node (missing inputs, shapes that do not broadcast): alignment will name what is left."""
-        outputs, inputs = list(node.output), list(node.input)
+        node (missing inputs, shapes that do not broadcast): alignment will name what is left.
+        A handler changes the workspace's graph only once nothing can fail."""
         try:
             return self._dispatch(node)
-        except (IndexError, KeyError, ValueError, TypeError, ArithmeticError):
-            for o in outputs:
-                for table in (self.real, self.scale, self.alias):
+        except _ROLLBACK:
+            for o in node.output:
+                for table in (self.real, self.scale):
                     table.pop(o, None)
-            self.pending = [p for p in self.pending if p[0] not in outputs]
-            node.output[:] = outputs
-            node.input[:] = inputs
-            self.dropped.discard(id(node))
+            self.pending = [p for p in self.pending if p[0] not in node.output]
             return [], True
 
     def _dispatch(self, node) -> tuple[list[onnx.NodeProto], bool]:
-        op, domain = node.op_type, node.domain
+        op, domain, ws = node.op_type, node.domain, self.ws
         if domain in STANDARD:
-            if op == "QuantizeLinear" and node.input[0] not in self.consts:
+            if op == "QuantizeLinear" and node.input[0] not in ws.constants:
                 self.real[node.output[0]] = node.input[0]
                 self.scale[node.output[0]] = node.input[1]
                 zp = node.input[2] if len(node.input) > 2 else ""
-                dtype = _attr(node, "output_dtype", 0)
+                dtype = attr(node, "output_dtype", 0)
                 self.pending.append((node.output[0], zp, helper.tensor_dtype_to_np_dtype(dtype) if dtype else None))
                 return [], True
             if op == "DynamicQuantizeLinear":
@@ -146,11 +121,11 @@ class _Dequantizer:
                 self.scale[node.output[0]] = node.output[1]
                 return [], True
             if op == "DequantizeLinear" and node.input[0] in self.real:
-                self.alias[node.output[0]] = self.real[node.input[0]]
-                self.dropped.add(id(node))
-                if node.input[0] in self.producer:
-                    self.maybe_dead.append(self.producer[node.input[0]])
-                self.c.changes["activation QuantizeLinear/DequantizeLinear removed"] += 1
+                y, x = node.output[0], self.real[node.input[0]]
+                if y in ws.protected:
+                    self.outputs.append((y, x))
+                ws.rewire(y, x)
+                ws.record("activation QuantizeLinear/DequantizeLinear removed")
                 self.changed = True
                 return [], False
             if op in ("ConvInteger", "MatMulInteger"):
@@ -159,14 +134,14 @@ class _Dequantizer:
                 return self._qlinear_conv(node), True
             if op == "QLinearMatMul":
                 return self._qlinear_matmul(node), True
-            if op in VIEWS | SHAPE_READERS | {"Concat"}:
+            if op in self.views:
                 return self._view(node), True
         elif domain == MS:
             if op == "QGemm":
                 return self._qgemm(node), True
             if op in ("QLinearAdd", "QLinearMul"):
                 return self._qlinear_binary(node), True
-            if op in UNARY:
+            if op in self.float_forms:
                 return self._qlinear_unary(node), True
             if op == "QLinearConcat":
                 return self._qlinear_concat(node), True
@@ -179,51 +154,46 @@ class _Dequantizer:
     def _rename_original(self, node, new) -> None:
         """The first new node takes the original's name (reports use it); the original, kept until
         nothing reads it, gets another."""
-        shown = self.c.node_origins.get(node.name, node.name)
         name = node.name
-        node.name = self.c._new_name(name + "/quantized")
-        self.c.node_origins[node.name] = shown
+        self.ws.name_node(node, name + "/quantized", name)
+        self._name_replacement(name, new)
+
+    def _name_replacement(self, name: str, new) -> None:
         new[0].name = name
         for n in new[1:]:
-            n.name = self.c._new_name(f"{name}/{n.op_type}")
-            self.c.node_origins[n.name] = shown
+            self.ws.name_node(n, f"{name}/{n.op_type}", name)
 
     # ---- helpers -----------------------------------------------------------------------------
-    def _const(self, name: str) -> np.ndarray | None:
-        return self.consts.get(name) if name else None
-
     def _float_input(self, q: str, scale: str, zero_point: str) -> str | None:
         """The float tensor for a quantized operand: the activation it encodes, or a constant
         dequantized here."""
         if q in self.real:
             return self.real[q]
-        value, s = self._const(q), self._const(scale)
+        value, s = self.ws.const(q), self.ws.const(scale)
         if value is None or s is None:
             return None
-        zp = self._const(zero_point)
+        zp = self.ws.const(zero_point)
         f = (value.astype(np.float64) - (zp.astype(np.float64) if zp is not None else 0.0)) * s.astype(np.float64)
         return self._add_const(q + "/dequantized", f, [q, scale] + ([zero_point] if zero_point else []), value)
 
     def _add_const(self, base: str, value: np.ndarray, sources: list[str], stored: np.ndarray) -> str:
-        name = self.c._new_name(base)
-        self.consts[name] = np.asarray(value, dtype=np.float32)
-        self.c.origins[name] = self.c._merge_origin([s for s in sources if s], f"dequantized {stored.dtype}")
-        return name
+        origin = self.ws.origin_of([s for s in sources if s], f"dequantized {stored.dtype}")
+        return self.ws.add_constant(base, np.asarray(value, dtype=np.float32), origin)
 
     def _float_output(self, q: str, zero_point: str = "") -> str:
         """A fresh float tensor for quantized output q (and a Relu if its quantization clamps at 0)."""
-        name = self.c._new_name(q + "/float")
+        name = self.ws.new_name(q + "/float")
         self.real[q] = name
         self.pending.append((q, zero_point, None))
         return name
 
-    def _clamps(self) -> list[onnx.NodeProto]:
+    def _clamps(self, anchor: onnx.NodeProto) -> list[onnx.NodeProto]:
         """Static quantization clamps to the calibrated range; ONNX Runtime's quantizer drops a Relu
         (or Clip) whose input it quantizes, so that a range starting at 0 (zero point at the type's
-        minimum) *is* the Relu. Put it back, unless the tensor is non-negative anyway."""
+        minimum) *is* the Relu. Put it back (after `anchor`), unless the tensor is non-negative anyway."""
         out = []
         for q, zp, dtype in self.pending:
-            z = self._const(zp)
+            z = self.ws.const(zp)
             if zp and z is None:
                 continue  # a zero point computed at run time: nothing known
             if z is None and dtype is None:
@@ -235,13 +205,13 @@ class _Dequantizer:
             if z is not None and not (z.size >= 1 and np.all(z == lowest)):
                 continue
             x = self.real[q]
-            if x in self.inputs or self._nonnegative(x):
+            if x in self.ws.inputs or self._nonnegative(x):
                 continue  # the range of a graph input is the data's, not a dropped Relu
-            y = self.c._new_name(x + "/relu")
-            out.append(helper.make_node("Relu", [x], [y]))
-            self.made[y] = out[-1]
-            self.real[q] = y
-            self.c.changes["Relu made explicit (folded into the quantization range)"] += 1
+            relu = helper.make_node("Relu", [x], [self.ws.new_name(x + "/relu")])
+            self.ws.add([relu], after=anchor)
+            out.append(relu)
+            self.real[q] = relu.output[0]
+            self.ws.record("Relu made explicit (folded into the quantization range)")
         self.pending = []
         return out
 
@@ -251,22 +221,21 @@ class _Dequantizer:
 
     def _lower_bound(self, name: str, depth: int) -> float | None:
         """A lower bound of a float tensor's values from the ops that make it (None: unknown)."""
-        if name in self.consts:
-            v = self.consts[name]
+        if name in self.ws.constants:
+            v = self.ws.const(name)
             return float(v.min()) if v.size and v.dtype.kind in "fiu" else None
-        p = self.made.get(name) or self.producer.get(name)
+        p = self.ws.producer(name)
         if p is None or p.domain not in STANDARD or depth == 0:
             return None
         op = p.op_type
-        if op in ("Relu", "Sigmoid", "Softmax", "HardSigmoid", "Abs", "Exp", "Sqrt", "Softplus"):
+        if op in _NONNEGATIVE:
             return 0.0
-        if op in ("Erf", "Tanh"):
+        if op in _BOUNDED:
             return -1.0
         if op == "Clip":
-            low = p.input[1] if len(p.input) > 1 else ""
-            return float(self.consts[low].min()) if low in self.consts else None
-        if op in ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "Reshape", "Transpose",
-                  "Flatten", "Squeeze", "Unsqueeze", "Split", "Slice", "Identity", "Resize", "Gather"):
+            low = self.ws.const(p.input[1]) if len(p.input) > 1 else None
+            return float(low.min()) if low is not None else None
+        if op in _WITHIN_INPUT:
             return self._lower_bound(p.input[0], depth - 1)
         bounds = [self._lower_bound(i, depth - 1) for i in p.input if i]
         if any(b is None for b in bounds) or not bounds:
@@ -281,42 +250,24 @@ class _Dequantizer:
 
     def _weight(self, w: str, scale: str, zero_point: str, axis: int) -> np.ndarray | None:
         """(w - zero_point) * scale with scale / zero point per tensor or along `axis` of w."""
-        W, s = self._const(w), self._const(scale)
+        W, s = self.ws.const(w), self.ws.const(scale)
         if W is None or s is None or W.dtype.kind not in "iu":
             return None
-        zp = self._const(zero_point)
-        s = self._along(s, W, axis)
-        z = self._along(zp, W, axis) if zp is not None else 0.0
+        zp = self.ws.const(zero_point)
+        s = _along(s, W, axis)
+        z = _along(zp, W, axis) if zp is not None else 0.0
         if s is None or z is None:
             return None
         return (W.astype(np.float64) - z) * s
-
-    @staticmethod
-    def _along(v: np.ndarray, W: np.ndarray, axis: int):
-        v = np.asarray(v, dtype=np.float64)
-        if v.size == 1:
-            return float(v.reshape(-1)[0])
-        axis = axis % W.ndim
-        if v.size != W.shape[axis]:
-            return None
-        shape = [1] * W.ndim
-        shape[axis] = -1
-        return v.reshape(shape)
-
-    def _single_user(self, name: str) -> onnx.NodeProto | None:
-        users = self.users.get(name, [])
-        if len(users) != 1 or name in self.c.protected:
-            return None
-        return users[0]
 
     def _factors(self, name: str, x_scale: str, depth: int = 4) -> tuple[int, list[np.ndarray]] | None:
         """A scale expression as (how many times x_scale occurs, constant factors); None if it is
         something else."""
         if name == x_scale:
             return 1, []
-        if name in self.consts:
-            return 0, [self.consts[name].astype(np.float64)]
-        p = self.producer.get(name)
+        if name in self.ws.constants:
+            return 0, [self.ws.const(name).astype(np.float64)]
+        p = self.ws.producer(name)
         if p is None or p.op_type != "Mul" or p.domain not in STANDARD or depth == 0 or len(p.input) != 2:
             return None
         a, b = (self._factors(i, x_scale, depth - 1) for i in p.input)
@@ -324,42 +275,39 @@ class _Dequantizer:
             return None
         return a[0] + b[0], a[1] + b[1]
 
-    @staticmethod
-    def _product(factors: list[np.ndarray]) -> np.ndarray:
-        out = np.ones((), dtype=np.float64)
-        for f in factors:
-            out = out * f
-        return out
-
-    @staticmethod
-    def _channel_vector(c: np.ndarray, channels: int, from_end: int) -> np.ndarray | None:
-        """A constant broadcast over an output whose channel axis is `from_end` axes from the last
-        (a Conv's (N, C, H, W): 3; a MatMul's (..., C): 1) as one value per channel; None if it
-        varies along another axis."""
-        c = np.asarray(c, dtype=np.float64)
-        if c.size == 1:
-            return np.full(channels, float(c.reshape(-1)[0]))
-        dims = list(c.shape)
-        nz = [k for k, d in enumerate(dims) if d != 1]
-        if len(nz) != 1 or dims[nz[0]] != channels or len(dims) - nz[0] != from_end:
-            return None
-        return c.reshape(-1)
+    def _scale_sources(self, chain) -> list[str]:
+        """The stored scale tensors that a Cast/Mul chain multiplies by (for the weight's origin)."""
+        names = []
+        for n in chain[1:]:
+            stack = [i for i in n.input if i]
+            depth = 0
+            while stack and depth < 16:
+                depth += 1
+                t = stack.pop()
+                if t in self.ws.constants and t not in names:
+                    names.append(t)
+                    continue
+                p = self.ws.producer(t)
+                if p is not None and p.op_type == "Mul" and p.domain in STANDARD:
+                    stack.extend(i for i in p.input if i)
+        return names
 
     # ---- dynamic quantization ----------------------------------------------------------------
     def _integer_op(self, node) -> tuple[list[onnx.NodeProto], bool]:
         """ConvInteger / MatMulInteger -> [Add int bias] -> Cast float -> Mul by scales, as one Conv /
         MatMul on the float input with the dequantized weight (and bias)."""
+        ws = self.ws
         conv = node.op_type == "ConvInteger"
         x, w = node.input[0], node.input[1]
-        if x not in self.real or w not in self.consts or self.consts[w].dtype.kind not in "iu":
+        W = ws.const(w)
+        if x not in self.real or W is None or W.dtype.kind not in "iu":
             return [], True
         x_scale = self.scale.get(x, "")
-        W = self.consts[w]
         w_zp = node.input[3] if len(node.input) > 3 else ""
         channels = W.shape[0] if conv else W.shape[-1]
         chain, t = [node], node.output[0]
         bias = None
-        u = self._single_user(t)
+        u = ws.sole_consumer(t)
         if u is not None and u.op_type == "Add" and u.domain in STANDARD:
             other = u.input[1] if u.input[0] == t else u.input[0]
             bias = self._integer_bias(other, x_scale, channels)
@@ -367,14 +315,14 @@ class _Dequantizer:
                 return [], True
             chain.append(u)
             t = u.output[0]
-            u = self._single_user(t)
-        if u is None or u.op_type != "Cast" or _attr(u, "to") != TensorProto.FLOAT:
+            u = ws.sole_consumer(t)
+        if u is None or u.op_type != "Cast" or attr(u, "to", None) != TensorProto.FLOAT:
             return [], True
         chain.append(u)
         t = u.output[0]
         count, factors = 0, []
         while count == 0:
-            u = self._single_user(t) if t not in self.c.protected else None
+            u = ws.sole_consumer(t)
             if u is None or u.op_type != "Mul" or u.domain not in STANDARD or len(u.input) != 2:
                 return [], True
             other = u.input[1] if u.input[0] == t else u.input[0]
@@ -387,68 +335,54 @@ class _Dequantizer:
             t = u.output[0]
         if count != 1:
             return [], True
-        C = self._channel_vector(self._product(factors), channels, W.ndim - 1 if conv else 1)
+        C = _channel_vector(_product(factors), channels, W.ndim - 1 if conv else 1)
         if C is None:
             return [], True
-        zp = self._const(w_zp)
-        z = self._along(zp, W, 0 if conv else -1) if zp is not None else 0.0
+        zp = ws.const(w_zp)
+        z = _along(zp, W, 0 if conv else -1) if zp is not None else 0.0
         if z is None:
             return [], True
         Wf = (W.astype(np.float64) - z) * C.reshape((-1,) + (1,) * (W.ndim - 1) if conv else (-1,))
-        w_name = self._add_const(w + "/dequantized", Wf, [w, w_zp] + _const_sources(self, chain), W)
+        w_name = self._add_const(w + "/dequantized", Wf, [w, w_zp] + self._scale_sources(chain), W)
         inputs = [self.real[x], w_name]
         b_name = ""
         if bias is not None:
             b_src, b_value = bias
-            b_name = self._add_const(b_src + "/dequantized", b_value * C, [b_src], self.consts[b_src])
-            self.c.origins[b_name].steps[-1] = "dequantized bias (quantized at run time)"
-        new = []
+            b_name = self._add_const(b_src + "/dequantized", b_value * C, [b_src], ws.const(b_src))
+            ws.origins[b_name].steps[-1] = "dequantized bias (quantized at run time)"
         if conv:
-            if b_name:
-                inputs.append(b_name)
-            n = helper.make_node("Conv", inputs, [t])
-            n.attribute.extend(a for a in node.attribute)
-            new.append(n)
+            n = helper.make_node("Conv", inputs + ([b_name] if b_name else []), [t])
+            n.attribute.extend(node.attribute)
+            new = [n]
         elif b_name:
-            mid = self.c._new_name(t + "/matmul")
-            new.append(helper.make_node("MatMul", inputs, [mid]))
-            new.append(helper.make_node("Add", [mid, b_name], [t]))
+            mid = ws.new_name(t + "/matmul")
+            new = [helper.make_node("MatMul", inputs, [mid]), helper.make_node("Add", [mid, b_name], [t])]
         else:
-            new.append(helper.make_node("MatMul", inputs, [t]))
-        for n in chain:
-            self.dropped.add(id(n))
+            new = [helper.make_node("MatMul", inputs, [t])]
         for n in chain[1:]:
-            self.maybe_dead.extend(self.producer[i] for i in n.input if i in self.producer)
-        self.maybe_dead.extend(self.producer[i] for i in node.input if i in self.producer)
-        self._name_replacement(node, new)
-        self.c.changes[f"{node.op_type} dequantized to {'Conv' if conv else 'MatMul'}"] += 1
+            ws.remove(n)
+        self._name_replacement(node.name, new)
+        ws.record(f"{node.op_type} dequantized to {'Conv' if conv else 'MatMul'}")
         return new, False
-
-    def _name_replacement(self, node, new) -> None:
-        shown = self.c.node_origins.get(node.name, node.name)
-        new[0].name = node.name
-        for n in new[1:]:
-            n.name = self.c._new_name(f"{node.name}/{n.op_type}")
-            self.c.node_origins[n.name] = shown
 
     def _integer_bias(self, name: str, x_scale: str, channels: int) -> tuple[str, np.ndarray] | None:
         """A bias quantized at run time, Reshape(Cast(Floor(bias / (x_scale * c)))): (bias tensor,
         bias / c per channel), so that after the Mul by x_scale * C its float value is bias * C / c."""
         t = name
         for _ in range(6):
-            p = self.producer.get(t)
+            p = self.ws.producer(t)
             if p is None or p.domain not in STANDARD:
                 return None
             if p.op_type in ("Reshape", "Cast", "Floor", "Round", "Ceil", "Identity", "Unsqueeze", "Squeeze"):
                 t = p.input[0]
                 continue
-            if p.op_type != "Div" or p.input[0] not in self.consts:
+            if p.op_type != "Div" or p.input[0] not in self.ws.constants:
                 return None
             f = self._factors(p.input[1], x_scale)
             if f is None or f[0] != 1:
                 return None
-            b = self.consts[p.input[0]].astype(np.float64)
-            d = self._channel_vector(self._product(f[1]), channels, 1)
+            b = self.ws.const(p.input[0]).astype(np.float64)
+            d = _channel_vector(_product(f[1]), channels, 1)
             if b.size != channels or d is None:
                 return None
             return p.input[0], b.reshape(-1) / d
@@ -459,20 +393,23 @@ class _Dequantizer:
         MatMulIntegerToFloat(A, B, a_scale, b_scale, a_zp, b_zp, bias): MatMul (+ Add)."""
         ins = list(node.input) + [""] * 7
         if node.op_type == "DynamicQuantizeMatMul":
-            a, w, ws, wz, bias = ins[0], ins[1], ins[2], ins[3], ins[4]
+            a, w, w_s, wz, bias = ins[0], ins[1], ins[2], ins[3], ins[4]
         else:
-            a, w, ws, wz, bias = self.real.get(ins[0], ""), ins[1], ins[3], ins[5], ins[6]
-        Wf = self._weight(w, ws, wz, -1)
-        if not a or Wf is None or (bias and bias not in self.consts):
+            a, w, w_s, wz, bias = self.real.get(ins[0], ""), ins[1], ins[3], ins[5], ins[6]
+        Wf = self._weight(w, w_s, wz, -1)
+        if not a or Wf is None or (bias and bias not in self.ws.constants):
             return []
-        w_name = self._add_const(w + "/dequantized", Wf, [w, ws, wz], self.consts[w])
+        w_name = self._add_const(w + "/dequantized", Wf, [w, w_s, wz], self.ws.const(w))
         y = node.output[0]
-        node.output[0] = self.c._new_name(y + "/quantized")
-        self.c.changes[f"{node.op_type} dequantized to MatMul"] += 1
+        quantized = self.ws.new_name(y + "/quantized")
+        self.ws.record(f"{node.op_type} dequantized to MatMul")
         if not bias:
-            return [helper.make_node("MatMul", [a, w_name], [y])]
-        mid = self.c._new_name(y + "/matmul")
-        return [helper.make_node("MatMul", [a, w_name], [mid]), helper.make_node("Add", [mid, bias], [y])]
+            new = [helper.make_node("MatMul", [a, w_name], [y])]
+        else:
+            mid = self.ws.new_name(y + "/matmul")
+            new = [helper.make_node("MatMul", [a, w_name], [mid]), helper.make_node("Add", [mid, bias], [y])]
+        self.ws.set_output(node, 0, quantized)
+        return new
 
     def _lstm(self, node) -> list[onnx.NodeProto]:
         """DynamicQuantizeLSTM: W [dir, in, 4H] and R [dir, H, 4H] int8 with per-direction or per
@@ -480,26 +417,28 @@ class _Dequantizer:
         ins = list(node.input) + [""] * 12
         mats = []
         for q, s, z in ((ins[1], ins[8], ins[9]), (ins[2], ins[10], ins[11])):
-            Q, S = self._const(q), self._const(s)
+            Q, S = self.ws.const(q), self.ws.const(s)
             if Q is None or S is None or Q.ndim != 3 or Q.dtype.kind not in "iu":
                 return []
-            Z = self._const(z)
+            Z = self.ws.const(z)
             S = S.astype(np.float64).reshape(Q.shape[0], 1, -1)
             Z = Z.astype(np.float64).reshape(Q.shape[0], 1, -1) if Z is not None else 0.0
             if S.shape[2] not in (1, Q.shape[2]):
                 return []
             F = ((Q.astype(np.float64) - Z) * S).transpose(0, 2, 1)
             name = self._add_const(q + "/dequantized", F, [q, s, z], Q)
-            self.c.origins[name].steps.append("view DynamicQuantizeLSTM layout [dir, in, 4H] -> [dir, 4H, in]")
+            self.ws.origins[name].steps.append("view DynamicQuantizeLSTM layout [dir, in, 4H] -> [dir, 4H, in]")
             mats.append(name)
         outs = list(node.output)
-        node.output[:] = [self.c._new_name(o + "/quantized") if o else "" for o in outs]
+        renamed = [self.ws.new_name(o + "/quantized") if o else "" for o in outs]
         inputs = [ins[0], mats[0], mats[1]] + ins[3:8]
         while inputs and not inputs[-1]:
             inputs.pop()
         new = helper.make_node("LSTM", inputs, outs)
         new.attribute.extend(node.attribute)
-        self.c.changes["DynamicQuantizeLSTM dequantized to LSTM"] += 1
+        self.ws.record("DynamicQuantizeLSTM dequantized to LSTM")
+        for k, o in enumerate(renamed):
+            self.ws.set_output(node, k, o)
         return [new]
 
     # ---- static QOperator ----------------------------------------------------------------------
@@ -509,7 +448,7 @@ class _Dequantizer:
         Wf = self._weight(ins[3], ins[4], ins[5], 0)
         if x is None or Wf is None:
             return []
-        w_name = self._add_const(ins[3] + "/dequantized", Wf, ins[3:6], self.consts[ins[3]])
+        w_name = self._add_const(ins[3] + "/dequantized", Wf, ins[3:6], self.ws.const(ins[3]))
         inputs = [x, w_name]
         if ins[8]:
             b = self._bias(ins[8], ins[1], ins[4], Wf.shape[0])
@@ -519,29 +458,29 @@ class _Dequantizer:
         y = self._float_output(node.output[0], ins[7])
         new = helper.make_node("Conv", inputs, [y])
         new.attribute.extend(node.attribute)
-        self.c.changes["QLinearConv dequantized to Conv"] += 1
+        self.ws.record("QLinearConv dequantized to Conv")
         return [new]
 
     def _bias(self, b: str, x_scale: str, w_scale: str, channels: int) -> str | None:
         """An int32 bias at scale x_scale * w_scale, in float."""
-        B, xs, ws = self._const(b), self._const(x_scale), self._const(w_scale)
-        if B is None or xs is None or ws is None or xs.size != 1 or ws.size not in (1, channels):
+        B, xs, w_s = self.ws.const(b), self.ws.const(x_scale), self.ws.const(w_scale)
+        if B is None or xs is None or w_s is None or xs.size != 1 or w_s.size not in (1, channels):
             return None
-        value = B.astype(np.float64) * float(xs.reshape(-1)[0]) * ws.astype(np.float64).reshape(-1)
+        value = B.astype(np.float64) * float(xs.reshape(-1)[0]) * w_s.astype(np.float64).reshape(-1)
         return self._add_const(b + "/dequantized", value, [b, x_scale, w_scale], B)
 
     def _qlinear_matmul(self, node) -> list[onnx.NodeProto]:
         ins = list(node.input) + [""] * 8
         a = self._float_input(ins[0], ins[1], ins[2])
-        if ins[3] in self.consts:
+        if ins[3] in self.ws.constants:
             Wf = self._weight(ins[3], ins[4], ins[5], -1)
-            b = self._add_const(ins[3] + "/dequantized", Wf, ins[3:6], self.consts[ins[3]]) if Wf is not None else None
+            b = self._add_const(ins[3] + "/dequantized", Wf, ins[3:6], self.ws.const(ins[3])) if Wf is not None else None
         else:
             b = self._float_input(ins[3], ins[4], ins[5])
         if a is None or b is None:
             return []
         y = self._float_output(node.output[0], ins[7])
-        self.c.changes["QLinearMatMul dequantized to MatMul"] += 1
+        self.ws.record("QLinearMatMul dequantized to MatMul")
         return [helper.make_node("MatMul", [a, b], [y])]
 
     def _qgemm(self, node) -> list[onnx.NodeProto]:
@@ -549,25 +488,29 @@ class _Dequantizer:
         C (int32 at a_scale * b_scale) in float; the output is float when y_scale is absent."""
         ins = list(node.input) + [""] * 9
         a = self._float_input(ins[0], ins[1], ins[2])
-        trans_b = int(_attr(node, "transB", 0))
+        trans_b = int(attr(node, "transB"))
         Wf = self._weight(ins[3], ins[4], ins[5], 0 if trans_b else 1)
-        if a is None or Wf is None or _attr(node, "transA", 0):
+        if a is None or Wf is None or attr(node, "transA"):
             return []
-        w_name = self._add_const(ins[3] + "/dequantized", Wf, ins[3:6], self.consts[ins[3]])
+        w_name = self._add_const(ins[3] + "/dequantized", Wf, ins[3:6], self.ws.const(ins[3]))
         inputs = [a, w_name]
         if ins[6]:
             c = self._bias(ins[6], ins[1], ins[4], Wf.shape[0] if trans_b else Wf.shape[1])
             if c is None:
                 return []
             inputs.append(c)
+        quantized = ""
         if ins[7]:
             y = self._float_output(node.output[0], ins[8])
         else:
             y = node.output[0]
-            node.output[0] = self.c._new_name(y + "/quantized")
-        attrs = {"transB": trans_b, "alpha": float(_attr(node, "alpha", 1.0))}
-        self.c.changes["QGemm dequantized to Gemm"] += 1
-        return [helper.make_node("Gemm", inputs, [y], **attrs)]
+            quantized = self.ws.new_name(y + "/quantized")
+        attrs = {"transB": trans_b, "alpha": float(attr(node, "alpha", 1.0))}
+        self.ws.record("QGemm dequantized to Gemm")
+        new = helper.make_node("Gemm", inputs, [y], **attrs)
+        if quantized:
+            self.ws.set_output(node, 0, quantized)
+        return [new]
 
     def _qlinear_binary(self, node) -> list[onnx.NodeProto]:
         ins = list(node.input) + [""] * 8
@@ -577,25 +520,25 @@ class _Dequantizer:
             return []
         y = self._float_output(node.output[0], ins[7])
         op = node.op_type[len("QLinear"):]
-        self.c.changes[f"{node.op_type} dequantized to {op}"] += 1
+        self.ws.record(f"{node.op_type} dequantized to {op}")
         return [helper.make_node(op, [a, b], [y])]
 
     def _qlinear_unary(self, node) -> list[onnx.NodeProto]:
         if node.input[0] not in self.real:
             return []
-        op = UNARY[node.op_type]
+        op = registry.lookup(node.op_type, MS).float_form
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         if attrs.pop("channels_last", 0):
             return []
         inputs = [self.real[node.input[0]]]
         if op == "Softmax":
-            attrs = {"axis": attrs.get("axis", -1 if _opset(self.c.src) >= 13 else 1)}
-        if op == "ReduceMean" and _opset(self.c.src) >= 18 and "axes" in attrs:
-            axes = self.c._new_name(node.name + "/axes")
-            self.consts[axes] = np.asarray(attrs.pop("axes"), dtype=np.int64)
+            attrs = {"axis": attrs.get("axis", -1 if _opset(self.ws.source) >= 13 else 1)}
+        if op == "ReduceMean" and _opset(self.ws.source) >= 18 and "axes" in attrs:
+            axes = self.ws.new_name(node.name + "/axes")
+            self.ws.set_constant(axes, np.asarray(attrs.pop("axes"), dtype=np.int64))
             inputs.append(axes)
         y = self._float_output(node.output[0], node.input[4] if len(node.input) > 4 else "")
-        self.c.changes[f"{node.op_type} dequantized to {op}"] += 1
+        self.ws.record(f"{node.op_type} dequantized to {op}")
         return [helper.make_node(op, inputs, [y], **attrs)]
 
     def _qlinear_concat(self, node) -> list[onnx.NodeProto]:
@@ -606,11 +549,12 @@ class _Dequantizer:
         if any(x is None for x in xs) or not any(ins[k] in self.real for k in range(2, len(ins), 3)):
             return []
         y = self._float_output(node.output[0], ins[1])
-        self.c.changes["QLinearConcat dequantized to Concat"] += 1
-        return [helper.make_node("Concat", xs, [y], axis=int(_attr(node, "axis", 1)))]
+        self.ws.record("QLinearConcat dequantized to Concat")
+        return [helper.make_node("Concat", xs, [y], axis=int(attr(node, "axis", 1)))]
 
     def _view(self, node) -> list[onnx.NodeProto]:
-        """MaxPool, Reshape, Split, Concat, ... on quantized tensors: the same op on the floats."""
+        """MaxPool, Reshape, Split, Concat, ... on quantized tensors: the same op on the floats; a
+        shape reader reads the float tensor's shape."""
         data = list(range(len(node.input))) if node.op_type == "Concat" else [0]
         if not node.input or any(node.input[k] not in self.real for k in data):
             return []
@@ -619,9 +563,10 @@ class _Dequantizer:
         inputs = list(node.input)
         for k in data:
             inputs[k] = self.real[node.input[k]]
-        if node.op_type in SHAPE_READERS:
+        renamed = []
+        if node.op_type in self.shape_readers:
             outputs = list(node.output)
-            node.output[:] = [self.c._new_name(o + "/quantized") for o in outputs]
+            renamed = [self.ws.new_name(o + "/quantized") for o in outputs]
         else:
             first = node.input[0]
             outputs = []
@@ -632,71 +577,57 @@ class _Dequantizer:
             self.pending = [p for p in self.pending if p[0] not in node.output]  # no requantization
         new = helper.make_node(node.op_type, inputs, outputs)
         new.attribute.extend(node.attribute)
+        for k, o in enumerate(renamed):
+            self.ws.set_output(node, k, o)
         return [new]
 
     # ---- clean-up ------------------------------------------------------------------------------
-    def _protected_aliases(self) -> None:
-        """A removed DequantizeLinear that wrote a graph output: the float tensor takes its name."""
-        for y, x in list(self.alias.items()):
-            if y not in self.c.protected:
+    def _restore_outputs(self) -> None:
+        """A removed DequantizeLinear that wrote a graph output: the float tensor takes its name
+        (or an Identity writes it, where the float tensor must keep its own)."""
+        ws, renamed = self.ws, {}
+        for y, x in self.outputs:
+            while x in renamed:
+                x = renamed[x]
+            p = ws.producer(x)
+            if p is None or x in ws.protected or x in ws.inputs:
+                ws.add([helper.make_node("Identity", [x], [y], name=ws.new_name(y + "/identity"))])
                 continue
-            while x in self.alias:
-                x = self.alias[x]
-            producer = next((n for n in self.c.nodes if x in n.output), None)
-            if producer is None or x in self.c.protected or x in self.inputs:
-                self.c.nodes.append(helper.make_node("Identity", [x], [y], name=self.c._new_name(y + "/identity")))
-                continue
-            for n in self.c.nodes:
-                for k, name in enumerate(n.input):
-                    if name == x:
-                        n.input[k] = y
-                for k, name in enumerate(n.output):
-                    if name == x:
-                        n.output[k] = y
-            for q, f in self.real.items():
-                if f == x:
-                    self.real[q] = y
-
-    def _remove_dead(self) -> None:
-        """Drop the quantization ops (and the scale arithmetic feeding them) that nothing reads now."""
-        used = defaultdict(int)
-        for n in self.c.nodes:
-            for i in n.input:
-                used[i] += 1
-        alive = {id(n) for n in self.c.nodes}
-        producer = {o: n for n in self.c.nodes for o in n.output if o}
-        stack = list(self.maybe_dead)
-        removed = set()
-        while stack:
-            n = stack.pop()
-            if id(n) in removed or id(n) not in alive:
-                continue
-            if any(o and (used[o] or o in self.c.protected) for o in n.output):
-                continue
-            if any(True for a in n.attribute if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)):
-                continue
-            removed.add(id(n))
-            for i in n.input:
-                if i:
-                    used[i] -= 1
-                    if i in producer:
-                        stack.append(producer[i])
-        self.c.nodes = [n for n in self.c.nodes if id(n) not in removed]
+            for k, o in enumerate(p.output):
+                if o == x:
+                    ws.set_output(p, k, y)
+            ws.rewire(x, y)
+            renamed[x] = y
 
 
-def _const_sources(d: _Dequantizer, chain) -> list[str]:
-    """The stored scale tensors that a Cast/Mul chain multiplies by (for the weight's origin)."""
-    names = []
-    for n in chain[1:]:
-        stack = [i for i in n.input if i]
-        depth = 0
-        while stack and depth < 16:
-            depth += 1
-            t = stack.pop()
-            if t in d.consts and t not in names:
-                names.append(t)
-                continue
-            p = d.producer.get(t)
-            if p is not None and p.op_type == "Mul" and p.domain in STANDARD:
-                stack.extend(i for i in p.input if i)
-    return names
+def _product(factors: list[np.ndarray]) -> np.ndarray:
+    out = np.ones((), dtype=np.float64)
+    for f in factors:
+        out = out * f
+    return out
+
+
+def _along(v: np.ndarray, W: np.ndarray, axis: int):
+    v = np.asarray(v, dtype=np.float64)
+    if v.size == 1:
+        return float(v.reshape(-1)[0])
+    axis = axis % W.ndim
+    if v.size != W.shape[axis]:
+        return None
+    shape = [1] * W.ndim
+    shape[axis] = -1
+    return v.reshape(shape)
+
+
+def _channel_vector(c: np.ndarray, channels: int, from_end: int) -> np.ndarray | None:
+    """A constant broadcast over an output whose channel axis is `from_end` axes from the last
+    (a Conv's (N, C, H, W): 3; a MatMul's (..., C): 1) as one value per channel; None if it
+    varies along another axis."""
+    c = np.asarray(c, dtype=np.float64)
+    if c.size == 1:
+        return np.full(channels, float(c.reshape(-1)[0]))
+    dims = list(c.shape)
+    nz = [k for k, d in enumerate(dims) if d != 1]
+    if len(nz) != 1 or dims[nz[0]] != channels or len(dims) - nz[0] != from_end:
+        return None
+    return c.reshape(-1)

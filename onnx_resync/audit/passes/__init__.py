@@ -1,0 +1,13 @@
+"""Canonicalization passes over one rewrite workspace (../rewrite.py), one file per family.
+
+Each pass is a function `pass_(ws) -> bool` (True if it changed anything) that brings one kind of
+re-export back to one form and keeps what the graph computes; canonical.py runs them in order:
+
+- fused.py: ONNX Runtime's fused contrib ops back to the op and its activation;
+- constants.py: nodes of constants evaluated into constants;
+- dequantize.py: quantized graphs (QDQ, QOperator, dynamic) back to the float graph;
+- floats.py: every float tensor float32;
+- cleanup.py: no-op nodes (Identity, Dropout, Cast to the same type) and unused nodes removed;
+- affine.py: BatchNormalization and per-channel Add/Mul/Sub folded into their producer, Gemm
+  written as MatMul (+ Add), Conv biases made explicit.
+"""
