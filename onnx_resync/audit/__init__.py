@@ -1,6 +1,6 @@
 """audit: is a vendor's file our model? Canonical form, order-free alignment, resync, verdict.
 
-canonical.py and dequantize.py put a file in canonical form; align.py pairs its layers with the
+canonical.py runs the passes (passes/, over the workspace of rewrite.py) that put a file in canonical form; align.py pairs its layers with the
 reference's; report.py builds the verdict; html.py draws it.
 """
 
