@@ -31,10 +31,10 @@ from onnx import helper
 from ..errors import UnsupportedError
 from ..io import is_lazy_tensor, tensor_values
 from ..walk import registry
+from ..walk.registry import attr  # noqa: F401  (the one attribute reader; passes import it from here)
 from ..walk.graph import constant_node_value, node_inputs, outer_scope_names, subgraphs
 
 STANDARD = ("", "ai.onnx")
-_DECLARED = object()
 
 
 @dataclass
@@ -57,15 +57,6 @@ class WeightOrigin:
 
     def to_dict(self) -> dict:
         return {"sources": list(self.sources), "dtype": self.dtype, "steps": list(self.steps), "layer": self.layer}
-
-
-def attr(node: onnx.NodeProto, name: str, default=_DECLARED):
-    """Attribute `name` of `node`; if absent, `default`, or without one the default the op registry
-    declares for it (KeyError if it declares none)."""
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return registry.attr(node, name) if default is _DECLARED else default
 
 
 def set_attr(node: onnx.NodeProto, name: str, value) -> None:

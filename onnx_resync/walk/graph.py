@@ -223,7 +223,7 @@ def _infer_shapes(model: onnx.ModelProto) -> dict[str, list]:
                 continue
             if node.op_type == "Reshape":
                 dims = _reshape_target(shapes.get(node.input[0]), evaluator.value(node.input[1]),
-                                       int(_attr_int(node, "allowzero", 0)))
+                                       int(registry.attr(node, "allowzero", 0)))
             elif node.domain == "com.microsoft" and node.output[0] not in shapes:
                 dims = _contrib_shape(node, shapes)
             else:
@@ -265,22 +265,15 @@ def _contrib_shape(node, shapes):
         x = shape(0)
         if x is None:
             return None
-        return list(x[:2]) + [1] * (len(x) - 2) if not _attr_int(node, "channels_last", 0) else [x[0]] + [1] * (len(x) - 2) + [x[-1]]
+        return list(x[:2]) + [1] * (len(x) - 2) if not registry.attr(node, "channels_last", 0) else [x[0]] + [1] * (len(x) - 2) + [x[-1]]
     if op == "QGemm":
         a, b = shape(0), shape(3)
         if a is None or b is None or len(a) != 2 or len(b) != 2:
             return None
-        m = a[1] if _attr_int(node, "transA", 0) else a[0]
-        n = b[0] if _attr_int(node, "transB", 0) else b[1]
+        m = a[1] if registry.attr(node, "transA", 0) else a[0]
+        n = b[0] if registry.attr(node, "transB", 0) else b[1]
         return [m, n]
     return None
-
-
-def _attr_int(node, name, default):
-    for a in node.attribute:
-        if a.name == name:
-            return a.i
-    return default
 
 
 def _reshape_target(in_shape, value, allowzero):
@@ -363,7 +356,7 @@ class _ShapeValues:
             dims = self.shapes.get(ins[0])
             if dims is None:
                 return None
-            start, end = _attr_int(node, "start", 0), _attr_int(node, "end", len(dims))
+            start, end = registry.attr(node, "start", 0), registry.attr(node, "end", len(dims))
             return list(dims[slice(start, end)])
         if op in ("Identity", "Cast", "Unsqueeze", "Squeeze"):
             return self.value(ins[0])

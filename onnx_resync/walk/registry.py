@@ -109,14 +109,19 @@ def having(prop: str, domain: str | None = STANDARD) -> frozenset[str]:
     return frozenset(s.op_type for s in specs() if getattr(s, prop) and (domain is None or s.domain == domain))
 
 
-def attr(node, name: str):
-    """Attribute `name` of `node`, or the default its registry entry declares (KeyError if the
-    entry does not declare it: a rule may read only declared attributes)."""
+_DECLARED = object()
+
+
+def attr(node, name: str, default=_DECLARED):
+    """Attribute `name` of `node`; if absent, `default`, or without one the default that the op's
+    registry entry declares (KeyError if it declares none: a rule may read only declared attributes)."""
     import onnx  # the registry itself stays free of onnx for readers of the table
 
     for a in node.attribute:
         if a.name == name:
             return onnx.helper.get_attribute_value(a)
+    if default is not _DECLARED:
+        return default
     _load()
     # the newest version that declares it: versions differ in which attributes exist, never in a
     # default, and a rule reads both forms (Squeeze's axes attribute before opset 13, input after)
