@@ -2,6 +2,7 @@
 
     from onnx_resync import api
     api.groups(path) / api.permute(...) / api.resync(...) / api.verify(...) / api.audit(...)
+    api.audit_many(paths, reference, jobs=4, jsonl="results.jsonl")
 
 resync, verify and audit load on first use (they bring scipy and ONNX Runtime).
 """
@@ -17,7 +18,7 @@ import onnx
 
 from .errors import CheckFailed, UsageError
 from .io import check_output_path, check_tensor_data, load_model, refuse_overwrite, save_model, write_text_atomic
-from .permute import PermutationRecord, permuted_copy, random_permutations
+from .permute import PermutationRecord, check_seed, model_sha256, permuted_copy, random_permutations
 from .walk import WalkResult, walk
 
 ModelLike = str | os.PathLike | onnx.ModelProto
@@ -45,6 +46,7 @@ class PermuteResult:
     verified: bool
     verify: dict | None = None
     walk: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what was not checked, and why
 
     def to_dict(self) -> dict:
         return {
@@ -55,17 +57,29 @@ class PermuteResult:
             "verified": self.verified,
             "verify": self.verify,
             "record": self.record.to_dict(),
+            "notes": self.notes,
         }
 
 
 def load_record(path: str | os.PathLike) -> PermutationRecord:
+    """Read a permutation record and validate its structure (every group a permutation of 0..n-1,
+    integers only, a known format); `permute(undo=...)` then checks it against the model."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UsageError(f"{path}: no such permutation record") from None
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"{path}: not a JSON permutation record ({type(exc).__name__})") from None
-    return PermutationRecord.from_dict(data)
+    except RecursionError:
+        raise UsageError(f"{path}: not a permutation record (JSON nested too deep)") from None
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"{path}: not a JSON permutation record ({exc.msg} at line {exc.lineno} column "
+                         f"{exc.colno})") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not a JSON permutation record (not UTF-8 text)") from None
+    except ValueError:  # an integer of more than 4300 digits
+        raise UsageError(f"{path}: not a permutation record (a number too long to read)") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read the permutation record ({exc.strerror or exc})") from None
+    return PermutationRecord.from_dict(data, where=str(path))
 
 
 def permute(
@@ -91,10 +105,22 @@ def permute(
     if record_path is not None:
         refuse_overwrite(record_path, inputs + ([output] if output else []))
         check_output_path(record_path)
+    notes: list[str] = []
+    given = None
+    if undo is not None:
+        given = undo if isinstance(undo, PermutationRecord) else load_record(undo)
+        where = str(undo) if not isinstance(undo, PermutationRecord) else "the record"
+    else:
+        check_seed(seed)
+    # the input's content hash (checked against an undo record, or named in a new one) is read in a
+    # thread beside the load and the walk
+    hashing = _hash_later(model) if undo is not None or output is not None else None
     original = _load(model)
     result_walk = walk(original)
-    if undo is not None:
-        record = (undo if isinstance(undo, PermutationRecord) else load_record(undo)).inverse()
+    if given is not None:
+        _check_record_model(given, model, hashing, where, notes)
+        given.check_groups(result_walk, where)
+        record = given.inverse()
     else:
         record = random_permutations(result_walk, seed, group_keys)
     permuted, changed = permuted_copy(original, result_walk, record)
@@ -112,6 +138,9 @@ def permute(
                               "(please report this model: a walker rule is wrong)")
     if output is not None:
         save_model(permuted, output, inputs=inputs)
+        if undo is None:  # the record names the file it permuted and the file it wrote
+            record.source_sha256 = hashing.result()
+            record.permuted_sha256 = model_sha256(output)
     if record_path is not None and undo is None:
         write_text_atomic(record_path, record.to_json())
     result = PermuteResult(
@@ -122,8 +151,75 @@ def permute(
         weights_changed=changed,
         verified=bool(report and report.equivalent),
         verify=report.to_dict() if report else None,
+        notes=notes,
     )
     return permuted, result
+
+
+def _check_record_model(record: PermutationRecord, model: ModelLike, hashing, where: str, notes: list[str]) -> None:
+    """An undo record must name the file it is applied to (its permuted output) by content hash."""
+    if isinstance(model, onnx.ModelProto):
+        return  # a model in memory has no file bytes to compare; the group check still applies
+    if not record.has_hashes:
+        notes.append(f"{where} is a {record.format!r} record (no model hash): not checked that it was made "
+                     f"for {model}")
+        return
+    if record.permuted_sha256 is None:
+        notes.append(f"{where} names no permuted file (written without an output): not checked that it was "
+                     f"made for {model}")
+        return
+    actual = hashing.result()
+    if actual == record.permuted_sha256:
+        return
+    if actual == record.source_sha256:
+        raise UsageError(f"{where} was made from {model}, not for it: undo takes the permuted file it wrote")
+    raise UsageError(f"{where} was made for another model (it names sha256 {record.permuted_sha256[:12]}..., "
+                     f"{model} has {actual[:12]}...)")
+
+
+def _hash_later(model: ModelLike):
+    """model_sha256 of a file, computed in a thread (hashlib releases the GIL); None for a model in memory."""
+    if isinstance(model, onnx.ModelProto):
+        return _Done(None)
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=1)
+    future = pool.submit(model_sha256, model)
+    pool.shutdown(wait=False)
+    return future
+
+
+class _Done:
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+def audit_many(
+    suspects,
+    reference: str | os.PathLike,
+    *,
+    jobs: int = 1,
+    jsonl: str | os.PathLike | None = None,
+    retry_errors: bool = False,
+    detail: bool = False,
+    log=None,
+):
+    """Audit many suspect files against one reference, `jobs` processes at a time (each worker's BLAS
+    gets its share of the cores). Returns an iterable (audit.batch.BatchAudit) of one JSON-ready record
+    per file: reused ones first (from `jsonl`, marked "from_earlier_run"), then each new one as it
+    finishes. With `jsonl`, each new record is appended there (flushed) and a rerun skips a file only
+    when its content hash and the reference's equal those of its latest line; a changed file is audited
+    again ("reaudited" says why). `retry_errors` audits the failed ones again. `log(message)` gets the
+    warnings (unusable JSONL lines) and defaults to stderr. Arguments are checked on the call; the
+    audits run as the result is iterated.
+    """
+    from .audit.batch import BatchAudit, log_to_stderr
+
+    return BatchAudit(suspects, reference, jobs=jobs, jsonl=jsonl, retry_errors=retry_errors, detail=detail,
+                      log=log if log is not None else log_to_stderr)
 
 
 def __getattr__(name: str):

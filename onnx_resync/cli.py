@@ -2,7 +2,8 @@
 
 Each subcommand lives in onnx_resync/commands/<name>.py and exposes `register(subparsers)`, which
 adds its parser and sets `func` (args -> exit code). Results go to stdout, logs to stderr.
-Exit codes: 0 pass, 1 check failed, 2 usage, 3+ load or runtime error (one line, no traceback).
+Exit codes: 0 pass, 1 check failed, 2 usage (one line, also for every malformed option value), 3+ load
+or runtime error (one line, no traceback); 141 when the reader of stdout went away (`| head`), quietly.
 """
 
 from __future__ import annotations
@@ -17,13 +18,25 @@ from .errors import ResyncError
 COMMANDS = ("demo", "groups", "permute", "resync", "verify", "audit")
 
 
+EXIT_BROKEN_PIPE = 128 + 13  # the shell's status for a process ended by SIGPIPE
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (the usage text is one --help away)."""
+
+    def error(self, message: str):
+        command = self.prog.partition(" ")[2]
+        where = f"{command}: " if command else ""
+        self.exit(2, f"onnx-resync: error: {where}{message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="onnx-resync",
         description="Find, apply, undo and recover neuron permutations in ONNX models.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for name in COMMANDS:
         try:
             module = importlib.import_module(f"onnx_resync.commands.{name}")
@@ -48,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
+        return code
+    except BrokenPipeError:
+        return _broken_pipe()
     except ResyncError as exc:
         print(f"onnx-resync: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -67,6 +84,17 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"onnx-resync: internal error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 5
+
+
+def _broken_pipe() -> int:
+    """The reader of stdout left (`| head`): stop quietly, with the status a SIGPIPE'd tool gives."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the interpreter's final flush must not fail again
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+    return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -6,50 +6,185 @@ place i. Every slot of the group is reindexed the same way, so the function is u
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
 
 from .errors import ModelMismatchError, UsageError
-from .io import WeightStore, copy_without_payloads
+from .io import WeightStore, copy_without_payloads, is_in_place, load_model
 from .walk import Group, WalkResult, slot_part
 
-RECORD_FORMAT = "onnx-resync/permutation/1"
+# format 2 names the models by content (source_sha256, permuted_sha256); format 1 records (no hashes)
+# are still read, without that check
+RECORD_FORMAT = "onnx-resync/permutation/2"
+RECORD_FORMATS_WITHOUT_HASH = ("onnx-resync/permutation/1",)
+MAX_SEED = 2 ** 63 - 1
 
 
 @dataclass
 class PermutationRecord:
-    """Which permutation was applied to which group; JSON-serializable, used to undo."""
+    """Which permutation was applied to which group; JSON-serializable, used to undo.
+
+    source_sha256: content hash (model_sha256) of the model the permutations were applied to;
+    permuted_sha256: that of the permuted file written, the one `permute --undo` takes.
+    """
 
     perms: dict[str, list[int]]  # group key -> perm
     seed: int | None = None
     format: str = RECORD_FORMAT
     notes: dict = field(default_factory=dict)
+    source_sha256: str | None = None
+    permuted_sha256: str | None = None
+
+    @property
+    def has_hashes(self) -> bool:
+        return self.format not in RECORD_FORMATS_WITHOUT_HASH
 
     def to_dict(self) -> dict:
-        return {"format": self.format, "seed": self.seed, "notes": self.notes, "groups": self.perms}
+        data = {"format": self.format, "seed": self.seed, "notes": self.notes}
+        if self.has_hashes:
+            data.update(source_sha256=self.source_sha256, permuted_sha256=self.permuted_sha256)
+        data["groups"] = self.perms
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
 
     @staticmethod
-    def from_dict(data: dict) -> "PermutationRecord":
-        if not isinstance(data, dict) or data.get("format") != RECORD_FORMAT or not isinstance(data.get("groups"), dict):
-            raise UsageError(f"not an onnx-resync permutation record (expected format {RECORD_FORMAT!r})")
-        return PermutationRecord({k: list(map(int, v)) for k, v in data["groups"].items()}, data.get("seed"),
-                                 notes=data.get("notes", {}))
+    def from_dict(data, where: str = "record") -> "PermutationRecord":
+        """Validate and build: every group a permutation of 0..n-1 (n checked against a model by
+        check_groups), integers only; anything else is a one-line UsageError."""
+        known = (RECORD_FORMAT, *RECORD_FORMATS_WITHOUT_HASH)
+        if not isinstance(data, dict) or data.get("format") not in known or not isinstance(data.get("groups"), dict):
+            raise UsageError(f"{where}: not an onnx-resync permutation record (expected format {RECORD_FORMAT!r})")
+        perms = {key: _permutation(key, value, where) for key, value in data["groups"].items()}
+        seed = data.get("seed")
+        if seed is not None and not _is_int(seed):
+            raise UsageError(f"{where}: seed {_show(seed)} is not an integer")
+        notes = data.get("notes", {})
+        if not isinstance(notes, dict):
+            raise UsageError(f"{where}: notes must be a JSON object")
+        hashes = {}
+        if data["format"] not in RECORD_FORMATS_WITHOUT_HASH:
+            for name in ("source_sha256", "permuted_sha256"):
+                value = data.get(name)
+                if value is not None and not _is_sha256(value):
+                    raise UsageError(f"{where}: {name} {_show(value)} is not a sha256 hex digest")
+                hashes[name] = value
+        return PermutationRecord(perms, seed, format=data["format"], notes=notes, **hashes)
+
+    def check_groups(self, walk: WalkResult, where: str = "record") -> None:
+        """Every group named exists in this model and has as many neurons as the record's permutation."""
+        by_key = {g.key: g for g in walk.groups}
+        for key, perm in self.perms.items():
+            group = by_key.get(key)
+            if group is None:
+                raise UsageError(f"{where} names group {key!r}, which this model does not have "
+                                 "(a record of another model?)")
+            if len(perm) != group.size or not _is_permutation(perm):
+                raise UsageError(f"{where}: group {key!r} has {len(perm)} entries, not a permutation of this "
+                                 f"model's {group.size} neurons")
 
     def inverse(self) -> "PermutationRecord":
+        if not all(_is_permutation(p) for p in self.perms.values()):
+            raise UsageError("record: a group's entries are not a permutation (nothing inverted)")
         return PermutationRecord({k: np.argsort(v).tolist() for k, v in self.perms.items()}, self.seed,
                                  notes={"inverse_of_seed": self.seed})
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_sha256(value) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _show(value) -> str:
+    if _is_int(value) and value.bit_length() > 100:
+        return f"an integer of {value.bit_length()} bits"
+    text = json.dumps(value) if isinstance(value, (dict, list, str, type(None), bool)) else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_permutation(perm) -> bool:
+    n = len(perm)
+    seen = bytearray(n)
+    for v in perm:
+        if not _is_int(v) or not 0 <= v < n or seen[v]:
+            return False
+        seen[v] = 1
+    return True
+
+
+def _permutation(key, value, where: str) -> list[int]:
+    if not isinstance(value, list):
+        raise UsageError(f"{where}: group {key!r} is {_show(value)}, not a list of neuron indices")
+    seen = bytearray(len(value))
+    for i, v in enumerate(value):
+        if not _is_int(v):
+            raise UsageError(f"{where}: group {key!r} entry {i} is {_show(v)}, not an integer")
+        if not 0 <= v < len(value):
+            raise UsageError(f"{where}: group {key!r} entry {i} is {_show(v)}, outside 0..{len(value) - 1}")
+        if seen[v]:
+            raise UsageError(f"{where}: group {key!r} lists neuron {v} twice (not a permutation)")
+        seen[v] = 1
+    return list(value)
+
+
+def model_sha256(path: str | os.PathLike) -> str:
+    """Content hash of a model file and of the external-data files it reads (in the order of their
+    names), streamed: what a record or a batch result names a model by. A file that cannot be parsed
+    is hashed alone (its bytes still say whether it changed)."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    _hash_into(digest, path)
+    for location in _external_locations(path):
+        digest.update(b"\0external:" + location.encode("utf-8", "surrogateescape") + b"\0")
+        _hash_into(digest, path.parent / location)
+    return digest.hexdigest()
+
+
+def _hash_into(digest, path: Path) -> None:
+    with open(path, "rb") as fh:
+        while True:
+            chunk = fh.read(1 << 20)
+            if not chunk:
+                return
+            digest.update(chunk)
+
+
+def _external_locations(path: Path) -> list[str]:
+    try:
+        model = load_model(path, load_weights=False, check=False, lazy=True)
+    except Exception:  # noqa: BLE001 - unreadable: the file's own bytes are the whole content
+        return []
+    found = set()
+    stack = [model.graph]
+    while stack:
+        graph = stack.pop()
+        tensors = list(graph.initializer)
+        for node in graph.node:
+            for attr in node.attribute:
+                tensors.extend([attr.t] if attr.HasField("t") else [])
+                tensors.extend(attr.tensors)
+                stack.extend([attr.g] if attr.HasField("g") else [])
+                stack.extend(attr.graphs)
+        for t in tensors:
+            if t.data_location == onnx.TensorProto.EXTERNAL and not is_in_place(t):
+                found.update(e.value for e in t.external_data if e.key == "location")
+    return sorted(found)
+
+
 def random_permutations(walk: WalkResult, seed: int, keys: list[str] | None = None) -> PermutationRecord:
     """A seeded random permutation of every group (or of the groups named by key or id)."""
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(check_seed(seed))
     chosen = select_groups(walk, keys)
     perms = {}
     for g in walk.groups:  # draw for every group so a selection does not change the others' draws
@@ -57,6 +192,17 @@ def random_permutations(walk: WalkResult, seed: int, keys: list[str] | None = No
         if g in chosen:
             perms[g.key] = perm.tolist()
     return PermutationRecord(perms, seed)
+
+
+def check_seed(seed) -> int:
+    """A seed is an integer in 0..MAX_SEED; anything else is a one-line UsageError."""
+    if isinstance(seed, (bool, float, str)) or not hasattr(seed, "__index__"):
+        raise UsageError(f"seed {_show(seed)} is not an integer")
+    seed = int(seed)
+    if not 0 <= seed <= MAX_SEED:
+        shown = str(seed) if seed.bit_length() < 100 else f"of {seed.bit_length()} bits"
+        raise UsageError(f"seed {shown} is outside 0..2**63-1")
+    return seed
 
 
 def select_groups(walk: WalkResult, keys: list[str] | None) -> list[Group]:

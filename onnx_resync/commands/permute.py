@@ -5,14 +5,19 @@ from __future__ import annotations
 import sys
 
 from ..api import permute
-from ._common import add_verify_options, print_json, verify_options
+from ._common import add_verify_options, print_json, seed_arg, verify_options
 
 
 def register(sub) -> None:
-    p = sub.add_parser("permute", help="permute every (or chosen) group, verify, write; or undo a record")
+    p = sub.add_parser("permute", help="permute every (or chosen) group, verify, write; or undo a record",
+                       description="Permute every (or the chosen) channel group with a seeded random permutation, "
+                       "check with ONNX Runtime that the function is unchanged, write the model (and the record "
+                       "that undoes it, naming both files by content hash); or undo a record byte for byte. "
+                       "Exit 0 done, 1 check failed (nothing written), 2 usage (a record that is not a permutation "
+                       "of this model's groups, or made for another file), 3 load or runtime error.")
     p.add_argument("model", help="ONNX file")
     p.add_argument("-o", "--output", required=True, help="where to write the permuted model (never an input)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of the random permutations, 0..2**63-1 (default 0)")
     p.add_argument("--groups", nargs="+", metavar="KEY_OR_ID", help="permute only these groups")
     p.add_argument("--record", metavar="PERM.json", help="write the permutation record here")
     p.add_argument("--undo", metavar="PERM.json", help="apply the inverse of this record instead")
@@ -33,6 +38,8 @@ def run(args) -> int:
         check=not args.no_verify,
         verify_options=verify_options(args),
     )
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
     if args.json:
         print_json(result.to_dict())
         return 0

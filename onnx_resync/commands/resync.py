@@ -13,7 +13,11 @@ from ._common import add_verify_options, print_json, verify_options
 
 
 def register(sub) -> None:
-    p = sub.add_parser("resync", help="recover a suspect's permutations against its reference; integrity verdict")
+    p = sub.add_parser("resync", help="recover a suspect's permutations against its reference; integrity verdict",
+                       description="Recover the permutation of every group of a suspect (possibly permuted and "
+                       "perturbed) against the reference it may derive from, write it back in the reference's "
+                       "order (-o) and judge it neuron by neuron. Exit 0 derived, 1 not derived, 2 usage, "
+                       "3 architectures differ or a load/runtime error.")
     p.add_argument("suspect", help="the suspect ONNX file (possibly permuted and perturbed)")
     p.add_argument("--reference", required=True, help="the reference ONNX file it may derive from")
     p.add_argument("-o", "--output", help="write the suspect in the reference's neuron order here")

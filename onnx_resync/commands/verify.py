@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import add_verify_options, verify_options
+from ._common import add_verify_options, seed_arg, verify_options
 
 
 def register(subparsers) -> None:
@@ -22,7 +22,7 @@ def register(subparsers) -> None:
     p.add_argument("reference", help="reference model (.onnx)")
     p.add_argument("candidate", help="model to compare against the reference (.onnx)")
     add_verify_options(p)
-    p.add_argument("--seed", type=int, default=0, help="random input seed (default 0)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="random input seed, 0..2**63-1 (default 0)")
     p.add_argument("--atol", type=float, help="element-wise absolute tolerance (switches to element-wise check)")
     p.add_argument("--rtol", type=float, help="element-wise relative tolerance (switches to element-wise check)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
