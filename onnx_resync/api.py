@@ -18,10 +18,11 @@ import onnx
 
 from .errors import CheckFailed, UsageError
 from .io import check_output_path, check_tensor_data, load_model, refuse_overwrite, save_model, write_text_atomic
-from .permute import PermutationRecord, check_seed, model_sha256, permuted_copy, random_permutations
+from .permute import MAX_SEED, PermutationRecord, check_seed, model_sha256, permuted_copy, random_permutations
 from .walk import WalkResult, walk
 
 ModelLike = str | os.PathLike | onnx.ModelProto
+MAX_JOBS = 256  # audit_many's processes
 
 
 def _load(model: ModelLike) -> onnx.ModelProto:
@@ -197,6 +198,19 @@ class _Done:
         return self.value
 
 
+def audit(suspect: ModelLike, reference: ModelLike, *, html: str | os.PathLike | None = None,
+          json_path: str | os.PathLike | None = None, **options):
+    """Audit one suspect against its reference (audit.report.audit: canonical form, alignment, resync,
+    verdict); an HTML or JSON output that names an input is refused."""
+    inputs = [m for m in (suspect, reference) if not isinstance(m, onnx.ModelProto)]
+    for out in (html, json_path):
+        if out is not None:
+            refuse_overwrite(out, inputs + [o for o in (html, json_path) if o is not None and o is not out])
+    from .audit import audit as run
+
+    return run(suspect, reference, html=html, json_path=json_path, **options)
+
+
 def audit_many(
     suspects,
     reference: str | os.PathLike,
@@ -216,6 +230,8 @@ def audit_many(
     warnings (unusable JSONL lines) and defaults to stderr. Arguments are checked on the call; the
     audits run as the result is iterated.
     """
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or not 1 <= jobs <= MAX_JOBS:
+        raise UsageError(f"jobs must be an integer in 1..{MAX_JOBS}")
     from .audit.batch import BatchAudit, log_to_stderr
 
     return BatchAudit(suspects, reference, jobs=jobs, jsonl=jsonl, retry_errors=retry_errors, detail=detail,
@@ -232,8 +248,4 @@ def __getattr__(name: str):
         from .resync import resync
 
         return resync
-    if name == "audit":
-        from .audit import audit
-
-        return audit
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,7 +10,7 @@ import sys
 
 from ..errors import UsageError
 from ..inputs import MAX_SAMPLES  # one bound, which verify() enforces too
-from ..permute import MAX_SEED
+from ..api import MAX_SEED
 
 MAX_DIM = 2 ** 31 - 1
 MAX_SHAPE_ELEMENTS = 2 ** 30  # one input of one sample; runtime.MAX_SAMPLE_BYTES bounds the bytes

@@ -24,8 +24,6 @@ VERDICTS = ("identical", "permuted", "perturbed", "not derived")
 
 
 def register(sub) -> None:
-    from ..audit.batch import MAX_JOBS
-
     p = sub.add_parser("audit", help="is this file our model? align a re-exported suspect with the reference, "
                                      "resync it and judge it (JSON, text, HTML; batch mode)",
                        description="Bring a suspect (possibly re-exported, renamed, fp16, quantized, BatchNorm-"
@@ -39,18 +37,14 @@ def register(sub) -> None:
     p.add_argument("--html", metavar="REPORT.html", help="write a self-contained HTML report (one suspect)")
     p.add_argument("--jsonl", metavar="RESULTS.jsonl", help="batch: append one JSON line per file here; on a "
                    "rerun, files whose content (and the reference's) is unchanged are skipped")
-    p.add_argument("-j", "--jobs", type=int_arg(1, MAX_JOBS), default=1,
-                   help=f"batch: parallel processes, 1..{MAX_JOBS} (default 1)")
+    p.add_argument("-j", "--jobs", type=int_arg(1, api.MAX_JOBS), default=1,
+                   help=f"batch: parallel processes, 1..{api.MAX_JOBS} (default 1)")
     p.add_argument("--retry-errors", action="store_true", help="batch: audit again the files that failed before")
     p.add_argument("--detail", action="store_true", help="batch: keep per-neuron lists in the records")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    if args.html is not None:
-        from ..io import refuse_overwrite
-
-        refuse_overwrite(args.html, [args.reference, *args.suspects, *([args.jsonl] if args.jsonl else [])])
     if len(args.suspects) == 1 and args.jsonl is None:
         return _single(args)
     if args.html:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from ..resync import resync
+from ..api import resync
 from ._common import add_verify_options, print_json, verify_options
 
 
