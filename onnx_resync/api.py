@@ -17,6 +17,7 @@ from pathlib import Path
 import onnx
 
 from .errors import CheckFailed, UsageError
+from .inputs import MAX_SAMPLES  # noqa: F401  (the bound on --samples; commands read it here)
 from .io import check_output_path, check_tensor_data, load_model, refuse_overwrite, save_model, write_text_atomic
 from .permute import MAX_SEED, PermutationRecord, check_seed, model_sha256, permuted_copy, random_permutations
 from .walk import WalkResult, walk

@@ -30,6 +30,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"onnx-resync: error: {where}{message} (see {self.prog} --help)\n")
 
 
+OUT_OF_MEMORY = 6  # (4 is verify's 'cannot check', 5 an internal error)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="onnx-resync",
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except MemoryError:
         print("onnx-resync: error: out of memory", file=sys.stderr)
-        return 4
+        return OUT_OF_MEMORY
     except OSError as exc:  # the file system said no (full disk, permissions, a name too long, ...)
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"onnx-resync: error: {where}{exc.strerror or exc}", file=sys.stderr)

@@ -9,7 +9,7 @@ import re
 import sys
 
 from ..errors import UsageError
-from ..inputs import MAX_SAMPLES  # one bound, which verify() enforces too
+from ..api import MAX_SAMPLES  # one bound, which verify() enforces too
 from ..api import MAX_SEED
 
 MAX_DIM = 2 ** 31 - 1

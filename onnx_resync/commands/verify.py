@@ -30,7 +30,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..verify import verify  # ORT import only when the command runs
+    from ..api import verify  # ORT import only when the command runs
 
     report = verify(args.reference, args.candidate, seed=args.seed, atol=args.atol, rtol=args.rtol,
                     **verify_options(args))

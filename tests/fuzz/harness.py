@@ -109,7 +109,7 @@ def worker_main(as_limit: int) -> None:
             except SystemExit as exc:  # argparse usage errors
                 rc = exc.code if isinstance(exc.code, int) else 2
             except MemoryError:
-                rc, escaped = 4, "MemoryError"
+                rc, escaped = cli.OUT_OF_MEMORY, "MemoryError"
             except BaseException as exc:  # noqa: BLE001 - this is what the worker is here to catch
                 import traceback
 
@@ -231,7 +231,7 @@ def classify(argv: list[str], answer: dict, rss_limit_kb: int) -> Result:
     rc, err = answer["rc"], answer["stderr"]
     r = Result(argv, "ok", rc, err, answer["seconds"], answer["peak_rss_kb"])
     lines = [l for l in err.strip().splitlines() if l.strip()]
-    if answer.get("escaped") == "MemoryError" or rc == 4:
+    if answer.get("escaped") == "MemoryError" or rc == 6:  # cli.OUT_OF_MEMORY
         r.outcome, r.why = "memory", "out of memory"
     elif answer.get("escaped") or "Traceback (most recent call last)" in err:
         r.outcome, r.why = "traceback", answer.get("escaped") or "Traceback on stderr"
