@@ -282,37 +282,14 @@ def _moves_by_weight(walk: WalkResult, record: PermutationRecord, store: WeightS
     return by_weight
 
 
-def _permuted(read, moves):
-    """The permuted tensor as a computation, which can also produce a sub-grid or some rows alone:
-    entry i along a moved axis is entry idx[i] of the source, so a sample reads only the entries it
-    needs, and a save only a piece at a time (a move inside one direction's slice is not one index
-    per axis: that sub-grid is computed whole)."""
-    def compute() -> np.ndarray:
-        return _moved(read(), moves)
-
-    def grid(index: list[np.ndarray]) -> np.ndarray:
-        if any(at is not None for _, at, _ in moves):
-            return compute()[np.ix_(*index)]
-        source = list(index)
-        for axis, _, idx in moves:
-            source[axis] = idx[source[axis]]
-        source_grid = getattr(read, "grid", None)
-        return source_grid(source) if source_grid is not None else read()[np.ix_(*source)]
-
-    def rows(index: np.ndarray) -> np.ndarray:
-        if any(at is not None for _, at, _ in moves):
-            return compute()[index]
-        source = index
-        for axis, _, idx in moves:
-            if axis == 0:
-                source = idx[source]
-        source_rows = getattr(read, "rows", None)
-        piece = source_rows(source) if source_rows is not None else read()[source]
-        return _moved(piece, [move for move in moves if move[0] != 0])
-
-    compute.grid = grid
-    compute.rows = rows
-    return compute
+def _permuted(source, moves):
+    """The lazy tensor `source` (WeightStore.reader) permuted, computed when read or saved: entry i
+    along a moved axis is entry idx[i] of the source, so a sample reads only the entries it needs,
+    and a save only a piece at a time. A move inside one direction's slice is not one index per
+    axis: that tensor is computed whole."""
+    if any(at is not None for _, at, _ in moves):
+        return lambda: _moved(source.read(), moves)
+    return source.permuted({axis: idx for axis, _, idx in moves})
 
 
 def _moved(array: np.ndarray, moves) -> np.ndarray:

@@ -116,7 +116,7 @@ def _first_line(exc: BaseException) -> str:
 
 
 def _has_unloaded_external_data(model: onnx.ModelProto) -> bool:
-    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in io.core._iter_graph_tensors(model.graph))
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in io.iter_graph_tensors(model.graph))
 
 
 def make_session(model, device: str = "auto", *, twin: bool = False) -> ort.InferenceSession:

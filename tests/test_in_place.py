@@ -31,7 +31,7 @@ EAGER = {"ONNX_RESYNC_LAZY_BYTES": str(1 << 40)}
 
 @pytest.fixture
 def everything_in_place(monkeypatch):
-    monkeypatch.setattr(io.core, "IN_PLACE_MIN_TENSOR_BYTES", 0)
+    monkeypatch.setattr(io.load, "IN_PLACE_MIN_TENSOR_BYTES", 0)
 
 
 def _chunks(model, streamed, payload=None) -> bytes:
@@ -68,7 +68,7 @@ def test_loaded_in_place(path, everything_in_place, tmp_path, monkeypatch):
     """Weights read in place equal the parsed ones, read-only; saved unchanged (copied from the file
     in pieces of 100 bytes, each valid only until the next), the file is what onnx.save writes;
     nothing is written beside it."""
-    monkeypatch.setattr(io.core, "COPY_CHUNK_BYTES", 100)
+    monkeypatch.setattr(io.lazy, "COPY_CHUNK_BYTES", 100)
     model = io.load_model(path, lazy=True)
     eager = io.load_model(path, lazy=False)
     mapped = [t.name for t in model.graph.initializer if io.is_in_place(t)]
@@ -87,8 +87,8 @@ def test_loaded_in_place(path, everything_in_place, tmp_path, monkeypatch):
 def test_permute_undo_in_place_api(everything_in_place, tmp_path, monkeypatch):
     """Permuted weights computed and written a row at a time, a mapped one copied 100 bytes at a
     time: the in-memory bytes."""
-    monkeypatch.setattr(io.core, "WRITE_PIECE_BYTES", 1)
-    monkeypatch.setattr(io.core, "COPY_CHUNK_BYTES", 100)
+    monkeypatch.setattr(io.lazy, "WRITE_PIECE_BYTES", 1)
+    monkeypatch.setattr(io.lazy, "COPY_CHUNK_BYTES", 100)
     src = ROOT / "models" / "resnet.onnx"
     eager, first = api.permute(io.load_model(src, lazy=False), tmp_path / "e.onnx", seed=3, check=False)
     lazy, lazy_first = api.permute(io.load_model(src, lazy=True), tmp_path / "l.onnx", seed=3)
@@ -148,7 +148,7 @@ def _outcome(path: Path, lazy: bool):
 def test_damaged_files_load_alike(data, tmp_path_factory, monkeypatch):
     """Bytes flipped, cut, or inserted anywhere in a model: read in place or parsed, the same
     refusal or the same model."""
-    monkeypatch.setattr(io.core, "IN_PLACE_MIN_TENSOR_BYTES", 0)
+    monkeypatch.setattr(io.load, "IN_PLACE_MIN_TENSOR_BYTES", 0)
     buf = bytearray(mlp_model().SerializeToString())
     for _ in range(data.draw(st.integers(1, 3))):
         at = data.draw(st.integers(0, len(buf) - 1))

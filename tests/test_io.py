@@ -231,7 +231,7 @@ def test_save_atomic_on_failure(tmp_path, monkeypatch, external):
     out = tmp_path / "out.onnx"
     out.write_bytes(b"old contents")
     if external:
-        monkeypatch.setattr(io.core, "INLINE_LIMIT_BYTES", 1000)
+        monkeypatch.setattr(io.external, "INLINE_LIMIT_BYTES", 1000)
     model = mlp_model(hidden=64)
     before = model.SerializeToString()
 
@@ -240,7 +240,7 @@ def test_save_atomic_on_failure(tmp_path, monkeypatch, external):
             fh.write(bytes(next(iter(chunks)))[:10])
         raise OSError("disk full")
 
-    monkeypatch.setattr(io.core, "_write_bytes", broken_write)
+    monkeypatch.setattr(io.files, "write_bytes", broken_write)
     with pytest.raises(OSError):
         io.save_model(model, out)
     assert out.read_bytes() == b"old contents"
@@ -251,7 +251,7 @@ def test_save_atomic_on_failure(tmp_path, monkeypatch, external):
 def test_save_external_data_for_big_models(tmp_path, monkeypatch):
     import onnxruntime as ort
 
-    monkeypatch.setattr(io.core, "INLINE_LIMIT_BYTES", 1000)
+    monkeypatch.setattr(io.external, "INLINE_LIMIT_BYTES", 1000)
     model = mlp_model(hidden=64)  # W1 and W2 are 4 KiB each: they go to the data file
     before = model.SerializeToString()
     out = io.save_model(model, tmp_path / "big.onnx")

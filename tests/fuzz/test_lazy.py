@@ -70,7 +70,7 @@ def test_lazy_cli_equals_in_memory(name, ext_models, tmp_path):
 
 def test_lazy_api_chain_in_memory(ext_models, tmp_path, monkeypatch):
     """permute then undo on the same in-memory lazy model (deferred data computed from deferred data)."""
-    monkeypatch.setattr(io.core, "LAZY_MIN_TENSOR_BYTES", 0)
+    monkeypatch.setattr(io.load, "LAZY_MIN_TENSOR_BYTES", 0)
     src = ext_models["cnn"]
     model = io.load_model(src, lazy=True)
     assert io.is_lazy_model(model)
@@ -84,7 +84,7 @@ def test_lazy_api_chain_in_memory(ext_models, tmp_path, monkeypatch):
 
 
 def test_lazy_arrays_are_read_only(ext_models, monkeypatch):
-    monkeypatch.setattr(io.core, "LAZY_MIN_TENSOR_BYTES", 0)
+    monkeypatch.setattr(io.load, "LAZY_MIN_TENSOR_BYTES", 0)
     store = io.WeightStore(io.load_model(ext_models["mlp"], lazy=True))
     a = store.get("W1")
     with pytest.raises(ValueError):
@@ -117,8 +117,8 @@ def test_lazy_permute_memory_stays_small(tmp_path):
 def test_lazy_save_in_pieces(name, ext_models, tmp_path, monkeypatch):
     """A permuted lazy tensor is saved a few rows at a time (read_lazy_rows): with pieces of one
     row, permute, a second permute of the deferred result, and undo give the in-memory bytes."""
-    monkeypatch.setattr(io.core, "LAZY_MIN_TENSOR_BYTES", 0)
-    monkeypatch.setattr(io.core, "WRITE_PIECE_BYTES", 1)
+    monkeypatch.setattr(io.load, "LAZY_MIN_TENSOR_BYTES", 0)
+    monkeypatch.setattr(io.lazy, "WRITE_PIECE_BYTES", 1)
     src = ext_models[name]
     eager, _ = api.permute(io.load_model(src, lazy=False), tmp_path / "e.onnx", seed=4, check=False)
     eager2, _ = api.permute(eager, tmp_path / "e2.onnx", seed=9, check=False)
