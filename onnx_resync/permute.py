@@ -152,12 +152,11 @@ def model_sha256(path: str | os.PathLike) -> str:
 
 
 def _hash_into(digest, path: Path) -> None:
-    with open(path, "rb") as fh:
-        while True:
-            chunk = fh.read(1 << 20)
-            if not chunk:
-                return
-            digest.update(chunk)
+    buffer = bytearray(1 << 18)  # one reused buffer: no fresh memory per chunk (this runs beside a load)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as fh:
+        while size := fh.readinto(buffer):
+            digest.update(view[:size])
 
 
 def _external_locations(path: Path) -> list[str]:
