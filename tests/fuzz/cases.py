@@ -20,6 +20,9 @@ Categories (each one a family of mutations named in DESIGN/issue 7):
   external                         external-data locations: ../, absolute, links, missing, short,
                                    bad offsets/lengths, the model itself, a folder
   random_graph                     random small graphs of random ops
+  interface                        valid models whose weights are read where the walker does not
+                                   follow (If/Loop/Scan bodies, graph outputs and inputs, run-time
+                                   axes): every written model is checked on every branch
 """
 
 from __future__ import annotations
@@ -630,11 +633,71 @@ def mutate_blowup(model, rng: random.Random) -> tuple[onnx.ModelProto, str]:
     return m, how
 
 
+def mutate_interface(model, rng: random.Random) -> tuple[onnx.ModelProto, str]:
+    """A valid model whose weights are read where the walker does not follow (issue 18): inside an
+    If branch, a Loop or Scan body, as a graph output or an overridable graph input, or next to a
+    reduction whose axes arrive at run time. A permutation of such a file must pin what it cannot
+    rewrite consistently: the harness checks every written model on every branch."""
+    m = _copy(model)
+    g = m.graph
+    weights = [t for t in g.initializer if len(t.dims) >= 1 and t.data_type == TensorProto.FLOAT]
+    if not weights:
+        return m, "no weight"
+    w = rng.choice(weights)
+    how = rng.choice(["if", "if-nested", "loop", "scan", "output", "input", "reduce-axes"])
+    shape = [int(d) for d in w.dims]
+    if how in ("if", "if-nested"):
+        g.input.append(helper.make_tensor_value_info("cond", TensorProto.BOOL, []))
+        then = helper.make_graph([helper.make_node("Identity", [w.name], ["t_out"])], "then", [],
+                                 [_vi("t_out", len(shape))])
+        other = helper.make_graph([helper.make_node("Neg", [w.name], ["e_out"])], "else", [],
+                                  [_vi("e_out", len(shape))])
+        if how == "if-nested":  # the weight two levels down
+            inner = helper.make_node("If", ["cond"], ["n_out"], then_branch=then, else_branch=other)
+            then = helper.make_graph([inner], "outer_then", [], [_vi("n_out", len(shape))])
+            other = helper.make_graph([helper.make_node("Identity", [w.name], ["o_out"])], "outer_else", [],
+                                      [_vi("o_out", len(shape))])
+        g.node.append(helper.make_node("If", ["cond"], ["iface_out"], then_branch=then, else_branch=other))
+        g.output.append(_vi("iface_out", len(shape)))
+    elif how == "loop":
+        body = helper.make_graph(
+            [helper.make_node("Identity", ["c_in"], ["c_out"]), helper.make_node("Identity", [w.name], ["s"])],
+            "body", [helper.make_tensor_value_info("i", TensorProto.INT64, []),
+                     helper.make_tensor_value_info("c_in", TensorProto.BOOL, [])],
+            [helper.make_tensor_value_info("c_out", TensorProto.BOOL, []), _vi("s", len(shape))])
+        g.initializer.extend([numpy_helper.from_array(np.array(2, dtype=np.int64), "iface_trip"),
+                              numpy_helper.from_array(np.array(True), "iface_true")])
+        g.node.append(helper.make_node("Loop", ["iface_trip", "iface_true"], ["iface_out"], body=body))
+        g.output.append(_vi("iface_out", len(shape) + 1))
+    elif how == "scan":
+        body = helper.make_graph(
+            [helper.make_node("Add", ["acc_in", w.name], ["acc_out"]), helper.make_node("Identity", ["acc_out"], ["y_s"])],
+            "scan_body", [helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, shape)],
+            [helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, shape), _vi("y_s", len(shape))])
+        g.initializer.append(numpy_helper.from_array(np.zeros(shape, dtype=np.float32), "iface_acc"))
+        g.node.append(helper.make_node("Scan", ["iface_acc"], ["iface_out", "iface_ys"], body=body,
+                                       num_scan_inputs=0))
+        g.output.append(_vi("iface_out", len(shape)))
+    elif how == "output":
+        g.output.append(helper.make_tensor_value_info(w.name, TensorProto.FLOAT, shape))
+    elif how == "input":
+        g.input.append(helper.make_tensor_value_info(w.name, TensorProto.FLOAT, shape))
+    else:  # a hidden activation summed over axes that arrive at run time, to an output
+        hidden = [n.output[0] for n in g.node if n.op_type == "Relu"]
+        if not hidden:
+            return m, "reduce-axes (no activation)"
+        g.input.append(helper.make_tensor_value_info("iface_axes", TensorProto.INT64, [1]))
+        g.node.append(helper.make_node("ReduceSum", [rng.choice(hidden), "iface_axes"], ["iface_out"], keepdims=1))
+        g.output.append(_vi("iface_out", 4 if "cnn" in g.name else 2))
+    return m, f"{how} reads {w.name}"
+
+
 STRUCTURED = {
     "dtype": mutate_dtype, "shape": mutate_shape, "huge": mutate_huge, "shadow": mutate_shadow,
     "duplicate": mutate_duplicate, "dangling": mutate_dangling, "cycle": mutate_cycle, "empty": mutate_empty,
     "domain": mutate_domain, "constant": mutate_constant, "attribute": mutate_attribute,
     "random_graph": random_graph, "names": mutate_names, "blowup": mutate_blowup,
+    "interface": mutate_interface,
 }
 
 

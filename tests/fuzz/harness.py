@@ -76,6 +76,66 @@ def _compare_weights(a: str, b: str) -> str | None:
     return None
 
 
+def _feeds_everywhere(session, rng) -> list[dict]:
+    """Feeds that run every branch an input can select: bools both ways, small integer inputs
+    (axes, counts) at each value 0..3, floats random; one feed per combination (capped)."""
+    import itertools
+
+    import numpy as np
+
+    base, choices = {}, {}
+    for i in session.get_inputs():
+        shape = [d if isinstance(d, int) and d > 0 else 2 for d in i.shape]
+        if i.type == "tensor(bool)":
+            choices[i.name] = [np.full(shape, v) for v in (False, True)]
+        elif i.type in ("tensor(int64)", "tensor(int32)"):
+            dtype = np.int64 if "64" in i.type else np.int32
+            choices[i.name] = [np.full(shape, v, dtype=dtype) for v in range(4)]
+        elif i.type in ("tensor(float)", "tensor(double)", "tensor(float16)"):
+            dtype = {"tensor(float)": np.float32, "tensor(double)": np.float64}.get(i.type, np.float16)
+            base[i.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            return []
+    names = list(choices)
+    return [dict(base, **dict(zip(names, combo)))
+            for combo in itertools.islice(itertools.product(*(choices[n] for n in names)), 32)]
+
+
+def _equivalent_everywhere(a: str, b: str) -> str | None:
+    """None when b computes what a computes on every feed a runs (every branch), else why not."""
+    import numpy as np
+    import onnxruntime as ort
+
+    try:
+        sa = ort.InferenceSession(a, providers=["CPUExecutionProvider"])
+    except Exception:  # noqa: BLE001 - a reference ONNX Runtime refuses: nothing to compare
+        return None
+    sb = ort.InferenceSession(b, providers=["CPUExecutionProvider"])
+    for feed in _feeds_everywhere(sa, np.random.default_rng(0)):
+        try:
+            ra = sa.run(None, feed)
+        except Exception:  # noqa: BLE001 - not a feed the model accepts
+            continue
+        rb = sb.run(None, feed)
+        for name, x, y in zip([o.name for o in sa.get_outputs()], ra, rb):
+            x, y = np.asarray(x), np.asarray(y)
+            if x.shape != y.shape:
+                return f"output {name!r}: shape {x.shape} vs {y.shape}"
+            if x.dtype.kind not in "fc":
+                if not np.array_equal(x, y):
+                    return f"output {name!r} differs"
+                continue
+            both = np.isfinite(x) & np.isfinite(y)
+            if not np.array_equal(np.isfinite(x), np.isfinite(y)):
+                return f"output {name!r}: non-finite values differ"
+            scale = float(np.abs(x[both]).max(initial=0.0)) or 1.0
+            err = float(np.abs(x[both].astype(np.float64) - y[both]).max(initial=0.0)) / scale
+            if err > 1e-4:
+                feed_desc = {k: v.tolist() for k, v in feed.items() if v.dtype.kind in "biu" and v.size <= 4}
+                return f"output {name!r} differs (normalized error {err:.2e}) on feed {feed_desc}"
+    return None
+
+
 def worker_main(as_limit: int) -> None:
     if as_limit:
         resource.setrlimit(resource.RLIMIT_AS, (as_limit, as_limit))
@@ -99,7 +159,12 @@ def worker_main(as_limit: int) -> None:
             t0 = time.perf_counter()
             escaped = None
             try:
-                if req.get("compare"):
+                if req.get("equivalent"):
+                    diff = _equivalent_everywhere(*req["equivalent"])
+                    rc = 0 if diff is None else 1
+                    if diff:
+                        print(diff, file=sys.stderr)
+                elif req.get("compare"):
                     diff = _compare_weights(*req["compare"])
                     rc = 0 if diff is None else 1
                     if diff:
@@ -311,6 +376,16 @@ class Runner:
         self.max_peak_kb = max(self.max_peak_kb, r.peak_rss_kb)
         return r
 
+    def _equivalent(self, a: str, b: str, argv: list[str]) -> Result | None:
+        """The independent oracle for a written model: the same outputs on every branch."""
+        answer = self.worker.request({"equivalent": [a, b]})
+        if answer.get("rc") == 0:
+            return None
+        r = classify(argv, answer, self.rss_limit_kb)
+        if r.outcome in ("ok", "error"):
+            r.outcome, r.why = "wrong", answer.get("stderr", "").strip() or "not equivalent on some branch"
+        return r
+
     def _compare(self, a: str, b: str, argv: list[str]) -> Result | None:
         answer = self.worker.request({"compare": [a, b]})
         if answer.get("rc") == 0:
@@ -347,6 +422,16 @@ class Runner:
         if "permute" in self.commands:
             p, rec, u = (os.path.join(out, n) for n in ("p.onnx", "rec.json", "u.onnx"))
             r = run(["permute", m, "-o", p, "--record", rec, "--seed", "7", *dev], check_output=p)
+            if r.outcome == "ok":
+                bad = self._equivalent(m, p, ["(permuted computes the same on every branch)", m, p])
+                if bad is not None:
+                    report.results.append(bad)
+            q = os.path.join(out, "q.onnx")
+            r_unchecked = run(["permute", m, "-o", q, "--seed", "8", "--no-verify"], check_output=q)
+            if r_unchecked.outcome == "ok":  # written without ORT: the walker alone must be right
+                bad = self._equivalent(m, q, ["(unverified permute computes the same on every branch)", m, q])
+                if bad is not None:
+                    report.results.append(bad)
             if r.outcome == "ok":
                 r2 = run(["permute", p, "-o", u, "--undo", rec, *dev], check_output=u)
                 if r2.outcome == "ok":
