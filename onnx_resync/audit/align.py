@@ -1,15 +1,57 @@
-"""Align a suspect's canonical layers with the reference's, structurally (never by name).
+"""Align a suspect's canonical layers with the reference's, by structure and content (never by node
+order or names).
 
 Both models are first put in canonical form (canonical.py). A *weighted layer* is a node that reads
 a float weight of two or more elements: producers (Conv, ConvTranspose, MatMul with a weight, GRU,
 LSTM, RNN, embedding Gather) and the nodes that carry parameters next to them (bias Add, LayerNorm,
-PRelu, a BatchNorm that had no conv to fold into, ...). Layers are taken in topological order; each
-reference layer is paired with the first unpaired suspect layer of the same kind (op type, and the
-group count of a conv) whose weights have the same shapes (leading 1s ignored for broadcast
-operands). Where several suspect layers fit (the q, k and v projections of attention), the one with
-the same *role* wins: the first ops with a structural meaning found downstream (a MatMul of two
-activations and which input it feeds, Softmax, a residual Add, Concat...), skipping views,
-activations and constant arithmetic.
+PRelu, a BatchNorm that had no conv to fold into, ...). Two layers are *compatible* when they have
+the same kind (op type, a conv's group count, a recurrent layer's direction) and weights of the
+same shapes in the same input slots (leading 1s ignored for broadcast operands). Within each class
+of compatible layers the suspect's layers are paired with the reference's as one linear assignment
+(scipy's linear_sum_assignment) on
+
+    cost(r, s) = STRUCT_WEIGHT * structure(r, s) + CONTENT_WEIGHT * content(r, s)
+
+*structure* (0: the same place in the graph, 1: nothing in common) is the mean of three terms, none
+of which depends on node order or names:
+
+- depth: the longest path from the graph's inputs to the layer and from the layer to its outputs,
+  counted in weighted layers: min(1, (|d_in(r) - d_in(s)| + |d_out(r) - d_out(s)|) / DEPTH_SCALE);
+- neighbours: the weighted layers it reads from and feeds at 1..HOPS hops (the nearest ones, through
+  any unweighted ops), as multisets of (kind, weight shapes): 1 - multiset Jaccard, averaged over
+  the 2 x HOPS rings;
+- role: the first ops with a structural meaning found downstream (a MatMul of two activations and
+  which input it feeds, Softmax, a residual Add, Concat, a graph output, ...), seen through views,
+  activations and constant arithmetic (_Roles): 1 - Jaccard of the two sets.
+
+*content* (0: an exact copy, about 1: unrelated weights of that class) compares signatures that
+permutations of the layer's neurons on both axes cannot change and that noise and quantization
+barely move. Every weight is viewed as a matrix (out, in x rest) (a recurrent weight as
+(directions x gates x hidden, in), a ConvTranspose weight as (in, out x rest)) and gives its sorted
+row norms, its sorted column norms and, for a matrix of at most SVD_MAX_ENTRIES entries with a
+shorter side of at most SVD_MAX_SIDE, its TOP_SINGULAR largest singular values (computed only in a
+class whose structure leaves some layer with two candidates within STRUCT_TIE); a vector gives its
+sorted values. A component's distance is ||a - b|| over the median distance between the class's
+reference layers (what unrelated weights of that class differ by; at least FLOOR_REL x the
+profiles' mean norm), clipped at CONTENT_CLIP; content is the mean over components. A weight past
+SAMPLE_ENTRIES entries is read as an evenly spread sub-grid (match/sampling.py; a mapped tensor is
+read only there): its signature is then approximate. Same-shape twins that read the same tensor (a
+detector's box and class branches) are thus told apart by content. Content is computed only in
+classes of two or more layers (a single pair is forced).
+
+*Consistency*, before neurons are matched: the weighted layers feeding each reference layer must be
+paired with those feeding its partner. Where some are not, the assignment is solved again with
+NEIGHBOUR_WEIGHT x (the share of neighbours, feeding and fed, that disagree under the current
+pairing) added to the cost, at most REFINE_ROUNDS times, and the pairing with the fewest
+inconsistencies is kept; those left are reported.
+
+*Confidence*: a pair is *contested* when its class has two or more layers that are not exact twins
+(same structure and content signatures on both sides). A contested pair is *clear* when every
+assignment that does not pair it costs at least MIN_MARGIN more (exactly, for classes of up to
+EXACT_RUNNER_UP_MAX layers; beyond, the cheapest exchange of two partners) and its content cost is
+at most MAX_CONTENT or below that margin (weights far from their partner's, but farther still from
+every other candidate: a strong perturbation, not an ambiguous pairing). `Alignment.confidence` is the share of contested or inconsistent pairs that are
+clear and consistent (1.0 when nothing was contested); `Alignment.notes` says which are not.
 
 The result is the reference's canonical graph carrying the suspect's weights (same names and
 shapes as the reference), which walk, match and resync take as they are. A reference layer without
@@ -23,17 +65,42 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+from scipy.optimize import linear_sum_assignment
+from scipy.spatial.distance import cdist
 
 from .canonical import CanonicalModel, topological
 from ..errors import ModelMismatchError
 from ..io import WeightStore
+from ..match.sampling import sub_grid
 from ..walk import registry
+from ..walk.graph import node_inputs
 
 COMMUTATIVE = registry.having("commutative")
 # ops that do not change what a tensor *is* (for roles): views, pointwise activations, pooling
 TRIVIAL = registry.having("trivial")
 ROLE_DEPTH = 3
-ROLE_FANOUT = 16
+ROLE_FANOUT = 16  # a role keeps its first entries in sorted order (never in visiting order)
+ROLE_VISIT_MAX = 4096  # tensors one role looks at through trivial ops
+
+STRUCT_WEIGHT = 1.0
+CONTENT_WEIGHT = 1.0
+NEIGHBOUR_WEIGHT = 1.0  # consistency rounds: share of disagreeing neighbours
+HOPS = 2  # neighbour rings each way
+DEPTH_SCALE = 4.0  # a depth difference (in plus out) this large costs as much as any structure
+SAMPLE_ENTRIES = 1 << 20  # past this, a weight's signature reads an evenly spread sub-grid
+SVD_MAX_ENTRIES = 1 << 20  # singular values for a matrix view of at most this many entries
+SVD_MAX_SIDE = 256  # ... and a shorter side of at most this (a 256 x 4096 gram costs a few ms)
+TOP_SINGULAR = 32
+STRUCT_TIE = 0.05  # a structural cost this close to a row's best leaves a tie for content to break
+FLOOR_REL = 1e-3  # content distance scale at least this x the profiles' mean norm
+CONTENT_CLIP = 2.0
+MIN_MARGIN = 0.1  # the runner-up assignment must cost at least this much more
+MAX_CONTENT = 0.5  # a contested pair whose content costs more is doubtful
+EXACT_RUNNER_UP_MAX = 64  # classes up to this size: runner-up by re-solving without each pair
+REFINE_ROUNDS = 2
+REFINE_MAX = 256  # classes larger than this keep their first assignment
+NOTES_MAX = 6
+_FORBIDDEN = 1e6
 
 
 @dataclass
@@ -47,6 +114,11 @@ class Layer:
     def shapes(self) -> list[tuple[int, ...]]:
         return [s for _, _, s in self.weights]
 
+    @property
+    def key(self) -> tuple:
+        """Layers with equal keys are compatible (_compatible)."""
+        return (self.kind, tuple((k, sh) for k, _, sh in self.weights))
+
 
 @dataclass
 class LayerPair:
@@ -54,6 +126,9 @@ class LayerPair:
     suspect: str  # canonical suspect node
     kind: str
     weights: list[tuple[str, str]]  # (reference canonical weight, suspect canonical weight)
+    cost: float = 0.0  # the assignment's cost of this pair (0 where the class had one layer)
+    content: float | None = None  # content cost; None where the pair was forced
+    margin: float | None = None  # runner-up cost minus best; None where not contested
 
 
 @dataclass
@@ -63,39 +138,43 @@ class Alignment:
     weight_map: dict[str, str]  # reference canonical weight -> suspect canonical weight
     node_map: dict[str, str]  # reference canonical node -> suspect canonical node
     kept: list[str] = field(default_factory=list)  # reference constants kept (structure, not weights)
+    confidence: float = 1.0  # share of contested or inconsistent pairs that are clear (module docstring)
+    notes: list[str] = field(default_factory=list)  # why the confidence is below 1, inconsistencies
+    contested: int = 0
+    inconsistent: int = 0
 
     def to_dict(self) -> dict:
-        return {"layers": len(self.pairs), "weights": len(self.weight_map), "kept_constants": len(self.kept)}
+        return {"layers": len(self.pairs), "weights": len(self.weight_map), "kept_constants": len(self.kept),
+                "confidence": round(float(self.confidence), 4), "contested": self.contested,
+                "inconsistent": self.inconsistent, "notes": list(self.notes)}
 
 
 def align(reference: CanonicalModel, suspect: CanonicalModel) -> Alignment:
     """Pair the layers and rebuild the suspect's weights into the reference's canonical structure."""
-    ref_layers = weighted_layers(reference.model)
-    sus_layers = weighted_layers(suspect.model)
-    ref_roles = _Roles(reference.model)
-    sus_roles = _Roles(suspect.model)
-    free = list(sus_layers)
-    pairs: list[tuple[Layer, Layer]] = []
-    for r in ref_layers:
-        fits = [s for s in free if _compatible(r, s)]
-        if not fits:
-            raise ModelMismatchError(_no_match_message(r, reference, free, suspect))
-        role = ref_roles.of(r.node)
-        best = min(fits, key=lambda s: (sus_roles.of(s.node) != role, s.index))
-        free.remove(best)
-        pairs.append((r, best))
-    if free:
-        s = free[0]
-        raise ModelMismatchError(
-            f"cannot align the suspect's layer {suspect.layer_of(s.node.name)!r} ({_describe(s)}): "
-            f"the reference has no layer left of that kind and shape"
-            + (f" ({len(free) - 1} more suspect layers unmatched)" if len(free) > 1 else ""))
+    ref, sus = _Graph(reference.model), _Graph(suspect.model)
+    classes: dict[tuple, tuple[list[int], list[int]]] = {}
+    for i, layer in enumerate(ref.layers):
+        classes.setdefault(layer.key, ([], []))[0].append(i)
+    for j, layer in enumerate(sus.layers):
+        if layer.key in classes:
+            classes[layer.key][1].append(j)
+    solved = {key: _Class(ref, sus, rows, cols) for key, (rows, cols) in classes.items() if rows and cols}
+    mapping = {}
+    for c in solved.values():
+        mapping.update(c.solve())
+    _raise_unmatched(reference, suspect, ref, sus, mapping)
+    mapping = _make_consistent(ref, sus, solved, mapping)
+    bad = _inconsistent(ref, sus, mapping)
+    confidence, notes, contested = _confidence(reference, suspect, ref, sus, solved, mapping, bad)
+
     model = onnx.ModelProto()
     model.CopyFrom(reference.model)
     out = WeightStore(model)
-    sus_store = WeightStore(suspect.model)
+    sus_store = sus.store
     weight_map, node_map, result_pairs = {}, {}, []
-    for r, s in pairs:
+    for i, r in enumerate(ref.layers):
+        s = sus.layers[mapping[i]]
+        c = solved[r.key]
         node_map[r.node.name] = s.node.name
         ws = []
         for (_, rw, _), (_, sw, _) in zip(r.weights, s.weights):
@@ -103,15 +182,19 @@ def align(reference: CanonicalModel, suspect: CanonicalModel) -> Alignment:
             out.set(rw, value)
             weight_map[rw] = sw
             ws.append((rw, sw))
-        result_pairs.append(LayerPair(r.node.name, s.node.name, r.kind, ws))
+        cost, content, margin = c.about(i, mapping[i])
+        result_pairs.append(LayerPair(r.node.name, s.node.name, r.kind, ws, cost, content, margin))
     kept = [n for n in out.names() if n not in weight_map]
-    return Alignment(model, result_pairs, weight_map, node_map, kept)
+    return Alignment(model, result_pairs, weight_map, node_map, kept, confidence, notes, contested, len(bad))
 
 
 def weighted_layers(model: onnx.ModelProto) -> list[Layer]:
-    weights = {t.name: t for t in model.graph.initializer}
+    return _layers_of(topological(list(model.graph.node)), {t.name: t for t in model.graph.initializer})
+
+
+def _layers_of(nodes: list[onnx.NodeProto], weights: dict[str, onnx.TensorProto]) -> list[Layer]:
     layers = []
-    for index, node in enumerate(topological(list(model.graph.node))):
+    for index, node in enumerate(nodes):
         found = []
         for slot, name in enumerate(node.input):
             t = weights.get(name)
@@ -155,11 +238,321 @@ def _kind(node: onnx.NodeProto) -> str:
 
 
 def _compatible(r: Layer, s: Layer) -> bool:
-    return r.kind == s.kind and [(k, sh) for k, _, sh in r.weights] == [(k, sh) for k, _, sh in s.weights]
+    return r.key == s.key
 
 
 def _describe(layer: Layer) -> str:
     return f"{layer.kind} with weights " + ", ".join("x".join(map(str, s)) or "scalar" for s in layer.shapes)
+
+
+# ---- the graph of weighted layers ----------------------------------------------------------------
+class _Graph:
+    """A model's weighted layers, which of them feed which (through any unweighted ops), depths,
+    neighbour rings, roles and content signatures (computed when asked)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        weights = {t.name: t for t in model.graph.initializer}
+        nodes = topological(list(model.graph.node))
+        self.layers = _layers_of(nodes, weights)
+        self.store = WeightStore(model)
+        at = {id(layer.node): i for i, layer in enumerate(self.layers)}
+        n = len(self.layers)
+        self.preds: list[frozenset[int]] = [frozenset()] * n
+        frontier: dict[str, frozenset[int]] = {}
+        empty: frozenset[int] = frozenset()
+        for node in nodes:
+            ins = [frontier[x] for x in node_inputs(node) if x in frontier]
+            union = ins[0] if len(ins) == 1 else (empty.union(*ins) if ins else empty)
+            i = at.get(id(node))
+            if i is not None:
+                self.preds[i] = union
+                union = frozenset((i,))
+            for o in node.output:
+                if o:
+                    frontier[o] = union
+        succs: list[set[int]] = [set() for _ in range(n)]
+        for i, ps in enumerate(self.preds):
+            for p in ps:
+                succs[p].add(i)
+        self.succs = [frozenset(s) for s in succs]
+        self.depth_in = np.ones(n, dtype=np.int64)
+        for i in range(n):  # layers are in topological order: predecessors come first
+            if self.preds[i]:
+                self.depth_in[i] = 1 + max(self.depth_in[p] for p in self.preds[i])
+        self.depth_out = np.ones(n, dtype=np.int64)
+        for i in reversed(range(n)):
+            if self.succs[i]:
+                self.depth_out[i] = 1 + max(self.depth_out[c] for c in self.succs[i])
+        self.desc = [(layer.kind, tuple(layer.shapes)) for layer in self.layers]
+        self.roles = _Roles(model)
+        self._signature: dict[int, tuple] = {}
+        self._content: dict[int, dict] = {}
+
+    def signature(self, i: int) -> tuple:
+        """(rings up, rings down, role): what structure() compares, hashable."""
+        if i not in self._signature:
+            rings = []
+            for links in (self.preds, self.succs):
+                seen, ring = {i}, {i}
+                for _ in range(HOPS):
+                    ring = {q for p in ring for q in links[p]} - seen
+                    seen |= ring
+                    rings.append(tuple(sorted(Counter(self.desc[q] for q in ring).items())))
+            self._signature[i] = (tuple(rings), self.roles.of(self.layers[i].node))
+        return self._signature[i]
+
+    def content(self, i: int, singular: bool) -> dict:
+        """Component name -> permutation-invariant profile (module docstring)."""
+        cached = self._content.get(i)
+        if cached is not None and (not singular or cached["singular"]):
+            return cached["parts"]
+        layer = self.layers[i]
+        parts = {}
+        for k, (_, name, _) in enumerate(layer.weights):
+            parts.update(_profiles(self.store, name, layer.node.op_type, singular, f"{k}."))
+        self._content[i] = {"parts": parts, "singular": singular}
+        return parts
+
+
+def _profiles(store: WeightStore, name: str, op: str, singular: bool, prefix: str) -> dict[str, np.ndarray]:
+    shape = store.shape(name)
+    grid = sub_grid(shape, SAMPLE_ENTRIES) if store.is_lazy(name) else None  # in memory: whole is cheaper
+    sampled = grid is not None
+    w = np.asarray(store.get(name) if not sampled else store.get_grid(name, grid), dtype=np.float32)
+    dims = [d for d in w.shape if d != 1]
+    if len(dims) <= 1:
+        return {prefix + "values": np.sort(w.reshape(-1))}
+    w = w.reshape([d for d in w.shape if d != 1]) if len(dims) < w.ndim else w
+    if w.ndim == 2 or op in ("Conv", "ConvTranspose"):
+        m = w.reshape(w.shape[0], -1)
+    else:  # recurrent (directions, gates x hidden, in), stacked or positional tables
+        m = w.reshape(-1, w.shape[-1])
+    sq = np.square(m)
+    out = {prefix + "rows": np.sort(np.sqrt(sq.sum(axis=1, dtype=np.float64))),
+           prefix + "cols": np.sort(np.sqrt(sq.sum(axis=0, dtype=np.float64)))}
+    if singular and not sampled and m.size <= SVD_MAX_ENTRIES and min(m.shape) <= SVD_MAX_SIDE:
+        gram = m @ m.T if m.shape[0] <= m.shape[1] else m.T @ m
+        ev = np.linalg.eigvalsh(gram.astype(np.float64))[::-1][:TOP_SINGULAR]
+        out[prefix + "singular"] = np.sqrt(np.clip(ev, 0, None))
+    return out
+
+
+# ---- one class of compatible layers -----------------------------------------------------------
+class _Class:
+    """The reference's and the suspect's layers of one kind and shapes, their costs and assignment."""
+
+    def __init__(self, ref: _Graph, sus: _Graph, rows: list[int], cols: list[int]):
+        self.ref, self.sus, self.rows, self.cols = ref, sus, rows, cols
+        self.at_row = {r: a for a, r in enumerate(rows)}
+        self.at_col = {s: b for b, s in enumerate(cols)}
+        self.forced = len(rows) == 1 and len(cols) == 1
+        self.content = None
+        self.margin: dict[int, float] = {}
+        if self.forced:
+            self.cost = np.zeros((1, 1))
+            return
+        self.structure = self._structure()
+        best = self.structure.min(axis=1, keepdims=True)
+        tied = bool(((self.structure <= best + STRUCT_TIE).sum(axis=1) >= 2).any())
+        self.content, self.twin_rows, self.twin_cols = self._content(singular=tied)
+        self.cost = STRUCT_WEIGHT * self.structure + CONTENT_WEIGHT * self.content
+
+    def _structure(self) -> np.ndarray:
+        ref, sus = self.ref, self.sus
+        rows, cols = np.array(self.rows), np.array(self.cols)
+        depth = (np.abs(ref.depth_in[rows][:, None] - sus.depth_in[cols][None, :])
+                 + np.abs(ref.depth_out[rows][:, None] - sus.depth_out[cols][None, :]))
+        depth = np.minimum(1.0, depth / DEPTH_SCALE)
+        sigs: dict[tuple, int] = {}
+        r_ids = [sigs.setdefault(ref.signature(r), len(sigs)) for r in self.rows]
+        c_ids = [sigs.setdefault(sus.signature(s), len(sigs)) for s in self.cols]
+        keys = list(sigs)
+        table = np.zeros((len(keys), len(keys)))
+        for a in set(r_ids):
+            for b in set(c_ids):
+                table[a, b] = _signature_distance(keys[a], keys[b])
+        self.r_sig, self.c_sig = r_ids, c_ids
+        return (depth + table[np.ix_(r_ids, c_ids)]) / 3.0
+
+    def _content(self, singular: bool):
+        ref_parts = [self.ref.content(r, singular) for r in self.rows]
+        sus_parts = [self.sus.content(s, singular) for s in self.cols]
+        names = [n for n in ref_parts[0] if all(n in p for p in ref_parts + sus_parts)]
+        total = np.zeros((len(self.rows), len(self.cols)))
+        twin_rows = np.ones((len(self.rows), len(self.rows)), dtype=bool)
+        twin_cols = np.ones((len(self.cols), len(self.cols)), dtype=bool)
+        for name in names:
+            a = np.stack([p[name] for p in ref_parts])
+            b = np.stack([p[name] for p in sus_parts])
+            within = cdist(a, a)
+            upper = within[np.triu_indices(len(a), 1)]
+            floor = FLOOR_REL * float(np.mean(np.r_[np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)]))
+            scale = max(float(np.median(upper)) if upper.size else 0.0, floor, 1e-30)
+            total += np.minimum(CONTENT_CLIP, cdist(a, b) / scale)
+            twin_rows &= within == 0
+            twin_cols &= cdist(b, b) == 0
+        content = total / max(len(names), 1)
+        same_r = np.equal.outer(self.r_sig, self.r_sig)
+        same_c = np.equal.outer(self.c_sig, self.c_sig)
+        rows, cols = np.array(self.rows), np.array(self.cols)
+        twin_rows &= same_r & np.equal.outer(self.ref.depth_in[rows], self.ref.depth_in[rows]) \
+            & np.equal.outer(self.ref.depth_out[rows], self.ref.depth_out[rows])
+        twin_cols &= same_c & np.equal.outer(self.sus.depth_in[cols], self.sus.depth_in[cols]) \
+            & np.equal.outer(self.sus.depth_out[cols], self.sus.depth_out[cols])
+        return content, twin_rows, twin_cols
+
+    def solve(self, extra: np.ndarray | None = None) -> dict[int, int]:
+        cost = self.cost if extra is None else self.cost + extra
+        a, b = linear_sum_assignment(cost)
+        return {self.rows[i]: self.cols[j] for i, j in zip(a, b)}
+
+    def margins(self, mapping: dict[int, int], extra: np.ndarray | None = None) -> None:
+        """Runner-up cost minus best for each contested pair of a square class (module docstring)."""
+        self.margin = {}
+        if self.forced or len(self.rows) != len(self.cols):
+            return
+        cost = self.cost if extra is None else self.cost + extra
+        k = len(self.rows)
+        col = np.array([self.at_col[mapping[r]] for r in self.rows])
+        best = float(cost[np.arange(k), col].sum())
+        if k <= EXACT_RUNNER_UP_MAX:
+            for i in range(k):
+                c2 = cost.copy()
+                c2[np.ix_(self.twin_rows[i], self.twin_cols[col[i]])] = _FORBIDDEN
+                a, b = linear_sum_assignment(c2)
+                second = float(c2[a, b].sum())
+                self.margin[self.rows[i]] = second - best if second < _FORBIDDEN / 2 else float("inf")
+        else:
+            diag = cost[np.arange(k), col]
+            swapped = cost[:, col]  # [i, j]: row i given j's partner
+            delta = swapped + swapped.T - diag[:, None] - diag[None, :]
+            delta[self.twin_rows | self.twin_cols[np.ix_(col, col)]] = np.inf
+            for i in range(k):
+                self.margin[self.rows[i]] = float(delta[i].min())
+
+    def about(self, r: int, s: int) -> tuple[float, float | None, float | None]:
+        a, b = self.at_row[r], self.at_col[s]
+        content = None if self.content is None else float(self.content[a, b])
+        return float(self.cost[a, b]), content, self.margin.get(r)
+
+    def contested(self, r: int) -> bool:
+        if self.forced:
+            return False
+        m = self.margin.get(r)
+        return m is not None and np.isfinite(m)
+
+
+def _signature_distance(x: tuple, y: tuple) -> float:
+    (rings_x, role_x), (rings_y, role_y) = x, y
+    ring = float(np.mean([_multiset_distance(a, b) for a, b in zip(rings_x, rings_y)]))
+    sx, sy = set(role_x), set(role_y)
+    role = 1.0 - len(sx & sy) / len(sx | sy) if sx | sy else 0.0
+    return ring + role  # structure() adds depth and divides by 3
+
+
+def _multiset_distance(a: tuple, b: tuple) -> float:
+    ca, cb = dict(a), dict(b)
+    union = sum(max(ca.get(k, 0), cb.get(k, 0)) for k in ca.keys() | cb.keys())
+    if not union:
+        return 0.0
+    return 1.0 - sum(min(v, cb.get(k, 0)) for k, v in ca.items()) / union
+
+
+# ---- consistency and confidence -----------------------------------------------------------------
+def _inconsistent(ref: _Graph, sus: _Graph, mapping: dict[int, int]) -> list[int]:
+    """Reference layers whose feeding layers are not paired with those feeding their partner."""
+    return [r for r, s in mapping.items() if {mapping.get(p, -1) for p in ref.preds[r]} != set(sus.preds[s])]
+
+
+def _disagreement(c: _Class, ref: _Graph, sus: _Graph, mapping: dict[int, int]) -> np.ndarray:
+    out = np.zeros((len(c.rows), len(c.cols)))
+    for a, r in enumerate(c.rows):
+        mp = {mapping.get(p, -1) for p in ref.preds[r]}
+        ms = {mapping.get(q, -1) for q in ref.succs[r]}
+        for b, s in enumerate(c.cols):
+            ps, ss = sus.preds[s], sus.succs[s]
+            total = len(mp) + len(ms) + len(ps) + len(ss)
+            if total:
+                out[a, b] = (len(mp ^ ps) + len(ms ^ ss)) / total
+    return out
+
+
+def _make_consistent(ref: _Graph, sus: _Graph, classes: dict, mapping: dict[int, int]) -> dict[int, int]:
+    best, best_bad, best_extras = mapping, len(_inconsistent(ref, sus, mapping)), {}
+    current = mapping
+    for _ in range(REFINE_ROUNDS):
+        if not best_bad:
+            break
+        proposal, extras = dict(current), {}
+        for key, c in classes.items():
+            if c.forced or len(c.rows) > REFINE_MAX:
+                continue
+            extras[key] = NEIGHBOUR_WEIGHT * _disagreement(c, ref, sus, current)
+            proposal.update(c.solve(extras[key]))
+        bad = len(_inconsistent(ref, sus, proposal))
+        current = proposal
+        if bad < best_bad:
+            best, best_bad, best_extras = proposal, bad, extras
+    for key, c in classes.items():
+        c.margins(best, best_extras.get(key))
+    return best
+
+
+def _confidence(reference: CanonicalModel, suspect: CanonicalModel, ref: _Graph, sus: _Graph,
+                classes: dict, mapping: dict[int, int], bad: list[int]) -> tuple[float, list[str], int]:
+    notes: list[str] = []
+    doubtful: list[str] = []
+    at_stake = set(bad)
+    contested = 0
+    clear = 0
+    for i, r in enumerate(ref.layers):
+        c = classes[r.key]
+        if not c.contested(i):
+            continue
+        contested += 1
+        at_stake.add(i)
+        _, content, margin = c.about(i, mapping[i])
+        why = []
+        if margin < MIN_MARGIN:
+            why.append(f"the runner-up pairing costs only {margin:.3f} more")
+        if content is not None and content > MAX_CONTENT and margin < content:
+            why.append(f"its weights resemble its partner's little (content cost {content:.2f})")
+        if why:
+            doubtful.append(f"{reference.layer_of(r.node.name)!r} paired with "
+                            f"{suspect.layer_of(sus.layers[mapping[i]].node.name)!r} with low confidence: "
+                            + "; ".join(why))
+        elif i not in bad:
+            clear += 1
+    for i in bad:
+        r, s = ref.layers[i], sus.layers[mapping[i]]
+        notes.append(f"{reference.layer_of(r.node.name)!r} paired with {suspect.layer_of(s.node.name)!r}, "
+                     f"but the layers feeding them are not paired with each other")
+    if len(notes) > NOTES_MAX:
+        notes = notes[:NOTES_MAX] + [f"... {len(notes) - NOTES_MAX} more layers paired inconsistently"]
+    if len(doubtful) > NOTES_MAX:
+        doubtful = doubtful[:NOTES_MAX] + [f"... {len(doubtful) - NOTES_MAX} more pairs with low confidence"]
+    notes += doubtful
+    confidence = clear / len(at_stake) if at_stake else 1.0
+    if at_stake and confidence < 1.0:
+        notes.insert(0, f"alignment confidence {confidence:.2f}: {clear} of {len(at_stake)} layers that could "
+                        f"have been paired otherwise are paired clearly")
+    return confidence, notes, contested
+
+
+def _raise_unmatched(reference: CanonicalModel, suspect: CanonicalModel, ref: _Graph, sus: _Graph,
+                     mapping: dict[int, int]) -> None:
+    used = set(mapping.values())
+    free = [s for j, s in enumerate(sus.layers) if j not in used]
+    for i, r in enumerate(ref.layers):
+        if i not in mapping:
+            raise ModelMismatchError(_no_match_message(r, reference, free, suspect))
+    if free:
+        s = free[0]
+        raise ModelMismatchError(
+            f"cannot align the suspect's layer {suspect.layer_of(s.node.name)!r} ({_describe(s)}): "
+            f"the reference has no layer left of that kind and shape"
+            + (f" ({len(free) - 1} more suspect layers unmatched)" if len(free) > 1 else ""))
 
 
 def _no_match_message(r: Layer, reference: CanonicalModel, free: list[Layer], suspect: CanonicalModel) -> str:
@@ -184,7 +577,9 @@ def _initializers(model: onnx.ModelProto) -> set[str]:
 
 
 class _Roles:
-    """What a layer's output is used for, seen through views and pointwise ops (see the docstring)."""
+    """What a layer's output is used for, seen through views and pointwise ops (see the docstring).
+    Independent of node order: every reachable use is collected, then the first ROLE_FANOUT in
+    sorted order are kept."""
 
     def __init__(self, model: onnx.ModelProto):
         self.weights = {t.name for t in model.graph.initializer}
@@ -194,7 +589,7 @@ class _Roles:
             for k, name in enumerate(node.input):
                 if name:
                     self.users[name].append((node, k))
-        self.cache: dict[str, tuple] = {}
+        self.cache: dict[int, tuple] = {}
 
     def _trivial(self, node: onnx.NodeProto) -> bool:
         if node.op_type in TRIVIAL:
@@ -206,7 +601,7 @@ class _Roles:
         return any(i in self.weights for i in node.input) and node.op_type not in ("Reshape", "Expand", "Tile")
 
     def of(self, node: onnx.NodeProto) -> tuple:
-        key = node.name
+        key = id(node)
         if key not in self.cache:
             self.cache[key] = self._role([o for o in node.output if o], ROLE_DEPTH)
         return self.cache[key]
@@ -214,7 +609,7 @@ class _Roles:
     def _role(self, tensors: list[str], depth: int) -> tuple:
         found, seen = set(), set()
         stack = list(tensors)
-        while stack and len(found) < ROLE_FANOUT:
+        while stack and len(seen) < ROLE_VISIT_MAX:
             t = stack.pop()
             if t in seen:
                 continue
@@ -229,4 +624,4 @@ class _Roles:
                 else:
                     sub = self._role([o for o in user.output if o], depth - 1) if depth > 1 else ()
                     found.add((user.op_type, 0 if user.op_type in COMMUTATIVE else k, sub))
-        return tuple(sorted(found, key=repr))
+        return tuple(sorted(found, key=repr)[:ROLE_FANOUT])

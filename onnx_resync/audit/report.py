@@ -322,6 +322,7 @@ def _evidence(rs, precision, re_export, alignment, moved, derived) -> list[str]:
     if not rs.neurons:
         out.append("the reference has no permutable neuron group: the verdict rests on weight equality alone")
     out.append(f"{len(alignment.pairs)} layers aligned by structure, {len(alignment.weight_map)} weights compared")
+    out += [f"alignment: {note}" for note in alignment.notes]  # low confidence, inconsistent pairs (align.py)
     if precision["within"]:
         out.append(f"after resync every weight equals the reference within {'/'.join(precision['storage'])} "
                    f"storage precision (worst {precision['worst_ratio']:.2f} of the rounding bound)")
