@@ -66,8 +66,8 @@ def test_huge_declared_dims_stay_small(name, tight, good, tmp_path):
     for r in report.results:
         if model not in r.argv:
             continue
-        if name.startswith("input-") and r.argv[0] == "groups":
-            assert r.outcome == "ok"  # nothing is allocated to walk the graph
+        if name.startswith("input-") and (r.argv[0] == "groups" or "--no-verify" in r.argv):
+            assert r.outcome == "ok"  # nothing is allocated to walk the graph (or to permute unchecked)
         elif name.startswith("input-") and r.argv[0] == "permute":
             assert r.outcome == "error" and "random inputs would take" in r.why, (r.argv, r.why)
         elif not name.startswith("input-"):
