@@ -375,3 +375,266 @@ def test_input_is_not_modified():
     before = model.SerializeToString()
     canonicalize(model)
     assert model.SerializeToString() == before
+
+
+# ---- contrib.py -------------------------------------------------------------------------------
+def _std_only(model: onnx.ModelProto) -> bool:
+    return all(n.domain in ("", "ai.onnx") for n in model.graph.node)
+
+
+def test_fused_elementwise_contrib_ops_are_written_out():
+    """BiasGelu (a weighted Add + the erf GELU), FastGelu with a bias (tanh form), QuickGelu (alpha
+    1.702 and 1: SiLU), com.microsoft Gelu, FusedMatMul (alpha, a transposed constant B, a
+    transposed activation A): standard ops computing the same."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["m1"]),
+        helper.make_node("BiasGelu", ["m1", "b1"], ["g1"], domain=MS),
+        helper.make_node("FastGelu", ["g1", "b2"], ["g2"], domain=MS),
+        helper.make_node("QuickGelu", ["g2"], ["g3"], domain=MS),
+        helper.make_node("QuickGelu", ["g3"], ["g4"], domain=MS, alpha=1.0),
+        helper.make_node("Gelu", ["g4"], ["g5"], domain=MS),
+        helper.make_node("FusedMatMul", ["g5", "w2"], ["f1"], domain=MS, transB=1, alpha=0.25),
+        helper.make_node("FusedMatMul", ["f1", "f1"], ["y"], domain=MS, transA=1),
+    ]
+    model = _model(nodes, [("x", TensorProto.FLOAT, [2, 3, 4])], [("y", TensorProto.FLOAT, [2, 6, 6])],
+                   {"w1": _w(4, 8), "b1": _w(8), "b2": _w(8), "w2": _w(6, 8)}, ms=True)
+    canon = _canonical(model)
+    ops = _ops(canon.model)
+    assert _std_only(canon.model) and ops["Erf"] == 2 and ops["Tanh"] == 1 and ops["Sigmoid"] == 2, ops
+    assert ops["MatMul"] == 3 and ops["Transpose"] == 1, ops
+    adds = [n for n in canon.model.graph.node if n.op_type == "Add" and set(n.input) & {"b1", "b2"}]
+    assert len(adds) == 2  # the biases are layers of their own again
+    w2t = next(n for n in canon.model.graph.node if n.op_type == "MatMul" and n.input[1] not in ("w1",)
+               and n.input[1] in canon.origins)
+    assert canon.origins[w2t.input[1]].sources == ["w2"] and not canon.origins[w2t.input[1]].computed
+    assert {"ONNX Runtime BiasGelu written as Add + GELU", "ONNX Runtime FastGelu written as Add + GELU",
+            "ONNX Runtime FusedMatMul written as MatMul + Mul by alpha", "ONNX Runtime FusedMatMul written as MatMul",
+            "com.microsoft Gelu written as its erf formula"} <= set(canon.changes)
+    _same(canon, model, {"x": _w(2, 3, 4, scale=1)})
+
+
+def test_gelu_op_is_the_erf_formula():
+    """The standard Gelu op (opset 20, as torch.onnx dynamo writes it), exact and tanh: the same
+    formulas as the contrib ops'."""
+    nodes = [helper.make_node("Gelu", ["x"], ["g"]), helper.make_node("Gelu", ["g"], ["y"], approximate="tanh")]
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, 5])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=9)
+    canon = _canonical(model)
+    ops = _ops(canon.model)
+    assert "Gelu" not in ops and ops["Erf"] == 1 and ops["Tanh"] == 1, ops
+    _same(canon, model, {"x": _w(3, 5, scale=2)})
+
+
+# ---- norms.py ---------------------------------------------------------------------------------
+def test_skip_and_simplified_layer_norms_are_written_out():
+    """SkipLayerNormalization with the projection's bias (and its sum output read downstream) and
+    without; SimplifiedLayerNormalization (standard domain, as ONNX Runtime registers it) and
+    SkipSimplifiedLayerNormalization (with a bias, which ONNX Runtime adds): Add (bias) + Add +
+    LayerNormalization / RMSNorm."""
+    h = 8
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["m1"]),
+        helper.make_node("SkipLayerNormalization", ["m1", "x", "g1", "be1", "b1"], ["n1", "", "", "s1"], domain=MS,
+                         epsilon=1e-5),
+        helper.make_node("SkipLayerNormalization", ["n1", "s1", "g2"], ["n2"], domain=MS),
+        helper.make_node("SimplifiedLayerNormalization", ["n2", "g3"], ["n3"], epsilon=1e-6),
+        helper.make_node("MatMul", ["n3", "w2"], ["m2"]),
+        helper.make_node("SkipSimplifiedLayerNormalization", ["m2", "n3", "g4", "b4"], ["y", "", "", "s2"], domain=MS,
+                         epsilon=1e-6),
+    ]
+    model = _model(nodes, [("x", TensorProto.FLOAT, [2, 3, h])],
+                   [("y", TensorProto.FLOAT, [2, 3, h]), ("s2", TensorProto.FLOAT, [2, 3, h])],
+                   {"w1": _w(h, h), "b1": _w(h), "g1": _w(h) + 1, "be1": _w(h), "g2": _w(h) + 1, "g3": _w(h) + 1,
+                    "w2": _w(h, h), "g4": _w(h) + 1, "b4": _w(h)}, ms=True)
+    canon = _canonical(model)
+    ops = _ops(canon.model)
+    assert _std_only(canon.model) and ops["LayerNormalization"] == 2 and ops["ReduceMean"] == 2, ops
+    assert any(n.op_type == "Add" and "b1" in n.input for n in canon.model.graph.node)
+    assert {"ONNX Runtime SkipLayerNormalization written as Add (bias) + Add + LayerNormalization",
+            "ONNX Runtime SkipLayerNormalization written as Add + Add + LayerNormalization",
+            "SimplifiedLayerNormalization written as RMSNorm",
+            "ONNX Runtime SkipSimplifiedLayerNormalization written as Add (bias) + Add + RMSNorm"} <= set(canon.changes)
+    _same(canon, model, {"x": _w(2, 3, h, scale=1)})
+
+
+def test_layer_norm_below_opset_17_is_written_out():
+    """No LayerNormalization op before opset 17: the exporters' form (ReduceMean ... Mul, Add)."""
+    h = 6
+    nodes = [helper.make_node("SkipLayerNormalization", ["x", "x2", "g", "b"], ["y"], domain=MS, epsilon=1e-5)]
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info(n, TensorProto.FLOAT, [2, 3, h])
+                                           for n in ("x", "x2")],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, h])],
+                              [numpy_helper.from_array(_w(h) + 1, "g"), numpy_helper.from_array(_w(h), "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13), helper.make_opsetid(MS, 1)],
+                              ir_version=7)
+    canon = _canonical(model)
+    ops = _ops(canon.model)
+    assert "LayerNormalization" not in ops and ops["ReduceMean"] == 2 and ops["Sqrt"] == 1, ops
+    feeds = {"x": _w(2, 3, h, scale=1), "x2": _w(2, 3, h, scale=1)}
+    _same(canon, model, feeds)
+
+
+def test_embed_layer_norm_is_written_out():
+    """EmbedLayerNormalization (word, position, segment embeddings, mask): Gathers, Adds,
+    LayerNormalization; its mask index (ones per row) and embedding sum outputs computed alike."""
+    v, p, h = 11, 7, 8
+    nodes = [helper.make_node("EmbedLayerNormalization", ["ids", "seg", "we", "pe", "se", "g", "b", "mask"],
+                              ["y", "mask_index", "sum"], domain=MS, epsilon=1e-5)]
+    model = _model(nodes, [("ids", TensorProto.INT32, [2, 5]), ("seg", TensorProto.INT32, [2, 5]),
+                           ("mask", TensorProto.INT32, [2, 5])],
+                   [("y", TensorProto.FLOAT, [2, 5, h]), ("mask_index", TensorProto.INT32, [2]),
+                    ("sum", TensorProto.FLOAT, [2, 5, h])],
+                   {"we": _w(v, h), "pe": _w(p, h), "se": _w(2, h), "g": _w(h) + 1, "b": _w(h)}, ms=True)
+    canon = _canonical(model)
+    ops = _ops(canon.model)
+    assert _std_only(canon.model) and ops["LayerNormalization"] == 1, ops
+    assert {n.input[0] for n in canon.model.graph.node if n.op_type == "Gather"} >= {"we", "pe", "se"}
+    feeds = {"ids": RNG.integers(0, v, (2, 5)).astype(np.int32), "seg": RNG.integers(0, 2, (2, 5)).astype(np.int32),
+             "mask": np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], np.int32)}
+    for a, b in zip(_run(canon.model, feeds), _run(model, feeds)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ---- attention.py -----------------------------------------------------------------------------
+def _attention_reference(h: int, heads: int, seq: int, wq, wk, wv, bq, bk, bv) -> onnx.ModelProto:
+    """Multi-head attention as torch.onnx writes it (the bundled transformer's layers)."""
+    d = h // heads
+    nodes = []
+    for which in "qkv":
+        nodes += [helper.make_node("MatMul", ["x", f"w{which}"], [f"{which}m"]),
+                  helper.make_node("Add", [f"b{which}", f"{which}m"], [f"{which}a"]),
+                  helper.make_node("Reshape", [f"{which}a", "split"], [f"{which}r"])]
+    nodes += [helper.make_node("Transpose", ["qr"], ["qt"], perm=[0, 2, 1, 3]),
+              helper.make_node("Transpose", ["kr"], ["kt"], perm=[0, 2, 3, 1]),
+              helper.make_node("Transpose", ["vr"], ["vt"], perm=[0, 2, 1, 3]),
+              helper.make_node("MatMul", ["qt", "kt"], ["s"]),
+              helper.make_node("Div", ["s", "sqrt_d"], ["sd"]),
+              helper.make_node("Softmax", ["sd"], ["p"], axis=-1),
+              helper.make_node("MatMul", ["p", "vt"], ["o"]),
+              helper.make_node("Transpose", ["o"], ["ot"], perm=[0, 2, 1, 3]),
+              helper.make_node("Reshape", ["ot", "merge"], ["y"])]
+    return _model(nodes, [("x", TensorProto.FLOAT, [2, seq, h])], [("y", TensorProto.FLOAT, [2, seq, h])],
+                  {"wq": wq, "wk": wk, "wv": wv, "bq": bq, "bk": bk, "bv": bv,
+                   "split": np.array([-1, seq, heads, d], np.int64), "merge": np.array([-1, seq, h], np.int64),
+                   "sqrt_d": np.float32(np.sqrt(d))})
+
+
+def test_packed_attention_is_written_out_as_the_reference_writes_it():
+    """com.microsoft Attention (packed QKV weight and bias) of onnxruntime.transformers' optimizer:
+    the same weighted layers (kinds, shapes) as the unfused attention, computing the same; with a
+    2-D key padding mask, what ONNX Runtime computes with it."""
+    from onnx_resync.audit.align import weighted_layers
+
+    h, heads, seq = 8, 2, 4
+    wq, wk, wv, bq, bk, bv = _w(h, h), _w(h, h), _w(h, h), _w(h), _w(h), _w(h)
+    reference = _attention_reference(h, heads, seq, wq, wk, wv, bq, bk, bv)
+    fused = _model([helper.make_node("Attention", ["x", "w", "b", ""], ["y"], domain=MS, num_heads=heads)],
+                   [("x", TensorProto.FLOAT, [2, seq, h])], [("y", TensorProto.FLOAT, [2, seq, h])],
+                   {"w": np.concatenate([wq, wk, wv], axis=1), "b": np.concatenate([bq, bk, bv])}, ms=True)
+    canon, ref = _canonical(fused), _canonical(reference)
+    assert _std_only(canon.model)
+    assert sorted(layer.key for layer in weighted_layers(canon.model)) == \
+        sorted(layer.key for layer in weighted_layers(ref.model))
+    assert _ops(canon.model) == _ops(ref.model)
+    q = next(n for n in canon.model.graph.node if n.op_type == "MatMul" and n.input[1] in canon.origins)
+    assert canon.origins[q.input[1]].sources == ["w"] and not canon.origins[q.input[1]].computed
+    x = _w(2, seq, h, scale=1)
+    _same(canon, fused, {"x": x})
+    _same(canon, reference, {"x": x})
+
+    masked = _model([helper.make_node("Attention", ["x", "w", "b", "mask"], ["y"], domain=MS, num_heads=heads)],
+                    [("x", TensorProto.FLOAT, [2, seq, h]), ("mask", TensorProto.INT32, [2, seq])],
+                    [("y", TensorProto.FLOAT, [2, seq, h])],
+                    {"w": np.concatenate([wq, wk, wv], axis=1), "b": np.concatenate([bq, bk, bv])}, ms=True)
+    canon = _canonical(masked)
+    assert _std_only(canon.model)
+    _same(canon, masked, {"x": x, "mask": np.array([[1, 1, 0, 0], [1, 1, 1, 1]], np.int32)})
+
+
+def test_attention_with_state_is_left_as_it_is():
+    """past/present (a decoder's cache): not this canonical form; the node stays whole."""
+    h = 8
+    nodes = [helper.make_node("Attention", ["x", "w", "b", "", "past"], ["y", "present"], domain=MS, num_heads=2)]
+    model = _model(nodes, [("x", TensorProto.FLOAT, [1, 3, h]), ("past", TensorProto.FLOAT, [2, 1, 2, 0, 4])],
+                   [("y", TensorProto.FLOAT, [1, 3, h]), ("present", TensorProto.FLOAT, [2, 1, 2, 3, 4])],
+                   {"w": _w(h, 3 * h), "b": _w(3 * h)}, ms=True)
+    canon = canonicalize(model)
+    assert _ops(canon.model) == {"Attention": 1}
+
+
+# ---- nchwc.py ---------------------------------------------------------------------------------
+def _nchwc_file(model: onnx.ModelProto, path) -> onnx.ModelProto:
+    """ONNX Runtime's own NCHWc save of `model` (the "all" level, as a vendor saves it)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(path)
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return onnx.load(str(path))
+
+
+def test_nchwc_layout_is_written_back_in_nchw(tmp_path):
+    """A small conv net saved by ONNX Runtime in NCHWc layout: image conv (OIHWBo filter, plain
+    input), blocked convs (OIHWBiBo), a depthwise conv, a residual Add fused as the Sum input, an
+    activation fused, MaxPool / AveragePool / GlobalAveragePool, a BatchNormalization made a
+    depthwise conv, Concat of blocked tensors, nearest Resize (Upsample), convs whose channels are
+    not a multiple of the block (padded rows dropped: before a ReorderOutput, and before a conv that
+    ONNX Runtime pads the input channels of), a Transpose to NHWC (ReorderOutput channels_last):
+    plain NCHW ops again, computing what the file computes."""
+    from onnx_resync.audit.passes.nchwc import NCHWC, machine_block_size
+
+    if machine_block_size() is None:
+        import pytest
+
+        pytest.skip("this machine's ONNX Runtime writes no NCHWc layout")
+    c = 32
+    nodes = [
+        helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c0"], ["r0"]),
+        helper.make_node("Conv", ["r0", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "wd", "bd"], ["cd"], pads=[1, 1, 1, 1], group=c),
+        helper.make_node("Add", ["cd", "r1"], ["a1"]),
+        helper.make_node("Relu", ["a1"], ["r2"]),
+        helper.make_node("MaxPool", ["r2"], ["p1"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["p1", "w2", "b2"], ["c2"]),
+        helper.make_node("Add", ["c2", "p1"], ["a2"]),
+        helper.make_node("BatchNormalization", ["a2", "g", "beta", "mean", "var"], ["bn"]),
+        helper.make_node("AveragePool", ["bn"], ["p2"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]),
+        helper.make_node("Conv", ["p1", "w4", "b4"], ["c4"]),
+        helper.make_node("Relu", ["c4"], ["r4"]),
+        helper.make_node("Conv", ["r4", "w5", "b5"], ["c5"]),
+        helper.make_node("Concat", ["p2", "c5"], ["cat"], axis=1),
+        helper.make_node("Resize", ["cat", "", "scales"], ["up"], mode="nearest",
+                         coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+        helper.make_node("Conv", ["up", "w3", "b3"], ["c3"]),
+        helper.make_node("Sigmoid", ["c3"], ["s3"]),
+        helper.make_node("Transpose", ["s3"], ["y1"], perm=[0, 2, 3, 1]),
+        helper.make_node("GlobalAveragePool", ["cat"], ["y2"]),
+    ]
+    model = _model(nodes, [("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                   [("y1", TensorProto.FLOAT, [1, 8, 8, 20]), ("y2", TensorProto.FLOAT, [1, 2 * c, 1, 1])],
+                   {"w0": _w(16, 3, 3, 3), "b0": _w(16), "w1": _w(c, 16, 3, 3), "b1": _w(c), "wd": _w(c, 1, 3, 3),
+                    "bd": _w(c), "w2": _w(c, c, 1, 1), "b2": _w(c), "g": _w(c) + 1, "beta": _w(c), "mean": _w(c),
+                    "var": np.abs(_w(c)) + 0.5, "scales": np.array([1, 1, 2, 2], np.float32),
+                    "w3": _w(20, 2 * c, 1, 1), "b3": _w(20), "w4": _w(20, c, 1, 1), "b4": _w(20),
+                    "w5": _w(c, 20, 1, 1), "b5": _w(c)})
+    saved = _nchwc_file(model, tmp_path / "nchwc.onnx")
+    found = {n.op_type for n in saved.graph.node if n.domain == NCHWC}
+    assert {"Conv", "ReorderOutput", "MaxPool", "AveragePool", "GlobalAveragePool", "Upsample"} <= found, found
+    assert any(n.domain == NCHWC and n.op_type == "Conv" and len(n.input) > 3 for n in saved.graph.node)
+    canon = _canonical(saved)
+    assert _std_only(canon.model), _ops(canon.model)
+    ops = _ops(canon.model)
+    assert ops["Conv"] == 8 and ops["Resize"] == 1 and ops["Transpose"] == 1, ops
+    shapes = sorted(numpy_helper.to_array(t).shape[:2] for t in canon.model.graph.initializer
+                    if t.name in {n.input[1] for n in canon.model.graph.node if n.op_type == "Conv"})
+    # padded rows dropped (a ReorderOutput's channels; a conv read only by a conv: its zero rows and
+    # the reader's zero columns)
+    assert shapes == [(16, 3), (20, 32), (20, 64), (32, 1), (32, 1), (32, 16), (32, 20), (32, 32)], shapes
+    assert any(what.startswith("NCHWc block size") for what in canon.changes)
+    x = _w(1, 3, 8, 8, scale=1)
+    _same(canon, saved, {"x": x}, atol=1e-4, rtol=1e-4)
+    _same(canon, model, {"x": x}, atol=1e-4, rtol=1e-4)

@@ -11,10 +11,13 @@ passes/ over it, in this order (each file's docstring says what form it reaches 
 4. quantized graphs (QDQ, QOperator, dynamic) back to the float graph (dequantize.py), then 3 again
    for what that exposed;
 5. every float tensor float32 (floats.py);
-6. no-op nodes removed: Identity, Dropout, Cast to the same type (cleanup.py);
-7. BatchNormalization and per-channel Add/Mul/Sub folded into the Conv, ConvTranspose or Gemm
+6. ONNX Runtime's contrib ops written out in standard ops: the NCHWc layout back to NCHW
+   (nchwc.py), fused GELU / QuickGelu / FusedMatMul (contrib.py), Skip/Simplified/Embed layer
+   normalizations (norms.py), packed-QKV Attention (attention.py);
+7. no-op nodes removed: Identity, Dropout, Cast to the same type (cleanup.py);
+8. BatchNormalization and per-channel Add/Mul/Sub folded into the Conv, ConvTranspose or Gemm
    before them, to a fixed point (affine.py);
-8. Gemm with a constant B written as MatMul (+ Add), a Conv without a bias given a zero bias
+9. Gemm with a constant B written as MatMul (+ Add), a Conv without a bias given a zero bias
    (affine.py).
 
 Every pass keeps what the graph computes (up to the rounding of folded or dequantized weights).
@@ -34,11 +37,15 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .passes.affine import fold_into_producers, gemm_as_matmul, zero_biases
+from .passes.attention import expand_attention
 from .passes.cleanup import drop_noops, drop_unused
 from .passes.constants import fold_constants
+from .passes.contrib import expand_contrib
 from .passes.dequantize import dequantize
 from .passes.floats import FLOAT_TYPES, to_float32
 from .passes.fused import split_fused
+from .passes.nchwc import expand_nchwc
+from .passes.norms import expand_norms
 from .rewrite import WeightOrigin, Workspace, topological  # noqa: F401 (align imports topological)
 from ..walk.graph import node_inputs
 
@@ -50,6 +57,10 @@ PASSES = (
     (dequantize, False),
     (fold_constants, False),
     (to_float32, False),
+    (expand_nchwc, False),
+    (expand_contrib, False),
+    (expand_norms, False),
+    (expand_attention, False),
     (drop_noops, False),
     (fold_into_producers, True),
     (gemm_as_matmul, False),

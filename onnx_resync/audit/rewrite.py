@@ -17,6 +17,8 @@
 - Each node is *shown as* one of the file's nodes (`shown`): a node a pass made is shown as the one
   it stands for, so that reports name the file's layers.
 - A pass *records* what it did ("BatchNormalization folded into Conv"); the counts go to the report.
+- An *expansion* (Expansion) is the list of nodes that stand for one node of the file (a contrib op
+  written out in standard ops), shown as that node and put in its place in one `commit`.
 """
 
 from __future__ import annotations
@@ -312,3 +314,45 @@ class Workspace:
             steps.extend(s for s in o.steps if s not in steps)
         steps.append(step)
         return WeightOrigin(sources, dtype or "float32", steps)
+
+
+class Expansion:
+    """The nodes that stand for one node of the file (a contrib op written out in standard ops):
+    each new node is shown as that node, intermediate tensors get fresh names, and `commit` puts
+    them where the node was. Nothing touches the workspace before `commit`, so a pass may give up
+    half way (new constants are only named: an unused one is never written)."""
+
+    def __init__(self, ws: Workspace, node: onnx.NodeProto):
+        self.ws, self.node, self.nodes = ws, node, []
+
+    def op(self, op_type: str, inputs: list[str], output: str | None = None, outputs: int = 1,
+           domain: str = "", **attrs) -> str:
+        """Add a node; returns its (first) output: `output`, or a fresh name."""
+        base = f"{self.node.name}/{op_type}"
+        names = [output or self.ws.new_name(base)] + [self.ws.new_name(f"{base}_{k}") for k in range(1, outputs)]
+        n = helper.make_node(op_type, list(inputs), names, domain=domain or None, **attrs)
+        self.ws.name_node(n, base, self.node)
+        self.nodes.append(n)
+        return names[0]
+
+    def scalar(self, hint: str, value, dtype=np.float32) -> str:
+        """A synthetic constant (not a weight of the file: no sources)."""
+        value = np.asarray(value, dtype=dtype)
+        return self.ws.add_constant(f"{self.node.name}/{hint}", value,
+                                    WeightOrigin([], str(value.dtype), [f"synthetic {hint}"]))
+
+    def weight(self, hint: str, value: np.ndarray, sources: list[str], step: str) -> str:
+        """A constant computed from the file's constants `sources` by `step`."""
+        return self.ws.add_constant(f"{self.node.name}/{hint}", value, self.ws.origin_of(sources, step))
+
+    def commit(self, what: str) -> None:
+        self.ws.replace(self.node, self.nodes)
+        self.ws.record(what)
+
+
+def opset(ws: Workspace, domain: str = "") -> int:
+    """The file's opset of `domain` (0 if it imports none)."""
+    for o in ws.source.opset_import:
+        if (o.domain or "") in ((domain,) if domain not in STANDARD else STANDARD):
+            return int(o.version)
+    return 0

@@ -7,6 +7,11 @@ re-export back to one form and keeps what the graph computes; canonical.py runs 
 - constants.py: nodes of constants evaluated into constants;
 - dequantize.py: quantized graphs (QDQ, QOperator, dynamic) back to the float graph;
 - floats.py: every float tensor float32;
+- nchwc.py: ONNX Runtime's NCHWc layout (blocked tensors and filters) back to NCHW;
+- contrib.py: fused GELU forms, QuickGelu and FusedMatMul in standard ops;
+- norms.py: SkipLayerNormalization, (Skip)SimplifiedLayerNormalization, EmbedLayerNormalization as
+  Add + LayerNormalization / RMSNorm and embedding Gathers;
+- attention.py: packed-QKV Attention as three projections and scaled dot-product attention;
 - cleanup.py: no-op nodes (Identity, Dropout, Cast to the same type) and unused nodes removed;
 - affine.py: BatchNormalization and per-channel Add/Mul/Sub folded into their producer, Gemm
   written as MatMul (+ Add), Conv biases made explicit.

@@ -15,7 +15,7 @@ from onnx import helper
 from ..rewrite import Workspace, WeightOrigin, attr
 
 MS = "com.microsoft"
-_PLAIN = ("Relu", "Sigmoid", "Tanh")
+_PLAIN = ("Relu", "Sigmoid", "Tanh", "HardSwish")  # activations without parameters
 
 
 def split_fused(ws: Workspace) -> bool:
@@ -30,7 +30,7 @@ def split_fused(ws: Workspace) -> bool:
             params = [p for p in params if p is not None]
         else:
             params = list(attr(node, "activation_params", []) or [])
-        act_nodes = _activation(ws, act, params, node)
+        act_nodes = activation(ws, act, params, node)
         if act_nodes is None:
             continue
         base = "Conv" if node.op_type == "FusedConv" else "Gemm"
@@ -52,7 +52,7 @@ def split_fused(ws: Workspace) -> bool:
     return changed
 
 
-def _activation(ws: Workspace, act: str, params: list, node: onnx.NodeProto) -> list | None:
+def activation(ws: Workspace, act: str, params: list, node: onnx.NodeProto) -> list | None:
     """[(op, attributes, extra constant inputs)] for a fused activation; [] for none; None if unknown."""
     if act in ("", "Identity"):
         return []
