@@ -88,8 +88,9 @@ def run_demo(model_name: str = DEFAULT_MODEL, *, seed: int = 0, noise: float = 0
     reference = load_model(src)
     found = walk(reference)
     acc_ref = accuracy(reference, npz) if npz.exists() else None
-    step = (f"{len(found.groups)} permutable groups, {found.permutable_channels} of "
-            f"{found.hidden_channels - found.output_channels} hidden channels ({100 * found.coverage:.0f}%)")
+    inner = found.hidden_channels - found.output_channels
+    step = (f"{len(found.groups)} permutable groups, {found.permutable_channels} of {inner} hidden channels "
+            f"({f'{100 * found.coverage:.0f}%' if inner else 'nothing to permute'})")
     report.add("walk", step)
     log(f"1. walk     {src.name}: {step}")
 

@@ -3,9 +3,10 @@
 The bundled models are quantized here with onnxruntime.quantization in the three formats it writes:
 dynamic (DynamicQuantizeLinear + ConvInteger/MatMulInteger + Cast + Mul by scales), static QOperator
 with per-channel weights (QLinearConv, QLinearMatMul, com.microsoft QGemm/QLinearAdd/...), and static
-QDQ for comparison; permuted before or after quantization. Each must come out "derived" (perturbed:
-quantized, and permuted) with at least 99% of neurons matched; an independently trained copy
-(models/variants/<name>_seed1.onnx) quantized the same way must come out "not derived".
+QDQ for comparison; permuted before or after quantization. Each must come out "derived with a format
+change" (permuted, stored as int8: every weight within half a step of its own scale) with at least 99%
+of neurons matched; an independently trained copy (models/variants/<name>_seed1.onnx) quantized the
+same way must come out "not derived".
 
 The canonical form of a quantized model is the float graph (canonical.py, dequantize.py): the same
 operators as the float model's canonical form, and it runs in ONNX Runtime with outputs close to the
@@ -113,10 +114,11 @@ def test_quantized_copy_is_derived(name, kind, order, quantized, tmp_path):
     print(f"{name} {kind} {order}: {report.verdict}, {report.matched}/{report.neurons} "
           f"({100 * report.matched_fraction:.2f}%) matched, {report.moved} moved, "
           f"statistic {report.statistic:.2f}, {report.timings['total']:.2f}s")
-    assert report.derived and report.verdict == "perturbed", report.summary
+    assert report.derived and report.verdict == "permuted", report.summary
     assert report.permuted and report.moved > 0, report.summary
-    assert report.precision["quantized"]
-    assert any(k.startswith("quantized") for k in report.perturbation["kinds"]), report.perturbation
+    assert report.precision["quantized"] and report.precision["within"]
+    assert "int8 per" in report.format_change and "format change" in report.summary, report.summary
+    assert not report.perturbation["kinds"], report.perturbation
     assert report.matched_fraction >= 0.99, report.summary
     # the report speaks of the suspect's own layers and stored integer tensors
     stored = _stored(onnx.load(str(suspect)))
@@ -213,7 +215,8 @@ def test_dynamically_quantized_lstm_is_derived(tmp_path):
     feeds = {"input": np.random.default_rng(1).normal(size=(10, 1, 24)).astype(np.float32)}
     assert _error(_run(canon.model, feeds), _run(model, feeds)) < 0.05
     report = audit(str(suspect), str(reference))
-    assert report.verdict == "perturbed" and report.permuted and report.matched_fraction >= 0.99, report.summary
+    assert report.verdict == "permuted" and report.permuted and report.matched_fraction >= 0.99, report.summary
+    assert "int8" in report.format_change, report.summary
     assert any("lstm" in layer for row in report.layers for layer in row.layers)
 
 

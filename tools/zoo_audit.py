@@ -52,7 +52,7 @@ from build_zoo import DEFAULT_CACHE, MODEL_NAMES, TRANSFORMS, plan  # noqa: E402
 MIN_MATCHED = 0.99
 DEFAULT_TIMEOUT = 120.0
 STORAGE_NAMES = {"fp16": ("float16",), "int8": ("int8", "uint8", "quantized")}
-VERDICTS = ["identical", "permuted", "perturbed", "not derived", "exit 3", "timeout"]
+VERDICTS = ["identical", "permuted", "perturbed", "not derived", "cannot judge", "exit 3", "timeout"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,6 +131,7 @@ def audit_one(suspect: str, reference: str) -> dict:
                "matched_fraction": d["matched_fraction"], "statistic": d["statistic"],
                "kinds": list(d["perturbation"].get("kinds", [])),
                "storage": list(d["precision"].get("storage", [])), "quantized": bool(d["precision"].get("quantized")),
+               "format_change": d.get("format_change", ""),
                "evidence": d["evidence"]}
     except Exception as exc:  # noqa: BLE001 - every failure is a result
         code = exc.exit_code if isinstance(exc, ResyncError) and exc.exit_code >= 3 else 3

@@ -18,7 +18,8 @@ import numpy as np
 
 from ..io import write_text_atomic
 
-VERDICT_COLOURS = {"identical": "#1a7f37", "permuted": "#1a7f37", "perturbed": "#bf8700", "not derived": "#cf222e"}
+VERDICT_COLOURS = {"identical": "#1a7f37", "permuted": "#1a7f37", "perturbed": "#bf8700", "not derived": "#cf222e",
+                   "cannot judge": "#8250df"}  # cannot judge: neither a pass nor a fail (too little compared)
 # viridis anchors (0 -> 1)
 _VIRIDIS = np.array([[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]], dtype=np.float64)
 

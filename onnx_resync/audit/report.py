@@ -7,13 +7,21 @@ in terms of the suspect's own layers (JSON, text, HTML).
 Verdicts:
 
 - "identical": after canonicalization the suspect's weights equal the reference's, in the same
-  neuron order, within the precision the suspect stores them in (fp16 rounding, BatchNorm folding
-  rounding); the graph may have been re-exported (the report lists what canonicalization undid);
+  neuron order, within what the suspect's own storage explains (storage.py: half a quantization
+  step of an int8/int4 file, from its own scales; fp16/bf16 rounding and clamping; BatchNorm
+  folding rounding); the graph may have been re-exported (the report lists what canonicalization
+  undid). A suspect stored in another format is "derived with a format change": `format_change`
+  names it ("int8 per channel") and the summary says so;
 - "permuted": the same, once the neurons are put back in the reference's order;
-- "perturbed": derived (resync's evidence statistic) but the weights differ beyond storage
-  precision; kind and strength from resync's estimate (noise or further training, quantization,
-  pruning, rescaling); `permuted` tells whether neurons had also moved;
-- "not derived": no evidence that the suspect comes from the reference.
+- "perturbed": derived (resync's evidence statistic) but some weights differ beyond what the
+  storage explains; kind and strength (noise or further training, quantization beyond the
+  storage, pruning, rescaling) are computed on what lies beyond the bound only; `permuted` tells
+  whether neurons had also moved;
+- "not derived": no evidence that the suspect comes from the reference;
+- "cannot judge" (exit 4, the code `verify` uses for "cannot check"): less than MIN_COMPARED_SHARE
+  of the reference's parameters were compared (weights inside If/Loop/Scan bodies count in the
+  reference's total; the canonical form does not reach them, so they count as not compared). No
+  verdict is stronger than its evidence: nothing compared is never "identical".
 
 `audit_file` is the per-file function for batches: top level, picklable arguments, never raises.
 """
@@ -32,17 +40,16 @@ import onnx
 
 from .align import Alignment, align
 from .canonical import CanonicalModel, canonicalize
+from .storage import Steps, allowed, float_format, measure_steps, storage_dtype
 from ..errors import ResyncError, UnsupportedError
 from ..io import WeightStore, load_model, write_text_atomic
 from ..jsonable import json_safe
 
 ModelLike = str | os.PathLike | onnx.ModelProto
 
-# relative rounding of a value stored in this type (round to nearest), against its float32 form
-STORAGE_ROUNDING = {"float16": 2.0 ** -11, "bfloat16": 2.0 ** -8, "float32": 2.0 ** -24, "float64": 2.0 ** -24}
-FP16_SUBNORMAL_HALF_STEP = 2.0 ** -25
-COMPUTED_ABS = 1e-5  # x max|w|: rounding of folded / computed weights (BatchNorm folded on one side only)
-COMPUTED_REL = 2.0 ** -21
+MIN_COMPARED_SHARE = 0.5  # of the reference's parameters: below it the verdict is "cannot judge"
+EXIT_CANNOT_JUDGE = 4  # the code `verify` uses for "cannot check"
+STATISTICS_SAMPLE = 1 << 16  # elements per tensor for the statistics of what lies beyond the bound
 HEATMAP_MAX = 80  # similarity matrices larger than this are max-pooled down to it for display
 
 
@@ -73,7 +80,7 @@ class LayerRow:
 class AuditReport:
     suspect: str
     reference: str
-    verdict: str  # identical | permuted | perturbed | not derived
+    verdict: str  # identical | permuted | perturbed | not derived | cannot judge
     derived: bool
     permuted: bool
     perturbed: bool
@@ -84,18 +91,25 @@ class AuditReport:
     matched: int
     moved: int
     perturbation: dict
-    precision: dict  # storage precision check: within, worst ratio to the bound, storage types
+    precision: dict  # storage check: within, worst ratio to the bound (and where), storage types, formats
     re_export: dict  # what canonicalization undid: {"suspect": [...], "reference": [...]}
     layers: list[LayerRow]
     timings: dict
     similarity: dict = field(default_factory=dict, repr=False)  # group -> matrix (display size), not serialized
+    # the reference's parameters compared: {"parameters", "of", "share" (None: nothing to compare),
+    # "in_subgraphs" (not reached), "min_share"}
+    compared: dict = field(default_factory=dict)
+    format_change: str = ""  # "int8 per channel", "float16", ...: the suspect's storage, when not float32
 
     @property
-    def matched_fraction(self) -> float:
-        return self.matched / self.neurons if self.neurons else 1.0
+    def matched_fraction(self) -> float | None:
+        """Neurons matched / neurons; None when the reference has no permutable neuron (0 of 0)."""
+        return self.matched / self.neurons if self.neurons else None
 
     @property
     def exit_code(self) -> int:
+        if self.verdict == "cannot judge":
+            return EXIT_CANNOT_JUDGE
         return 0 if self.derived else 1
 
     def to_dict(self, detail: bool = True) -> dict:
@@ -140,7 +154,7 @@ def audit(suspect: ModelLike, reference: ModelLike, *, html: str | os.PathLike |
     t0 = time.perf_counter()
     timings = {}
     sus_model = _load(suspect)
-    ref_c = _reference_canonical(reference)
+    ref_c, ref_steps = _reference_canonical(reference)
     timings["load"] = time.perf_counter() - t0
     t = time.perf_counter()
     sus_c = _canonical(sus_model, "suspect")
@@ -149,10 +163,14 @@ def audit(suspect: ModelLike, reference: ModelLike, *, html: str | os.PathLike |
     alignment = align(ref_c, sus_c)
     timings["align"] = time.perf_counter() - t
     t = time.perf_counter()
+    sus_steps = measure_steps(sus_model, sus_c, set(alignment.weight_map.values()),
+                              lambda m: _canonical(m, "suspect"))
+    timings["storage"] = time.perf_counter() - t
+    t = time.perf_counter()
     restored, rs = resync(alignment.model, ref_c.model, check=False, max_passes=max_passes)
     timings["resync"] = time.perf_counter() - t
     t = time.perf_counter()
-    report = _build(suspect, reference, ref_c, sus_c, alignment, restored, rs, heatmap_max)
+    report = _build(suspect, reference, ref_c, sus_c, alignment, restored, rs, heatmap_max, sus_steps, ref_steps)
     timings["report"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     report.timings = {k: round(v, 4) for k, v in timings.items()}
@@ -168,7 +186,7 @@ def audit(suspect: ModelLike, reference: ModelLike, *, html: str | os.PathLike |
 def audit_file(suspect_path: str, reference_path: str, **options) -> dict:
     """Batch worker: audit one file, return a JSON-ready dict; never raises (errors are recorded).
 
-    Keys: file, reference, ok, exit_code (0 derived, 1 not derived, 3 error), seconds, and either
+    Keys: file, reference, ok, exit_code (0 derived, 1 not derived, 3 error, 4 cannot judge), seconds, and either
     the report (verdict, summary, evidence, layers without per-neuron lists, ...) or error.
     """
     t0 = time.perf_counter()
@@ -208,13 +226,14 @@ def _canonical(model: onnx.ModelProto, role: str) -> CanonicalModel:
         raise UnsupportedError(f"the {role} cannot be brought to canonical form ({message})") from None
 
 
-_REF_CACHE: dict[tuple, CanonicalModel] = {}
+_REF_CACHE: dict[tuple, tuple[CanonicalModel, Steps]] = {}
 
 
-def _reference_canonical(reference: ModelLike) -> CanonicalModel:
-    """Canonical reference; per process, a file's is kept (batches audit many files against one)."""
+def _reference_canonical(reference: ModelLike) -> tuple[CanonicalModel, Steps]:
+    """Canonical reference and the steps of its integer-stored weights (if any); per process, a
+    file's are kept (batches audit many files against one)."""
     if isinstance(reference, onnx.ModelProto):
-        return _canonical(reference, "reference")
+        return _with_steps(reference)
     path = Path(reference)
     try:
         st = path.stat()
@@ -223,11 +242,16 @@ def _reference_canonical(reference: ModelLike) -> CanonicalModel:
         key = None
     if key is not None and key in _REF_CACHE:
         return _REF_CACHE[key]
-    result = _canonical(load_model(path), "reference")
+    result = _with_steps(load_model(path))
     if key is not None:
         _REF_CACHE.clear()
         _REF_CACHE[key] = result
     return result
+
+
+def _with_steps(model: onnx.ModelProto) -> tuple[CanonicalModel, Steps]:
+    canon = _canonical(model, "reference")
+    return canon, measure_steps(model, canon, list(canon.origins), lambda m: _canonical(m, "reference"))
 
 
 def _name(model: ModelLike) -> str:
@@ -237,12 +261,16 @@ def _name(model: ModelLike) -> str:
 
 
 def _build(suspect, reference, ref_c: CanonicalModel, sus_c: CanonicalModel, alignment: Alignment,
-           restored: onnx.ModelProto, rs, heatmap_max: int) -> AuditReport:
+           restored: onnx.ModelProto, rs, heatmap_max: int, sus_steps: Steps | None = None,
+           ref_steps: Steps | None = None) -> AuditReport:
     from ..walk import walk
 
     ref_store, res_store = WeightStore(ref_c.model), WeightStore(restored)
-    precision = _precision(ref_store, res_store, alignment, ref_c, sus_c)
     ref_walk = walk(ref_c.model)
+    sus_steps, ref_steps = sus_steps or Steps(), ref_steps or Steps()
+    steps = _restored_steps(sus_steps, alignment, ref_walk, rs, ref_store)
+    precision = _precision(ref_store, res_store, alignment, ref_c, sus_c, steps, ref_steps, sus_steps)
+    compared = _compared(ref_c, alignment)
     groups = {g.key: g for g in ref_walk.groups}
     rows, similarity = [], {}
     for gr in rs.groups:
@@ -252,9 +280,12 @@ def _build(suspect, reference, ref_c: CanonicalModel, sus_c: CanonicalModel, ali
             similarity[gr.key] = _downsample(similarity_matrix(g, ref_store, res_store), heatmap_max)
     moved = int(rs.moved)
     within = precision["within"]
-    derived = bool(rs.derived) or within
-    identical_bytes = rs.verdict == "identical"
-    if identical_bytes or (within and moved == 0):
+    judged = compared["share"] is not None and compared["share"] >= MIN_COMPARED_SHARE
+    looks_derived = bool(rs.derived) or within
+    derived = judged and looks_derived
+    if not judged:
+        verdict = "cannot judge"
+    elif rs.verdict == "identical" or (within and moved == 0):
         verdict = "identical"
     elif within:
         verdict = "permuted"
@@ -264,29 +295,39 @@ def _build(suspect, reference, ref_c: CanonicalModel, sus_c: CanonicalModel, ali
         verdict = "not derived"
     permuted = derived and moved > 0
     perturbed = verdict == "perturbed"
-    perturbation = dict(rs.perturbation) if derived else {"kinds": []}
-    if verdict in ("identical", "permuted"):
-        perturbation["kinds"] = []  # what resync sees is the storage rounding, nothing more
-    elif verdict == "perturbed" and precision["quantized"]:
-        perturbation["kinds"] = ["quantized: the file stores integer weights behind DequantizeLinear"] + [
-            k for k in perturbation.get("kinds", []) if not k.startswith("quantized")]
+    format_change = ", ".join(precision["formats"])
+    if verdict in ("identical", "permuted", "not derived", "cannot judge"):
+        perturbation = dict(rs.perturbation) if verdict != "not derived" and derived else {}
+        perturbation["kinds"] = []  # what resync sees within the bound is the storage, nothing more
+    elif format_change:
+        perturbation = _beyond_kinds(precision["beyond"], rs.perturbation)
+    else:
+        perturbation = dict(rs.perturbation)
     re_export = {"suspect": sus_c.changes_list(), "reference": ref_c.changes_list(),
                  "differences": _differences(sus_c, ref_c)}
-    summary = _summary(verdict, derived, permuted, perturbation, precision, re_export, moved, rs.neurons)
-    evidence = _evidence(rs, precision, re_export, alignment, moved, derived)
+    summary = _summary(verdict, derived, permuted, perturbation, precision, re_export, moved, rs.neurons,
+                       compared, looks_derived, format_change)
+    evidence = _evidence(rs, precision, re_export, alignment, moved, derived, compared, perturbation)
     return AuditReport(
         suspect=_name(suspect), reference=_name(reference), verdict=verdict, derived=derived,
         permuted=permuted, perturbed=perturbed, summary=summary, evidence=evidence,
         statistic=decision(rs)[1], neurons=int(rs.neurons), matched=int(rs.matched), moved=moved,
         perturbation=perturbation, precision=precision, re_export=re_export, layers=rows, timings={},
-        similarity=similarity,
+        similarity=similarity, compared=compared, format_change=format_change,
     )
 
 
-def _summary(verdict, derived, permuted, perturbation, precision, re_export, moved, neurons) -> str:
+def _summary(verdict, derived, permuted, perturbation, precision, re_export, moved, neurons, compared,
+             looks_derived, format_change) -> str:
+    if verdict == "cannot judge":
+        line = f"cannot judge: {_compared_phrase(compared)}; at least {100 * MIN_COMPARED_SHARE:.0f}% is needed"
+        if compared["parameters"]:
+            line += (f" (what was compared {'looks derived' if looks_derived else 'does not look derived'})")
+        return line
     if not derived:
-        return "not derived from the reference"
-    parts = ["derived"]
+        partial = compared["share"] is not None and compared["share"] < 1.0
+        return "not derived from the reference" + (f"; {_compared_phrase(compared)}" if partial else "")
+    parts = ["derived with a format change" if format_change else "derived"]
     if verdict == "identical":
         parts.append("identical weights")
     elif verdict == "permuted":
@@ -295,42 +336,73 @@ def _summary(verdict, derived, permuted, perturbation, precision, re_export, mov
         if permuted:
             parts.append(f"permuted ({moved} of {neurons} neurons moved)")
         kinds = perturbation.get("kinds") or ["weights changed"]
-        parts.append("perturbed: " + "; ".join(kinds))
+        beyond = f" beyond its {format_change} storage" if format_change else ""
+        parts.append(f"perturbed{beyond}: " + "; ".join(kinds))
     line = ", ".join(parts)
+    if verdict in ("identical", "permuted") and format_change:
+        line += f" (stored as {format_change}: every weight within {_within_phrase(precision)})"
     diffs = re_export["differences"]
     if diffs:
         line += f"; re-exported ({'; '.join(diffs[:4])}" + ("; ..." if len(diffs) > 4 else "") + ")"
-    if verdict in ("identical", "permuted") and precision["storage"] != ["float32"]:
-        line += f"; equal within {'/'.join(precision['storage'])} storage precision"
+    if compared["share"] is not None and compared["share"] < 1.0:
+        line += f"; {_compared_phrase(compared)}"
     return line
 
 
-def _evidence(rs, precision, re_export, alignment, moved, derived) -> list[str]:
+def _within_phrase(precision) -> str:
+    if precision["quantized"]:
+        return "half a step" + (" or its rounding" if set(precision["storage"]) & {"float16", "bfloat16"} else "")
+    return "its rounding"
+
+
+def _compared_phrase(compared) -> str:
+    if compared["of"] == 0:
+        return "the reference has no parameters to compare"
+    text = (f"{compared['parameters']:,} of the reference's {compared['of']:,} parameters compared "
+            f"({100 * compared['share']:.1f}%)")
+    if compared["in_subgraphs"]:
+        text += f"; {compared['in_subgraphs']:,} sit inside If/Loop/Scan bodies, which the comparison does not reach"
+    return text
+
+
+def _evidence(rs, precision, re_export, alignment, moved, derived, compared, perturbation) -> list[str]:
     name, value, threshold = decision(rs)
     at = f"derived at >= {threshold:g}; " if math.isfinite(threshold) else ""
     out = [f"{name} {value:.2f} ({at}unrelated models score about 0)"]
-    pct = 100 * rs.matched / rs.neurons if rs.neurons else 100.0
-    if derived:
-        out.append(f"{rs.matched} of {rs.neurons} neurons ({pct:.1f}%) matched to their best candidate in "
-                   f"{len(rs.groups)} groups; {moved} had been moved")
+    if not rs.neurons:
+        out.append("the reference has no permutable neuron group: the verdict rests on weight equality alone")
+    elif derived:
+        out.append(f"{rs.matched} of {rs.neurons} neurons ({100 * rs.matched / rs.neurons:.1f}%) matched to their "
+                   f"best candidate in {len(rs.groups)} groups; {moved} had been moved")
     else:
-        out.append(f"only {rs.matched} of {rs.neurons} neurons ({pct:.1f}%) are their counterpart's best candidate "
-                   f"in {len(rs.groups)} groups, and the matches do not stand out from unrelated neurons")
+        out.append(f"only {rs.matched} of {rs.neurons} neurons ({100 * rs.matched / rs.neurons:.1f}%) are their "
+                   f"counterpart's best candidate in {len(rs.groups)} groups, and the matches do not stand out "
+                   "from unrelated neurons")
     if rs.groups:
         cmean = sum(g.cosine_mean * g.size for g in rs.groups) / max(rs.neurons, 1)
         out.append(f"cosine of matched neurons: mean {cmean:.5f}, worst {min(g.cosine_min for g in rs.groups):.4f}")
-    if not rs.neurons:
-        out.append("the reference has no permutable neuron group: the verdict rests on weight equality alone")
-    out.append(f"{len(alignment.pairs)} layers aligned by structure, {len(alignment.weight_map)} weights compared")
+    out.append(f"{len(alignment.pairs)} layers aligned by structure, {len(alignment.weight_map)} weights compared: "
+               + _compared_phrase(compared) + (f" (below {100 * MIN_COMPARED_SHARE:.0f}%: cannot judge)"
+                                               if compared["share"] is None or compared["share"] < MIN_COMPARED_SHARE
+                                               else ""))
     out += [f"alignment: {note}" for note in alignment.notes]  # low confidence, inconsistent pairs (align.py)
-    if precision["within"]:
-        out.append(f"after resync every weight equals the reference within {'/'.join(precision['storage'])} "
-                   f"storage precision (worst {precision['worst_ratio']:.2f} of the rounding bound)")
+    storage = "/".join(precision["formats"] or precision["storage"])
+    if not alignment.weight_map:
+        pass
+    elif precision["within"]:
+        out.append(f"after resync every weight equals the reference within what its {storage} storage explains "
+                   f"(worst {precision['worst_ratio']:.2f} of the bound, in {precision['worst_weight']!r})")
     else:
-        out.append(f"after resync the weights differ from the reference by up to {precision['worst_relative']:.3g} "
-                   f"x max|w| (in {precision['worst_weight']!r}), beyond storage precision")
-    if derived and not precision["within"] and rs.perturbation.get("kinds"):
-        out.append("perturbation: " + "; ".join(rs.perturbation["kinds"]))
+        b = precision["beyond"]
+        out.append(f"after resync {100 * b['fraction']:.2g}% of the compared weights lie beyond what the {storage} "
+                   f"storage explains (worst {precision['worst_ratio']:.3g} x the bound, in "
+                   f"{precision['worst_weight']!r}; largest difference {precision['worst_relative']:.3g} x max|w|, "
+                   f"in {precision['worst_relative_weight']!r})")
+    if precision.get("unmeasured"):
+        out.append("no quantization step could be measured for " + ", ".join(precision["unmeasured"][:4])
+                   + (" ..." if len(precision["unmeasured"]) > 4 else "") + ": compared as stored")
+    if derived and not precision["within"] and perturbation.get("kinds"):
+        out.append("perturbation: " + "; ".join(perturbation["kinds"]))
     if re_export["differences"]:
         out.append("the suspect's graph differs from the reference's: " + "; ".join(re_export["differences"]))
     return out
@@ -376,50 +448,162 @@ _REVERSE_PHRASES = {
 
 
 def _precision(ref_store: WeightStore, res_store: WeightStore, alignment: Alignment,
-               ref_c: CanonicalModel, sus_c: CanonicalModel) -> dict:
-    """Does every restored weight equal the reference's within the suspect's storage rounding?"""
-    worst_ratio, worst_rel, worst_name = 0.0, 0.0, ""
-    storage = set()
+               ref_c: CanonicalModel, sus_c: CanonicalModel, steps: dict[str, np.ndarray],
+               ref_steps: Steps, sus_steps: Steps) -> dict:
+    """Does every restored weight equal the reference's within what the two files' storage explains
+    (storage.py)? The worst weight is the one with the worst ratio to its bound; what lies beyond the
+    bound is summarized for the kinds of perturbation."""
+    worst_ratio, worst_name = 0.0, ""
+    worst_rel, worst_rel_name = 0.0, ""
+    storage, formats, unmeasured = set(), [], []
     quantized = False
+    total = beyond = newly_zero = 0
+    noise, distinct, distinct_ref = [], [], []
     for rw, sw in alignment.weight_map.items():
         r = ref_store.get(rw).astype(np.float64)
         s = res_store.get(rw).astype(np.float64)
         so, ro = sus_c.origins.get(sw), ref_c.origins.get(rw)
-        dtype = so.dtype if so is not None and so.sources else "float32"
+        dtype = storage_dtype(so)
         storage.add(dtype)
-        scale = float(np.abs(r).max()) if r.size else 0.0
-        diff = np.abs(s - r)
-        rel = float(diff.max() / scale) if scale > 0 and diff.size else float(diff.max() if diff.size else 0.0)
-        if rel > worst_rel:
-            worst_rel, worst_name = rel, (so.sources[0] if so is not None and so.sources else sw)
+        shown = so.sources[0] if so is not None and so.sources else sw
         if so is not None and so.quantized:
             quantized = True
-            if rel > 0:
-                worst_ratio = math.inf
-            continue
-        eps = STORAGE_ROUNDING.get(dtype, 2.0 ** -24)
-        ref_dtype = ro.dtype if ro is not None and ro.sources else "float32"
-        eps += STORAGE_ROUNDING.get(ref_dtype, 2.0 ** -24)
-        allowed = 1.01 * eps * np.abs(r)
-        if dtype == "float16":
-            allowed += FP16_SUBNORMAL_HALF_STEP
-        if (so is not None and so.computed) or (ro is not None and ro.computed):
-            allowed += COMPUTED_REL * np.abs(r) + COMPUTED_ABS * scale
-            if so is not None and so.computed and eps > 2 * STORAGE_ROUNDING["float32"]:
-                # folded from several low-precision tensors (BatchNorm of an fp16 model): each
-                # rounding counts, and a bias is a difference of larger terms
-                allowed += len(so.sources) * eps * (np.abs(r) + scale)
+            fmt = sus_steps.formats.get(sw)
+            if fmt is None:
+                unmeasured.append(shown)
+                fmt = f"{dtype} (step not measured)"
+        else:
+            fmt = float_format(dtype)
+        formats += [f for f in fmt.split(", ") if f != "float32" and f not in formats]
+        step_r = ref_steps.steps.get(rw)
+        bound = allowed(r, so, ro, steps.get(rw), step_r.reshape(r.shape) if step_r is not None else None)
+        diff = np.abs(s - r)
+        scale = float(np.abs(r).max()) if r.size else 0.0
+        rel = float(diff.max() / scale) if scale > 0 and diff.size else float(diff.max() if diff.size else 0.0)
+        if rel > worst_rel:
+            worst_rel, worst_rel_name = rel, shown
         with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.where(diff > 0, diff / np.where(allowed > 0, allowed, 1e-300), 0.0)
-        worst_ratio = max(worst_ratio, float(ratio.max()) if ratio.size else 0.0)
-    return {
-        "within": bool(worst_ratio <= 1.0 and not (quantized and worst_rel > 0)),
-        "worst_ratio": worst_ratio,
-        "worst_relative": worst_rel,
-        "worst_weight": worst_name,
-        "storage": sorted(storage) or ["float32"],
-        "quantized": quantized,
+            ratio = np.where(diff > 0, diff / np.where(bound > 0, bound, 0.0), 0.0)
+        top = float(ratio.max()) if ratio.size else 0.0
+        if top > worst_ratio or not worst_name:
+            worst_ratio, worst_name = top, shown
+        # what lies beyond the bound, for the kinds of perturbation
+        out_of = diff > bound
+        total += r.size
+        beyond += int(out_of.sum())
+        zero = (s == 0) & (r != 0) & out_of  # newly zero where the storage's rounding does not explain it
+        newly_zero += int(zero.sum())
+        excess = np.sign(s - r) * np.maximum(diff - bound, 0.0)
+        keep = ~zero
+        std = float(r.std()) if r.size else 0.0
+        if r.size >= 16 and std > 0 and keep.any():
+            noise.append((float(np.std(excess[keep]) / std), r.size))
+        if r.size >= 256 and not (so is not None and so.quantized):
+            pick = slice(None, None, max(1, r.size // STATISTICS_SAMPLE))
+            distinct.append(len(np.unique(s.reshape(-1)[pick])))
+            distinct_ref.append(len(np.unique(r.reshape(-1)[pick])))
+    beyond_stats = {
+        "elements": int(beyond), "of": int(total), "fraction": beyond / total if total else 0.0,
+        "noise_relative_std": _weighted_median(noise) if noise else 0.0,
+        "extra_zero_fraction": newly_zero / total if total else 0.0,
+        "distinct_values_median": int(np.median(distinct)) if distinct else None,
+        "distinct_values_reference_median": int(np.median(distinct_ref)) if distinct_ref else None,
     }
+    return {
+        "within": bool(worst_ratio <= 1.0),
+        "worst_ratio": worst_ratio,
+        "worst_weight": worst_name,
+        "worst_relative": worst_rel,
+        "worst_relative_weight": worst_rel_name,
+        "storage": sorted(storage) or ["float32"],
+        "formats": formats,
+        "quantized": quantized,
+        "unmeasured": unmeasured,
+        "probes": sus_steps.probes,
+        "beyond": beyond_stats,
+    }
+
+
+def _weighted_median(pairs: list[tuple[float, int]]) -> float:
+    values = np.asarray([v for v, _ in pairs], dtype=np.float64)
+    weights = np.asarray([w for _, w in pairs], dtype=np.float64)
+    order = np.argsort(values)
+    cum = np.cumsum(weights[order])
+    return float(values[order][min(int(np.searchsorted(cum, 0.5 * cum[-1])), len(values) - 1)])
+
+
+def _beyond_kinds(beyond: dict, resync_perturbation: dict) -> dict:
+    """Kind and strength of a perturbation from what lies beyond the storage's bound only (rescales
+    and one-sided norm outliers are resync's: they compare whole neurons)."""
+    out = dict(resync_perturbation)
+    out.update({k: v for k, v in beyond.items() if k not in ("elements", "of")})
+    out["beyond_fraction"] = beyond["fraction"]
+    kinds = []
+    d, dr = beyond["distinct_values_median"], beyond["distinct_values_reference_median"]
+    quantized = d is not None and dr is not None and d <= 256 < dr
+    if quantized:
+        bits = math.ceil(math.log2(max(d, 2)))
+        out["quantization_bits"] = bits
+        kinds.append(f"quantized beyond the storage: ~{d} distinct values per tensor (~{bits} bits)")
+    if beyond["extra_zero_fraction"] > 0.01:
+        kinds.append(f"pruned: {100 * beyond['extra_zero_fraction']:.1f}% of weights newly zero")
+    kinds += [k for k in resync_perturbation.get("kinds", []) if k.startswith(("rescaled", "norm outliers"))]
+    if not quantized and beyond["noise_relative_std"] > 1e-6:
+        kinds.append(f"noise or further training: ~{beyond['noise_relative_std']:.3g} x weight std "
+                     "beyond the storage's rounding")
+    out["kinds"] = kinds
+    return out
+
+
+def _restored_steps(steps: Steps, alignment: Alignment, ref_walk, rs, ref_store: WeightStore) -> dict[str, np.ndarray]:
+    """The suspect's measured steps in the restored (reference's) layout: aligned as its weights
+    were, then moved by resync's permutations."""
+    out = {rw: steps.steps[sw].reshape(ref_store.shape(rw)) for rw, sw in alignment.weight_map.items()
+           if sw in steps.steps}
+    if not out or getattr(rs, "record", None) is None:
+        return out
+    from ..permute import slot_indices
+    from ..walk import slot_part
+
+    index = slot_indices(ref_walk, rs.record.perms, lambda w, a: ref_store.shape(w)[a])
+    for (weight, axis, at), idx in index.items():
+        if weight not in out:
+            continue
+        if at is None:
+            out[weight] = np.take(out[weight], idx, axis=axis)
+        else:
+            array = out[weight].copy()
+            part, part_axis = slot_part(array, axis, at)
+            part[...] = np.take(part, idx, axis=part_axis)
+            out[weight] = array
+    return out
+
+
+_FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+
+
+def _compared(ref_c: CanonicalModel, alignment: Alignment) -> dict:
+    """How many of the reference's parameters (float weights of its canonical form, those inside
+    If/Loop/Scan bodies included; synthetic ones, such as zero biases the canonical form adds, not)
+    the alignment compared."""
+    from ..io import iter_graph_tensors
+
+    sizes = {}
+    for t in ref_c.model.graph.initializer:
+        o = ref_c.origins.get(t.name)
+        if t.data_type in _FLOATS and not (o is not None and not o.sources):
+            sizes[t.name] = int(np.prod(t.dims)) if t.dims else 1
+    inside = 0
+    for node in ref_c.model.graph.node:
+        for a in node.attribute:
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
+                      list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []):
+                inside += sum(int(np.prod(t.dims)) if t.dims else 1 for t in iter_graph_tensors(g)
+                              if t.data_type in _FLOATS)
+    parameters = sum(sizes.get(rw, 0) for rw in alignment.weight_map)
+    of = sum(sizes.values()) + inside
+    return {"parameters": int(parameters), "of": int(of), "share": parameters / of if of else None,
+            "in_subgraphs": int(inside), "min_share": MIN_COMPARED_SHARE}
 
 
 def _row(gr, g, alignment: Alignment, ref_c: CanonicalModel, sus_c: CanonicalModel,

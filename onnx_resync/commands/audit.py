@@ -7,7 +7,8 @@ of its line (a changed file is audited again and says so; `--retry-errors` redoe
 failing file is recorded without stopping the batch. This module only parses and prints.
 
 Exit codes: 0 derived; 1 not derived (batch: any file not derived); 2 usage; 3 load or runtime
-error (batch: any file failed and none was found not derived).
+error (batch: any file failed and none was found not derived); 4 cannot judge: less than half of the
+reference's parameters could be compared (batch: any file, and none not derived or failed).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .. import api
 from ..errors import UsageError
 from ._common import int_arg, print_json
 
-VERDICTS = ("identical", "permuted", "perturbed", "not derived")
+VERDICTS = ("identical", "permuted", "perturbed", "not derived", "cannot judge")
 
 
 def register(sub) -> None:
@@ -28,9 +29,12 @@ def register(sub) -> None:
                                      "resync it and judge it (JSON, text, HTML; batch mode)",
                        description="Bring a suspect (possibly re-exported, renamed, fp16, quantized, BatchNorm-"
                        "folded, permuted, perturbed) and the reference to canonical form, align and resync them, "
-                       "and judge: identical, permuted, perturbed or not derived. Several suspects (or --jsonl) "
-                       "run as a batch. Exit 0 derived, 1 not derived (batch: any), 2 usage, 3 load or runtime "
-                       "error (batch: any file failed and none was not derived).")
+                       "and judge: identical, permuted (either one 'with a format change' when the suspect stores "
+                       "its weights as fp16 or int8 and every weight is within its storage's step), perturbed, "
+                       "not derived, or cannot judge (less than half of the reference's parameters compared, e.g. "
+                       "weights inside If/Loop/Scan bodies). Several suspects (or --jsonl) run as a batch. Exit 0 derived, "
+                       "1 not derived (batch: any), 2 usage, 3 load or runtime error (batch: any file failed and "
+                       "none was not derived), 4 cannot judge (batch: any, and none of the above).")
     p.add_argument("suspects", nargs="+", metavar="SUSPECT", help="suspect ONNX file(s)")
     p.add_argument("--reference", required=True, help="the reference ONNX file")
     p.add_argument("--json", action="store_true", help="print the full report as JSON (batch: JSON lines)")
@@ -94,14 +98,15 @@ def _batch(args) -> int:
           + f"; {time.perf_counter() - t0:.1f}s with {args.jobs} job(s)", file=sys.stderr if args.json else sys.stdout)
     if 1 in codes:
         return 1
-    if any(c != 0 for c in codes):
+    if any(c not in (0, 4) for c in codes):
         return 3
-    return 0
+    return 4 if 4 in codes else 0
 
 
 def _line(record: dict) -> str:
     again = f" [audited again: {record['reaudited']}]" if record.get("reaudited") else ""
     if not record.get("ok"):
         return f"error\t{record['file']}\t{record.get('error', '')}{again}"
-    pct = 100 * record.get("matched_fraction", 0.0)
-    return f"{record['verdict']}\t{record['file']}\t{record.get('summary', '')} [{pct:.1f}% matched]{again}"
+    fraction = record.get("matched_fraction")
+    matched = f"{100 * fraction:.1f}% matched" if fraction is not None else "no neurons to match"
+    return f"{record['verdict']}\t{record['file']}\t{record.get('summary', '')} [{matched}]{again}"

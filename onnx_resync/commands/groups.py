@@ -38,7 +38,8 @@ def run(args) -> int:
     if result.ops_without_rule:
         ops = ", ".join(f"{op} x{n}" for op, n in sorted(result.ops_without_rule.items()))
         print(f"ops without a rule: {ops}")
-    print(f"coverage: {result.permutable_channels}/{result.hidden_channels - result.output_channels} "
-          f"hidden channels permutable ({100 * result.coverage:.1f}%), {len(result.groups)} groups; "
-          f"{result.output_channels} channels reach graph outputs")
+    inner = result.hidden_channels - result.output_channels
+    share = f"{100 * result.coverage:.1f}%" if inner else "nothing to permute"
+    print(f"coverage: {result.permutable_channels}/{inner} hidden channels permutable ({share}), "
+          f"{len(result.groups)} groups; {result.output_channels} channels reach graph outputs")
     return 0

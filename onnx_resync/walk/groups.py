@@ -106,13 +106,14 @@ class WalkResult:
 
     @property
     def coverage(self) -> float:
-        """Permutable hidden channels / hidden channels that do not reach a graph output."""
+        """Permutable hidden channels / hidden channels that do not reach a graph output (1.0 when there
+        are none: nothing is left unpermutable; reports say "nothing to permute", never 100%)."""
         denominator = self.hidden_channels - self.output_channels
         return self.permutable_channels / denominator if denominator else 1.0
 
     def to_dict(self) -> dict:
         return {
-            "coverage": self.coverage,
+            "coverage": self.coverage if self.hidden_channels > self.output_channels else None,  # 0 of 0: None
             "hidden_channels": self.hidden_channels,
             "permutable_channels": self.permutable_channels,
             "output_channels": self.output_channels,
