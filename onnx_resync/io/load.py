@@ -15,6 +15,7 @@ from .external import FIXED_ITEMSIZE, IN_PLACE_KEY, SUBBYTE_BITS, TYPED_FIELDS, 
     check_tensor_data, data_length, expected_nbytes, external_info, external_nbytes, in_file_data, is_in_place, \
     over_inline_limit, set_external
 from .lazy import STAMP_KEY, file_stamp
+from .order import sort_nodes
 from .store import copy_model
 
 # Models with more external data than this are not read into memory ("lazy"): each large tensor
@@ -58,6 +59,7 @@ def load_model(path: str | os.PathLike, *, load_weights: bool = True, check: boo
         _check_text(model)
     except UnicodeDecodeError:
         raise LoadError(f"{path}: not a valid ONNX model (a name or attribute is not UTF-8 text)") from None
+    sort_nodes(model.graph)  # as ONNX Runtime does (io/order.py); a sorted graph is left as it is
     check_external_data(model, path.parent)
     _map_in_place(model, cuts, path)
     check_tensor_data(model, path)
@@ -168,7 +170,9 @@ def _check(model: onnx.ModelProto, path: Path) -> None:
         else:
             onnx.checker.check_model(_checker_copy(model))
     except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "invalid model"
+        # one whole line: the checker's message may go on over lines (a node's name and op)
+        first = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or "invalid model"
+        first = first if len(first) <= 400 else first[:397] + "..."
         raise LoadError(f"{path}: invalid ONNX model: {first}") from None
     except Exception as exc:
         raise LoadError(f"{path}: invalid ONNX model ({type(exc).__name__})") from None
