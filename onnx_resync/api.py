@@ -18,7 +18,7 @@ import onnx
 
 from .errors import CheckFailed, UsageError
 from .inputs import MAX_SAMPLES  # noqa: F401  (the bound on --samples; commands read it here)
-from .io import check_output_path, check_tensor_data, load_model, refuse_overwrite, save_model, write_text_atomic
+from .io import check_outputs, check_tensor_data, load_model, read_input, save_model, write_text_atomic
 from .permute import MAX_SEED, PermutationRecord, check_seed, model_sha256, permuted_copy, random_permutations
 from .walk import WalkResult, walk
 
@@ -66,10 +66,8 @@ class PermuteResult:
 def load_record(path: str | os.PathLike) -> PermutationRecord:
     """Read a permutation record and validate its structure (every group a permutation of 0..n-1,
     integers only, a known format); `permute(undo=...)` then checks it against the model."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such permutation record") from None
+    try:  # a regular file only (a FIFO would block, a device be read until memory runs out), bounded
+        data = json.loads(read_input(path, what="permutation record").decode("utf-8"))
     except RecursionError:
         raise UsageError(f"{path}: not a permutation record (JSON nested too deep)") from None
     except json.JSONDecodeError as exc:
@@ -101,12 +99,7 @@ def permute(
     verify is an error and nothing is written.
     """
     inputs = [model] if not isinstance(model, onnx.ModelProto) else []
-    if output is not None:
-        refuse_overwrite(output, inputs)
-        check_output_path(output)
-    if record_path is not None:
-        refuse_overwrite(record_path, inputs + ([output] if output else []))
-        check_output_path(record_path)
+    check_outputs([record_path], inputs + ([undo] if isinstance(undo, (str, os.PathLike)) else []), models=[output])
     notes: list[str] = []
     given = None
     if undo is not None:
@@ -203,10 +196,7 @@ def audit(suspect: ModelLike, reference: ModelLike, *, html: str | os.PathLike |
           json_path: str | os.PathLike | None = None, **options):
     """Audit one suspect against its reference (audit.report.audit: canonical form, alignment, resync,
     verdict); an HTML or JSON output that names an input is refused."""
-    inputs = [m for m in (suspect, reference) if not isinstance(m, onnx.ModelProto)]
-    for out in (html, json_path):
-        if out is not None:
-            refuse_overwrite(out, inputs + [o for o in (html, json_path) if o is not None and o is not out])
+    check_outputs([html, json_path], [m for m in (suspect, reference) if not isinstance(m, onnx.ModelProto)])
     from .audit import audit as run
 
     return run(suspect, reference, html=html, json_path=json_path, **options)

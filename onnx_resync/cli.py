@@ -3,7 +3,8 @@
 Each subcommand lives in onnx_resync/commands/<name>.py and exposes `register(subparsers)`, which
 adds its parser and sets `func` (args -> exit code). Results go to stdout, logs to stderr.
 Exit codes: 0 pass, 1 check failed, 2 usage (one line, also for every malformed option value), 3+ load
-or runtime error (one line, no traceback); 141 when the reader of stdout went away (`| head`), quietly.
+or runtime error (one line, no traceback); 141 when the reader of stdout went away (`| head`), quietly;
+130 on Ctrl-C, 143 on SIGTERM, 129 on SIGHUP (temporary files removed: they end the run like Ctrl-C).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 
 from .errors import ResyncError
@@ -57,12 +59,51 @@ def _version() -> str:
     return __version__
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread like Ctrl-C's KeyboardInterrupt, so that every
+    `finally` runs (the library's writes remove their temporary files there); main then exits with
+    128 + the signal's number, as a shell reports a process the signal ended."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+TERMINATING = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+def _terminate(signum, frame) -> None:
+    for s in TERMINATING:  # a second signal must not cut the cleanup short
+        signal.signal(s, signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+def _install_signal_handlers() -> dict:
+    """The CLI's handlers (never installed on importing the library); returns the ones they replace."""
+    saved = {}
+    for s in TERMINATING:
+        try:
+            saved[s] = signal.signal(s, _terminate)
+        except (ValueError, OSError):  # not the main thread: the caller keeps its own handling
+            pass
+    return saved
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2
+    saved = _install_signal_handlers()
+    try:
+        return _run(args)
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+
+def _run(args) -> int:
     try:
         code = int(args.func(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit
@@ -72,6 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     except ResyncError as exc:
         print(f"onnx-resync: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except Terminated as exc:
+        try:  # (after SIGHUP the terminal may be gone)
+            print(f"onnx-resync: terminated ({signal.Signals(exc.signum).name})",
+                  file=sys.stderr)
+        except (OSError, ValueError):
+            pass
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("onnx-resync: interrupted", file=sys.stderr)
         return 130

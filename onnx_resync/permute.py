@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .errors import ModelMismatchError, UsageError
-from .io import WeightStore, copy_without_payloads, is_in_place, load_model
+from .errors import LoadError, ModelMismatchError, UsageError
+from .io import WeightStore, copy_without_payloads, is_in_place, load_model, open_input
 from .walk import Group, WalkResult, slot_part
 
 # format 2 names the models by content (source_sha256, permuted_sha256); format 1 records (no hashes)
@@ -154,7 +154,7 @@ def model_sha256(path: str | os.PathLike) -> str:
 def _hash_into(digest, path: Path) -> None:
     buffer = bytearray(1 << 18)  # one reused buffer: no fresh memory per chunk (this runs beside a load)
     view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as fh:
+    with open_input(path, what="file", error=LoadError, buffering=0) as fh:  # a regular file only: a FIFO would block
         while size := fh.readinto(buffer):
             digest.update(view[:size])
 

@@ -43,7 +43,7 @@ import numpy as np
 import onnx
 
 from .errors import CheckFailed, ModelMismatchError
-from .io import WeightStore, is_lazy_model, load_model, refuse_overwrite, save_model, write_text_atomic
+from .io import WeightStore, check_outputs, is_lazy_model, load_model, save_model, write_text_atomic
 from .match import AGREE, INFORMATIVE, GroupMatch, MatchResult, match
 from .permute import PermutationRecord, permuted_copy
 from .match.rescale import MIN_LOG_SCALE, find_rescales, neutral_groups, rescaled, undo_rescales
@@ -153,9 +153,7 @@ def resync(
     checked: the check is what proves a rescale neutral; unchecked they are reported).
     """
     inputs = [m for m in (suspect, reference) if not isinstance(m, onnx.ModelProto)]
-    for path in (output, report_path):
-        if path is not None:
-            refuse_overwrite(path, inputs)
+    check_outputs([report_path], inputs, models=[output])  # before any work; no two outputs on one file
     sus_model, ref_model = _load(suspect), _load(reference)
     t0 = time.perf_counter()
     ref_walk = walk(ref_model)

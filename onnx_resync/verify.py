@@ -158,11 +158,13 @@ def check_signatures(ref_specs, cand_specs) -> None:
 
 
 def read_npz(path) -> dict[str, np.ndarray]:
-    try:
-        with np.load(Path(path), allow_pickle=False) as npz:
+    if not os.path.lexists(path):
+        raise LoadError(f"{path}: no such inputs file")
+    try:  # a regular file only (UsageError, exit 2): a FIFO would block, a device be read until memory runs out
+        with io.open_input(path, what="inputs file") as fh, np.load(fh, allow_pickle=False) as npz:
             return {k: npz[k] for k in npz.files}
-    except FileNotFoundError:
-        raise LoadError(f"{path}: no such inputs file") from None
+    except UsageError:
+        raise
     except Exception as exc:
         raise LoadError(f"{path}: not a readable .npz ({type(exc).__name__})") from None
 

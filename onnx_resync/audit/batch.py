@@ -19,8 +19,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..errors import UsageError
-from ..io import refuse_overwrite
+from ..errors import LoadError, ResyncError, UsageError
+from ..io import MAX_OPTION_FILE_BYTES, check_input_file, check_outputs, open_input
 from ..permute import model_sha256
 from .report import audit_file
 
@@ -49,9 +49,9 @@ class BatchAudit:
         self.jsonl = os.fspath(jsonl) if jsonl is not None else None
         self.log = log or (lambda message: None)
         if self.jsonl is not None:
-            refuse_overwrite(self.jsonl, [self.reference, *self.suspects])
-            if not Path(self.jsonl).parent.is_dir():
-                raise UsageError(f"output folder {Path(self.jsonl).parent} does not exist")
+            check_outputs([self.jsonl], [self.reference, *self.suspects])
+        if os.path.exists(self.reference):  # a FIFO would block the hashing (a missing one: each audit says so)
+            check_input_file(self.reference, what="file", error=LoadError)
         self.reference_sha256 = _sha256_or_none(self.reference)
         self.reused: list[dict] = []
         self.todo: list[str] = []
@@ -113,8 +113,8 @@ def _audit_one(suspect: str, *, reference: str, reference_sha256: str | None, de
 def _sha256_or_none(path: str) -> str | None:
     try:
         return model_sha256(path)
-    except (OSError, ValueError):
-        return None  # unreadable: never matches, so the file is audited (and its error recorded)
+    except (OSError, ValueError, ResyncError):
+        return None  # unreadable, or not a regular file: never matches, so the file is audited (its error recorded)
 
 
 def _results(work, files: list[str], jobs: int) -> Iterator[dict]:
@@ -161,14 +161,22 @@ def _key(path: str) -> str:
 def read_jsonl(path: str | os.PathLike, log: Callable[[str], None] = log_to_stderr) -> dict[str, dict]:
     """The latest usable line of each file (by real path). A line that is not JSON (one cut short by
     a killed run), not an object, or without a path in "file", "ok" and "exit_code" is skipped with a
-    warning through `log`."""
+    warning through `log`. The file must be a regular file (UsageError otherwise: a FIFO would block, a
+    device be read until memory runs out); a line past MAX_OPTION_FILE_BYTES is skipped too."""
     done: dict[str, dict] = {}
     p = Path(path)
-    if not p.exists():
+    if not p.exists() and not p.is_symlink():
         return done
     bad = 0
-    with open(p, "rb") as fh:
-        for number, raw in enumerate(fh, 1):
+    with open_input(p, what="JSONL file") as fh:
+        for number, raw in enumerate(iter(lambda: fh.readline(MAX_OPTION_FILE_BYTES + 1), b""), 1):
+            if len(raw) > MAX_OPTION_FILE_BYTES:  # the rest of the line, read in bounded pieces, is dropped
+                while raw and not raw.endswith(b"\n"):
+                    raw = fh.readline(MAX_OPTION_FILE_BYTES + 1)
+                bad += 1
+                if bad <= _WARNED_LINES:
+                    log(f"warning: {path}: line {number} skipped (longer than {MAX_OPTION_FILE_BYTES >> 20} MiB)")
+                continue
             text = raw.decode("utf-8", errors="replace").strip()
             if not text:
                 continue

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import onnx
 
-from . import wire
+from . import files, wire
 from ..errors import LoadError
 from .external import FIXED_ITEMSIZE, IN_PLACE_KEY, SUBBYTE_BITS, TYPED_FIELDS, check_external_data, \
-    check_tensor_data, data_length, expected_nbytes, external_info, external_nbytes, in_file_data, is_in_place, \
-    over_inline_limit, set_external
+    check_graph_limits, check_tensor_data, data_length, expected_nbytes, external_info, external_nbytes, \
+    in_file_data, is_in_place, over_inline_limit, set_external
 from .lazy import STAMP_KEY, file_stamp
 from .order import sort_nodes
 from .store import copy_model
@@ -32,6 +32,13 @@ LAZY_MIN_TENSOR_BYTES = int(os.environ.get("ONNX_RESYNC_LAZY_MIN_TENSOR_BYTES", 
 # copies cost more than the matching. Such tensors carry IN_PLACE_KEY in their external_data entries,
 # which is never written to a file.
 IN_PLACE_MIN_TENSOR_BYTES = int(os.environ.get("ONNX_RESYNC_IN_PLACE_MIN_TENSOR_BYTES", 64 << 10))
+# Opset versions: a model importing a version of a domain that the installed onnx (ai.onnx, ai.onnx.ml)
+# or ONNX Runtime does not support is refused in one line, as ONNX Runtime would refuse it at the
+# check (opset 999; com.microsoft 2). Versions up to SURELY_SUPPORTED are supported by every onnx and
+# onnxruntime that pyproject allows (onnx >= 1.15, onnxruntime >= 1.17) and are accepted without
+# asking; above, ONNX Runtime is asked once per (domain, version) and process: does it load a
+# one-node model importing that version? (ORT's own schema table says 27 where it loads only 26.)
+SURELY_SUPPORTED = {"": 19, "ai.onnx": 19, "ai.onnx.ml": 3, "com.microsoft": 1}
 
 
 def load_model(path: str | os.PathLike, *, load_weights: bool = True, check: bool = True,
@@ -44,22 +51,24 @@ def load_model(path: str | os.PathLike, *, load_weights: bool = True, check: boo
     streamed when saved (save_model); None: lazy when the external data exceeds LAZY_EXTERNAL_BYTES.
     """
     path = Path(path)
-    if not path.exists():
-        raise LoadError(f"{path}: no such file")
-    if not path.is_file():
-        raise LoadError(f"{path}: not a regular file")
-    in_place = path.stat().st_size > LAZY_EXTERNAL_BYTES if lazy is None else lazy
+    # a FIFO would block, a device be read until memory runs out, a folder is no model
+    size = files.check_input_file(path, what="file", error=LoadError).st_size
+    in_place = size > LAZY_EXTERNAL_BYTES if lazy is None else lazy
     try:
         model, cuts = _parse(path, in_place)
+    except LoadError:
+        raise
     except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning, ValueError...
         raise LoadError(f"{path}: not a readable ONNX protobuf ({type(exc).__name__})") from None
     if not model.HasField("graph") or model.ir_version <= 0:
         raise LoadError(f"{path}: not an ONNX model (no graph or ir_version)")
+    check_graph_limits(model, path)
     try:
         _check_text(model)
     except UnicodeDecodeError:
         raise LoadError(f"{path}: not a valid ONNX model (a name or attribute is not UTF-8 text)") from None
     sort_nodes(model.graph)  # as ONNX Runtime does (io/order.py); a sorted graph is left as it is
+    check_opsets(model, path)
     check_external_data(model, path.parent)
     _map_in_place(model, cuts, path)
     check_tensor_data(model, path)
@@ -81,24 +90,94 @@ def load_model(path: str | os.PathLike, *, load_weights: bool = True, check: boo
 def _parse(path: Path, in_place: bool) -> tuple[onnx.ModelProto, list]:
     """The model, and (in_place) the initializer payloads left in the file (see wire.cut_payloads)."""
     found = None
-    if in_place:
-        with open(path, "rb") as fh:
+    with files.open_input(path, what="file", error=LoadError) as fh:  # what was checked is what is read
+        if in_place:
             try:
                 buf = mmap_module.mmap(fh.fileno(), 0, access=mmap_module.ACCESS_READ)
             except (ValueError, OSError):  # an empty file cannot be mapped
                 buf = None
-        if buf is not None:
-            try:
-                found = wire.cut_payloads(buf, IN_PLACE_MIN_TENSOR_BYTES)
-            finally:
-                buf.close()
-    if found is None:
-        return onnx.load_model(str(path), load_external_data=False), []
+            if buf is not None:
+                try:
+                    found = wire.cut_payloads(buf, IN_PLACE_MIN_TENSOR_BYTES)
+                finally:
+                    buf.close()
+        if found is None:  # (the format from the name's extension, as onnx.load_model(path) chooses it)
+            fmt = onnx.serialization.registry.get_format_from_file_extension(path.suffix) or "protobuf"
+            return onnx.load_model(fh, format=fmt, load_external_data=False), []
     skeleton, cuts = found
     model = onnx.ModelProto()
     if model.ParseFromString(skeleton) != len(skeleton):
         raise ValueError("trailing bytes")
     return model, cuts
+
+
+def check_opsets(model: onnx.ModelProto, where: str | os.PathLike = "model") -> None:
+    """Refuse (one LoadError line) an opset import that the installed onnx or ONNX Runtime does not
+    support: what the check would refuse later, and what the walker's rules would only guess at."""
+    for entry in model.opset_import:
+        domain, version = entry.domain, int(entry.version)
+        if version <= SURELY_SUPPORTED.get(domain, 0):
+            continue
+        onnx_max = _onnx_max(domain)
+        if (onnx_max is None or version <= onnx_max) and _ort_accepts(domain, version):
+            continue
+        said = [] if onnx_max is None else [f"onnx {onnx.__version__}: up to {onnx_max}"]
+        ort_max = _ort_max(domain, version)
+        if ort_max is not None:
+            import onnxruntime
+
+            said.append(f"ONNX Runtime {onnxruntime.__version__}: " + (f"up to {ort_max}" if ort_max > 0 else "none"))
+        raise LoadError(f"{where}: opset {domain or 'ai.onnx'} {version} is not supported here ({', '.join(said)}); "
+                        "refused")
+
+
+def _ort_max(domain: str, version: int) -> int | None:
+    """The highest version of `domain` that ONNX Runtime accepts, counted up from SURELY_SUPPORTED
+    (for the message; at most 256 steps: a bisection is fooled by huge versions that ORT's int
+    arithmetic wraps into accepted ones); None when it accepts `version` or is absent."""
+    if _ort_accepts(domain, version):
+        return None
+    best = SURELY_SUPPORTED.get(domain, 0)
+    while best + 1 < version and best < SURELY_SUPPORTED.get(domain, 0) + 256 and _ort_accepts(domain, best + 1):
+        best += 1
+    return best
+
+
+def _onnx_max(domain: str) -> int | None:
+    if domain in ("", "ai.onnx"):
+        return onnx.defs.onnx_opset_version()
+    if domain == "ai.onnx.ml":
+        return onnx.defs.onnx_ml_opset_version()
+    return None
+
+
+_ORT_ACCEPTS: dict[tuple[str, int], bool] = {}
+
+
+def _ort_accepts(domain: str, version: int) -> bool:
+    """Does ONNX Runtime load a one-node model (Identity) that imports `version` of `domain`? Asked
+    once per process; True when onnxruntime cannot be imported (the check will say why)."""
+    key = (domain, version)
+    if key not in _ORT_ACCEPTS:
+        try:
+            import onnxruntime
+        except Exception:  # noqa: BLE001 - no runtime here: nothing to agree with
+            return True
+        from onnx import TensorProto, helper
+
+        imports = [(domain, version)] if domain in ("", "ai.onnx") else [("", SURELY_SUPPORTED[""]), (domain, version)]
+        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+        probe = helper.make_model(graph, ir_version=8, opset_imports=[helper.make_opsetid(d, v) for d, v in imports])
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 4  # its warnings are not ours to print
+        try:
+            onnxruntime.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+            _ORT_ACCEPTS[key] = True
+        except Exception:  # noqa: BLE001 - a refusal, whatever its kind
+            _ORT_ACCEPTS[key] = False
+    return _ORT_ACCEPTS[key]
 
 
 def _check_text(message) -> None:

@@ -37,41 +37,54 @@ def save_model(
         # never the data file the current output reads (a kill between the two renames would leave the
         # old model over new data), nor an input's
         protected = files.protected_files(inputs)
-        data_name = next((c for c in candidates if c not in old_data and not files.is_one_of(folder / c, protected)),
-                         None)
+        data_name = next((c for c in candidates if c not in old_data and not files.is_one_of(folder / c, protected)
+                          and _replaceable(folder / c)), None)
         if data_name is None:
-            raise UsageError(f"no name for {out}'s external data that is not an input file")
+            raise UsageError(f"no name for {out}'s external data ({' or '.join(candidates)}) that is neither an "
+                             "input file nor a link or special file")
     tmp_paths: list[Path] = []
     try:
         restore: list[Callable[[], None]] = []
         try:
             if external:
-                data_tmp = files.temp_path(folder, data_name)
-                tmp_paths.append(data_tmp)
+                tmp_paths.append(files.temp_path(folder, data_name))  # (listed at once, for the finally)
+                data_tmp = tmp_paths[-1]
                 _write_external_data(model, data_tmp, data_name, restore, move_inline)
-            model_tmp = files.temp_path(folder, out.name)
-            tmp_paths.append(model_tmp)
+            tmp_paths.append(files.temp_path(folder, out.name))
+            model_tmp = tmp_paths[-1]
             files.write_bytes(model_tmp, _inline_chunks(model) if streamed else [model.SerializeToString()])
         finally:
             for undo in reversed(restore):  # give the caller's model its data back, byte for byte
                 undo()
+        files.check_output_path(out)  # still a regular file or absent: the rename replaces nothing else
         if external:
+            if not _replaceable(folder / data_name):
+                raise UsageError(f"{folder / data_name} is no longer a regular file; nothing written")
             os.replace(data_tmp, folder / data_name)
         os.replace(model_tmp, out)
         files.fsync_dir(folder)
         for stale in old_data - {data_name}:  # the previous output's data file, now unused
             if not files.is_one_of(folder / stale, files.protected_files(inputs)):
                 (folder / stale).unlink(missing_ok=True)
-    finally:
+    finally:  # also on KeyboardInterrupt and the CLI's SIGTERM/SIGHUP (cli.py): no temp file left
         for p in tmp_paths:
-            if p.exists():
-                p.unlink()
+            p.unlink(missing_ok=True)
     return out
 
 
 def _data_candidates(out: Path) -> list[str]:
     """Two names that alternate, so a new data file never replaces the one the old output reads."""
-    return [out.name + ".data", out.name + ".1.data"]
+    return files.data_candidates(out)
+
+
+def _replaceable(path: Path) -> bool:
+    """A data file name that a rename may take: absent, or a regular file (never a link, a FIFO, a device)."""
+    try:
+        return files.file_kind(os.lstat(path).st_mode) is None
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError):
+        return False
 
 
 def streams_inline(model: onnx.ModelProto) -> bool:

@@ -22,7 +22,7 @@ REFUSED = {
     "offset-text": "not an integer",
     "length-huge": "",  # too short, or dims disagree with the length
     "offset-past-end": "too short",
-    "folder": "is missing",
+    "folder": "is not a regular file",
     "nul-in-location": "NUL byte",
     "empty-location": "without a location",
     "huge-dims-small-length": "declares dims",
