@@ -2,6 +2,7 @@
 
     from onnx_resync import api
     api.groups(path) / api.permute(...) / api.resync(...) / api.verify(...) / api.audit(...)
+    api.inputs(path, save="feeds.npz")  # what the checks feed the model, and why
     api.audit_many(paths, reference, jobs=4, jsonl="results.jsonl")
 
 resync, verify and audit load on first use (they bring scipy and ONNX Runtime).
@@ -122,15 +123,14 @@ def permute(
     moved = sum(sum(1 for i, p in enumerate(perm) if i != p) for perm in record.perms.values())
     report = None
     if check:
-        from .verify import verify
+        from .verify import explain, verify
 
         report = verify(original, permuted, **(verify_options or {}))
         if report.verdict == "cannot check":
             raise CheckFailed(f"cannot check the permuted model: {report.reason}; nothing written "
                               "(give --inputs or --shape that the check can compare, or --no-verify)")
         if not report.equivalent:
-            raise CheckFailed("the permuted model is not equivalent to the input; nothing written "
-                              "(please report this model: a walker rule is wrong)")
+            raise CheckFailed(f"the permuted model is not equivalent to the input; nothing written: {explain(report)}")
     if output is not None:
         save_model(permuted, output, inputs=inputs)
         if undo is None:  # the record names the file it permuted and the file it wrote
@@ -227,6 +227,43 @@ def audit_many(
 
     return BatchAudit(suspects, reference, jobs=jobs, jsonl=jsonl, retry_errors=retry_errors, detail=detail,
                       log=log if log is not None else log_to_stderr)
+
+
+def inputs(model: ModelLike, *, shapes: dict[str, list[int]] | None = None, seed: int = 0, device: str = "auto",
+           save: str | os.PathLike | None = None):
+    """Each input's declared and chosen shape, dtype, value range and why (the input plan that
+    verify, permute and resync use, tried in ONNX Runtime); `save` writes the feed as an .npz that
+    `--inputs` takes. Returns verify.InputsReport."""
+    check_seed(seed)
+    check_outputs([save], [] if isinstance(model, onnx.ModelProto) else [model])
+    from .verify import plan_report
+
+    report, feed = plan_report(model, shapes=shapes, seed=seed, device=device)
+    if save is not None:
+        _write_npz(save, feed)
+        report.saved = str(save)
+    return report
+
+
+def _write_npz(path: str | os.PathLike, arrays: dict) -> None:
+    """An .npz of `arrays` (keys are the names; any name, even 'file'), written to a temporary file
+    beside `path` and renamed into place."""
+    import tempfile
+    import zipfile
+
+    import numpy as np
+
+    out = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as zf:
+            for name, arr in arrays.items():
+                with zf.open(f"{name}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asarray(arr), allow_pickle=False)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def __getattr__(name: str):

@@ -20,12 +20,17 @@ DEFAULT_MODEL = "resnet"
 
 
 def models_dir() -> Path:
-    """Bundled models: $ONNX_RESYNC_MODELS, else models/ of the source checkout."""
+    """Bundled models: $ONNX_RESYNC_MODELS when set, else the copy a built wheel carries
+    (onnx_resync/_models, see setup.py), else models/ of the source checkout (an editable install)."""
     env = os.environ.get("ONNX_RESYNC_MODELS")
-    folder = Path(env) if env else Path(__file__).resolve().parent.parent / "models"
+    here = Path(__file__).resolve().parent
+    if env:
+        folder = Path(env)
+    else:
+        folder = next((f for f in (here / "_models", here.parent / "models") if f.is_dir()), here / "_models")
     if not folder.is_dir():
-        raise LoadError(f"bundled models not found at {folder} (install from a source checkout "
-                        "with `pip install -e .`, or set ONNX_RESYNC_MODELS)")
+        raise LoadError(f"bundled models not found at {folder} (install a built wheel, or from a source "
+                        "checkout with `pip install -e .`, or set ONNX_RESYNC_MODELS to a folder holding them)")
     return folder
 
 

@@ -18,6 +18,28 @@ each side of it:
   Every combination when there are at most MAX_VARIED_FEEDS of them; otherwise each input alone
   through each of its values (the other inputs as in the base feed), cut at MAX_VARIED_FEEDS.
 
+The *input plan* (`plan_inputs`): for every graph input, a shape and values the model accepts, read
+from the graph, with the reason; runtime.settle tries it in ONNX Runtime:
+
+- dims: a dim given with --shape binds every input dim of the same name; a dim that a Reshape target,
+  a Concat partner or a constant operand of Add/Sub/Mul/Div fixes takes that size first; the spatial
+  dims of an image-like input (4-D float, NCHW or NHWC) take the sizes detectors and classifiers use,
+  multiples of 32 from 224 to 640, smallest first (when height and width are separate dims, the
+  text-line sizes 48, 32 and 64 high by 320 wide come right after 224: a model that refuses 224x224
+  usually wants another shape, not a larger square), then squares of 192 down to 32, then 1; the first
+  dim of an input of rank 2 or more is a batch of 1; every other symbolic dim is a length of 16, 8, 4,
+  2 or 1, at most the rows of a positional table (a Gather of a constant table by Range or a constant
+  index list); dims of the same name take the same size;
+- values: floats N(0,1); integers below the rows of every constant table they index (Gather data,
+  EmbedLayerNormalization's word, position and segment tables, through Cast/Reshape/Unsqueeze/...
+  and Add/Sub of a constant), else 0..9; masks (an int or bool input named *mask*, or
+  EmbedLayerNormalization's mask) ones; recurrent initial states (reaching an LSTM/GRU/RNN
+  initial_h or initial_c through layout ops) zeros; a scalar compared with constants
+  (Equal/Less/Greater/..., anywhere in the graph) each constant in turn; bools random bits;
+- tries: try k gives every dim and every scalar its k-th candidate (its last when it has fewer); a
+  try whose shapes equal an earlier one's is skipped; at most MAX_TRIES tries (runtime.settle keeps
+  the first that ONNX Runtime runs, and records the others' messages).
+
 Pure graph reading (onnx and numpy): no ONNX Runtime here, so the CLI can import the limits.
 """
 
@@ -250,7 +272,568 @@ class _Graph:
             return None
 
 
-def _small_array(t: onnx.TensorProto) -> np.ndarray | None:
-    if t.data_location == onnx.TensorProto.EXTERNAL or len(t.external_data) or math.prod(t.dims) > 64:
+def _small_array(t: onnx.TensorProto, limit: int = 64) -> np.ndarray | None:
+    if t.data_location == onnx.TensorProto.EXTERNAL or len(t.external_data) or math.prod(t.dims) > limit:
         return None
     return numpy_helper.to_array(t)
+
+
+# --- the input plan -------------------------------------------------------------------------------
+
+# tries of the plan in ONNX Runtime before it gives up (runtime.settle)
+MAX_TRIES = 24
+IMAGE_SIDES = tuple(range(224, 641, 32))  # the sizes detectors and classifiers use, smallest first
+TEXT_LINES = ((48, 320), (32, 320), (64, 320))  # text recognizers: fixed height, wide lines
+SMALL_SIDES = tuple(range(192, 31, -32)) + (1,)
+LENGTHS = (16, 8, 4, 2, 1)
+INT_HIGH = 10  # integers that no table bounds: 0..9
+RECURRENT = frozenset({"LSTM", "GRU", "RNN", "DynamicQuantizeLSTM"})
+STATE_INPUTS = (5, 6)  # initial_h, initial_c
+# ops that move or select values without arithmetic (an index stays an index, a state a state)
+LAYOUT = frozenset({
+    "Cast", "CastLike", "Identity", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Expand", "Transpose", "Gather",
+    "Slice", "Split", "Tile", "Concat",
+})
+# EmbedLayerNormalization (com.microsoft): index input -> the table input it indexes
+_EMBED_TABLES = {0: 2, 1: 4, 8: 3}
+_EMBED_MASK = 7
+
+
+@dataclass
+class DimChoice:
+    """One symbolic dim (by name; an unnamed dim is its own): the sizes to try, in order, and why."""
+
+    key: str
+    candidates: list[int]
+    why: str
+    role: str  # "given", "fixed by the graph", "image", "batch", "length"
+    reasons: list[str] = field(default_factory=list)  # per candidate, where it says more than `why`
+
+    def at(self, k: int) -> int:
+        return self.candidates[min(k, len(self.candidates) - 1)]
+
+
+@dataclass
+class InputChoice:
+    """One graph input: its declared shape (ints, dim names, None), the dims of its shape (an int or a
+    DimChoice key), and how its values are drawn."""
+
+    name: str
+    dtype: np.dtype
+    declared: list
+    dims: list  # int or str (a DimChoice key)
+    fill: str  # "normal", "ints", "bits", "ones", "zeros", "value"
+    high: int = INT_HIGH  # ints: 0 .. high - 1
+    values: list = field(default_factory=list)  # "value": the candidates, in order
+    why: str = ""
+
+    def value_at(self, k: int):
+        return self.values[min(k, len(self.values) - 1)]
+
+    def range_text(self, k: int) -> str:
+        if self.fill == "normal":
+            return "N(0,1)"
+        if self.fill == "ints":
+            return f"ints 0..{self.high - 1}"
+        if self.fill == "bits":
+            return "random bits"
+        if self.fill == "value":
+            return f"= {self.value_at(k):g}"
+        return self.fill
+
+
+@dataclass
+class InputPlan:
+    """The inputs of a model as the graph implies them; `chosen` is the try that ONNX Runtime ran (set
+    by runtime.settle), `failures` the tries it refused with its message, whole."""
+
+    inputs: list[InputChoice]
+    dims: dict[str, DimChoice]
+    chosen: int = 0
+    settled: bool = False
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (shapes tried, ONNX Runtime's message)
+
+    def tries(self) -> list[int]:
+        """The tries worth making: k = 0, 1, ... whose shapes or values differ from every earlier one."""
+        n = max([len(d.candidates) for d in self.dims.values()] + [len(i.values) for i in self.inputs] + [1])
+        seen, out = set(), []
+        for k in range(min(n, MAX_TRIES)):
+            key = (tuple(self.shape(i, k) for i in self.inputs),
+                   tuple(i.value_at(k) for i in self.inputs if i.fill == "value"))
+            if key not in seen:
+                seen.add(key)
+                out.append(k)
+        return out
+
+    def shape(self, choice: InputChoice, k: int | None = None) -> tuple[int, ...]:
+        k = self.chosen if k is None else k
+        return tuple(d if isinstance(d, int) else self.dims[d].at(k) for d in choice.dims)
+
+    def shapes_text(self, k: int | None = None) -> str:
+        return ", ".join(f"{i.name} {_shape_text(self.shape(i, k))}" for i in self.inputs)
+
+    def feeds(self, samples: int = 1, seed: int = 0, k: int | None = None) -> list[dict[str, np.ndarray]]:
+        """`samples` seeded feeds of try k (default: the chosen one)."""
+        k = self.chosen if k is None else k
+        rng = np.random.default_rng(seed)
+        out = []
+        for _ in range(samples):
+            feed = {}
+            for i in self.inputs:
+                shape = self.shape(i, k)
+                if i.fill == "normal":
+                    arr = rng.standard_normal(shape).astype(i.dtype)
+                elif i.fill == "ints":
+                    arr = rng.integers(0, i.high, size=shape).astype(i.dtype)
+                elif i.fill == "bits":
+                    arr = rng.integers(0, 2, size=shape).astype(i.dtype)
+                elif i.fill == "ones":
+                    arr = np.ones(shape, i.dtype)
+                elif i.fill == "zeros":
+                    arr = np.zeros(shape, i.dtype)
+                else:
+                    arr = np.full(shape, i.value_at(k), i.dtype)
+                feed[i.name] = arr
+            out.append(feed)
+        return out
+
+    def why(self, choice: InputChoice) -> str:
+        """Why this input has this shape and these values (for the report)."""
+        parts, image = [], []
+        for d in dict.fromkeys(d for d in choice.dims if isinstance(d, str)):
+            dim = self.dims[d]
+            size = dim.at(self.chosen)
+            k = min(self.chosen, len(dim.candidates) - 1)
+            if dim.role == "image":
+                image.append(str(size))
+            elif dim.role == "batch":
+                parts.append(f"batch {size}")
+            elif dim.role == "length":
+                parts.append(f"{_dim_label(d)} {size}: {dim.why if k == 0 else 'the first length it accepts'}")
+            else:
+                reason = dim.reasons[k] if k < len(dim.reasons) and dim.reasons[k] else dim.why
+                parts.append(f"{_dim_label(d)} {size}: {reason}")
+        if image:
+            if self.chosen > 0 and self.failures:
+                ops = sorted({op for op in (_failing_op(m) for _, m in self.failures) if op})
+                reason = (f"the first of the sizes tried that {'its ' + '/'.join(ops) if ops else 'it'} accepts "
+                          f"({len(self.failures)} refused)")
+            else:
+                reason = "the smallest of the sizes detectors and classifiers use (multiples of 32 from 224 to 640)"
+            parts.insert(0, f"{'x'.join(image)}: {reason}")
+        if choice.why:
+            parts.append(choice.why)
+        return "; ".join(dict.fromkeys(parts))
+
+    def describe(self) -> list[dict]:
+        """Each input: declared and chosen shape, dtype, range and why (JSON-ready)."""
+        return [{
+            "name": i.name, "dtype": str(i.dtype),
+            "declared": [d if isinstance(d, int) else (d or "?") for d in i.declared],
+            "shape": list(self.shape(i)), "range": i.range_text(self.chosen), "why": self.why(i),
+        } for i in self.inputs]
+
+    def lines(self) -> list[str]:
+        """'images 1x3x320x320 float32 N(0,1): why' per input."""
+        return [f"{d['name']} {_shape_text(d['shape'])} {d['dtype']} {d['range']}" + (f": {d['why']}" if d["why"] else "")
+                for d in self.describe()]
+
+
+def _shape_text(shape) -> str:
+    return "x".join(map(str, shape)) if len(shape) else "scalar"
+
+
+def _dim_label(key: str) -> str:
+    """A dim's name, or 'dim N' for an unnamed one (keyed 'input#N')."""
+    return f"dim {key.rpartition('#')[2]}" if "#" in key else key
+
+
+def _failing_op(message: str) -> str | None:
+    import re
+
+    m = re.search(r"running (\w+) node", message)
+    return m.group(1) if m else None
+
+
+def is_quantized(model: onnx.ModelProto) -> bool:
+    """A QDQ, QOperator or dynamically quantized graph: QuantizeLinear/DequantizeLinear,
+    DynamicQuantize*, *Integer, QLinear* or a com.microsoft Q* op (QGemm, QAttention, ...)."""
+    if not model.HasField("graph"):
+        return False
+    for g in _all_graphs(model.graph):
+        for n in g.node:
+            op = n.op_type
+            if "Quantize" in op or op.endswith("Integer") or op.startswith("QLinear") or (
+                    n.domain == "com.microsoft" and op[:1] == "Q" and op[1:2].isupper()):
+                return True
+    return False
+
+
+def half_precision(model: onnx.ModelProto) -> str | None:
+    """"float16" or "bfloat16" when the graph computes in it (an initializer of that type or a Cast
+    to it), else None."""
+    if not model.HasField("graph"):
+        return None
+    names = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16"}
+    for g in _all_graphs(model.graph):
+        for t in g.initializer:
+            if t.data_type in names:
+                return names[t.data_type]
+        for n in g.node:
+            if n.op_type == "Cast":
+                to = next((a.i for a in n.attribute if a.name == "to"), None)
+                if to in names:
+                    return names[to]
+    return None
+
+
+def plan_inputs(model: onnx.ModelProto, in_specs, shapes: dict[str, list[int]] | None = None) -> InputPlan:
+    """The input plan of `model` for graph inputs `in_specs` (objects with .name, .dtype, .shape; the
+    fed inputs, in order). `shapes` (name -> dims, checked by the caller) fixes inputs' shapes and
+    binds their named dims."""
+    reader = _Reader(model, {s.name for s in in_specs})
+    declared = {}
+    for v in model.graph.input if model.HasField("graph") else ():
+        t = v.type.tensor_type
+        declared[v.name] = [d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else
+                            (d.dim_param or None) for d in t.shape.dim]
+    dims: dict[str, DimChoice] = {}
+    choices: list[InputChoice] = []
+    given = shapes or {}
+    # dims named in --shape bind every input that shares the name
+    bound: dict[str, int] = {}
+    for s in in_specs:
+        decl = declared.get(s.name, list(s.shape))
+        if s.name in given and len(given[s.name]) == len(decl):
+            for d, v in zip(decl, given[s.name]):
+                if isinstance(d, str) and d not in ("?",):
+                    bound[d] = int(v)
+    for s in in_specs:
+        decl = declared.get(s.name)
+        if decl is None or len(decl) != len(s.shape):
+            decl = [d if isinstance(d, int) and d >= 0 else None for d in s.shape]
+        dtype = s.dtype
+        layout = _image_axes(decl, dtype)
+        fixed = reader.fixed_dims(s.name, decl)
+        cap = reader.length_cap()
+        keys = []
+        for axis, d in enumerate(decl):
+            if isinstance(d, int):
+                keys.append(d)
+                continue
+            named = isinstance(d, str) and d not in ("?", "")
+            key = d if named else f"{s.name}#{axis}"
+            keys.append(key)
+            if s.name in given:
+                value = int(given[s.name][axis])
+                dims[key] = DimChoice(key, [value], "given with --shape", "given")
+                continue
+            if named and key in bound:
+                dims.setdefault(key, DimChoice(key, [bound[key]], "given with --shape (another input)", "given"))
+                continue
+            if axis in fixed:
+                size, why = fixed[axis]
+                old = dims.get(key)
+                if old is None or old.role not in ("given", "fixed by the graph"):
+                    rest = old.candidates if old is not None else _generic(axis, decl, layout, cap)[0]
+                    dims[key] = DimChoice(key, [size] + [c for c in rest if c != size], why, "fixed by the graph",
+                                          [why])
+                continue
+            candidates, why, role = _generic(axis, decl, layout, cap)
+            old = dims.get(key)
+            if old is None or _RANK[role] > _RANK[old.role]:
+                dims[key] = DimChoice(key, candidates, why, role)
+        choice = InputChoice(s.name, dtype, decl, keys, "normal")
+        _values(choice, reader, decl)
+        choices.append(choice)
+    # an image's height and width given by separate names try text lines after the squares
+    for c in choices:
+        axes = _image_axes(c.declared, c.dtype)
+        if axes is None:
+            continue
+        h, w = (c.dims[a] for a in axes)
+        if isinstance(h, str) and isinstance(w, str) and h != w and dims[h].role == dims[w].role == "image":
+            n = dims[h].candidates.index(IMAGE_SIDES[0]) + 1  # after the first square
+            if dims[w].candidates.index(IMAGE_SIDES[0]) + 1 == n:
+                dims[h].candidates[n:n] = [t[0] for t in TEXT_LINES]
+                dims[w].candidates[n:n] = [t[1] for t in TEXT_LINES]
+    return InputPlan(choices, dims)
+
+
+_RANK = {"length": 0, "batch": 1, "image": 2, "fixed by the graph": 3, "given": 4}
+
+
+def _image_axes(decl: list, dtype: np.dtype) -> tuple[int, int] | None:
+    """The (height, width) axes of an image-like input: 4-D float with a symbolic spatial dim."""
+    if dtype.kind != "f" or len(decl) != 4:
+        return None
+    if isinstance(decl[3], int) and decl[3] in (1, 3, 4) and not isinstance(decl[1], int):
+        axes = (1, 2)  # NHWC
+    else:
+        axes = (2, 3)
+    return axes if any(not isinstance(decl[a], int) for a in axes) else None
+
+
+def _generic(axis: int, decl: list, image: tuple[int, int] | None, cap: int | None) -> tuple[list[int], str, str]:
+    if image is not None and axis in image:
+        return (list(IMAGE_SIDES) + list(SMALL_SIDES),
+                "the smallest of the sizes detectors and classifiers use (multiples of 32 from 224 to 640)", "image")
+    if axis == 0 and len(decl) >= 2:
+        return [1], "batch of 1", "batch"
+    lengths = [n for n in LENGTHS if cap is None or n <= cap] or [1]
+    why = f"a length of {lengths[0]}"
+    if cap is not None and cap < LENGTHS[0]:
+        why += f" (its positional table has {cap} rows)"
+    return lengths, why, "length"
+
+
+def _values(choice: InputChoice, reader: "_Reader", decl: list) -> None:
+    """How `choice`'s values are drawn (see the module docstring)."""
+    kind = choice.dtype.kind
+    name = choice.name
+    lowered = name.lower()
+    scalar = all(isinstance(d, int) and d == 1 for d in decl)
+    consts = reader.compared_constants(name) if scalar else []
+    if consts:
+        lo, hi = _dtype_range(choice.dtype)
+        values = [c for c in consts if lo <= c <= hi][:MAX_CONSTANTS]
+        if values:
+            choice.fill = "value"
+            choice.values = [int(v) if kind in "iub" else float(v) for v in values]
+            choice.why = "a scalar compared with " + ", ".join(f"{v:g}" for v in values) + ": each in turn"
+            return
+    if kind == "b":
+        if "mask" in lowered or reader.is_mask(name):
+            choice.fill, choice.why = "ones", "a mask: ones"
+        else:
+            choice.fill = "bits"
+        return
+    if kind in "iu":
+        if "mask" in lowered or reader.is_mask(name):
+            choice.fill, choice.why = "ones", "a mask: ones"
+            return
+        bound = reader.index_bound(name)
+        choice.fill = "ints"
+        if bound is not None:
+            high, why = bound
+            choice.high = max(1, min(high, int(np.iinfo(choice.dtype).max)))
+            choice.why = f"indexes {why}: ids below {high}"
+        return
+    if kind == "f" and reader.is_state(name):
+        choice.fill, choice.why = "zeros", "a recurrent initial state: zeros"
+
+
+def _dtype_range(dtype: np.dtype) -> tuple[float, float]:
+    if dtype.kind == "f":
+        top = float(np.finfo(dtype).max)
+        return -top, top
+    if dtype.kind == "b":
+        return 0.0, 1.0
+    info = np.iinfo(dtype)
+    return float(info.min), float(info.max)
+
+
+class _Reader(_Graph):
+    """What the input plan reads of a graph: consumers, constant shapes and values."""
+
+    def __init__(self, model: onnx.ModelProto, input_names: set[str]):
+        super().__init__(model, input_names)
+        self.consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
+        self.nodes: list[onnx.NodeProto] = []
+        if model.HasField("graph"):
+            for g in _all_graphs(model.graph):
+                for node in g.node:
+                    self.nodes.append(node)
+                    for idx, name in enumerate(node.input):
+                        if name:
+                            self.consumers[name].append((node, idx))
+        self._cap: int | None | bool = False
+
+    # constants -------------------------------------------------------------------------------------
+
+    def const_shape(self, name: str) -> tuple[int, ...] | None:
+        item = self.const.get(name)
+        if item is None:
+            return None
+        if isinstance(item, onnx.NodeProto):
+            attr = next((a for a in item.attribute if a.name.startswith("value")), None)
+            if attr is None:
+                return None
+            value = helper.get_attribute_value(attr)
+            if isinstance(value, onnx.TensorProto):
+                return tuple(value.dims)
+            return tuple(np.shape(value))
+        return tuple(item.dims)
+
+    def const_array(self, name: str, limit: int = 64) -> np.ndarray | None:
+        """A constant's values, when it has at most `limit` and they are in the file's protobuf."""
+        item = self.const.get(name)
+        if item is None:
+            return None
+        try:
+            if isinstance(item, onnx.NodeProto):
+                attr = next((a for a in item.attribute if a.name.startswith("value")), None)
+                value = helper.get_attribute_value(attr) if attr is not None else None
+                return _small_array(value, limit) if isinstance(value, onnx.TensorProto) else (
+                    None if value is None else np.asarray(value))
+            return _small_array(item, limit)
+        except Exception:
+            return None
+
+    def table_rows(self, name: str, axis: int = 0) -> int | None:
+        """Rows (along `axis`) of a constant table, through Cast/Identity/DequantizeLinear."""
+        for _ in range(16):
+            shape = self.const_shape(name)
+            if shape is not None:
+                if not shape:
+                    return None
+                a = axis + len(shape) if axis < 0 else axis
+                return int(shape[a]) if 0 <= a < len(shape) else None
+            node = self.producer.get(name)
+            if node is None or node.op_type not in ("Cast", "Identity", "DequantizeLinear") or not node.input:
+                return None
+            name = node.input[0]
+        return None
+
+    # forward walks from an input ---------------------------------------------------------------------
+
+    def _forward(self, name: str, through: frozenset[str], shifts: bool = False):
+        """(node, input index, shift) for every use of `name`, through `through` ops (index shift:
+        Add/Sub of a constant scalar when `shifts`)."""
+        stack, seen = [(name, 0.0)], set()
+        while stack:
+            cur, shift = stack.pop()
+            if cur in seen:
+                continue
+            seen.add(cur)
+            for node, idx in self.consumers.get(cur, ()):
+                yield node, idx, shift
+                standard = node.domain in _DEFAULT_DOMAINS
+                if standard and node.op_type in through and (idx == 0 or node.op_type == "Concat"):
+                    stack.extend((o, shift) for o in node.output if o)
+                elif shifts and standard and node.op_type in ("Add", "Sub") and len(node.input) == 2:
+                    other = self.const_array(node.input[1 - idx])
+                    if other is not None and other.size == 1 and other.dtype.kind in "iu":
+                        c = float(other.ravel()[0])
+                        step = c if node.op_type == "Add" else (-c if idx == 0 else None)
+                        if step is not None:
+                            stack.append((node.output[0], shift + step))
+
+    def index_bound(self, name: str) -> tuple[int, str] | None:
+        """The smallest table an integer input indexes: (exclusive bound, words)."""
+        best = None
+        for node, idx, shift in self._forward(name, LAYOUT, shifts=True):
+            rows = None
+            if node.op_type == "Gather" and node.domain in _DEFAULT_DOMAINS and idx == 1:
+                axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+                rows, what = self.table_rows(node.input[0], axis), "Gather"
+            elif node.op_type == "EmbedLayerNormalization" and idx in _EMBED_TABLES:
+                table = _EMBED_TABLES[idx]
+                rows = self.table_rows(node.input[table]) if len(node.input) > table else None
+                what = "EmbedLayerNormalization"
+            if rows is None:
+                continue
+            high = int(rows - max(shift, 0.0))
+            if high >= 1 and (best is None or high < best[0]):
+                best = (high, f"the {rows}-row table of {what} {node.name or node.output[0]!r}")
+        return best
+
+    def is_mask(self, name: str) -> bool:
+        return any(n.op_type == "EmbedLayerNormalization" and idx == _EMBED_MASK
+                   for n, idx, _ in self._forward(name, LAYOUT))
+
+    def is_state(self, name: str) -> bool:
+        return any(n.op_type in RECURRENT and idx in STATE_INPUTS for n, idx, _ in self._forward(name, LAYOUT))
+
+    # constraints on dims ----------------------------------------------------------------------------
+
+    def fixed_dims(self, name: str, decl: list) -> dict[int, tuple[int, str]]:
+        """Axes of an input whose size the graph fixes: a Reshape target (one symbolic dim), a Concat
+        partner (the other axes), a constant operand of an elementwise op (broadcast axes > 1)."""
+        out: dict[int, tuple[int, str]] = {}
+        symbolic = [a for a, d in enumerate(decl) if not isinstance(d, int)]
+        if not symbolic:
+            return out
+        for node, idx, _ in self._forward(name, frozenset({"Cast", "Identity"})):
+            if node.domain not in _DEFAULT_DOMAINS:
+                continue
+            label = node.name or node.output[0]
+            if node.op_type == "Reshape" and idx == 0 and len(node.input) > 1 and len(symbolic) == 1:
+                target = self.const_array(node.input[1])
+                if target is not None and target.size and (target > 0).all():
+                    known = math.prod(d for d in decl if isinstance(d, int))
+                    total = int(np.prod(target.astype(np.int64)))
+                    if known and total % known == 0:
+                        out.setdefault(symbolic[0], (total // known, f"the Reshape {label!r} target fixes it"))
+            elif node.op_type == "Concat":
+                axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+                axis = axis + len(decl) if axis < 0 else axis
+                for other in node.input:
+                    shape = self.const_shape(other) if other and other != node.input[idx] else None
+                    if shape is not None and len(shape) == len(decl):
+                        for a in symbolic:
+                            if a != axis:
+                                out.setdefault(a, (int(shape[a]), f"its Concat {label!r} partner fixes it"))
+            elif node.op_type in ("Add", "Sub", "Mul", "Div") and len(node.input) == 2:
+                shape = self.const_shape(node.input[1 - idx])
+                if shape is not None and 0 < len(shape) <= len(decl):
+                    offset = len(decl) - len(shape)
+                    for a in symbolic:
+                        if a >= offset and shape[a - offset] > 1:
+                            out.setdefault(a, (int(shape[a - offset]),
+                                               f"the constant it meets in {node.op_type} {label!r} fixes it"))
+        return out
+
+    def length_cap(self) -> int | None:
+        """Rows of the smallest positional table: a constant Gather table indexed by a Range or a
+        constant index list (through layout ops and Slice)."""
+        if self._cap is not False:
+            return self._cap
+        cap = None
+        for node in self.nodes:
+            if node.op_type != "Gather" or node.domain not in _DEFAULT_DOMAINS or len(node.input) < 2:
+                continue
+            rows = self.table_rows(node.input[0])
+            if rows is None or len(self.const_shape(node.input[0]) or ()) < 2:
+                continue
+            if self._positions(node.input[1]):
+                cap = rows if cap is None else min(cap, rows)
+        self._cap = cap
+        return cap
+
+    def _positions(self, name: str) -> bool:
+        """Indices that count positions: a Range, or a constant 0, 1, 2, ... (a position_ids buffer)."""
+        for _ in range(32):
+            if name in self.inputs:
+                return False
+            if name in self.const:
+                arr = self.const_array(name, limit=1 << 16)
+                if arr is None or arr.size < 2 or arr.dtype.kind not in "iu":
+                    return False
+                flat = arr.reshape(-1, arr.shape[-1])[0] if arr.ndim else arr
+                return bool(np.array_equal(flat, np.arange(flat.size)))
+            node = self.producer.get(name)
+            if node is None or node.domain not in _DEFAULT_DOMAINS:
+                return False
+            if node.op_type == "Range":
+                return True
+            if node.op_type not in LAYOUT or not node.input:
+                return False
+            name = node.input[0]
+        return False
+
+    # scalars compared with constants ------------------------------------------------------------------
+
+    def compared_constants(self, name: str) -> list[float]:
+        """Constants that `name` (through value-keeping ops) is compared with, in graph order."""
+        found: list[float] = []
+        for node in self.nodes:
+            if node.op_type not in COMPARISONS or node.domain not in _DEFAULT_DOMAINS or len(node.input) != 2:
+                continue
+            a, b = self._source(node.input[0]), self._source(node.input[1])
+            for x, y in ((a, b), (b, a)):
+                if x == name and y not in self.inputs:
+                    for v in self._const_values(y) or ():
+                        if v not in found:
+                            found.append(v)
+        return found

@@ -51,6 +51,10 @@ from .match.sampling import sub_grid
 from .walk import WalkResult, walk
 from .jsonable import json_safe
 
+# `resync` exit codes when the restored model's check fails (the verdict and report are still given):
+# 4 it cannot check (as verify's), 7 the restored model is not equivalent to the suspect
+EXIT_CANNOT_CHECK = 4
+EXIT_NOT_EQUIVALENT = 7
 MIN_EVIDENCE_GROUP = 8  # smaller groups vote only when there is no larger one
 STATISTICS_SAMPLE = 1 << 18  # entries of a tensor that the perturbation statistics look at
 
@@ -128,10 +132,16 @@ class ResyncReport:
         lines.append(f"solved in {self.seconds:.2f}s ({self.passes} passes, {self.solves} group solves)")
         if self.output:
             lines.append(f"wrote {self.output}")
-        if self.verify:
+        if self.verify and self.verified:
             worst = max((o["normalized_error"] for o in self.verify["outputs"]), default=0.0)
             lines.append(f"verified on {self.verify['provider']}: restored model equivalent to the suspect "
                          f"(max normalized error {worst:.2e})")
+        elif self.verify:
+            lines.append(f"check of the restored model on {self.verify['provider']}: {self.verify['verdict']} "
+                         f"({self.verify['reason']}); nothing written")
+        for d in (self.verify or {}).get("input_plan") or ():  # what the check fed, and why
+            shape = "x".join(map(str, d["shape"])) or "scalar"
+            lines.append(f"  fed {d['name']} {shape} {d['dtype']} {d['range']}" + (f": {d['why']}" if d.get("why") else ""))
         return lines
 
 
@@ -149,7 +159,8 @@ def resync(
     """Recover every group's permutation, write the suspect in the reference's order, and judge it.
 
     The restored model computes what the suspect computes (verified with ONNX Runtime unless
-    check=False); neutral rescales across positively homogeneous activations are undone (only when
+    check=False; when the check fails nothing is written and CheckFailed is raised with the report,
+    as written to `report_path`, in its `.report` and exit_code EXIT_CANNOT_CHECK or EXIT_NOT_EQUIVALENT); neutral rescales across positively homogeneous activations are undone (only when
     checked: the check is what proves a rescale neutral; unchecked they are reported).
     """
     inputs = [m for m in (suspect, reference) if not isinstance(m, onnx.ModelProto)]
@@ -167,9 +178,9 @@ def resync(
                                stores=(sus_store, ref_store))
     record = result.record()
     seconds = time.perf_counter() - t0
-    report = None
+    report = failed = None
     if check:
-        from .verify import verify
+        from .verify import explain, verify
 
         report = verify(sus_model, restored, **(verify_options or {}))
         if report.verdict == "not equivalent" and scales:  # the rescales were not neutral after all: keep them
@@ -177,23 +188,29 @@ def resync(
                                        stores=(sus_store, ref_store))
             report = verify(sus_model, restored, **(verify_options or {}))
         if report.verdict == "cannot check":
-            raise CheckFailed(f"cannot check the restored model: {report.reason}; nothing written "
-                              "(give --inputs or --shape that the check can compare, or --no-verify)")
-        if not report.equivalent:
-            raise CheckFailed("the restored model is not equivalent to the suspect; nothing written "
-                              "(please report this model: a walker rule is wrong)")
-    if output is not None:
+            failed = CheckFailed(f"cannot check the restored model: {report.reason}; nothing written "
+                                 "(give --inputs or --shape that the check can compare, or --no-verify)")
+            failed.exit_code = EXIT_CANNOT_CHECK
+        elif not report.equivalent:
+            failed = CheckFailed(f"the restored model is not equivalent to the suspect; nothing written: "
+                                 f"{explain(report)}")
+            failed.exit_code = EXIT_NOT_EQUIVALENT
+    if output is not None and failed is None:
         save_model(restored, output, inputs=inputs)
     # the report describes the file as written; a lazy model's weights are then mapped from it, where
     # they would otherwise be computed (permuted) once more
-    written = load_model(output, lazy=True) if output is not None and is_lazy_model(restored) else restored
+    written = load_model(output, lazy=True) if output is not None and failed is None and is_lazy_model(restored) \
+        else restored
     summary = build_report(result, ref_store, sus_store, WeightStore(written), scales, seconds)
     summary.record = record
     summary.verified = bool(report and report.equivalent)
     summary.verify = report.to_dict() if report else None
-    summary.output = None if output is None else str(output)
+    summary.output = None if output is None or failed is not None else str(output)
     if report_path is not None:
         write_text_atomic(report_path, summary.to_json())
+    if failed is not None:  # the verdict was found: the caller (the CLI) still shows it
+        failed.report = summary
+        raise failed
     return restored, summary
 
 

@@ -119,11 +119,23 @@ def _has_unloaded_external_data(model: onnx.ModelProto) -> bool:
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in io.iter_graph_tensors(model.graph))
 
 
-def make_session(model, device: str = "auto", *, twin: bool = False) -> ort.InferenceSession:
+# graph optimization levels by name: "basic" for float graphs (no kernel fusions that could make two
+# models round differently), "all" for quantized graphs (where ONNX Runtime fuses Q/DQ pairs into
+# integer kernels and runs them quantized, as deployed), "none" for a twin that measures rounding noise
+LEVELS = {
+    "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def make_session(model, device: str = "auto", *, twin: bool = False, level: str = "basic") -> ort.InferenceSession:
     """Open an ORT session on a path or ModelProto.
 
     device: "auto" (CUDA if it really comes up, else CPU, silently), "cuda" (required: ResyncError
-    otherwise), "cpu". The provider that ran is `session.get_providers()[0]`.
+    otherwise), "cpu". The provider that ran is `session.get_providers()[0]`. level: a key of LEVELS;
+    twin: no optimization and one thread (the same model computed another way).
     """
     if device not in DEVICES:
         raise UsageError(f"device must be one of {', '.join(DEVICES)}, not {device!r}")
@@ -135,7 +147,7 @@ def make_session(model, device: str = "auto", *, twin: bool = False) -> ort.Infe
     options.log_severity_level = 4
     # Basic optimizations only: constant folding and cleanups, no kernel fusions that could make the
     # two models round differently. Both models always get the same level.
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.graph_optimization_level = LEVELS[level]
     if twin:  # the same model computed another way: measures the model's own rounding noise
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.intra_op_num_threads = 1
@@ -195,11 +207,46 @@ def provider(session: ort.InferenceSession) -> str:
 
 
 def run(session: ort.InferenceSession, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-    """Run all outputs; ORT failures become a one-line ResyncError."""
+    """Run all outputs; ORT failures become a ResyncError with ORT's message whole."""
     try:
         return session.run(None, feed)
     except Exception as exc:
-        raise ResyncError(f"onnxruntime failed to run the model: {_first_line(exc)}") from None
+        raise ResyncError(f"onnxruntime failed to run the model: {ort_message(exc)}") from None
+
+
+def ort_message(exc: BaseException) -> str:
+    """ONNX Runtime's message, whole (its lines joined)."""
+    text = " ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
+    return text or type(exc).__name__
+
+
+def settle(session: ort.InferenceSession, plan, seed: int = 0) -> bool:
+    """Try an input plan (inputs.InputPlan) in ONNX Runtime, try after try, and keep the first that
+    runs (plan.chosen); the tries it refuses are kept with ORT's message (plan.failures). False when
+    none ran (plan.chosen is then the first try, whose failure the caller reports)."""
+    plan.failures.clear()
+    tries = plan.tries()
+    for k in tries:
+        shapes = [(i.name, i.dtype, plan.shape(i, k)) for i in plan.inputs]
+        try:
+            _check_input_size(shapes, 1)
+        except ResyncError as exc:
+            plan.failures.append((plan.shapes_text(k), str(exc)))
+            continue
+        try:
+            session.run(None, plan.feeds(1, seed, k)[0])
+        except Exception as exc:
+            plan.failures.append((plan.shapes_text(k), ort_message(exc)))
+            continue
+        plan.chosen, plan.settled = k, True
+        return True
+    plan.chosen, plan.settled = tries[0], False
+    return False
+
+
+def check_input_size(plan, samples: int) -> None:
+    """Refuse feeds past MAX_SAMPLE_BYTES per sample or MAX_INPUT_BYTES in all (an input plan)."""
+    _check_input_size([(i.name, i.dtype, plan.shape(i)) for i in plan.inputs], samples)
 
 
 def resolve_shape(spec: TensorSpec, shapes: dict[str, list[int]] | None) -> tuple[int, ...]:

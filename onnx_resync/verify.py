@@ -21,6 +21,25 @@ unrelated networks would pass such a check by accident); else "equivalent". The 
 
 Every branch runs: bool inputs, and inputs that reach an If or Loop condition, are varied on top of
 the random (or given) feed (see inputs.py for the plan and its caps); the report lists them.
+
+Inputs: unless given, the input plan (inputs.py) reads from the graph a shape and values that the
+model accepts, and runtime.settle tries it in the reference's session (the next candidate when ONNX
+Runtime refuses one); the report says what was fed and why.
+
+Where ONNX Runtime runs: both sessions at the same optimization level, "basic" for a float graph;
+for a quantized graph (QDQ, QOperator, dynamic) "all", where ONNX Runtime fuses the Q/DQ pairs and
+runs integer kernels as a deployment does (at "basic" QDQ runs in float, and a sum reordered by a
+correct permutation can flip one rounding before a QuantizeLinear: one quantum, 3% of the output).
+
+Rounding floor: when an output fails, the reference is run again at the other optimization levels
+(and once with no optimization on one thread), and a quantized graph once more on its float inputs
+nudged by a float rounding (a value at a quantization boundary flips one quantum there as it does
+when a permutation reorders a float sum in a part ONNX Runtime does not fuse), a graph computing in
+float16 or bfloat16 on inputs nudged by a rounding of that precision (NUDGE); the largest difference
+between those runs of the reference itself is the output's floor. An output within NOISE_FACTOR x its floor passes and says so
+(an output near zero on the chosen inputs, a saturated sigmoid map). A failed check names the output,
+the error, the floor and the inputs (`explain`); it blames the walker only when the reference is
+stable across levels and the error is far above the floor.
 """
 
 from __future__ import annotations
@@ -36,7 +55,7 @@ import onnx
 
 from . import io, runtime
 from .errors import LoadError, ModelMismatchError, ResyncError, UsageError
-from .inputs import MAX_SAMPLES, fill, plan_variations
+from .inputs import MAX_SAMPLES, InputPlan, fill, half_precision, is_quantized, plan_inputs, plan_variations
 from .jsonable import json_safe
 
 EQUIVALENT, NOT_EQUIVALENT, CANNOT_CHECK = "equivalent", "not equivalent", "cannot check"
@@ -85,6 +104,10 @@ class VerifyReport:
     variation: str = ""  # how the varied feeds were chosen
     skipped_feeds: int = 0  # varied feeds the reference itself could not run (e.g. an index out of range)
     compared: int = 0  # finite values compared, all outputs together
+    input_plan: list[dict] = field(default_factory=list)  # each input: declared/chosen shape, range, why
+    input_tries: list[dict] = field(default_factory=list)  # tries ONNX Runtime refused: shapes, its message
+    optimization: str = "basic"  # ONNX Runtime's graph optimization level for both sessions, and why
+    nudged: str | None = None  # the floor also nudges the inputs by a rounding of: "quantized", "float16", ...
 
     @property
     def exit_code(self) -> int:
@@ -106,8 +129,14 @@ class VerifyReport:
         lines = [f"verify: {verdict}"]
         if self.verdict != EQUIVALENT:
             lines.append(f"why: {self.reason}")
-        lines.append(f"provider {self.provider} (requested {self.device_requested}); {self.samples} sample{plural},"
-                     f" seed {self.seed}, inputs {self.inputs}")
+        lines.append(f"provider {self.provider} (requested {self.device_requested}), optimization "
+                     f"{self.optimization}; {self.samples} sample{plural}, seed {self.seed}, inputs {self.inputs}")
+        for d in self.input_plan:
+            lines.append(f"  {_input_line(d)}")
+        if self.input_tries:
+            lines.append(f"  ({len(self.input_tries)} earlier tr{'y' if len(self.input_tries) == 1 else 'ies'} "
+                         f"refused by ONNX Runtime, first: {self.input_tries[0]['shapes']}: "
+                         f"{_cut(self.input_tries[0]['error'], 200)})")
         if self.varied:
             varied = "; ".join(f"{k} in {{{', '.join(map(str, v))}}} ({self.varied_why.get(k, '')})"
                                for k, v in self.varied.items())
@@ -119,11 +148,12 @@ class VerifyReport:
         value_s = "value" if self.compared == 1 else "values"
         lines.append(f"check: {rule}; integer/bool outputs exact; compared {self.compared} finite {value_s} "
                      f"(each output needs {MIN_COMPARED})")
-        rows = [("output", "shape", "max_abs_err", "normalized", "cosine", "compared", "mismatches", "result")]
+        rows = [("output", "shape", "max_abs_err", "normalized", "floor", "cosine", "compared", "mismatches", "result")]
         for o in self.outputs:
             rows.append((
                 o.name, "x".join(map(str, o.shape)) or "scalar", f"{o.max_abs_error:.3e}",
-                f"{o.normalized_error:.3e}", f"{o.cosine:.9f}", str(o.compared), f"{o.mismatches}/{o.numel}",
+                f"{o.normalized_error:.3e}", "-" if o.noise_floor is None else f"{o.noise_floor:.1e}",
+                f"{o.cosine:.9f}", str(o.compared), f"{o.mismatches}/{o.numel}",
                 ("FAIL" if not o.passed else "ok" if o.compared >= MIN_COMPARED else "UNCHECKED")
                 + (f" ({o.note})" if o.note else ""),
             ))
@@ -131,6 +161,56 @@ class VerifyReport:
         for r in rows:
             lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
         return "\n".join(lines)
+
+
+def _input_line(d: dict) -> str:
+    shape = "x".join(map(str, d["shape"])) or "scalar"
+    return f"{d['name']} {shape} {d['dtype']} {d['range']}" + (f": {d['why']}" if d.get("why") else "")
+
+
+def _cut(text: str, n: int) -> str:
+    return text if len(text) <= n else text[:n - 3] + "..."
+
+
+CHANGE_INPUTS = ("change them with --shape NAME:D1,D2,... or --inputs FILE.npz (`onnx-resync inputs MODEL "
+                 "--save FILE.npz` writes these to edit)")
+# the walker is blamed only for an error this far above the reference's own floor, and this large
+BLAME_FACTOR = 100.0
+BLAME_NORMALIZED = 1e-3
+
+
+def explain(report: "VerifyReport") -> str:
+    """Why a check did not pass, for an error message: the output, the error, the floor, the inputs
+    and the option that changes them; a wrong walker rule only when the evidence shows it."""
+    failing = [o for o in report.outputs if not o.passed]
+    inputs = "; ".join(_input_line(d) for d in report.input_plan) or f"inputs {report.inputs}"
+    if not failing:
+        return f"{report.reason}; inputs: {inputs} ({CHANGE_INPUTS})"
+    o = max(failing, key=lambda x: x.normalized_error)
+    floor = o.noise_floor
+    more = f" (and {len(failing) - 1} more output{'s' if len(failing) > 2 else ''})" if len(failing) > 1 else ""
+    text = (f"output {o.name!r}{more} differs by {o.max_abs_error:.2e} (normalized {o.normalized_error:.2e}, "
+            f"tolerance {report.tolerance:g}){': ' + o.note if o.note else ''}")
+    if floor is not None:
+        text += (f"; the reference differs from itself by {floor:.2e} between ONNX Runtime's optimization levels"
+                 f"{' and on inputs nudged by a rounding' if report.nudged else ''} (its rounding floor)")
+    text += f"; ONNX Runtime at optimization {report.optimization}; inputs: {inputs} ({CHANGE_INPUTS})"
+    if walker_blamed(o):
+        text += ("; the reference is stable across optimization levels and the error is far above that floor: "
+                 "please report this model (a walker rule is wrong)")
+    elif floor is not None and o.max_abs_error <= BLAME_FACTOR * floor:
+        text += ("; the error is within what rounding can do on these inputs: try larger or real inputs "
+                 "before concluding")
+    return text
+
+
+def walker_blamed(o: OutputComparison) -> bool:
+    """Evidence of a real change: a large error, far above the reference's own floor (NaN/shape
+    mismatches count as real)."""
+    if o.note and ("NaN" in o.note or o.note.startswith("shape")):
+        return True
+    return (o.noise_floor is not None and o.normalized_error > BLAME_NORMALIZED
+            and o.max_abs_error > BLAME_FACTOR * o.noise_floor)
 
 
 def check_signatures(ref_specs, cand_specs) -> None:
@@ -273,22 +353,49 @@ class _Accumulator:
 NOISE_FACTOR = 4.0
 
 
-def _judge_against_noise_floor(reference, provider, feeds, outputs) -> None:
-    twin = runtime.make_session(reference, "cuda" if provider == runtime.CUDA else "cpu", twin=True)
-    main = runtime.make_session(reference, "cuda" if provider == runtime.CUDA else "cpu")
+# a quantized graph's floor also takes the reference on its float inputs changed by this much (relative,
+# random sign): the size of a float rounding, which flips a value lying at a quantization boundary;
+# a graph that computes in half precision, by a rounding of that precision
+NUDGE = {"quantized": 2.0 ** -20, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
+
+
+def _judge_against_noise_floor(reference, provider, feeds, outputs, level: str = "basic",
+                               nudge: str | None = None) -> None:
+    """Each output's floor: the largest difference between the reference at `level` and the reference
+    at every other optimization level and with no optimization on one thread; for a quantized or
+    half-precision graph (`nudge`, a key of NUDGE) also the reference on inputs nudged by a rounding."""
+    device = "cuda" if provider == runtime.CUDA else "cpu"
+    main = runtime.make_session(reference, device, level=level)
+    others = [runtime.make_session(reference, device, twin=True)]
+    others += [runtime.make_session(reference, device, level=lv) for lv in ("basic", "all") if lv != level]
     floors = [0.0] * len(outputs)
-    for feed in feeds:
-        for i, (a, b) in enumerate(zip(runtime.run(main, feed), runtime.run(twin, feed))):
+    rng = np.random.default_rng(0)
+
+    def widen(ref, other_out):
+        for i, (a, b) in enumerate(zip(ref, other_out)):
             a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
             if a.shape == b.shape and a.dtype.kind == "f":
                 finite = np.isfinite(a) & np.isfinite(b)
                 floors[i] = max(floors[i], float(np.abs(a[finite] - b[finite]).max(initial=0.0)))
+
+    for feed in feeds:
+        ref = runtime.run(main, feed)
+        for other in others:
+            widen(ref, runtime.run(other, feed))
+        if nudge:
+            nudged = {k: (v * (1 + NUDGE[nudge] * rng.choice([-1.0, 1.0], v.shape))).astype(v.dtype)
+                      if v.dtype.kind == "f" else v for k, v in feed.items()}
+            try:
+                widen(ref, runtime.run(main, nudged))
+            except ResyncError:
+                pass
+    how = "optimization levels" + (f" and inputs nudged by a {nudge} rounding ({NUDGE[nudge]:.0e})" if nudge else "")
     for out, floor in zip(outputs, floors):
         out.noise_floor = floor
         if not out.passed and not out.note and floor > 0 and out.max_abs_error <= NOISE_FACTOR * floor:
             out.passed = True
             out.mismatches = 0
-            out.note = f"within {NOISE_FACTOR:g}x the reference's own rounding noise ({floor:.1e})"
+            out.note = f"within {NOISE_FACTOR:g}x the reference's own rounding floor ({floor:.1e}, across {how})"
 
 
 def verify(reference, candidate, *, inputs=None, shapes=None, samples: int = 1, seed: int = 0,
@@ -296,8 +403,9 @@ def verify(reference, candidate, *, inputs=None, shapes=None, samples: int = 1, 
            rtol: float | None = None) -> VerifyReport:
     """Run reference and candidate (paths or ModelProtos) on the same inputs and compare outputs.
 
-    inputs: dict name -> array or a .npz path (one sample); otherwise `samples` seeded random feeds
-    with symbolic dims set by `shapes` (name -> dims) or 1. With atol and/or rtol (the other one
+    inputs: dict name -> array or a .npz path (one sample); otherwise `samples` seeded feeds of the
+    input plan (inputs.py: shapes and values read from the graph, tried in ONNX Runtime), with the
+    inputs that `shapes` (name -> dims) names fixed. With atol and/or rtol (the other one
     defaults to 0) the check is element-wise |cand - ref| <= atol + rtol*|ref|.
     """
     if not isinstance(samples, (int, np.integer)) or not 1 <= samples <= MAX_SAMPLES:
@@ -316,20 +424,28 @@ def verify(reference, candidate, *, inputs=None, shapes=None, samples: int = 1, 
         if isinstance(inputs, (str, os.PathLike)):
             inputs = read_npz(inputs)  # before the (slow) sessions: a bad file fails fast
 
-    ref_session = runtime.make_session(reference, device)
+    ref_graph, cand_graph = _graph_of(reference), _graph_of(candidate)
+    quantized = is_quantized(ref_graph) or is_quantized(cand_graph)
+    half = half_precision(ref_graph) or half_precision(cand_graph)
+    level = "all" if quantized else "basic"
+    ref_session = runtime.make_session(reference, device, level=level)
     provider = runtime.provider(ref_session)
     # The candidate runs where the reference ran, so both see the same kernels.
-    cand_session = runtime.make_session(candidate, "cuda" if provider == runtime.CUDA else "cpu")
+    cand_session = runtime.make_session(candidate, "cuda" if provider == runtime.CUDA else "cpu", level=level)
     ref_specs, cand_specs = runtime.specs(ref_session), runtime.specs(cand_session)
     check_signatures(ref_specs, cand_specs)
     for s in ref_specs[1]:
         s.dtype  # raises for outputs that cannot be compared (sequences, maps, strings)
 
+    input_plan = None
     if inputs is not None:
         base = [load_inputs(inputs, ref_specs[0])]
     else:
-        base = runtime.random_inputs(ref_specs[0], shapes, samples, seed)
-    plan = plan_variations([_graph_of(reference), _graph_of(candidate)], ref_specs[0])
+        input_plan = planned_inputs(ref_session, ref_graph, ref_specs[0], shapes, seed)
+        runtime.check_input_size(input_plan, samples)
+        base = input_plan.feeds(samples, seed)
+        source = "planned from the graph" if input_plan.inputs else "none"
+    plan = plan_variations([ref_graph, cand_graph], ref_specs[0])
     assignments, variation = plan.assignments()
     # a varied feed is made when it runs: up to MAX_VARIED_FEEDS copies of an input are never held at once
     jobs = [(feed, None) for feed in base] + [(base[0], a) for a in assignments]
@@ -340,13 +456,13 @@ def verify(reference, candidate, *, inputs=None, shapes=None, samples: int = 1, 
         feed = src if assignment is None else fill(src, assignment)
         try:
             ref_out = runtime.run(ref_session, feed)
-        except ResyncError:
+        except ResyncError as exc:
             if assignment is not None:  # a value the model does not accept (an index past a table, say)
                 skipped += 1
                 continue
             empty = _empty_input(feed)
             if empty is None:
-                raise
+                raise _run_failed(input_plan, feed, str(exc)) from None
             failed_empty = empty
             continue
         cand_out = runtime.run(cand_session, feed)
@@ -358,7 +474,7 @@ def verify(reference, candidate, *, inputs=None, shapes=None, samples: int = 1, 
     outputs = [acc.result() for acc in accs]
     if ran and not elementwise and not all(o.passed for o in outputs):
         _judge_against_noise_floor(reference, provider, (src if a is None else fill(src, a) for src, a in ran),
-                                   outputs)
+                                   outputs, level, "quantized" if quantized else half)
     verdict, reason = _verdict(outputs, base, failed_empty, len(ran))
     return VerifyReport(
         equivalent=verdict == EQUIVALENT, verdict=verdict, reason=reason, provider=provider,
@@ -367,7 +483,47 @@ def verify(reference, candidate, *, inputs=None, shapes=None, samples: int = 1, 
         input_shapes={k: list(v.shape) for k, v in base[0].items()}, outputs=outputs,
         feeds=len(ran), varied=dict(plan.values), varied_why=dict(plan.why), variation=variation,
         skipped_feeds=skipped, compared=sum(o.compared for o in outputs),
+        input_plan=input_plan.describe() if input_plan else [_given_line(k, v) for k, v in base[0].items()],
+        input_tries=[{"shapes": s, "error": e} for s, e in input_plan.failures] if input_plan and input_plan.settled
+        else [],
+        optimization="all (a quantized graph: ONNX Runtime runs it quantized there)" if quantized else "basic",
+        nudged="quantized" if quantized else half,
     )
+
+
+def planned_inputs(session, graph: onnx.ModelProto, in_specs, shapes=None, seed: int = 0) -> InputPlan:
+    """The input plan of `graph` (inputs.plan_inputs), tried in `session` (runtime.settle). `shapes`
+    (name -> dims) fix inputs; an unknown name or a shape that does not fit is a UsageError."""
+    unknown = set(shapes or {}) - {s.name for s in in_specs}
+    if unknown:
+        raise UsageError(f"--shape names {sorted(unknown)[0]!r}, which is not a model input")
+    for s in in_specs:
+        if shapes and s.name in shapes:
+            runtime.resolve_shape(s, shapes)
+    plan = plan_inputs(graph, in_specs, shapes)
+    runtime.settle(session, plan, seed)
+    return plan
+
+
+def _given_line(name: str, arr: np.ndarray) -> dict:
+    return {"name": name, "dtype": str(arr.dtype), "declared": None, "shape": list(arr.shape),
+            "range": "given", "why": ""}
+
+
+def _run_failed(plan: InputPlan | None, feed: dict[str, np.ndarray], error: str) -> ResyncError:
+    """ONNX Runtime refused every input tried: name the inputs, ORT's message whole, the options."""
+    if plan is None:
+        shapes = ", ".join(f"{k} {'x'.join(map(str, v.shape)) or 'scalar'} {v.dtype}" for k, v in feed.items())
+        try_ = f"on the given inputs ({shapes})"
+    elif plan.settled:
+        try_ = f"on the planned inputs ({plan.shapes_text()})"
+    else:
+        tried = len(plan.failures)
+        try_ = (f"on every input tried ({tried} tr{'y' if tried == 1 else 'ies'}; first: {plan.shapes_text(plan.chosen)}"
+                f", whose values are {'; '.join(i.name + ' ' + i.range_text(plan.chosen) for i in plan.inputs)})")
+    message = error.removeprefix("onnxruntime failed to run the model: ")
+    return ResyncError(f"onnxruntime failed to run the model {try_}: {message}; give shapes with --shape "
+                       f"NAME:D1,D2,... or inputs with --inputs FILE.npz")
 
 
 def _graph_of(model) -> onnx.ModelProto:
@@ -411,3 +567,51 @@ def _verdict(outputs: list[OutputComparison], base: list[dict], failed_empty: st
         return CANNOT_CHECK, f"output {o.name!r} compared {count}: {why}"
     total = sum(o.compared for o in outputs)
     return EQUIVALENT, f"compared {total} finite value{'s' if total != 1 else ''}"
+
+
+@dataclass
+class InputsReport:
+    """`onnx-resync inputs`: what the checks feed a model, and why."""
+
+    model: str
+    provider: str
+    optimization: str
+    runs: bool  # ONNX Runtime ran the chosen inputs
+    inputs: list[dict]  # name, dtype, declared, shape, range, why
+    tries: list[dict]  # the tries ONNX Runtime refused: shapes, its message
+    saved: str | None = None
+
+    def to_dict(self) -> dict:
+        return json_safe(asdict(self))
+
+    def format_text(self) -> str:
+        lines = [f"inputs of {self.model} ({'ONNX Runtime runs them' if self.runs else 'ONNX RUNTIME REFUSED EVERY TRY'}"
+                 f" on {self.provider}, optimization {self.optimization})"]
+        for d in self.inputs:
+            declared = "[" + ", ".join(str(x) for x in d["declared"]) + "]"
+            lines.append(f"  {d['name']}: declared {declared} {d['dtype']}, chosen "
+                         f"{'x'.join(map(str, d['shape'])) or 'scalar'} {d['range']}")
+            if d["why"]:
+                lines.append(f"    why: {d['why']}")
+        for t in self.tries:
+            lines.append(f"  refused: {t['shapes']}: {t['error']}")
+        if self.saved:
+            lines.append(f"saved to {self.saved} (give it to verify, permute or resync with --inputs)")
+        return "\n".join(lines)
+
+
+def plan_report(model, *, shapes=None, seed: int = 0, device: str = "auto") -> tuple[InputsReport, dict]:
+    """The input plan of `model` (path or ModelProto) tried in ONNX Runtime: the report and one feed."""
+    graph = _graph_of(model)
+    quantized = is_quantized(graph)
+    session = runtime.make_session(model, device, level="all" if quantized else "basic")
+    in_specs = runtime.specs(session)[0]
+    plan = planned_inputs(session, graph, in_specs, shapes, seed)
+    runtime.check_input_size(plan, 1)
+    report = InputsReport(
+        model=str(model) if not isinstance(model, onnx.ModelProto) else "the model", provider=runtime.provider(session),
+        optimization="all (quantized graph)" if quantized else "basic", runs=plan.settled, inputs=plan.describe(),
+        tries=[{"shapes": s, "error": e} for s, e in plan.failures],
+    )
+    return report, plan.feeds(1, seed)[0]
+

@@ -56,8 +56,11 @@ def add_verify_options(parser, *, prefix_help: str = "") -> None:
     """Options that control the ONNX Runtime equivalence check."""
     g = parser.add_argument_group("equivalence check" + prefix_help)
     g.add_argument("--shape", action="append", default=[], metavar="NAME:D1,D2,...",
-                   help="fix an input's shape (symbolic dims default to 1); repeatable")
-    g.add_argument("--inputs", metavar="FILE.npz", help="inputs to run instead of seeded random ones")
+                   help="fix an input's shape (its named dims bind the same names elsewhere); repeatable "
+                   "(default: shapes read from the graph and tried in ONNX Runtime; see `onnx-resync inputs`)")
+    g.add_argument("--inputs", metavar="FILE.npz",
+                   help="inputs to run instead of the planned seeded ones (`onnx-resync inputs MODEL --save "
+                   "FILE.npz` writes the planned ones to edit)")
     g.add_argument("--samples", type=int_arg(1, MAX_SAMPLES), default=1,
                    help=f"random input batches, 1..{MAX_SAMPLES} (default 1); bool inputs and inputs that "
                    "reach an If/Loop condition are also varied so that every branch runs")

@@ -49,8 +49,16 @@ def run(args) -> int:
     if result.verify:
         worst = max((o["normalized_error"] for o in result.verify["outputs"]), default=0.0)
         print(f"verified on {result.verify['provider']}: equivalent (max normalized error {worst:.2e})")
+        _print_inputs(result.verify)
     else:
         print("not verified (--no-verify)", file=sys.stderr)
     if args.record and not args.undo:
         print(f"record: {args.record}")
     return 0
+
+
+def _print_inputs(verify: dict) -> None:
+    """What the check fed, and why (verify's input plan)."""
+    for d in verify.get("input_plan") or ():
+        shape = "x".join(map(str, d["shape"])) or "scalar"
+        print(f"  fed {d['name']} {shape} {d['dtype']} {d['range']}" + (f": {d['why']}" if d.get("why") else ""))

@@ -1,7 +1,9 @@
 """`onnx-resync resync SUSPECT --reference REF -o OUT`: undo a permutation, judge the suspect.
 
 Exit 0 when the suspect is derived from the reference (identical, permuted, or permuted and
-perturbed), 1 when it is not derived, 3 when the architectures differ.
+perturbed), 1 when it is not derived, 3 when the architectures differ; with -o, 4 when the restored
+model's check cannot check and 7 when it is not equivalent to the suspect (nothing written; the
+verdict and report are printed all the same).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import sys
 
 from ..api import resync
+from ..errors import CheckFailed
 from ._common import add_verify_options, print_json, verify_options
 
 
@@ -16,8 +19,10 @@ def register(sub) -> None:
     p = sub.add_parser("resync", help="recover a suspect's permutations against its reference; integrity verdict",
                        description="Recover the permutation of every group of a suspect (possibly permuted and "
                        "perturbed) against the reference it may derive from, write it back in the reference's "
-                       "order (-o) and judge it neuron by neuron. Exit 0 derived, 1 not derived, 2 usage, "
-                       "3 architectures differ or a load/runtime error.")
+                       "order (-o) and judge it neuron by neuron. Exit 0 derived (and, with -o, the restored model "
+                       "verified and written), 1 not derived, 2 usage, 3 architectures differ or a load/runtime "
+                       "error, 4 the restored model's check cannot check, 7 the restored model is not equivalent to "
+                       "the suspect (4 and 7: nothing written; the verdict and report are printed all the same).")
     p.add_argument("suspect", help="the suspect ONNX file (possibly permuted and perturbed)")
     p.add_argument("--reference", required=True, help="the reference ONNX file it may derive from")
     p.add_argument("-o", "--output", help="write the suspect in the reference's neuron order here")
@@ -31,15 +36,28 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    _, report = resync(
-        args.suspect,
-        args.reference,
-        args.output,
-        report_path=args.report,
-        check=not args.no_verify and args.output is not None,
-        verify_options=verify_options(args),
-        undo_rescale=not args.keep_rescale,
-    )
+    try:
+        _, report = resync(
+            args.suspect,
+            args.reference,
+            args.output,
+            report_path=args.report,
+            check=not args.no_verify and args.output is not None,
+            verify_options=verify_options(args),
+            undo_rescale=not args.keep_rescale,
+        )
+    except CheckFailed as exc:
+        if getattr(exc, "report", None) is not None:  # the verdict was found: show it, then the failure
+            _show(args, exc.report)
+            sys.stdout.flush()
+        raise
+    _show(args, report)
+    if args.no_verify and args.output:
+        print("not verified (--no-verify)", file=sys.stderr)
+    return 0 if report.derived else 1
+
+
+def _show(args, report) -> None:
     if args.json:
         print_json(report.to_dict())
     else:
@@ -47,6 +65,3 @@ def run(args) -> int:
             print(line)
         if args.report:
             print(f"report: {args.report}")
-    if args.no_verify and args.output:
-        print("not verified (--no-verify)", file=sys.stderr)
-    return 0 if report.derived else 1
