@@ -15,7 +15,7 @@ from .external import FIXED_ITEMSIZE, IN_PLACE_KEY, SUBBYTE_BITS, TYPED_FIELDS, 
     check_graph_limits, check_tensor_data, data_length, expected_nbytes, external_info, external_nbytes, \
     in_file_data, is_in_place, over_inline_limit, set_external
 from .lazy import STAMP_KEY, file_stamp
-from .order import sort_nodes
+from .order import sort_model
 from .store import copy_model
 
 # Models with more external data than this are not read into memory ("lazy"): each large tensor
@@ -67,7 +67,7 @@ def load_model(path: str | os.PathLike, *, load_weights: bool = True, check: boo
         _check_text(model)
     except UnicodeDecodeError:
         raise LoadError(f"{path}: not a valid ONNX model (a name or attribute is not UTF-8 text)") from None
-    sort_nodes(model.graph)  # as ONNX Runtime does (io/order.py); a sorted graph is left as it is
+    sort_model(model)  # as ONNX Runtime does (io/order.py); a sorted graph is left as it is
     check_opsets(model, path)
     check_external_data(model, path.parent)
     _map_in_place(model, cuts, path)

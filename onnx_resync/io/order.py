@@ -5,16 +5,71 @@ order)."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import onnx
 
+# The file's own order of a graph the loader sorted: metadata under this key (positions in the file
+# of the nodes in sorted order), never written: a save puts the nodes back, so an undo gives the
+# file's bytes.
+ORDER_KEY = "onnx-resync:node-order"
 
-def sort_nodes(graph: onnx.GraphProto, outer: frozenset = frozenset()) -> bool:
+
+def sort_model(model: onnx.ModelProto) -> None:
+    """Sort the main graph (and its subgraphs) as sort_nodes does; remember the main graph's order."""
+    order: list[int] = []
+    sort_nodes(model.graph, record=order)
+    if order:
+        model.metadata_props.add(key=ORDER_KEY, value=",".join(map(str, order)))
+
+
+def put_back_file_order(model: onnx.ModelProto) -> Callable[[], None] | None:
+    """Before a save: the main graph's nodes in the file's order again, the key dropped; returns
+    what restores the model as it was (None when nothing was sorted or the nodes changed since)."""
+    entry = next((k for k, p in enumerate(model.metadata_props) if p.key == ORDER_KEY), None)
+    if entry is None:
+        return None
+    props = [onnx.StringStringEntryProto(key=p.key, value=p.value) for p in model.metadata_props]
+    del model.metadata_props[entry]
+
+    def restore_props() -> None:
+        del model.metadata_props[:]
+        model.metadata_props.extend(props)
+
+    try:
+        order = [int(k) for k in props[entry].value.split(",")]
+    except ValueError:
+        return restore_props
+    nodes = model.graph.node
+    if sorted(order) != list(range(len(nodes))):
+        return restore_props  # nodes added or removed since: the sorted order is the one to write
+    sorted_copy = []
+    for n in nodes:
+        c = onnx.NodeProto()
+        c.CopyFrom(n)
+        sorted_copy.append(c)
+    in_file = [None] * len(order)
+    for position, k in enumerate(order):
+        in_file[k] = sorted_copy[position]
+    del nodes[:]
+    nodes.extend(in_file)
+
+    def restore() -> None:
+        del model.graph.node[:]
+        model.graph.node.extend(sorted_copy)
+        restore_props()
+
+    return restore
+
+
+def sort_nodes(graph: onnx.GraphProto, outer: frozenset = frozenset(), record: list | None = None) -> bool:
     """Put `graph`'s nodes (and its subgraphs') in topological order. Stable: nodes keep the file's
     order, except that the writers of a node's inputs are put before it (depth first, in the file's
     order), so a sorted graph keeps its order exactly (its bytes do not change) and an unsorted one
     changes only where it must. A graph with a cycle keeps its order (the checker then names the
     problem); a name that nothing writes is not waited for (idem).
-    `outer`: the names an enclosing graph defines. Returns True if some order changed."""
+    `outer`: the names an enclosing graph defines; `record`: gets the file positions of the nodes in
+    their new order when this graph's order changes. Returns True if some order changed."""
     nodes = list(graph.node)
     known = set(outer) | {i.name for i in graph.input} | {t.name for t in graph.initializer} | \
         {t.values.name for t in graph.sparse_initializer} | {""}
@@ -61,6 +116,8 @@ def sort_nodes(graph: onnx.GraphProto, outer: frozenset = frozenset()) -> bool:
         copies.append(copy)
     del graph.node[:]
     graph.node.extend(copies)
+    if record is not None:
+        record.extend(order)
     return True
 
 

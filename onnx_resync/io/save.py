@@ -11,6 +11,7 @@ import onnx
 from . import files, wire
 from ..errors import UsageError
 from .external import external_info, is_in_place, iter_graph_tensors, over_inline_limit, set_external
+from .order import put_back_file_order
 from .lazy import LazyTensor, is_lazy_model, is_lazy_tensor
 
 
@@ -46,6 +47,9 @@ def save_model(
     try:
         restore: list[Callable[[], None]] = []
         try:
+            put_back = put_back_file_order(model)  # a graph the loader sorted: its file's order again
+            if put_back is not None:
+                restore.append(put_back)
             if external:
                 tmp_paths.append(files.temp_path(folder, data_name))  # (listed at once, for the finally)
                 data_tmp = tmp_paths[-1]
@@ -96,7 +100,17 @@ def streams_inline(model: onnx.ModelProto) -> bool:
 
 
 def serialize(model: onnx.ModelProto) -> bytes:
-    """model.SerializeToString(), also for a model whose weights are mapped in place or computed."""
+    """model.SerializeToString(), also for a model whose weights are mapped in place or computed
+    (and a graph the loader sorted in its file's order)."""
+    put_back = put_back_file_order(model)
+    try:
+        return _serialize(model)
+    finally:
+        if put_back is not None:
+            put_back()
+
+
+def _serialize(model: onnx.ModelProto) -> bytes:
     if streams_inline(model) and not over_inline_limit(model):
         out = bytearray()
         for chunk in _inline_chunks(model):  # (each valid only until the next is made: no join)
