@@ -137,14 +137,16 @@ class Producer:
     norm: str | None = None  # the BatchNormalization right after, when it is the only reader
     norm_scale: tuple[str, ...] = ()  # its scale and bias: they set the scale after the normalization
     norm_stats: tuple[str, ...] = ()  # its mean and variance: they follow the producer, inside
+    storage: tuple[str, ...] = ()  # integers and zero points behind a DequantizeLinear: its scale carries them
 
     def outside(self) -> tuple[str, ...]:
         """Weights that scale the channel as the readers see it."""
         return self.norm_scale if self.norm else self.weights + self.bias
 
     def inside(self) -> tuple[str, ...]:
-        """Weights whose scale a normalization after them cancels."""
-        return self.weights + self.bias + self.norm_stats if self.norm else ()
+        """Weights that a rescale leaves as they are: what a normalization after them cancels, and
+        quantized storage (its scale moves instead)."""
+        return (self.weights + self.bias + self.norm_stats if self.norm else ()) + self.storage
 
     def __str__(self) -> str:
         return self.name

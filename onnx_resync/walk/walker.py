@@ -464,7 +464,13 @@ def _producer(ctx: WalkContext, rec: dict) -> Producer:
     view = ctx.view
     node = view.nodes[rec["index"]]
     domain = registry.STANDARD if node.domain == "ai.onnx" else node.domain
-    weights = tuple(sorted({b for i in node.input if i and ctx.is_weightlike(i) for b in ctx.bases(i)}))
+    carried, stored = set(), set()
+    for i in node.input:
+        if i and ctx.is_weightlike(i):
+            scale, storage = _dequantized(ctx, i)
+            carried |= scale
+            stored |= storage
+    weights = tuple(sorted(carried))
     out = rec["output"] or (node.output[0] if node.output else "")
     bias: tuple[str, ...] = ()
     after = view.consumers.get(out, [])
@@ -483,7 +489,20 @@ def _producer(ctx: WalkContext, rec: dict) -> Producer:
         norm = bn.name or bn.op_type
         scale = tuple(sorted({b for i in bn.input[1:3] if i and ctx.is_weightlike(i) for b in ctx.bases(i)}))
         stats = tuple(sorted({b for i in bn.input[3:5] if i and ctx.is_weightlike(i) for b in ctx.bases(i)}))
-    return Producer(rec["node"], node.op_type, domain, rec["output"], weights, bias, norm, scale, stats)
+    return Producer(rec["node"], node.op_type, domain, rec["output"], weights, bias, norm, scale, stats,
+                    tuple(sorted(stored - carried)))
+
+
+def _dequantized(ctx: WalkContext, name: str) -> tuple[set[str], set[str]]:
+    """(weights that carry `name`'s scale, integer storage): through a DequantizeLinear (behind views)
+    its scale carries the magnitude while the integers and zero points stay as they are."""
+    node = ctx.view.producer.get(name)
+    while node is not None and node.op_type in ("Identity", "Cast", "Reshape", "Transpose", "Squeeze", "Unsqueeze"):
+        node = ctx.view.producer.get(node.input[0]) if node.input else None
+    if node is None or node.op_type != "DequantizeLinear" or len(node.input) < 2:
+        return set(ctx.bases(name)), set()
+    storage = set(ctx.bases(node.input[0])) | (set(ctx.bases(node.input[2])) if len(node.input) > 2 and node.input[2] else set())
+    return set(ctx.bases(node.input[1])), storage
 
 
 def _leaf_factors(root: int, products: dict, roots: np.ndarray, depth: int = 0) -> list[int]:
