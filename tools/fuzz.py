@@ -248,12 +248,14 @@ def write_doc(camp: Campaign | None, kills: dict | None, ath: dict | None, secon
              f"{platform.machine()}, {os.cpu_count()} CPUs): `python tools/fuzz.py {' '.join(sys.argv[1:])}`,"
              f" {seconds / 60:.1f} minutes.", "",
              "Every hostile file goes through every command: `groups` (twice), `permute` (and, when it "
-             "succeeds, `permute --undo`, checked to restore the input's weights byte for byte), "
+             "succeeds, `permute --undo`, checked to restore the input's weights byte for byte; and "
+             "`permute --no-verify`: every written permutation is run by an independent oracle on every "
+             "branch, bool inputs both ways and small integer inputs at each value), "
              "`resync` (the file as suspect, as reference, and against itself), `verify` and `audit`. "
              "Each command runs in a worker process under RLIMIT_AS (6 GiB) with a timeout; its outcome is "
-             "`ok`, `error` (a clean failure: exit 1, or exit 2/3 with exactly one "
+             "`ok`, `error` (a clean failure: exit 1/4/7, or exit 2/3 with exactly one "
              "`onnx-resync: error:` line), or a failure: `internal` (exit 5), `traceback`, `noisy` (more "
-             "than one stderr line), `memory` (exit 4 / MemoryError, or a graph-only command past 1 GiB of "
+             "than one stderr line), `memory` (exit 6 / MemoryError, or a graph-only command past 1 GiB of "
              "RSS), `hang`, `crash` (the worker died), `wrong` (exit 0 with a wrong result, or an input "
              "changed). Mutation families: `tests/fuzz/cases.py`. The fast version runs with the tests "
              "(`tests/fuzz`, under two minutes).", ""]

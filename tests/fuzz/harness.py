@@ -313,8 +313,9 @@ def classify(argv: list[str], answer: dict, rss_limit_kb: int) -> Result:
             r.outcome, r.why = "noisy", f"{len(lines)} stderr lines"
         else:
             r.outcome, r.why = "error", lines[0]
-    elif rc == 1:
-        # check failed / not equivalent / not derived: a verdict on stdout, or one error line
+    elif rc in (1, 4, 7):
+        # check failed / not equivalent / not derived (1), cannot check / cannot judge (4), resync's
+        # restored model not equivalent (7): a verdict on stdout, or one error line
         if len(lines) > 1 or (lines and not lines[0].startswith(("onnx-resync: error: ", "not verified"))):
             r.outcome, r.why = "noisy", f"{len(lines)} stderr lines"
         else:
