@@ -173,23 +173,17 @@ def _check_record_model(record: PermutationRecord, model: ModelLike, hashing, wh
 
 
 def _hash_later(model: ModelLike):
-    """model_sha256 of a file, computed in a thread (hashlib releases the GIL); None for a model in memory."""
-    if isinstance(model, onnx.ModelProto):
-        return _Done(None)
-    from concurrent.futures import ThreadPoolExecutor
-
-    pool = ThreadPoolExecutor(max_workers=1)
-    future = pool.submit(model_sha256, model)
-    pool.shutdown(wait=False)
-    return future
+    """model_sha256 of a file, computed when asked for (in this thread: a hashing thread's own memory
+    pushed a lazy permute's peak past its bound); None for a model in memory."""
+    return _Later(None if isinstance(model, onnx.ModelProto) else model)
 
 
-class _Done:
-    def __init__(self, value):
-        self.value = value
+class _Later:
+    def __init__(self, path):
+        self.path = path
 
     def result(self):
-        return self.value
+        return None if self.path is None else model_sha256(self.path)
 
 
 def audit(suspect: ModelLike, reference: ModelLike, *, html: str | os.PathLike | None = None,
