@@ -251,25 +251,27 @@ class _Graph:
             name = node.input[0]
         return name
 
-    def _const_values(self, name: str) -> list[float] | None:
+    def const_array(self, name: str, limit: int = 64) -> np.ndarray | None:
+        """A constant's values, when it has at most `limit` and they are in the file's protobuf."""
         item = self.const.get(name)
         if item is None:
             return None
         try:
             if isinstance(item, onnx.NodeProto):
                 attr = next((a for a in item.attribute if a.name.startswith("value")), None)
-                if attr is None:
-                    return None
-                value = helper.get_attribute_value(attr)
-                arr = _small_array(value) if isinstance(value, onnx.TensorProto) else np.asarray(value)
-            else:
-                arr = _small_array(item)
-            if arr is None or arr.dtype.kind not in "biuf" or arr.size > 64:
-                return None
-            flat = arr.astype(np.float64).ravel()
-            return sorted({float(v) for v in flat if math.isfinite(v)})
-        except Exception:  # an odd constant is simply not used
+                value = helper.get_attribute_value(attr) if attr is not None else None
+                return _small_array(value, limit) if isinstance(value, onnx.TensorProto) else (
+                    None if value is None else np.asarray(value))
+            return _small_array(item, limit)
+        except Exception:
             return None
+
+    def _const_values(self, name: str) -> list[float] | None:
+        """The distinct finite values of a small numeric constant (what a comparison tests against)."""
+        arr = self.const_array(name)
+        if arr is None or arr.dtype.kind not in "biuf" or arr.size > 64:
+            return None
+        return sorted({float(v) for v in arr.astype(np.float64).ravel() if math.isfinite(v)})
 
 
 def _small_array(t: onnx.TensorProto, limit: int = 64) -> np.ndarray | None:
@@ -664,21 +666,6 @@ class _Reader(_Graph):
                 return tuple(value.dims)
             return tuple(np.shape(value))
         return tuple(item.dims)
-
-    def const_array(self, name: str, limit: int = 64) -> np.ndarray | None:
-        """A constant's values, when it has at most `limit` and they are in the file's protobuf."""
-        item = self.const.get(name)
-        if item is None:
-            return None
-        try:
-            if isinstance(item, onnx.NodeProto):
-                attr = next((a for a in item.attribute if a.name.startswith("value")), None)
-                value = helper.get_attribute_value(attr) if attr is not None else None
-                return _small_array(value, limit) if isinstance(value, onnx.TensorProto) else (
-                    None if value is None else np.asarray(value))
-            return _small_array(item, limit)
-        except Exception:
-            return None
 
     def table_rows(self, name: str, axis: int = 0) -> int | None:
         """Rows (along `axis`) of a constant table, through Cast/Identity/DequantizeLinear."""
