@@ -9,6 +9,9 @@ QuantizeLinear/DequantizeLinear pairs around them; the others replace the ops th
   bias Add after; com.microsoft DynamicQuantizeLSTM (W and R int8, transposed, per direction or per
   gate row scales); ONNX Runtime's optimizer may fuse these into com.microsoft
   DynamicQuantizeMatMul / MatMulIntegerToFloat;
+- weight-only (`matmul_nbits_quantizer`, the onnxruntime-genai model builder): com.microsoft
+  MatMulNBits, int2/int4/int8 codes packed along K in blocks with a scale (and zero point) per
+  block, the weight stored transposed ([N, K]);
 - static QOperator: QuantizeLinear at the input, QLinearConv, QLinearMatMul and com.microsoft
   QGemm (int32 bias at `x_scale * w_scale`), QLinearAdd/Mul, QLinearSigmoid/LeakyRelu/Softmax,
   QLinear(Global)AveragePool, QLinearConcat, QLinearReduceMean, with plain MaxPool, Reshape,
@@ -149,6 +152,8 @@ class _Dequantizer:
                 return self._lstm(node), True
             if op in ("DynamicQuantizeMatMul", "MatMulIntegerToFloat"):
                 return self._matmul_to_float(node), True
+            if op == "MatMulNBits":
+                return self._matmul_nbits(node), True
         return [], True
 
     def _rename_original(self, node, new) -> None:
@@ -411,6 +416,33 @@ class _Dequantizer:
         self.ws.set_output(node, 0, quantized)
         return new
 
+    def _matmul_nbits(self, node) -> list[onnx.NodeProto]:
+        """com.microsoft MatMulNBits(A, B, scales, zero_points, g_idx, bias): MatMul (+ Add) with the
+        float weight [K, N] that B (blocked codes, see `nbits_weight`) stands for."""
+        ins = list(node.input) + [""] * 6
+        a, b, s, z, g, bias = ins[:6]
+        ws = self.ws
+        if not a or (bias and bias not in ws.constants) or (g and g not in ws.constants) \
+                or (z and z not in ws.constants) or b not in ws.constants or s not in ws.constants:
+            return []
+        bits, block = int(attr(node, "bits", 4)), int(attr(node, "block_size", 0))
+        k, n = int(attr(node, "K", 0)), int(attr(node, "N", 0))
+        Wf = nbits_weight(ws.const(b), ws.const(s), ws.const(z), ws.const(g), bits, block, k, n)
+        w_name = self.ws.add_constant(b + "/dequantized", Wf.T,
+                                      ws.origin_of([x for x in (b, s, z) if x],
+                                                   f"dequantized int{bits} in blocks of {block} (MatMulNBits)"))
+        ws.origins[w_name].steps.append("view MatMulNBits layout [N, K] -> [K, N]")
+        y = node.output[0]
+        quantized = ws.new_name(y + "/quantized")
+        ws.record("MatMulNBits dequantized to MatMul")
+        if not bias:
+            new = [helper.make_node("MatMul", [a, w_name], [y])]
+        else:
+            mid = ws.new_name(y + "/matmul")
+            new = [helper.make_node("MatMul", [a, w_name], [mid]), helper.make_node("Add", [mid, bias], [y])]
+        ws.set_output(node, 0, quantized)
+        return new
+
     def _lstm(self, node) -> list[onnx.NodeProto]:
         """DynamicQuantizeLSTM: W [dir, in, 4H] and R [dir, H, 4H] int8 with per-direction or per
         gate-row scales -> LSTM with float W [dir, 4H, in] and R [dir, 4H, H]."""
@@ -598,6 +630,54 @@ class _Dequantizer:
                     ws.set_output(p, k, y)
             ws.rewire(x, y)
             renamed[x] = y
+
+
+def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """The first `count` codes of `bits` bits along the last axis of uint8 `packed`, low bits first
+    (MatMulNBits' B and packed zero points)."""
+    packed = np.asarray(packed, dtype=np.uint8)
+    per = 8 // bits
+    shifts = (np.arange(per, dtype=np.uint8) * bits).reshape((1,) * packed.ndim + (per,))
+    codes = (packed[..., None] >> shifts) & np.uint8((1 << bits) - 1)
+    codes = codes.reshape(packed.shape[:-1] + (-1,))
+    if codes.shape[-1] < count:
+        raise ValueError(f"{codes.shape[-1]} packed codes, {count} needed")
+    return codes[..., :count]
+
+
+def nbits_weight(B: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, g_idx: np.ndarray | None,
+                 bits: int, block: int, K: int, N: int) -> np.ndarray:
+    """MatMulNBits' float weight [N, K]: B [N, k_blocks, block * bits / 8] holds each row's K codes
+    in blocks of `block`, low bits first; value (code - zero point) * scale with one scale and zero
+    point per (row, block) (block of column k: k // block, or g_idx[k]); zero points packed like B
+    ([N, ceil(k_blocks * bits / 8)] uint8) or unpacked floats [N, k_blocks]; default 2^(bits - 1).
+    ValueError for what it cannot tell (the caller leaves the node as it is)."""
+    if bits not in (2, 4, 8) or block < 16 or block & (block - 1) or K <= 0 or N <= 0:
+        raise ValueError(f"MatMulNBits bits={bits} block_size={block} K={K} N={N}")
+    blocks = -(-K // block)
+    if B.dtype != np.uint8 or B.size != N * blocks * block * bits // 8:
+        raise ValueError(f"MatMulNBits B {B.shape} {B.dtype}")
+    codes = unpack_codes(B.reshape(N, -1), bits, K)
+    s = np.asarray(scales).reshape(N, blocks).astype(np.float32)
+    if zero_points is None:
+        zp = np.float32(1 << (bits - 1))
+    elif zero_points.dtype == np.uint8:
+        zp = unpack_codes(zero_points.reshape(N, -1), bits, blocks).astype(np.float32)
+    else:
+        zp = np.asarray(zero_points).reshape(N, blocks).astype(np.float32)
+    if g_idx is not None and zero_points is not None and zero_points.dtype == np.uint8:
+        # ONNX Runtime's CPU kernel (1.31) reads no packed zero point beside g_idx (it uses the
+        # default): which one is meant is not settled, so the node is left as it is
+        raise ValueError("MatMulNBits g_idx with packed zero points")
+    if g_idx is not None:
+        which = np.asarray(g_idx).reshape(-1).astype(np.int64)
+        if which.size != K or which.min(initial=0) < 0 or which.max(initial=0) >= blocks:
+            raise ValueError("MatMulNBits g_idx")
+    else:
+        which = np.arange(K) // block
+    if np.ndim(zp):
+        zp = zp[:, which]
+    return (codes.astype(np.float32) - zp) * s[:, which]
 
 
 def _product(factors: list[np.ndarray]) -> np.ndarray:
