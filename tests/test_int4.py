@@ -251,3 +251,82 @@ def test_float8_weight(dtype):
     w = canon.model.graph.node[0].input[1]
     assert canon.origins[w].sources == ["q", "s"]
     del nh
+
+
+# ---- audits ----------------------------------------------------------------------------------
+def _mlp(seed: int, noise: float = 0.0) -> onnx.ModelProto:
+    """x [1, 64] -> MatMul 128 + bias, Tanh -> MatMul 128 + bias, Relu -> MatMul 32: the float
+    reference (seed 0), its unrelated twin (seed 1), or a copy with noise x std added to each matrix."""
+    rng = np.random.default_rng(seed)
+    dims = [64, 128, 128, 32]
+    nodes, inits = [], {}
+    x = "x"
+    for k, (a, b) in enumerate(zip(dims, dims[1:])):
+        inits[f"w{k}"] = (rng.normal(size=(a, b)) / np.sqrt(a)).astype(np.float32)
+        inits[f"b{k}"] = (rng.normal(size=b) * 0.1).astype(np.float32)
+        nodes += [helper.make_node("MatMul", [x, f"w{k}"], [f"m{k}"], name=f"fc{k}"),
+                  helper.make_node("Add", [f"m{k}", f"b{k}"], [f"a{k}"], name=f"bias{k}")]
+        x = f"a{k}"
+        if k < 2:
+            nodes.append(helper.make_node("Tanh" if k == 0 else "Relu", [x], [f"h{k}"], name=f"act{k}"))
+            x = f"h{k}"
+    nodes[-1].output[0] = "y"
+    if noise:
+        noisy = np.random.default_rng(100 + seed)
+        for name in [n for n in inits if n.startswith("w")]:
+            w = inits[name]
+            inits[name] = (w + noisy.normal(size=w.shape) * noise * w.std()).astype(np.float32)
+    return _model(nodes, [("x", TensorProto.FLOAT, [1, 64])], [("y", TensorProto.FLOAT, [1, 32])], inits, opset=17)
+
+
+@pytest.fixture(scope="module")
+def int4_files(tmp_path_factory):
+    """name -> path: the float reference and int4 (MatMulNBits, block 32) suspects."""
+    from onnx_resync.api import permute
+
+    folder = tmp_path_factory.mktemp("int4")
+    reference = _mlp(0)
+    onnx.save(reference, str(folder / "reference.onnx"))
+    permuted, result = permute(reference, seed=3)
+    assert result.neurons_moved > 0
+    sources = {"plain": reference, "permuted": permuted, "twin": _mlp(1), "noisy": _mlp(0, noise=0.5)}
+    out = {"reference": folder / "reference.onnx"}
+    for name, model in sources.items():
+        for symmetric in (False, True):
+            q = int4_copy(model, block=32, symmetric=symmetric)
+            assert _ops(q).get("MatMulNBits") == 3
+            path = folder / f"{name}_{'sym' if symmetric else 'zp'}.onnx"
+            onnx.save(q, str(path))
+            out[path.stem] = path
+    return out
+
+
+@pytest.mark.parametrize("zero_points", ["zp", "sym"])
+@pytest.mark.parametrize("source,verdict", [("plain", "identical"), ("permuted", "permuted")])
+def test_int4_copy_is_derived_with_a_format_change(int4_files, zero_points, source, verdict):
+    from onnx_resync.audit import audit
+
+    report = audit(str(int4_files[f"{source}_{zero_points}"]), str(int4_files["reference"]))
+    assert report.verdict == verdict and report.derived and report.exit_code == 0, report.summary
+    assert report.format_change == "int4 in blocks of 32", report.format_change
+    assert "derived with a format change" in report.summary, report.summary
+    assert "stored as int4 in blocks of 32: every weight within half a step" in report.summary, report.summary
+    assert report.precision["within"] and report.precision["worst_ratio"] <= 1.0, report.precision
+    assert report.compared["share"] == 1.0 and report.matched_fraction >= 0.99
+
+
+@pytest.mark.parametrize("zero_points", ["zp", "sym"])
+def test_int4_copy_of_the_twin_is_not_derived(int4_files, zero_points):
+    from onnx_resync.audit import audit
+
+    report = audit(str(int4_files[f"twin_{zero_points}"]), str(int4_files["reference"]))
+    assert report.verdict == "not derived" and not report.derived and report.exit_code == 1, report.summary
+
+
+def test_int4_copy_perturbed_beyond_its_step_is_perturbed(int4_files):
+    from onnx_resync.audit import audit
+
+    report = audit(str(int4_files["noisy_zp"]), str(int4_files["reference"]))
+    assert report.verdict == "perturbed" and report.derived, report.summary
+    assert not report.precision["within"] and report.precision["worst_ratio"] > 1.5, report.precision
+    assert "beyond its int4 in blocks of 32" in report.summary, report.summary
