@@ -14,6 +14,7 @@ import onnx
 
 from ..errors import UnsupportedError
 from . import registry
+from . import shapes as shapes_module
 from ..io import is_lazy_tensor, tensor_values
 
 # Initializers up to this many elements keep their data in the skeleton: shape inference needs
@@ -45,6 +46,8 @@ class GraphView:
                 self.consumers[name].append(node)
         self.shapes = _infer_shapes(model)
         self._const_cache: dict[str, np.ndarray | None] = {}
+        # values computed from constants and shapes (shapes.py): computed Reshape/Pad/Slice arguments
+        self.values = shapes_module.ShapeValues(self.producer, self.shape, self._stored_constant, registry.attr)
         self.weight_names = self._find_weights()
 
     # ---- constants and weights -------------------------------------------------------------
@@ -62,23 +65,25 @@ class GraphView:
         return None
 
     def constant(self, name: str, max_elements: int = 1 << 16) -> np.ndarray | None:
-        """The value of a small constant input (shape, axes, sizes), or None if not constant."""
+        """The value of a small constant input (shape, axes, sizes), or None if not constant: a stored
+        one, or one the graph computes from constants and shapes that no symbolic dim leaves open."""
         if not name:
             return None
         if name in self._const_cache:
             return self._const_cache[name]
-        value = None
+        value = self._stored_constant(name, max_elements)
+        if value is None and self.stored_tensor(name) is None and name not in self.constant_nodes:
+            value = self.values.numeric(name)
+        self._const_cache[name] = value
+        return value
+
+    def _stored_constant(self, name: str, max_elements: int = 1 << 16) -> np.ndarray | None:
         tensor = self.stored_tensor(name)
         if tensor is not None:
             count = int(np.prod(tensor.dims)) if len(tensor.dims) else 1
-            if count <= max_elements:
-                value = tensor_values(tensor)
-        else:
-            node = self.constant_nodes.get(name)
-            if node is not None:
-                value = constant_node_value(node)
-        self._const_cache[name] = value
-        return value
+            return tensor_values(tensor) if count <= max_elements else None
+        node = self.constant_nodes.get(name)
+        return constant_node_value(node) if node is not None else None
 
     def _find_weights(self) -> set[str]:
         """Initializers, Constant outputs, and weight views (Identity/Cast/Dequantize... of weights)."""
@@ -211,39 +216,181 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _infer_shapes(model: onnx.ModelProto) -> dict[str, list]:
-    """ONNX shape inference, helped where it stops: Reshape targets computed by Shape/Gather/Concat
-    chains are evaluated here (symbolic dims kept symbolic) and fed back as declared shapes."""
+    """ONNX shape inference, helped where it stops: the outputs of ops whose shape the graph computes
+    (Reshape targets, Expand/Tile/ConstantOfShape/Range/Pad/Slice arguments built from Shape ->
+    Gather -> Concat chains) are evaluated by shapes.py (symbolic dims kept symbolic) and fed back as
+    declared shapes."""
     skeleton, shapes = _run_inference(_skeleton(model))
     declared: dict[str, onnx.ValueInfoProto] = {}
-    for _ in range(8):  # each round can sharpen the Reshapes downstream of the last ones
-        evaluator = _ShapeValues(skeleton, shapes)
+    for _ in range(8):  # each round can sharpen the computed shapes downstream of the last ones
+        values = _skeleton_values(skeleton, shapes)
         changed = False
         for node in skeleton.graph.node:
             if not node.output or known(shapes.get(node.output[0]) or [None]):
                 continue
-            if node.op_type == "Reshape":
-                dims = _reshape_target(shapes.get(node.input[0]), evaluator.value(node.input[1]),
-                                       int(registry.attr(node, "allowzero", 0)))
+            if node.domain in ("", "ai.onnx") and node.op_type in _COMPUTED_SHAPES:
+                dims = _COMPUTED_SHAPES[node.op_type](node, shapes, values)
+                if dims is not None and not _sharper(dims, shapes.get(node.output[0])):
+                    dims = None
+                found = [(node.output[0], dims, _computed_elem_type(skeleton, node))]
             elif node.domain == "com.microsoft" and node.output[0] not in shapes:
-                dims = _contrib_shape(node, shapes)
+                found = [(node.output[0], _contrib_shape(node, shapes), None)]
             else:
                 continue
-            if dims is None or dims == shapes.get(node.output[0]):
-                continue
-            # declare the input's element type: a wrong one would make inference downstream fail
-            info = onnx.helper.make_tensor_value_info(node.output[0], _elem_type(skeleton, node.input[0]), dims)
-            if node.output[0] in declared:
-                declared[node.output[0]].CopyFrom(info)
-            else:
-                skeleton.graph.value_info.append(info)
-                declared[node.output[0]] = skeleton.graph.value_info[-1]
-            changed = True
+            for name, dims, elem_type in found:
+                if not name or dims is None or dims == shapes.get(name):
+                    continue
+                # declare the input's element type (or the one the op's entry says): a wrong one would
+                # make inference downstream fail
+                elem_type = _elem_type(skeleton, node.input[0]) if elem_type is None else elem_type
+                if isinstance(elem_type, str):  # the element type of that input
+                    elem_type = _elem_type(skeleton, elem_type)
+                info = onnx.helper.make_tensor_value_info(name, elem_type, dims)
+                if name in declared:
+                    declared[name].CopyFrom(info)
+                else:
+                    skeleton.graph.value_info.append(info)
+                    declared[name] = skeleton.graph.value_info[-1]
+                changed = True
         if not changed:
             break
         # the previous pass's value_info stays in the skeleton, so symbolic dim names stay stable
         skeleton, shapes = _run_inference(skeleton)
         declared = {vi.name: vi for vi in skeleton.graph.value_info if vi.name in declared}
     return shapes
+
+
+def _sharper(new: list, old: list | None) -> bool:
+    """A computed shape replaces an inferred one only where it knows more (never a rank change)."""
+    if old is None:
+        return True
+    if len(new) != len(old):
+        return False
+    return any(_named(n) and not _named(o) for n, o in zip(new, old)) or any(
+        isinstance(n, int) and not isinstance(o, int) for n, o in zip(new, old))
+
+
+def _named(d) -> bool:
+    """A dim that says something: an int, a dim_param or a product (not '?tensor:axis', nor the
+    'unk__k' that ONNX shape inference names a dim it could not compute)."""
+    return isinstance(d, int) or (isinstance(d, str) and not d.startswith(("?", "unk__")))
+
+
+def _skeleton_values(skeleton: onnx.ModelProto, shapes: dict) -> shapes_module.ShapeValues:
+    inits = {t.name: t for t in skeleton.graph.initializer}
+    producer = {o: n for n in skeleton.graph.node for o in n.output if o}
+
+    def constant(name):
+        t = inits.get(name)
+        if t is not None:
+            count = int(np.prod(t.dims)) if len(t.dims) else 1
+            return tensor_values(t) if count <= shapes_module.MAX_ELEMENTS else None
+        node = producer.get(name)
+        if node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            return constant_node_value(node)
+        return None
+
+    return shapes_module.ShapeValues(producer, shapes.get, constant, registry.attr)
+
+
+def _computed_elem_type(skeleton: onnx.ModelProto, node) -> int:
+    if node.op_type == "ConstantOfShape":
+        value = registry.attr(node, "value", None)
+        return value.data_type if value is not None else onnx.TensorProto.FLOAT
+    return _elem_type(skeleton, node.input[0])
+
+
+def _reshape_shape(node, shapes, values):
+    return _reshape_target(shapes.get(node.input[0]), values.dims(node.input[1]),
+                           int(registry.attr(node, "allowzero", 0)))
+
+
+def _broadcast_dims(a: list, b: list) -> list | None:
+    rank = max(len(a), len(b))
+    a, b = [1] * (rank - len(a)) + list(a), [1] * (rank - len(b)) + list(b)
+    out = []
+    for x, y in zip(a, b):
+        if x == 1:
+            out.append(y)
+        elif y == 1 or x == y:
+            out.append(x)
+        else:
+            return None  # a symbolic dim against another: which one wins is known only at run time
+    return out
+
+
+def _expand_shape(node, shapes, values):
+    x, target = shapes.get(node.input[0]), values.dims(node.input[1])
+    return None if x is None or target is None else _broadcast_dims(x, target)
+
+
+def _scaled_dims(elements) -> list | None:
+    dims = [shapes_module.to_dim(e) for e in elements]
+    return None if any(d is None for d in dims) else dims
+
+
+def _tile_shape(node, shapes, values):
+    x, reps = shapes.get(node.input[0]), values.elements(node.input[1])
+    if x is None or reps is None or len(reps) != len(x):
+        return None
+    return _scaled_dims([shapes_module.from_dim(d) * r for d, r in zip(x, reps)])
+
+
+def _constant_of_shape_shape(node, shapes, values):
+    return values.dims(node.input[0])
+
+
+def _range_shape(node, shapes, values):
+    out = values.value(node.output[0])
+    return None if out is None else [int(out.array.shape[0])]
+
+
+def _pad_shape(node, shapes, values):
+    x = shapes.get(node.input[0])
+    pads = registry.attr(node, "pads", None)
+    pads = list(pads) if pads is not None else (values.elements(node.input[1]) if len(node.input) > 1 else None)
+    if x is None or pads is None:
+        return None
+    axes = values.elements(node.input[3]) if len(node.input) > 3 and node.input[3] else list(range(len(x)))
+    if axes is None or len(pads) != 2 * len(axes):
+        return None
+    out = [shapes_module.from_dim(d) for d in x]
+    for k, a in enumerate(axes):
+        if not isinstance(a, int):
+            return None
+        out[a % len(x)] = out[a % len(x)] + pads[k] + pads[k + len(axes)]
+    return _scaled_dims(out)
+
+
+def _slice_shape(node, shapes, values):
+    """Slice with bounds computed from shapes: exact on axes of known size; a symbolic axis only
+    when the bounds keep it whole."""
+    x = shapes.get(node.input[0])
+    if x is None or len(node.input) < 3:
+        return None
+    starts, ends = values.elements(node.input[1]), values.elements(node.input[2])
+    axes = values.elements(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+    steps = values.elements(node.input[4]) if len(node.input) > 4 and node.input[4] else None
+    if starts is None or ends is None:
+        return None
+    axes = list(range(len(starts))) if axes is None else axes
+    steps = [1] * len(starts) if steps is None else steps
+    out = list(x)
+    for a, s, e, st in zip(axes, starts, ends, steps):
+        if not all(isinstance(v, int) for v in (a, s, e, st)) or st == 0:
+            return None
+        a = a % len(x)
+        if isinstance(x[a], int):
+            out[a] = len(range(x[a])[slice(s, e, st)])
+        elif not (s == 0 and st == 1 and e >= 2 ** 31 - 1):
+            return None
+    return out
+
+
+# ops whose output shape is computed from a value (shapes.py evaluates it)
+_COMPUTED_SHAPES = {"Reshape": _reshape_shape, "Expand": _expand_shape, "Tile": _tile_shape,
+                    "ConstantOfShape": _constant_of_shape_shape, "Range": _range_shape, "Pad": _pad_shape,
+                    "Slice": _slice_shape}
 
 
 def _contrib_shape(node, shapes):
@@ -280,6 +427,8 @@ def _reshape_target(in_shape, value, allowzero):
     """Output dims of a Reshape from its input dims and (possibly symbolic) target values."""
     if in_shape is None or value is None or any(v is None for v in value):
         return None
+    if not allowzero and any(v == 0 for v in value[len(in_shape):]):
+        return None  # a 0 beyond the input's rank: an invalid target
     out = []
     for i, v in enumerate(value):
         out.append(in_shape[i] if (v == 0 and not allowzero and i < len(in_shape)) else v)
@@ -295,14 +444,18 @@ def _reshape_target(in_shape, value, allowzero):
     return [d if isinstance(d, int) else str(d) for d in out]
 
 
-# A dim product is (integer part, sorted tuple of symbols); "a*b" strings are symbol products.
+# A dim product is (integer part, sorted tuple of symbols); "4*a*b" strings are products (shapes.py).
 def dim_product(dims) -> tuple[int, tuple[str, ...]]:
     value, symbols = 1, []
     for d in dims:
         if isinstance(d, int):
             value *= d
-        else:
-            symbols.extend(str(d).split("*"))
+            continue
+        for part in str(d).split("*"):
+            if part.isdigit():
+                value *= int(part)
+            else:
+                symbols.append(part)
     return value, tuple(sorted(symbols))
 
 
@@ -322,76 +475,6 @@ def dim_format(p):
     if not p[1]:
         return p[0]
     return "*".join(([str(p[0])] if p[0] != 1 else []) + list(p[1]))
-
-
-class _ShapeValues:
-    """Evaluates small integer tensors computed from shapes; a symbolic dim stays a string."""
-
-    def __init__(self, model: onnx.ModelProto, shapes: dict[str, list]):
-        self.shapes = shapes
-        self.producer = {o: n for n in model.graph.node for o in n.output}
-        self.inits = {t.name: t for t in model.graph.initializer}
-        self.memo: dict[str, list | None] = {}
-
-    def value(self, name: str):
-        if name not in self.memo:
-            self.memo[name] = None  # guards against cycles
-            try:
-                self.memo[name] = self._compute(name)
-            except Exception:
-                self.memo[name] = None
-        return self.memo[name]
-
-    def _compute(self, name: str):
-        if name in self.inits:
-            return tensor_values(self.inits[name]).reshape(-1).tolist()
-        node = self.producer.get(name)
-        if node is None:
-            return None
-        op, ins = node.op_type, list(node.input)
-        if op == "Constant":
-            value = constant_node_value(node)
-            return None if value is None else value.reshape(-1).tolist()
-        if op == "Shape":
-            dims = self.shapes.get(ins[0])
-            if dims is None:
-                return None
-            start, end = registry.attr(node, "start", 0), registry.attr(node, "end", len(dims))
-            return list(dims[slice(start, end)])
-        if op in ("Identity", "Cast", "Unsqueeze", "Squeeze"):
-            return self.value(ins[0])
-        if op == "Gather":
-            data, idx = self.value(ins[0]), self.value(ins[1])
-            return None if data is None or idx is None else [data[int(i)] for i in idx]
-        if op == "Concat":
-            parts = [self.value(i) for i in ins]
-            return None if any(p is None for p in parts) else [v for p in parts for v in p]
-        if op == "Slice":
-            data, starts, ends = self.value(ins[0]), self.value(ins[1]), self.value(ins[2])
-            steps = self.value(ins[4]) if len(ins) > 4 and ins[4] else [1]
-            if data is None or starts is None or ends is None or steps is None:
-                return None
-            return data[slice(int(starts[0]), int(ends[0]), int(steps[0]))]
-        if op in ("Mul", "Add", "Sub", "Div"):
-            a, b = self.value(ins[0]), self.value(ins[1])
-            if a is None or b is None:
-                return None
-            if len(a) == 1 and len(b) > 1:
-                a = a * len(b)
-            if len(b) == 1 and len(a) > 1:
-                b = b * len(a)
-            fn = {"Mul": lambda x, y: x * y, "Add": lambda x, y: x + y,
-                  "Sub": lambda x, y: x - y, "Div": lambda x, y: x // y}[op]
-            out = []
-            for x, y in zip(a, b):
-                if isinstance(x, (int, float)) and isinstance(y, (int, float)):
-                    out.append(fn(int(x), int(y)))
-                elif op == "Mul" and x is not None and y is not None:
-                    out.append(dim_format(dim_product([x, y])))  # symbolic product, e.g. batch*1
-                else:
-                    out.append(None)
-            return out
-        return None
 
 
 def _elem_type(model: onnx.ModelProto, name: str) -> int:
@@ -423,7 +506,8 @@ def _run_inference(skeleton: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str
                 dims.append(d.dim_param)
             else:
                 dims.append(f"?{vi.name}:{len(dims)}")  # unknown: a symbol of its own
-        shapes[vi.name] = dims
+        if vi.name not in shapes or _sharper(dims, shapes[vi.name]):  # (a graph output's own entry
+            shapes[vi.name] = dims  # may know less than the value_info computed for it)
     return inferred, shapes
 
 
