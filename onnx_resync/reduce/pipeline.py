@@ -1,0 +1,156 @@
+"""The reduction: a model without its structural padding, each rewrite proven by ONNX Runtime.
+
+First the inserted layers (layers.py), one at a time; then rounds over the walker's groups
+(neurons.py): every group's dead neurons and copies are found on one walk and removed together
+(widths.py); the candidate model is run against the input model (verify.verify) and kept only when
+equivalent. When a round's joint rewrite fails, each group's rewrite is tried alone and the ones
+that fail are refused (reported, never applied). Rounds repeat until nothing is left, so a dummy
+that fed only dummies goes once they are gone, and a clique's representative once its copies are
+merged.
+"""
+
+from __future__ import annotations
+
+import time
+
+import onnx
+
+from ..match.rescale import neutral_groups
+from ..walk import walk
+from . import layers, neurons
+from .report import LayerReduction, ReduceReport
+from .widths import Widths, editable
+
+MAX_ROUNDS = 32
+
+
+def reduce_model(model: onnx.ModelProto, *, verify_options: dict | None = None
+                 ) -> tuple[onnx.ModelProto, ReduceReport]:
+    """A reduced copy of `model` (the input is not changed) and what was removed."""
+    t0 = time.perf_counter()
+    report = ReduceReport()
+    proof = _Proof(model, verify_options or {})
+    current = _copy(model)
+    current = _fold_layers(current, proof, report)
+    current = _reduce_neurons(current, proof, report)
+    report.verified = proof.last is not None and proof.last.equivalent or not report.changed
+    report.verify = proof.last.to_dict() if proof.last is not None else None
+    report.seconds = time.perf_counter() - t0
+    return current, report
+
+
+class _Proof:
+    """verify(input model, candidate): the last equivalent report is the proof of the result."""
+
+    def __init__(self, model: onnx.ModelProto, options: dict):
+        self.model, self.options, self.last, self.runs = model, options, None, 0
+
+    def __call__(self, candidate: onnx.ModelProto) -> tuple[bool, str]:
+        from ..verify import explain, verify
+
+        self.runs += 1
+        try:
+            result = verify(self.model, candidate, **self.options)
+        except Exception as exc:  # noqa: BLE001 - a candidate ONNX Runtime refuses is not proven
+            return False, f"ONNX Runtime refused the rewrite: {str(exc).strip().splitlines()[0][:200]}"
+        if result.equivalent:
+            self.last = result
+            return True, ""
+        return False, explain(result) if result.verdict != "cannot check" else f"cannot check: {result.reason}"
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def _fold_layers(current: onnx.ModelProto, proof: _Proof, report: ReduceReport) -> onnx.ModelProto:
+    refused: set[str] = set()
+    while True:
+        folds = [f for f in layers.find(current) if f.name not in refused]
+        if not folds:
+            return current
+        fold = folds[0]
+        trial = _copy(current)
+        layers.apply(trial, fold)
+        ok, why = proof(trial)
+        if ok:
+            current = trial
+            report.folded.append(fold.to_dict())
+        else:
+            refused.add(fold.name)
+            report.refused.append({"what": f"fold of an inserted {fold.kind} layer", "where": fold.name,
+                                   "reason": why})
+
+
+def _reduce_neurons(current: onnx.ModelProto, proof: _Proof, report: ReduceReport) -> onnx.ModelProto:
+    refused: set[str] = set()
+    by_layer: dict[str, LayerReduction] = {}
+    for report.rounds in range(1, MAX_ROUNDS + 1):
+        result = walk(current)
+        neutral = {g.key for g in neutral_groups(result)}
+        groups = [g for g in _readers_first(current, result.groups) if g.key not in refused and editable(g)]
+        trial, counts = _apply(current, groups, neutral)
+        if not counts:
+            break
+        ok, _ = proof(trial)
+        if not ok:  # which group's rewrite is wrong: each alone, the first proven one is kept
+            trial = None
+            for g in [g for g in groups if g.key in {c[1] for c in counts}]:
+                alone, alone_counts = _apply(current, [g], neutral)
+                ok, why = proof(alone)
+                if ok:
+                    trial, counts = alone, alone_counts
+                    break
+                refused.add(g.key)
+                report.refused.append({"what": "removing neurons", "where": _layer(g), "reason": why})
+            if trial is None:
+                continue
+        current = trial
+        for layer, group, width, after, kinds in counts:
+            row = by_layer.setdefault(layer, LayerReduction(layer, group, width, width))
+            row.reduced_to = after
+            for kind, n in kinds.items():
+                setattr(row, kind, getattr(row, kind) + n)
+    report.layers = list(by_layer.values())
+    return current
+
+
+def _readers_first(model: onnx.ModelProto, groups) -> list:
+    """Groups whose producers come last in the graph first: a group's readers are reduced before it."""
+    order = {n.name or n.op_type: k for k, n in enumerate(model.graph.node)}
+    return sorted(groups, key=lambda g: -max((order.get(p.name, -1) for p in g.producers), default=-1))
+
+
+def _layer(group) -> str:
+    return ", ".join(sorted({p.name for p in group.producers})) or group.key
+
+
+def _apply(model: onnx.ModelProto, groups, neutral: set[str]) -> tuple[onnx.ModelProto, list]:
+    """A copy of the model with each group's dead neurons removed and its copies merged, and per
+    group that changed: (layer, key, width, new width, {kind: neurons})."""
+    trial = _copy(model)
+    widths = Widths(trial)
+    counts = []
+    for g in groups:
+        found = neurons.find(widths, g, g.key in neutral)
+        if not found:
+            continue
+        kinds = {"dummy": len(found.dead), "split": 0, "clique": 0}
+        gone = set(found.dead)
+        for cluster in found.clusters:
+            for j, factor in zip(cluster.copies, cluster.factors):
+                widths.add_outgoing(g, cluster.representative, j, factor)
+            gone.update(cluster.copies)
+            left = widths.rows(g, {-1}, [cluster.representative])
+            if left.size == 0 or abs(left).max() <= neurons.ZERO_SHARE * found.scale:
+                gone.add(cluster.representative)
+                kinds["clique"] += len(cluster.copies) + 1
+            else:
+                kinds["split"] += len(cluster.copies)
+        widths.remove(g, sorted(gone))
+        counts.append((_layer(g), g.key, g.size, g.size - len(gone), kinds))
+    if counts:
+        widths.write()
+    return trial, counts

@@ -1,0 +1,103 @@
+"""What a reduction did: neurons removed per layer, layers folded, rewrites refused, the proof.
+
+Vocabulary: a *dummy* neuron had no outgoing weight (nothing read it); a *split* neuron was a copy
+(equal or positively proportional incoming weights) of another, merged back into it; a *clique*
+neuron was one of copies whose outgoing weights cancel (merged, then nothing was left to read);
+an *inserted layer* was folded into its readers (identity, monomial or other non-negative linear
+layer after a Relu). A rewrite that ONNX Runtime did not prove equivalent is *refused* and listed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from ..jsonable import json_safe
+
+KINDS = ("dummy", "split", "clique")
+
+
+@dataclass
+class LayerReduction:
+    layer: str  # the producers of the group's neurons
+    group: str  # the group's key in the input model
+    width: int  # neurons in the input model
+    reduced_to: int
+    dummy: int = 0
+    split: int = 0
+    clique: int = 0
+
+
+@dataclass
+class ReduceReport:
+    layers: list[LayerReduction] = field(default_factory=list)
+    folded: list[dict] = field(default_factory=list)  # Fold.to_dict() of every inserted layer folded
+    refused: list[dict] = field(default_factory=list)  # {"what", "where", "reason"}
+    rounds: int = 0
+    verified: bool = False  # the reduced model was proven equivalent to the input (or nothing changed)
+    verify: dict | None = None
+    output: str | None = None
+    seconds: float = 0.0
+
+    def count(self, kind: str) -> int:
+        return sum(getattr(r, kind) for r in self.layers)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.folded) or any(self.count(k) for k in KINDS)
+
+    def phrase(self) -> str:
+        """'19 dummy neurons, 12 split, 1 inserted identity layer' (empty when nothing changed)."""
+        parts = []
+        if self.count("dummy"):
+            parts.append(f"{self.count('dummy')} dummy neuron{'s' * (self.count('dummy') != 1)}")
+        if self.count("split"):
+            parts.append(f"{self.count('split')} split")
+        if self.count("clique"):
+            parts.append(f"{self.count('clique')} in cancelling cliques")
+        kinds: dict[str, int] = {}
+        for f in self.folded:
+            kinds[f["kind"]] = kinds.get(f["kind"], 0) + 1
+        for kind, n in kinds.items():
+            parts.append(f"{n} inserted {kind} layer{'s' * (n != 1)}")
+        return ", ".join(parts)
+
+    def lines(self) -> list[str]:
+        """Per layer, then the folded layers and the refusals."""
+        out = []
+        for r in self.layers:
+            if r.dummy or r.split or r.clique:
+                what = ", ".join(f"{getattr(r, k)} {k}" for k in KINDS if getattr(r, k))
+                out.append(f"  {r.layer}: {r.width} -> {r.reduced_to} neurons ({what})")
+        for f in self.folded:
+            out.append(f"  {f['layer']}: inserted {f['kind']} layer of {f['width']} channels, folded into "
+                       f"{', '.join(f['readers'])}")
+        for r in self.refused:
+            out.append(f"  refused: {r['what']} at {r['where']} ({r['reason']})")
+        return out
+
+    def summary_lines(self) -> list[str]:
+        head = (f"reduced: {self.phrase()}" if self.changed else "reduced: nothing to remove (no dummy, split or "
+                "clique neuron, no foldable inserted layer)")
+        lines = [head] + self.lines()
+        if self.verify and self.changed:
+            state = "equivalent to the input" if self.verified else self.verify.get("verdict", "not checked")
+            lines.append(f"verified on {self.verify.get('provider')}: reduced model {state}")
+        if self.output:
+            lines.append(f"wrote {self.output}")
+        return lines
+
+    def to_dict(self) -> dict:
+        data = {
+            "changed": self.changed,
+            "summary": self.phrase(),
+            "dummy": self.count("dummy"), "split": self.count("split"), "clique": self.count("clique"),
+            "layers": [vars(r) for r in self.layers if r.dummy or r.split or r.clique],
+            "folded": self.folded, "refused": self.refused, "rounds": self.rounds,
+            "verified": self.verified, "verify": self.verify, "output": self.output,
+            "seconds": round(self.seconds, 4),
+        }
+        return json_safe(data)
+
+    def to_json(self, indent: int | None = 1) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
