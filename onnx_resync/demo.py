@@ -93,7 +93,7 @@ def run_demo(model_name: str = DEFAULT_MODEL, *, seed: int = 0, noise: float = 0
     reference = load_model(src)
     found = walk(reference)
     acc_ref = accuracy(reference, npz) if npz.exists() else None
-    inner = found.hidden_channels - found.output_channels
+    inner = found.inner_channels
     step = (f"{len(found.groups)} permutable groups, {found.permutable_channels} of {inner} hidden channels "
             f"({f'{100 * found.coverage:.0f}%' if inner else 'nothing to permute'})")
     report.add("walk", step)

@@ -38,8 +38,9 @@ def run(args) -> int:
     if result.ops_without_rule:
         ops = ", ".join(f"{op} x{n}" for op, n in sorted(result.ops_without_rule.items()))
         print(f"ops without a rule: {ops}")
-    inner = result.hidden_channels - result.output_channels
+    inner = result.inner_channels
     share = f"{100 * result.coverage:.1f}%" if inner else "nothing to permute"
+    fed = f", {result.input_channels} meet graph inputs (interface)" if result.input_channels else ""
     print(f"coverage: {result.permutable_channels}/{inner} hidden channels permutable ({share}), "
-          f"{len(result.groups)} groups; {result.output_channels} channels reach graph outputs")
+          f"{len(result.groups)} groups; {result.output_channels} channels reach graph outputs{fed}")
     return 0

@@ -94,6 +94,11 @@ class PinnedReason:
     producers: list[str]
 
 
+# the start of the reason for channels that must line up with a graph input's values (a recurrent
+# state the caller feeds): its order is the interface's, as for channels that reach an output
+INPUT_REASON = "meets graph input"
+
+
 @dataclass
 class WalkResult:
     groups: list[Group]
@@ -103,20 +108,32 @@ class WalkResult:
     output_channels: int  # hidden channels pinned because they reach a graph output
     singleton_channels: int  # hidden channels alone in their group (nothing to swap with)
     ops_without_rule: dict[str, int] = field(default_factory=dict)
+    input_channels: int = 0  # hidden channels pinned because they meet a graph input's values
+
+    @property
+    def interface_channels(self) -> int:
+        """Channels whose order the model's callers see: they reach an output or meet an input."""
+        return self.output_channels + self.input_channels
+
+    @property
+    def inner_channels(self) -> int:
+        """Hidden channels that are not interface: the ones that could move."""
+        return self.hidden_channels - self.interface_channels
 
     @property
     def coverage(self) -> float:
-        """Permutable hidden channels / hidden channels that do not reach a graph output (1.0 when there
-        are none: nothing is left unpermutable; reports say "nothing to permute", never 100%)."""
-        denominator = self.hidden_channels - self.output_channels
+        """Permutable hidden channels / hidden channels that are not interface (1.0 when there are
+        none: nothing is left unpermutable; reports say "nothing to permute", never 100%)."""
+        denominator = self.inner_channels
         return self.permutable_channels / denominator if denominator else 1.0
 
     def to_dict(self) -> dict:
         return {
-            "coverage": self.coverage if self.hidden_channels > self.output_channels else None,  # 0 of 0: None
+            "coverage": self.coverage if self.inner_channels else None,  # 0 of 0: None
             "hidden_channels": self.hidden_channels,
             "permutable_channels": self.permutable_channels,
             "output_channels": self.output_channels,
+            "input_channels": self.input_channels,
             "singleton_channels": self.singleton_channels,
             "groups": [g.to_dict() for g in self.groups],
             "pinned": [asdict(p) for p in self.pinned],

@@ -17,6 +17,7 @@ from .channels import ElementTable, Label
 from .groups import Group, GroupSlot, PinnedReason, Producer, Reader, WalkResult, slot_part  # noqa: F401
 from ..errors import UnsupportedError
 from .graph import GraphView, node_inputs
+from .groups import INPUT_REASON
 from . import registry
 from .rules import resolve_weight_axes, unknown_op
 
@@ -42,6 +43,11 @@ class WalkContext:
         self.readers: dict[int, tuple[Label, set]] = {}  # id(label) -> (label, op types reading it)
         self._node_slots: set[tuple[str, int]] = set()
         self.node_index = -1  # position in view.nodes of the node being walked
+        self.node: onnx.NodeProto | None = None  # the node being walked
+        # unlabelled tensors that hold a graph input's values (the input itself, or it moved or
+        # selected: a recurrent state's layer): tensor -> the graph input. The caller sets their order,
+        # so channels that must line up with them are interface, like channels that reach outputs
+        self.from_input: dict[str, str] = {name: name for name in view.graph_inputs}
 
     # ---- reading -----------------------------------------------------------------------------
     def get(self, name: str) -> dict[int, Label]:
@@ -125,7 +131,17 @@ class WalkContext:
         return label
 
     def pin(self, label: Label, reason: str) -> None:
-        self.elements.pin(label.elem, reason)
+        self.elements.pin(label.elem, self._interface_reason(reason))
+
+    def _interface_reason(self, reason: str) -> str:
+        """A pin because channels meet an unlabelled tensor that is a graph input's values names the
+        input: the caller's order fixes them (interface), the rule's words are the symptom."""
+        if "unlabelled" not in reason or self.node is None:
+            return reason
+        for name in self.node.input:
+            if name in self.from_input and not self.labels.get(name):
+                return f"{INPUT_REASON} {self.from_input[name]!r} ({reason})"
+        return reason
 
     def pin_all(self, name: str, reason: str) -> None:
         for label in self.labels.get(name, {}).values():
@@ -233,6 +249,7 @@ def walk(model: onnx.ModelProto, view: GraphView | None = None) -> WalkResult:
     ctx = WalkContext(view)
     for index, node in enumerate(view.nodes):
         ctx.node_index = index
+        ctx.node = node
         if node.op_type == "Constant" or (view.is_weight(node.output[0]) if node.output else False):
             continue  # weights and their views are not activations
         ctx.begin_node()
@@ -250,12 +267,25 @@ def walk(model: onnx.ModelProto, view: GraphView | None = None) -> WalkResult:
             else:
                 rule(ctx, node)
             _spread_constant_fill(ctx, node, spec)
+            _spread_input_values(ctx, node, spec)
             ctx.end_node(node)
         except MemoryError:
             raise
         except Exception as exc:  # noqa: BLE001 - a hostile or broken node must pin, not crash
             _node_failed(ctx, node, first_element, exc)
+    ctx.node = None
     return _form_groups(ctx)
+
+
+def _spread_input_values(ctx: WalkContext, node: onnx.NodeProto, spec) -> None:
+    """A layout op (Gather, Slice, Reshape...) of a graph input's values still holds them."""
+    if spec is None or not (spec.layout or spec.weight_view):
+        return
+    source = next((ctx.from_input[n] for n in node.input[:1] if n in ctx.from_input), None)
+    if source is not None:
+        for out in node.output:
+            if out and not ctx.labels.get(out):
+                ctx.from_input[out] = source
 
 
 def _node_failed(ctx: WalkContext, node: onnx.NodeProto, first_element: int, exc: Exception) -> None:
@@ -379,7 +409,7 @@ def _form_groups(ctx: WalkContext) -> WalkResult:
         group_of = renumber[group_of]  # -1 stays -1 (index -1 is the extra last entry)
         groups = kept
 
-    hidden, permutable, to_output, singletons, pin_counts = _count_channels(
+    hidden, permutable, to_output, to_input, singletons, pin_counts = _count_channels(
         table, roots, group_of, groups, products, pinned_roots, lambda rec: _producer(ctx, rec))
     for label, tags in ctx.readers.values():
         for elem, _, _ in rewrite(label):
@@ -391,21 +421,24 @@ def _form_groups(ctx: WalkContext) -> WalkResult:
     _disambiguate_keys(groups)
     pinned = [PinnedReason(reason, c, sorted(nodes)) for reason, (c, nodes) in pin_counts.items()]
     pinned.sort(key=lambda p: -p.channels)
-    return WalkResult(groups, pinned, hidden, permutable, to_output, singletons, dict(ctx.ops_without_rule))
+    return WalkResult(groups, pinned, hidden, permutable, to_output, singletons, dict(ctx.ops_without_rule),
+                      input_channels=to_input)
 
 
 def _count_channels(table: ElementTable, roots: np.ndarray, group_of: np.ndarray, groups: list[Group],
-                    products: dict, pinned_roots: dict, producer_of) -> tuple[int, int, int, int, dict]:
+                    products: dict, pinned_roots: dict, producer_of) -> tuple[int, int, int, int, int, dict]:
     """Every producer channel counted as permutable, pinned (per reason, with its nodes) or single,
     and each group's producer nodes listed. A layer without head x dim cells is counted at once (a
     big model has tens of thousands of channels), its outside channels per distinct neuron."""
-    hidden = permutable = to_output = singletons = 0
+    hidden = permutable = to_output = to_input = singletons = 0
     pin_counts: dict[str, list] = {}
 
     def pin(reason: str, count: int, node: str) -> None:
-        nonlocal to_output
+        nonlocal to_output, to_input
         if reason == "reaches a graph output":
             to_output += count
+        elif reason.startswith(INPUT_REASON):
+            to_input += count
         entry = pin_counts.setdefault(reason, [0, set()])
         entry[0] += count
         entry[1].add(node)
@@ -455,7 +488,7 @@ def _count_channels(table: ElementTable, roots: np.ndarray, group_of: np.ndarray
                         add_producer(gid, rec)
             else:
                 singletons += 1
-    return hidden, permutable, to_output, singletons, pin_counts
+    return hidden, permutable, to_output, to_input, singletons, pin_counts
 
 
 def _producer(ctx: WalkContext, rec: dict) -> Producer:
