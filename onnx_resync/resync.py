@@ -16,9 +16,15 @@ Decision statistic ("evidence"), from the final solve, where every axis of every
 
 - a group's evidence: for every reference neuron, the margin of its match over the best other
   suspect neuron, in units of the spread of its similarities with unrelated suspect neurons (a sample
-  of 128), i.e. how far the match stands out; the group's value is the median over its neurons. A
-  derived copy stands out by several spreads; between unrelated weights the best assignment is not
-  even each row's best (about 0).
+  of 128), i.e. how far the match stands out; the group's value is the median over its *live*
+  neurons, each weighted by how much of the group it carries (its norm against the group's 90th
+  percentile, capped at 1). A derived copy stands out by several spreads; between unrelated weights
+  the best assignment is not even each row's best (about 0).
+- decayed neurons (every slot of 2+ entries below match.DECAYED = 1e-3 of the group's 90th-percentile
+  norm: trained down to nothing, functionally inert) and interchangeable ones (an identical twin, or
+  decayed with nothing else to tell them apart) are not live: they never count as evidence either
+  way, so that a copy that keeps its function is never "not derived" because of its inert parts.
+  A group with fewer than 8 live neurons votes only when no group has more (never with none).
 - some groups cannot tell even an exact copy from chance (few dimensions, near-duplicate neurons):
   where a group's evidence is below match.INFORMATIVE (3), its capacity (the reference matched
   against itself) is measured, and groups with capacity below 3 abstain, as do groups of fewer than
@@ -46,6 +52,7 @@ from .errors import CheckFailed, ModelMismatchError
 from .io import WeightStore, check_outputs, is_lazy_model, load_model, save_model, write_text_atomic
 from .match import AGREE, INFORMATIVE, GroupMatch, MatchResult, match
 from .permute import PermutationRecord, permuted_copy
+from .reduce.against import to_reference
 from .match.rescale import MIN_LOG_SCALE, find_rescales, neutral_groups, rescaled, undo_rescales
 from .match.sampling import sub_grid
 from .walk import WalkResult, walk
@@ -73,8 +80,11 @@ class GroupReport:
     margin_median: float
     norm_ratio_median: float
     evidence: float
-    interchangeable: list[int]  # reference neurons that have an identical twin (either model)
+    interchangeable: list[int]  # reference neurons that have an identical twin (either model), or
+    #                             decayed ones that nothing tells apart
     rescaled: list[int]  # reference neurons whose suspect was an exact neutral rescale (undone)
+    live: int = 0  # neurons that vote: neither decayed nor interchangeable
+    decayed: int = 0  # neurons negligible in every slot of 2+ entries (functionally inert)
     neurons: dict = field(default_factory=dict)  # per neuron: matched, cosine, margin, norm_ratio
 
 
@@ -99,6 +109,10 @@ class ResyncReport:
     record: PermutationRecord | None = None
     statistic: str = "evidence"  # the decision statistic's name: derived when it is >= threshold
     threshold: float = AGREE
+    reduction: dict | None = None  # reduce.ReduceReport.to_dict() when the suspect was reduced first
+    live: int = 0  # neurons that vote (neither decayed nor interchangeable)
+    decayed: int = 0  # neurons negligible in every slot of 2+ entries (functionally inert)
+    decayed_groups: int = 0  # groups with decayed neurons
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -111,6 +125,7 @@ class ResyncReport:
     def summary_lines(self) -> list[str]:
         kinds = self.perturbation.get("kinds") or []
         lines = [f"verdict: {self.verdict}" + (f" ({'; '.join(kinds)})" if kinds else "")]
+        lines += (self.reduction or {}).get("lines", [])
         if math.isinf(self.evidence):
             lines.append("evidence: every voting group is an exact copy (byte-identical neurons)")
         else:
@@ -120,6 +135,9 @@ class ResyncReport:
         lines.append(f"neurons: {self.neurons} in {len(self.groups)} groups, {self.moved} moved back, "
                      f"{self.matched} matched to their best candidate ({pct:.1f}%), "
                      f"{self.interchangeable} interchangeable")
+        if self.decayed:
+            lines.append(f"decayed (functionally inert, not evidence): {self.decayed} neurons in {self.decayed_groups} "
+                         f"groups; {self.live} live neurons vote")
         if self.groups:
             cmin = min(g.cosine_min for g in self.groups)
             cmean = sum(g.cosine_mean * g.size for g in self.groups) / max(self.neurons, 1)
@@ -168,7 +186,8 @@ def resync(
     sus_model, ref_model = _load(suspect), _load(reference)
     t0 = time.perf_counter()
     ref_walk = walk(ref_model)
-    check_structure(ref_model, sus_model, ref_walk)
+    # a width or depth change: the suspect without its structural padding, proven equivalent (issue 16)
+    sus_model, reduction = to_reference(lambda m: check_structure(ref_model, m, ref_walk), sus_model, verify_options)
     # read by matching, restoring and the report, never changed here: each weight read once
     ref_store, sus_store = WeightStore(ref_model, cache=True), WeightStore(sus_model, cache=True)
     result = match(ref_store, sus_store, ref_walk, max_passes=max_passes)
@@ -206,6 +225,9 @@ def resync(
     summary.verified = bool(report and report.equivalent)
     summary.verify = report.to_dict() if report else None
     summary.output = None if output is None or failed is not None else str(output)
+    if reduction is not None:
+        summary.reduction = reduction.to_dict()
+        summary.verdict = f"derived, structurally obfuscated: {reduction.phrase()}" if summary.derived else summary.verdict
     if report_path is not None:
         write_text_atomic(report_path, summary.to_json())
     if failed is not None:  # the verdict was found: the caller (the CLI) still shows it
@@ -331,16 +353,19 @@ def build_report(result: MatchResult, ref: WeightStore, sus: WeightStore, restor
         matched=sum(round(g.matched_fraction * g.size) for g in groups),
         interchangeable=sum(len(g.interchangeable) for g in groups), perturbation=perturbation,
         groups=groups, passes=result.passes, solves=result.solves, seconds=seconds,
+        live=sum(g.live for g in groups), decayed=sum(g.decayed for g in groups),
+        decayed_groups=sum(g.decayed > 0 for g in groups),
     )
 
 
 def decision_statistics(groups: list[GroupMatch]) -> tuple[float, float]:
     """(evidence of the weakest voting group, size-weighted median evidence); see the docstring.
     Groups that are exact copies (byte-identical neurons) agree by definition; inf if only they vote."""
-    voters = [g for g in groups if g.size >= MIN_EVIDENCE_GROUP] or list(groups)
-    if not voters:
-        return 0.0, 0.0
-    median = _weighted_quantile([g.evidence for g in voters], [g.size for g in voters], 0.5)
+    live = {id(g): int(g.live.sum()) for g in groups}
+    voters = [g for g in groups if live[id(g)] >= MIN_EVIDENCE_GROUP] or [g for g in groups if live[id(g)]]
+    if not voters:  # nothing carries the model: an exact copy is still one, else no evidence
+        return (math.inf if groups and all(g.exact for g in groups) else 0.0), 0.0
+    median = _weighted_quantile([g.evidence for g in voters], [live[id(g)] for g in voters], 0.5)
     informative = [g.evidence for g in voters if not g.exact
                    and (g.evidence >= INFORMATIVE or g.capacity >= INFORMATIVE)]
     if informative:
@@ -365,6 +390,7 @@ def _group_report(gm: GroupMatch, log_scale: np.ndarray | None) -> GroupReport:
         margin_median=float(np.median(gm.margin)), norm_ratio_median=float(np.median(gm.norm_ratio)),
         evidence=gm.evidence, interchangeable=np.flatnonzero(inter).tolist(),
         rescaled=np.flatnonzero(np.abs(log_scale) >= MIN_LOG_SCALE).tolist() if log_scale is not None else [],
+        live=int(gm.live.sum()), decayed=int(gm.decayed.sum()) if gm.decayed is not None else 0,
         neurons={
             "matched": gm.perm.tolist(),
             "cosine": np.round(gm.cosine, 6).tolist(),

@@ -39,6 +39,7 @@ NULL_COLUMNS = 128  # unrelated suspect neurons sampled per row to estimate the 
 NULL_COLUMNS_WIDE = 32  # the same for a group with wide slots (each costs a product over every entry)
 RESCALE_DETECT = 0.1  # |log norm ratio| (against the slot's median) that counts as a rescaled slot
 RESCALE_ONE_SIDED = float(np.log(1.5))  # a slot this far from its median, the others not: one-sided
+RESCALE_SCALAR_FLOOR = 0.1  # a 1-D slot's ratio counts where its value is at least this x the slot's median
 SAMPLE_COLUMNS = 1024  # the sweep compares large groups on a random sample of feature columns ...
 SAMPLE_WORK = 1 << 28  # ... where n * n * feature width exceeds this ...
 SAMPLED_MARGIN = 0.25  # ... and accepts a mutual best there only with this margin (else: full solve)
@@ -48,6 +49,11 @@ WIDE_BYTES = 32 << 20  # ... and this many bytes of rows is read in pieces, neve
 # ... or this many where the neurons are the weight's rows: they are views then, and reading in
 # pieces (the suspect aligned piece by piece) would cost several times the one aligned copy
 WIDE_ROWS_BYTES = 512 << 20
+DECAYED = 1e-3  # a neuron's slot this far below the group's 90th-percentile norm is negligible; a neuron
+#                 negligible in every slot of 2+ entries is decayed (functionally inert, see _decayed)
+REWEIGHT = 0.9  # a neuron's slot whose expected matched cosine (see _signal) is below this: the group is
+#                 solved again with every slot weighed by what it still carries
+SCALAR_BINS = 32  # a 1-D slot's value as a bump over this many centres (see _scalar_features)
 
 @dataclass
 class GroupMatch:
@@ -73,11 +79,21 @@ class GroupMatch:
     capacity: float = float("nan")  # evidence an exact copy would give (computed where evidence < INFORMATIVE)
     exact: bool = False  # every neuron has a byte-identical partner (its statistics then come from
     #                      the slots that needed no summary: an exact copy needs no more)
+    decayed: np.ndarray | None = None  # per reference neuron: negligible in every slot of 2+ entries
+    carry: np.ndarray | None = None  # per reference neuron: how much of the group it carries (0..1)
+    noise: np.ndarray | None = None  # per slot: estimated noise norm per neuron (reference units; 0: none)
 
     @property
     def interchangeable(self) -> np.ndarray:
-        """Per reference neuron: it, or the suspect neuron matched to it, has an identical twin."""
+        """Per reference neuron: it, or the suspect neuron matched to it, has an identical twin (or,
+        decayed, nothing tells it from another decayed neuron)."""
         return (self.ref_class >= 0) | (self.sus_class[self.perm] >= 0)
+
+    @property
+    def live(self) -> np.ndarray:
+        """Per reference neuron: it carries the model and can be told apart: it votes (evidence)."""
+        decayed = self.decayed if self.decayed is not None else np.zeros(self.size, dtype=bool)
+        return ~decayed & ~self.interchangeable
 
 
 @dataclass
@@ -122,6 +138,7 @@ class _Matcher:
             for gi in members:
                 self.neighbours[gi] |= members - {gi}
         self.solves = 0
+        self.noise: dict[int, dict] = {}  # per group: {slot index: noise norm per neuron} (last solve)
 
     def run(self, max_passes: int) -> MatchResult:
         # topological sweep: axes of groups not resolved yet are summarized; large groups are
@@ -222,8 +239,10 @@ class _Matcher:
         return xr.reshape(n, -1), xs.reshape(n, -1)
 
     # ---- one group ---------------------------------------------------------------------------
-    def features(self, gi: int, aligned_only: bool = False) -> "_Features | None":
-        """Every slot's rows (or, with aligned_only, the slots that need no summary; None if none)."""
+    def features(self, gi: int, aligned_only: bool = False, noise: dict | None = None) -> "_Features | None":
+        """Every slot's rows (or, with aligned_only, the slots that need no summary; None if none).
+        noise: {slot index: noise norm per neuron} from an earlier solve, to weigh each slot by what
+        it carries (_signal); None: every non-empty slot at its size's weight."""
         slots = self.groups[gi].slots
         self.pending[gi] = any(self.perm[hj] is None for slot in slots for o in range(len(self.ref.shape(slot.weight)))
                                for hj, _ in self.axis_groups.get((slot.weight, o), ()) if hj != gi)
@@ -244,7 +263,8 @@ class _Matcher:
                                            f"{side}: its neurons cannot be compared")
         nr = np.stack([r for r, _ in norms], axis=1)
         ns = np.stack([s for _, s in norms], axis=1)
-        fr, fs, wide = _combined(feats, dims, nr, ns)
+        eps = np.array([(noise or {}).get(k, 0.0) for k in used])
+        fr, fs, wide, blocks = _combined(feats, dims, nr, ns, eps)
         keys = _keys(feats)
         pairs = _exact_pairs(keys["ref_key"], keys["sus_key"])
         i = np.flatnonzero(pairs >= 0)
@@ -259,16 +279,41 @@ class _Matcher:
                 same = _rows_equal(x[0], x[1], i, pairs[i])
                 pairs[i[~same]] = -1
                 i = i[same]
-        return _Features(slots=used, dims=dims, fr=fr, fs=fs, wide=wide, nr=nr, ns=ns, pairs=pairs, **keys)
+        decayed, carry, classes = _decayed(feats, dims, nr)
+        return _Features(slots=used, dims=dims, fr=fr, fs=fs, wide=wide, nr=nr, ns=ns, pairs=pairs, blocks=blocks,
+                         decayed=decayed, carry=carry, decayed_class=classes, noise=eps, **keys)
 
     def solve(self, gi: int, first: bool = False) -> None:
-        """Byte-identical neurons are paired outright; the rest go through the assignment."""
+        """Byte-identical neurons are paired outright; the rest go through the assignment.
+
+        The matched pairs then measure the noise of each slot (_noise); where some neuron's slot is
+        drowned in it (a decayed neuron: its rows are noise, one quantization level, or zero), the
+        group is solved once more with every slot of every neuron weighed by what it still carries,
+        so that its other slots (bias, normalization statistics, a consumer's column) place it."""
+        noise = self.noise.get(gi)
+        for _ in range(2):
+            f, perm, cos, runner_up, settled, spread, rest = self._solve_once(gi, first, noise)
+            new = _noise(f, perm)
+            if new is None or not _reweigh(f, new, noise):
+                break
+            noise = new
+        self.noise[gi] = new if new is not None else noise
+        self.perm[gi] = perm
+        n = len(perm)
+        if settled < n:
+            self.uncertain.add(gi)
+        else:
+            self.uncertain.discard(gi)
+        self.describe(gi, f, perm, cos, cos - runner_up, settled, spread)
+        self.result[gi].exact = not len(rest)
+
+    def _solve_once(self, gi: int, first: bool, noise: dict | None):
         self.solves += 1
-        f = self.features(gi, aligned_only=True) if first else None
+        f = self.features(gi, aligned_only=True, noise=noise) if first else None
         complete = f is not None and len(f.slots) == len(self.groups[gi].slots)
         if not complete and (f is None or (f.pairs < 0).any() or (_classes(f.ref_key) >= 0).any()):
             # no exact copy (or twins that only the other slots tell apart): every slot
-            f = self.features(gi)
+            f = self.features(gi, noise=noise)
         perm = f.pairs.copy()
         n, width = len(perm), f.width
         rest = np.flatnonzero(perm < 0)
@@ -296,17 +341,11 @@ class _Matcher:
         else:  # every similarity is in C already
             cos, null = C[np.arange(n), perm].astype(np.float64), C[:, null_cols]
         del C
-        self.perm[gi] = perm
-        if settled < n:
-            self.uncertain.add(gi)
-        else:
-            self.uncertain.discard(gi)
-        self.describe(gi, f, perm, cos, cos - runner_up, settled, _spread(null, null_cols, perm))
-        self.result[gi].exact = not len(rest)
+        return f, perm, cos, runner_up, settled, _spread(null, null_cols, perm), rest
 
     def capacity(self, gi: int) -> float:
         """The evidence an exact copy would give: the reference matched against itself."""
-        f = self.features(gi)
+        f = self.features(gi, noise=self.noise.get(gi))
         C = f.gram(suspect=False)
         self_similarity = np.diag(C).astype(np.float64)
         np.fill_diagonal(C, -np.inf)
@@ -315,7 +354,8 @@ class _Matcher:
         ident = np.arange(len(runner_up))
         spread = _null_spread(f, ident, np.random.default_rng(gi), suspect=False)
         gap = (self_similarity - runner_up) / np.maximum(spread, 1e-12)
-        return float(np.median(gap))
+        live = ~f.decayed & (f.decayed_class < 0) & (_classes(f.ref_key) < 0)
+        return _weighted_median(gap[live], f.carry[live])
 
     def describe(self, gi: int, f: "_Features", perm, cos, margin, settled, spread) -> None:
         g = self.groups[gi]
@@ -324,16 +364,22 @@ class _Matcher:
         den = np.sqrt((f.nr ** 2).sum(axis=1))
         slot_ratio = np.divide(f.ns[perm], f.nr, out=np.ones_like(f.nr), where=f.nr > 0)
         gap = margin / np.maximum(spread, 1e-12)
-        detected, one_sided = _rescales(slot_ratio, f.dims)
+        detected, one_sided = _rescales(slot_ratio, f.dims, f.nr)
+        ref_class = _classes(f.ref_key)
+        # decayed neurons that nothing tells apart (no slot beyond the negligible): one class
+        ref_class = np.where(f.decayed_class >= 0, f.decayed_class + 2 * n + 1, ref_class)
+        sus_class = _classes(f.sus_key)
+        live = ~f.decayed & (ref_class < 0) & (sus_class[perm] < 0)
         self.result[gi] = GroupMatch(
             key=g.key, size=n, perm=perm, cosine=cos, margin=margin,
             norm_ratio=np.divide(num, den, out=np.ones(n), where=den > 0),
             slot_names=[g.slots[k].name() for k in f.slots], slot_dims=f.dims,
             slot_ratio=slot_ratio,
-            gap=gap, evidence=float(np.median(gap)),
-            ref_class=_classes(f.ref_key), sus_class=_classes(f.sus_key), shortcut=int(settled),
+            gap=gap, evidence=_weighted_median(gap[live], f.carry[live]),
+            ref_class=ref_class, sus_class=sus_class, shortcut=int(settled),
             solved=int(n - settled), rescale_detected=detected,
-            rescale_one_sided=one_sided,
+            rescale_one_sided=one_sided, decayed=f.decayed, carry=f.carry,
+            noise=np.array([(self.noise.get(gi) or {}).get(k, 0.0) for k in f.slots]),
         )
 
 
@@ -352,6 +398,11 @@ class _Features:
     ref_key: np.ndarray  # per neuron: equal keys for neurons identical in every slot (either model)
     sus_key: np.ndarray
     pairs: np.ndarray  # reference neuron -> its byte-identical suspect neuron, -1 (twins in order)
+    blocks: dict  # slot (index into slots) -> columns of fr/fs holding it (slots of 2+ entries held)
+    decayed: np.ndarray  # per reference neuron: negligible in every slot of 2+ entries (_decayed)
+    carry: np.ndarray  # per reference neuron: share of the group's typical norm it carries (0..1)
+    decayed_class: np.ndarray  # decayed neurons that nothing tells apart share an id (-1: none)
+    noise: np.ndarray  # per slot: the noise norm per neuron the rows were weighed with (0: none)
 
     @property
     def width(self) -> int:
@@ -407,41 +458,176 @@ class _Features:
         return cos, C
 
 
-def _combined(feats, dims, nr, ns):
-    """Unit rows per slot, weighted by sqrt(slot share) and side by side (scalar slots pooled), so
-    that a dot product is the size-weighted mean of slot cosines; rows end at unit length (neurons
-    empty in some slots: dead, pruned). Wide slots are not copied: their part of the rows is the
-    slot read in pieces times a scale per row. Returns (ref, sus, [(wide slot, ref scale, sus scale)])."""
+def _combined(feats, dims, nr, ns, noise=None):
+    """Unit rows per slot, each weighted by the square root of its share of the row, side by side,
+    so that a dot product is the weighted mean of slot cosines; rows end at unit length.
+
+    A slot's share is its size (entries per neuron; a 1-D slot, embedded by _scalar_features, counts
+    as one) times what the neuron's slice still carries against the slot's noise (_signal; 1 where
+    no noise is known): a neuron drowned in some slots (decayed) is compared on the others. Empty
+    slices (dead, pruned) weigh nothing. Wide slots are not copied: their part of the rows is the
+    slot read in pieces times a scale per row. Returns (ref, sus, [(wide slot, ref scale, sus scale)],
+    {slot: columns held})."""
     n = nr.shape[0]
     total = max(int(dims.sum()), 1)
+    noise = np.zeros(len(dims)) if noise is None else noise
     vec = [k for k, d in enumerate(dims) if d >= 2]
     small = [k for k, d in enumerate(dims) if d < 2]
     held = [k for k in vec if not isinstance(feats[k], WideSlot)]
-    width = int(dims[held].sum()) + (len(small) + 1 if small else 0)
-    out, scales = [], {}
+    scalars = {k: _scalar_features(feats[k][0], feats[k][1]) for k in small}
+    width = int(dims[held].sum()) + sum(x[0].shape[1] for x in scalars.values())
+    out, scales, blocks = [], {}, {}
     for side, norms in ((0, nr), (1, ns)):
         f = np.empty((n, width), dtype=np.float32)
-        # squared length each row would have: the weights of its non-empty slots
-        length = ((norms[:, vec] > 0) * (dims[vec] / total)).sum(axis=1) + (len(small) / total if small else 0)
-        row = np.divide(1.0, np.sqrt(length), out=np.zeros(n), where=length > 0)
+        share = np.zeros(norms.shape)
+        for k in vec:
+            share[:, k] = (norms[:, k] > 0) * (dims[k] / total) * _signal(norms[:, k], noise[k], side)
+        for k in small:
+            share[:, k] = (1.0 / total) * (np.abs(scalars[k][side]).sum(axis=1) > 0)
+        length = share.sum(axis=1)
+        share = np.divide(share, length[:, None], out=np.zeros_like(share), where=length[:, None] > 0)
         col = 0
         for k in vec:
-            scale = np.divide(np.sqrt(dims[k] / total) * row, norms[:, k], out=np.zeros(n), where=norms[:, k] > 0)
+            scale = np.divide(np.sqrt(share[:, k]), norms[:, k], out=np.zeros(n), where=norms[:, k] > 0)
             if k not in held:
                 scales.setdefault(k, []).append(scale)
                 continue
             stop = col + int(dims[k])
             np.multiply(feats[k][side], scale[:, None].astype(np.float32), out=f[:, col:stop], casting="unsafe")
+            blocks[k] = slice(col, stop)
             col = stop
-        if small:  # scalars (bias, norm parameters) pooled, plus a constant: similar values, high cosine
-            ref_scalars = np.concatenate([feats[k][0] for k in small], axis=1).astype(np.float64)
-            level = np.sqrt(np.mean(ref_scalars ** 2)) or 1.0
-            pooled = np.concatenate([feats[k][side] for k in small] + [np.full((n, 1), level)], axis=1)
-            _put_unit(f[:, col:], pooled, float(np.sqrt(len(small) / total)))
-            f[:, col:] *= row[:, None].astype(np.float32)
+        for k in small:  # (already unit rows)
+            stop = col + scalars[k][side].shape[1]
+            np.multiply(scalars[k][side], np.sqrt(share[:, k])[:, None], out=f[:, col:stop], casting="unsafe")
+            col = stop
         out.append(f)
     wide = [(feats[k], scales[k][0], scales[k][1]) for k in vec if k not in held]
-    return out[0], out[1], wide
+    return out[0], out[1], wide, blocks
+
+
+def _signal(norms: np.ndarray, noise: float, side: int) -> np.ndarray:
+    """What a slice of this norm still carries against noise of norm `noise` per neuron: for the
+    reference, the cosine expected with its noisy copy, |r| / sqrt(|r|^2 + noise^2); for the
+    suspect, the fraction of its norm that is not noise, sqrt(|s|^2 - noise^2) / |s|. 1 without
+    noise; about 0 for a slice that the noise drowns (a decayed neuron's rows)."""
+    if noise <= 0:
+        return np.ones(len(norms))
+    if side == 0:
+        return norms / np.sqrt(norms ** 2 + noise ** 2)
+    return np.divide(np.sqrt(np.maximum(norms ** 2 - noise ** 2, 0.0)), norms, out=np.zeros(len(norms)),
+                     where=norms > 0)
+
+
+def _scalar_features(ref: np.ndarray, sus: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A 1-D slot (one value per neuron: bias, normalization scale/shift/statistics, quantization
+    scale) as unit rows whose dot product is a Gaussian kernel of the difference of the values, in
+    units of the group's spread (robust: median and MAD; asinh, so that outliers stay apart without
+    taking the whole range): SCALAR_BINS bumps spread over the reference's range. Equal values give
+    1, far ones about 0; a slot whose reference values are all equal tells nothing: zero rows."""
+    r, s = ref.reshape(len(ref), -1)[:, 0].astype(np.float64), sus.reshape(len(sus), -1)[:, 0].astype(np.float64)
+    med = np.median(r)
+    spread = 1.4826 * np.median(np.abs(r - med)) or r.std()
+    if not spread > 0 or not np.isfinite(spread):
+        return np.zeros((len(r), 1), dtype=np.float32), np.zeros((len(s), 1), dtype=np.float32)
+    ur, us = np.arcsinh((r - med) / spread), np.arcsinh((s - med) / spread)
+    lo, hi = ur.min(), ur.max()
+    h = (hi - lo) / (SCALAR_BINS - 3)
+    centres = np.linspace(lo - h, hi + h, SCALAR_BINS)
+    out = []
+    for u in (ur, us):
+        phi = np.exp(-0.5 * ((u[:, None] - centres[None, :]) / h) ** 2)
+        norm = np.linalg.norm(phi, axis=1, keepdims=True)
+        out.append(np.divide(phi, norm, out=np.zeros_like(phi), where=norm > 0).astype(np.float32))
+    return out[0], out[1]
+
+
+def _noise(f: "_Features", perm: np.ndarray) -> dict | None:
+    """Per slot of 2+ entries: the noise norm per neuron (reference units) that the matched pairs
+    show, |r| tan(angle between r and its match), median over the upper half of the neurons by norm
+    (the ones that surely carry the slot: their matches are right). None where every slot matched
+    exactly (nothing to weigh)."""
+    out, any_noise = {}, False
+    for k, cos in _slot_cosines(f, perm).items():
+        r = f.nr[:, k]
+        upper = (r >= np.median(r)) & (r > 0) & (f.ns[perm, k] > 0)
+        if not upper.any():
+            continue
+        c = np.clip(cos[upper], 1e-3, 1.0)
+        eps = float(np.median(r[upper] * np.sqrt(1 - c ** 2) / c))
+        out[f.slots[k]] = eps
+        any_noise |= eps > 0
+    return out if any_noise else None
+
+
+def _slot_cosines(f: "_Features", perm: np.ndarray) -> dict[int, np.ndarray]:
+    """Per slot of 2+ entries (index into f.slots): cosine of each reference neuron with its match."""
+    out = {}
+    for k, cols in f.blocks.items():
+        a, b = f.fr[:, cols], f.fs[perm][:, cols]
+        den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+        out[k] = np.divide(np.einsum("ij,ij->i", a, b), den, out=np.zeros(len(perm)), where=den > 0)
+    wide_at = [k for k, d in enumerate(f.dims) if d >= 2 and k not in f.blocks]
+    for k, (w, _, _) in zip(wide_at, f.wide):
+        dot = np.zeros(len(perm))
+        for xr, xs in w.chunks():
+            dot += np.einsum("ij,ij->j", xr, np.take(xs, perm, axis=1))
+        den = f.nr[:, k] * f.ns[perm, k]
+        out[k] = np.divide(dot, den, out=np.zeros(len(perm)), where=den > 0)
+    return out
+
+
+def _reweigh(f: "_Features", noise: dict, before: dict | None) -> bool:
+    """Solve again with `noise`: some neuron's slot carries materially less than it was weighed at
+    (the rows were weighed without noise, or with a noise now found twice as large or small)."""
+    for j, k in enumerate(f.slots):
+        eps = noise.get(k, 0.0)
+        old = f.noise[j]
+        if eps <= 0 or (old > 0 and 0.5 <= eps / old <= 2):
+            continue
+        if f.dims[j] >= 2 and (_signal(f.nr[:, j], eps, 0) < REWEIGHT).any():
+            return True
+    return False
+
+
+def _decayed(feats, dims, nr) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per reference neuron: decayed (every slot of 2+ entries below DECAYED x the group's 90th
+    percentile norm in that slot: trained down to nothing, functionally inert), how much of the group
+    it carries (mean over those slots, by size, of its norm against the 90th percentile, capped at 1),
+    and a class id shared by decayed neurons that nothing tells apart (their 1-D values equal, the
+    negligible ones taken as 0; -1: none)."""
+    n = nr.shape[0]
+    vec = [k for k, d in enumerate(dims) if d >= 2]
+    if not vec:
+        return np.zeros(n, dtype=bool), np.ones(n), np.full(n, -1, dtype=np.int64)
+    p90 = np.percentile(nr[:, vec], 90, axis=0)
+    rel = np.divide(nr[:, vec], p90, out=np.zeros((n, len(vec))), where=p90 > 0)
+    decayed = (rel <= DECAYED).all(axis=1)
+    carry = (np.minimum(rel, 1.0) * dims[vec]).sum(axis=1) / dims[vec].sum()
+    classes = np.full(n, -1, dtype=np.int64)
+    idx = np.flatnonzero(decayed)
+    if len(idx) > 1:
+        values = [np.zeros(len(idx))]
+        for k, d in enumerate(dims):
+            if d < 2:
+                v = feats[k][0].reshape(n, -1)[:, 0].astype(np.float64)
+                tiny = np.abs(v) <= DECAYED * np.percentile(np.abs(v), 90)
+                values.append(np.where(tiny, 0.0, v)[idx])
+        _, inverse, counts = np.unique(np.stack(values, axis=1), axis=0, return_inverse=True, return_counts=True)
+        inverse = inverse.reshape(-1)
+        shared = counts[inverse] > 1
+        classes[idx[shared]] = inverse[shared]
+    return decayed, carry, classes
+
+
+def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
+    """Median of `values` with `weights` (NaN: no values; equal weights: the ordinary median)."""
+    if not len(values):
+        return float("nan")
+    if not np.any(weights > 0) or np.all(weights == weights[0]):
+        return float(np.median(values))
+    order = np.argsort(values)
+    cum = np.cumsum(weights[order])
+    return float(values[order][min(np.searchsorted(cum, 0.5 * cum[-1]), len(values) - 1)])
 
 
 COMPARE_BLOCK_BYTES = 1 << 20
@@ -682,18 +868,27 @@ def _classes(key: np.ndarray) -> np.ndarray:
     return np.where(counts[inverse] > 1, key, -1)
 
 
-def _rescales(slot_ratio: np.ndarray, dims: np.ndarray) -> tuple[int, int]:
+def _rescales(slot_ratio: np.ndarray, dims: np.ndarray, nr: np.ndarray | None = None) -> tuple[int, int]:
     """Neurons whose norm is scaled up in some slots and down in others (what rescaling across an
     activation does), and neurons with one slot far off alone. Judged against each slot's median
     ratio, so that what a perturbation does to a whole tensor (noise inflates norms, pruning shrinks
-    them) is not taken for a rescale. The exact estimate and its undo are in rescale.py."""
+    them) is not taken for a rescale. A 1-D slot (a bias, a normalization's scale or shift: where a
+    rescale may live on the producer's side) counts where its reference value is not small (at
+    least RESCALE_SCALAR_FLOOR x the slot's median magnitude: a ratio of near-zeros means nothing).
+    The exact estimate and its undo are in rescale.py."""
     logs = np.log(np.where(slot_ratio > 0, slot_ratio, 1.0))
     vec = dims >= 2
-    if not vec.any():
+    if not vec.any() and nr is None:
         return 0, 0
-    dev = (logs - np.median(logs, axis=0))[:, vec]
-    hi, lo = dev.max(axis=1), dev.min(axis=1)
+    dev = logs - np.median(logs, axis=0)
+    if nr is not None:
+        floor = RESCALE_SCALAR_FLOOR * np.median(nr, axis=0)
+        counted = vec[None, :] | ((nr > floor[None, :]) & (nr > 0))
+    else:
+        counted = np.broadcast_to(vec[None, :], dev.shape)
+    hi = np.where(counted, dev, -np.inf).max(axis=1, initial=-np.inf)
+    lo = np.where(counted, dev, np.inf).min(axis=1, initial=np.inf)
     two_sided = (hi > RESCALE_DETECT) & (lo < -RESCALE_DETECT) & (np.abs(hi + lo) <= 0.5 * (hi - lo))
     wide = dims[vec] >= 16
-    one_sided = ~two_sided & (np.abs(dev[:, wide]).max(axis=1, initial=0.0) > RESCALE_ONE_SIDED)
+    one_sided = ~two_sided & (np.abs(dev[:, vec][:, wide]).max(axis=1, initial=0.0) > RESCALE_ONE_SIDED)
     return int(two_sided.sum()), int(one_sided.sum())
