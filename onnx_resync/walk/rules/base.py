@@ -136,3 +136,52 @@ def resolve_weight_axes(view, name: str, axis: int):
             return None
         return resolve_weight_axes(view, src, in_real[out_real.index(axis)])
     return None
+
+
+# ---- malformed nodes ------------------------------------------------------------------------
+def malformed(view, node) -> str | None:
+    """ONNX's own word on a node that a rule could not follow: the message of strict shape inference
+    on the node alone, with the input types, shapes and small constants the graph gives it (a Conv
+    with a weight of rank 1), or None when ONNX accepts the node: then the rule's exception is a bug."""
+    import onnx
+
+    graph = view.model.graph
+    types = {i.name: i.type.tensor_type.elem_type for i in list(graph.input) + list(graph.value_info)
+             + list(graph.output) if i.type.HasField("tensor_type")}
+    inputs, initializers = [], []
+    for name in dict.fromkeys(n for n in node.input if n):
+        stored = view.stored_tensor(name)
+        shape = view.shape(name)
+        dims = None if shape is None else [d if isinstance(d, (int, str)) else None for d in shape]
+        inputs.append(onnx.helper.make_tensor_value_info(
+            name, stored.data_type if stored is not None else types.get(name, onnx.TensorProto.FLOAT), dims))
+        if stored is not None and view.constant(name) is not None:  # values that inference reads (axes, shapes)
+            value = onnx.TensorProto()
+            value.CopyFrom(stored)
+            value.name = name
+            initializers.append(value)
+    outputs = [onnx.ValueInfoProto(name=o) for o in node.output if o]
+    one = onnx.helper.make_model(onnx.helper.make_graph([node], "node", inputs, outputs, initializers),
+                                 opset_imports=list(view.model.opset_import))
+    one.ir_version = view.model.ir_version
+    try:  # attributes of the type and count the op's schema declares
+        onnx.checker.check_node(node, _checker_context(view))
+    except Exception as exc:  # noqa: BLE001
+        return " ".join(str(exc).split())[:300] or type(exc).__name__
+    # the node alone, then the whole graph (a node fed by a malformed one has unknown input shapes,
+    # which the node's own inference takes on trust)
+    for candidate in (one, view.model):
+        try:
+            onnx.shape_inference.infer_shapes(candidate, strict_mode=True, data_prop=True)
+        except Exception as exc:  # noqa: BLE001 - ONNX's verdict, worded on one line
+            return " ".join(str(exc).split())[:300] or type(exc).__name__
+    return None
+
+
+def _checker_context(view):
+    import onnx
+
+    ctx = onnx.checker.C.CheckerContext()
+    ctx.ir_version = view.model.ir_version
+    ctx.opset_imports = {o.domain: o.version for o in view.model.opset_import}
+    return ctx

@@ -41,7 +41,7 @@ def _axes_input(ctx, node, idx=1):
     axes = attr(node, "axes")
     if axes is None and len(node.input) > idx and node.input[idx]:
         value = ctx.const(node.input[idx])
-        axes = None if value is None else [int(v) for v in np.atleast_1d(value)]
+        axes = None if value is None or np.ndim(value) > 1 else [int(v) for v in np.atleast_1d(value)]
     return axes
 
 
@@ -453,7 +453,7 @@ def tile(ctx, node) -> None:
     reps = ctx.const(_inputs(node, 1))
     out = {}
     for a, l in labels.items():
-        if reps is not None and int(reps[a]) == 1:
+        if reps is not None and np.ndim(reps) == 1 and a < len(reps) and int(reps[a]) == 1:
             out[a] = l
         else:
             ctx.pin(l, "Tile along the channel axis")

@@ -50,10 +50,13 @@ def gather(ctx, node) -> None:
             out_labels[a] = _distinct_copies(label.take(np.where(idx < 0, idx + len(label), idx)))
         else:
             ctx.pin(label, "Gather on the channel axis with non-constant or multi-dim indices")
-    if idx is not None:
-        picked = np.where(idx < 0, idx + (ctx.dim(data, axis) or 0), idx).reshape(-1)
+    if idx is not None and ctx.stacked(data):
+        # the cut counts negative indices from the axis's end: its length is the label's (n), so a
+        # symbolic dim (a name, not a number) is never added to the indices
+        flat = idx.reshape(-1).astype(np.int64)
         where = {a: a if a < axis else a + idx_rank - 1 for a in range(r) if a != axis or idx_rank == 1}
-        out_labels.update(_cut_stacked(ctx, data, lambda a, n: picked if a == axis else None, where))
+        out_labels.update(_cut_stacked(ctx, data, lambda a, n: np.where(flat < 0, flat + n, flat) if a == axis
+                                       else None, where))
     ctx.set(out, out_labels)
 
 
@@ -167,10 +170,10 @@ def _clamp(start, end, step, n):
 declare("Gather", gather, attributes={"axis": 0}, stacked=True, layout=True, homogeneous=True, foldable=True,
         quantized_view=True)
 declare("Concat", concat, attributes={"axis": 0}, layout=True, homogeneous=True, homogeneous_joint=True,
-        foldable=True)
-_SPLIT = dict(stacked=True, layout=True, homogeneous=True, quantized_view=True)
+        foldable=True, weight_view=True)  # weight views: graph.GraphView.index_sources maps their positions
+_SPLIT = dict(stacked=True, layout=True, homogeneous=True, quantized_view=True, weight_view=True)
 declare("Split", split, attributes={"axis": 0, "split": None}, **_SPLIT)  # sizes: an attribute,
 declare("Split", split, since=13, attributes={"axis": 0}, **_SPLIT)  # then an input
-_SLICE = dict(stacked=True, layout=True, homogeneous=True, foldable=True, quantized_view=True)
+_SLICE = dict(stacked=True, layout=True, homogeneous=True, foldable=True, quantized_view=True, weight_view=True)
 declare("Slice", slice_, attributes={"starts": None, "ends": None, "axes": None}, **_SLICE)  # attributes,
 declare("Slice", slice_, since=10, **_SLICE)  # then inputs
