@@ -719,3 +719,246 @@ def _layernorm_stats():
 ORT_CANNOT_RUN: dict[str, str] = {
     "com.microsoft.QLinearReduceMean": "ONNX Runtime has no CPU kernel for it (NOT_IMPLEMENTED)",
 }
+
+
+# ---- ONNX Runtime's contrib ops (walk/rules/contrib.py), as its optimizer and tools write them ----------------
+CHECKER_REFUSES: dict[str, str] = {  # onnx.checker does not know these ops: name -> why
+    "SimplifiedLayerNormalization": "ONNX Runtime registers it in the standard domain; ONNX has no such op",
+}
+H, HEADS = 8, 2  # hidden channels and heads of the attention cases (head size 4)
+
+
+def _seq(middle, hidden: int = H, out_hidden: int | None = None, opset: int = OPSET):
+    """X [1, 4, 6] -> MatMul W1 -> middle -> MatMul W2 (middle returns [1, 4, out_hidden])."""
+    g = G(opset, ms=True)
+    t = g.matmul(g.input("X", [1, 4, 6]), 6, hidden, "W1")
+    u = middle(g, t)
+    g.ranks.setdefault(u, 3)
+    g.output(g.matmul(u, out_hidden or hidden, 4, "W2"))
+    return g.model()
+
+
+def _fused_conv(activation: str, params=None, z: bool = False):
+    def build():
+        g = G(ms=True)
+        x = g.input("X", [1, 3, 4, 4])
+        t = g.conv(x, 3, C, "W1")
+        ins = [t, g.rand("Wop", [5, C, 1, 1]), g.rand("Wop_b", [5], 0.1)]
+        if z:  # the sum input: another producer's channels meet the conv's
+            ins.append(g.conv(x, 3, 5, "Wz"))
+        attrs = {"activation_params": params} if params else {}
+        y = g.op("FusedConv", ins, domain=MS, activation=activation, kernel_shape=[1, 1], **attrs)
+        g.ranks[y] = 4
+        g.output(g.conv(y, 5, 4, "W2"))
+        return g.model()
+
+    return build
+
+
+case("FusedConv", touch=_sets("W1 Wop", "Wop Wop_b Wz W2"), domain=MS)(_fused_conv("Relu", z=True))
+for _act, _params in (("Tanh", None), ("Sigmoid", None), ("LeakyRelu", [0.2]), ("Clip", [-0.5, 0.5]),
+                      ("HardSigmoid", [0.2, 0.5])):
+    VARIANTS.append(Case("FusedConv", _fused_conv(_act, _params), _sets("W1 Wop", "Wop Wop_b W2"), None, (), MS,
+                         variant=_act))
+
+
+@case("FusedGemm", touch=_sets("W1 Wop", "Wop Wop_b W2"), domain=MS)
+def _fused_gemm():
+    def middle(g, t):
+        return g.op("FusedGemm", [t, g.rand("Wop", [5, C]), g.rand("Wop_b", [5], 0.1)], domain=MS, transB=1,
+                    activation="LeakyRelu", activation_alpha=0.1)
+
+    return _two_d(middle, ms=True)
+
+
+@case("FusedMatMul", touch=_sets("W1 Wop", "Wop W2"), domain=MS)
+def _fused_matmul():  # the weight stored transposed [N, K], alpha folded in
+    return _seq(lambda g, t: g.op("FusedMatMul", [t, g.rand("Wop", [5, H])], domain=MS, transB=1, alpha=0.5),
+                out_hidden=5)
+
+
+@variant("FusedMatMul", "transA", "reaches a graph output", touch=(), free=())
+def _fused_matmul_trans_a():  # x^T W over the sequence axis: the hidden channels become rows
+    g = G(ms=True)
+    t = g.gemm(g.input("X", [2, 3]), 3, C, "W1")
+    y = g.op("FusedMatMul", [t, g.rand("Wop", [2, 5])], domain=MS, transA=1)
+    g.ranks[y] = 2
+    g.output(y)
+    return g.model()
+
+
+case("QuickGelu", touch=_sets("W1 W2"), domain=MS)(
+    lambda: _conv_chain(lambda g, t: g.op("QuickGelu", [t], domain=MS, alpha=1.702), ms=True))
+case("Gelu", touch=_sets("W1 W2"), domain=MS)(
+    lambda: _conv_chain(lambda g, t: g.op("Gelu", [t], domain=MS), ms=True))
+case("BiasGelu", touch=_sets("W1 gb W2"), domain=MS)(
+    lambda: _seq(lambda g, t: g.op("BiasGelu", [t, g.rand("gb", [H], 0.1)], domain=MS)))
+case("FastGelu", touch=_sets("W1 gb W2"), domain=MS)(
+    lambda: _seq(lambda g, t: g.op("FastGelu", [t, g.rand("gb", [H], 0.1)], domain=MS)))
+variant("FastGelu", "no-bias", None, touch=["W1 W2"], free=())(
+    lambda: _seq(lambda g, t: g.op("FastGelu", [t], domain=MS)))
+
+
+def _skip_norm(op: str):
+    def build():
+        g = G(ms=True)
+        x = g.input("X", [1, 4, 6])
+        a, b = g.matmul(x, 6, H, "W1a"), g.matmul(x, 6, H, "W1b")
+        params = [g.rand("gamma", [H])] + ([] if "Simplified" in op else [g.rand("beta", [H], 0.1)])
+        y, _, _, total = g.op(op, [a, b] + params + [g.rand("sbias", [H], 0.1)], outputs=4, domain=MS,
+                              epsilon=1e-5)
+        both = g.op("Add", [y, total])
+        g.ranks[both] = 3
+        g.output(g.matmul(both, H, 4, "W2"))
+        return g.model()
+
+    touch = "W1a W1b gamma sbias W2" + ("" if "Simplified" in op else " beta")
+    case(op, touch=_sets(touch), domain=MS)(build)
+
+
+_skip_norm("SkipLayerNormalization")
+_skip_norm("SkipSimplifiedLayerNormalization")
+case("SimplifiedLayerNormalization", touch=_sets("W1 rms_s W2"))(
+    lambda: _seq(lambda g, t: g.op("SimplifiedLayerNormalization", [t, g.rand("rms_s", [H])], axis=-1,
+                                   epsilon=1e-5)))
+
+
+@case("EmbedLayerNormalization", touch=_sets("word pos seg e_gamma e_beta W2"), domain=MS)
+def _embed_layer_norm():
+    g = G(ms=True)
+    ids = g.input("ids", [1, 4], TP.INT32)
+    seg_ids = g.input("seg_ids", [1, 4], TP.INT32)
+    y, _ = g.op("EmbedLayerNormalization", [ids, seg_ids, g.rand("word", [10, H]), g.rand("pos", [6, H]),
+                                            g.rand("seg", [2, H]), g.rand("e_gamma", [H]),
+                                            g.rand("e_beta", [H], 0.1)], outputs=2, domain=MS, epsilon=1e-5)
+    g.ranks[y] = 3
+    g.output(g.matmul(y, H, 4, "W2"))
+    return g.model()
+
+
+@case("Attention", touch=_sets("W1 Wqkv", "Wqkv bqkv W2"), domain=MS)
+def _attention():  # packed QKV [H, 3H]: heads move in Q, K and V together, with W2's rows
+    return _seq(lambda g, t: g.op("Attention", [t, g.rand("Wqkv", [H, 3 * H]), g.rand("bqkv", [3 * H], 0.1)],
+                                  domain=MS, num_heads=HEADS))
+
+
+@case("MultiHeadAttention", touch=_sets("Wq Wk Wv mbias W2"), domain=MS)
+def _multi_head_attention():
+    g = G(ms=True)
+    x = g.input("X", [1, 4, 6])
+    q, k, v = (g.matmul(x, 6, H, w) for w in ("Wq", "Wk", "Wv"))
+    y = g.op("MultiHeadAttention", [q, k, v, g.rand("mbias", [3 * H], 0.1)], domain=MS, num_heads=HEADS)
+    g.ranks[y] = 3
+    g.output(g.matmul(y, H, 4, "W2"))
+    return g.model()
+
+
+def _gqa(rotary: bool):
+    def build():  # 4 query heads over 2 key/value heads, head size 16 (ORT's rotary
+        # kernel wants a multiple of 16), no cache (a prompt of 4 tokens)
+        g = G(ms=True)
+        x = g.input("X", [1, 4, 6])
+        q, k, v = g.matmul(x, 6, 64, "Wq"), g.matmul(x, 6, 32, "Wk"), g.matmul(x, 6, 32, "Wv")
+        extra = {}
+        ins = [q, k, v, "", "", g.const("seqlens", [3], np.int32), g.const("total", [4], np.int32)]
+        if rotary:
+            ins += [g.rand("cos", [8, 8]), g.rand("sin", [8, 8])]
+            extra = {"do_rotary": 1}
+        y, _, _ = g.op("GroupQueryAttention", ins, outputs=3, domain=MS, num_heads=4, kv_num_heads=2, **extra)
+        g.ranks[y] = 3
+        g.output(g.matmul(y, 64, 4, "W2"))
+        return g.model()
+
+    return build
+
+
+case("GroupQueryAttention", touch=_sets("Wq Wk Wv W2"), domain=MS)(_gqa(False))
+# (a pinned dim does not show among the pins: its cells still move with their heads; tests/test_contrib_walk.py
+# checks which groups there are)
+VARIANTS.append(Case("GroupQueryAttention", _gqa(True), _sets("Wq Wk Wv W2"), None, (), MS, variant="rotary"))
+
+
+@case("RotaryEmbedding", touch=_sets("W1 W2"), domain=MS)
+def _rotary_embedding():  # heads move, the dims inside a head stay (pairs ordered by frequency)
+    def middle(g, t):
+        pos = g.const("pos_ids", [[0, 1, 2, 3]], np.int64)
+        return g.op("RotaryEmbedding", [t, pos, g.rand("cos", [8, 2]), g.rand("sin", [8, 2])], domain=MS,
+                    num_heads=HEADS)
+
+    return _seq(middle)
+
+
+@case("MatMulNBits", touch=_sets("Bq Bs Bz W2"), pinned="MatMulNBits input axis K", free=("W1",), domain=MS)
+def _matmul_nbits():  # int4, K = 32 in blocks of 16: 5 rows of 2 blocks, packed zero points
+    g = G(ms=True)
+    t = g.gemm(g.input("X", [2, 3]), 3, 32, "W1")
+    ins = [t, g.ints("Bq", [5, 2, 8], 0, 256, np.uint8), g.const("Bs", g.rng.uniform(0.01, 0.05, 10)),
+           g.ints("Bz", [5], 0, 256, np.uint8)]
+    y = g.op("MatMulNBits", ins, domain=MS, K=32, N=5, bits=4, block_size=16)
+    g.ranks[y] = 2
+    g.output(g.gemm(y, 5, 4, "W2"))
+    return g.model()
+
+
+@case("DynamicQuantizeMatMul", touch=_sets("W1 Bq", "Bq Bs dqb W2"), domain=MS)
+def _dynamic_quantize_matmul():
+    def middle(g, t):
+        ins = [t, g.ints("Bq", [C, 5], -100, 100, np.int8), g.const("Bs", g.rng.uniform(0.002, 0.01, 5)),
+               g.const("Bz", np.zeros(5), np.int8), g.rand("dqb", [5], 0.1)]
+        return g.op("DynamicQuantizeMatMul", ins, domain=MS)
+
+    return _two_d(middle, ms=True)
+
+
+@case("MatMulIntegerToFloat", touch=_sets("W1 Bq", "Bq Bs ib W2"), domain=MS)
+def _matmul_integer_to_float():
+    def middle(g, t):
+        q, s, z = g.op("DynamicQuantizeLinear", [t], outputs=3)
+        ins = [q, g.ints("Bq", [C, 5], 0, 255, np.uint8), s, g.const("Bs", g.rng.uniform(0.002, 0.01, 5)), z,
+               g.ints("Bz", [5], 120, 136, np.uint8), g.rand("ib", [5], 0.1)]
+        return g.op("MatMulIntegerToFloat", ins, domain=MS)
+
+    return _two_d(middle, ms=True)
+
+
+def _nhwc(g, t, op, *args, **attrs):
+    """Quantize t (NCHW), run op on its NHWC form (ONNX Runtime's layout transformer), back to NCHW float."""
+    q, s, z = g.quantize(t)
+    y = g.op(op, [g.op("Transpose", [q], perm=[0, 2, 3, 1])] + [a(g, s, z) if callable(a) else a for a in args],
+             domain=MS, **attrs)
+    return y, s, z
+
+
+@case("QLinearConv", touch=_sets("W1 Wq", "Wq Ws Bq W2"), domain=MS)
+def _qlinear_conv_nhwc():
+    def middle(g, t):
+        ys, yz = g.scalar(0.05), g.scalar(128, np.uint8)
+        w = g.ints("Wq", [5, C, 1, 1], -100, 100, np.int8)
+        ws, wz = g.const("Ws", g.rng.uniform(0.002, 0.01, 5)), g.const("Wz", np.zeros(5), np.int8)
+        y, s, z = _nhwc(g, t, "QLinearConv", lambda g, s, z: s, lambda g, s, z: z, w, ws, wz, ys, yz,
+                        g.ints("Bq", [5], -500, 500, np.int32), channels_last=1)
+        return g.dequantize(g.op("Transpose", [y], perm=[0, 3, 1, 2]), ys, yz)
+
+    return _conv_chain(middle, out_c=5, ms=True)
+
+
+@case("NhwcMaxPool", touch=_sets("W1 W2"), domain=MS)
+def _nhwc_max_pool():
+    def middle(g, t):
+        y, s, z = _nhwc(g, t, "NhwcMaxPool", kernel_shape=[2, 2])
+        return g.dequantize(g.op("Transpose", [y], perm=[0, 3, 1, 2]), s, z)
+
+    return _conv_chain(middle, ms=True)
+
+
+@variant("QLinearMul", "rank-3", None, touch=["W1a W1b W2"], free=())
+def _qlinear_mul_rank3():  # a [1, 4, H] activation of a transformer: any rank
+    g = G(ms=True)
+    x = g.input("X", [1, 4, 6])
+    a, sa, za = g.quantize(g.matmul(x, 6, H, "W1a"))
+    b, sb, zb = g.quantize(g.matmul(x, 6, H, "W1b"), 0.04, 120)
+    ys, yz = g.scalar(0.08), g.scalar(128, np.uint8)
+    y = g.dequantize(g.op("QLinearMul", [a, sa, za, b, sb, zb, ys, yz], domain=MS), ys, yz)
+    g.ranks[y] = 3
+    g.output(g.matmul(y, H, 4, "W2"))
+    return g.model()

@@ -26,7 +26,7 @@ from onnx_resync.errors import CheckFailed
 from onnx_resync.verify import verify
 from onnx_resync.walk import registry
 
-from op_cases import CASES, ORT_CANNOT_RUN, OUTPUT_PIN, VARIANTS
+from op_cases import CASES, CHECKER_REFUSES, ORT_CANNOT_RUN, OUTPUT_PIN, VARIANTS
 
 # ops the registry knows but the walker has no rule for (it pins what reaches them): name -> why
 RULELESS: dict[str, str] = {
@@ -85,7 +85,8 @@ def _ort_runs(path) -> None:
 def test_op(case, tmp_path):
     src, out, back, record = (tmp_path / n for n in ("model.onnx", "permuted.onnx", "undone.onnx", "record.json"))
     model = case.build()
-    onnx.checker.check_model(model, full_check=True)
+    if case.op not in CHECKER_REFUSES:
+        onnx.checker.check_model(model, full_check=True)
     onnx.save(model, src)
 
     result = api.groups(src)

@@ -233,8 +233,8 @@ def _infer_shapes(model: onnx.ModelProto) -> dict[str, list]:
                 if dims is not None and not _sharper(dims, shapes.get(node.output[0])):
                     dims = None
                 found = [(node.output[0], dims, _computed_elem_type(skeleton, node))]
-            elif node.domain == "com.microsoft" and node.output[0] not in shapes:
-                found = [(node.output[0], _contrib_shape(node, shapes), None)]
+            elif node.output[0] not in shapes:
+                found = _registry_shapes(node, shapes)  # ops ONNX does not know (contrib ops)
             else:
                 continue
             for name, dims, elem_type in found:
@@ -393,34 +393,22 @@ _COMPUTED_SHAPES = {"Reshape": _reshape_shape, "Expand": _expand_shape, "Tile": 
                     "Slice": _slice_shape}
 
 
-def _contrib_shape(node, shapes):
-    """Output dims of ONNX Runtime's quantized contrib ops, which ONNX shape inference skips."""
-    def shape(i):
+def _registry_shapes(node, shapes) -> list[tuple[str, list | None, int | None]]:
+    """(output, dims, element type or None: the first input's) from the op's registry entry
+    (`output_shapes`: dims, or (dims, element type or the name of the input whose type it has), per
+    output), for ops ONNX shape inference skips."""
+    spec = registry.spec_of(node)
+    if spec is None or spec.output_shapes is None:
+        return []
+
+    def shape_of(i):
         return shapes.get(node.input[i]) if len(node.input) > i and node.input[i] else None
 
-    op = node.op_type
-    if op in ("QLinearSigmoid", "QLinearLeakyRelu", "QLinearSoftmax"):
-        return shape(0)
-    if op in ("QLinearAdd", "QLinearMul"):
-        a, b = shape(0), shape(3)
-        if a is None or b is None:
-            return None
-        rank = max(len(a), len(b))
-        a, b = [1] * (rank - len(a)) + list(a), [1] * (rank - len(b)) + list(b)
-        return [y if x == 1 else x for x, y in zip(a, b)]
-    if op == "QLinearGlobalAveragePool":
-        x = shape(0)
-        if x is None:
-            return None
-        return list(x[:2]) + [1] * (len(x) - 2) if not registry.attr(node, "channels_last", 0) else [x[0]] + [1] * (len(x) - 2) + [x[-1]]
-    if op == "QGemm":
-        a, b = shape(0), shape(3)
-        if a is None or b is None or len(a) != 2 or len(b) != 2:
-            return None
-        m = a[1] if registry.attr(node, "transA", 0) else a[0]
-        n = b[0] if registry.attr(node, "transB", 0) else b[1]
-        return [m, n]
-    return None
+    try:
+        dims = spec.output_shapes(node, shape_of)
+    except (IndexError, KeyError, TypeError, ValueError, ZeroDivisionError):
+        return []  # inputs that disagree with the op: unknown, and the walker pins what it cannot follow
+    return [(name, *(d if isinstance(d, tuple) else (d, None))) for name, d in zip(node.output, dims or [])]
 
 
 def _reshape_target(in_shape, value, allowzero):

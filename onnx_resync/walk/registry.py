@@ -19,7 +19,11 @@ one by hand), and the *properties* that other stages ask about:
   tensor); `float_form`: the float op a quantized one computes (QLinearSigmoid -> Sigmoid);
 - `trivial`: does not change what a tensor *is*, for audit's structural roles;
 - `commutative`: its inputs may be given in any order; `output_type`: "bool" or "int64" when its
-  output type does not follow its inputs; `shape_reader`: reads only its input's shape.
+  output type does not follow its inputs; `shape_reader`: reads only its input's shape;
+- `output_shapes`: for ops ONNX shape inference does not know (ONNX Runtime's contrib ops), a
+  function (node, shape_of) -> per output its dims (None: unknown), or (dims, element type or the
+  name of the input whose element type it has), where shape_of(i) is
+  the dims of input i (None when absent or unknown); walk/graph.py feeds the results back.
 
 An op that is not registered has no rule: the walker pins everything it touches (nothing is
 guessed). A registered op with `rule=None` is known to the other stages and pinned by the walker.
@@ -56,6 +60,7 @@ class OpSpec:
     commutative: bool = False
     output_type: str | None = None
     shape_reader: bool = False
+    output_shapes: Callable | None = None
 
     @property
     def name(self) -> str:

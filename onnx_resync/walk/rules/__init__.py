@@ -2,8 +2,9 @@
 
 base: helpers and fallbacks; elementwise; producers (Conv, Gemm, MatMul); layout (Transpose,
 Reshape, Flatten, Pad, pooling, ...); selection (Gather, Concat, Split, Slice); normalization;
-reduction; recurrent (LSTM, GRU, RNN); quantized (Q/DQ, integer and QLinear ops).
+reduction; recurrent (LSTM, GRU, RNN); quantized (Q/DQ, integer and QLinear ops); contrib (ONNX Runtime's
+fused, normalization, attention and blocked-quantization ops).
 """
 
-from . import elementwise, layout, normalization, producers, quantized, recurrent, reduction, selection  # noqa: F401
+from . import contrib, elementwise, layout, normalization, producers, quantized, recurrent, reduction, selection  # noqa: F401
 from .base import resolve_weight_axes, unknown_op  # noqa: F401

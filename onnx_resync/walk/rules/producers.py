@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ..channels import Label
 from ..registry import declare
+from ...errors import UnsupportedError
 from .base import _inputs, attr
 
 
@@ -17,28 +18,34 @@ def conv(ctx, node) -> None:
     _conv(ctx, node, node.input[0], node.input[1], _inputs(node, 2))
 
 
-def _conv(ctx, node, x: str, w: str, b: str, per_channel: tuple[str, ...] = ()) -> None:
-    """Conv and its quantized forms; per_channel: weight scales/zero points along output channels."""
+def _conv(ctx, node, x: str, w: str, b: str, per_channel: tuple[str, ...] = (), channels_last: bool = False) -> None:
+    """Conv and its quantized forms; per_channel: weight scales/zero points along output channels;
+    channels_last: x and the output are NHWC (ONNX Runtime's NHWC QLinearConv), the weight OIHW."""
     out = node.output[0]
     group = int(attr(node, "group"))
     wshape = ctx.shape(w)
     x_labels = ctx.get(x)
-    if wshape is None or not ctx.is_weightlike(w):
+    rank = ctx.rank(x)
+    if wshape is None or not ctx.is_weightlike(w) or (channels_last and rank is None):
         for n in (x, w):
             ctx.pin_all(n, "Conv with a computed weight")
         return
+    c_axis = rank - 1 if channels_last else 1
     for axis, label in x_labels.items():
-        if axis != 1:
+        if axis != c_axis:
             ctx.pin(label, "Conv over a channel-carrying spatial axis")
-    in_label = x_labels.get(1)
+    in_label = x_labels.get(c_axis)
     m, c_per_group = wshape[0], wshape[1]
+    if group < 1 or not isinstance(m, int) or m % group:
+        raise UnsupportedError(f"node {node.name or node.op_type!r} ({node.op_type}) is malformed: group={group} "
+                               f"does not divide its {m} output channels")
     if group == 1:
         if in_label is not None:
             ctx.slot(w, 1, in_label)
         fresh = ctx.new(m, node, out)
         ctx.slot(w, 0, fresh)
         ctx.slot(b, 0, fresh)
-        ctx.set(out, {1: fresh})
+        ctx.set(out, {c_axis: fresh})
         return
     m_per_group = m // group
     if c_per_group == 1 and in_label is not None:
@@ -46,7 +53,7 @@ def _conv(ctx, node, x: str, w: str, b: str, per_channel: tuple[str, ...] = ()) 
         out_label = in_label.repeat_blocks(m_per_group)
         ctx.slot(w, 0, out_label)
         ctx.slot(b, 0, out_label)
-        ctx.set(out, {1: out_label})
+        ctx.set(out, {c_axis: out_label})
         return
     if in_label is not None:
         ctx.pin(in_label, f"input of a grouped Conv (group={group}): cross-group layout not modelled")
@@ -55,7 +62,7 @@ def _conv(ctx, node, x: str, w: str, b: str, per_channel: tuple[str, ...] = ()) 
     ctx.elements.tag(fresh.elem, [("conv-group", node.name, k // m_per_group) for k in range(m)])
     ctx.slot(w, 0, fresh)
     ctx.slot(b, 0, fresh)
-    ctx.set(out, {1: fresh})
+    ctx.set(out, {c_axis: fresh})
 
 
 def conv_transpose(ctx, node) -> None:
@@ -127,13 +134,17 @@ def matmul(ctx, node) -> None:
     _matmul(ctx, node, node.input[0], node.input[1])
 
 
-def _matmul(ctx, node, a: str, b: str) -> None:
+def _matmul(ctx, node, a: str, b: str, trans_a: bool = False, trans_b: bool = False) -> None:
+    """MatMul of a and b (each transposed in its last two axes where trans_*: FusedMatMul)."""
     out = node.output[0]
     ra, rb, ro = ctx.rank(a), ctx.rank(b), ctx.rank(out)
     if ra is None or rb is None or ro is None or ra < 2 or rb < 2:
         for n in (a, b):
             ctx.pin_all(n, "MatMul with unknown or vector ranks")
         return
+    # (rows, contracted) axes of a and (contracted, columns) axes of b
+    a_rows, a_k = (ra - 1, ra - 2) if trans_a else (ra - 2, ra - 1)
+    b_k, b_cols = (rb - 1, rb - 2) if trans_b else (rb - 2, rb - 1)
     la, lb = ctx.get(a), ctx.get(b)
     out_labels: dict[int, Label] = {}
     # batch axes broadcast like elementwise ops
@@ -153,27 +164,27 @@ def _matmul(ctx, node, a: str, b: str) -> None:
                     ctx.slot(name, ia, label)
                 else:
                     ctx.pin(label, "MatMul batch axis meets an unlabelled tensor")
-    # contracted axis: a's last with b's second-to-last
-    ka, kb = la.get(ra - 1), lb.get(rb - 2)
+    # contracted axis: a's columns with b's rows
+    ka, kb = la.get(a_k), lb.get(b_k)
     if ka is not None and kb is not None:
         ctx.union(ka, kb)
     elif ka is not None:
-        _contract_with(ctx, b, rb - 2, ka, node)
+        _contract_with(ctx, b, b_k, ka, node)
     elif kb is not None:
-        _contract_with(ctx, a, ra - 1, kb, node)
+        _contract_with(ctx, a, a_k, kb, node)
     # free axes: a's rows and b's columns
-    rows, cols = la.get(ra - 2), lb.get(rb - 1)
+    rows, cols = la.get(a_rows), lb.get(b_cols)
     if rows is not None:
         out_labels[ro - 2] = rows
-    elif ctx.is_weightlike(a) and not ctx.is_weightlike(b) and isinstance(ctx.dim(a, ra - 2), int):
-        fresh = ctx.new(ctx.dim(a, ra - 2), node, out)
-        ctx.slot(a, ra - 2, fresh)
+    elif ctx.is_weightlike(a) and not ctx.is_weightlike(b) and isinstance(ctx.dim(a, a_rows), int):
+        fresh = ctx.new(ctx.dim(a, a_rows), node, out)
+        ctx.slot(a, a_rows, fresh)
         out_labels[ro - 2] = fresh
     if cols is not None:
         out_labels[ro - 1] = cols
-    elif ctx.is_weightlike(b) and not ctx.is_weightlike(a) and isinstance(ctx.dim(b, rb - 1), int):
-        fresh = ctx.new(ctx.dim(b, rb - 1), node, out)
-        ctx.slot(b, rb - 1, fresh)
+    elif ctx.is_weightlike(b) and not ctx.is_weightlike(a) and isinstance(ctx.dim(b, b_cols), int):
+        fresh = ctx.new(ctx.dim(b, b_cols), node, out)
+        ctx.slot(b, b_cols, fresh)
         out_labels[ro - 1] = fresh
     ctx.set(out, out_labels)
 

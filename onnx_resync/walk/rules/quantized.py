@@ -57,6 +57,23 @@ def qlinear_conv(ctx, node) -> None:
     _per_channel_slots(ctx, node, [_inputs(node, 4), _inputs(node, 5)], axis=1)
 
 
+def qlinear_conv_nhwc(ctx, node) -> None:
+    """ONNX Runtime's QLinearConv (com.microsoft): with channels_last, x and y are NHWC, w is OIHW."""
+    last = bool(int(attr(node, "channels_last")))
+    _conv(ctx, node, node.input[0], node.input[3], _inputs(node, 8), channels_last=last)
+    _per_channel_slots(ctx, node, [_inputs(node, 4), _inputs(node, 5)], axis=-1 if last else 1)
+
+
+def nhwc_pool(ctx, node) -> None:
+    """A pool over the middle axes of an NHWC tensor: the last axis keeps its channels."""
+    labels = ctx.get(node.input[0])
+    r = ctx.rank(node.input[0])
+    for a, l in labels.items():
+        if r is None or a != r - 1:
+            ctx.pin(l, f"{node.op_type} over a channel-carrying axis")
+    ctx.set(node.output[0], {a: l for a, l in labels.items() if r is not None and a == r - 1})
+
+
 def qlinear_matmul(ctx, node) -> None:
     # inputs: a, a_scale, a_zp, b, b_scale, b_zp, y_scale, y_zp; b's scale/zp may be per column
     _matmul(ctx, node, node.input[0], node.input[3])
@@ -124,6 +141,92 @@ def qlinear_concat(ctx, node) -> None:
     concat(ctx, proxy)
 
 
+# ---- output shapes (ONNX shape inference does not know the com.microsoft ops) -----------------
+def _same_dims(node, shape_of):
+    return [shape_of(0)]
+
+
+def _binary_dims(node, shape_of):  # QLinearAdd/Mul: a and b broadcast, any rank
+    a, b = shape_of(0), shape_of(3)
+    if a is None or b is None:
+        return [None]
+    rank = max(len(a), len(b))
+    a, b = [1] * (rank - len(a)) + list(a), [1] * (rank - len(b)) + list(b)
+    return [[y if x == 1 else x for x, y in zip(a, b)]]
+
+
+def _global_pool_dims(node, shape_of):
+    x = shape_of(0)
+    if x is None:
+        return [None]
+    if int(attr(node, "channels_last")):
+        return [[x[0]] + [1] * (len(x) - 2) + [x[-1]]]
+    return [list(x[:2]) + [1] * (len(x) - 2)]
+
+
+def _pool_dims(node, shape_of):  # QLinearAveragePool: spatial sizes as symbols of their own
+    x = shape_of(0)
+    if x is None:
+        return [None]
+    spatial = [f"{node.output[0]}:{i}" for i in range(len(x) - 2)]
+    return [[x[0]] + spatial + [x[-1]] if int(attr(node, "channels_last")) else [x[0], x[1]] + spatial]
+
+
+def conv_dims(node, x, w, channels_last: bool = False):
+    """A convolution's output dims from x's and w's (OIHW); spatial sizes it cannot compute are
+    symbols of their own."""
+    if x is None or w is None or len(x) < 3 or len(w) != len(x):
+        return None
+    if channels_last:
+        x = [x[0], x[-1]] + list(x[1:-1])
+    spatial = len(x) - 2
+    kernel = list(attr(node, "kernel_shape") or w[2:])
+    strides = list(attr(node, "strides") or [1] * spatial)
+    dilations = list(attr(node, "dilations") or [1] * spatial)
+    pads = list(attr(node, "pads") or [0] * (2 * spatial))
+    auto_pad = attr(node, "auto_pad")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    out = [x[0], w[0]]
+    for i in range(spatial):
+        d = x[2 + i]
+        if not isinstance(d, int) or not isinstance(kernel[i], int):
+            out.append(f"{node.output[0]}:{2 + i}")
+        elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+            out.append(-(-d // strides[i]))
+        else:
+            span = dilations[i] * (kernel[i] - 1) + 1
+            extra = 0 if auto_pad == "VALID" else pads[i] + pads[i + spatial]
+            out.append((d + extra - span) // strides[i] + 1)
+    return [out[0]] + out[2:] + [out[1]] if channels_last else out
+
+
+def _qlinear_conv_dims(node, shape_of):
+    return [conv_dims(node, shape_of(0), shape_of(3), bool(int(attr(node, "channels_last"))))]
+
+
+def _nhwc_pool_dims(node, shape_of):
+    x = shape_of(0)
+    return [None if x is None else [x[0]] + [f"{node.output[0]}:{i}" for i in range(1, len(x) - 1)] + [x[-1]]]
+
+
+def _qgemm_dims(node, shape_of):
+    a, b = shape_of(0), shape_of(3)
+    if a is None or b is None or len(a) != 2 or len(b) != 2:
+        return [None]
+    return [[a[1] if attr(node, "transA") else a[0], b[0] if attr(node, "transB") else b[1]]]
+
+
+def _concat_dims(node, shape_of):  # QLinearConcat: pieces are inputs 2, 5, 8, ...
+    pieces = [shape_of(i) for i in range(2, len(node.input), 3)]
+    if not pieces or any(p is None for p in pieces) or len({len(p) for p in pieces}) != 1:
+        return [None]
+    axis = int(attr(node, "axis")) % len(pieces[0])
+    sizes = [p[axis] for p in pieces]
+    out = list(pieces[0])
+    out[axis] = sum(sizes) if all(isinstance(d, int) for d in sizes) else f"{node.output[0]}:{axis}"
+    return [out]
+
+
 # ---- declarations ---------------------------------------------------------------------------
 declare("QuantizeLinear", quantize_linear, attributes={"axis": 1, "block_size": 0}, trivial=True, foldable=True)
 declare("DequantizeLinear", quantize_linear, attributes={"axis": 1, "block_size": 0}, trivial=True, foldable=True,
@@ -133,13 +236,20 @@ declare("ConvInteger", conv_integer, attributes={"group": 1})
 declare("QLinearConv", qlinear_conv, attributes={"group": 1})
 declare("MatMulInteger", matmul_integer)
 declare("QLinearMatMul", qlinear_matmul)
-declare("QGemm", qgemm, domain=MICROSOFT, attributes={"transA": 0, "transB": 0})
+declare("QGemm", qgemm, domain=MICROSOFT, attributes={"transA": 0, "transB": 0}, output_shapes=_qgemm_dims)
 for _op in ("QLinearAdd", "QLinearMul"):
-    declare(_op, qlinear_binary, domain=MICROSOFT)
+    declare(_op, qlinear_binary, domain=MICROSOFT, output_shapes=_binary_dims)
 for _op, _float in (("QLinearSigmoid", "Sigmoid"), ("QLinearLeakyRelu", "LeakyRelu"),
                     ("QLinearSoftmax", "Softmax")):  # Softmax: equivariant along its axis
-    declare(_op, qlinear_unary, domain=MICROSOFT, float_form=_float)
-for _op, _float in (("QLinearGlobalAveragePool", "GlobalAveragePool"), ("QLinearAveragePool", "AveragePool")):
-    declare(_op, qlinear_pool, domain=MICROSOFT, attributes={"channels_last": 0}, float_form=_float)
+    declare(_op, qlinear_unary, domain=MICROSOFT, float_form=_float, output_shapes=_same_dims)
+declare("QLinearGlobalAveragePool", qlinear_pool, domain=MICROSOFT, attributes={"channels_last": 0},
+        float_form="GlobalAveragePool", output_shapes=_global_pool_dims)
+declare("QLinearAveragePool", qlinear_pool, domain=MICROSOFT, attributes={"channels_last": 0},
+        float_form="AveragePool", output_shapes=_pool_dims)
+_CONV_ATTRS = {"group": 1, "kernel_shape": None, "strides": None, "dilations": None, "pads": None,
+               "auto_pad": "NOTSET"}
+declare("QLinearConv", qlinear_conv_nhwc, domain=MICROSOFT, attributes={**_CONV_ATTRS, "channels_last": 0},
+        output_shapes=_qlinear_conv_dims)
+declare("NhwcMaxPool", nhwc_pool, domain=MICROSOFT, float_form=None, output_shapes=_nhwc_pool_dims)
 declare("QLinearReduceMean", None, domain=MICROSOFT, float_form="ReduceMean")
-declare("QLinearConcat", qlinear_concat, domain=MICROSOFT, attributes={"axis": 0})
+declare("QLinearConcat", qlinear_concat, domain=MICROSOFT, attributes={"axis": 0}, output_shapes=_concat_dims)
