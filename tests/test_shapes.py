@@ -293,3 +293,55 @@ def tiled_conv(c=4):
 def test_tile_repeats_computed_from_shape_are_followed():
     result = _prove(tiled_conv())
     assert result.coverage == 1.0, result.pinned
+
+
+# ---- weights computed from stored ones by index maps (issue 15.2) -----------------------------------
+def reordered_lstm(hidden=4, feat=3, extra_rows=0, direction="forward"):
+    """An LSTM whose W/R/B are computed by Slice + Concat of stored tensors in another gate order
+    (torch's i, f, g, o -> ONNX's i, o, f, c), as exporters write it; the hidden units feed a Gemm.
+    extra_rows: the stored W has rows the LSTM never reads (the counter-case)."""
+    rng = np.random.default_rng(5)
+    dirs = 2 if direction == "bidirectional" else 1
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 2, feat])
+    nodes, inits = [], []
+    order = [0, 3, 1, 2]
+
+    def reorder(stored, shape, chunks):
+        inits.append(_rng_init(rng, stored, shape))
+        size = (shape[1] - extra_rows * (stored == "w_t")) // chunks
+        pieces = []
+        for c in range(chunks):
+            k = (c // 4) * 4 + order[c % 4]
+            nodes.append(helper.make_node("Slice", [stored, f"{stored}_s{k}", f"{stored}_e{k}", "ax1"], [f"{stored}_{c}"]))
+            inits.extend([_i64(f"{stored}_s{k}", [k * size]), _i64(f"{stored}_e{k}", [(k + 1) * size])])
+            pieces.append(f"{stored}_{c}")
+        nodes.append(helper.make_node("Concat", pieces, [stored + "_onnx"], axis=1))
+        return stored + "_onnx"
+
+    w = reorder("w_t", [dirs, 4 * hidden + extra_rows, feat], 4)
+    r = reorder("r_t", [dirs, 4 * hidden, hidden], 4)
+    b = reorder("b_t", [dirs, 8 * hidden], 8)
+    inits.append(_i64("ax1", [1]))
+    nodes += [
+        helper.make_node("LSTM", ["x", w, r, b], ["y"], hidden_size=hidden, direction=direction),
+        helper.make_node("Transpose", ["y"], ["yt"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["yt", "flat"], ["yf"]),
+        helper.make_node("MatMul", ["yf", "wo"], ["out"]),
+    ]
+    inits += [_i64("flat", [5, 2, dirs * hidden]), _rng_init(rng, "wo", [dirs * hidden, 2])]
+    return _model(nodes, [x], [helper.make_tensor_value_info("out", TensorProto.FLOAT, [5, 2, 2])], inits)
+
+
+@pytest.mark.parametrize("direction", ["forward", "bidirectional"])
+def test_gates_reordered_by_slice_and_concat_move_the_stored_weights(direction):
+    model = reordered_lstm(direction=direction)
+    result = _prove(model)
+    assert result.coverage == 1.0, result.pinned
+    slotted = {s.weight for g in result.groups for s in g.slots}
+    assert {"w_t", "r_t", "b_t", "wo"} <= slotted  # the stored tensors move, the computed ones follow
+
+
+def test_a_weight_read_in_part_pins_with_its_reason():
+    result = walk(reordered_lstm(extra_rows=2))
+    assert result.permutable_channels == 0
+    assert any("read in part" in p.reason for p in result.pinned), result.pinned

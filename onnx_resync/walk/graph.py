@@ -98,6 +98,95 @@ class GraphView:
                     weights.update(o for o in node.output if o)
         return weights
 
+    def index_sources(self, name: str, axis: int, depth: int = 0) -> list[tuple[str, int, np.ndarray]] | None:
+        """Where each position of `axis` of a weight view lives in the stored tensors: [(stored, axis,
+        positions)], positions[p] the stored index of position p (-1: not from that tensor). Follows
+        index-mapping chains (Slice, Concat, Split, Transpose, Squeeze/Unsqueeze, size-1 Reshape,
+        Identity/Cast) the way an exporter reorders LSTM gates; None where a step is not such a map."""
+        shape = self.shape(name)
+        if shape is None or axis >= len(shape) or not isinstance(shape[axis], int) or depth > 64:
+            return None
+        if self.stored_tensor(name) is not None:
+            return [(name, axis, np.arange(shape[axis]))]
+        node = self.producer.get(name)
+        if node is None or node.domain not in ("", "ai.onnx") or not node.input:
+            return None
+        op, src = node.op_type, node.input[0]
+        if op in ("Identity", "Cast"):
+            return self.index_sources(src, axis, depth + 1)
+        if op == "Transpose":
+            perm = registry.attr(node, "perm", None)
+            perm = list(perm) if perm is not None else list(reversed(range(len(shape))))
+            return self.index_sources(src, perm[axis], depth + 1)
+        if op in ("Squeeze", "Unsqueeze", "Reshape"):
+            in_shape = self.shape(src)
+            if in_shape is None:
+                return None
+            in_real = [i for i, d in enumerate(in_shape) if d != 1]
+            out_real = [i for i, d in enumerate(shape) if d != 1]
+            if [in_shape[i] for i in in_real] != [shape[i] for i in out_real] or axis not in out_real:
+                return None
+            return self.index_sources(src, in_real[out_real.index(axis)], depth + 1)
+        if op in ("Slice", "Split"):
+            in_shape = self.shape(src)
+            kept = self._selected(node, axis, in_shape, name)
+            if kept is None:
+                return None
+            found = self.index_sources(src, axis, depth + 1)
+            return None if found is None else [(b, a, pos[kept]) for b, a, pos in found]
+        if op == "Concat":
+            cat = int(registry.attr(node, "axis", 0)) % len(shape)
+            parts = []
+            for i in node.input:
+                found = self.index_sources(i, axis, depth + 1) if i else None
+                if found is None:
+                    return None
+                parts.append((found, (self.shape(i) or [0] * len(shape))[axis]))
+            if cat != axis:  # every piece spans the whole axis
+                return [entry for found, _ in parts for entry in found]
+            out, offset, total = [], 0, shape[axis]
+            for found, length in parts:
+                for b, a, pos in found:
+                    full = np.full(total, -1, dtype=np.int64)
+                    full[offset:offset + length] = pos
+                    out.append((b, a, full))
+                offset += length
+            return _merge_positions(out)
+        return None
+
+    def _selected(self, node, axis: int, in_shape, name: str) -> np.ndarray | None:
+        """The input positions a Slice or one Split output keeps along `axis` (all when not cut)."""
+        if in_shape is None or not isinstance(in_shape[axis], int):
+            return None
+        n = in_shape[axis]
+        if node.op_type == "Slice":
+            if registry.attr(node, "starts", None) is not None:
+                starts, ends = list(registry.attr(node, "starts")), list(registry.attr(node, "ends"))
+                axes, steps = registry.attr(node, "axes", None), None
+            else:
+                starts, ends = self.constant(node.input[1]), self.constant(node.input[2])
+                axes = self.constant(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+                steps = self.constant(node.input[4]) if len(node.input) > 4 and node.input[4] else None
+                if starts is None or ends is None:
+                    return None
+            axes = list(range(len(starts))) if axes is None else [int(a) % len(in_shape) for a in axes]
+            steps = [1] * len(starts) if steps is None else steps
+            for a, s, e, st in zip(axes, starts, ends, steps):
+                if a == axis:
+                    return np.arange(n)[slice(int(s), int(e), int(st))]
+            return np.arange(n)
+        split_axis = int(registry.attr(node, "axis", 0)) % len(in_shape)
+        if split_axis != axis:
+            return np.arange(n)
+        sizes = registry.attr(node, "split", None)
+        if sizes is None and len(node.input) > 1 and node.input[1]:
+            sizes = self.constant(node.input[1])
+        if sizes is None:
+            sizes = [-(-n // len(node.output))] * len(node.output)
+        bounds = np.cumsum([0] + [int(v) for v in sizes])
+        k = list(node.output).index(name)
+        return np.arange(n)[bounds[k]:bounds[k + 1]]
+
     # ---- shapes -----------------------------------------------------------------------------
     def shape(self, name: str) -> list | None:
         """Dims as ints (known) or str/None (symbolic/unknown); None if the rank is unknown."""
@@ -114,6 +203,21 @@ class GraphView:
 
     def producer_op_count(self) -> int:
         return len(self.nodes)
+
+
+def _merge_positions(entries):
+    """One entry per (stored tensor, axis): positions from several pieces combined (a stored position
+    that two pieces both read makes the map not one to one: None)."""
+    merged: dict[tuple[str, int], np.ndarray] = {}
+    for b, a, pos in entries:
+        if (b, a) in merged:
+            prev = merged[(b, a)]
+            if ((prev >= 0) & (pos >= 0)).any():
+                return None
+            merged[(b, a)] = np.where(pos >= 0, pos, prev)
+        else:
+            merged[(b, a)] = pos
+    return [(b, a, pos) for (b, a), pos in merged.items()]
 
 
 def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:

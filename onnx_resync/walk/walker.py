@@ -177,15 +177,18 @@ class WalkContext:
             return True
         self._node_slots.add((tensor, axis))
         targets = self.sources(tensor, axis)
-        outers = self.sources(tensor, at[0]) if at is not None else []
-        if targets is None or outers is None:
+        pieces = [(b, a, label) for b, a in targets] if targets is not None else self._mapped(tensor, axis, label)
+        outers = self._outer_index(tensor, at) if at is not None else {}
+        if pieces is None or outers is None:
             self.pin(label, f"weight {tensor!r} is computed in a way the walker cannot index")
             return False
-        for base, base_axis in targets:
+        if isinstance(pieces, str):
+            self.pin(label, pieces)
+            return False
+        for base, base_axis, label in pieces:
             key = (base, base_axis)
-            outer = next((a for b, a in outers if b == base), None)
-            if outer is not None:
-                key = (base, base_axis, (outer, at[1]))
+            if base in outers:
+                key = (base, base_axis, outers[base])
             # (a stored tensor without the outer axis, e.g. a per-row scale of both directions,
             # serves every slice: the slices' labels meet in its one slot and move together)
             stored = self.view.stored_tensor(base)
@@ -210,6 +213,44 @@ class WalkContext:
                 self.slots[key] = label
         return True
 
+    def _mapped(self, tensor: str, axis: int, label: Label):
+        """Pieces (stored, axis, its label) of a weight computed by index maps (Slice + Concat of
+        stored weights: an exporter reordering gates): each stored axis gets the label of the
+        positions read from it, in its own order; a reason when a stored axis is read only in part."""
+        mapped = self.view.index_sources(tensor, axis)
+        if mapped is None:
+            return None
+        pieces = []
+        for base, base_axis, pos in mapped:
+            dim = self.view.shape(base)[base_axis]
+            valid = np.flatnonzero(pos >= 0)
+            if dim == 1:
+                continue  # broadcast
+            if len(valid) != dim or not np.array_equal(np.sort(pos[valid]), np.arange(dim)):
+                return f"weight {base!r} is read in part (or twice) through {tensor!r}"
+            order = np.empty(dim, dtype=np.int64)
+            order[pos[valid]] = valid
+            pieces.append((base, base_axis, label.take(order)))
+        return pieces
+
+    def _outer_index(self, tensor: str, at: tuple[int, int]) -> dict | None:
+        """Stored tensor -> (its outer axis, index) for the slice `at` of `tensor` (one RNN direction)."""
+        found = self.sources(tensor, at[0])
+        if found is not None:
+            return {b: (a, at[1]) for b, a in found}
+        mapped = self.view.index_sources(tensor, at[0])
+        if mapped is None or not all(0 <= at[1] < len(pos) and pos[at[1]] >= 0 for _, _, pos in mapped):
+            return None
+        return {b: (a, int(pos[at[1]])) for b, a, pos in mapped}
+
+    def axis_keys(self, name: str, axis: int) -> list[tuple[str, int]] | None:
+        """The stored (weight, axis) pairs that `name`'s axis indexes (weight views and index maps)."""
+        keys = self.sources(name, axis)
+        if keys is None and self.view.is_weight(name):
+            mapped = self.view.index_sources(name, axis)
+            keys = None if mapped is None else [(b, a) for b, a, _ in mapped]
+        return keys
+
     def begin_node(self) -> None:
         self._node_slots = set()
 
@@ -230,7 +271,7 @@ class WalkContext:
             for axis, dim in enumerate(shape):
                 if dim == 1 or (name, axis) in self._node_slots:
                     continue
-                keys = self.sources(name, axis)
+                keys = self.axis_keys(name, axis)
                 if keys is None:
                     self._fix_all(name, reason)
                     break
