@@ -2,6 +2,7 @@
 
     from onnx_resync import api
     api.groups(path) / api.permute(...) / api.resync(...) / api.verify(...) / api.audit(...)
+    api.reduce(path, "reduced.onnx")  # dummy/split neurons and inserted layers out, proven by ORT
     api.inputs(path, save="feeds.npz")  # what the checks feed the model, and why
     api.audit_many(paths, reference, jobs=4, jsonl="results.jsonl")
 
@@ -187,13 +188,20 @@ class _Later:
 
 
 def audit(suspect: ModelLike, reference: ModelLike, *, html: str | os.PathLike | None = None,
-          json_path: str | os.PathLike | None = None, **options):
+          json_path: str | os.PathLike | None = None, output: str | os.PathLike | None = None,
+          verify_options: dict | None = None, **options):
     """Audit one suspect against its reference (audit.report.audit: canonical form, alignment, resync,
-    verdict); an HTML or JSON output that names an input is refused."""
-    check_outputs([html, json_path], [m for m in (suspect, reference) if not isinstance(m, onnx.ModelProto)])
+    verdict); an HTML or JSON output that names an input is refused. `output`: when derived, the
+    suspect's own file (graph, dtypes, quantization tensors) with its neurons in the reference's order,
+    verified equivalent to the suspect with ONNX Runtime (`verify_options`: verify's keywords), is
+    written there (report.restored says what was restored); a failed check raises CheckFailed (exit
+    4 cannot check, 7 not equivalent) and writes nothing."""
+    check_outputs([html, json_path], [m for m in (suspect, reference) if not isinstance(m, onnx.ModelProto)],
+                  models=[output])
     from .audit import audit as run
 
-    return run(suspect, reference, html=html, json_path=json_path, **options)
+    return run(suspect, reference, html=html, json_path=json_path, output=output, verify_options=verify_options,
+               **options)
 
 
 def audit_many(
@@ -258,6 +266,24 @@ def _write_npz(path: str | os.PathLike, arrays: dict) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def reduce(model: ModelLike, output: str | os.PathLike | None = None, *,
+           report_path: str | os.PathLike | None = None, verify_options: dict | None = None):
+    """Remove structural padding without a reference (dummy, split and clique neurons; inserted
+    identity/monomial layers after a Relu), each rewrite proven equivalent with ONNX Runtime
+    (reduce.reduce_model); writes the reduced model to `output`. Returns (model, ReduceReport)."""
+    inputs = [model] if not isinstance(model, onnx.ModelProto) else []
+    check_outputs([report_path], inputs, models=[output])
+    from .reduce import reduce_model
+
+    reduced, report = reduce_model(_load(model), verify_options=verify_options)
+    if output is not None:
+        save_model(reduced, output, inputs=inputs)
+        report.output = str(output)
+    if report_path is not None:
+        write_text_atomic(report_path, report.to_json())
+    return reduced, report
 
 
 def __getattr__(name: str):

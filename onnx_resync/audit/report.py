@@ -41,7 +41,8 @@ import onnx
 from .align import Alignment, align
 from .canonical import CanonicalModel, canonicalize
 from .storage import Steps, allowed, float_format, measure_steps, storage_dtype
-from ..errors import ResyncError, UnsupportedError
+from ..errors import ModelMismatchError, ResyncError, UnsupportedError
+from ..reduce.against import to_reference
 from ..io import WeightStore, load_model, write_text_atomic
 from ..jsonable import json_safe
 
@@ -100,6 +101,8 @@ class AuditReport:
     # "in_subgraphs" (not reached), "min_share"}
     compared: dict = field(default_factory=dict)
     format_change: str = ""  # "int8 per channel", "float16", ...: the suspect's storage, when not float32
+    reduction: dict = field(default_factory=dict)  # reduce.ReduceReport.to_dict(): what the suspect was reduced by
+    restored: dict = field(default_factory=dict)  # audit -o: the suspect's own file restored (restore.py)
 
     @property
     def matched_fraction(self) -> float | None:
@@ -142,13 +145,20 @@ class AuditReport:
         lines.append("")
         lines.append(f"audited in {t.get('total', 0):.2f}s (canonicalize {t.get('canonicalize', 0):.2f}s, "
                      f"align {t.get('align', 0):.2f}s, resync {t.get('resync', 0):.2f}s)")
+        if self.restored:
+            from .restore import restore_lines
+
+            lines += restore_lines(self.restored)
         return lines
 
 
 def audit(suspect: ModelLike, reference: ModelLike, *, html: str | os.PathLike | None = None,
           json_path: str | os.PathLike | None = None, max_passes: int = 8,
-          heatmap_max: int = HEATMAP_MAX) -> AuditReport:
-    """Audit one suspect against its reference (paths or ModelProtos); optionally write HTML / JSON."""
+          heatmap_max: int = HEATMAP_MAX, output: str | os.PathLike | None = None,
+          verify_options: dict | None = None) -> AuditReport:
+    """Audit one suspect against its reference (paths or ModelProtos); optionally write HTML / JSON.
+    `output`: write the suspect's own file in the reference's neuron order there (restore.py), when
+    derived and verified; a failed check raises CheckFailed (its .report is this report)."""
     from ..resync import resync
 
     t0 = time.perf_counter()
@@ -160,7 +170,13 @@ def audit(suspect: ModelLike, reference: ModelLike, *, html: str | os.PathLike |
     sus_c = _canonical(sus_model, "suspect")
     timings["canonicalize"] = time.perf_counter() - t
     t = time.perf_counter()
-    alignment = align(ref_c, sus_c)
+    reduction = None
+    try:
+        alignment = align(ref_c, sus_c)
+    except ModelMismatchError:  # a width or depth change: align the suspect without its padding (issue 16)
+        sus_model, reduction = to_reference(lambda m: align(ref_c, _canonical(m, "suspect")), sus_model)
+        sus_c = _canonical(sus_model, "suspect")
+        alignment = align(ref_c, sus_c)
     timings["align"] = time.perf_counter() - t
     t = time.perf_counter()
     sus_steps = measure_steps(sus_model, sus_c, set(alignment.weight_map.values()),
@@ -171,7 +187,18 @@ def audit(suspect: ModelLike, reference: ModelLike, *, html: str | os.PathLike |
     timings["resync"] = time.perf_counter() - t
     t = time.perf_counter()
     report = _build(suspect, reference, ref_c, sus_c, alignment, restored, rs, heatmap_max, sus_steps, ref_steps)
+    if reduction is not None:
+        _obfuscated(report, reduction)
     timings["report"] = time.perf_counter() - t
+    failed = None
+    if output is not None:
+        from .restore import restore_audited
+
+        t = time.perf_counter()
+        inputs = [m for m in (suspect, reference) if not isinstance(m, onnx.ModelProto)]
+        failed = restore_audited(report, output, sus_model, sus_c, ref_c, alignment, rs,
+                                 lambda m: _canonical(m, "suspect"), inputs, verify_options)
+        timings["restore"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     report.timings = {k: round(v, 4) for k, v in timings.items()}
     if json_path is not None:
@@ -180,6 +207,9 @@ def audit(suspect: ModelLike, reference: ModelLike, *, html: str | os.PathLike |
         from .html import write_html
 
         write_html(report, html)
+    if failed is not None:  # the verdict was found: the caller (the CLI) still shows it
+        failed.report = report
+        raise failed
     return report
 
 
@@ -673,6 +703,18 @@ def _rows(a: np.ndarray, axis: int, positions: np.ndarray) -> np.ndarray:
 def _unit(x: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+
+
+def _obfuscated(report: AuditReport, reduction) -> None:
+    """A suspect reduced before alignment (structural obfuscation, issue 16): say so in the verdict
+    (when derived) and list what was removed, per layer, in the evidence."""
+    report.reduction = reduction.to_dict()
+    if report.derived:
+        rest = report.summary.removeprefix("derived").lstrip(", ")
+        report.summary = f"derived, structurally obfuscated: {reduction.phrase()}" + (f"; {rest}" if rest else "")
+    report.evidence.insert(0, "the suspect was reduced before alignment (each rewrite proven equivalent by ONNX "
+                              f"Runtime): {reduction.phrase()}")
+    report.evidence[1:1] = [line.strip() for line in reduction.lines()]
 
 
 def _downsample(m: np.ndarray, size: int) -> np.ndarray:

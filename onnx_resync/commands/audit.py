@@ -9,6 +9,11 @@ failing file is recorded without stopping the batch. This module only parses and
 Exit codes: 0 derived; 1 not derived (batch: any file not derived); 2 usage; 3 load or runtime
 error (batch: any file failed and none was found not derived); 4 cannot judge: less than half of the
 reference's parameters could be compared (batch: any file, and none not derived or failed).
+
+With -o (one suspect): when derived, the suspect's own file (its graph, dtypes, quantization tensors)
+with its neurons in the reference's order, verified equivalent to the suspect (audit/restore.py);
+4 when that check cannot check, 7 when the restored file is not equivalent (nothing written; the
+verdict is printed all the same). Not derived (1) or cannot judge (4): nothing written.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ import time
 
 from .. import api
 from ..errors import UsageError
-from ._common import int_arg, print_json
+from ..errors import CheckFailed
+from ._common import add_verify_options, int_arg, print_json, verify_options
 
 VERDICTS = ("identical", "permuted", "perturbed", "not derived", "cannot judge")
 
@@ -34,17 +40,25 @@ def register(sub) -> None:
                        "not derived, or cannot judge (less than half of the reference's parameters compared, e.g. "
                        "weights inside If/Loop/Scan bodies). Several suspects (or --jsonl) run as a batch. Exit 0 derived, "
                        "1 not derived (batch: any), 2 usage, 3 load or runtime error (batch: any file failed and "
-                       "none was not derived), 4 cannot judge (batch: any, and none of the above).")
+                       "none was not derived), 4 cannot judge (batch: any, and none of the above). With -o: when "
+                       "derived, the suspect's own file (graph, dtypes, quantization tensors) with its neurons put "
+                       "back in the reference's order, verified equivalent to the suspect with ONNX Runtime; 4 the "
+                       "check cannot check, 7 not equivalent (nothing written).")
     p.add_argument("suspects", nargs="+", metavar="SUSPECT", help="suspect ONNX file(s)")
     p.add_argument("--reference", required=True, help="the reference ONNX file")
     p.add_argument("--json", action="store_true", help="print the full report as JSON (batch: JSON lines)")
     p.add_argument("--html", metavar="REPORT.html", help="write a self-contained HTML report (one suspect)")
+    p.add_argument("-o", "--output", metavar="RESTORED.onnx",
+                   help="one suspect: write it in its own format with its neurons in the reference's order "
+                   "(when derived and verified equivalent), e.g. to read a white-box watermark from a vendor's "
+                   "int8 or fp16 file")
     p.add_argument("--jsonl", metavar="RESULTS.jsonl", help="batch: append one JSON line per file here; on a "
                    "rerun, files whose content (and the reference's) is unchanged are skipped")
     p.add_argument("-j", "--jobs", type=int_arg(1, api.MAX_JOBS), default=1,
                    help=f"batch: parallel processes, 1..{api.MAX_JOBS} (default 1)")
     p.add_argument("--retry-errors", action="store_true", help="batch: audit again the files that failed before")
     p.add_argument("--detail", action="store_true", help="batch: keep per-neuron lists in the records")
+    add_verify_options(p, prefix_help=" (of the file -o writes)")
     p.set_defaults(func=run)
 
 
@@ -53,18 +67,32 @@ def run(args) -> int:
         return _single(args)
     if args.html:
         raise UsageError("--html takes one suspect; in batch mode use --jsonl")
+    if args.output:
+        raise UsageError("-o takes one suspect (the restored file of each is written by one audit each)")
     return _batch(args)
 
 
 def _single(args) -> int:
-    report = api.audit(args.suspects[0], args.reference, html=args.html)
+    options = verify_options(args) if args.output else None
+    try:
+        report = api.audit(args.suspects[0], args.reference, html=args.html, output=args.output,
+                           verify_options=options)
+    except CheckFailed as exc:
+        if getattr(exc, "report", None) is not None:  # the verdict was found: show it, then the failure
+            _show(args, exc.report)
+            sys.stdout.flush()
+        raise
+    _show(args, report)
+    return report.exit_code
+
+
+def _show(args, report) -> None:
     if args.json:
         print_json(report.to_dict())
     else:
         print("\n".join(report.summary_lines()))
         if args.html:
             print(f"report: {args.html}")
-    return report.exit_code
 
 
 def _batch(args) -> int:

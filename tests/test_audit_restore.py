@@ -1,0 +1,206 @@
+"""`audit -o`: the vendor's own file (int8 QDQ, fp16, ONNX Runtime's optimized save) with its neurons
+put back in the reference's order (onnx_resync/audit/restore.py).
+
+A bundled model is permuted with a known seed (api.permute's record), the permuted copy converted as
+a vendor would, and `audit -o` run against the unpermuted reference. The restored file must keep
+the suspect's graph, dtypes and initializer names, compute what the suspect computes (ONNX Runtime),
+hold the suspect's stored tensors re-indexed by exactly the inverse of the record (checked tensor by
+tensor: the float weights, the int8 weights and their per-channel scales), and be in the reference's
+order (audited again: nothing moved, identical within its storage).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from onnx_resync import api, cli
+from onnx_resync.errors import CheckFailed
+from onnx_resync.permute import slot_indices
+from onnx_resync.walk import slot_part, walk
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quantize_bundled import quantize  # noqa: E402
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+SEED = 7
+
+
+def _convert(src: Path, dst: Path, name: str, kind: str) -> Path:
+    if kind == "qdq":
+        return quantize(src, dst, name, "qdq")
+    if kind == "fp16":
+        from onnxconverter_common import float16
+
+        onnx.save(float16.convert_float_to_float16(onnx.load(src), keep_io_types=True), dst)
+        return dst
+    if kind == "ort_extended":
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.optimized_model_filepath = str(dst)
+        ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
+        return dst
+    raise ValueError(kind)
+
+
+@pytest.fixture(scope="module")
+def permuted(tmp_path_factory):
+    """name -> (permuted fp32 file, its record)."""
+    root = tmp_path_factory.mktemp("permuted")
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            out = root / f"{name}_perm.onnx"
+            _, result = api.permute(str(MODELS / f"{name}.onnx"), str(out), seed=SEED)
+            cache[name] = (out, result.record)
+        return cache[name]
+    return get
+
+
+def _initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def _layout(model: onnx.ModelProto) -> tuple:
+    return ([(n.op_type, n.domain, tuple(n.input), tuple(n.output)) for n in model.graph.node],
+            [(t.name, t.data_type, tuple(t.dims)) for t in model.graph.initializer])
+
+
+def _run(path: Path, x: np.ndarray) -> list[np.ndarray]:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})
+
+
+def _moved(array: np.ndarray, moves) -> np.ndarray:
+    for axis, at, idx in moves:
+        if at is None:
+            array = np.take(array, idx, axis=axis)
+        else:
+            array = array.copy()
+            part, part_axis = slot_part(array, axis, at)
+            part[...] = np.take(part, idx, axis=part_axis)
+    return array
+
+
+def _check_record(permuted_path: Path, record, suspect: onnx.ModelProto, restored: onnx.ModelProto) -> int:
+    """Every stored tensor of the suspect that stands for a permuted float weight (same name, or the
+    quantizer's `<name>_quantized` with its per-channel `_scale`/`_zero_point`) is, in the restored
+    file, the suspect's re-indexed by the inverse of the record. Returns how many were checked."""
+    fp32 = onnx.load(permuted_path)
+    index = slot_indices(walk(fp32), record.inverse().perms,
+                         lambda w, a: next(t.dims for t in fp32.graph.initializer if t.name == w)[a])
+    moves: dict[str, list] = {}
+    for (weight, axis, at), idx in index.items():
+        moves.setdefault(weight, []).append((axis, at, idx))
+    before, after = _initializers(suspect), _initializers(restored)
+    checked = 0
+    for weight, m in moves.items():
+        for name in (weight, weight + "_quantized"):
+            if name in before and before[name].shape == after[name].shape:
+                np.testing.assert_array_equal(after[name], _moved(before[name], m), err_msg=name)
+                checked += 1
+        for part in ("_scale", "_zero_point"):  # per-channel quantization parameters, along the axis they scale
+            name = weight + part
+            if name in before and before[name].ndim == 1 and before[name].size > 1:
+                (idx,) = [i for axis, at, i in m if at is None and len(i) == before[name].size and axis == 0] or [None]
+                if idx is not None:
+                    np.testing.assert_array_equal(after[name], before[name][idx], err_msg=name)
+                    checked += 1
+    return checked
+
+
+@pytest.mark.parametrize("name,kind", [
+    ("mlp", "qdq"), ("resnet", "qdq"),
+    ("mlp", "fp16"), ("csp", "fp16"),
+    ("mlp", "ort_extended"), ("resnet", "ort_extended"),
+])
+def test_audit_restores_the_vendors_own_file(name, kind, permuted, tmp_path):
+    perm_path, record = permuted(name)
+    suspect_path = _convert(perm_path, tmp_path / f"{name}_{kind}.onnx", name, kind)
+    out = tmp_path / "restored.onnx"
+    report = api.audit(str(suspect_path), str(MODELS / f"{name}.onnx"), output=str(out))
+    assert report.derived and report.moved > 0
+    r = report.restored
+    assert r["written"] and r["output"] == str(out) and r["verified"]
+    assert r["restored"] == r["groups"] > 0 and r["moved"] == report.moved, r["not_restored"]
+    suspect, restored = onnx.load(suspect_path), onnx.load(out)
+    # the suspect's own graph, dtypes, names: only values moved
+    assert _layout(restored) == _layout(suspect)
+    assert Counter(t.data_type for t in restored.graph.initializer) == \
+        Counter(t.data_type for t in suspect.graph.initializer)
+    # the same function as the suspect (ONNX Runtime, the bundled test inputs)
+    x = np.load(MODELS / f"{name}_test.npz")["input"][:8]
+    for a, b in zip(_run(suspect_path, x), _run(out, x)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * float(np.abs(a).max()))
+    # exactly the inverse of the known permutation, tensor by tensor
+    checked = _check_record(perm_path, record, suspect, restored)
+    if kind == "ort_extended":
+        # ONNX Runtime renames the weights it folds: those are checked against its save of the
+        # unpermuted reference (its folds are per channel, so they commute with the permutation)
+        expected = _initializers(onnx.load(_convert(MODELS / f"{name}.onnx", tmp_path / "ref_opt.onnx", name, kind)))
+        got = _initializers(restored)
+        assert set(got) == set(expected)
+        for k in got:
+            np.testing.assert_array_equal(got[k], expected[k], err_msg=k)
+    else:
+        assert checked >= len(record.perms), checked
+    # in the reference's order: audited again, nothing moved and every weight within its storage
+    again = api.audit(str(out), str(MODELS / f"{name}.onnx"))
+    assert again.moved == 0 and again.verdict == "identical" and again.precision["within"], again.summary
+    assert again.format_change == report.format_change
+
+
+def test_restore_is_reported_in_text_and_json(permuted, tmp_path):
+    perm_path, _ = permuted("mlp")
+    suspect = _convert(perm_path, tmp_path / "mlp_qdq.onnx", "mlp", "qdq")
+    out = tmp_path / "restored.onnx"
+    report = api.audit(str(suspect), str(MODELS / "mlp.onnx"), output=str(out))
+    text = "\n".join(report.summary_lines())
+    assert f"restored {out}" in text and "2 of 2 groups" in text and "verified" in text
+    data = report.to_dict()["restored"]
+    assert data["restored"] == 2 and data["moved"] == report.moved and data["record"]
+
+
+def test_cli_restores_and_refuses(permuted, tmp_path, capsys):
+    perm_path, _ = permuted("mlp")
+    suspect = _convert(perm_path, tmp_path / "mlp_fp16.onnx", "mlp", "fp16")
+    ref = str(MODELS / "mlp.onnx")
+    out = tmp_path / "restored.onnx"
+    assert cli.main(["audit", str(suspect), "--reference", ref, "-o", str(out)]) == 0
+    assert out.exists() and "restored" in capsys.readouterr().out
+    # onto the suspect itself: refused in one line, the suspect untouched
+    before = suspect.read_bytes()
+    assert cli.main(["audit", str(suspect), "--reference", ref, "-o", str(suspect)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "input file" in err and suspect.read_bytes() == before
+    # an unrelated model (the same architecture trained from another seed): not derived, nothing written
+    other = tmp_path / "other.onnx"
+    assert cli.main(["audit", str(MODELS / "variants" / "mlp_seed1.onnx"), "--reference", ref,
+                     "-o", str(other)]) == 1
+    assert not other.exists() and "nothing written" in capsys.readouterr().out
+    # -o with a batch: usage error
+    assert cli.main(["audit", str(suspect), str(perm_path), "--reference", ref, "-o", str(other)]) == 2
+
+
+def test_failed_equivalence_check_writes_nothing(permuted, tmp_path, capsys):
+    """A check that cannot pass (zero tolerance on a float copy whose permuted sums round
+    differently): exit 7, the verdict still shown, no file."""
+    perm_path, _ = permuted("mlp")
+    out = tmp_path / "restored.onnx"
+    code = cli.main(["audit", str(perm_path), "--reference", str(MODELS / "mlp.onnx"), "-o", str(out),
+                     "--tolerance", "0"])
+    captured = capsys.readouterr()
+    assert code == 7, captured
+    assert not out.exists() and not list(tmp_path.glob("*restored*"))
+    assert "verdict: derived" in captured.out and "not equivalent" in captured.err
+    with pytest.raises(CheckFailed) as info:
+        api.audit(str(perm_path), str(MODELS / "mlp.onnx"), output=str(out), verify_options={"tolerance": 0.0})
+    assert info.value.exit_code == 7 and info.value.report.derived and not info.value.report.restored["written"]
+    assert not out.exists()
