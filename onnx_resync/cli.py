@@ -17,7 +17,7 @@ import sys
 
 from .errors import ResyncError
 
-COMMANDS = ("demo", "groups", "permute", "resync", "verify", "inputs", "audit")
+COMMANDS = ("demo", "groups", "permute", "resync", "verify", "inputs", "audit", "reduce")
 
 
 EXIT_BROKEN_PIPE = 128 + 13  # the shell's status for a process ended by SIGPIPE

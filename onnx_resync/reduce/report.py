@@ -93,7 +93,7 @@ class ReduceReport:
             "summary": self.phrase(),
             "dummy": self.count("dummy"), "split": self.count("split"), "clique": self.count("clique"),
             "layers": [vars(r) for r in self.layers if r.dummy or r.split or r.clique],
-            "folded": self.folded, "refused": self.refused, "rounds": self.rounds,
+            "folded": self.folded, "refused": self.refused, "rounds": self.rounds, "lines": self.lines(),
             "verified": self.verified, "verify": self.verify, "output": self.output,
             "seconds": round(self.seconds, 4),
         }
