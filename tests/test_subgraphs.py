@@ -92,3 +92,114 @@ def test_nothing_to_permute_is_said(tmp_path, capsys):
     assert main(["groups", str(tmp_path / "m.onnx")]) == 0
     out = capsys.readouterr().out
     assert "nothing to permute" in out and "meet graph inputs (interface)" in out
+
+
+# ---- If branches (issue 15.4) ----------------------------------------------------------------------
+import onnxruntime as ort  # noqa: E402
+
+from onnx_resync.api import resync  # noqa: E402
+from onnx_resync.io.store import WeightStore  # noqa: E402
+from onnx_resync.permute import apply_permutations  # noqa: E402
+from test_walk_properties import check_slots, forced_record  # noqa: E402
+
+
+def _out(name, shape):
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def _branch(name, nodes, out, inits=()):
+    return helper.make_graph(nodes, name, [], [_out(out, [2, 6])], list(inits))
+
+
+def if_model(constant_cond=None, weights_in_branches=True, else_unlabelled=False):
+    """x -> Gemm W1 -> Relu -> h; If(cond): then Gemm(h, Wt) -> Relu, else Gemm(h, We) -> Sigmoid
+    (weights as branch initializers, or as Constant nodes inside the branch); z -> Gemm Wo -> y.
+    constant_cond: the condition is a Constant (only that branch runs), else a graph input.
+    else_unlabelled: the else branch returns a computed tensor with no channels (the counter-case)."""
+    rng = np.random.default_rng(7)
+    wt, we = _rng_init(rng, "Wt", [6, 5]), _rng_init(rng, "We", [6, 5])
+    then_nodes = [helper.make_node("Gemm", ["h", "Wt"], ["tg"], transB=1), helper.make_node("Relu", ["tg"], ["t"])]
+    if else_unlabelled:
+        else_nodes = [helper.make_node("Constant", [], ["e"], value=_rng_init(rng, "ev", [2, 6]))]
+    else:
+        else_nodes = [helper.make_node("Gemm", ["h", "We"], ["eg"], transB=1),
+                      helper.make_node("Sigmoid", ["eg"], ["e"])]
+    if weights_in_branches:
+        then_g, else_g = _branch("then", then_nodes, "t", [wt]), _branch("else", else_nodes, "e", [we])
+    else:  # as Constant nodes
+        then_g = _branch("then", [helper.make_node("Constant", [], ["Wt"], value=wt)] + then_nodes, "t")
+        else_g = _branch("else", [helper.make_node("Constant", [], ["We"], value=we)] + else_nodes, "e")
+    inputs = [_out("x", [2, 3])]
+    nodes = [helper.make_node("Gemm", ["x", "W1", "b1"], ["g1"], transB=1), helper.make_node("Relu", ["g1"], ["h"])]
+    if constant_cond is None:
+        inputs.append(helper.make_tensor_value_info("cond", TensorProto.BOOL, []))
+    else:
+        nodes.append(helper.make_node("Constant", [], ["cond"],
+                                      value=numpy_helper.from_array(np.array(constant_cond), "c")))
+    nodes += [helper.make_node("If", ["cond"], ["z"], name="if", then_branch=then_g, else_branch=else_g),
+              helper.make_node("Gemm", ["z", "Wo"], ["y"], transB=1)]
+    inits = [_rng_init(rng, "W1", [5, 3]), _rng_init(rng, "b1", [5]), _rng_init(rng, "Wo", [2, 6])]
+    return _model(nodes, inputs, [_out("y", [2, 2])], inits)
+
+
+def _run(model, cond):
+    feeds = {"x": np.random.default_rng(1).standard_normal((2, 3)).astype(np.float32)}
+    if any(i.name == "cond" for i in model.graph.input):
+        feeds["cond"] = np.array(cond)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)[0]
+
+
+def _prove_branches(model):
+    """Permute every group; ORT agrees on both conditions; the weights inside branches moved; undo is
+    byte-exact; resync restores every weight's bytes."""
+    onnx.checker.check_model(model, full_check=True)
+    result = walk(model)
+    check_slots(model, result) if not any(n.op_type == "If" for n in model.graph.node) else None
+    record = forced_record(result, 3)
+    permuted = onnx.ModelProto()
+    permuted.CopyFrom(model)
+    apply_permutations(permuted, result, record)
+    for cond in (True, False):
+        ref, got = _run(model, cond), _run(permuted, cond)
+        assert np.max(np.abs(ref - got)) <= 1e-5 * max(1.0, float(np.max(np.abs(ref)))), cond
+    again = walk(permuted)
+    restored = onnx.ModelProto()
+    restored.CopyFrom(permuted)
+    apply_permutations(restored, again, record.inverse())
+    assert restored.SerializeToString() == model.SerializeToString()
+    back, _ = resync(permuted, model, check=False)
+    a, b = WeightStore(model), WeightStore(back)
+    assert all(a.get(n).tobytes() == b.get(n).tobytes() for n in a.names())
+    moved = {s.weight for g in result.groups for s in g.slots}
+    changed = {n for n in WeightStore(model).names()
+               if WeightStore(model).get(n).tobytes() != WeightStore(permuted).get(n).tobytes()}
+    assert changed == moved
+    return result
+
+
+def test_both_branches_are_walked_and_their_outputs_unified():
+    result = _prove_branches(if_model())
+    assert result.coverage == 1.0, result.pinned
+    slotted = {s.weight for g in result.groups for s in g.slots}
+    assert {"Wt", "We", "Wo", "W1"} <= slotted  # weights inside both branches move
+    (joint,) = [g for g in result.groups if any(s.weight == "Wt" and s.axis == 0 for s in g.slots)]
+    assert any(s.weight == "We" and s.axis == 0 for s in joint.slots)  # one channel across the branches
+
+
+def test_weights_as_constant_nodes_inside_branches():
+    result = _prove_branches(if_model(weights_in_branches=False))
+    assert result.coverage == 1.0, result.pinned
+
+
+def test_a_constant_condition_walks_its_branch_as_if_inlined():
+    result = _prove_branches(if_model(constant_cond=True, else_unlabelled=True))
+    assert result.coverage == 1.0 and result.hidden_channels == 5 + 6 + 2, result.pinned
+    assert "We" not in {s.weight for g in result.groups for s in g.slots}
+
+
+def test_branches_that_disagree_pin_with_the_reason():
+    """The counter-case: one branch returns channels, the other a constant: the If's output pins."""
+    result = _prove_branches(if_model(else_unlabelled=True))
+    assert result.coverage < 1.0
+    assert any("branches carry different channels" in p.reason for p in result.pinned), result.pinned

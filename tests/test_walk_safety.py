@@ -94,7 +94,9 @@ def _reduce_model(runtime_axes: bool):
 
 
 CASES = {
-    "if_branch": (_if_model, "subgraph"),
+    # If branches are walked (issue 15.4): the branch reading W1 gives the If's output channels that
+    # the other branch does not carry, so they pin, and W1's group with them
+    "if_branch": (_if_model, "branches carry different channels"),
     "loop_body": (_loop_model, "subgraph"),
     "weight_is_output": (_weight_output_model, "graph output"),
     "weight_is_input": (_weight_input_model, "graph input"),

@@ -37,13 +37,18 @@ class WeightStore:
         self.model = model
         self._cache: dict[str, np.ndarray] | None = {} if cache else None
         self._tensors: dict[str, onnx.TensorProto] = {}
-        for init in model.graph.initializer:
-            self._tensors[init.name] = init
-        for node in model.graph.node:
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output:
+        graphs = [model.graph]
+        while graphs:  # the graph's and every subgraph's (If branches are walked: their weights move)
+            graph = graphs.pop()
+            for init in graph.initializer:
+                self._tensors.setdefault(init.name, init)
+            for node in graph.node:
+                if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output:
+                    for attr in node.attribute:
+                        if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
+                            self._tensors.setdefault(node.output[0], attr.t)
                 for attr in node.attribute:
-                    if attr.name == "value" and attr.type == onnx.AttributeProto.TENSOR:
-                        self._tensors[node.output[0]] = attr.t
+                    graphs.extend([attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs))
 
     def __contains__(self, name: str) -> bool:
         return name in self._tensors

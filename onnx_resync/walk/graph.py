@@ -29,11 +29,13 @@ class GraphView:
         graph = model.graph
         self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
         self.opsets = {("" if o.domain == "ai.onnx" else o.domain): o.version for o in model.opset_import}
-        self.initializers = {t.name: t for t in graph.initializer}
+        # stored tensors of the graph and of every subgraph (names are unique across scopes)
+        self.initializers = {t.name: t for g in nested_graphs(graph) for t in g.initializer}
         self.constant_nodes = {
-            n.output[0]: n for n in graph.node if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and n.output
+            n.output[0]: n for g in nested_graphs(graph) for n in g.node
+            if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and n.output
         }
-        init_names = set(self.initializers)
+        init_names = {t.name for t in graph.initializer}
         self.graph_inputs = [i.name for i in graph.input if i.name not in init_names]
         # initializers listed as graph inputs too (IR < 4 style): a caller may feed other values
         self.overridable = [i.name for i in graph.input if i.name in init_names]
@@ -48,7 +50,35 @@ class GraphView:
         self._const_cache: dict[str, np.ndarray | None] = {}
         # values computed from constants and shapes (shapes.py): computed Reshape/Pad/Slice arguments
         self.values = shapes_module.ShapeValues(self.producer, self.shape, self._stored_constant, registry.attr)
+        # If nodes are walked through their branches: the branch a constant condition selects, else
+        # both; their nodes come right before the If (branches: If node -> the branch graphs walked)
+        self.branches: dict[int, list[onnx.GraphProto]] = {}
+        self.nodes = self._with_branches(self.nodes)
+        for node in self.nodes:
+            for out in node.output:
+                if out:
+                    self.producer.setdefault(out, node)
+        self.consumers = defaultdict(list)
+        for node in self.nodes:
+            for name in node_inputs(node):
+                self.consumers[name].append(node)
         self.weight_names = self._find_weights()
+
+    def _with_branches(self, nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+        out = []
+        for node in nodes:
+            if node.op_type == "If" and node.domain in ("", "ai.onnx") and node.input:
+                cond = self.constant(node.input[0])
+                then_g = next((a.g for a in node.attribute if a.name == "then_branch"), None)
+                else_g = next((a.g for a in node.attribute if a.name == "else_branch"), None)
+                if then_g is not None and else_g is not None:
+                    chosen = [then_g, else_g] if cond is None or cond.size != 1 else [
+                        then_g if bool(cond.reshape(-1)[0]) else else_g]
+                    self.branches[id(node)] = chosen
+                    for g in chosen:
+                        out.extend(self._with_branches(_topological_order(g)))
+            out.append(node)
+        return out
 
     # ---- constants and weights -------------------------------------------------------------
     def is_weight(self, name: str) -> bool:
@@ -220,6 +250,14 @@ def _merge_positions(entries):
     return [(b, a, pos) for (b, a), pos in merged.items()]
 
 
+def nested_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """The graph and every subgraph inside it, at any depth."""
+    yield graph
+    for node in graph.node:
+        for g in subgraphs(node):
+            yield from nested_graphs(g)
+
+
 def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
     """The bodies of If/Loop/Scan and any other graph-valued attribute."""
     for attr in node.attribute:
@@ -326,7 +364,10 @@ def _infer_shapes(model: onnx.ModelProto) -> dict[str, list]:
     declared shapes."""
     skeleton, shapes = _run_inference(_skeleton(model))
     declared: dict[str, onnx.ValueInfoProto] = {}
-    for _ in range(8):  # each round can sharpen the computed shapes downstream of the last ones
+    # each round can sharpen the computed shapes downstream of the last ones; a chain of ops ONNX does
+    # not know (contrib ops between Convs) needs a round per op
+    unknown_to_onnx = sum(1 for n in skeleton.graph.node if getattr(registry.spec_of(n), "output_shapes", None))
+    for _ in range(8 + unknown_to_onnx):
         values = _skeleton_values(skeleton, shapes)
         changed = False
         for node in skeleton.graph.node:
@@ -355,6 +396,7 @@ def _infer_shapes(model: onnx.ModelProto) -> dict[str, list]:
                 else:
                     skeleton.graph.value_info.append(info)
                     declared[name] = skeleton.graph.value_info[-1]
+                shapes[name] = dims  # (the next op of the same round may read it)
                 changed = True
         if not changed:
             break
@@ -365,13 +407,14 @@ def _infer_shapes(model: onnx.ModelProto) -> dict[str, list]:
 
 
 def _sharper(new: list, old: list | None) -> bool:
-    """A computed shape replaces an inferred one only where it knows more (never a rank change)."""
+    """A computed shape replaces an inferred one where it knows as much or more: the rank kept, and
+    every dim it changes was unknown to inference (a dim of its own, now the input's symbol or a
+    product) or becomes a number."""
     if old is None:
         return True
-    if len(new) != len(old):
+    if len(new) != len(old) or list(new) == list(old):
         return False
-    return any(_named(n) and not _named(o) for n, o in zip(new, old)) or any(
-        isinstance(n, int) and not isinstance(o, int) for n, o in zip(new, old))
+    return all(n == o or not _named(o) or isinstance(n, int) for n, o in zip(new, old))
 
 
 def _named(d) -> bool:
@@ -585,9 +628,12 @@ def _run_inference(skeleton: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str
         inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
     except Exception:
         inferred = skeleton  # shape inference failed: fall back to what the file declares
-    g = inferred.graph
-    shapes: dict[str, list] = {t.name: [int(d) for d in t.dims] for t in g.initializer}
-    for vi in list(g.input) + list(g.value_info) + list(g.output):
+    shapes: dict[str, list] = {}
+    infos = []
+    for g in nested_graphs(inferred.graph):  # subgraphs' tensors too (If branches are walked)
+        shapes.update({t.name: [int(d) for d in t.dims] for t in g.initializer})
+        infos += list(g.input) + list(g.value_info) + list(g.output)
+    for vi in infos:
         if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
             continue
         dims = []

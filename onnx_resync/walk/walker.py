@@ -256,8 +256,10 @@ class WalkContext:
 
     def end_node(self, node: onnx.NodeProto) -> None:
         """Weight axes this node read without a slot must keep their order; so must every weight its
-        subgraphs read (the walker does not follow them: a branch would read the weight unpermuted)."""
-        for name in node_inputs(node)[len(node.input):]:
+        subgraphs read where the walker does not follow them (a Loop/Scan body would read the weight
+        unpermuted; an If's branches are walked node by node)."""
+        walked = id(node) in self.view.branches
+        for name in ([] if walked else node_inputs(node)[len(node.input):]):
             if self.is_weightlike(name):
                 self._fix_all(name, f"read inside a {node.op_type} subgraph (weight {{}})".replace("{{}}", "{}"))
         for name in node.input:
@@ -302,7 +304,9 @@ def walk(model: onnx.ModelProto, view: GraphView | None = None) -> WalkResult:
             if rule is None or not spec.stacked:  # a reader that cannot keep directions apart ties them
                 for name in node.input:
                     ctx.tie_directions(name)
-            if rule is None:
+            if id(node) in view.branches:  # its branches were walked just before it
+                _join_branches(ctx, node)
+            elif rule is None:
                 ctx.ops_without_rule[f"{node.domain + '.' if node.domain else ''}{node.op_type}"] += 1
                 unknown_op(ctx, node)
             else:
@@ -316,6 +320,43 @@ def walk(model: onnx.ModelProto, view: GraphView | None = None) -> WalkResult:
             _node_failed(ctx, node, first_element, exc)
     ctx.node = None
     return _form_groups(ctx)
+
+
+def _join_branches(ctx: WalkContext, node: onnx.NodeProto) -> None:
+    """An If's outputs are its walked branches' outputs: a channel axis that reaches an output must
+    carry the same channels, in the same layout, in every branch (their elements are unified so they
+    move together); otherwise they pin. A weight that leaves a branch keeps its order (the If's
+    output is not followed as a weight)."""
+    branches = ctx.view.branches[id(node)]
+    for i, out in enumerate(node.output):
+        names = [g.output[i].name for g in branches if i < len(g.output)]
+        if not out or len(names) != len(branches):
+            continue
+        for name in names:
+            ctx.tie_directions(name)
+            if ctx.is_weightlike(name):
+                ctx._fix_all(name, f"weight {{}} is an output of If {node.name or node.op_type!r}".replace(
+                    "{{}}", "{}"))
+        per = [{} if ctx.is_weightlike(n) else ctx.get(n) for n in names]
+        joined = {}
+        for axis in sorted(set().union(*per)):
+            labels = [p.get(axis) for p in per]
+            first = labels[0]
+            if any(l is None or len(l) != len(first) or not np.array_equal(l.sub, first.sub) for l in labels):
+                for l in labels:
+                    if l is not None:
+                        ctx.pin(l, f"If {node.name or node.op_type!r}: its branches carry different channels "
+                                   f"to output {out!r}")
+                continue
+            for l in labels[1:]:
+                ctx.union(first, l)
+            joined[axis] = first
+        ctx.set(out, joined)
+        uniform = [ctx.uniform.get(n, set()) for n in names]
+        if all(uniform):
+            ctx.uniform[out] = set.intersection(*uniform)
+        if all(n in ctx.from_input for n in names) and not joined:
+            ctx.from_input[out] = ctx.from_input[names[0]]
 
 
 def _spread_input_values(ctx: WalkContext, node: onnx.NodeProto, spec) -> None:
