@@ -1,0 +1,206 @@
+"""Structural obfuscation (issue 16): dummy, clique and split neurons, inserted identity/monomial
+layers, on the bundled models; the reduction without the reference (every rewrite proven by ONNX
+Runtime) and resync/audit on the attacked copies.
+
+The attacks are tests/attacks.py. For each: the attacked copy computes what the original computes
+(ORT); reduce gives the reference's widths back, proven equivalent to the attacked copy; resync
+says "derived, structurally obfuscated" with the attack's counts and matches >= 99% of the
+reference's neurons; the same attack on an unrelated model (the `_seed1` variants) stays not
+derived. Counter-cases: a reduction that would change the function is refused, a pruned copy
+(the function changes) is not reduced, an unrelated architecture is still refused (exit 3).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import attacks  # noqa: E402
+
+from onnx_resync import api  # noqa: E402
+from onnx_resync.cli import main  # noqa: E402
+from onnx_resync.errors import ModelMismatchError  # noqa: E402
+from onnx_resync.reduce import neurons, reduce_model  # noqa: E402
+from onnx_resync.verify import verify  # noqa: E402
+from onnx_resync.walk import walk  # noqa: E402
+
+MODELS = Path(os.environ.get("ONNX_RESYNC_MODELS", Path(__file__).resolve().parent.parent / "models"))
+KINDS = {"dummies": "dummy", "cliques": "clique", "splits": "split"}
+
+
+def _path(name: str) -> str:
+    path = MODELS / f"{name}.onnx"
+    if not path.exists():
+        path = MODELS / "variants" / f"{name}.onnx"
+    if not path.exists():
+        pytest.skip(f"{name} is not bundled")
+    return str(path)
+
+
+def _widths(model: onnx.ModelProto) -> dict[str, int]:
+    return {g.key: g.size for g in walk(model).groups}
+
+
+# ---- the attacks keep the function, and widen every slot -------------------------------------
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_width_attacks_keep_the_function_and_widen_every_slot(kind):
+    path = _path("vgg")
+    model = onnx.load(path)
+    attacked, log = attacks.attack(path, kind, 0.05, seed=3)
+    assert log.neurons >= len(attacks.proven_groups(path, kind)) >= 4
+    assert verify(model, attacked).equivalent
+    before, after = _widths(model), _widths(attacked)
+    assert sum(after.values()) == sum(before.values()) + log.neurons  # every slot of each group widened
+    assert not attacked.graph.value_info  # stale shapes dropped
+
+
+def test_pruning_changes_the_function_and_is_not_reduced():
+    path = _path("mlp")
+    model = onnx.load(path)
+    pruned, log = attacks.prune(model, 0.25, seed=0)
+    assert log.neurons > 0
+    assert not verify(model, pruned).equivalent
+    _, report = reduce_model(pruned)
+    assert not report.changed
+
+
+def test_clean_models_reduce_to_themselves():
+    for name in ("mlp", "vgg", "resnet", "csp", "transformer", "gru"):
+        model = onnx.load(_path(name))
+        _, report = reduce_model(model)
+        assert not report.changed, (name, report.phrase())
+
+
+# ---- reduce and resync on attacked copies ----------------------------------------------------
+CASES = [("mlp", k, f, s) for k in KINDS for f in (0.05, 0.5) for s in (False, True)] + [
+    ("resnet", "splits", 0.5, True),  # residual streams (Add of two producers), BatchNormalization
+    ("resnet", "cliques", 0.05, True),
+    ("csp", "dummies", 0.5, True),  # concats, SiLU (equal copies only)
+    ("transformer", "splits", 0.5, True),  # GELU: splits with a = 1 only; residual stream left alone (LayerNorm)
+    ("vgg", "splits", 0.05, True),  # Flatten: a channel is a block of 16 in the reader
+]
+
+
+@pytest.mark.parametrize("name,kind,fraction,shuffle", CASES, ids=[f"{n}-{k}-{f}-{'perm' if s else 'plain'}"
+                                                                  for n, k, f, s in CASES])
+def test_resync_sees_through_width_obfuscation(name, kind, fraction, shuffle, tmp_path):
+    path = _path(name)
+    attacked, log = attacks.attack(path, kind, fraction, seed=0, shuffle=shuffle)
+    assert log.neurons > 0
+    suspect = tmp_path / "attacked.onnx"
+    onnx.save(attacked, suspect)
+    reference = onnx.load(path)
+    restored, report = api.resync(str(suspect), path, tmp_path / "restored.onnx")
+    assert report.derived
+    assert report.verdict.startswith("derived, structurally obfuscated: ")
+    red = report.reduction
+    assert red["verified"] and red["verify"]["verdict"] == "equivalent"
+    assert red[KINDS[kind]] == log.neurons, red["summary"]  # the attack named, with its count
+    # splits rescale by a in [0.5, 2] and the shuffle by another such factor: matching margins are
+    # measured before the rescales are undone, and compounded rescales (0.25x-4x) cost resync some
+    # margins without any obfuscation (mlp permuted and rescaled twice: 366 of 384), while the
+    # restored model is still the reference to rounding
+    share = 0.97 if kind == "splits" and shuffle else 0.99
+    assert report.matched >= share * report.neurons
+    assert report.perturbation["noise_relative_std"] < 1e-5
+    assert _widths(restored) == _widths(reference)
+    assert report.verified  # the restored (reduced, reordered) model computes what the suspect computes
+
+
+def test_reduce_on_its_own_gives_the_reference_widths(tmp_path):
+    path = _path("resnet")
+    attacked, log = attacks.attack(path, "dummies", 0.5, seed=1, shuffle=True)
+    reduced, report = reduce_model(attacked)
+    assert report.count("dummy") == log.neurons and report.verified
+    assert _widths(reduced) == _widths(onnx.load(path))
+    assert verify(attacked, reduced).equivalent
+
+
+@pytest.mark.parametrize("kind", ["identity", "monomial"])
+def test_inserted_layers_fold_back(kind, tmp_path):
+    path = _path("vgg")
+    reference = onnx.load(path)
+    attacked, _ = attacks.attack(path, kind, seed=2)
+    assert len(attacked.graph.node) == len(reference.graph.node) + 2
+    assert verify(reference, attacked).equivalent
+    suspect = tmp_path / "deeper.onnx"
+    onnx.save(attacked, suspect)
+    _, report = api.resync(str(suspect), path)
+    assert report.verdict == f"derived, structurally obfuscated: 1 inserted {kind} layer"
+    assert report.matched == report.neurons
+
+
+def test_combined_attacks_and_counts(tmp_path):
+    path = _path("mlp")
+    model = onnx.load(path)
+    step, dummies = attacks.widen_groups(model, "dummies", 0.1, seed=4)
+    step, splits = attacks.widen_groups(step, "splits", 0.1, seed=5)
+    step, _ = attacks.insert_layer(step, "identity", seed=6)
+    step = attacks.permute_rescale(step, seed=7)
+    assert verify(model, step).equivalent
+    onnx.save(step, tmp_path / "s.onnx")
+    _, report = api.resync(str(tmp_path / "s.onnx"), path)
+    assert report.derived
+    red = report.reduction
+    # a split of a dummy is a dummy too (nothing reads either half)
+    assert red["dummy"] + red["split"] == dummies.neurons + splits.neurons and red["dummy"] >= dummies.neurons
+    assert report.verdict == (f"derived, structurally obfuscated: {red['dummy']} dummy neurons, "
+                              f"{red['split']} split, 1 inserted monomial layer")  # permuted: no longer identity
+
+
+# ---- unrelated models stay unrelated ---------------------------------------------------------
+@pytest.mark.parametrize("name,kind", [("resnet", "dummies"), ("mlp", "splits"), ("vgg", "cliques")])
+def test_attacked_unrelated_model_stays_not_derived(name, kind, tmp_path):
+    reference = _path(name)
+    attacked, log = attacks.attack(_path(f"{name}_seed1"), kind, 0.5, seed=0, shuffle=True)
+    onnx.save(attacked, tmp_path / "other.onnx")
+    _, report = api.resync(str(tmp_path / "other.onnx"), reference)
+    assert report.reduction[KINDS[kind]] == log.neurons  # reduced the same way...
+    assert not report.derived and report.verdict == "not derived"  # ...and still unrelated
+
+
+def test_other_architecture_still_refused(tmp_path):
+    with pytest.raises(ModelMismatchError, match="architecture mismatch"):
+        api.resync(_path("mlp"), _path("vgg"))
+
+
+# ---- every rewrite is proven -----------------------------------------------------------------
+def test_a_rewrite_that_changes_the_function_is_refused(monkeypatch):
+    """With 'zero' set absurdly high, live neurons look dead: ORT refuses every such rewrite and the
+    model comes back unchanged, the refusals listed."""
+    model = onnx.load(_path("mlp"))
+    monkeypatch.setattr(neurons, "ZERO_SHARE", 0.9)
+    reduced, report = reduce_model(model)
+    assert not report.changed and report.refused
+    assert all(r["what"] == "removing neurons" for r in report.refused)
+    assert _widths(reduced) == _widths(model)
+    assert verify(model, reduced).equivalent
+
+
+# ---- front doors -----------------------------------------------------------------------------
+def test_cli_reduce_and_audit(tmp_path, capsys):
+    path = _path("resnet")
+    attacked, log = attacks.attack(path, "splits", 0.05, seed=8, shuffle=True)
+    suspect = tmp_path / "s.onnx"
+    onnx.save(attacked, suspect)
+    out = tmp_path / "reduced.onnx"
+    assert main(["reduce", str(suspect), "-o", str(out), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["split"] == log.neurons and data["verified"] and data["output"] == str(out)
+    assert verify(attacked, onnx.load(out)).equivalent
+    assert main(["resync", str(suspect), "--reference", path]) == 0
+    text = capsys.readouterr().out
+    assert f"verdict: derived, structurally obfuscated: {log.neurons} split" in text
+    assert "/layer3/conv1/Conv: " in text  # per layer
+    assert main(["audit", str(suspect), "--reference", path]) == 0
+    text = capsys.readouterr().out
+    assert f"verdict: derived, structurally obfuscated: {log.neurons} split" in text
+    assert main(["reduce", str(suspect), "-o", str(suspect)]) == 2  # never over an input
