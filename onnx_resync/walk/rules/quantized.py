@@ -164,29 +164,28 @@ def _global_pool_dims(node, shape_of):
     return [list(x[:2]) + [1] * (len(x) - 2)]
 
 
-def _pool_dims(node, shape_of):  # QLinearAveragePool: spatial sizes as symbols of their own
-    x = shape_of(0)
-    if x is None:
-        return [None]
-    spatial = [f"{node.output[0]}:{i}" for i in range(len(x) - 2)]
-    return [[x[0]] + spatial + [x[-1]] if int(attr(node, "channels_last")) else [x[0], x[1]] + spatial]
+def _pool_dims(node, shape_of):  # QLinearAveragePool
+    return [conv_dims(node, shape_of(0), None, bool(int(attr(node, "channels_last"))))]
 
 
 def conv_dims(node, x, w, channels_last: bool = False):
-    """A convolution's output dims from x's and w's (OIHW); spatial sizes it cannot compute are
-    symbols of their own."""
-    if x is None or w is None or len(x) < 3 or len(w) != len(x):
+    """A convolution's output dims from x's and w's (OIHW); w None: a pool (channels kept, kernel from
+    kernel_shape). Spatial sizes it cannot compute are symbols of their own."""
+    if x is None or len(x) < 3 or (w is not None and len(w) != len(x)):
         return None
     if channels_last:
         x = [x[0], x[-1]] + list(x[1:-1])
     spatial = len(x) - 2
-    kernel = list(attr(node, "kernel_shape") or w[2:])
+    kernel = list(attr(node, "kernel_shape") or (w[2:] if w is not None else []))
+    if len(kernel) != spatial:
+        return None
     strides = list(attr(node, "strides") or [1] * spatial)
     dilations = list(attr(node, "dilations") or [1] * spatial)
     pads = list(attr(node, "pads") or [0] * (2 * spatial))
+    ceil = w is None and int(attr(node, "ceil_mode"))
     auto_pad = attr(node, "auto_pad")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    out = [x[0], w[0]]
+    out = [x[0], x[1] if w is None else w[0]]
     for i in range(spatial):
         d = x[2 + i]
         if not isinstance(d, int) or not isinstance(kernel[i], int):
@@ -196,7 +195,8 @@ def conv_dims(node, x, w, channels_last: bool = False):
         else:
             span = dilations[i] * (kernel[i] - 1) + 1
             extra = 0 if auto_pad == "VALID" else pads[i] + pads[i + spatial]
-            out.append((d + extra - span) // strides[i] + 1)
+            room = d + extra - span
+            out.append((-(-room // strides[i]) if ceil else room // strides[i]) + 1)
     return [out[0]] + out[2:] + [out[1]] if channels_last else out
 
 
@@ -205,8 +205,7 @@ def _qlinear_conv_dims(node, shape_of):
 
 
 def _nhwc_pool_dims(node, shape_of):
-    x = shape_of(0)
-    return [None if x is None else [x[0]] + [f"{node.output[0]}:{i}" for i in range(1, len(x) - 1)] + [x[-1]]]
+    return [conv_dims(node, shape_of(0), None, channels_last=True)]
 
 
 def _qgemm_dims(node, shape_of):
@@ -236,6 +235,8 @@ declare("ConvInteger", conv_integer, attributes={"group": 1})
 declare("QLinearConv", qlinear_conv, attributes={"group": 1})
 declare("MatMulInteger", matmul_integer)
 declare("QLinearMatMul", qlinear_matmul)
+_POOL_ATTRS = {"kernel_shape": None, "strides": None, "dilations": None, "pads": None, "auto_pad": "NOTSET",
+               "ceil_mode": 0}
 declare("QGemm", qgemm, domain=MICROSOFT, attributes={"transA": 0, "transB": 0}, output_shapes=_qgemm_dims)
 for _op in ("QLinearAdd", "QLinearMul"):
     declare(_op, qlinear_binary, domain=MICROSOFT, output_shapes=_binary_dims)
@@ -244,12 +245,12 @@ for _op, _float in (("QLinearSigmoid", "Sigmoid"), ("QLinearLeakyRelu", "LeakyRe
     declare(_op, qlinear_unary, domain=MICROSOFT, float_form=_float, output_shapes=_same_dims)
 declare("QLinearGlobalAveragePool", qlinear_pool, domain=MICROSOFT, attributes={"channels_last": 0},
         float_form="GlobalAveragePool", output_shapes=_global_pool_dims)
-declare("QLinearAveragePool", qlinear_pool, domain=MICROSOFT, attributes={"channels_last": 0},
+declare("QLinearAveragePool", qlinear_pool, domain=MICROSOFT, attributes={**_POOL_ATTRS, "channels_last": 0},
         float_form="AveragePool", output_shapes=_pool_dims)
 _CONV_ATTRS = {"group": 1, "kernel_shape": None, "strides": None, "dilations": None, "pads": None,
                "auto_pad": "NOTSET"}
 declare("QLinearConv", qlinear_conv_nhwc, domain=MICROSOFT, attributes={**_CONV_ATTRS, "channels_last": 0},
         output_shapes=_qlinear_conv_dims)
-declare("NhwcMaxPool", nhwc_pool, domain=MICROSOFT, float_form=None, output_shapes=_nhwc_pool_dims)
+declare("NhwcMaxPool", nhwc_pool, domain=MICROSOFT, attributes=_POOL_ATTRS, output_shapes=_nhwc_pool_dims)
 declare("QLinearReduceMean", None, domain=MICROSOFT, float_form="ReduceMean")
 declare("QLinearConcat", qlinear_concat, domain=MICROSOFT, attributes={"axis": 0}, output_shapes=_concat_dims)

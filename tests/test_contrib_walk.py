@@ -1,0 +1,199 @@
+"""ONNX Runtime's own files walk (walk/rules/contrib.py): the bundled models saved by ONNX Runtime's
+optimizer (contrib ops: FusedConv, FusedGemm, FusedMatMul, QuickGelu, BiasGelu, ...), quantized ones
+it rewrote (QLinearConv in NHWC, QLinearAdd on residual streams, DynamicQuantizeMatMul, ...), and
+what the rules for attention, rotary embeddings and blocked int4 weights let move.
+
+Every file: the walk knows every op, its coverage is the float model's, and permute (verified by
+ONNX Runtime inside api.permute and again here) then undo gives the original bytes. Each coverage
+assertion comes with a file where it comes out the other way (an op without a rule, a cache).
+The exporter zoo's ORT-saved and BERT-optimizer files are walked the same way (marker zoo).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from onnx_resync import api
+from onnx_resync.verify import verify
+
+from op_cases import CASES, HEADS, MS, G
+from quantize_bundled import quantize
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+ZOO = Path(os.environ.get("ONNX_RESYNC_ZOO", Path.home() / ".cache" / "onnx-resync" / "zoo"))
+
+
+def _ort_saved(src: Path, dst: Path, level: str) -> Path:
+    """The model as ONNX Runtime's optimizer writes it (SessionOptions.optimized_model_filepath)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = {"extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                                        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
+    options.optimized_model_filepath = str(dst)
+    options.log_severity_level = 3
+    ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
+    return dst
+
+
+def _like(result, reference) -> None:
+    """The walk of an ONNX Runtime file moves (at least) what its float source's walk moves, and pins
+    for no reason the source's walk does not give."""
+    assert not result.ops_without_rule
+    assert result.permutable_channels >= reference.permutable_channels
+    assert {p.reason for p in result.pinned} <= {p.reason for p in reference.pinned}
+
+
+def _round_trip(path: Path, tmp_path: Path) -> None:
+    out, back, record = tmp_path / "permuted.onnx", tmp_path / "undone.onnx", tmp_path / "record.json"
+    _, info = api.permute(path, out, seed=3, record_path=record)
+    assert info.verified and info.neurons_moved > 0
+    report = verify(path, out, samples=2, seed=7)
+    assert report.equivalent, report.format_text()
+    api.permute(out, back, undo=record)
+    assert back.read_bytes() == path.read_bytes()
+
+
+def _contrib_ops(path: Path) -> set[str]:
+    return {n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node if n.domain == MS}
+
+
+# ---- the bundled models as ONNX Runtime saves them -------------------------------------------------
+@pytest.mark.parametrize("name, ops", [
+    ("transformer", {"FusedMatMul", "BiasGelu"}),
+    ("resnet", {"FusedConv"}),
+    ("mobilenet", {"FusedConv"}),
+    ("csp", {"QuickGelu"}),
+    ("vgg", {"FusedConv", "FusedGemm"}),
+    ("mlp", {"FusedGemm"}),
+])
+def test_ort_extended_walks_like_the_float_model(name, ops, tmp_path):
+    saved = _ort_saved(MODELS / f"{name}.onnx", tmp_path / "ort.onnx", "extended")
+    assert ops <= _contrib_ops(saved)  # ONNX Runtime really wrote its contrib ops
+    _like(api.groups(saved), api.groups(MODELS / f"{name}.onnx"))
+    _round_trip(saved, tmp_path)
+
+
+@pytest.mark.parametrize("name, level, ops", [
+    ("resnet", "all", {"QLinearConv", "QLinearAdd", "QLinearGlobalAveragePool", "QGemm"}),
+    ("transformer", "extended", {"QLinearSoftmax", "QGemm"}),
+])
+def test_quantized_and_optimized_walks_like_the_float_model(name, level, ops, tmp_path):
+    """QDQ files fused by ONNX Runtime: NHWC QLinearConv between Transposes, the residual Add read from
+    DequantizeLinear outputs fused into QLinearAdd (a QDQ ResNet at ORT's full level reached 0% of
+    its channels before: no rule for com.microsoft QLinearConv, no shapes after it)."""
+    qdq = quantize(MODELS / f"{name}.onnx", tmp_path / "qdq.onnx", name, "qdq")
+    saved = _ort_saved(qdq, tmp_path / "ort.onnx", level)
+    assert ops <= _contrib_ops(saved)
+    _like(api.groups(saved), api.groups(MODELS / f"{name}.onnx"))
+    _round_trip(saved, tmp_path)
+
+
+def test_an_op_without_a_rule_still_pins(tmp_path):
+    """The counter-case: ONNX Runtime's NCHWc layout (ORT_ENABLE_ALL on a float CNN) has no walker rule:
+    the walk says so and moves nothing it cannot follow (permuting stays exact)."""
+    saved = _ort_saved(MODELS / "vgg.onnx", tmp_path / "ort.onnx", "all")
+    result = api.groups(saved)
+    assert any(op.startswith("com.microsoft.nchwc.") for op in result.ops_without_rule)
+    assert result.permutable_channels < api.groups(MODELS / "vgg.onnx").permutable_channels
+
+
+# ---- attention: which groups there are --------------------------------------------------------------
+def _group_sizes(model: onnx.ModelProto, tmp_path: Path, weight: str, axis: int) -> list[int]:
+    path = tmp_path / "case.onnx"
+    onnx.save(model, path)
+    return sorted(g.size for g in api.groups(path).groups if any(s.weight == weight and s.axis == axis for s in g.slots))
+
+
+def test_packed_attention_moves_heads_and_dims(tmp_path):
+    # Wqkv [8, 24]: its rows are the input's channels; its columns heads (2, in Q, K, V together), Q/K
+    # dims (4) and V dims (4)
+    sizes = _group_sizes(CASES[(MS, "Attention")].build(), tmp_path, "Wqkv", 1)
+    assert sizes == [HEADS, 4, 4]
+
+
+def test_group_query_attention_moves_kv_heads_with_their_query_heads(tmp_path):
+    # 4 query heads over 2 kv heads (head size 16): kv heads (2), query heads inside a group (2), Q/K dims
+    model = CASES[(MS, "GroupQueryAttention")].build()
+    assert _group_sizes(model, tmp_path, "Wq", 1) == [2, 2, 16]
+    assert _group_sizes(model, tmp_path, "Wk", 1) == [2, 16]
+    assert _group_sizes(model, tmp_path, "Wv", 1) == [2, 16]  # V's dims: their own group, with W2's rows
+    assert _group_sizes(model, tmp_path, "W2", 0) == [2, 2, 16]
+
+
+def test_rotary_pins_the_dims_inside_a_head(tmp_path):
+    model = CASES[(MS, "RotaryEmbedding")].build()
+    assert _group_sizes(model, tmp_path, "W1", 1) == [HEADS]  # heads only: no group of dims
+    gqa = [c for c in __import__("op_cases").VARIANTS if c.name == "com.microsoft.GroupQueryAttention[rotary]"][0]
+    assert _group_sizes(gqa.build(), tmp_path, "Wq", 1) == [2, 2]  # heads; Q/K dims stay
+    assert _group_sizes(gqa.build(), tmp_path, "Wv", 1) == [2, 16]  # V's dims still move
+
+
+def _attention_with_cache(read_present: bool) -> onnx.ModelProto:
+    g = G(ms=True)
+    x = g.input("X", [1, 4, 6])
+    t = g.matmul(x, 6, 8, "W1")
+    past = g.input("past", [2, 1, HEADS, 3, 4])
+    y, present = g.op("Attention", [t, g.rand("Wqkv", [8, 24]), g.rand("bqkv", [24], 0.1), "", past], outputs=2,
+                      domain=MS, num_heads=HEADS)
+    g.ranks[y] = 3
+    g.output(g.matmul(y, 8, 4, "W2"))
+    if read_present:
+        g.output(present, rank=5)
+    return g.model()
+
+
+def test_a_key_value_cache_pins_the_heads(tmp_path):
+    """A cache fed in has the graph's own head layout: nothing of Q, K, V may move (without the cache
+    the same layer moves, test_packed_attention_moves_heads_and_dims)."""
+    assert _group_sizes(_attention_with_cache(True), tmp_path, "Wqkv", 1) == []
+    path = tmp_path / "cache.onnx"
+    onnx.save(_attention_with_cache(True), path)
+    assert any("key/value cache" in p.reason for p in api.groups(path).pinned)
+
+
+def test_matmul_nbits_moves_rows_with_their_blocked_scales(tmp_path):
+    model = CASES[(MS, "MatMulNBits")].build()
+    assert _group_sizes(model, tmp_path, "Bq", 0) == [5]
+    assert _group_sizes(model, tmp_path, "Bs", 0) == [5]  # scales [N * blocks]: a block of 2 per row
+    assert _group_sizes(model, tmp_path, "W1", 1) == []  # the input axis K is stored in blocks: pinned
+
+
+# ---- the exporter zoo's files written by ONNX Runtime -----------------------------------------------
+KINDS = ("ort_extended", "bert", "bert_fp16", "qop", "dynamic", "qdq_pc", "qdq_pt", "qdq_pre")
+
+
+def _zoo_files(kinds=KINDS):
+    manifest = ZOO / "manifest.json"
+    if not manifest.exists():
+        return []
+    models = json.loads(manifest.read_text()).get("models", {})
+    return [pytest.param(Path(v["file"]), id=f"{m}/{k}") for m, entry in sorted(models.items())
+            for k, v in sorted(entry.get("variants", {}).items())
+            if k in kinds and Path(v["file"]).exists()]
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("path", _zoo_files())
+def test_zoo_ort_files_walk_like_their_source(path, tmp_path):
+    _like(api.groups(path), api.groups(MODELS / f"{path.parent.name}.onnx"))
+    _round_trip(path, tmp_path)
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("level", ["extended", "all"])
+@pytest.mark.parametrize("path", _zoo_files(("qop", "dynamic", "qdq_pc", "qdq_pt", "qdq_pre", "bert")))
+def test_zoo_quantized_files_optimized_by_ort(path, level, tmp_path):
+    """The zoo's quantized files as ONNX Runtime rewrites them (QLinearConv NHWC, QLinearAdd,
+    DynamicQuantizeMatMul, MatMulIntegerToFloat, ...). At its full level a float CNN part gets the
+    NCHWc layout, which has no rule (test_an_op_without_a_rule_still_pins): those files are left out."""
+    saved = _ort_saved(path, tmp_path / "ort.onnx", level)
+    if any(n.domain == "com.microsoft.nchwc" for n in onnx.load(str(saved), load_external_data=False).graph.node):
+        pytest.skip("NCHWc layout (no walker rule)")
+    _like(api.groups(saved), api.groups(MODELS / f"{path.parent.name}.onnx"))
+    _round_trip(saved, tmp_path)
