@@ -241,8 +241,11 @@ def _make_lazy(model: onnx.ModelProto, base_dir: Path) -> None:
 
 
 def _check(model: onnx.ModelProto, path: Path) -> None:
+    runtime_ops = _runtime_standard_ops(model)
     try:
-        if any(True for _ in in_file_data(model)) or over_inline_limit(model):
+        if runtime_ops:
+            onnx.checker.check_model(_runtime_ops_aside(_checker_copy(model, cut_external=True), runtime_ops))
+        elif any(True for _ in in_file_data(model)) or over_inline_limit(model):
             # Unloaded external data is resolved against the model's folder only when checked by path
             # (checking the proto looks in the current directory); a path check also has no 2 GiB limit.
             onnx.checker.check_model(str(path))
@@ -257,7 +260,46 @@ def _check(model: onnx.ModelProto, path: Path) -> None:
         raise LoadError(f"{path}: invalid ONNX model ({type(exc).__name__})") from None
 
 
-def _checker_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+def _runtime_standard_ops(model: onnx.ModelProto) -> set[str]:
+    """Ops of the standard domain that the file uses, onnx does not define and ONNX Runtime registers
+    there (SimplifiedLayerNormalization of the onnxruntime-genai builder): ONNX Runtime runs them, so the
+    loader accepts them; onnx.checker would refuse them as unknown."""
+    used = {n.op_type for g in _graphs(model.graph) for n in g.node if n.domain in ("", "ai.onnx")}
+    unknown = {op for op in used if not onnx.defs.has(op)}
+    if not unknown:
+        return set()
+    try:
+        from onnxruntime.capi import onnxruntime_pybind11_state as C
+
+        registered = {s.name for s in C.get_all_operator_schema() if s.domain in ("", "ai.onnx")}
+    except Exception:  # no ONNX Runtime, or one without its schema table: the checker says what it says
+        return set()
+    return unknown & registered
+
+
+def _graphs(graph: onnx.GraphProto):
+    yield graph
+    for node in graph.node:
+        for a in node.attribute:
+            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                yield from _graphs(g)
+
+
+RUNTIME_DOMAIN = "onnx_resync.runtime"  # (checker copy only) where ONNX Runtime's standard-domain extras go
+
+
+def _runtime_ops_aside(copy: onnx.ModelProto, ops: set[str]) -> onnx.ModelProto:
+    """The checker copy with those ops in a domain of their own, which the checker does not look into
+    (as it does not look into com.microsoft): everything else is checked as usual."""
+    for g in _graphs(copy.graph):
+        for n in g.node:
+            if n.domain in ("", "ai.onnx") and n.op_type in ops:
+                n.domain = RUNTIME_DOMAIN
+    copy.opset_import.add(domain=RUNTIME_DOMAIN, version=1)
+    return copy
+
+
+def _checker_copy(model: onnx.ModelProto, cut_external: bool = False) -> onnx.ModelProto:
     """The model for onnx.checker, its initializers' large raw payloads cut to one element of a
     [1, ..., 1] tensor.
 
@@ -267,7 +309,8 @@ def _checker_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     weight twice (0.12 s of the 0.32 s that loading two 98 MiB models took)."""
     def cut(source: onnx.TensorProto, target: onnx.TensorProto) -> None:
         count, nbytes = math.prod(source.dims), expected_nbytes(source)
-        in_place = is_in_place(source)  # (its data is checked in its file: check_tensor_data)
+        in_place = is_in_place(source) or (cut_external and source.data_location == onnx.TensorProto.EXTERNAL)
+        # (its data is checked in its file: check_tensor_data, check_external_data)
         if not in_place and (not source.HasField("raw_data") or not source.dims or source.data_type in SUBBYTE_BITS
                              or count <= 0 or nbytes is None or nbytes <= 4096):
             target.CopyFrom(source)
