@@ -49,7 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from onnx_resync.io import WeightStore, load_model  # noqa: E402
+from onnx_resync.io import WeightStore, is_lazy_model, load_model, save_model  # noqa: E402
 from onnx_resync.match import match  # noqa: E402
 from onnx_resync.match.matcher import DECAYED  # noqa: E402
 from onnx_resync.permute import apply_permutations, random_permutations  # noqa: E402
@@ -150,7 +150,14 @@ def outputs(model: onnx.ModelProto, feeds: list[dict]) -> list[np.ndarray]:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     opts.intra_op_num_threads = 2
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    if is_lazy_model(model):  # (weights mapped from the file: written out whole for the session)
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            save_model(model, Path(tmp) / "m.onnx")
+            sess = ort.InferenceSession(str(Path(tmp) / "m.onnx"), opts, providers=["CPUExecutionProvider"])
+    else:
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
     name = sess.get_outputs()[0].name
     return [sess.run([name], f)[0] for f in feeds]
 

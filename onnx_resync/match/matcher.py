@@ -6,13 +6,21 @@ A neuron's feature is its slice in every slot of its group. Other axes of a slot
 group already resolved are aligned (the suspect is reindexed with that group's permutation, the
 group's own other axes, e.g. an RNN's recurrent weight, with its current estimate); axes of groups
 not yet resolved are summarized by sorting along them, which no permutation of them changes. Similarity of two neurons is
-the mean of their per-slot cosines weighted by slot size, so rescaling one slot (the ReLU rescale
-attack) leaves it at 1.
+the mean of their per-slot cosines weighted by what each slot carries (its size, times, once the
+slot's noise is known, the fraction of the neuron's slice that the noise leaves: _signal), so
+rescaling one slot (the ReLU rescale attack) leaves it at 1. 1-D slots (bias, normalization
+parameters, quantization scales) compare by a kernel of their values at the slot's own noise
+(_scalar_kernel); they weigh as one entry for a neuron whose rows carry it, in full for one whose rows
+are drowned (a *decayed* neuron: every slot of 2+ entries below DECAYED of the group's 90th-percentile
+norm, trained down to nothing), which they then place. Decayed neurons that nothing tells apart are
+interchangeable; the statistics (evidence) come from the *live* neurons (neither decayed nor
+interchangeable) and from the slots of 2+ entries only.
 
 Each solve first pairs neurons whose slices are byte-identical (a pure permutation needs nothing
 else; in the first sweep this is tried on the slots that need no summary, a producer's rows and
 its norm parameters), then runs a linear assignment on the similarity matrix of the rest, with the
-mutual-best shortcut. A topological sweep gives a starting point (large groups compared on a random
+mutual-best shortcut; the matched pairs measure each slot's noise, and where that noise drowns some
+neuron's slice the group is solved once more with the slots so weighed. A topological sweep gives a starting point (large groups compared on a random
 sample of feature columns, accepted only with a wide margin); then coordinate descent where it is
 needed (uncertain groups, groups answered while a neighbour was summarized unless exact, and in
 turn the neighbours of every group whose answer changed), each group solved with all the others
@@ -53,7 +61,9 @@ DECAYED = 1e-3  # a neuron's slot this far below the group's 90th-percentile nor
 #                 negligible in every slot of 2+ entries is decayed (functionally inert, see _decayed)
 REWEIGHT = 0.9  # a neuron's slot whose expected matched cosine (see _signal) is below this: the group is
 #                 solved again with every slot weighed by what it still carries
-SCALAR_BINS = 32  # a 1-D slot's value as a bump over this many centres (see _scalar_features)
+TYPICAL_SIGNAL = 0.5  # ... unless the noise drowns the group's typical neuron too (then no copy: no weights)
+SCALAR_BINS = 32  # a 1-D slot compared at 1/this of its spread until its noise is known (_scalar_kernel) ...
+SCALAR_FLOOR = 1e-4  # ... then at its noise, or at least this x its spread
 
 @dataclass
 class GroupMatch:
@@ -263,8 +273,8 @@ class _Matcher:
                                            f"{side}: its neurons cannot be compared")
         nr = np.stack([r for r, _ in norms], axis=1)
         ns = np.stack([s for _, s in norms], axis=1)
-        eps = np.array([(noise or {}).get(k, 0.0) for k in used])
-        fr, fs, wide, blocks = _combined(feats, dims, nr, ns, eps)
+        eps = np.array([(noise or {}).get(k, -1.0) for k in used])  # (-1: not known)
+        fr, fs, wide, blocks, kernels = _combined(feats, dims, nr, ns, eps)
         keys = _keys(feats)
         pairs = _exact_pairs(keys["ref_key"], keys["sus_key"])
         i = np.flatnonzero(pairs >= 0)
@@ -281,6 +291,7 @@ class _Matcher:
                 i = i[same]
         decayed, carry, classes = _decayed(feats, dims, nr)
         return _Features(slots=used, dims=dims, fr=fr, fs=fs, wide=wide, nr=nr, ns=ns, pairs=pairs, blocks=blocks,
+                         kernels=kernels,
                          decayed=decayed, carry=carry, decayed_class=classes, noise=eps, **keys)
 
     def solve(self, gi: int, first: bool = False) -> None:
@@ -334,13 +345,21 @@ class _Matcher:
             sub, _, _, ok = assign(np.ascontiguousarray(C[np.ix_(rest, free)]), margin)
             perm[rest] = free[sub]
             settled += ok
+        # the statistics (evidence) come from the slots of 2+ entries: a 1-D slot places a neuron
+        # that nothing else does, but one value per neuron agreeing is no evidence of a copy (an
+        # inconsistent shuffle keeps each slot's values)
+        K = _kernel_gram(f.kernels) if f.kernels and (f.dims >= 2).any() else None
+        if K is not None:
+            C -= K
         runner_up, _ = _runner_up(C, np.arange(n), perm, columns=False)
         null_cols = _null_columns(n, np.random.default_rng(gi), NULL_COLUMNS_WIDE if f.wide else NULL_COLUMNS)
         if sampled:  # estimates: the matched pairs and the null sample are computed exactly
             cos, null = f.paired(perm, null_cols)  # (one read of the wide slots for both)
+            if K is not None:
+                cos, null = cos - K[np.arange(n), perm], null - K[:, null_cols]
         else:  # every similarity is in C already
             cos, null = C[np.arange(n), perm].astype(np.float64), C[:, null_cols]
-        del C
+        del C, K
         return f, perm, cos, runner_up, settled, _spread(null, null_cols, perm), rest
 
     def capacity(self, gi: int) -> float:
@@ -399,10 +418,11 @@ class _Features:
     sus_key: np.ndarray
     pairs: np.ndarray  # reference neuron -> its byte-identical suspect neuron, -1 (twins in order)
     blocks: dict  # slot (index into slots) -> columns of fr/fs holding it (slots of 2+ entries held)
+    kernels: dict  # 1-D slot (index into slots) -> (ref values, sus values, bandwidth, ref scale, sus scale) (_scalar_kernel)
     decayed: np.ndarray  # per reference neuron: negligible in every slot of 2+ entries (_decayed)
     carry: np.ndarray  # per reference neuron: share of the group's typical norm it carries (0..1)
     decayed_class: np.ndarray  # decayed neurons that nothing tells apart share an id (-1: none)
-    noise: np.ndarray  # per slot: the noise norm per neuron the rows were weighed with (0: none)
+    noise: np.ndarray  # per slot: the noise per neuron the rows were weighed with (-1: not known)
 
     @property
     def width(self) -> int:
@@ -424,6 +444,8 @@ class _Features:
             part *= sr[:, None]  # (in place: an n x n matrix of a wide layer is large)
             part *= so[None, :]
             C += part
+        if self.kernels:
+            C += _kernel_gram(self.kernels, cols, suspect)
         return C
 
     def sampled_gram(self, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -441,6 +463,8 @@ class _Features:
             # the scales applied to the sample's columns, not to the n x n product
             xr = xr * (sr * (w.width / xr.shape[0]))[None, :].astype(np.float32)
             C += xr.T @ (xs * ss[None, :].astype(np.float32))
+        if self.kernels:  # (exact: cheap)
+            C += _kernel_gram(self.kernels)
         return C
 
     def paired(self, perm: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -455,6 +479,10 @@ class _Features:
                 cross += xr.T @ np.take(xs, cols, axis=1)
             cos += part * sr * ss[perm]
             C += (cross * sr[:, None] * ss[cols][None, :]).astype(C.dtype)
+        for r, s, h, wr, ws in self.kernels.values():
+            cos += np.exp(-0.5 * ((r - s[perm]) / h) ** 2) * wr * ws[perm]
+        if self.kernels:
+            C += _kernel_gram(self.kernels, cols)
         return cos, C
 
 
@@ -462,28 +490,35 @@ def _combined(feats, dims, nr, ns, noise=None):
     """Unit rows per slot, each weighted by the square root of its share of the row, side by side,
     so that a dot product is the weighted mean of slot cosines; rows end at unit length.
 
-    A slot's share is its size (entries per neuron; a 1-D slot, embedded by _scalar_features, counts
-    as one) times what the neuron's slice still carries against the slot's noise (_signal; 1 where
-    no noise is known): a neuron drowned in some slots (decayed) is compared on the others. Empty
-    slices (dead, pruned) weigh nothing. Wide slots are not copied: their part of the rows is the
-    slot read in pieces times a scale per row. Returns (ref, sus, [(wide slot, ref scale, sus scale)],
-    {slot: columns held})."""
+    A slot's share is its information: for a slot of 2+ entries its size times what the neuron's
+    slice still carries against the slot's noise (_signal; 1 where no noise is known), for a 1-D slot
+    (a bias, a normalization parameter) the number of levels its spread holds at its noise
+    (_scalar_kernel). A neuron drowned in some slots (decayed) is compared on the others. Empty
+    slices (dead, pruned) weigh nothing. 1-D slots are compared by a kernel of their values, not
+    held in the rows; wide slots are not copied: their part of the rows is the slot read in pieces
+    times a scale per row. Returns (ref, sus, [(wide slot, ref scale, sus scale)], {slot: columns
+    held}, [(ref values, sus values, bandwidth, ref scale, sus scale)])."""
     n = nr.shape[0]
-    total = max(int(dims.sum()), 1)
     noise = np.zeros(len(dims)) if noise is None else noise
     vec = [k for k, d in enumerate(dims) if d >= 2]
     small = [k for k, d in enumerate(dims) if d < 2]
     held = [k for k in vec if not isinstance(feats[k], WideSlot)]
-    scalars = {k: _scalar_features(feats[k][0], feats[k][1]) for k in small}
-    width = int(dims[held].sum()) + sum(x[0].shape[1] for x in scalars.values())
+    top = max((int(dims[k]) for k in vec), default=1)
+    scalars = {k: _scalar_kernel(feats[k][0], feats[k][1], noise[k], top) for k in small}
+    total = max(float(dims[vec].sum()) + sum(x[3] for x in scalars.values()), 1.0)
+    width = int(dims[held].sum())
     out, scales, blocks = [], {}, {}
     for side, norms in ((0, nr), (1, ns)):
         f = np.empty((n, width), dtype=np.float32)
         share = np.zeros(norms.shape)
         for k in vec:
             share[:, k] = (norms[:, k] > 0) * (dims[k] / total) * _signal(norms[:, k], noise[k], side)
+        # what the neuron's 2+-entry slots still carry (1: all of it): a 1-D slot's information
+        # counts in full only where they do not (a decayed, drowned or pruned neuron), else as one
+        # entry: a bias alone never outvotes the rows (an inconsistent shuffle stays unrelated)
+        carried = share[:, vec].sum(axis=1) * total / max(float(dims[vec].sum()), 1.0) if vec else np.zeros(n)
         for k in small:
-            share[:, k] = (1.0 / total) * (np.abs(scalars[k][side]).sum(axis=1) > 0)
+            share[:, k] = (1.0 + (scalars[k][3] - 1.0) * (1.0 - carried)) / total if scalars[k][3] > 0 else 0.0
         length = share.sum(axis=1)
         share = np.divide(share, length[:, None], out=np.zeros_like(share), where=length[:, None] > 0)
         col = 0
@@ -496,13 +531,12 @@ def _combined(feats, dims, nr, ns, noise=None):
             np.multiply(feats[k][side], scale[:, None].astype(np.float32), out=f[:, col:stop], casting="unsafe")
             blocks[k] = slice(col, stop)
             col = stop
-        for k in small:  # (already unit rows)
-            stop = col + scalars[k][side].shape[1]
-            np.multiply(scalars[k][side], np.sqrt(share[:, k])[:, None], out=f[:, col:stop], casting="unsafe")
-            col = stop
+        for k in small:
+            scales.setdefault(k, []).append(np.sqrt(share[:, k]))
         out.append(f)
     wide = [(feats[k], scales[k][0], scales[k][1]) for k in vec if k not in held]
-    return out[0], out[1], wide, blocks
+    kernels = {k: scalars[k][:3] + (scales[k][0], scales[k][1]) for k in small if scalars[k][3] > 0}
+    return out[0], out[1], wide, blocks, kernels
 
 
 def _signal(norms: np.ndarray, noise: float, side: int) -> np.ndarray:
@@ -518,27 +552,45 @@ def _signal(norms: np.ndarray, noise: float, side: int) -> np.ndarray:
                      where=norms > 0)
 
 
-def _scalar_features(ref: np.ndarray, sus: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _scalar_kernel(ref: np.ndarray, sus: np.ndarray, noise: float, top: int):
     """A 1-D slot (one value per neuron: bias, normalization scale/shift/statistics, quantization
-    scale) as unit rows whose dot product is a Gaussian kernel of the difference of the values, in
-    units of the group's spread (robust: median and MAD; asinh, so that outliers stay apart without
-    taking the whole range): SCALAR_BINS bumps spread over the reference's range. Equal values give
-    1, far ones about 0; a slot whose reference values are all equal tells nothing: zero rows."""
+    scale): (reference values, suspect values, bandwidth h, information). Two neurons compare by
+    exp(-(a - b)^2 / 2h^2): equal values 1, values h apart or more about 0. h is the slot's noise (the
+    matched pairs' median difference; SCALAR_FLOOR x its spread at least: float rounding) once known,
+    1/SCALAR_BINS of its spread before. Its information is the number of levels its spread holds,
+    (spread / h)^2 (an entry of a 2+-entry slot counts 1), at most the group's widest slot `top`:
+    where rows are drowned and the bias is exact, the bias decides; a slot whose reference values
+    are all equal tells nothing (information 0)."""
     r, s = ref.reshape(len(ref), -1)[:, 0].astype(np.float64), sus.reshape(len(sus), -1)[:, 0].astype(np.float64)
     med = np.median(r)
     spread = 1.4826 * np.median(np.abs(r - med)) or r.std()
     if not spread > 0 or not np.isfinite(spread):
-        return np.zeros((len(r), 1), dtype=np.float32), np.zeros((len(s), 1), dtype=np.float32)
-    ur, us = np.arcsinh((r - med) / spread), np.arcsinh((s - med) / spread)
-    lo, hi = ur.min(), ur.max()
-    h = (hi - lo) / (SCALAR_BINS - 3)
-    centres = np.linspace(lo - h, hi + h, SCALAR_BINS)
-    out = []
-    for u in (ur, us):
-        phi = np.exp(-0.5 * ((u[:, None] - centres[None, :]) / h) ** 2)
-        norm = np.linalg.norm(phi, axis=1, keepdims=True)
-        out.append(np.divide(phi, norm, out=np.zeros_like(phi), where=norm > 0).astype(np.float32))
-    return out[0], out[1]
+        return r, s, 1.0, 0.0
+    h = spread / SCALAR_BINS if noise < 0 else max(noise, SCALAR_FLOOR * spread)
+    info = 1.0 if noise < 0 else float(min((spread / h) ** 2, top))
+    return r, s, h, max(info, 1.0)
+
+
+def _kernel_gram(kernels, cols: np.ndarray | None = None, suspect: bool = True, rows: np.ndarray | None = None):
+    """The 1-D slots' part of gram(): sum over kernels of ref scale x other scale x kernel value."""
+    out = None
+    for r, s, h, wr, ws in kernels.values():
+        o, wo = (s, ws) if suspect else (r, wr)
+        if cols is not None:
+            o, wo = o[cols], wo[cols]
+        if rows is not None:
+            r, wr = r[rows], wr[rows]
+        if out is None:
+            out = np.zeros((len(r), len(o)), dtype=np.float32)
+        step = max(1, (1 << 22) // max(len(o), 1))
+        for a in range(0, len(r), step):
+            d = ((r[a:a + step, None] - o[None, :]) / h).astype(np.float32)
+            np.multiply(d, d, out=d)
+            np.multiply(d, np.float32(-0.5), out=d)
+            np.exp(d, out=d)
+            d *= (wr[a:a + step, None] * wo[None, :]).astype(np.float32)
+            out[a:a + step] += d
+    return out
 
 
 def _noise(f: "_Features", perm: np.ndarray) -> dict | None:
@@ -554,8 +606,12 @@ def _noise(f: "_Features", perm: np.ndarray) -> dict | None:
             continue
         c = np.clip(cos[upper], 1e-3, 1.0)
         eps = float(np.median(r[upper] * np.sqrt(1 - c ** 2) / c))
+        if _signal(np.percentile(r, 90, keepdims=True), eps, 0)[0] < TYPICAL_SIGNAL:
+            return None  # the group's typical neurons do not match: no copy whose noise to measure
         out[f.slots[k]] = eps
         any_noise |= eps > 0
+    for k, (r, s, _, _, _) in f.kernels.items():
+        out[f.slots[k]] = float(np.median(np.abs(s[perm] - r)))
     return out if any_noise else None
 
 
