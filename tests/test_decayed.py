@@ -215,3 +215,28 @@ def test_report_shows_live_decayed_and_interchangeable(tmp_path):
     assert sorted(group["interchangeable"]) == sorted(DECAYED.tolist())
     text = "\n".join(report.summary_lines())
     assert f"decayed (functionally inert, not evidence): {len(DECAYED)} neurons in 1 groups" in text
+
+
+def test_rescale_living_in_1d_slots_is_found_and_undone():
+    """A neutral rescale across the ReLU written into BatchNorm's scale and shift (1-D slots) and
+    the consumer's columns, the conv rows untouched: the cheap gate (resync._rescales) fires and the
+    rescale is undone (before, only slots of 2+ entries counted: rows unchanged, nothing hinted)."""
+    from onnx_resync.match.rescale import neutral_groups, undo_rescales
+
+    ref = build("conv_bn", 0, np.array([], dtype=int), 1.0, distinct=True)
+    w = walk(ref)
+    sus = onnx.ModelProto()
+    sus.CopyFrom(ref)
+    groups = [g for g in neutral_groups(w) if g.size == C]
+    assert groups
+    # half up, half down by the same amounts: every slot's median ratio stays 1 (the gate's other cue)
+    v = np.random.default_rng(0).uniform(0.3, np.log(4), C // 2)
+    log_a = np.random.default_rng(1).permutation(np.concatenate([v, -v]))
+    undo_rescales(ref, WeightStore(sus), groups, {groups[0].key: -log_a})
+    assert not np.array_equal(WeightStore(sus).get("gamma"), WeightStore(ref).get("gamma"))
+    assert np.array_equal(WeightStore(sus).get("w1"), WeightStore(ref).get("w1"))  # rows untouched
+    apply_permutations(sus, w, random_permutations(w, 3))
+    restored, report = resync(sus, ref)
+    assert report.derived and report.perturbation["rescaled_undone"] >= C // 2
+    for name in ("gamma", "beta", "w2"):
+        np.testing.assert_allclose(WeightStore(restored).get(name), WeightStore(ref).get(name), rtol=1e-4, atol=1e-6)
