@@ -873,6 +873,17 @@ def _gqa(rotary: bool):
 
 
 case("GroupQueryAttention", touch=_sets("Wq Wk Wv W2"), domain=MS)(_gqa(False))
+
+
+@variant("GroupQueryAttention", "packed", None, touch=["Wqkv W2"], free=())
+def _gqa_packed():  # Q, K and V from one MatMul [6, (4 + 2 + 2) * 16], key and value inputs empty
+    g = G(ms=True)
+    qkv = g.matmul(g.input("X", [1, 4, 6]), 6, 128, "Wqkv")
+    ins = [qkv, "", "", "", "", g.const("seqlens", [3], np.int32), g.const("total", [4], np.int32)]
+    y, _, _ = g.op("GroupQueryAttention", ins, outputs=3, domain=MS, num_heads=4, kv_num_heads=2)
+    g.ranks[y] = 3
+    g.output(g.matmul(y, 64, 4, "W2"))
+    return g.model()
 # (a pinned dim does not show among the pins: its cells still move with their heads; tests/test_contrib_walk.py
 # checks which groups there are)
 VARIANTS.append(Case("GroupQueryAttention", _gqa(True), _sets("Wq Wk Wv W2"), None, (), MS, variant="rotary"))

@@ -49,7 +49,9 @@ def _like(result, reference) -> None:
     assert {p.reason for p in result.pinned} <= {p.reason for p in reference.pinned}
 
 
-def _round_trip(path: Path, tmp_path: Path) -> None:
+def _round_trip(path: Path, tmp_path: Path, resync: bool = False) -> None:
+    """Permute (checked), verify again, undo to the original bytes; resync: the permuted copy resynced
+    against the file gives the file back byte for byte."""
     out, back, record = tmp_path / "permuted.onnx", tmp_path / "undone.onnx", tmp_path / "record.json"
     _, info = api.permute(path, out, seed=3, record_path=record)
     assert info.verified and info.neurons_moved > 0
@@ -57,6 +59,11 @@ def _round_trip(path: Path, tmp_path: Path) -> None:
     assert report.equivalent, report.format_text()
     api.permute(out, back, undo=record)
     assert back.read_bytes() == path.read_bytes()
+    if resync:
+        restored = tmp_path / "restored.onnx"
+        _, result = api.resync(out, path, restored)
+        assert result.verdict == "permuted", result.verdict
+        assert restored.read_bytes() == path.read_bytes()
 
 
 def _contrib_ops(path: Path) -> set[str]:
@@ -91,7 +98,7 @@ def test_quantized_and_optimized_walks_like_the_float_model(name, level, ops, tm
     saved = _ort_saved(qdq, tmp_path / "ort.onnx", level)
     assert ops <= _contrib_ops(saved)
     _like(api.groups(saved), api.groups(MODELS / f"{name}.onnx"))
-    _round_trip(saved, tmp_path)
+    _round_trip(saved, tmp_path, resync=True)
 
 
 def test_an_op_without_a_rule_still_pins(tmp_path):

@@ -311,6 +311,24 @@ def _qkv_labels(ctx, node):
     return [l[2] for l in labels]
 
 
+def _packed_qkv(ctx, node, heads: int, kv_heads: int):
+    """Q, K and V channels of a packed input [B, S, (Hq + 2 Hkv) * D], in that order; None: pinned."""
+    x = node.input[0]
+    labels = ctx.get(x)
+    if ctx.rank(x) != 3 or set(labels) - {2}:
+        _pin_inputs(ctx, node, f"{node.op_type} over a channel-carrying batch or sequence axis")
+        return None
+    packed = labels.get(2)
+    if packed is None:
+        return None
+    if len(packed) % (heads + 2 * kv_heads):
+        ctx.pin(packed, f"{node.op_type}: packed QKV does not split into the heads")
+        return None
+    d = len(packed) // (heads + 2 * kv_heads)
+    cuts = np.cumsum([0, heads * d, kv_heads * d, kv_heads * d])
+    return [packed.take(np.arange(a, b)) for a, b in zip(cuts[:-1], cuts[1:])]
+
+
 def multi_head_attention(ctx, node) -> None:
     """Query, key, value [B, S, hidden] (+ bias [Dq + Dk + Dv]); output [B, S, Dv] with V's channels."""
     labels = _qkv_labels(ctx, node)
@@ -332,8 +350,13 @@ def multi_head_attention(ctx, node) -> None:
 
 
 def group_query_attention(ctx, node) -> None:
-    """Query [B, S, Hq*D], key and value [B, S, Hkv*D]; query head h reads kv head h // (Hq/Hkv)."""
-    labels = _qkv_labels(ctx, node)
+    """Query [B, S, Hq*D], key and value [B, S, Hkv*D] (or all three packed in the query input, key
+    and value absent); query head h reads kv head h // (Hq/Hkv)."""
+    heads, kv_heads = int(attr(node, "num_heads")), int(attr(node, "kv_num_heads"))
+    if kv_heads <= 0 or heads % kv_heads:
+        _pin_inputs(ctx, node, "GroupQueryAttention heads do not group over key/value heads")
+        return
+    labels = _qkv_labels(ctx, node) if _inputs(node, 1) else _packed_qkv(ctx, node, heads, kv_heads)
     if labels is None:
         return
     q, k, v = labels
@@ -343,10 +366,6 @@ def group_query_attention(ctx, node) -> None:
     for name in node.input[3:]:
         if name:
             ctx.pin_all(name, "GroupQueryAttention mask, cache or rotary table carries channels")
-    heads, kv_heads = int(attr(node, "num_heads")), int(attr(node, "kv_num_heads"))
-    if kv_heads <= 0 or heads % kv_heads:
-        _pin_inputs(ctx, node, "GroupQueryAttention heads do not group over key/value heads")
-        return
     done = _attend(ctx, node, q, k, v, heads, kv_heads, bool(attr(node, "do_rotary")))
     if done is None:
         return
@@ -488,12 +507,12 @@ def _mha_dims(node, shape_of):
 
 def _gqa_dims(node, shape_of):
     q, k = shape_of(0), shape_of(1)
-    if q is None or k is None or len(q) != 3 or len(k) != 3:
-        return [None]
     heads, kv_heads = int(attr(node, "num_heads")), int(attr(node, "kv_num_heads"))
-    if not isinstance(k[2], int) or kv_heads <= 0:
-        return [[q[0], q[1], q[2]]]
-    return [[q[0], q[1], heads * (k[2] // kv_heads)]]
+    if q is None or len(q) != 3 or kv_heads <= 0 or not isinstance(q[2], int):
+        return [None]
+    if k is None:  # packed QKV
+        return [[q[0], q[1], heads * (q[2] // (heads + 2 * kv_heads))]]
+    return [[q[0], q[1], q[2]]]
 
 
 _CONV = {"group": 1, "kernel_shape": None, "strides": None, "dilations": None, "pads": None,
