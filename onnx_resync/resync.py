@@ -187,7 +187,11 @@ def resync(
     t0 = time.perf_counter()
     ref_walk = walk(ref_model)
     # a width or depth change: the suspect without its structural padding, proven equivalent (issue 16)
-    sus_model, reduction = to_reference(lambda m: check_structure(ref_model, m, ref_walk), sus_model, verify_options)
+    sus_model, reduction = to_reference(lambda m: check_structure(ref_model, m, ref_walk), sus_model, verify_options,
+                                        reference=ref_model, ref_walk=ref_walk)
+    if reduction is not None and reduction.reference is not None:  # pruned: judged on the matched neurons
+        ref_model, ref_walk = reduction.reference, walk(reduction.reference)
+        check_structure(ref_model, sus_model, ref_walk)
     # read by matching, restoring and the report, never changed here: each weight read once
     ref_store, sus_store = WeightStore(ref_model, cache=True), WeightStore(sus_model, cache=True)
     result = match(ref_store, sus_store, ref_walk, max_passes=max_passes)
@@ -227,7 +231,7 @@ def resync(
     summary.output = None if output is None or failed is not None else str(output)
     if reduction is not None:
         summary.reduction = reduction.to_dict()
-        summary.verdict = f"derived, structurally obfuscated: {reduction.phrase()}" if summary.derived else summary.verdict
+        summary.verdict = reduction.verdict() if summary.derived else summary.verdict
     if report_path is not None:
         write_text_atomic(report_path, summary.to_json())
     if failed is not None:  # the verdict was found: the caller (the CLI) still shows it

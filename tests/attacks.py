@@ -43,6 +43,7 @@ WIDTH_ATTACKS = ("dummies", "cliques", "splits")
 class AttackLog:
     kind: str
     per_group: dict = field(default_factory=dict)  # group key (input model) -> neurons added/removed
+    removed: dict = field(default_factory=dict)  # prune: group key -> the neurons removed (input model's order)
     layers: list = field(default_factory=list)  # inserted layers
 
     @property
@@ -235,11 +236,17 @@ def prune(model: onnx.ModelProto, fraction: float, seed: int = 0, keys: list[str
             continue
         k = min(group.size - 2, max(1, int(round(fraction * group.size))))
         drop = rng.choice(group.size, size=k, replace=False)
-        current = copy_model(current)
-        w = Widths(current)
+        trial = copy_model(current)
+        w = Widths(trial)
         w.remove(group, drop.tolist())
         w.write()
+        try:
+            walk(trial)
+        except Exception:  # noqa: BLE001 - the width is also elsewhere (a Split's sizes): left alone
+            continue
+        current = trial
         log.per_group[key] = k
+        log.removed[key] = sorted(drop.tolist())
     return current, log
 
 

@@ -204,3 +204,30 @@ def test_cli_reduce_and_audit(tmp_path, capsys):
     text = capsys.readouterr().out
     assert f"verdict: derived, structurally obfuscated: {log.neurons} split" in text
     assert main(["reduce", str(suspect), "-o", str(suspect)]) == 2  # never over an input
+
+
+# ---- structured pruning: a rectangular assignment, judged on the matched neurons -------------
+PRUNED = [("mlp", "mlp", 0.5), ("resnet", "resnet", 0.1), ("vgg_ft50", "vgg", 0.5), ("resnet_ft10", "resnet", 0.5)]
+
+
+@pytest.mark.parametrize("name,reference,fraction", PRUNED, ids=[f"{n}-{f}" for n, _, f in PRUNED])
+def test_pruned_copy_is_derived_with_the_map_of_survivors(name, reference, fraction, tmp_path):
+    pruned, log = attacks.prune(onnx.load(_path(name)), fraction, seed=0)
+    suspect = attacks.permute_rescale(pruned, seed=1, rescale=False)
+    onnx.save(suspect, tmp_path / "pruned.onnx")
+    _, report = api.resync(str(tmp_path / "pruned.onnx"), _path(reference), tmp_path / "restored.onnx")
+    assert report.derived and report.verdict.startswith("derived, pruned: ")
+    found = {p["group"]: p for p in report.reduction["pruned"]}
+    assert set(found) == set(log.removed)
+    for key, removed in log.removed.items():
+        assert found[key]["removed"] == len(removed)
+        assert sorted(set(range(found[key]["of"])) - set(found[key]["kept"])) == removed  # the map of survivors
+        assert f"{len(removed)} of {found[key]['of']} channels of {found[key]['layer']} removed" in report.verdict
+    assert report.matched >= 0.99 * report.neurons and report.verified
+
+
+def test_pruned_unrelated_model_stays_not_derived(tmp_path):
+    pruned, _ = attacks.prune(onnx.load(_path("vgg_seed1")), 0.5, seed=0)
+    onnx.save(pruned, tmp_path / "other.onnx")
+    _, report = api.resync(str(tmp_path / "other.onnx"), _path("vgg"))
+    assert report.reduction["pruned"] and not report.derived and report.verdict == "not derived"

@@ -711,9 +711,9 @@ def _obfuscated(report: AuditReport, reduction) -> None:
     report.reduction = reduction.to_dict()
     if report.derived:
         rest = report.summary.removeprefix("derived").lstrip(", ")
-        report.summary = f"derived, structurally obfuscated: {reduction.phrase()}" + (f"; {rest}" if rest else "")
+        report.summary = reduction.verdict() + (f"; {rest}" if rest else "")
     report.evidence.insert(0, "the suspect was reduced before alignment (each rewrite proven equivalent by ONNX "
-                              f"Runtime): {reduction.phrase()}")
+                              f"Runtime): {reduction.phrase() or reduction.pruned_phrase()}")
     report.evidence[1:1] = [line.strip() for line in reduction.lines()]
 
 

@@ -33,6 +33,9 @@ class ReduceReport:
     layers: list[LayerReduction] = field(default_factory=list)
     folded: list[dict] = field(default_factory=list)  # Fold.to_dict() of every inserted layer folded
     refused: list[dict] = field(default_factory=list)  # {"what", "where", "reason"}
+    # a pruned copy padded to its reference (match/partial.py): {"layer", "group", "removed", "of", "kept"}
+    pruned: list[dict] = field(default_factory=list)
+    reference: object = None  # with `pruned`: the reference without its pruned neurons (an onnx.ModelProto)
     rounds: int = 0
     verified: bool = False  # the reduced model was proven equivalent to the input (or nothing changed)
     verify: dict | None = None
@@ -45,6 +48,16 @@ class ReduceReport:
     @property
     def changed(self) -> bool:
         return bool(self.folded) or any(self.count(k) for k in KINDS)
+
+    def pruned_phrase(self) -> str:
+        """'23 of 128 channels of layer3.conv1 removed' (per pruned layer)."""
+        return "; ".join(f"{p['removed']} of {p['of']} channels of {p['layer']} removed" for p in self.pruned)
+
+    def verdict(self) -> str:
+        """A derived suspect's verdict: 'derived, structurally obfuscated: ...; pruned: ...'."""
+        parts = [f"structurally obfuscated: {self.phrase()}"] if self.changed else []
+        parts += [f"pruned: {self.pruned_phrase()}"] if self.pruned else []
+        return "derived, " + "; ".join(parts)
 
     def phrase(self) -> str:
         """'19 dummy neurons, 12 split, 1 inserted identity layer' (empty when nothing changed)."""
@@ -74,6 +87,9 @@ class ReduceReport:
                        f"{', '.join(f['readers'])}")
         for r in self.refused:
             out.append(f"  refused: {r['what']} at {r['where']} ({r['reason']})")
+        for p in self.pruned:
+            out.append(f"  {p['layer']}: {p['removed']} of {p['of']} reference neurons pruned (rectangular "
+                       "assignment; judged on the matched ones)")
         return out
 
     def summary_lines(self) -> list[str]:
@@ -93,6 +109,7 @@ class ReduceReport:
             "summary": self.phrase(),
             "dummy": self.count("dummy"), "split": self.count("split"), "clique": self.count("clique"),
             "layers": [vars(r) for r in self.layers if r.dummy or r.split or r.clique],
+            "pruned": self.pruned,
             "folded": self.folded, "refused": self.refused, "rounds": self.rounds, "lines": self.lines(),
             "verified": self.verified, "verify": self.verify, "output": self.output,
             "seconds": round(self.seconds, 4),
