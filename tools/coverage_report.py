@@ -4,13 +4,24 @@ For every model: hidden channels, permutable share, groups, what pins (reason an
 without a rule, the walk time against onnx.load of the same file, and whether a random permutation
 of every group verifies equivalent with ONNX Runtime (and undoes byte for byte).
 
-Run: python tools/coverage_report.py [--out docs/coverage.md]   (vendor files are fetched once)
+Interface channels are counted apart: those that reach a graph output and those that must line up
+with a graph input's values (a recurrent state the caller feeds); coverage is permutable / the rest,
+and a model whose channels are all interface says "nothing to permute". `--json` keeps the rows;
+`--before rows.json` (a run of an earlier commit, e.g. with PYTHONPATH at its checkout) adds a
+before -> after column.
+
+Run: python tools/coverage_report.py [--out docs/coverage.md] [--json rows.json] [--before rows.json]
+(vendor files are fetched once; the zoo's torch_dynamo exports are added when ~/.cache/onnx-resync/zoo
+exists)
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -35,6 +46,7 @@ VENDOR = {
     "ddddocr_common": {"input1": [1, 1, 64, 64]},
     "ddddocr_common_old": {"input1": [1, 1, 64, 64]},
     "arabic_gru_encoder": {},
+    "arabic_gru_decoder": {},
     "minilm": {"input_ids": [1, 8], "attention_mask": [1, 8], "token_type_ids": [1, 8]},
 }
 
@@ -48,28 +60,48 @@ def measure(name: str, path: Path, shapes: dict) -> dict:
     result = walk(model)
     t_walk = time.perf_counter() - t
     inputs = {i.name for i in model.graph.input}
-    try:
-        permuted, info = permute(model, seed=11, verify_options={"shapes": {k: v for k, v in shapes.items() if k in inputs}})
-        restored, _ = permute(permuted, undo=info.record, check=False)
+    try:  # through files, as the CLI does: undo must give back the file's own bytes
+        with tempfile.TemporaryDirectory() as tmp:
+            out, record, back = Path(tmp) / "p.onnx", Path(tmp) / "r.json", Path(tmp) / "u.onnx"
+            _, info = permute(path, out, seed=11, record_path=record,
+                              verify_options={"shapes": {k: v for k, v in shapes.items() if k in inputs}})
+            permute(out, back, undo=record, check=False)
+            undo = "byte-exact" if back.read_bytes() == Path(path).read_bytes() else "DIFFERS"
         verdict = "equivalent" if info.verified else "not verified"
         worst = max(o["normalized_error"] for o in info.verify["outputs"])
-        undo = "byte-exact" if restored.SerializeToString() == model.SerializeToString() else "DIFFERS"
     except Exception as exc:  # recorded, not hidden
         verdict, worst, undo = f"FAILED: {exc}", float("nan"), "-"
     ops = Counter(n.op_type for n in model.graph.node)
+    from_inputs = getattr(result, "input_channels", 0)  # (an earlier commit's WalkResult has none)
+    inner = result.hidden_channels - result.output_channels - from_inputs
     return {
         "name": name, "nodes": len(model.graph.node), "ops": len(ops), "hidden": result.hidden_channels,
-        "outputs": result.output_channels, "permutable": result.permutable_channels,
-        "coverage": result.coverage, "groups": len(result.groups), "pinned": result.pinned,
+        "outputs": result.output_channels, "inputs": from_inputs, "inner": inner,
+        "permutable": result.permutable_channels,
+        "coverage": result.permutable_channels / inner if inner else None, "groups": len(result.groups),
+        "pinned": [(p.reason, p.channels) for p in result.pinned],
         "no_rule": result.ops_without_rule, "walk_s": t_walk, "load_s": t_load,
         "verdict": verdict, "error": worst, "undo": undo,
     }
 
 
+def _share(r: dict | None) -> str:
+    if r is None:
+        return "-"
+    if not r["inner"]:
+        return "nothing to permute"
+    return f"{r['permutable']}/{r['inner']} ({100 * r['coverage']:.1f}%)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=str(ROOT / "docs" / "coverage.md"))
+    parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--before", help="rows of an earlier run (--json): a before -> after column")
+    parser.add_argument("--before-label", help="what the earlier run was (a commit), for the text")
+    parser.add_argument("--no-zoo", action="store_true", help="leave out the zoo's torch_dynamo exports")
     args = parser.parse_args()
+    before = {r["name"]: r for r in json.loads(Path(args.before).read_text())} if args.before else {}
     rows = []
     for name in BUNDLED:
         path = ROOT / "models" / f"{name}.onnx"
@@ -84,27 +116,41 @@ def main() -> None:
             print(f"skip {key}: {exc}", file=sys.stderr)
             continue
         rows.append(measure(f"vendor {key}", path, shapes))
+    zoo = Path(os.environ.get("ONNX_RESYNC_ZOO", Path.home() / ".cache" / "onnx-resync" / "zoo"))
+    for name in ([] if args.no_zoo else BUNDLED):
+        path = zoo / name / "torch_dynamo.onnx"
+        if path.exists():
+            rows.append(measure(f"zoo {name} torch_dynamo", path, {}))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
 
     lines = ["# Walker coverage", "",
              "Generated by `python tools/coverage_report.py`. Coverage = permutable hidden channels / hidden "
              "channels that do not reach a graph output (hidden channels = output channels of producers: "
              "Conv, Gemm, MatMul with a weight, embeddings, recurrent units; a bidirectional layer has hidden_size "
-             "units per direction, each direction its own group). Every model is also permuted "
-             "(every group, seed 11), verified with ONNX Runtime, and undone.", "",
-             "| model | nodes | hidden | to outputs | permutable | coverage | groups | walk / load | permute + verify | max norm. error | undo |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "units per direction, each direction its own group). Interface channels are apart: those "
+             "that reach a graph output, and those that must line up with a graph input's values (a "
+             "recurrent state the caller feeds). Every model is also permuted (every group, seed 11), "
+             "verified with ONNX Runtime, and undone."
+             + (f" The before column is {args.before_label}." if args.before_label else ""), "",
+             "| model | nodes | hidden | interface: to outputs / from inputs | permutable / inner | "
+             + ("before | " if before else "")
+             + "groups | walk / load | permute + verify | max norm. error | undo |",
+             "|---|---|---|---|---|" + ("---|" if before else "") + "---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['nodes']} | {r['hidden']} | {r['outputs']} | {r['permutable']} | "
-                     f"{100 * r['coverage']:.1f}% | {r['groups']} | {r['walk_s'] / max(r['load_s'], 1e-9):.2f} "
+        lines.append(f"| {r['name']} | {r['nodes']} | {r['hidden']} | {r['outputs']} / {r['inputs']} | {_share(r)} | "
+                     + (f"{_share(before.get(r['name']))} | " if before else "")
+                     + f"{r['groups']} | {r['walk_s'] / max(r['load_s'], 1e-9):.2f} "
                      f"({1000 * r['walk_s']:.0f} ms) | {r['verdict']} | {r['error']:.1e} | {r['undo']} |")
     lines += ["", "## What still pins", ""]
+    interface = ("reaches a graph output", "meets graph input")
     for r in rows:
-        pins = [p for p in r["pinned"] if p.reason != "reaches a graph output"]
+        pins = [(reason, c) for reason, c in r["pinned"] if not reason.startswith(interface)]
         extra = f"; ops without a rule: {r['no_rule']}" if r["no_rule"] else ""
         if pins or extra:
-            lines.append(f"- {r['name']}: " + "; ".join(f"{p.channels} channels: {p.reason}" for p in pins) + extra)
-    if all(not [p for p in r["pinned"] if p.reason != "reaches a graph output"] and not r["no_rule"] for r in rows):
-        lines.append("Nothing but channels that reach graph outputs.")
+            lines.append(f"- {r['name']}: " + "; ".join(f"{c} channels: {reason}" for reason, c in pins) + extra)
+    if all(not [p for p, _ in r["pinned"] if not p.startswith(interface)] and not r["no_rule"] for r in rows):
+        lines.append("Nothing but interface channels.")
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
