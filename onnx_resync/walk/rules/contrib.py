@@ -216,12 +216,21 @@ def _grid(ctx, node, label: Label, rows: int, what: str):
     return heads, dims
 
 
-def _cache_used(ctx, node, inputs, outputs) -> bool:
-    """A key/value cache read from outside or handed on keeps the graph's own head layout."""
-    return (any(_inputs(node, i) for i in inputs)
-            or any(len(node.output) > o and node.output[o] and (ctx.view.consumers.get(node.output[o])
-                                                                 or node.output[o] in ctx.view.graph_outputs)
-                   for o in outputs))
+OUTPUT_PIN = "reaches a graph output"  # (counted as interface, walker.py)
+
+
+def _cache_reason(ctx, node, inputs, outputs) -> str | None:
+    """Why Q, K, V keep their order when a key/value cache is read or handed on (it has the graph's
+    own head layout): a cache fed by the caller is interface (walker.py names the graph input), one
+    that is a graph output reaches it; None without a cache."""
+    if any(_inputs(node, i) for i in inputs):
+        return f"{node.op_type} reads a key/value cache, an unlabelled tensor"
+    present = [node.output[o] for o in outputs if len(node.output) > o and node.output[o]]
+    if any(name in ctx.view.graph_outputs for name in present):
+        return OUTPUT_PIN
+    if any(ctx.view.consumers.get(name) for name in present):
+        return f"{node.op_type} hands its key/value cache on (its layout is the graph's)"
+    return None
 
 
 def _pin_inputs(ctx, node, reason: str) -> None:
@@ -287,8 +296,9 @@ def attention(ctx, node) -> None:
     if b:
         _param_slot(ctx, node, b, 0, qkv)
     q, k, v = (qkv.take(np.arange(s, s + n)) for s, n in zip(np.cumsum([0] + sizes[:2]).tolist(), sizes))
-    if _cache_used(ctx, node, [4], [1]):
-        ctx.pin(qkv, "Attention with a key/value cache (its layout is the graph's)")
+    cache = _cache_reason(ctx, node, [4], [1])
+    if cache:
+        ctx.pin(qkv, cache)
         return
     done = _attend(ctx, node, q, k, v, heads, heads, bool(attr(node, "do_rotary")))
     if done is not None and r is not None:
@@ -338,8 +348,9 @@ def multi_head_attention(ctx, node) -> None:
     for name in node.input[4:]:
         if name:
             ctx.pin_all(name, "MultiHeadAttention mask or cache carries channels")
-    if _cache_used(ctx, node, [6, 7], [1, 2]):
-        _pin_inputs(ctx, node, "MultiHeadAttention with a key/value cache (its layout is the graph's)")
+    cache = _cache_reason(ctx, node, [6, 7], [1, 2])
+    if cache:
+        _pin_inputs(ctx, node, cache)
         return
     bias = _inputs(node, 3)
     if bias:
@@ -360,8 +371,9 @@ def group_query_attention(ctx, node) -> None:
     if labels is None:
         return
     q, k, v = labels
-    if _cache_used(ctx, node, [3, 4], [1, 2]):
-        _pin_inputs(ctx, node, "GroupQueryAttention with a key/value cache (its layout is the graph's)")
+    cache = _cache_reason(ctx, node, [3, 4], [1, 2])
+    if cache:
+        _pin_inputs(ctx, node, cache)
         return
     for name in node.input[3:]:
         if name:
