@@ -70,7 +70,8 @@ class ElementTable:
         self.pins: dict[int, str] = {}  # element -> first reason it was pinned
         self.tags: dict[int, list] = {}  # element -> extra constraints (e.g. grouped-conv block)
         # element -> (a, b, ia, ib, na, nb): the element is cell (ia, ib) of a grid whose rows are
-        # the factor elements a (na of them) and columns b (nb): an attention head x a head dim
+        # the factor elements a (na of them) and columns b (nb): an attention head x a head dim, or
+        # a gate chunk x a unit (a layer's output cut into chunks that meet again, rules/selection.py)
         self.products: dict[int, tuple[int, int, int, int, int, int]] = {}
 
     def __len__(self) -> int:
@@ -113,6 +114,21 @@ class ElementTable:
             i, j = divmod(k, nb)
             self.products[c] = (int(rows.elem[i]), int(cols.elem[j]), i, j, na, nb)
         return True
+
+    def close_products(self) -> None:
+        """Cells that are one neuron at the same (i, j) of grids of one shape (a weight shared by the
+        unrolled steps of a recurrent cell unions their gate grids) make their factors one neuron
+        too, so the grids move alike; repeated until nothing changes (factors may be cells)."""
+        changed = True
+        while changed:
+            changed = False
+            first: dict[tuple, tuple[int, int]] = {}
+            for cell, (a, b, i, j, na, nb) in self.products.items():
+                prev = first.setdefault((self.find(cell), i, j, na, nb), (a, b))
+                for x, y in zip(prev, (a, b)):
+                    if self.find(x) != self.find(y):
+                        self.union(np.array([x]), np.array([y]))
+                        changed = True
 
     def pin(self, elems: np.ndarray, reason: str) -> None:
         for e in np.unique(elems).tolist():

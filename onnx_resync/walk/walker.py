@@ -15,11 +15,12 @@ import onnx
 
 from .channels import ElementTable, Label
 from .groups import Group, GroupSlot, PinnedReason, Producer, Reader, WalkResult, slot_part  # noqa: F401
-from ..errors import UnsupportedError
 from .graph import GraphView, node_inputs
 from .groups import INPUT_REASON
 from . import registry
 from .rules import resolve_weight_axes, unknown_op
+from .rules.base import malformed
+from ..errors import UnsupportedError
 
 
 class WalkContext:
@@ -299,7 +300,6 @@ def walk(model: onnx.ModelProto, view: GraphView | None = None) -> WalkResult:
         _note_readers(ctx, node)
         spec = registry.spec_of(node, view.opsets)
         rule = spec.rule if spec is not None else None
-        first_element = len(ctx.elements)
         try:
             if rule is None or not spec.stacked:  # a reader that cannot keep directions apart ties them
                 for name in node.input:
@@ -311,13 +311,16 @@ def walk(model: onnx.ModelProto, view: GraphView | None = None) -> WalkResult:
                 unknown_op(ctx, node)
             else:
                 rule(ctx, node)
-            _spread_constant_fill(ctx, node, spec)
-            _spread_input_values(ctx, node, spec)
-            ctx.end_node(node)
-        except MemoryError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - a hostile or broken node must pin, not crash
-            _node_failed(ctx, node, first_element, exc)
+        except Exception:
+            # a node ONNX itself refuses is bad input (one line, exit 3); any other exception is a
+            # rule's bug and surfaces as an internal error, never as a silent pin
+            why = malformed(view, node)
+            if why is None:
+                raise
+            raise UnsupportedError(f"node {node.name or node.op_type!r} ({node.op_type}) is malformed: {why}") from None
+        _spread_constant_fill(ctx, node, spec)
+        _spread_input_values(ctx, node, spec)
+        ctx.end_node(node)
     ctx.node = None
     return _form_groups(ctx)
 
@@ -370,25 +373,6 @@ def _spread_input_values(ctx: WalkContext, node: onnx.NodeProto, spec) -> None:
                 ctx.from_input[out] = source
 
 
-def _node_failed(ctx: WalkContext, node: onnx.NodeProto, first_element: int, exc: Exception) -> None:
-    """A rule met what it cannot follow (ranks or attributes that disagree with the op, as in a
-    broken or hostile file): like an op without a rule, everything the node touches is pinned,
-    the elements it had started to create included, and every weight axis it reads is fixed."""
-    reason = f"{node.op_type} {node.name!r} cannot be followed ({type(exc).__name__})"
-    if first_element < len(ctx.elements):
-        ctx.elements.pin(np.arange(first_element, len(ctx.elements)), reason)
-    for name in list(node.input) + list(node.output):
-        if name:
-            ctx.pin_all(name, reason)
-    try:
-        unknown_op(ctx, node)  # also pins what its subgraphs read
-        for name in node.input:
-            if name and ctx.is_weightlike(name):
-                ctx._fix_all(name, reason.replace("{", "{{").replace("}", "}}") + " (weight {})")
-    except Exception:  # noqa: BLE001
-        raise UnsupportedError(f"node {node.name or node.op_type!r} ({node.op_type}) cannot be walked") from None
-
-
 def _spread_constant_fill(ctx: WalkContext, node: onnx.NodeProto, spec) -> None:
     """A layout op keeps a tensor filled with one value filled with one value."""
     if spec is None or not spec.layout:
@@ -433,6 +417,7 @@ def _form_groups(ctx: WalkContext) -> WalkResult:
     n = len(table)
     if n == 0:
         return WalkResult([], [], 0, 0, 0, 0, dict(ctx.ops_without_rule))
+    table.close_products()  # cells that are one neuron tie their factors (rules/selection.py grids)
     roots = table.roots(np.arange(n))
     origin = np.asarray(table.origin, dtype=np.int64)
 

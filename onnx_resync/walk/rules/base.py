@@ -9,6 +9,9 @@ read with `attr(node, name)`, whose default is the one the op's registry entry d
 from __future__ import annotations
 
 
+import numpy as np
+
+from ...io import tensor_values
 from ..registry import attr  # noqa: F401  (rules read attributes through their declarations)
 
 
@@ -85,7 +88,97 @@ def constant_of_shape(ctx, node) -> None:
 
 
 def _is_uniform(ctx, name, axis) -> bool:
-    return axis in ctx.uniform.get(name, ())
+    """`name` holds one value along `axis` (an Expand of a size-1 axis, a filled or all-zero tensor, a
+    small constant that repeats along the axis): it may meet channels in any order."""
+    if axis in ctx.uniform.get(name, ()) or is_zero(ctx, name):
+        return True
+    value = _stored_value(ctx, name)
+    if value is None or not np.issubdtype(value.dtype, np.number) or not 0 <= axis < value.ndim:
+        return False
+    return bool(value.shape[axis] > 0 and (value == np.take(value, [0], axis=axis)).all())
+
+
+# producers whose output is zero when one operand is (Gemm/MatMul with a zero operand and no bias)
+_ZERO_IF_ANY = {"Mul", "MatMul", "Einsum"}
+# ops that keep an all-zero first input all zero
+_ZERO_VIEWS = {"Identity", "Cast", "CastLike", "Reshape", "Expand", "Unsqueeze", "Squeeze", "Transpose", "Tile",
+               "Slice", "Gather", "Split", "Flatten", "Neg", "Relu", "Abs", "Dropout", "Pad"}
+
+
+def _stored_value(ctx, name: str):
+    """A small stored tensor's values; None when too large or its data cannot be read (a damaged
+    tensor is the loader's to refuse: here it is only not known to be uniform)."""
+    if ctx.view.stored_tensor(name) is None:
+        return None
+    try:
+        return ctx.const(name)
+    except ValueError:
+        return None
+
+
+def is_zero(ctx, name: str, depth: int = 0) -> bool:
+    """`name` is all zeros for every input (an all-zero constant, ConstantOfShape of 0, views and
+    products of those): an unrolled recurrent cell's initial state. Decided from the graph alone."""
+    cache = ctx.__dict__.setdefault("_zero_cache", {})
+    if not name or depth > 32:
+        return False
+    if name in cache:
+        return cache[name]
+    found = False
+    if ctx.view.stored_tensor(name) is not None or name in ctx.view.constant_nodes:
+        value = _stored_value(ctx, name)
+        found = value is not None and value.size > 0 and np.issubdtype(value.dtype, np.number) and not value.any()
+    else:
+        node = ctx.view.producer.get(name)
+        if node is not None and node.domain in ("", "ai.onnx"):
+            op = node.op_type
+            if op == "ConstantOfShape":
+                fill = next((a.t for a in node.attribute if a.name == "value"), None)
+                found = fill is None or not np.asarray(tensor_values(fill)).any()
+            elif op in _ZERO_VIEWS:
+                found = is_zero(ctx, node.input[0], depth + 1)
+            elif op == "Concat":
+                found = all(is_zero(ctx, i, depth + 1) for i in node.input if i)
+            elif op in _ZERO_IF_ANY:
+                found = any(is_zero(ctx, i, depth + 1) for i in node.input if i)
+            elif op == "Gemm":
+                found = (any(is_zero(ctx, i, depth + 1) for i in node.input[:2])
+                         and (len(node.input) < 3 or not node.input[2] or is_zero(ctx, node.input[2], depth + 1)))
+            elif op in ("Add", "Sub", "Sum"):
+                found = all(is_zero(ctx, i, depth + 1) for i in node.input if i)
+    cache[name] = found
+    return found
+
+
+def zero_product(ctx, node, operands: list[str], bias: str = "") -> bool:
+    """A product with an all-zero operand (Gemm/MatMul reading a zero initial state) is zero, plus its
+    bias: no weight axis it reads is fixed (a shared recurrent weight times zeros reads nothing), and
+    the output is the bias broadcast (indexed by the bias's axes) or uniform zeros. False: no zero operand."""
+    if not any(is_zero(ctx, o) for o in operands):
+        return False
+    for name in operands + [bias]:
+        if name and ctx.is_weightlike(name):
+            for axis in range(ctx.rank(name) or 0):
+                ctx.mark_read(name, axis)
+    out = node.output[0]
+    ro = ctx.rank(out)
+    if ro is None:
+        return True
+    br = ctx.rank(bias) if bias and not is_zero(ctx, bias) else None
+    ctx.uniform[out] = {oa for oa in range(ro) if br is None or oa < ro - br or ctx.dim(bias, oa - (ro - br)) == 1}
+    if br is None:
+        return True
+    labels = ctx.get(bias)
+    if labels:  # a bias computed from activations: the output carries its labels
+        ctx.set(out, {a + ro - br: l for a, l in labels.items()})
+    elif ctx.is_weightlike(bias):
+        axis_sources = {}
+        for ia in range(br):
+            found = ctx.sources(bias, ia) if ctx.dim(bias, ia) != 1 else None
+            if found:
+                axis_sources[ia + ro - br] = found
+        ctx.derive(out, axis_sources, [bias])
+    return True
 
 
 def shape_only(ctx, node) -> None:
@@ -155,7 +248,11 @@ def malformed(view, node) -> str | None:
         dims = None if shape is None else [d if isinstance(d, (int, str)) else None for d in shape]
         inputs.append(onnx.helper.make_tensor_value_info(
             name, stored.data_type if stored is not None else types.get(name, onnx.TensorProto.FLOAT), dims))
-        if stored is not None and view.constant(name) is not None:  # values that inference reads (axes, shapes)
+        try:
+            small = stored is not None and view.constant(name) is not None
+        except ValueError:  # its data cannot be read: inference gets its type and shape only
+            small = False
+        if small:  # values that inference reads (axes, shapes)
             value = onnx.TensorProto()
             value.CopyFrom(stored)
             value.name = name

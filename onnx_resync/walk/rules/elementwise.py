@@ -16,6 +16,11 @@ def broadcast(ctx, node, data_inputs=None) -> None:
     out_rank = ctx.rank(out)
     ranks = [ctx.rank(n) for n in names]
     labelled = [n for n in names if ctx.get(n)]
+    for n, r in zip(names, ranks):  # a weight's axis along which it holds one value is read in no order
+        if ctx.is_weightlike(n):
+            for ia in range(r or 0):
+                if _is_uniform(ctx, n, ia):
+                    ctx.mark_read(n, ia)
     if out_rank is not None and all(r is not None for r in ranks):
         uniform = {
             oa for oa in range(out_rank)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from ..channels import Label
 from ..registry import declare
 from ...errors import UnsupportedError
-from .base import _inputs, attr
+from .base import _inputs, attr, zero_product
 
 
 # ---- producers ------------------------------------------------------------------------------
@@ -95,6 +95,8 @@ def gemm(ctx, node) -> None:
 def _gemm(ctx, node, a: str, b: str, c: str) -> None:
     out = node.output[0]
     trans_a, trans_b = int(attr(node, "transA")), int(attr(node, "transB"))
+    if zero_product(ctx, node, [a, b], c):  # times an all-zero state: the bias alone, no weight read
+        return
     if not ctx.is_weightlike(b) or ctx.is_weightlike(a):
         for n in (a, b, c):
             ctx.pin_all(n, "Gemm without a weight as its second input")
@@ -137,6 +139,8 @@ def matmul(ctx, node) -> None:
 def _matmul(ctx, node, a: str, b: str, trans_a: bool = False, trans_b: bool = False) -> None:
     """MatMul of a and b (each transposed in its last two axes where trans_*: FusedMatMul)."""
     out = node.output[0]
+    if zero_product(ctx, node, [a, b]):
+        return
     ra, rb, ro = ctx.rank(a), ctx.rank(b), ctx.rank(out)
     if ra is None or rb is None or ro is None or ra < 2 or rb < 2:
         for n in (a, b):

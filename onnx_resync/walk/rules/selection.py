@@ -108,8 +108,6 @@ def concat(ctx, node) -> None:
 def split(ctx, node) -> None:
     x = node.input[0]
     labels = ctx.get(x)
-    if not ctx.labels.get(x):
-        return
     r = ctx.rank(x)
     axis = _norm_axis(int(attr(node, "axis")), r)
     sizes = attr(node, "split")
@@ -119,15 +117,20 @@ def split(ctx, node) -> None:
     if sizes is None and axis is not None:
         dims = [ctx.dim(o, axis) for o in node.output]
         sizes = dims if all(isinstance(d, int) for d in dims) else None
+    if not ctx.labels.get(x):
+        if ctx.is_weightlike(x) and axis is not None and sizes is not None:
+            _weight_grid(ctx, node, x, axis, sizes)
+        return
     if axis is None or sizes is None:
         ctx.pin_all(x, "Split with unknown sizes")
         return
+    units = _grid_units(ctx, node, labels.get(axis), sizes, [o for o in node.output]) if axis in labels else None
     start = 0
     for out, size in zip(node.output, sizes):
         out_labels = dict(labels)
         kept = np.arange(start, start + size)
         if axis in labels:
-            out_labels[axis] = labels[axis].take(kept)
+            out_labels[axis] = labels[axis].take(kept) if units is None else Label(units.elem, units.sub)
         out_labels.update(_cut_stacked(ctx, x, lambda a, n: kept if a == axis else None))
         start += size
         ctx.set(out, out_labels)
@@ -152,10 +155,136 @@ def slice_(ctx, node) -> None:
     out = dict(labels)
     for a, s, e, st in zip(axes, starts, ends, steps):
         if a in labels:
-            out[a] = labels[a].take(np.arange(len(labels[a]))[slice(*_clamp(s, e, st, len(labels[a])))])
+            kept = np.arange(len(labels[a]))[slice(*_clamp(s, e, st, len(labels[a])))]
+            units = _slice_grid(ctx, node, x, a, kept) if len(axes) == 1 else None
+            out[a] = labels[a].take(kept) if units is None else Label(units.elem, units.sub)
     cuts = {a: slice(*_clamp(s, e, st, 0)) for a, s, e, st in zip(axes, starts, ends, steps)}
     out.update(_cut_stacked(ctx, x, lambda a, n: np.arange(n)[cuts[a]] if a in cuts else None))
     ctx.set(node.output[0], out)
+
+
+# ---- grids of tied chunks ------------------------------------------------------------------
+# A layer's output cut into k equal chunks that meet again elementwise (LSTM gates i*g, GLU a*sigmoid(b),
+# an STFT's re^2 + im^2): its channels become the cells (chunk, unit) of a grid (channels.py, products),
+# every chunk carries the *unit* label, and units move the same way inside every chunk while the
+# chunks keep their places. Chunks that never meet keep their own labels (each may move freely).
+_MEET_DEPTH = 12  # elementwise ops followed from each chunk when looking for where chunks meet
+
+
+def _grid_units(ctx, node, label, sizes, outputs):
+    """The unit label every chunk carries when `label` is cut into equal `sizes` that meet again."""
+    k = len(sizes)
+    if label is None or k < 2 or len(set(sizes)) != 1 or sizes[0] * k != len(label) or sizes[0] < 1:
+        return None
+    if not _chunks_meet(ctx, [[o] for o in outputs]):
+        return None
+    return _grid(ctx, node, label, k, sizes[0])
+
+
+def _weight_grid(ctx, node, x, axis, sizes) -> None:
+    """A weight-like tensor cut into equal chunks that meet channels again (a recurrent bias broadcast
+    by the first cell's Gemm of a zero state, cut into gates): its axis becomes a grid slot and
+    every chunk carries the unit label, like a layer's output would."""
+    n = ctx.dim(x, axis)
+    if not isinstance(n, int) or sum(sizes) != n:
+        return
+    cells = ctx.new(n, node, x, kind="weight-grid")
+    units = _grid_units(ctx, node, cells, sizes, list(node.output))
+    if units is None or not ctx.slot(x, axis, cells):
+        return
+    uniform = {a for a in ctx.uniform.get(x, ()) if a != axis}
+    for a in uniform:
+        ctx.mark_read(x, a)  # one value along it: read in no order
+    for out in node.output:
+        ctx.set(out, {axis: Label(units.elem, units.sub)})
+        if uniform:
+            ctx.uniform[out] = set(uniform)
+
+
+def _slice_grid(ctx, node, x, axis, kept):
+    """A Slice that takes chunk c of k equal ones, where a sibling Slice/Split takes another chunk
+    of the same grid and the two meet again: the unit label (else None)."""
+    label = ctx.get(x).get(axis)
+    n, h = len(label), len(kept)
+    if h < 1 or n % h or n == h or not np.array_equal(kept, np.arange(kept[0], kept[0] + h)) or kept[0] % h:
+        return None
+    siblings = []
+    for other in ctx.view.consumers.get(x, []):
+        if other is node or other.input[0] != x:
+            continue
+        if other.op_type == "Slice" and other.domain in ("", "ai.onnx"):
+            rng = _slice_range(ctx, other, axis, n)
+            if rng is not None and len(rng) == h and rng[0] % h == 0 and np.array_equal(rng, np.arange(rng[0], rng[0] + h)):
+                siblings.append(list(other.output[:1]))
+    if not siblings or not _chunks_meet(ctx, [list(node.output[:1])] + siblings):
+        return None
+    return _grid(ctx, node, label, n // h, h)
+
+
+def _slice_range(ctx, node, axis, n):
+    """Positions a Slice keeps along `axis` (of length n); None if unknown or it cuts other axes too."""
+    starts, ends = ctx.const(_inputs(node, 1)), ctx.const(_inputs(node, 2))
+    axes, steps = ctx.const(_inputs(node, 3)), ctx.const(_inputs(node, 4))
+    if starts is None and attr(node, "starts") is not None:
+        starts, ends, axes = attr(node, "starts"), attr(node, "ends"), attr(node, "axes")
+    r = ctx.rank(node.input[0])
+    if starts is None or ends is None or r is None or np.ndim(starts) > 1 or np.size(starts) != 1:
+        return None
+    a = 0 if axes is None else int(np.atleast_1d(axes)[0]) % r
+    st = 1 if steps is None else int(np.atleast_1d(steps)[0])
+    if a != axis:
+        return None
+    return np.arange(n)[slice(*_clamp(int(np.atleast_1d(starts)[0]), int(np.atleast_1d(ends)[0]), st, n))]
+
+
+def _chunks_meet(ctx, starts: list[list[str]]) -> bool:
+    """Do tensors reached elementwise from two different chunks meet in one node?"""
+    from .base import passthrough
+    from .elementwise import broadcast, clip, prelu, variadic, where
+    from ..registry import spec_of
+
+    elementwise = {passthrough, broadcast, clip, prelu, variadic, where}
+    reached: dict[int, int] = {}  # id(node) -> chunk that reached it
+    for chunk, names in enumerate(starts):
+        frontier, seen = list(names), set()
+        for _ in range(_MEET_DEPTH):
+            nxt = []
+            for name in frontier:
+                for reader in ctx.view.consumers.get(name, []):
+                    spec = spec_of(reader, ctx.view.opsets)
+                    if spec is None or spec.rule not in elementwise or id(reader) in seen:
+                        continue
+                    seen.add(id(reader))
+                    if reached.setdefault(id(reader), chunk) != chunk:
+                        return True
+                    nxt.extend(o for o in reader.output if o)
+            frontier = nxt
+    return False
+
+
+def _grid(ctx, node, label, k, h):
+    """Make `label`'s elements the cells (chunk c, unit j) at position c*h + j (or find that they
+    already are), pin the chunk factors, and return the unit label; None where they cannot be."""
+    products = ctx.elements.products
+    cells = label.elem
+    if label.sub.any() or len(np.unique(cells)) != len(cells):
+        return None
+    if not any(int(e) in products for e in cells.tolist()):
+        rows = ctx.new(k, node, node.output[0], kind="factor")
+        cols = ctx.new(h, node, node.output[0], kind="factor")
+        if not ctx.elements.product(cells, rows, cols):
+            return None
+        # chunks are read apart (sigmoid gates, a tanh gate, real and imaginary parts): each keeps
+        # its place, told apart by its index (never a group), while units move inside every chunk
+        ctx.elements.tag(rows.elem, [("grid chunk", c) for c in range(k)])
+        return cols
+    recs = [products.get(int(e)) for e in cells.tolist()]
+    if any(r is None or r[4:] != (k, h) or r[2:4] != divmod(p, h) for p, r in enumerate(recs)):
+        return None  # cells of another grid: the chunks keep their own labels
+    rows, cols = {r[0] for r in recs[::h]}, [r[1] for r in recs[:h]]
+    if len(rows) != k or any(r[1] != cols[p % h] or r[0] != recs[p - p % h][0] for p, r in enumerate(recs)):
+        return None
+    return Label.of(np.asarray(cols, dtype=np.int64))
 
 
 def _clamp(start, end, step, n):
