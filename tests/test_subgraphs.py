@@ -8,6 +8,7 @@ with nothing to permute says so.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
@@ -203,3 +204,24 @@ def test_branches_that_disagree_pin_with_the_reason():
     result = _prove_branches(if_model(else_unlabelled=True))
     assert result.coverage < 1.0
     assert any("branches carry different channels" in p.reason for p in result.pinned), result.pinned
+
+
+@pytest.mark.vendor
+def test_vendor_decoder_state_channels_are_interface():
+    """arabic_gru_decoder (a GRU cell written out by torch.onnx, fed its state `hidden` and the
+    encoder's `memory`): the gate chunks sliced at bounds computed from Shape line up with the state,
+    interface; before issue 15 they pinned as 'Slice with non-constant bounds' (512/2817)."""
+    from onnx_resync.api import permute
+    from onnx_resync.io import load_model
+    from vendor_models import vendor_model
+
+    model = load_model(vendor_model("arabic_gru_decoder"))
+    result = walk(model)
+    assert result.input_channels == 3328 and result.permutable_channels == 512, result.pinned
+    assert {p.reason.split(" (")[0] for p in result.pinned if p.channels >= 256} >= {
+        "meets graph input 'hidden'", "meets graph input 'memory'"}
+    assert not any("non-constant bounds" in p.reason for p in result.pinned)
+    permuted, info = permute(model, seed=5)
+    assert info.verified and info.neurons_moved > 0
+    restored, _ = permute(permuted, undo=info.record, check=False)
+    assert restored.SerializeToString() == model.SerializeToString()
