@@ -131,12 +131,12 @@ def test_paddle_reshape_back_to_nchw_is_followed():
     assert result.permutable_channels == 16  # the conv's 8 and the MatMul's 8
 
 
-def dynamo_merged_heads(heads=2, dim=4, seq=3):
+def dynamo_merged_heads(heads=2, dim=4, seq=3, batch=2):
     """torch dynamo's K: (B, S, H*D) -> (B, S, H, D) -> (B, H, D, S) -> (B*H, D, S), the merged
     target computed from Shape (batch * heads); scores and values as batched MatMuls, then back."""
     rng = np.random.default_rng(1)
     d = heads * dim
-    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, "seq", d])
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, "seq", d])
     nodes = [
         helper.make_node("MatMul", ["x", "wq"], ["q"]),
         helper.make_node("MatMul", ["x", "wk"], ["k"]),
@@ -173,12 +173,16 @@ def dynamo_merged_heads(heads=2, dim=4, seq=3):
     inits = [_rng_init(rng, n, [d, d]) for n in ("wq", "wk", "wv", "wo")] + [
         _i64("i0", 0), _i64("i1", 1), _i64("nh", heads), _i64("ax0", [0]), _i64("nhu", [heads]),
         _i64("hd", [dim]), _i64("dd", [d])]
-    return _model(nodes, [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, "seq", d])], inits)
+    return _model(nodes, [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, "seq", d])], inits)
 
 
-def test_dynamo_batch_and_heads_merged_is_followed():
-    result = _prove(dynamo_merged_heads())
+@pytest.mark.parametrize("batch", [2, "batch"])
+def test_dynamo_batch_and_heads_merged_is_followed(batch):
+    """A symbolic batch merged with the heads: the Q/K dims and the V dims inside the heads move as
+    with a static batch."""
+    result = _prove(dynamo_merged_heads(batch=batch))
     assert result.coverage == 1.0, result.pinned
+    assert sorted(g.size for g in result.groups) == [4, 4]
 
 
 def same_pads_conv(c=6):
