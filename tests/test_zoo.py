@@ -1,5 +1,6 @@
 """The exporter zoo of issue 14: every re-export of a bundled model is judged derived, with the right
-kind, and not derived against the model's unrelated `_seed1` twin.
+kind, and not derived against the model's unrelated `_seed1` twin; the Llama-style decoder of
+tools/build_decoder.py likewise, against its torch.onnx export and its seed-1 twin.
 
 The zoo is built by tools/build_zoo.py into ~/.cache/onnx-resync/zoo (or $ONNX_RESYNC_ZOO); these
 tests are skipped unless it is there and complete, so CI keeps its time budget. Audits run through
@@ -24,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT / "tools") not in sys.path:  # appended: tools/fuzz.py must not shadow tests/fuzz
     sys.path.append(str(ROOT / "tools"))
 
+import build_decoder  # noqa: E402
 import build_zoo  # noqa: E402
 import zoo_audit  # noqa: E402
 
@@ -49,6 +51,9 @@ def _zoo_tasks() -> tuple[list[dict], str | None]:
         for v in entry["variants"].values():
             if v.get("ok") and not Path(v["file"]).exists():
                 return [], f"{v['file']} is missing (python tools/build_zoo.py)"
+    for v in manifest["models"].get(build_decoder.DECODER, {}).get("variants", {}).values():
+        if v.get("ok") and not Path(v["file"]).exists():
+            return [], f"{v['file']} is missing (python tools/build_decoder.py)"
     return zoo_audit.tasks(manifest), None
 
 
@@ -80,6 +85,21 @@ def test_zoo_verdict(task, results):
     rec = results[zoo_audit.task_id(task)]
     right, why = zoo_audit.judge(task, rec)
     assert right, f"{zoo_audit.task_id(task)}: {why} | {zoo_audit.short_verdict(rec)}"
+
+
+def test_decoder_is_in_the_zoo():
+    """The Llama-style decoder (tools/build_decoder.py: torch.onnx dynamo and TorchScript, the
+    onnxruntime-genai builder's fp32 and int4, permuted copies) is audited with the rest: each of its
+    variants was built and checked with ONNX Runtime, so each has its two audits above."""
+    if SKIP:
+        pytest.skip(SKIP)
+    entry = json.loads((build_zoo.DEFAULT_CACHE / "manifest.json").read_text())["models"].get(build_decoder.DECODER)
+    if entry is None or entry.get("decoder_version") != build_decoder.DECODER_VERSION:
+        pytest.skip("no decoder in the zoo, or an old one (python tools/build_decoder.py; it needs the genai venv)")
+    failed = {v: r.get("error") for v, r in entry["variants"].items() if not r.get("ok")}
+    assert not failed, failed
+    audited = {t["variant"] for t in TASKS if t["model"] == build_decoder.DECODER}
+    assert audited == set(build_decoder.VARIANTS)
 
 
 def test_known_failures_name_zoo_files():

@@ -47,11 +47,12 @@ sys.path.insert(0, os.environ.get("ONNX_RESYNC_SRC") or str(ROOT))
 if str(ROOT / "tools") not in sys.path:
     sys.path.append(str(ROOT / "tools"))
 
+from build_decoder import DECODER, VARIANTS as DECODER_VARIANTS, file_sha256  # noqa: E402
 from build_zoo import DEFAULT_CACHE, MODEL_NAMES, TRANSFORMS, plan  # noqa: E402
 
 MIN_MATCHED = 0.99
 DEFAULT_TIMEOUT = 120.0
-STORAGE_NAMES = {"fp16": ("float16",), "int8": ("int8", "uint8", "quantized")}
+STORAGE_NAMES = {"fp16": ("float16",), "int8": ("int8", "uint8", "quantized"), "int4": ("int4",)}
 VERDICTS = ["identical", "permuted", "perturbed", "not derived", "cannot judge", "exit 3", "timeout"]
 
 
@@ -70,11 +71,13 @@ def tasks(manifest: dict, models=None) -> list[dict]:
     """One task per (variant, reference): against the source (truth: the variant's expected verdict)
     and against the twin (truth: not derived)."""
     out = []
-    for model in MODEL_NAMES:
+    for model in MODEL_NAMES + [DECODER]:
         if models and model not in models or model not in manifest["models"]:
             continue
         entry = manifest["models"][model]
-        for variant, _, _ in plan(model):
+        # the decoder (tools/build_decoder.py): its own variants, audited against its torch export
+        names = list(DECODER_VARIANTS) if model == DECODER else [v for v, _, _ in plan(model)]
+        for variant in names:
             v = entry["variants"].get(variant)
             if v is None or not v.get("ok"):
                 continue
@@ -105,11 +108,8 @@ def code_hash() -> str:
 
 
 def file_hash(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    """The file's content with its external data (model.onnx.data beside it: the genai builder's)."""
+    return file_sha256(Path(path))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,7 +302,10 @@ def write_report(path: Path, results: list[tuple[dict, dict]], manifest: dict, t
            "torch.onnx dynamo and TorchScript), each also from the permuted source and some from the "
            "permuted and perturbed source (noise 0.02 x std), every file checked with ONNX Runtime to "
            "compute what its source computes. Each is audited against its source (truth: derived, with "
-           "the kind) and against the `_seed1` twin (truth: not derived).", "",
+           "the kind) and against the `_seed1` twin (truth: not derived). The decoder (tools/build_decoder.py): "
+           "a small Llama-style model (grouped-query attention, rotary, SwiGLU, RMSNorm with non-unit scales) "
+           "exported by torch.onnx (dynamo, TorchScript) and by the onnxruntime-genai model builder (fp32, "
+           "int4), and permuted copies; audited against its dynamo export and against the seed-1 twin's.", "",
            f"Measured: {_provenance()}.", "",
            f"Zoo: {sum(v['ok'] for v in variants)} files from {len(manifest['models'])} models "
            f"({len(failed_builds)} transforms failed to produce a file); {len(results)} audits; "
@@ -329,10 +332,20 @@ def write_report(path: Path, results: list[tuple[dict, dict]], manifest: dict, t
                     f"{min(stats['source']):.2f}, highest against a twin {max(stats['twin']):.2f}."]
     out += ["", "## By transform (right / audited)", "",
             "| transform | vs source | vs twin |", "|---|---:|---:|"]
-    for tr in TRANSFORMS:
+    for tr in list(TRANSFORMS) + sorted(set(by_transform) - set(TRANSFORMS)):
         if tr in by_transform:
             s, w = by_transform[tr]["source"], by_transform[tr]["twin"]
             out.append(f"| {tr} | {s[0]} / {s[1]} | {w[0]} / {w[1]} |")
+    decoder = [(t, rec) for t, rec in results if t["model"] == DECODER]
+    if decoder:
+        out += ["", "## The Llama-style decoder (tools/build_decoder.py)", "",
+                "Every decoder file against the reference (its torch.onnx dynamo export) and the seed-1 twin.", "",
+                "| file | against | truth | verdict | neurons matched | right |", "|---|---|---|---|---:|---|"]
+        for t, rec in sorted(decoder, key=lambda tr: (list(DECODER_VARIANTS).index(tr[0]["variant"]), tr[0]["against"])):
+            right, why = judge(t, rec)
+            m = rec.get("matched_fraction")
+            out.append(f"| {t['variant']} | {t['against']} | {truth_row(t)} | {_cell(short_verdict(rec))} | "
+                       f"{'' if m is None else f'{100 * m:.1f}%'} | {'yes' if right else 'NO: ' + _cell(why)} |")
     out += ["", "## False verdicts by symptom", "",
             "Grouped by what the audit said (the first words of its error or verdict), with the files.", ""]
     groups = defaultdict(list)
