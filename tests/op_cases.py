@@ -911,6 +911,28 @@ def _matmul_nbits():  # int4, K = 32 in blocks of 16: 5 rows of 2 blocks, packed
     return g.model()
 
 
+def _matmul_nbits_blocks(flat: bool):
+    def build():  # K = 32 in 2 blocks of 16: the blocks move whole, with their scales (and zero points)
+        g = G(ms=True)
+        t = g.gemm(g.input("X", [2, 3]), 3, 32, "W1")
+        ins = [t, g.ints("Bq", [5, 2, 8], 0, 256, np.uint8)]
+        if flat:  # scales and float zero points [N * blocks]
+            ins += [g.const("Bs", g.rng.uniform(0.01, 0.05, 10)), g.const("Bz", g.rng.uniform(6, 9, 10))]
+        else:  # scales [N, blocks] (onnxruntime-genai's builder), symmetric
+            ins += [g.const("Bs", g.rng.uniform(0.01, 0.05, (5, 2)))]
+        y = g.op("MatMulNBits", ins, domain=MS, K=32, N=5, bits=4, block_size=16)
+        g.ranks[y] = 2
+        g.output(g.gemm(y, 5, 4, "W2"))
+        return g.model()
+
+    return build
+
+
+for _flat in (True, False):
+    VARIANTS.append(Case("MatMulNBits", _matmul_nbits_blocks(_flat), _sets("W1 Bq Bs", "Bq Bs W2"), None, (), MS,
+                         variant="blocks" if _flat else "blocks-2d"))
+
+
 @case("DynamicQuantizeMatMul", touch=_sets("W1 Bq", "Bq Bs dqb W2"), domain=MS)
 def _dynamic_quantize_matmul():
     def middle(g, t):

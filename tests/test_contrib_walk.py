@@ -168,7 +168,20 @@ def test_matmul_nbits_moves_rows_with_their_blocked_scales(tmp_path):
     model = CASES[(MS, "MatMulNBits")].build()
     assert _group_sizes(model, tmp_path, "Bq", 0) == [5]
     assert _group_sizes(model, tmp_path, "Bs", 0) == [5]  # scales [N * blocks]: a block of 2 per row
-    assert _group_sizes(model, tmp_path, "W1", 1) == []  # the input axis K is stored in blocks: pinned
+    # zero points packed two blocks to a byte: K cannot move, not even in whole blocks
+    assert _group_sizes(model, tmp_path, "W1", 1) == []
+
+
+@pytest.mark.parametrize("variant", ["blocks", "blocks-2d"])
+def test_matmul_nbits_moves_whole_blocks_of_k(variant, tmp_path):
+    case = next(c for c in __import__("op_cases").VARIANTS if c.name == f"com.microsoft.MatMulNBits[{variant}]")
+    model = case.build()
+    assert _group_sizes(model, tmp_path, "W1", 1) == [2]  # 32 channels of W1: 2 blocks of 16, whole
+    assert _group_sizes(model, tmp_path, "Bq", 1) == [2]
+    if variant == "blocks":  # scales [N * blocks]: entry n * 2 + b moves with row n and with block b
+        assert _group_sizes(model, tmp_path, "Bs", 0) == [2, 5]
+    else:  # scales [N, blocks]
+        assert _group_sizes(model, tmp_path, "Bs", 0) == [5] and _group_sizes(model, tmp_path, "Bs", 1) == [2]
 
 
 # ---- the exporter zoo's files written by ONNX Runtime -----------------------------------------------

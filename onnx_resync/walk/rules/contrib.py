@@ -63,38 +63,73 @@ def fused_matmul(ctx, node) -> None:
 
 
 def matmul_nbits(ctx, node) -> None:
-    """A [..., K] x B (N rows of K stored in blocks of block_size, one scale and zero point each)."""
+    """A [..., K] x B (N rows of K stored in blocks of block_size, one scale and zero point each).
+
+    K may move only in whole blocks (a block is the unit of scales and zero points; inside it, the
+    stored values are packed): the input channels form a (block, position in block) grid whose
+    positions are pinned, while blocks move with B's block axis and the scales' (and zero points')
+    block entries. Zero points packed several blocks to a byte, g_idx, or a partial last block pin K.
+    """
     a, b, scales, zps, bias = node.input[0], node.input[1], _inputs(node, 2), _inputs(node, 3), _inputs(node, 5)
     out = node.output[0]
     r = ctx.rank(a)
-    n, k, block = int(attr(node, "N")), int(attr(node, "K")), int(attr(node, "block_size"))
+    n, k, block, bits = int(attr(node, "N")), int(attr(node, "K")), int(attr(node, "block_size")), int(attr(node, "bits"))
     if r is None or not all(ctx.is_weightlike(t) for t in (b, scales) if t) or block <= 0:
         ctx.pin_all(a, "MatMulNBits with unknown rank or computed weights")
         return
     k_blocks = -(-k // block)
-    out_labels = {}
-    for axis, label in ctx.get(a).items():
-        if axis == r - 1:
-            # a channel may not leave its block of K: one scale (and zero point) per block
-            ctx.pin(label, "MatMulNBits input axis K is stored in blocks with one scale each")
-        else:
-            out_labels[axis] = label
     fresh = ctx.new(n, node, out)
+    out_labels = {axis: label for axis, label in ctx.get(a).items() if axis != r - 1}
+    blocks = _nbits_blocks(ctx, node, ctx.get(a).get(r - 1), k, block, k_blocks, bits, zps)
+    if blocks is not None:
+        ctx.slot(b, 1, blocks)
+    rows = fresh.repeat_blocks(k_blocks)  # one entry per (row, block) of a flat parameter
+    if blocks is not None:
+        cells = ctx.new(n * k_blocks, node, out, kind="product")
+        if ctx.elements.product(cells.elem, fresh, blocks):
+            rows = cells
     ctx.slot(b, 0, fresh)
     for param in (scales, zps):
         if not param:
             continue
         shape = ctx.shape(param)
-        if shape and len(shape) == 1 and isinstance(shape[0], int) and shape[0] % n == 0:
-            ctx.slot(param, 0, fresh.repeat_blocks(shape[0] // n))  # N rows of (blocks or packed bytes)
-        elif shape and len(shape) >= 2 and shape[0] == n:
+        if shape and len(shape) == 1 and shape[0] == n * k_blocks:
+            ctx.slot(param, 0, rows)
+        elif shape and len(shape) == 1 and isinstance(shape[0], int) and shape[0] % n == 0:
+            ctx.slot(param, 0, fresh.repeat_blocks(shape[0] // n))  # N rows of packed bytes
+        elif shape and len(shape) == 2 and shape[0] == n:
             ctx.slot(param, 0, fresh)
+            if blocks is not None and shape[1] == k_blocks:
+                ctx.slot(param, 1, blocks)
         else:
             ctx.pin(fresh, f"MatMulNBits parameter {param!r} does not follow the rows of B")
     if bias:
         _bias_slot(ctx, node, bias, fresh, out_rank=r)
     out_labels[r - 1] = fresh
     ctx.set(out, out_labels)
+
+
+def _nbits_blocks(ctx, node, label, k: int, block: int, k_blocks: int, bits: int, zps: str):
+    """The block factor of MatMulNBits' input channels (their positions inside a block pinned), or
+    None (the channels pinned where they cannot move, or there are none)."""
+    if label is None:
+        return None
+    zshape = ctx.shape(zps) if zps else None
+    n = int(attr(node, "N"))
+    packed = zps and ctx.view.stored_tensor(zps) is not None and bits < 8 and k_blocks > 1 and (
+        zshape is None or int(np.prod(zshape)) != n * k_blocks)
+    if k % block or _inputs(node, 4) or packed or len(label) != k:
+        ctx.pin(label, "MatMulNBits input axis K is stored in blocks with one scale each (a partial "
+                       "block, g_idx or zero points packed across blocks)")
+        return None
+    if k_blocks == 1:
+        ctx.pin(label, "MatMulNBits input axis K is one block")
+        return None
+    grid = _grid(ctx, node, label, k_blocks, "input")
+    if grid is None:
+        return None
+    ctx.pin(grid[1], "MatMulNBits input channels move only in whole blocks of K")
+    return grid[0]
 
 
 def dynamic_quantize_matmul(ctx, node) -> None:
@@ -190,30 +225,44 @@ def simplified_layer_norm(ctx, node) -> None:
 # ---- attention --------------------------------------------------------------------------------
 def _grid(ctx, node, label: Label, rows: int, what: str):
     """The (rows, columns) factor labels of a channel axis laid out row-major in `rows` rows: the
-    existing factors when its elements already are such cells, else fresh ones. None: pinned."""
+    existing factors when its channels (as neurons: unioned elements count) already are such cells,
+    else fresh ones. None: pinned."""
     count = len(label)
     if rows <= 0 or count % rows:
-        ctx.pin(label, f"{node.op_type}: {count} {what} channels do not split into {rows} heads")
+        ctx.pin(label, f"{node.op_type}: {count} {what} channels do not split into {rows} rows")
         return None
     cols = count // rows
     table = ctx.elements
-    cells = label.elem.tolist()
-    if any(c in table.products for c in cells):
-        recs = [table.products.get(c) for c in cells]
+    recs = _cell_records(table, label.elem)
+    if any(r is not None for r in recs):
         if all(r is not None and r[4:] == (rows, cols) and (r[2], r[3]) == divmod(k, cols) for k, r in enumerate(recs)):
             return (Label.of(np.array([recs[i * cols][0] for i in range(rows)])),
                     Label.of(np.array([recs[j][1] for j in range(cols)])))
         ctx.pin(label, f"{node.op_type}: {what} channels are already cells of another grid")
         return None
-    if label.sub.any() or len(set(cells)) != count:
+    if label.sub.any() or len(set(label.elem.tolist())) != count:
         ctx.pin(label, f"{node.op_type}: {what} channels are not one channel per position")
         return None
     heads = ctx.new(rows, node, node.output[0], kind="factor")
     dims = ctx.new(cols, node, node.output[0], kind="factor")
     if not table.product(label.elem, heads, dims):
-        ctx.pin(label, f"{node.op_type}: {what} channels cannot form a (head, dim) grid")
+        ctx.pin(label, f"{node.op_type}: {what} channels cannot form a grid")
         return None
     return heads, dims
+
+
+def _cell_records(table, elems: np.ndarray) -> list:
+    """For each element, the grid record (row, col, i, j, rows, cols) of a cell that is the same
+    neuron (its own, or one it is unioned with), or None."""
+    if not table.products:
+        return [None] * len(elems)
+    keys = np.fromiter(table.products, dtype=np.int64, count=len(table.products))
+    roots = table.roots(np.concatenate([keys, np.asarray(elems, dtype=np.int64)]))
+    by_root = {}
+    for key, root in zip(keys.tolist(), roots[:len(keys)].tolist()):
+        by_root.setdefault(root, table.products[key])
+    return [table.products.get(e) or by_root.get(r) for e, r in zip(np.asarray(elems).tolist(),
+                                                                     roots[len(keys):].tolist())]
 
 
 OUTPUT_PIN = "reaches a graph output"  # (counted as interface, walker.py)
