@@ -178,3 +178,17 @@ def test_multi_head_attention_with_state_is_left_as_it_is():
     model = _model([node], [(n, F, ["b", "s", h]) for n in "qkv"] + [(n, F, ["b", 2, "p", 8]) for n in ("pk", "pv")],
                    [("y", F, None), ("ok", F, None), ("ov", F, None)], {})
     assert Counter(n.op_type for n in canonicalize(model).model.graph.node) == {"MultiHeadAttention": 1}
+
+
+def test_canonical_form_keeps_the_files_shape_annotations_of_untouched_nodes():
+    """value_info of a tensor that the file's own node, untouched, still writes is kept (the walker
+    reads it where shapes are dynamic); that of a tensor a pass now writes is not (its node changed)."""
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("SimplifiedLayerNormalization", ["h", "scale"], ["n"], epsilon=1e-5, axis=-1),
+             helper.make_node("Relu", ["n"], ["y"])]
+    model = _model(nodes, [("x", F, ["b", "s", 8])], [("y", F, ["b", "s", 8])],
+                   {"w": _w(8, 8), "scale": _w(8)})
+    model.graph.value_info.extend([helper.make_tensor_value_info("h", F, ["b", "s", 8]),
+                                   helper.make_tensor_value_info("n", F, ["b", "s", 8])])
+    canon = canonicalize(model)
+    assert [vi.name for vi in canon.model.graph.value_info] == ["h"]

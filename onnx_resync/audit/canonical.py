@@ -114,11 +114,15 @@ def _build(ws: Workspace) -> CanonicalModel:
         g.output.add().CopyFrom(vi)
         _float32_type(g.output[-1])
     g.sparse_initializer.extend(src.graph.sparse_initializer)
-    # the file's shape annotations of the tensors still there (a pass keeps what a name computes): the
-    # walker needs them where shapes are dynamic (a Reshape [B, S, -1, head] of an exporter's attention)
-    written = {o for n in nodes for o in n.output} - {o.name for o in src.graph.output}
+    # the file's shape annotations of what its own nodes, untouched (same op, same inputs), still write:
+    # the walker needs them where shapes are dynamic (a Reshape [B, S, -1, head] of an exporter's attention)
+    def signature(n):
+        return n.domain or "", n.op_type, tuple(n.input)
+
+    file_writes = {o: signature(n) for n in src.graph.node for o in n.output}
+    kept = {o for n in nodes for o in n.output if file_writes.get(o) == signature(n)}
     for vi in src.graph.value_info:
-        if vi.name in written:
+        if vi.name in kept:
             g.value_info.add().CopyFrom(vi)
             _float32_type(g.value_info[-1])
     model = helper.make_model(g, opset_imports=list(src.opset_import))
