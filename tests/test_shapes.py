@@ -349,3 +349,27 @@ def test_a_weight_read_in_part_pins_with_its_reason():
     result = walk(reordered_lstm(extra_rows=2))
     assert result.permutable_channels == 0
     assert any("read in part" in p.reason for p in result.pinned), result.pinned
+
+
+def test_a_weight_read_in_part_keeps_its_order_for_every_reader():
+    """W is read whole by a Gemm (whose 18 units could move) and in part, rows 0..15, as an LSTM's
+    W: the part pins, and W's rows keep their order for the Gemm too (permuting them would change
+    what the LSTM reads)."""
+    rng = np.random.default_rng(6)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 2, 3])
+    nodes = [
+        helper.make_node("Slice", ["w", "s0", "s16", "ax0"], ["w16"]),
+        helper.make_node("Unsqueeze", ["w16", "ax0"], ["w_lstm"]),
+        helper.make_node("LSTM", ["x", "w_lstm", "r"], ["y"], hidden_size=4),
+        helper.make_node("Gemm", ["x2", "w"], ["g"], transB=1),
+        helper.make_node("Relu", ["g"], ["gr"]),
+        helper.make_node("Gemm", ["gr", "v"], ["out2"], transB=1),
+    ]
+    inits = [_rng_init(rng, "w", [18, 3]), _rng_init(rng, "r", [1, 16, 4]), _rng_init(rng, "v", [2, 18]),
+             _i64("s0", [0]), _i64("s16", [16]), _i64("ax0", [0])]
+    model = _model(nodes, [x, helper.make_tensor_value_info("x2", TensorProto.FLOAT, [2, 3])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 1, 2, 4]),
+                    helper.make_tensor_value_info("out2", TensorProto.FLOAT, [2, 2])], inits)
+    result = check_properties(model)
+    assert not any(s.weight == "w" and s.axis == 0 for g in result.groups for s in g.slots)
+    assert any("read in part" in p.reason for p in result.pinned), result.pinned

@@ -180,11 +180,11 @@ class WalkContext:
         targets = self.sources(tensor, axis)
         pieces = [(b, a, label) for b, a in targets] if targets is not None else self._mapped(tensor, axis, label)
         outers = self._outer_index(tensor, at) if at is not None else {}
-        if pieces is None or outers is None:
-            self.pin(label, f"weight {tensor!r} is computed in a way the walker cannot index")
-            return False
-        if isinstance(pieces, str):
-            self.pin(label, pieces)
+        if pieces is None or outers is None or isinstance(pieces, str):
+            reason = pieces if isinstance(pieces, str) else f"weight {tensor!r} is computed in a way the walker cannot index"
+            self.pin(label, reason)
+            # the stored tensors behind it keep their order: another reader must not move them
+            self._fix_all(tensor, reason.replace("{", "{{").replace("}", "}}") + " (weight {})")
             return False
         for base, base_axis, label in pieces:
             key = (base, base_axis)
