@@ -330,3 +330,42 @@ def test_int4_copy_perturbed_beyond_its_step_is_perturbed(int4_files):
     assert report.verdict == "perturbed" and report.derived, report.summary
     assert not report.precision["within"] and report.precision["worst_ratio"] > 1.5, report.precision
     assert "beyond its int4 in blocks of 32" in report.summary, report.summary
+
+
+@pytest.mark.parametrize("kind", ["int4", "fp16"])
+def test_lazy_files_get_lazy_canonical_weights(tmp_path, monkeypatch, kind):
+    """A huge file's weights stay mapped (lazy): its canonical MatMulNBits / float16 weights are
+    computed lazy tensors, equal to the in-memory file's, and the audit says the same."""
+    from onnx_resync.audit import audit
+    from onnx_resync.io import WeightStore, is_lazy_tensor, load_model
+    from onnx_resync.io import load as load_module
+
+    monkeypatch.setattr(load_module, "LAZY_MIN_TENSOR_BYTES", 0)
+    reference = _mlp(0)
+    if kind == "int4":
+        model = int4_copy(reference)
+    else:
+        model = onnx.ModelProto()
+        model.CopyFrom(reference)
+        for t in model.graph.initializer:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+        model.graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+        model.graph.output[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    path = tmp_path / "suspect.onnx"
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)  # onnx.save moves the copy's data out
+    onnx.save(copy, str(path), save_as_external_data=True, all_tensors_to_one_file=True, size_threshold=0,
+              location="suspect.data")
+    lazy = load_model(path, lazy=True)
+    assert any(is_lazy_tensor(t) for t in lazy.graph.initializer)
+    eager, mapped = canonicalize(model), canonicalize(lazy)
+    e_store, m_store = WeightStore(eager.model), WeightStore(mapped.model)
+    weights = [n.input[1] for n in mapped.model.graph.node if n.op_type == "MatMul"]
+    assert len(weights) == 3
+    for name in weights:
+        assert m_store.is_lazy(name) and m_store.reader(name).kind == "computed"
+        np.testing.assert_array_equal(m_store.get(name), e_store.get(name))
+    ref_path = tmp_path / "reference.onnx"
+    onnx.save(reference, str(ref_path))
+    a, b = audit(lazy, str(ref_path)), audit(model, str(ref_path))
+    assert a.verdict == b.verdict == "identical" and a.format_change == b.format_change, (a.summary, b.summary)

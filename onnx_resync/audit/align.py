@@ -34,8 +34,9 @@ class whose structure leaves some layer with two candidates within STRUCT_TIE); 
 sorted values. A component's distance is ||a - b|| over the median distance between the class's
 reference layers (what unrelated weights of that class differ by; at least FLOOR_REL x the
 profiles' mean norm), clipped at CONTENT_CLIP; content is the mean over components. A weight past
-SAMPLE_ENTRIES entries is read as an evenly spread sub-grid (match/sampling.py; a mapped tensor is
-read only there): its signature is then approximate. Same-shape twins that read the same tensor (a
+SAMPLE_ENTRIES entries gives its norms read a block of rows at a time (exact, never held whole); one
+that has no such matrix view is read as an evenly spread sub-grid (match/sampling.py; a mapped
+tensor is read only there): its signature is then approximate. Same-shape twins that read the same tensor (a
 detector's box and class branches) are thus told apart by content. Content is computed only in
 classes of two or more layers (a single pair is forced).
 
@@ -62,6 +63,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+import math
 
 import numpy as np
 import onnx
@@ -178,8 +180,11 @@ def align(reference: CanonicalModel, suspect: CanonicalModel) -> Alignment:
         node_map[r.node.name] = s.node.name
         ws = []
         for (_, rw, _), (_, sw, _) in zip(r.weights, s.weights):
-            value = sus_store.get(sw).astype(np.float32, copy=False).reshape(out.shape(rw))
-            out.set(rw, value)
+            if out.is_lazy(rw) and sus_store.is_lazy(sw):  # a huge model: read when used, never held
+                out.set_lazy(rw, lambda sw=sw, shape=out.shape(rw):
+                             np.asarray(sus_store.get(sw), dtype=np.float32).reshape(shape))
+            else:
+                out.set(rw, sus_store.get(sw).astype(np.float32, copy=False).reshape(out.shape(rw)))
             weight_map[rw] = sw
             ws.append((rw, sw))
         cost, content, margin = c.about(i, mapping[i])
@@ -317,6 +322,8 @@ class _Graph:
 
 def _profiles(store: WeightStore, name: str, op: str, singular: bool, prefix: str) -> dict[str, np.ndarray]:
     shape = store.shape(name)
+    if len(shape) >= 2 and shape[0] > 1 and 1 not in shape[1:] and math.prod(shape) > SAMPLE_ENTRIES:
+        return _streamed_norms(store, name, op, prefix)
     grid = sub_grid(shape, SAMPLE_ENTRIES) if store.is_lazy(name) else None  # in memory: whole is cheaper
     sampled = grid is not None
     w = np.asarray(store.get(name) if not sampled else store.get_grid(name, grid), dtype=np.float32)
@@ -336,6 +343,22 @@ def _profiles(store: WeightStore, name: str, op: str, singular: bool, prefix: st
         ev = np.linalg.eigvalsh(gram.astype(np.float64))[::-1][:TOP_SINGULAR]
         out[prefix + "singular"] = np.sqrt(np.clip(ev, 0, None))
     return out
+
+
+def _streamed_norms(store: WeightStore, name: str, op: str, prefix: str) -> dict[str, np.ndarray]:
+    """_profiles' row and column norms of a large matrix, exact, read a block of rows at a time (a
+    lazy weight is never held whole; a sub-grid's norms would differ between a matrix and its
+    permuted copy, and between a lazy and an in-memory one)."""
+    shape = store.shape(name)
+    by_rows = len(shape) == 2 or op in ("Conv", "ConvTranspose")
+    rows, cols = [], None
+    for block in store.row_blocks(name):
+        m = np.asarray(block, dtype=np.float32)
+        m = m.reshape(m.shape[0], -1) if by_rows else m.reshape(-1, shape[-1])
+        sq = np.square(m, dtype=np.float64) if m.dtype != np.float64 else np.square(m)
+        rows.append(sq.sum(axis=1))
+        cols = sq.sum(axis=0) if cols is None else cols + sq.sum(axis=0)
+    return {prefix + "rows": np.sort(np.sqrt(np.concatenate(rows))), prefix + "cols": np.sort(np.sqrt(cols))}
 
 
 # ---- one class of compatible layers -----------------------------------------------------------

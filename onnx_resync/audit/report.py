@@ -20,8 +20,9 @@ Verdicts:
 - "not derived": no evidence that the suspect comes from the reference;
 - "cannot judge" (exit 4, the code `verify` uses for "cannot check"): less than MIN_COMPARED_SHARE
   of the reference's parameters were compared (weights inside If/Loop/Scan bodies count in the
-  reference's total; the canonical form does not reach them, so they count as not compared). No
-  verdict is stronger than its evidence: nothing compared is never "identical".
+  reference's total; the canonical form does not reach them: subgraphs.py pairs and compares them
+  by value up to permutation, and only those it compared count as compared). No verdict is
+  stronger than its evidence: nothing compared is never "identical".
 
 `audit_file` is the per-file function for batches: top level, picklable arguments, never raises.
 """
@@ -40,11 +41,13 @@ import onnx
 
 from .align import Alignment, align
 from .canonical import CanonicalModel, canonicalize
-from .storage import Steps, allowed, float_format, measure_steps, storage_dtype
+from .storage import LazyMap, Steps, allowed, float_format, measure_steps, storage_dtype
+from .subgraphs import SubgraphComparison, compare_subgraphs, carry as carry_subgraphs
 from ..errors import ModelMismatchError, ResyncError, UnsupportedError
 from ..reduce.against import to_reference
 from ..io import WeightStore, load_model, write_text_atomic
 from ..jsonable import json_safe
+from ..match.sampling import spread
 
 ModelLike = str | os.PathLike | onnx.ModelProto
 
@@ -52,6 +55,8 @@ MIN_COMPARED_SHARE = 0.5  # of the reference's parameters: below it the verdict 
 EXIT_CANNOT_JUDGE = 4  # the code `verify` uses for "cannot check"
 STATISTICS_SAMPLE = 1 << 16  # elements per tensor for the statistics of what lies beyond the bound
 HEATMAP_MAX = 80  # similarity matrices larger than this are max-pooled down to it for display
+PRECISION_CHUNK = 1 << 22  # elements of a weight compared with its bound at a time
+SIMILARITY_COLUMNS = 16384  # a heatmap's cosines read at most about this many evenly spread feature columns
 
 
 @dataclass
@@ -98,7 +103,7 @@ class AuditReport:
     timings: dict
     similarity: dict = field(default_factory=dict, repr=False)  # group -> matrix (display size), not serialized
     # the reference's parameters compared: {"parameters", "of", "share" (None: nothing to compare),
-    # "in_subgraphs" (not reached), "min_share"}
+    # "in_subgraphs" (inside If/Loop/Scan bodies), "in_subgraphs_compared" (of them), "min_share"}
     compared: dict = field(default_factory=dict)
     format_change: str = ""  # "int8 per channel", "float16", ...: the suspect's storage, when not float32
     reduction: dict = field(default_factory=dict)  # reduce.ReduceReport.to_dict(): what the suspect was reduced by
@@ -179,6 +184,8 @@ def audit(suspect: ModelLike, reference: ModelLike, *, html: str | os.PathLike |
         alignment = align(ref_c, sus_c)
     timings["align"] = time.perf_counter() - t
     t = time.perf_counter()
+    sub = compare_subgraphs(ref_c.model, sus_c.model)  # weights inside If/Loop/Scan bodies (subgraphs.py)
+    carry_subgraphs(alignment.model, sub)
     sus_steps = measure_steps(sus_model, sus_c, set(alignment.weight_map.values()),
                               lambda m: _canonical(m, "suspect"))
     timings["storage"] = time.perf_counter() - t
@@ -186,7 +193,8 @@ def audit(suspect: ModelLike, reference: ModelLike, *, html: str | os.PathLike |
     restored, rs = resync(alignment.model, ref_c.model, check=False, max_passes=max_passes)
     timings["resync"] = time.perf_counter() - t
     t = time.perf_counter()
-    report = _build(suspect, reference, ref_c, sus_c, alignment, restored, rs, heatmap_max, sus_steps, ref_steps)
+    report = _build(suspect, reference, ref_c, sus_c, alignment, restored, rs, heatmap_max, sus_steps, ref_steps,
+                    sub)
     if reduction is not None:
         _obfuscated(report, reduction)
     timings["report"] = time.perf_counter() - t
@@ -292,15 +300,18 @@ def _name(model: ModelLike) -> str:
 
 def _build(suspect, reference, ref_c: CanonicalModel, sus_c: CanonicalModel, alignment: Alignment,
            restored: onnx.ModelProto, rs, heatmap_max: int, sus_steps: Steps | None = None,
-           ref_steps: Steps | None = None) -> AuditReport:
+           ref_steps: Steps | None = None, sub: SubgraphComparison | None = None) -> AuditReport:
     from ..walk import walk
 
     ref_store, res_store = WeightStore(ref_c.model), WeightStore(restored)
     ref_walk = walk(ref_c.model)
+    sub = sub if sub is not None else compare_subgraphs(ref_c.model, sus_c.model)
+    rs = _without_groups(rs, ref_walk, sub.unpaired)
     sus_steps, ref_steps = sus_steps or Steps(), ref_steps or Steps()
     steps = _restored_steps(sus_steps, alignment, ref_walk, rs, ref_store)
     precision = _precision(ref_store, res_store, alignment, ref_c, sus_c, steps, ref_steps, sus_steps)
     compared = _compared(ref_c, alignment)
+    _add_subgraphs(compared, sub)
     groups = {g.key: g for g in ref_walk.groups}
     rows, similarity = [], {}
     for gr in rs.groups:
@@ -309,21 +320,22 @@ def _build(suspect, reference, ref_c: CanonicalModel, sus_c: CanonicalModel, ali
         if g is not None:
             similarity[gr.key] = _downsample(similarity_matrix(g, ref_store, res_store), heatmap_max)
     moved = int(rs.moved)
-    within = precision["within"]
+    within = precision["within"] and sub.within
     judged = compared["share"] is not None and compared["share"] >= MIN_COMPARED_SHARE
-    looks_derived = bool(rs.derived) or within
+    # the main graph's evidence; where it compared nothing (every weight in a body), the bodies'
+    looks_derived = (bool(rs.derived) or precision["within"]) if alignment.weight_map else sub.looks_derived
     derived = judged and looks_derived
     if not judged:
         verdict = "cannot judge"
-    elif rs.verdict == "identical" or (within and moved == 0):
+    elif not derived:
+        verdict = "not derived"
+    elif within and moved == 0 and not sub.moved:
         verdict = "identical"
     elif within:
         verdict = "permuted"
-    elif derived:
-        verdict = "perturbed"
     else:
-        verdict = "not derived"
-    permuted = derived and moved > 0
+        verdict = "perturbed"
+    permuted = derived and (moved > 0 or sub.moved)
     perturbed = verdict == "perturbed"
     format_change = ", ".join(precision["formats"])
     if verdict in ("identical", "permuted", "not derived", "cannot judge"):
@@ -338,6 +350,8 @@ def _build(suspect, reference, ref_c: CanonicalModel, sus_c: CanonicalModel, ali
     summary = _summary(verdict, derived, permuted, perturbation, precision, re_export, moved, rs.neurons,
                        compared, looks_derived, format_change)
     evidence = _evidence(rs, precision, re_export, alignment, moved, derived, compared, perturbation)
+    if sub.weights:
+        evidence.append(sub.phrase())
     return AuditReport(
         suspect=_name(suspect), reference=_name(reference), verdict=verdict, derived=derived,
         permuted=permuted, perturbed=perturbed, summary=summary, evidence=evidence,
@@ -390,8 +404,12 @@ def _compared_phrase(compared) -> str:
         return "the reference has no parameters to compare"
     text = (f"{compared['parameters']:,} of the reference's {compared['of']:,} parameters compared "
             f"({100 * compared['share']:.1f}%)")
-    if compared["in_subgraphs"]:
-        text += f"; {compared['in_subgraphs']:,} sit inside If/Loop/Scan bodies, which the comparison does not reach"
+    reached = compared.get("in_subgraphs_compared", 0)
+    if reached:
+        text += f"; {reached:,} of them inside If/Loop/Scan bodies, compared by value up to permutation"
+    if compared["in_subgraphs"] - reached:
+        text += (f"; {compared['in_subgraphs'] - reached:,} sit inside If/Loop/Scan bodies, which the comparison "
+                 "does not reach")
     return text
 
 
@@ -490,8 +508,10 @@ def _precision(ref_store: WeightStore, res_store: WeightStore, alignment: Alignm
     total = beyond = newly_zero = 0
     noise, distinct, distinct_ref = [], [], []
     for rw, sw in alignment.weight_map.items():
-        r = ref_store.get(rw).astype(np.float64)
-        s = res_store.get(rw).astype(np.float64)
+        # one weight at a time, in chunks of PRECISION_CHUNK elements (float64 only there): a huge
+        # model's weights are mapped or computed, never copied whole in float64
+        r_all = np.asarray(ref_store.get(rw)).reshape(-1)
+        s_all = np.asarray(res_store.get(rw)).reshape(-1)
         so, ro = sus_c.origins.get(sw), ref_c.origins.get(rw)
         dtype = storage_dtype(so)
         storage.add(dtype)
@@ -505,33 +525,51 @@ def _precision(ref_store: WeightStore, res_store: WeightStore, alignment: Alignm
         else:
             fmt = float_format(dtype)
         formats += [f for f in fmt.split(", ") if f != "float32" and f not in formats]
-        step_r = ref_steps.steps.get(rw)
-        bound = allowed(r, so, ro, steps.get(rw), step_r.reshape(r.shape) if step_r is not None else None)
-        diff = np.abs(s - r)
-        scale = float(np.abs(r).max()) if r.size else 0.0
-        rel = float(diff.max() / scale) if scale > 0 and diff.size else float(diff.max() if diff.size else 0.0)
+        step_s, step_r = steps.get(rw), ref_steps.steps.get(rw)
+        step_s = np.asarray(step_s).reshape(-1) if step_s is not None else None
+        step_r = np.asarray(step_r).reshape(-1) if step_r is not None else None
+        size = r_all.size
+        scale = 0.0
+        moments = np.zeros(2)  # of r: sum, sum of squares
+        for a in range(0, size, PRECISION_CHUNK):
+            r = r_all[a:a + PRECISION_CHUNK].astype(np.float64)
+            scale = max(scale, float(np.abs(r).max()))
+            moments += (r.sum(), np.square(r).sum())
+        std = math.sqrt(max(moments[1] / size - (moments[0] / size) ** 2, 0.0)) if size else 0.0
+        top = max_diff = 0.0
+        excess_moments = np.zeros(3)  # of the excess where kept: count, sum, sum of squares
+        for a in range(0, size, PRECISION_CHUNK):
+            piece = slice(a, a + PRECISION_CHUNK)
+            r = r_all[piece].astype(np.float64)
+            s = s_all[piece].astype(np.float64)
+            bound = allowed(r, so, ro, step_s[piece] if step_s is not None else None,
+                            step_r[piece] if step_r is not None else None, scale=scale)
+            diff = np.abs(s - r)
+            max_diff = max(max_diff, float(diff.max()))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = np.where(diff > 0, diff / np.where(bound > 0, bound, 0.0), 0.0)
+            top = max(top, float(ratio.max()))
+            # what lies beyond the bound, for the kinds of perturbation
+            out_of = diff > bound
+            beyond += int(out_of.sum())
+            zero = (s == 0) & (r != 0) & out_of  # newly zero where the storage's rounding does not explain it
+            newly_zero += int(zero.sum())
+            excess = (np.sign(s - r) * np.maximum(diff - bound, 0.0))[~zero]
+            excess_moments += (excess.size, excess.sum(), np.square(excess).sum())
+        total += size
+        rel = max_diff / scale if scale > 0 and size else max_diff
         if rel > worst_rel:
             worst_rel, worst_rel_name = rel, shown
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.where(diff > 0, diff / np.where(bound > 0, bound, 0.0), 0.0)
-        top = float(ratio.max()) if ratio.size else 0.0
         if top > worst_ratio or not worst_name:
             worst_ratio, worst_name = top, shown
-        # what lies beyond the bound, for the kinds of perturbation
-        out_of = diff > bound
-        total += r.size
-        beyond += int(out_of.sum())
-        zero = (s == 0) & (r != 0) & out_of  # newly zero where the storage's rounding does not explain it
-        newly_zero += int(zero.sum())
-        excess = np.sign(s - r) * np.maximum(diff - bound, 0.0)
-        keep = ~zero
-        std = float(r.std()) if r.size else 0.0
-        if r.size >= 16 and std > 0 and keep.any():
-            noise.append((float(np.std(excess[keep]) / std), r.size))
-        if r.size >= 256 and not (so is not None and so.quantized):
-            pick = slice(None, None, max(1, r.size // STATISTICS_SAMPLE))
-            distinct.append(len(np.unique(s.reshape(-1)[pick])))
-            distinct_ref.append(len(np.unique(r.reshape(-1)[pick])))
+        count = excess_moments[0]
+        if size >= 16 and std > 0 and count:
+            spread_ = math.sqrt(max(excess_moments[2] / count - (excess_moments[1] / count) ** 2, 0.0))
+            noise.append((spread_ / std, size))
+        if size >= 256 and not (so is not None and so.quantized):
+            pick = slice(None, None, max(1, size // STATISTICS_SAMPLE))
+            distinct.append(len(np.unique(s_all[pick])))
+            distinct_ref.append(len(np.unique(r_all[pick])))
     beyond_stats = {
         "elements": int(beyond), "of": int(total), "fraction": beyond / total if total else 0.0,
         "noise_relative_std": _weighted_median(noise) if noise else 0.0,
@@ -588,25 +626,29 @@ def _beyond_kinds(beyond: dict, resync_perturbation: dict) -> dict:
 def _restored_steps(steps: Steps, alignment: Alignment, ref_walk, rs, ref_store: WeightStore) -> dict[str, np.ndarray]:
     """The suspect's measured steps in the restored (reference's) layout: aligned as its weights
     were, then moved by resync's permutations."""
-    out = {rw: steps.steps[sw].reshape(ref_store.shape(rw)) for rw, sw in alignment.weight_map.items()
-           if sw in steps.steps}
-    if not out or getattr(rs, "record", None) is None:
-        return out
-    from ..permute import slot_indices
-    from ..walk import slot_part
+    names = {rw: sw for rw, sw in alignment.weight_map.items() if sw in steps.steps}
+    index = {}
+    if names and getattr(rs, "record", None) is not None:
+        from ..permute import slot_indices
 
-    index = slot_indices(ref_walk, rs.record.perms, lambda w, a: ref_store.shape(w)[a])
-    for (weight, axis, at), idx in index.items():
-        if weight not in out:
-            continue
-        if at is None:
-            out[weight] = np.take(out[weight], idx, axis=axis)
-        else:
-            array = out[weight].copy()
-            part, part_axis = slot_part(array, axis, at)
-            part[...] = np.take(part, idx, axis=part_axis)
-            out[weight] = array
-    return out
+        index = slot_indices(ref_walk, rs.record.perms, lambda w, a: ref_store.shape(w)[a])
+
+    def restored(weight: str) -> np.ndarray:  # one weight at a time (storage.LazyMap)
+        from ..walk import slot_part
+
+        out = steps.steps[names[weight]].reshape(ref_store.shape(weight))
+        for (w, axis, at), idx in index.items():
+            if w != weight:
+                continue
+            if at is None:
+                out = np.take(out, idx, axis=axis)
+            else:
+                out = out.copy()
+                part, part_axis = slot_part(out, axis, at)
+                part[...] = np.take(part, idx, axis=part_axis)
+        return out
+
+    return LazyMap(names, restored)
 
 
 _FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
@@ -634,6 +676,34 @@ def _compared(ref_c: CanonicalModel, alignment: Alignment) -> dict:
     of = sum(sizes.values()) + inside
     return {"parameters": int(parameters), "of": int(of), "share": parameters / of if of else None,
             "in_subgraphs": int(inside), "min_share": MIN_COMPARED_SHARE}
+
+
+def _without_groups(rs, ref_walk, unpaired: set):
+    """resync's report without the groups whose every slot is a subgraph weight left unpaired: the
+    aligned model holds the reference's own values there (compared with themselves, they prove
+    nothing). The decision statistic stays: such groups are exact copies, which never lower it."""
+    if not unpaired:
+        return rs
+    import dataclasses
+
+    own = {g.key for g in ref_walk.groups if g.slots and all(s.weight in unpaired for s in g.slots)}
+    kept = [g for g in rs.groups if g.key not in own]
+    if len(kept) == len(rs.groups):
+        return rs
+    return dataclasses.replace(
+        rs, groups=kept, neurons=sum(g.size for g in kept), moved=sum(g.moved for g in kept),
+        matched=sum(round(g.matched_fraction * g.size) for g in kept),
+        interchangeable=sum(len(g.interchangeable) for g in kept))
+
+
+def _add_subgraphs(compared: dict, sub: SubgraphComparison) -> None:
+    """The subgraph weights that were paired and compared count as compared ("in_subgraphs" stays
+    the reference's total inside bodies; "in_subgraphs_compared" of them were compared)."""
+    reached = min(sub.parameters, compared["in_subgraphs"])
+    compared["in_subgraphs_compared"] = int(reached)
+    if reached:
+        compared["parameters"] += int(reached)
+        compared["share"] = compared["parameters"] / compared["of"] if compared["of"] else None
 
 
 def _row(gr, g, alignment: Alignment, ref_c: CanonicalModel, sus_c: CanonicalModel,
@@ -682,12 +752,17 @@ def similarity_matrix(group, ref_store: WeightStore, sus_store: WeightStore) -> 
     feature, so the cosine is the size-weighted mean of per-slot cosines (as in match.py)."""
     n = group.size
     parts_r, parts_s, dims = [], [], []
+    # a display: each slot's cosines from evenly spread columns, SIMILARITY_COLUMNS in all
+    cap = max(64, SIMILARITY_COLUMNS // max(1, len(group.slots)))
     for slot in group.slots:
         r = _rows(*slot.part(ref_store.get(slot.weight)), slot.positions)
         s = _rows(*slot.part(sus_store.get(slot.weight)), slot.positions)
+        dims.append(r.shape[1])  # the slot's weight: its whole width
+        if r.shape[1] > cap:
+            pick = spread(r.shape[1], cap)
+            r, s = r[:, pick], s[:, pick]
         parts_r.append(r)
         parts_s.append(s)
-        dims.append(r.shape[1])
     total = float(sum(dims)) or 1.0
     fr = np.concatenate([_unit(x) * math.sqrt(d / total) for x, d in zip(parts_r, dims)], axis=1) if dims else np.zeros((n, 0))
     fs = np.concatenate([_unit(x) * math.sqrt(d / total) for x, d in zip(parts_s, dims)], axis=1) if dims else np.zeros((n, 0))
@@ -696,7 +771,7 @@ def similarity_matrix(group, ref_store: WeightStore, sus_store: WeightStore) -> 
 
 def _rows(a: np.ndarray, axis: int, positions: np.ndarray) -> np.ndarray:
     n = positions.shape[0]
-    taken = np.take(np.asarray(a, dtype=np.float64), positions.reshape(-1), axis=axis)
+    taken = np.take(np.asarray(a, dtype=np.float32), positions.reshape(-1), axis=axis)
     return np.moveaxis(taken, axis, 0).reshape(n, -1)
 
 

@@ -11,17 +11,22 @@ weight it was made from, and in words how it is stored ("int8 per channel", "flo
   tensors that one canonical weight reads together (a conv weight and a quantized BatchNorm scale
   folded into it) are moved in different probes and their half steps add; one more probe moves them
   all, and what it changes beyond the sum is the product of two roundings (a quarter of it is
-  added). Zero points are never moved: ONNX's (and ONNX Runtime's) op schemas name them.
+  added). Zero points are never moved: ONNX's (and ONNX Runtime's) op schemas name them. A stored
+  integer at an end of its range may have been clipped (symmetric int4: +8 stored as +7): one more
+  probe moves only those, and their elements are allowed a whole step.
 - **Float storage**: the type's rounding relative to the value (float16 2^-11, bfloat16 2^-8,
   float8), float16's subnormal step, and the clamp of fp16 converters (onnxconverter-common's
   defaults): |w| < 1e-7 stored as +-1e-7 (1.19e-7 in float16) or 0, |w| > 1e4 clipped to 1e4.
 
 `measure_steps` does the first for a model and its canonical form; `allowed` turns both into one
-bound per element, given the origins of the two weights compared.
+bound per element, given the origins of the two weights compared. A step is computed when asked for
+(`LazyMap`: the probes' canonical forms are kept, lazy where the file is), one weight at a time, so
+that a huge int4 file's steps never cost a float copy of the whole model.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -51,7 +56,8 @@ ZERO_POINT = "zero_point"  # what an op schema's input name says of a zero point
 class Steps:
     """One quantization step per element of each canonical weight that integer storage explains."""
 
-    steps: dict[str, np.ndarray] = field(default_factory=dict)  # canonical weight -> step (its layout)
+    # canonical weight -> step (its layout); measured: a LazyMap, each computed when asked for
+    steps: Mapping[str, np.ndarray] = field(default_factory=dict)
     formats: dict[str, str] = field(default_factory=dict)  # canonical weight -> "int8 per channel", ...
     probes: int = 0  # canonicalizations run to measure them
     failed: str = ""  # why no step could be measured (a probe that changed the canonical structure)
@@ -93,7 +99,7 @@ def measure_steps(model: onnx.ModelProto, canon, names, canonicalize) -> Steps:
     probes = [[s for s, c in colour.items() if c == k] for k in range(n_colours)]
     if n_colours > 1:
         probes.append(list(colour))  # all at once: the products of two roundings
-    deltas = []
+    moved_stores = []
     for flips in probes:
         probe = copy_without_payloads(model, set(flips))
         store = WeightStore(probe)
@@ -103,36 +109,92 @@ def measure_steps(model: onnx.ModelProto, canon, names, canonicalize) -> Steps:
             canon2 = canonicalize(probe)
         except Exception as exc:  # noqa: BLE001 - a probe that fails measures nothing
             out.failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-            return Steps(failed=out.failed, probes=len(deltas) + 1)
+            return Steps(failed=out.failed, probes=len(moved_stores) + 1)
         moved = WeightStore(canon2.model)
-        delta = {}
         for n in origins:
             if n not in moved or moved.shape(n) != base.shape(n):
                 return Steps(failed=f"moving the stored integers changed the canonical form ({n!r})",
-                             probes=len(deltas) + 1)
-            delta[n] = moved.get(n).astype(np.float64) - base.get(n).astype(np.float64)
-        deltas.append(delta)
-    out.probes = len(deltas)
-    for n in origins:
-        if not data[n]:
-            continue
-        singles = [d[n] for d in deltas[:n_colours]]
-        step = np.sum([np.abs(d) for d in singles], axis=0)
+                             probes=len(moved_stores) + 1)
+        moved_stores.append(moved)
+    # Stored integers at an end of their range may have been clipped there: a symmetric quantizer that
+    # maps the block's largest magnitude to -8 clips the other sign's +8 to +7 (MatMulNBits' default),
+    # one step off, not half. One more probe moves only those: their elements get a step more.
+    edges = None
+    moved_edges = {s: _edges_moved(tensor_values(stored[s]), _bits(s, readers)) for s in colour}
+    moved_edges = {s: v for s, v in moved_edges.items() if v is not None}
+    if moved_edges:
+        probe = copy_without_payloads(model, set(moved_edges))
+        store = WeightStore(probe)
+        for s, v in moved_edges.items():
+            store.set(s, v)
+        try:
+            canon2 = canonicalize(probe)
+            edges = WeightStore(canon2.model)
+            if any(n not in edges or edges.shape(n) != base.shape(n) for n in origins):
+                edges = None
+        except Exception:  # noqa: BLE001 - no edge probe: half a step everywhere, as before
+            edges = None
+    out.probes = len(moved_stores) + (edges is not None)
+
+    def step(n: str) -> np.ndarray:
+        b = np.asarray(base.get(n), dtype=np.float32)
+        deltas = [np.asarray(m.get(n), dtype=np.float32) - b for m in moved_stores]
+        singles = deltas[:n_colours]
+        total = np.abs(singles[0])
+        for d in singles[1:]:
+            total += np.abs(d)
         if n_colours > 1:  # a quarter of the product of two roundings, in units of a half step
-            step = step + 0.5 * np.abs(deltas[-1][n] - np.sum(singles, axis=0))
-        out.steps[n] = step
+            total += 0.5 * np.abs(deltas[-1] - np.sum(singles, axis=0))
+        if edges is not None:
+            total += np.abs(np.asarray(edges.get(n), dtype=np.float32) - b)
+        return total
+
+    measured = [n for n in origins if data[n]]
+    out.steps = LazyMap(measured, step)
+    for n in measured:
         kinds = [described[s] for s in data[n]]
-        fallback = "per tensor" if np.ptp(step) <= 1e-3 * max(float(step.max()), 1e-30) else "per channel"
-        out.formats[n] = ", ".join(dict.fromkeys(k.replace("{granularity}", fallback) for k in kinds))
+        if any("{granularity}" in k for k in kinds):
+            st = out.steps[n]
+            fallback = "per tensor" if np.ptp(st) <= 1e-3 * max(float(st.max()), 1e-30) else "per channel"
+            kinds = [k.replace("{granularity}", fallback) for k in kinds]
+        out.formats[n] = ", ".join(dict.fromkeys(kinds))
     return out
 
 
+class LazyMap(Mapping):
+    """name -> array, computed when asked for (the last one kept): the steps of a huge model's
+    weights are never all held at once."""
+
+    def __init__(self, names, compute):
+        self._names, self._compute = list(dict.fromkeys(names)), compute
+        self._known = set(self._names)
+        self._last: tuple[str, np.ndarray] | None = None
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._known:
+            raise KeyError(name)
+        if self._last is None or self._last[0] != name:
+            self._last = (name, self._compute(name))
+        return self._last[1]
+
+    def __contains__(self, name) -> bool:
+        return name in self._known
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
 def allowed(r: np.ndarray, so: WeightOrigin | None, ro: WeightOrigin | None,
-            step_s: np.ndarray | None, step_r: np.ndarray | None) -> np.ndarray:
+            step_s: np.ndarray | None, step_r: np.ndarray | None, scale: float | None = None) -> np.ndarray:
     """Per element, how far the suspect's weight may lie from the reference's `r` by the two files'
-    storage alone (steps: measured quantization steps in r's layout, or None)."""
+    storage alone (steps: measured quantization steps in r's layout, or None). `r` may be a piece of
+    the weight: `scale` is then the whole weight's max |r|."""
     a = np.abs(r)
-    scale = float(a.max()) if a.size else 0.0
+    if scale is None:
+        scale = float(a.max()) if a.size else 0.0
     dtype, ref_dtype = storage_dtype(so), storage_dtype(ro)
     eps = STORAGE_ROUNDING.get(dtype, 2.0 ** -24) + STORAGE_ROUNDING.get(ref_dtype, 2.0 ** -24)
     out = 1.01 * eps * a
@@ -236,6 +298,31 @@ def _moved_by_one(values: np.ndarray, bits: int | None) -> np.ndarray:
         return values ^ np.asarray(mask, dtype=values.dtype)
     wide = values.astype(np.int16)  # int4 / uint4 (ml_dtypes): flip as integers, store back
     return (wide ^ 1).astype(values.dtype)
+
+
+_SUBBYTE_RANGES = {"int4": (-8, 7), "uint4": (0, 15), "int2": (-2, 1), "uint2": (0, 3)}
+
+
+def _edges_moved(values: np.ndarray, bits: int | None) -> np.ndarray | None:
+    """The stored integers at an end of their range moved by one (lowest bit flipped), the others
+    kept; None when there are none. Packed values (`bits`) are unsigned codes."""
+    if values.dtype.kind in "iu" and bits and values.dtype.itemsize == 1:
+        v = values.view(np.uint8)
+        top, flip = (1 << bits) - 1, np.zeros_like(v)
+        for k in range(8 // bits):
+            code = (v >> (k * bits)) & top
+            flip |= (((code == 0) | (code == top)).astype(np.uint8) << (k * bits))
+        return (v ^ flip).view(values.dtype) if flip.any() else None
+    if values.dtype.kind in "iu":
+        info = np.iinfo(values.dtype)
+        edge = (values == info.min) | (values == info.max)
+        return values ^ edge.astype(values.dtype) if edge.any() else None
+    low_high = _SUBBYTE_RANGES.get(values.dtype.name)
+    if low_high is None:
+        return None
+    wide = values.astype(np.int16)
+    edge = (wide == low_high[0]) | (wide == low_high[1])
+    return (wide ^ edge.astype(np.int16)).astype(values.dtype) if edge.any() else None
 
 
 def _describe(name: str, tensor: onnx.TensorProto, readers, stored) -> str:

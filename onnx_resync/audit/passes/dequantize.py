@@ -40,6 +40,8 @@ from onnx import TensorProto, helper
 
 from ..rewrite import STANDARD, Workspace, attr
 from .cleanup import remove_unused
+from .floats import lazy_weight, stored
+from ...io import is_lazy_tensor
 from ...walk import registry
 
 MS = "com.microsoft"
@@ -427,10 +429,20 @@ class _Dequantizer:
             return []
         bits, block = int(attr(node, "bits", 4)), int(attr(node, "block_size", 0))
         k, n = int(attr(node, "K", 0)), int(attr(node, "N", 0))
-        Wf = nbits_weight(ws.const(b), ws.const(s), ws.const(z), ws.const(g), bits, block, k, n)
-        w_name = self.ws.add_constant(b + "/dequantized", Wf.T,
-                                      ws.origin_of([x for x in (b, s, z) if x],
-                                                   f"dequantized int{bits} in blocks of {block} (MatMulNBits)"))
+        values = [ws.constants.get(x) if x else None for x in (b, s, z, g)]
+
+        def weight() -> np.ndarray:  # [K, N]
+            B, S, Z, G = (stored(v) if v is not None else None for v in values)
+            return nbits_weight(B, S, Z, G, bits, block, k, n).T
+
+        origin = ws.origin_of([x for x in (b, s, z) if x], f"dequantized int{bits} in blocks of {block} (MatMulNBits)")
+        if isinstance(values[0], onnx.TensorProto) and is_lazy_tensor(values[0]):
+            # a huge model's weight: checked on its first rows, computed whenever it is read
+            _check_nbits(values, bits, block, k, n)
+            w_name = ws.new_name(b + "/dequantized")
+            ws.set_constant(w_name, lazy_weight(w_name, (k, n), weight), origin)
+        else:
+            w_name = ws.add_constant(b + "/dequantized", np.ascontiguousarray(weight()), origin)
         ws.origins[w_name].steps.append("view MatMulNBits layout [N, K] -> [K, N]")
         y = node.output[0]
         quantized = ws.new_name(y + "/quantized")
@@ -632,6 +644,17 @@ class _Dequantizer:
             renamed[x] = y
 
 
+def _check_nbits(values, bits: int, block: int, K: int, N: int) -> None:
+    """nbits_weight's checks, on shapes and one row (ValueError where it would refuse the node)."""
+    B, S, Z, G = values
+    blocks = -(-K // block) if block > 0 else 0
+    if B.data_type != onnx.TensorProto.UINT8 or int(np.prod(B.dims)) != N * blocks * block * bits // 8 \
+            or N <= 0 or int(np.prod(S.dims)) != N * blocks:
+        raise ValueError("MatMulNBits shapes")
+    row = lambda v: None if v is None else np.asarray(stored(v)).reshape(N, -1)[:1]  # noqa: E731
+    nbits_weight(row(B), row(S), row(Z), stored(G) if G is not None else None, bits, block, K, 1)
+
+
 def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
     """The first `count` codes of `bits` bits along the last axis of uint8 `packed`, low bits first
     (MatMulNBits' B and packed zero points)."""
@@ -657,7 +680,6 @@ def nbits_weight(B: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | No
     blocks = -(-K // block)
     if B.dtype != np.uint8 or B.size != N * blocks * block * bits // 8:
         raise ValueError(f"MatMulNBits B {B.shape} {B.dtype}")
-    codes = unpack_codes(B.reshape(N, -1), bits, K)
     s = np.asarray(scales).reshape(N, blocks).astype(np.float32)
     if zero_points is None:
         zp = np.float32(1 << (bits - 1))
@@ -669,12 +691,17 @@ def nbits_weight(B: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | No
         # ONNX Runtime's CPU kernel (1.31) reads no packed zero point beside g_idx (it uses the
         # default): which one is meant is not settled, so the node is left as it is
         raise ValueError("MatMulNBits g_idx with packed zero points")
-    if g_idx is not None:
-        which = np.asarray(g_idx).reshape(-1).astype(np.int64)
-        if which.size != K or which.min(initial=0) < 0 or which.max(initial=0) >= blocks:
-            raise ValueError("MatMulNBits g_idx")
-    else:
-        which = np.arange(K) // block
+    if g_idx is None:  # blocks in order: scales broadcast over each block, no gathered copies
+        per = 8 // bits  # every byte's codes as floats, by table: one gather
+        table = unpack_codes(np.arange(256, dtype=np.uint8)[:, None], bits, per).astype(np.float32)
+        w = table[B.reshape(N, blocks, block // per)].reshape(N, blocks, block)
+        w -= zp[..., None] if np.ndim(zp) else zp
+        w *= s[..., None]
+        return w.reshape(N, blocks * block)[:, :K]
+    which = np.asarray(g_idx).reshape(-1).astype(np.int64)
+    if which.size != K or which.min(initial=0) < 0 or which.max(initial=0) >= blocks:
+        raise ValueError("MatMulNBits g_idx")
+    codes = unpack_codes(B.reshape(N, -1), bits, K)
     if np.ndim(zp):
         zp = zp[:, which]
     return (codes.astype(np.float32) - zp) * s[:, which]

@@ -5,15 +5,23 @@ float type cast to float32, ConstantOfShape fills in float32 (canonical.py decla
 float inputs and outputs float32). A model stored in half precision and its float32 original then
 have the same graph and weights within the storage's step (the origin keeps the stored type). The
 graph still computes what the file computes, in higher precision.
+
+A weight of a huge model (a lazy tensor: mapped from its file) is cast *lazily*: its canonical
+value is a computed lazy tensor (`lazy_weight`), computed from the mapping each time it is read and
+never held, so the canonical form of a 1 GiB fp16 file does not cost 2 GiB of float32 copies.
 """
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
+import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..rewrite import STANDARD, Workspace, attr, set_attr
-from ...io import tensor_values
+from ...io import is_lazy_tensor, tensor_values
+from ...io.lazy import LazyTensor, point_at
 from ...walk import registry
 from ...walk.graph import subgraphs
 
@@ -25,12 +33,34 @@ def is_float(dtype: np.dtype) -> bool:
     return dtype.kind == "f" or dtype.name == "bfloat16" or dtype.name.startswith("float8")
 
 
+def lazy_weight(name: str, shape: tuple[int, ...], compute: Callable[[], np.ndarray]) -> onnx.TensorProto:
+    """A float32 weight computed by `compute()` each time it is read (a computed lazy tensor): what
+    a pass makes of a lazy (mapped) weight, so that the canonical form of a huge model holds no copy."""
+    t = onnx.TensorProto()
+    t.name, t.data_type = name, TensorProto.FLOAT
+    t.dims.extend(int(d) for d in shape)
+    point_at(t, LazyTensor.computed(t, lambda: np.asarray(compute(), dtype=np.float32)))
+    return t
+
+
+def stored(value) -> np.ndarray:
+    """A workspace constant's values: an array, or a lazy tensor read now (mapped: not copied)."""
+    if isinstance(value, onnx.TensorProto):
+        return LazyTensor.of(value).read() if is_lazy_tensor(value) else tensor_values(value)
+    return value
+
+
 def to_float32(ws: Workspace) -> bool:
     changed = False
     for name in list(ws.constants):
         dtype = ws.dtype(name)
         if is_float(dtype) and dtype != np.float32:
-            ws.set_constant(name, ws.const(name).astype(np.float32))
+            value = ws.constants[name]
+            if isinstance(value, onnx.TensorProto) and is_lazy_tensor(value):
+                source = LazyTensor.of(value)
+                ws.set_constant(name, lazy_weight(name, source.shape, lambda s=source: s.read().astype(np.float32)))
+            else:
+                ws.set_constant(name, ws.const(name).astype(np.float32))
             ws.origins[name].steps.append(f"cast {dtype} -> float32")
             ws.record(f"{dtype} weight cast to float32")
             changed = True
