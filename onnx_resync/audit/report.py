@@ -679,21 +679,29 @@ def _compared(ref_c: CanonicalModel, alignment: Alignment) -> dict:
 
 
 def _without_groups(rs, ref_walk, unpaired: set):
-    """resync's report without the groups whose every slot is a subgraph weight left unpaired: the
-    aligned model holds the reference's own values there (compared with themselves, they prove
-    nothing). The decision statistic stays: such groups are exact copies, which never lower it."""
+    """resync's report without the groups that touch a subgraph weight left unpaired: the aligned
+    model holds the reference's own values there (compared with themselves, they prove nothing).
+    The decision statistic is then the weakest of the other voting groups that are not exact copies
+    (every one counts: the capacity that lets a weak group abstain is not in the report), infinite
+    when only exact copies vote, 0 when none does (resync.decision_statistics, conservatively)."""
     if not unpaired:
         return rs
     import dataclasses
+    from ..resync import MIN_EVIDENCE_GROUP
 
-    own = {g.key for g in ref_walk.groups if g.slots and all(s.weight in unpaired for s in g.slots)}
+    own = {g.key for g in ref_walk.groups if any(s.weight in unpaired for s in g.slots)}
     kept = [g for g in rs.groups if g.key not in own]
     if len(kept) == len(rs.groups):
         return rs
+    voters = [g for g in kept if g.size >= MIN_EVIDENCE_GROUP] or kept
+    inexact = [g.evidence for g in voters if not (g.cosine_min >= 1.0 and g.matched_fraction >= 1.0)]
+    evidence = min(inexact) if inexact else (math.inf if voters else 0.0)
+    derived = evidence >= rs.threshold
     return dataclasses.replace(
         rs, groups=kept, neurons=sum(g.size for g in kept), moved=sum(g.moved for g in kept),
         matched=sum(round(g.matched_fraction * g.size) for g in kept),
-        interchangeable=sum(len(g.interchangeable) for g in kept))
+        interchangeable=sum(len(g.interchangeable) for g in kept), evidence=evidence, derived=derived,
+        verdict=rs.verdict if derived else "not derived")
 
 
 def _add_subgraphs(compared: dict, sub: SubgraphComparison) -> None:
