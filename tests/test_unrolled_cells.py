@@ -184,26 +184,30 @@ class CellLoop(torch.nn.Module):
         return self.head(h)
 
 
-def export(module, dynamo: bool) -> onnx.ModelProto:
-    torch.manual_seed(0)
+def export_module(module, args: tuple, dynamo: bool) -> onnx.ModelProto:
+    """torch.onnx in memory: TorchScript (opset 17) or dynamo; skips where this torch cannot export."""
     module = module.eval()
     buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if dynamo:
-            program = torch.onnx.export(module, (torch.randn(BATCH, STEPS, FEAT),), dynamo=True, verbose=False)
-            return program.model_proto
-        torch.onnx.export(module, (torch.randn(BATCH, STEPS, FEAT),), buf, dynamo=False, opset_version=17)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if dynamo:
+                return torch.onnx.export(module, args, dynamo=True, verbose=False).model_proto
+            torch.onnx.export(module, args, buf, dynamo=False, opset_version=17)
+    except Exception as exc:  # noqa: BLE001 - an exporter this torch cannot run
+        pytest.skip(f"torch.onnx (dynamo={dynamo}) cannot export: {type(exc).__name__}")
     return onnx.load_from_string(buf.getvalue())
+
+
+def export(module, dynamo: bool) -> onnx.ModelProto:
+    torch.manual_seed(0)
+    return export_module(module, (torch.randn(BATCH, STEPS, FEAT),), dynamo)
 
 
 @pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
 def test_torch_lstm_cell_loop(dynamo):
     torch.manual_seed(0)
-    try:
-        model = export(CellLoop(torch.nn.LSTMCell), dynamo)
-    except Exception as exc:  # noqa: BLE001 - an exporter this torch cannot run
-        pytest.skip(f"torch.onnx (dynamo={dynamo}) cannot export: {type(exc).__name__}")
+    model = export(CellLoop(torch.nn.LSTMCell), dynamo)
     result = assert_round_trips(model)
     (g,) = result.groups
     assert g.size == HIDDEN

@@ -60,6 +60,9 @@ class Label:
         return Label(np.concatenate([l.elem for l in labels]), np.concatenate([l.sub for l in labels]))
 
 
+CELL_OF_ITSELF = "a channel is a factor of its own grid cell (chunks cut across the grid meet)"
+
+
 class ElementTable:
     """Allocates elements, unions them (union-find) and records pins with their reasons."""
 
@@ -129,6 +132,29 @@ class ElementTable:
                     if self.find(x) != self.find(y):
                         self.union(np.array([x]), np.array([y]))
                         changed = True
+        # a channel that is a factor of its own cell, through any chain (a chunk cut across the
+        # grid meets a chunk of it), has no place in the grid: pin the cycle
+        factors: dict[int, set[int]] = {}
+        for cell, (a, b, *_) in self.products.items():
+            factors.setdefault(self.find(cell), set()).update((self.find(a), self.find(b)))
+        state: dict[int, int] = {}  # 1: on the current path, 2: done
+        for start in factors:
+            if start in state:
+                continue
+            state[start] = 1
+            stack = [(start, iter(factors[start]))]
+            while stack:
+                node, it = stack[-1]
+                nxt = next(it, None)
+                if nxt is None:
+                    state[node] = 2
+                    stack.pop()
+                elif state.get(nxt) == 1:  # back on the path: the cycle is nxt .. node
+                    path = [r for r, _ in stack]
+                    self.pin(np.array(path[path.index(nxt):]), CELL_OF_ITSELF)
+                elif nxt not in state and nxt in factors:
+                    state[nxt] = 1
+                    stack.append((nxt, iter(factors[nxt])))
 
     def pin(self, elems: np.ndarray, reason: str) -> None:
         for e in np.unique(elems).tolist():

@@ -1,0 +1,225 @@
+"""Grids of tied chunks (issue 15, items 3, 5 and 8): a layer's output cut into k equal chunks that
+meet again elementwise is a (chunk x unit) grid (rules/selection.py): units move the same way inside
+every chunk, chunks keep their places. GLU halves a * sigmoid(b), an STFT's real and imaginary halves
+combined by sqrt(re^2 + im^2), Split chunks built by hand; a distribution-focal-loss head (bins x
+sides, Softmax over the bins, a conv with arange weights) moves its bins with the arange weight as a
+slot. Counter-cases pin with a reason: misaligned chunks, a cross-chunk shuffle. And the Gather rule
+on a symbolic axis (item 8), with rule exceptions that surface instead of pinning.
+
+Each positive model: permute + verify with ONNX Runtime, undo byte-exact, api.permute/undo with a
+record, api.resync exact (test_unrolled_cells.assert_round_trips).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from test_unrolled_cells import assert_round_trips
+from test_walk_properties import check_properties
+from onnx_resync.errors import UnsupportedError
+from onnx_resync.walk.channels import CELL_OF_ITSELF
+from onnx_resync.walk import walk
+
+RNG = np.random.default_rng(0)
+
+
+def _w(name, *shape):
+    return helper.make_tensor(name, TensorProto.FLOAT, list(shape), RNG.normal(size=int(np.prod(shape))))
+
+
+def _i(name, values):
+    return helper.make_tensor(name, TensorProto.INT64, [len(values)], list(values))
+
+
+def _model(nodes, inits, x_shape, y_shape, opset=17):
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, x_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def three_chunks(cut: str = "split", sizes=(4, 4, 4), meet: str = "mul") -> onnx.ModelProto:
+    """x [2, 5] -> Gemm 12 -> cut into chunks a, b, c -> a * sigmoid(b) + tanh(c) -> Gemm 3.
+    cut: 'split' (one Split), 'slice' (three Slices); meet: 'mul' (they meet), 'apart' (each chunk its
+    own Gemm, summed after: they never meet)."""
+    n = sum(sizes)
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"], transB=1)]
+    inits = [_w("w1", n, 5), _w("b1", n)]
+    if cut == "split":
+        inits.append(_i("sizes", sizes))
+        nodes.append(helper.make_node("Split", ["h", "sizes"], ["a", "b", "c"], axis=1))
+    else:
+        starts = np.cumsum((0,) + tuple(sizes))
+        for name, s, e in zip("abc", starts[:-1], starts[1:]):
+            inits += [_i(f"{name}_s", [s]), _i(f"{name}_e", [e]), _i(f"{name}_ax", [1])]
+            nodes.append(helper.make_node("Slice", ["h", f"{name}_s", f"{name}_e", f"{name}_ax"], [name]))
+    if meet == "mul":
+        h = sizes[0]
+        nodes += [helper.make_node("Sigmoid", ["b"], ["sb"]), helper.make_node("Tanh", ["c"], ["tc"]),
+                  helper.make_node("Mul", ["a", "sb"], ["ab"]), helper.make_node("Add", ["ab", "tc"], ["m"]),
+                  helper.make_node("Gemm", ["m", "w2"], ["y"], transB=1)]
+        inits.append(_w("w2", 3, h))
+    else:
+        for name, size in zip("abc", sizes):
+            inits.append(_w(f"w_{name}", 3, size))
+            nodes.append(helper.make_node("Gemm", [name, f"w_{name}"], [f"y_{name}"], transB=1))
+        nodes.append(helper.make_node("Sum", ["y_a", "y_b", "y_c"], ["y"]))
+    return _model(nodes, inits, [2, 5], [2, 3])
+
+
+@pytest.mark.parametrize("cut", ["split", "slice"])
+def test_chunks_that_meet_are_a_grid(cut):
+    result = assert_round_trips(three_chunks(cut))
+    (g,) = result.groups
+    assert g.size == 4
+    (w1,) = [s for s in g.slots if s.weight == "w1"]
+    assert sorted(w1.positions[0].tolist()) == [0, 4, 8]  # unit 0 in every chunk, chunks in place
+    assert result.coverage == 1.0
+
+
+def test_chunks_read_apart_keep_their_own_groups():
+    """Chunks that never meet are not tied: each moves on its own (three groups, not one grid)."""
+    result = assert_round_trips(three_chunks("split", meet="apart"))
+    assert sorted(g.size for g in result.groups) == [4, 4, 4]
+
+
+def test_misaligned_chunks_pin_with_a_reason():
+    """Counter-case: Slices [0:4], [2:6], [8:12]: the first and last are chunks of a grid, the middle
+    one cuts across it and meets the first: those channels pin, with the reason."""
+    model = three_chunks("slice")
+    for t in model.graph.initializer:
+        if t.name in ("b_s", "b_e"):
+            t.CopyFrom(_i(t.name, [2 if t.name == "b_s" else 6]))
+    result = check_properties(model, full_coverage=False)
+    assert result.coverage == 0.0 and not result.groups
+    assert [p.reason for p in result.pinned] == [CELL_OF_ITSELF, "reaches a graph output"], result.pinned
+
+
+def test_cross_chunk_shuffle_pins_with_a_reason():
+    """Counter-case: chunk b reversed before it meets a: unit j meets unit 3 - j of the same grid."""
+    model = three_chunks("split")
+    model.graph.initializer.append(_i("rev", [3, 2, 1, 0]))
+    (sig,) = [n for n in model.graph.node if n.op_type == "Sigmoid"]
+    sig.input[0] = "brev"
+    model.graph.node.insert(2, helper.make_node("Gather", ["b", "rev"], ["brev"], axis=1))
+    onnx.checker.check_model(model, full_check=True)
+    result = walk(model)
+    assert result.coverage < 1.0
+    assert any(p.reason == "tied to another channel of the same layer" for p in result.pinned), result.pinned
+
+
+# ---- item 8: Gather along a symbolic axis; rule exceptions surface -------------------------------
+def symbolic_gather() -> onnx.ModelProto:
+    """Conv over [1, 3, S] -> Gather index -1 on the symbolic axis S -> Gemm."""
+    nodes = [helper.make_node("Conv", ["x", "wc"], ["c"]), helper.make_node("Gather", ["c", "last"], ["g"], axis=2),
+             helper.make_node("Gemm", ["g", "wg"], ["y"], transB=1)]
+    inits = [_w("wc", 4, 3, 1), _w("wg", 2, 4), helper.make_tensor("last", TensorProto.INT64, [], [-1])]
+    return _model(nodes, inits, [1, 3, "S"], [1, 2])
+
+
+def test_gather_of_a_constant_index_along_a_symbolic_axis():
+    """The rule added the dim's name to the indices (it raised, and that became a pin: 0 of 4)."""
+    result = walk(symbolic_gather())
+    assert result.permutable_channels == 4 and result.coverage == 1.0, result.pinned
+    assert_round_trips(symbolic_gather())
+
+
+def test_a_rule_exception_is_never_a_silent_pin(monkeypatch):
+    from onnx_resync.walk.rules import selection
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in a rule")
+
+    model = three_chunks("split")
+    monkeypatch.setattr(selection, "_grid_units", broken)
+    with pytest.raises(RuntimeError, match="a bug in a rule"):
+        walk(model)
+
+
+def test_a_node_onnx_refuses_is_bad_input():
+    """A Conv whose weight has rank 1: ONNX's own inference refuses it; one line, exit 3."""
+    model = symbolic_gather()
+    model.graph.initializer[0].CopyFrom(_w("wc", 4))
+    with pytest.raises(UnsupportedError, match="'Conv'.*malformed"):
+        walk(model)
+
+
+# ---- torch: GLU, STFT-like magnitude, DFL head ---------------------------------------------------------
+torch = pytest.importorskip("torch")
+from test_unrolled_cells import export_module  # noqa: E402
+
+
+class GLU(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Conv1d(4, 12, 3, padding=1)
+        self.b = torch.nn.Conv1d(6, 5, 1)
+
+    def forward(self, x):
+        return self.b(torch.nn.functional.glu(self.a(x), dim=1))
+
+
+class Magnitude(torch.nn.Module):
+    """An STFT as a strided conv with real and imaginary filters: |X| = sqrt(re^2 + im^2)."""
+
+    def __init__(self, bins=8):
+        super().__init__()
+        self.bins = bins
+        self.stft = torch.nn.Conv1d(1, 2 * bins, 16, stride=4, bias=False)
+        self.head = torch.nn.Conv1d(bins, 5, 1)
+
+    def forward(self, x):
+        y = self.stft(x)
+        re, im = y[:, :self.bins], y[:, self.bins:]
+        return self.head(torch.log(torch.sqrt(re * re + im.pow(2)) + 1e-3))
+
+
+class DFL(torch.nn.Module):
+    """YOLOv8's distribution-focal-loss head over three scales: 4 sides x 16 bins, Softmax over the
+    bins, expectation by a conv whose weight is arange(16)."""
+
+    def __init__(self, bins=16):
+        super().__init__()
+        self.bins = bins
+        self.heads = torch.nn.ModuleList([torch.nn.Conv2d(8, 4 * bins, 1) for _ in range(3)])
+        self.dfl = torch.nn.Conv2d(bins, 1, 1, bias=False).requires_grad_(False)
+        self.dfl.weight.data[:] = torch.arange(bins, dtype=torch.float).view(1, bins, 1, 1)
+
+    def forward(self, x0, x1, x2):
+        box = torch.cat([h(x).flatten(2) for h, x in zip(self.heads, (x0, x1, x2))], 2)
+        b, _, a = box.shape
+        return self.dfl(box.view(b, 4, self.bins, a).transpose(2, 1).softmax(1)).view(b, 4, a)
+
+
+def test_glu_halves():
+    # (torch.onnx's dynamo exporter writes the same Conv -> Split -> Sigmoid -> Mul; 13 s to export)
+    model = export_module(GLU(), (torch.randn(2, 4, 10),), dynamo=False)
+    result = assert_round_trips(model)
+    (g,) = result.groups
+    (rows,) = [s for s in g.slots if s.weight.endswith("a.weight")]
+    assert g.size == 6 and sorted(rows.positions[0].tolist()) == [0, 6]  # a and b halves of one unit
+
+
+def test_stft_real_and_imaginary_halves():
+    model = export_module(Magnitude(), (torch.randn(2, 1, 64),), dynamo=False)
+    result = assert_round_trips(model)
+    (g,) = result.groups
+    (rows,) = [s for s in g.slots if s.weight.endswith("stft.weight")]
+    assert g.size == 8 and sorted(rows.positions[0].tolist()) == [0, 8]  # re and im of one bin
+
+
+def test_dfl_bins_move_with_the_arange_weight():
+    """The bins move in every side and scale, and the arange weight (a slot) moves with them; the
+    sides reach the output and keep their places."""
+    inputs = (torch.randn(1, 8, 4, 4), torch.randn(1, 8, 2, 2), torch.randn(1, 8, 1, 1))
+    model = export_module(DFL(), inputs, dynamo=False)
+    result = assert_round_trips(model, full_coverage=False)
+    (g,) = result.groups
+    assert g.size == 16 and result.permutable_channels == 3 * 64  # all but the expectation's one channel
+    assert ("dfl.weight", 1) in {(s.weight, s.axis) for s in g.slots}
+    assert all(s.positions.shape == (16, 4) for s in g.slots if s.weight.startswith("heads."))  # 4 sides each
