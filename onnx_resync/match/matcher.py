@@ -60,7 +60,8 @@ WIDE_ROWS_BYTES = 512 << 20
 DECAYED = 1e-3  # a neuron's slot this far below the group's 90th-percentile norm is negligible; a neuron
 #                 negligible in every slot of 2+ entries is decayed (functionally inert, see _decayed)
 REWEIGHT = 0.9  # a neuron's slot whose expected matched cosine (see _signal) is below this: the group is
-#                 solved again with every slot weighed by what it still carries
+#                 solved again with every slot weighed by what it still carries ...
+REWEIGH_ROUNDS = 3  # ... until the noise its answer shows is the noise it was weighed with (or this many solves)
 TYPICAL_SIGNAL = 0.5  # ... unless the noise drowns the group's typical neuron too (then no copy: no weights)
 SCALAR_BINS = 32  # a 1-D slot compared at 1/this of its spread until its noise is known (_scalar_kernel) ...
 SCALAR_FLOOR = 1e-4  # ... then at its noise, or at least this x its spread
@@ -302,20 +303,22 @@ class _Matcher:
         group is solved once more with every slot of every neuron weighed by what it still carries,
         so that its other slots (bias, normalization statistics, a consumer's column) place it."""
         noise = self.noise.get(gi)
-        for _ in range(2):
-            f, perm, cos, runner_up, settled, spread, rest = self._solve_once(gi, first, noise)
+        for _ in range(REWEIGH_ROUNDS):  # until the weights are those its own answer measures
+            f, perm, cos, margin, settled, gap, rest = self._solve_once(gi, first, noise)
             new = _noise(f, perm)
-            if new is None or not _reweigh(f, new, noise):
+            if new is not None and not _drowned(f, new):
+                new = None  # nothing drowned: every slot at its size's weight (as without noise)
+            if new == noise:
                 break
             noise = new
-        self.noise[gi] = new if new is not None else noise
+        self.noise[gi] = noise
         self.perm[gi] = perm
         n = len(perm)
         if settled < n:
             self.uncertain.add(gi)
         else:
             self.uncertain.discard(gi)
-        self.describe(gi, f, perm, cos, cos - runner_up, settled, spread)
+        self.describe(gi, f, perm, cos, margin, settled, gap)
         self.result[gi].exact = not len(rest)
 
     def _solve_once(self, gi: int, first: bool, noise: dict | None):
@@ -345,44 +348,51 @@ class _Matcher:
             sub, _, _, ok = assign(np.ascontiguousarray(C[np.ix_(rest, free)]), margin)
             perm[rest] = free[sub]
             settled += ok
-        # the statistics (evidence) come from the slots of 2+ entries: a 1-D slot places a neuron
-        # that nothing else does, but one value per neuron agreeing is no evidence of a copy (an
-        # inconsistent shuffle keeps each slot's values)
-        K = _kernel_gram(f.kernels) if f.kernels and (f.dims >= 2).any() else None
-        if K is not None:
-            C -= K
-        runner_up, _ = _runner_up(C, np.arange(n), perm, columns=False)
+        rows = np.arange(n)
+        runner_up, _ = _runner_up(C, rows, perm, columns=False)
         null_cols = _null_columns(n, np.random.default_rng(gi), NULL_COLUMNS_WIDE if f.wide else NULL_COLUMNS)
         if sampled:  # estimates: the matched pairs and the null sample are computed exactly
             cos, null = f.paired(perm, null_cols)  # (one read of the wide slots for both)
-            if K is not None:
-                cos, null = cos - K[np.arange(n), perm], null - K[:, null_cols]
         else:  # every similarity is in C already
-            cos, null = C[np.arange(n), perm].astype(np.float64), C[:, null_cols]
-        del C, K
-        return f, perm, cos, runner_up, settled, _spread(null, null_cols, perm), rest
+            cos, null = C[rows, perm].astype(np.float64), C[:, null_cols]
+        margin = cos - runner_up
+        # the evidence comes from the slots of 2+ entries: a 1-D slot places a neuron that nothing
+        # else does, but one value per neuron agreeing is no evidence of a copy (an inconsistent
+        # shuffle keeps each slot's values)
+        if f.kernels and (f.dims >= 2).any():
+            K = _kernel_gram(f.kernels)
+            C -= K
+            runner_up, _ = _runner_up(C, rows, perm, columns=False)
+            null = null - K[:, null_cols]
+            margin_v = cos - K[rows, perm] - runner_up
+            del K
+        else:
+            margin_v = margin
+        del C
+        gap = margin_v / np.maximum(_spread(null, null_cols, perm), 1e-12)
+        return f, perm, cos, margin, settled, gap, rest
 
     def capacity(self, gi: int) -> float:
         """The evidence an exact copy would give: the reference matched against itself."""
         f = self.features(gi, noise=self.noise.get(gi))
-        C = f.gram(suspect=False)
+        vec = bool((f.dims >= 2).any())  # (as the evidence: the 2+-entry slots where there are some)
+        C = f.gram(suspect=False, kernels=not vec)
         self_similarity = np.diag(C).astype(np.float64)
         np.fill_diagonal(C, -np.inf)
         runner_up = C.max(axis=1)
         del C
         ident = np.arange(len(runner_up))
-        spread = _null_spread(f, ident, np.random.default_rng(gi), suspect=False)
+        spread = _null_spread(f, ident, np.random.default_rng(gi), suspect=False, kernels=not vec)
         gap = (self_similarity - runner_up) / np.maximum(spread, 1e-12)
         live = ~f.decayed & (f.decayed_class < 0) & (_classes(f.ref_key) < 0)
         return _weighted_median(gap[live], f.carry[live])
 
-    def describe(self, gi: int, f: "_Features", perm, cos, margin, settled, spread) -> None:
+    def describe(self, gi: int, f: "_Features", perm, cos, margin, settled, gap) -> None:
         g = self.groups[gi]
         n = g.size
         num = np.sqrt((f.ns[perm] ** 2).sum(axis=1))
         den = np.sqrt((f.nr ** 2).sum(axis=1))
         slot_ratio = np.divide(f.ns[perm], f.nr, out=np.ones_like(f.nr), where=f.nr > 0)
-        gap = margin / np.maximum(spread, 1e-12)
         detected, one_sided = _rescales(slot_ratio, f.dims, f.nr)
         ref_class = _classes(f.ref_key)
         # decayed neurons that nothing tells apart (no slot beyond the negligible): one class
@@ -428,7 +438,7 @@ class _Features:
     def width(self) -> int:
         return self.fr.shape[1] + sum(w.width for w, _, _ in self.wide)
 
-    def gram(self, cols: np.ndarray | None = None, suspect: bool = True) -> np.ndarray:
+    def gram(self, cols: np.ndarray | None = None, suspect: bool = True, kernels: bool = True) -> np.ndarray:
         """Similarity of every reference neuron with the suspect's (or, suspect=False, the
         reference's) neurons `cols` (None: all), float32 (n, len(cols))."""
         other = self.fs if suspect else self.fr
@@ -444,7 +454,7 @@ class _Features:
             part *= sr[:, None]  # (in place: an n x n matrix of a wide layer is large)
             part *= so[None, :]
             C += part
-        if self.kernels:
+        if self.kernels and kernels:  # (kernels=False: the 2+-entry slots' part, what evidence reads)
             C += _kernel_gram(self.kernels, cols, suspect)
         return C
 
@@ -632,17 +642,10 @@ def _slot_cosines(f: "_Features", perm: np.ndarray) -> dict[int, np.ndarray]:
     return out
 
 
-def _reweigh(f: "_Features", noise: dict, before: dict | None) -> bool:
-    """Solve again with `noise`: some neuron's slot carries materially less than it was weighed at
-    (the rows were weighed without noise, or with a noise now found twice as large or small)."""
-    for j, k in enumerate(f.slots):
-        eps = noise.get(k, 0.0)
-        old = f.noise[j]
-        if eps <= 0 or (old > 0 and 0.5 <= eps / old <= 2):
-            continue
-        if f.dims[j] >= 2 and (_signal(f.nr[:, j], eps, 0) < REWEIGHT).any():
-            return True
-    return False
+def _drowned(f: "_Features", noise: dict) -> bool:
+    """Some neuron's slot of 2+ entries carries less than REWEIGHT against the slot's noise."""
+    return any(f.dims[j] >= 2 and noise.get(k, 0.0) > 0 and (_signal(f.nr[:, j], noise[k], 0) < REWEIGHT).any()
+               for j, k in enumerate(f.slots))
 
 
 def _decayed(feats, dims, nr) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -838,10 +841,10 @@ def _spread(null: np.ndarray, cols: np.ndarray, perm: np.ndarray) -> np.ndarray:
     return np.nan_to_num(np.nanstd(null, axis=1), nan=1.0)
 
 
-def _null_spread(f: _Features, perm, rng, suspect: bool = True) -> np.ndarray:
+def _null_spread(f: _Features, perm, rng, suspect: bool = True, kernels: bool = True) -> np.ndarray:
     """Per row: standard deviation of the similarity with a sample of unrelated suspect neurons."""
     cols = _null_columns(len(perm), rng)
-    return _spread(f.gram(cols, suspect=suspect), cols, perm)
+    return _spread(f.gram(cols, suspect=suspect, kernels=kernels), cols, perm)
 
 
 def _keys(feats) -> dict:
