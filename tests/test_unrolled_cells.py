@@ -214,9 +214,12 @@ def test_torch_lstm_cell_loop(dynamo):
     assert result.permutable_channels == result.hidden_channels - result.output_channels  # was 0
 
 
-def test_torch_gru_cell_loop_torchscript():
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+def test_torch_gru_cell_loop(dynamo):
+    """TorchScript keeps the first cell's Gemm(zeros, R, b) (its bias, cut into gates); dynamo folds it
+    into a stored [batch, 3H] constant that a Split cuts: both become grid slots."""
     torch.manual_seed(0)
-    model = export(CellLoop(torch.nn.GRUCell), dynamo=False)
+    model = export(CellLoop(torch.nn.GRUCell), dynamo)
     result = assert_round_trips(model)
     (g,) = result.groups
     assert g.size == HIDDEN

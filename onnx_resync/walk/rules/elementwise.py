@@ -53,7 +53,14 @@ def broadcast(ctx, node, data_inputs=None) -> None:
             if dim == 1 or _is_uniform(ctx, n, ia):
                 continue
             if ctx.is_weightlike(n):
-                ctx.slot(n, ia, label)
+                from .selection import weight_chunk_units
+
+                units = weight_chunk_units(ctx, n, ia)  # a chunk of a weight cut into gates
+                if units is not None and len(units) == len(label):
+                    ctx.union(units, label)
+                    ctx.mark_read(n, ia)
+                else:
+                    ctx.slot(n, ia, label)
             else:
                 ctx.pin(label, f"{node.op_type} mixes channels with an unlabelled tensor {n!r}")
     # outputs beyond the first (rare) carry the same labels

@@ -201,6 +201,39 @@ def _weight_grid(ctx, node, x, axis, sizes) -> None:
             ctx.uniform[out] = set(uniform)
 
 
+def weight_chunk_units(ctx, name, axis):
+    """`name` is chunk c of a stored weight cut by a Split into equal chunks that meet channels again
+    (a bias an exporter folded and cut into gates): the unit label it carries along `axis`, the
+    weight's axis made a grid slot once for all its chunks; None otherwise."""
+    node = ctx.view.producer.get(name)
+    if node is None or node.op_type != "Split" or node.domain not in ("", "ai.onnx") or not node.input:
+        return None
+    cache = ctx.__dict__.setdefault("_weight_chunk_grids", {})
+    key = id(node)
+    if key not in cache:
+        cache[key] = None
+        x = node.input[0]
+        r = ctx.rank(x)
+        split_axis = _norm_axis(int(attr(node, "axis")), r)
+        sizes = attr(node, "split")
+        if sizes is None and len(node.input) > 1 and node.input[1]:
+            value = ctx.const(node.input[1])
+            sizes = None if value is None else [int(v) for v in np.atleast_1d(value)]
+        if sizes is None and split_axis is not None:
+            dims = [ctx.dim(o, split_axis) for o in node.output]
+            sizes = dims if all(isinstance(d, int) for d in dims) else None
+        n = ctx.dim(x, split_axis) if split_axis is not None else None
+        if ctx.is_weightlike(x) and sizes is not None and isinstance(n, int) and sum(sizes) == n and r == ctx.rank(name):
+            cells = ctx.new(n, node, x, kind="weight-grid")
+            units = _grid_units(ctx, node, cells, sizes, list(node.output))
+            if units is not None and ctx.slot(x, split_axis, cells):
+                cache[key] = (split_axis, units)
+    found = cache[key]
+    if found is None or found[0] != axis:
+        return None
+    return Label(found[1].elem, found[1].sub)
+
+
 def _slice_grid(ctx, node, x, axis, kept):
     """A Slice that takes chunk c of k equal ones, where a sibling Slice/Split takes another chunk
     of the same grid and the two meet again: the unit label (else None)."""
