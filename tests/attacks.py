@@ -15,7 +15,9 @@ every reader's input axis; the recorded intermediate shapes are dropped (inferre
   removed; the function changes);
 - `insert_layer`: an identity (Net2Net) or monomial (permuted, positively scaled identity) 1x1 conv
   or Gemm + Relu after a Relu whose readers are all linear, the readers compensating the monomial;
-- `permute_rescale`: a random permutation of every group and a neutral positive rescale.
+- `permute_rescale`: a random permutation of every group and a neutral positive rescale;
+- adaptive attackers (`noise`): nearly silent dummies, noisy split copies (the function changes a
+  little: the reduction removes them approximately and reports the error).
 
 Function-preserving attacks are applied to the groups where the layout allows it and then proven
 with ONNX Runtime (`proven_groups`): a group whose width is also an attribute or a Reshape target
@@ -114,7 +116,7 @@ def _count(group, fraction: float) -> int:
     return max(1, int(round(fraction * group.size)))
 
 
-def _new_neurons(model, group, kind: str, fraction: float, rng, neutral: bool) -> list[dict]:
+def _new_neurons(model, group, kind: str, fraction: float, rng, neutral: bool, noise: float = 0.0) -> list[dict]:
     store = WeightStore(model)
     arrays = [store.get(s.weight).astype(np.float64) for s in group.slots]
     sides = group.sides()
@@ -134,8 +136,9 @@ def _new_neurons(model, group, kind: str, fraction: float, rng, neutral: bool) -
         for _ in range(count):
             t = incoming(int(rng.integers(group.size)))
             for k, (slot, side) in enumerate(zip(group.slots, sides)):
-                if side == -1:
-                    t[k] = np.zeros_like(_entries(arrays[k], slot, 0))
+                if side == -1:  # (an adaptive attacker: nearly silent instead of silent)
+                    e = _entries(arrays[k], slot, 0)
+                    t[k] = noise * (float(np.std(arrays[k])) or 1.0) * rng.standard_normal(e.shape)
             new.append(t)
     elif kind == "cliques":
         while len(new) < count:
@@ -156,12 +159,14 @@ def _new_neurons(model, group, kind: str, fraction: float, rng, neutral: bool) -
             t, update = {}, {}
             for k, (slot, side) in enumerate(zip(group.slots, sides)):
                 e = _entries(arrays[k], slot, source)
-                if side == 1:
-                    t[k] = a * e
+                if side == 1:  # (an adaptive attacker: a noisy copy)
+                    t[k] = a * e + noise * (float(np.std(e)) or 1.0) * a * rng.standard_normal(e.shape)
                 elif side == 0:
                     t[k] = e
                 else:
-                    r = rng.uniform(0.2, 0.8, e.shape)
+                    # one share per slot: rows that are copies of each other (another group's splits)
+                    # stay copies
+                    r = float(rng.uniform(0.2, 0.8))
                     t[k] = (1 - r) * e / a
                     update[(k, int(source))] = r * e
             t["update"] = update
@@ -172,7 +177,7 @@ def _new_neurons(model, group, kind: str, fraction: float, rng, neutral: bool) -
 
 
 def widen_groups(model: onnx.ModelProto, kind: str, fraction: float, seed: int = 0,
-                 keys: list[str] | None = None) -> tuple[onnx.ModelProto, AttackLog]:
+                 keys: list[str] | None = None, noise: float = 0.0) -> tuple[onnx.ModelProto, AttackLog]:
     """`kind` (dummies, cliques, splits) on `fraction` of each chosen group's width (at least 1);
     keys: the groups (default: proven_groups of the model). Not verified here (see attack())."""
     rng = np.random.default_rng(seed)
@@ -189,7 +194,7 @@ def widen_groups(model: onnx.ModelProto, kind: str, fraction: float, seed: int =
         group = next((g for g in result.groups if _same_group(g.key, key)), None)
         if group is None or not layout_ok(group):
             continue
-        new = _new_neurons(current, group, kind, fraction, rng, group.key in neutral)
+        new = _new_neurons(current, group, kind, fraction, rng, group.key in neutral, noise)
         current = widen(current, group, new)
         log.per_group[key] = len(new)
     return current, log
@@ -337,13 +342,15 @@ def permute_rescale(model: onnx.ModelProto, seed: int = 0, rescale: bool = True)
     return permuted
 
 
-def attack(path: str, kind: str, fraction: float = 0.05, seed: int = 0, *, shuffle: bool = False
-           ) -> tuple[onnx.ModelProto, AttackLog]:
+def attack(path: str, kind: str, fraction: float = 0.05, seed: int = 0, *, shuffle: bool = False,
+           noise: float = 0.0) -> tuple[onnx.ModelProto, AttackLog]:
     """One attack on the model at `path` (on its proven groups), optionally followed by a
-    permutation and a neutral rescale."""
+    permutation and a neutral rescale. noise (adaptive attackers, dummies and splits): dummies'
+    outgoing weights and split copies' incoming ones get Gaussian noise of noise x their std (the
+    function then changes a little)."""
     model = onnx.load(path)
     if kind in WIDTH_ATTACKS:
-        attacked, log = widen_groups(model, kind, fraction, seed, keys=list(proven_groups(path, kind)))
+        attacked, log = widen_groups(model, kind, fraction, seed, keys=list(proven_groups(path, kind)), noise=noise)
     elif kind == "prune":
         attacked, log = prune(model, fraction, seed)
     elif kind in ("identity", "monomial"):

@@ -231,3 +231,28 @@ def test_pruned_unrelated_model_stays_not_derived(tmp_path):
     onnx.save(pruned, tmp_path / "other.onnx")
     _, report = api.resync(str(tmp_path / "other.onnx"), _path("vgg"))
     assert report.reduction["pruned"] and not report.derived and report.verdict == "not derived"
+
+
+# ---- adaptive attackers: noisy copies, nearly silent dummies ---------------------------------
+@pytest.mark.parametrize("name,kind", [("vgg", "splits"), ("mlp", "dummies")])
+def test_adaptive_attack_is_derived_and_perturbed_with_its_error(name, kind, tmp_path):
+    path = _path(name)
+    attacked, log = attacks.attack(path, kind, 0.1, seed=0, shuffle=True, noise=0.01)
+    assert not verify(onnx.load(path), attacked).equivalent  # the noise changes the function a little
+    _, exact = reduce_model(attacked)  # nothing exact to remove (at most a copy the noise missed)
+    assert exact.count("dummy") + exact.count("split") < log.neurons // 2
+    onnx.save(attacked, tmp_path / "s.onnx")
+    _, report = api.resync(str(tmp_path / "s.onnx"), path, tmp_path / "restored.onnx")
+    assert report.derived and "perturbed: " in report.verdict
+    red = report.reduction
+    removed = sum(r["removed"] for r in red["approximate"]) + red["dummy"] + red["split"]
+    assert removed == log.neurons and 0 < red["approximate_error"] <= 0.05
+    assert f"changing the outputs by {red['approximate_error']:.2g}" in report.verdict
+    assert report.matched >= 0.99 * report.neurons and report.verified
+
+
+def test_adaptive_attack_on_unrelated_model_stays_not_derived(tmp_path):
+    attacked, _ = attacks.attack(_path("resnet_seed1"), "splits", 0.1, seed=0, shuffle=True, noise=0.01)
+    onnx.save(attacked, tmp_path / "other.onnx")
+    _, report = api.resync(str(tmp_path / "other.onnx"), _path("resnet"))
+    assert report.reduction["approximate"] and not report.derived

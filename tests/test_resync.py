@@ -344,8 +344,9 @@ def test_cli_not_derived_exits_1(tmp_path):
 
 # ---- bad input -------------------------------------------------------------------------------
 def test_architecture_mismatch_exits_3_with_one_line(tmp_path):
+    # (a narrower copy alone is judged, as a pruned one: tests/test_obfuscation.py; one more layer is not)
     onnx.save(gen_mlp(), tmp_path / "ref.onnx")
-    onnx.save(gen_mlp(dims=(24, 40, 32, 10)), tmp_path / "other.onnx")
+    onnx.save(gen_mlp(dims=(24, 40, 32, 16, 10)), tmp_path / "other.onnx")
     proc = subprocess.run([sys.executable, "-m", "onnx_resync", "resync", str(tmp_path / "other.onnx"),
                            "--reference", str(tmp_path / "ref.onnx"), "-o", str(tmp_path / "out.onnx")],
                           capture_output=True, text=True)

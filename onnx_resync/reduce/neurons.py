@@ -101,3 +101,55 @@ def _same_inside(inside: np.ndarray, i: int, j: int) -> bool:
         return True
     return bool(np.allclose(inside[j], inside[i], rtol=SAME_INSIDE,
                             atol=SAME_INSIDE * (np.abs(inside[i]).max() or 1.0)))
+
+
+# ---- adaptive attackers: near-dead neurons and near-copies (an approximate reduction) ----------
+NEAR_ZERO = 0.05  # outgoing norm below this share of the group's median one: nearly dead
+NEAR_DIRECTION = 1e-2  # 1 - cosine of incoming entries below this: nearly a copy (unrelated: ~0.5)
+NEAR_INSIDE = 1e-2  # relative difference of entries inside a normalization still nearly equal
+NEAR_SCALE = 0.05  # |a - 1| for a near-copy across an activation that is not positively homogeneous
+
+
+def find_near(widths: Widths, group: Group, neutral: bool, needed: int) -> Candidates:
+    """At most `needed` neurons to remove, the closest to dead or to a copy first (an adaptive
+    attacker's noisy copies and nearly silent dummies). Not exact: the caller measures the error
+    the removal introduces and reports it."""
+    out = Candidates()
+    outgoing = widths.rows(group, {-1})
+    if outgoing.shape[1] == 0 or needed <= 0:
+        return out
+    out.scale = float(np.abs(outgoing).max() or 1.0)
+    carried = np.linalg.norm(outgoing, axis=1)
+    share = carried / (np.median(carried) or 1.0)  # against a typical neuron's outgoing weights
+    value, inside = widths.rows(group, {1}), widths.rows(group, {0})
+    norms = np.linalg.norm(value, axis=1)
+    options = [(float(share[i]) / NEAR_ZERO, "dead", int(i), -1, 1.0) for i in np.flatnonzero(share <= NEAR_ZERO)]
+    alive = np.flatnonzero(norms > 0)
+    if len(alive) > 1 and value.shape[1]:
+        unit = value[alive] / norms[alive, None]
+        distance = 1 - unit @ unit.T
+        for a, b in np.argwhere(np.triu(distance < NEAR_DIRECTION, k=1)):
+            i, j = int(alive[a]), int(alive[b])
+            factor = float(norms[j] / norms[i])
+            if not neutral and abs(factor - 1) > NEAR_SCALE:
+                continue
+            if inside.shape[1]:
+                spread = np.abs(inside[i]).max() or 1.0
+                if np.abs(inside[j] - inside[i]).max() > NEAR_INSIDE * spread:
+                    continue
+            options.append((float(distance[a, b]) / NEAR_DIRECTION, "copy", i, j, factor))
+    used: set[int] = set()
+    clusters: dict[int, Cluster] = {}
+    for _, kind, i, j, factor in sorted(options):
+        if len(used) >= needed:
+            break
+        if kind == "dead" and i not in used and i not in clusters:
+            out.dead.append(i)
+            used.add(i)
+        elif kind == "copy" and j not in used and j not in clusters and i not in used:
+            cluster = clusters.setdefault(i, Cluster(i, [], []))
+            cluster.copies.append(j)
+            cluster.factors.append(factor)
+            used.add(j)
+    out.clusters = list(clusters.values())
+    return out

@@ -22,6 +22,7 @@ from .report import LayerReduction, ReduceReport
 from .widths import Widths, editable
 
 MAX_ROUNDS = 32
+NEAR_ERROR = 0.05  # an approximate reduction may change the outputs by this much (normalized), reported
 
 
 def reduce_model(model: onnx.ModelProto, *, verify_options: dict | None = None
@@ -127,14 +128,39 @@ def _layer(group) -> str:
     return ", ".join(sorted({p.name for p in group.producers})) or group.key
 
 
-def _apply(model: onnx.ModelProto, groups, neutral: set[str]) -> tuple[onnx.ModelProto, list]:
+def reduce_near(model: onnx.ModelProto, needed: dict[str, int], *, verify_options: dict | None = None,
+                limit: float = NEAR_ERROR) -> tuple[onnx.ModelProto, list[dict], float]:
+    """Remove `needed[group key]` neurons per group, the nearest to dead or to a copy first
+    (neurons.find_near: an adaptive attacker's noisy copies); the error this introduces is
+    measured with ONNX Runtime (max normalized output error against `model`) and must stay within
+    `limit`. Returns (model, per layer {"layer", "group", "removed", "dummy", "split", "clique"},
+    error); ValueError when the error is over the limit or nothing was found."""
+    from ..verify import verify
+
+    result = walk(model)
+    neutral = {g.key for g in neutral_groups(result)}
+    groups = [g for g in _readers_first(model, result.groups) if needed.get(g.key, 0) > 0 and editable(g)]
+    trial, counts = _apply(model, groups, neutral, find=lambda w, g, n: neurons.find_near(w, g, n, needed[g.key]))
+    if not counts:
+        raise ValueError("no neuron is nearly dead or nearly a copy of another")
+    options = dict(verify_options or {}, tolerance=limit)
+    check = verify(model, trial, **options)
+    error = max((o.normalized_error for o in check.outputs), default=float("inf"))
+    if not check.equivalent:
+        raise ValueError(f"removing the nearest neurons changes the outputs by {error:.3g} (max normalized "
+                         f"error), more than {limit:g}")
+    rows = [{"layer": layer, "group": key, "removed": width - after, **kinds} for layer, key, width, after, kinds in counts]
+    return trial, rows, error
+
+
+def _apply(model: onnx.ModelProto, groups, neutral: set[str], find=neurons.find) -> tuple[onnx.ModelProto, list]:
     """A copy of the model with each group's dead neurons removed and its copies merged, and per
     group that changed: (layer, key, width, new width, {kind: neurons})."""
     trial = _copy(model)
     widths = Widths(trial)
     counts = []
     for g in groups:
-        found = neurons.find(widths, g, g.key in neutral)
+        found = find(widths, g, g.key in neutral)
         if not found:
             continue
         kinds = {"dummy": len(found.dead), "split": 0, "clique": 0}

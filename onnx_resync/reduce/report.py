@@ -36,6 +36,11 @@ class ReduceReport:
     # a pruned copy padded to its reference (match/partial.py): {"layer", "group", "removed", "of", "kept"}
     pruned: list[dict] = field(default_factory=list)
     reference: object = None  # with `pruned`: the reference without its pruned neurons (an onnx.ModelProto)
+    # an adaptive attacker's near-copies and near-dummies removed to reach the reference's widths
+    # (pipeline.reduce_near): per layer {"layer", "group", "removed", "dummy", "split", "clique"}, and
+    # the max normalized output error the removal introduced (measured by ONNX Runtime)
+    approximate: list[dict] = field(default_factory=list)
+    approximate_error: float | None = None
     rounds: int = 0
     verified: bool = False  # the reduced model was proven equivalent to the input (or nothing changed)
     verify: dict | None = None
@@ -53,9 +58,16 @@ class ReduceReport:
         """'23 of 128 channels of layer3.conv1 removed' (per pruned layer)."""
         return "; ".join(f"{p['removed']} of {p['of']} channels of {p['layer']} removed" for p in self.pruned)
 
+    def approximate_phrase(self) -> str:
+        n = sum(r["removed"] for r in self.approximate)
+        return (f"{n} near-copy or near-dummy neuron{'s' * (n != 1)} removed, changing the outputs by "
+                f"{self.approximate_error:.2g} (max normalized error)") if self.approximate else ""
+
     def verdict(self) -> str:
-        """A derived suspect's verdict: 'derived, structurally obfuscated: ...; pruned: ...'."""
+        """A derived suspect's verdict: 'derived, structurally obfuscated: ...; perturbed: ...;
+        pruned: ...'."""
         parts = [f"structurally obfuscated: {self.phrase()}"] if self.changed else []
+        parts += [f"perturbed: {self.approximate_phrase()}"] if self.approximate else []
         parts += [f"pruned: {self.pruned_phrase()}"] if self.pruned else []
         return "derived, " + "; ".join(parts)
 
@@ -87,6 +99,9 @@ class ReduceReport:
                        f"{', '.join(f['readers'])}")
         for r in self.refused:
             out.append(f"  refused: {r['what']} at {r['where']} ({r['reason']})")
+        for r in self.approximate:
+            what = ", ".join(f"{r[k]} {k}" for k in KINDS if r.get(k))
+            out.append(f"  {r['layer']}: {r['removed']} removed approximately ({what})")
         for p in self.pruned:
             out.append(f"  {p['layer']}: {p['removed']} of {p['of']} reference neurons pruned (rectangular "
                        "assignment; judged on the matched ones)")
@@ -110,6 +125,7 @@ class ReduceReport:
             "dummy": self.count("dummy"), "split": self.count("split"), "clique": self.count("clique"),
             "layers": [vars(r) for r in self.layers if r.dummy or r.split or r.clique],
             "pruned": self.pruned,
+            "approximate": self.approximate, "approximate_error": self.approximate_error,
             "folded": self.folded, "refused": self.refused, "rounds": self.rounds, "lines": self.lines(),
             "verified": self.verified, "verify": self.verify, "output": self.output,
             "seconds": round(self.seconds, 4),
