@@ -223,3 +223,69 @@ def test_dfl_bins_move_with_the_arange_weight():
     assert g.size == 16 and result.permutable_channels == 3 * 64  # all but the expectation's one channel
     assert ("dfl.weight", 1) in {(s.weight, s.axis) for s in g.slots}
     assert all(s.positions.shape == (16, 4) for s in g.slots if s.weight.startswith("heads."))  # 4 sides each
+
+
+# ---- generated: gate grids of any shape, over unrolled steps ---------------------------------------
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+_UNARY = ["Sigmoid", "Tanh", "Relu", "Identity"]
+_BINARY = ["Mul", "Add", "Sub"]
+
+
+@st.composite
+def gate_cells(draw):
+    """x -> `steps` cells sharing W, R, B: Gemm(x, W, B) + Gemm(h, R), cut into k chunks of h units
+    (one Split, or k Slices), every chunk through a unary op and folded into one by binary ops; h0 is
+    zeros written one of three ways. The chunks always meet: every model must reach 100%."""
+    k, h, steps = draw(st.integers(2, 4)), draw(st.integers(2, 5)), draw(st.integers(1, 3))
+    cut, zero = draw(st.sampled_from(["split", "slice"])), draw(st.sampled_from(["constant", "fill", "expand"]))
+    unary = [draw(st.sampled_from(_UNARY)) for _ in range(k)]
+    binary = [draw(st.sampled_from(_BINARY)) for _ in range(k - 1)]
+    order = draw(st.permutations(range(k)))
+    n, feat = k * h, 3
+    inits = [_w("W", n, feat), _w("R", n, h), _w("B", n), _w("head", 2, h), _i("zshape", [2, h])]
+    nodes = []
+    if zero == "constant":
+        inits.append(helper.make_tensor("h0", TensorProto.FLOAT, [2, h], np.zeros(2 * h)))
+    elif zero == "fill":
+        nodes.append(helper.make_node("ConstantOfShape", ["zshape"], ["h0"]))
+    else:
+        inits.append(helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
+        nodes.append(helper.make_node("Expand", ["zero", "zshape"], ["h0"]))
+    if cut == "split":
+        inits.append(_i("sizes", [h] * k))
+    else:
+        for c in range(k):
+            inits += [_i(f"s{c}", [c * h]), _i(f"e{c}", [(c + 1) * h]), _i(f"ax{c}", [1])]
+    state = "h0"
+    for t in range(steps):
+        p = f"t{t}_"
+        nodes += [helper.make_node("Gemm", ["x", "W", "B"], [p + "gx"], transB=1),
+                  helper.make_node("Gemm", [state, "R"], [p + "gh"], transB=1),
+                  helper.make_node("Add", [p + "gx", p + "gh"], [p + "gates"])]
+        chunks = [f"{p}c{c}" for c in range(k)]
+        if cut == "split":
+            nodes.append(helper.make_node("Split", [p + "gates", "sizes"], chunks, axis=1))
+        else:
+            nodes += [helper.make_node("Slice", [p + "gates", f"s{c}", f"e{c}", f"ax{c}"], [chunks[c]])
+                      for c in range(k)]
+        acts = []
+        for c in range(k):
+            nodes.append(helper.make_node(unary[c], [chunks[c]], [f"{p}a{c}"]))
+            acts.append(f"{p}a{c}")
+        acc = acts[order[0]]
+        for j, c in enumerate(order[1:]):
+            nodes.append(helper.make_node(binary[j], [acc, acts[c]], [f"{p}m{j}"]))
+            acc = f"{p}m{j}"
+        state = acc
+    nodes.append(helper.make_node("Gemm", [state, "head"], ["y"], transB=1))
+    return _model(nodes, inits, [2, feat], [2, 2]), h
+
+
+@settings(max_examples=25, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(gate_cells())
+def test_generated_gate_grids(case):
+    model, h = case
+    result = check_properties(model, full_coverage=True)
+    (g,) = result.groups
+    assert g.size == h
