@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from scipy.optimize import linear_sum_assignment
 
 from ..io import WeightStore
 from ..walk import Group, WalkResult, walk
@@ -101,6 +100,8 @@ def _initial(ref_store, sus_store, gr: Group, gs: Group) -> np.ndarray:
 
 
 def _solve(cost: np.ndarray) -> np.ndarray:
+    from scipy.optimize import linear_sum_assignment  # (scipy loads when a pruned copy is met)
+
     rows, cols = linear_sum_assignment(cost)  # (reference, suspect): every suspect neuron placed
     assign = np.full(cost.shape[0], -1, dtype=np.int64)
     assign[rows] = cols
