@@ -225,3 +225,38 @@ def test_vendor_decoder_state_channels_are_interface():
     assert info.verified and info.neurons_moved > 0
     restored, _ = permute(permuted, undo=info.record, check=False)
     assert restored.SerializeToString() == model.SerializeToString()
+
+
+def test_nested_if_and_a_weight_that_leaves_a_branch():
+    """An If inside the then-branch (both walked), and an else-branch that returns a stored weight
+    (broadcast against the channels outside): the weight keeps its order, the rest still moves."""
+    rng = np.random.default_rng(9)
+    inner = helper.make_node("If", ["cond2"], ["ti"], name="inner",
+                             then_branch=_branch("t2", [helper.make_node("Relu", ["tg"], ["t2o"])], "t2o"),
+                             else_branch=_branch("e2", [helper.make_node("Sigmoid", ["tg"], ["e2o"])], "e2o"))
+    then_g = _branch("then", [helper.make_node("Gemm", ["h", "Wt"], ["tg"], transB=1), inner], "ti",
+                     [_rng_init(rng, "Wt", [6, 5])])
+    else_g = _branch("else", [helper.make_node("Identity", ["We"], ["e"])], "e", [_rng_init(rng, "We", [2, 6])])
+    nodes = [helper.make_node("Gemm", ["x", "W1", "b1"], ["g1"], transB=1), helper.make_node("Relu", ["g1"], ["h"]),
+             helper.make_node("If", ["cond"], ["z"], name="if", then_branch=then_g, else_branch=else_g),
+             helper.make_node("Gemm", ["z", "Wo"], ["y"], transB=1)]
+    inputs = [_out("x", [2, 3]), helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+              helper.make_tensor_value_info("cond2", TensorProto.BOOL, [])]
+    model = _model(nodes, inputs, [_out("y", [2, 2])],
+                   [_rng_init(rng, "W1", [5, 3]), _rng_init(rng, "b1", [5]), _rng_init(rng, "Wo", [2, 6])])
+    onnx.checker.check_model(model, full_check=True)
+    result = walk(model)
+    slotted = {s.weight for g in result.groups for s in g.slots}
+    assert "We" not in slotted and "W1" in slotted  # the weight that leaves a branch stays; h's units move
+    assert any("branches carry different channels" in p.reason for p in result.pinned), result.pinned
+    record = forced_record(result, 2)
+    permuted = onnx.ModelProto()
+    permuted.CopyFrom(model)
+    apply_permutations(permuted, result, record)
+    for c1 in (True, False):
+        for c2 in (True, False):
+            feeds = {"x": np.random.default_rng(1).standard_normal((2, 3)).astype(np.float32),
+                     "cond": np.array(c1), "cond2": np.array(c2)}
+            runs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+                    for m in (model, permuted)]
+            np.testing.assert_allclose(runs[1], runs[0], rtol=1e-5, atol=1e-6)
