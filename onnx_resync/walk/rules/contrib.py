@@ -83,17 +83,19 @@ def matmul_nbits(ctx, node) -> None:
     blocks = _nbits_blocks(ctx, node, ctx.get(a).get(r - 1), k, block, k_blocks, bits, zps)
     if blocks is not None:
         ctx.slot(b, 1, blocks)
-    rows = fresh.repeat_blocks(k_blocks)  # one entry per (row, block) of a flat parameter
-    if blocks is not None:
-        cells = ctx.new(n * k_blocks, node, out, kind="product")
-        if ctx.elements.product(cells.elem, fresh, blocks):
-            rows = cells
+    rows = None  # one entry per (row, block) of a flat parameter: cells of both, made once if needed
     ctx.slot(b, 0, fresh)
     for param in (scales, zps):
         if not param:
             continue
         shape = ctx.shape(param)
         if shape and len(shape) == 1 and shape[0] == n * k_blocks:
+            if rows is None:
+                rows = fresh.repeat_blocks(k_blocks)
+                if blocks is not None:
+                    cells = ctx.new(n * k_blocks, node, out, kind="product")
+                    if ctx.elements.product(cells.elem, fresh, blocks):
+                        rows = cells
             ctx.slot(param, 0, rows)
         elif shape and len(shape) == 1 and isinstance(shape[0], int) and shape[0] % n == 0:
             ctx.slot(param, 0, fresh.repeat_blocks(shape[0] // n))  # N rows of packed bytes
@@ -253,16 +255,19 @@ def _grid(ctx, node, label: Label, rows: int, what: str):
 
 def _cell_records(table, elems: np.ndarray) -> list:
     """For each element, the grid record (row, col, i, j, rows, cols) of a cell that is the same
-    neuron (its own, or one it is unioned with), or None."""
+    neuron (its own, or one it is unioned with), or None. Vectorized: an LLM has a million cells."""
+    elems = np.asarray(elems, dtype=np.int64)
     if not table.products:
         return [None] * len(elems)
     keys = np.fromiter(table.products, dtype=np.int64, count=len(table.products))
-    roots = table.roots(np.concatenate([keys, np.asarray(elems, dtype=np.int64)]))
-    by_root = {}
-    for key, root in zip(keys.tolist(), roots[:len(keys)].tolist()):
-        by_root.setdefault(root, table.products[key])
-    return [table.products.get(e) or by_root.get(r) for e, r in zip(np.asarray(elems).tolist(),
-                                                                     roots[len(keys):].tolist())]
+    roots = table.roots(np.concatenate([keys, elems]))
+    key_roots, elem_roots = roots[:len(keys)], roots[len(keys):]
+    order = np.argsort(key_roots, kind="stable")
+    sorted_roots = key_roots[order]
+    at = np.clip(np.searchsorted(sorted_roots, elem_roots), 0, len(keys) - 1)
+    found = sorted_roots[at] == elem_roots
+    return [table.products.get(e) or (table.products[int(keys[order[i]])] if f else None)
+            for e, i, f in zip(elems.tolist(), at.tolist(), found.tolist())]
 
 
 OUTPUT_PIN = "reaches a graph output"  # (counted as interface, walker.py)
