@@ -22,6 +22,8 @@ genai_int4        the same with ``-p int4``: MatMulNBits (int4, blocks of 32)
 torch_dynamo.perm ``onnx-resync permute --seed 1`` of torch_dynamo (record kept beside it:
                   ``torch_dynamo.perm.record.json``)
 genai_fp32.perm   ``onnx-resync permute --seed 1`` of genai_fp32 (record kept likewise)
+genai_int4.perm   ``onnx-resync permute --seed 1`` of genai_int4 (MatMulNBits' input channels move
+                  in whole blocks of 32; record kept likewise)
 ================  ==========================================================================
 
 Every file is run with ONNX Runtime (CPU) on 4 sequences of 12 tokens (the genai files with an
@@ -78,6 +80,7 @@ VARIANTS = {
     "genai_int4": ("genai_int4", "int4", False),
     "torch_dynamo.perm": ("torch_dynamo", "fp32", True),
     "genai_fp32.perm": ("genai_fp32", "fp32", True),
+    "genai_int4.perm": ("genai_int4", "int4", True),
 }
 
 
@@ -253,8 +256,9 @@ def main(argv=None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--export-stage":
         export_stage(int(sys.argv[2]), Path(sys.argv[3]), genai="--torch-only" not in sys.argv[4:])
         return 0
-    sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(ROOT / "tools"))
+    # $ONNX_RESYNC_SRC: another onnx_resync to permute with (as in build_zoo.py); default: this checkout
+    sys.path.insert(0, os.environ.get("ONNX_RESYNC_SRC") or str(ROOT))
     from build_zoo import DEFAULT_CACHE
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
