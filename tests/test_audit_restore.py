@@ -204,3 +204,25 @@ def test_failed_equivalence_check_writes_nothing(permuted, tmp_path, capsys):
         api.audit(str(perm_path), str(MODELS / "mlp.onnx"), output=str(out), verify_options={"tolerance": 0.0})
     assert info.value.exit_code == 7 and info.value.report.derived and not info.value.report.restored["written"]
     assert not out.exists()
+
+
+def test_int4_blocks_cannot_be_restored_in_their_own_format(tmp_path):
+    """MatMulNBits stores K in blocks with one scale each: a hidden neuron moved along K would change
+    the blocks (not the same file any more), so the walker pins those neurons and -o says why,
+    writing nothing (exit 3), while the audit itself still finds the copy derived."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from test_int4 import _mlp
+
+    reference = tmp_path / "ref.onnx"
+    onnx.save(_mlp(0), reference)
+    permuted, _ = api.permute(_mlp(0), seed=3)
+    q = MatMulNBitsQuantizer(permuted, bits=4, block_size=32, is_symmetric=False)
+    q.process()
+    suspect = tmp_path / "int4.onnx"
+    onnx.save(q.model.model, suspect)
+    out = tmp_path / "restored.onnx"
+    with pytest.raises(CheckFailed) as info:
+        api.audit(str(suspect), str(reference), output=str(out))
+    assert info.value.exit_code == 3 and info.value.report.derived and not out.exists()
+    assert "stored in blocks" in str(info.value) and "\n" not in str(info.value)

@@ -194,7 +194,8 @@ def _correspondence(suspect: onnx.ModelProto, sus_walk: WalkResult, sus_c: Canon
             for src in (origin.sources if origin else []):
                 candidates += [g for g in by_tensor.get(src, []) if g.size == r.size and g not in candidates]
         if not candidates:
-            reasons[r.key] = "no group of the suspect's file of its size reads its weights"
+            reasons[r.key] = _pinned(r, sus_walk, sus_c, alignment) or \
+                "no group of the suspect's file of its size reads its weights"
             continue
         if r.size < 2:
             reasons[r.key] = "a single neuron (nothing to move)"
@@ -221,6 +222,16 @@ def _correspondence(suspect: onnx.ModelProto, sus_walk: WalkResult, sus_c: Canon
                 found.pop(r_key)
                 reasons[r_key] = f"its suspect group also stands for {len(r_keys) - 1} other reference group(s)"
     return found, reasons
+
+
+def _pinned(r: Group, sus_walk: WalkResult, sus_c: CanonicalModel, alignment: Alignment) -> str:
+    """Why the suspect's walker pinned the neurons of the suspect's layers behind `r`, if it did
+    (int4 blocks, a graph output, ...)."""
+    layers = {sus_c.layer_of(alignment.node_map[p.name]) for p in r.producers if p.name in alignment.node_map}
+    for pinned in sus_walk.pinned:
+        if layers & set(pinned.producers):
+            return f"the suspect's file pins its neurons ({pinned.reason})"
+    return ""
 
 
 def _probe_cycles(sus_walk: WalkResult) -> dict[str, np.ndarray]:
