@@ -360,3 +360,46 @@ def attack(path: str, kind: str, fraction: float = 0.05, seed: int = 0, *, shuff
     if shuffle:
         attacked = permute_rescale(attacked, seed)
     return attacked, log
+
+
+def constants(path: str, fraction: float = 0.05, seed: int = 0) -> tuple[onnx.ModelProto, AttackLog]:
+    """Neurons with zero incoming weights (their 1-D parameters, bias and normalization, copied from
+    a real neuron: a constant output) and random outgoing weights, the readers' biases compensating
+    (W[:, i] x c subtracted; c read in ONNX Runtime); on the groups read only by Gemm/Conv."""
+    from onnx_resync.reduce import constants as const
+    from onnx_resync.reduce.widths import Widths
+
+    rng = np.random.default_rng(seed)
+    model = onnx.load(path)
+    log = AttackLog("constants")
+    current = model
+    for key in proven_groups(path, "dummies"):
+        group = next((g for g in walk(current).groups if _same_group(g.key, key)), None)
+        if group is None or const.readers(current, group) is None:
+            continue
+        store = WeightStore(current)
+        arrays = [store.get(s.weight).astype(np.float64) for s in group.slots]
+        new = []
+        for _ in range(_count(group, fraction)):
+            source = int(rng.integers(group.size))
+            t = {}
+            for k, (slot, side) in enumerate(zip(group.slots, group.sides())):
+                e = _entries(arrays[k], slot, source)
+                if side == -1:
+                    t[k] = rng.normal(0, float(np.std(arrays[k])) or 1.0, e.shape)
+                else:
+                    t[k] = e if arrays[k].ndim == 1 else np.zeros_like(e)
+            new.append(t)
+        widened = widen(current, group, new)
+        group = next(g for g in walk(widened).groups if _same_group(g.key, key))
+        slots = const.readers(widened, group)
+        tensors = sorted({widened.graph.node[k].input[0] for k, _ in slots})
+        values = {t: -v for t, v in const.channel_values(widened, tensors, {}).items()}
+        const.fold(widened, group, list(range(group.size - len(new), group.size)), slots, values)
+        from onnx_resync.verify import verify
+
+        if not verify(current, widened).equivalent:  # a padded Conv reader: the bias cannot hold it
+            continue
+        current = widened
+        log.per_group[key] = len(new)
+    return current, log

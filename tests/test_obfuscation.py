@@ -256,3 +256,32 @@ def test_adaptive_attack_on_unrelated_model_stays_not_derived(tmp_path):
     onnx.save(attacked, tmp_path / "other.onnx")
     _, report = api.resync(str(tmp_path / "other.onnx"), _path("resnet"))
     assert report.reduction["approximate"] and not report.derived
+
+
+# ---- constant neurons: zero incoming weights, their output in the readers' biases ------------
+def test_constant_neurons_fold_into_biases(tmp_path):
+    path = _path("mlp")
+    attacked, log = attacks.constants(path, 0.1, seed=0)
+    attacked = attacks.permute_rescale(attacked, seed=3)
+    assert log.neurons and verify(onnx.load(path), attacked).equivalent
+    onnx.save(attacked, tmp_path / "c.onnx")
+    _, report = api.resync(str(tmp_path / "c.onnx"), path, tmp_path / "restored.onnx")
+    assert report.verdict == f"derived, structurally obfuscated: {log.neurons} constant folded into biases"
+    assert report.matched == report.neurons and report.verified
+
+
+def test_constant_fold_that_padding_breaks_is_refused():
+    """A constant channel read by a padded Conv: its border sees zeros, so the bias cannot hold it;
+    the fold is refused by the ORT check and the neuron kept."""
+    from onnx_resync.reduce.widths import Widths
+
+    model = onnx.load(_path("vgg"))
+    group = walk(model).groups[0]  # conv0 -> BN -> Relu -> conv1 (padded)
+    w = Widths(model)
+    for side, slot in zip(group.sides(), group.slots):
+        if side in (0, 1) and w._array(slot.weight).ndim >= 2:
+            np.moveaxis(w._array(slot.weight), slot.axis, 0)[slot.positions[0]] = 0.0  # neuron 0: constant
+    w.write()
+    reduced, report = reduce_model(model)
+    assert not report.changed and any(r["what"] == "folding constant neurons" for r in report.refused)
+    assert _widths(reduced) == _widths(model)

@@ -17,7 +17,9 @@ import onnx
 
 from ..match.rescale import neutral_groups
 from ..walk import walk
-from . import layers, neurons
+import numpy as np
+
+from . import constants, layers, neurons
 from .report import LayerReduction, ReduceReport
 from .widths import Widths, editable
 
@@ -33,6 +35,7 @@ def reduce_model(model: onnx.ModelProto, *, verify_options: dict | None = None
     proof = _Proof(model, verify_options or {})
     current = _copy(model)
     current = _fold_layers(current, proof, report)
+    current = _fold_constants(current, proof, report, verify_options or {})
     current = _reduce_neurons(current, proof, report)
     report.verified = proof.last is not None and proof.last.equivalent or not report.changed
     report.verify = proof.last.to_dict() if proof.last is not None else None
@@ -85,6 +88,54 @@ def _fold_layers(current: onnx.ModelProto, proof: _Proof, report: ReduceReport) 
                                    "reason": why})
 
 
+def _fold_constants(current: onnx.ModelProto, proof: _Proof, report: ReduceReport, options: dict
+                    ) -> onnx.ModelProto:
+    """Neurons with zero incoming weights: their constant output folded into the readers' biases,
+    one group at a time, each proven."""
+    result = walk(current)
+    widths = Widths(current)
+    plans = []
+    for g in result.groups:
+        if not editable(g):
+            continue
+        found = constants.zero_incoming(widths, g)
+        alive = [int(i) for i in found if np.abs(widths.rows(g, {-1}, [i])).max(initial=0.0) > 0]
+        slots = constants.readers(current, g) if alive else None
+        if alive and slots:
+            plans.append((g, alive, slots))
+    if not plans:
+        return current
+    try:
+        values = constants.channel_values(current, sorted({current.graph.node[k].input[0] for _, _, s in plans
+                                                            for k, _ in s}), options)
+    except Exception as exc:  # noqa: BLE001 - ORT cannot run the probe: nothing folded, said so
+        report.refused.append({"what": "folding constant neurons", "where": "the model",
+                               "reason": f"cannot read their values: {str(exc).strip().splitlines()[0][:200]}"})
+        return current
+    by_layer = {}
+    for g, alive, slots in plans:
+        keep = [i for i in alive if all(constants.constant(values[current.graph.node[k].input[0]][int(s.positions[i, 0])])
+                                        for k, s in slots)]
+        if not keep:
+            continue
+        trial = _copy(current)
+        constants.fold(trial, g, keep, slots, values)
+        w = Widths(trial)
+        w.remove(g, keep)
+        w.write()
+        ok, why = proof(trial)
+        if not ok:
+            report.refused.append({"what": "folding constant neurons", "where": _layer(g), "reason": why})
+            continue
+        current = trial
+        by_layer[_layer(g)] = LayerReduction(_layer(g), g.key, g.size, g.size - len(keep), constant=len(keep))
+        break  # positions moved: the next group on a fresh walk
+    else:
+        return current
+    report.layers.extend(by_layer.values())
+    return _fold_constants(current, proof, report, options)
+
+
 def _reduce_neurons(current: onnx.ModelProto, proof: _Proof, report: ReduceReport) -> onnx.ModelProto:
     refused: set[str] = set()
     by_layer: dict[str, LayerReduction] = {}
@@ -114,7 +165,7 @@ def _reduce_neurons(current: onnx.ModelProto, proof: _Proof, report: ReduceRepor
             row.reduced_to = after
             for kind, n in kinds.items():
                 setattr(row, kind, getattr(row, kind) + n)
-    report.layers = list(by_layer.values())
+    report.layers.extend(by_layer.values())
     return current
 
 

@@ -2,7 +2,9 @@
 
 Vocabulary: a *dummy* neuron had no outgoing weight (nothing read it); a *split* neuron was a copy
 (equal or positively proportional incoming weights) of another, merged back into it; a *clique*
-neuron was one of copies whose outgoing weights cancel (merged, then nothing was left to read);
+neuron was one of copies whose outgoing weights cancel (merged, then nothing was left to read); a
+*constant* neuron had no incoming weight (its output, the same for every input, went into its
+readers' biases);
 an *inserted layer* was folded into its readers (identity, monomial or other non-negative linear
 layer after a Relu). A rewrite that ONNX Runtime did not prove equivalent is *refused* and listed.
 """
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 
 from ..jsonable import json_safe
 
-KINDS = ("dummy", "split", "clique")
+KINDS = ("dummy", "split", "clique", "constant")
 
 
 @dataclass
@@ -26,6 +28,7 @@ class LayerReduction:
     dummy: int = 0
     split: int = 0
     clique: int = 0
+    constant: int = 0
 
 
 @dataclass
@@ -80,6 +83,8 @@ class ReduceReport:
             parts.append(f"{self.count('split')} split")
         if self.count("clique"):
             parts.append(f"{self.count('clique')} in cancelling cliques")
+        if self.count("constant"):
+            parts.append(f"{self.count('constant')} constant folded into biases")
         kinds: dict[str, int] = {}
         for f in self.folded:
             kinds[f["kind"]] = kinds.get(f["kind"], 0) + 1
@@ -91,7 +96,7 @@ class ReduceReport:
         """Per layer, then the folded layers and the refusals."""
         out = []
         for r in self.layers:
-            if r.dummy or r.split or r.clique:
+            if r.dummy or r.split or r.clique or r.constant:
                 what = ", ".join(f"{getattr(r, k)} {k}" for k in KINDS if getattr(r, k))
                 out.append(f"  {r.layer}: {r.width} -> {r.reduced_to} neurons ({what})")
         for f in self.folded:
@@ -123,7 +128,8 @@ class ReduceReport:
             "changed": self.changed,
             "summary": self.phrase(),
             "dummy": self.count("dummy"), "split": self.count("split"), "clique": self.count("clique"),
-            "layers": [vars(r) for r in self.layers if r.dummy or r.split or r.clique],
+            "constant": self.count("constant"),
+            "layers": [vars(r) for r in self.layers if r.dummy or r.split or r.clique or r.constant],
             "pruned": self.pruned,
             "approximate": self.approximate, "approximate_error": self.approximate_error,
             "folded": self.folded, "refused": self.refused, "rounds": self.rounds, "lines": self.lines(),
