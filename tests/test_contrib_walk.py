@@ -217,3 +217,79 @@ def test_zoo_quantized_files_optimized_by_ort(path, level, tmp_path):
         pytest.skip("NCHWc layout (no walker rule)")
     _like(api.groups(saved), api.groups(MODELS / f"{path.parent.name}.onnx"))
     _round_trip(saved, tmp_path)
+
+
+# ---- generated transformer blocks of contrib ops (hypothesis) ------------------------------------------
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@st.composite
+def contrib_blocks(draw):
+    """X [1, 4, 6] -> (EmbedLayerNormalization | MatMul) -> layers of: attention (packed Attention or
+    MultiHeadAttention with bias, maybe rotary on Q and K) -> MatMul -> (Simplified)SkipLayerNormalization
+    (with or without bias) -> FusedMatMul (weight maybe transposed) -> a gelu form -> MatMul ->
+    skip norm; -> MatMul head. Hidden = heads x head size."""
+    heads, size = draw(st.sampled_from([1, 2, 4])), draw(st.sampled_from([2, 4]))
+    hidden, inter = heads * size, draw(st.sampled_from([6, 8]))
+    g = G(ms=True, seed=draw(st.integers(0, 3)))
+    constructs = []
+    if draw(st.booleans()):
+        ids = g.input("ids", [1, 4], onnx.TensorProto.INT32)
+        x, _ = g.op("EmbedLayerNormalization", [ids, "", g.rand("word", [10, hidden]), g.rand("pos", [6, hidden]), "",
+                                                g.rand("eg", [hidden]), g.rand("eb", [hidden], 0.1)], outputs=2,
+                    domain=MS, epsilon=1e-5)
+        constructs.append("embed")
+    else:
+        x = g.matmul(g.input("X", [1, 4, 6]), 6, hidden, "Win", rank=3)
+    for layer in range(draw(st.integers(1, 2))):
+        w = lambda name, shape, scale=0.5: g.rand(f"l{layer}_{name}", shape, scale)  # noqa: E731
+        if draw(st.booleans()):
+            a = g.op("Attention", [x, w("qkv", [hidden, 3 * hidden]), w("qkv_b", [3 * hidden], 0.1)], domain=MS,
+                     num_heads=heads)
+            constructs.append("attention")
+        else:
+            q, k, v = (g.op("MatMul", [x, w(n, [hidden, hidden])]) for n in "qkv")
+            if draw(st.booleans()) and size % 2 == 0:  # rotary on Q and K (pairs of dims in each head)
+                pos = g.const(f"l{layer}_pos", [[0, 1, 2, 3]], np.int64)
+                cos, sin = w("cos", [8, size // 2]), w("sin", [8, size // 2])
+                q, k = (g.op("RotaryEmbedding", [t, pos, cos, sin], domain=MS, num_heads=heads) for t in (q, k))
+                constructs.append("rotary")
+            a = g.op("MultiHeadAttention", [q, k, v, w("mha_b", [3 * hidden], 0.1)], domain=MS, num_heads=heads)
+            constructs.append("mha")
+        o = g.op("MatMul", [a, w("o", [hidden, hidden])])
+        op = draw(st.sampled_from(["SkipLayerNormalization", "SkipSimplifiedLayerNormalization"]))
+        params = [w("g1", [hidden])] + ([] if "Simplified" in op else [w("b1", [hidden], 0.1)])
+        x = g.op(op, [o, x] + params + ([w("sb1", [hidden], 0.1)] if draw(st.booleans()) else []), domain=MS,
+                 epsilon=1e-5)
+        trans = draw(st.booleans())
+        up = g.op("FusedMatMul", [x, w("up", [inter, hidden] if trans else [hidden, inter])], domain=MS,
+                  transB=int(trans), alpha=0.7)
+        gelu = draw(st.sampled_from(["BiasGelu", "FastGelu", "QuickGelu", "Gelu"]))
+        act = g.op(gelu, [up] + ([w("gb", [inter], 0.1)] if gelu in ("BiasGelu", "FastGelu") else []), domain=MS)
+        constructs.append(gelu)
+        down = g.op("MatMul", [act, w("down", [inter, hidden])])
+        x = g.op("SkipLayerNormalization", [down, x, w("g2", [hidden]), w("b2", [hidden], 0.1)], domain=MS,
+                 epsilon=1e-5)
+    g.ranks[x] = 3
+    g.output(g.matmul(x, hidden, 3, "Wout"))
+    return g.model(), constructs
+
+
+ROTARY = "a rotary embedding pairs the dims of a head (ordered by frequency)"
+
+
+@settings(max_examples=6, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(contrib_blocks())
+def test_generated_contrib_blocks(tmp_path_factory, gen):
+    """Every generated block: nothing pinned but the output (and rotary dims), permute verified by ORT,
+    undo byte-exact, resync of the permuted copy gives the file back."""
+    model, constructs = gen
+    tmp = tmp_path_factory.mktemp("gen")
+    path = tmp / "model.onnx"
+    onnx.save(model, path)
+    result = api.groups(path)
+    assert not result.ops_without_rule
+    # (a rotary embedding pins the dims: with one head nothing of Q/K moves)
+    assert {p.reason for p in result.pinned} <= {"reaches a graph output", ROTARY}, (constructs, result.pinned)
+    _round_trip(path, tmp, resync=True)
