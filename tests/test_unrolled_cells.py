@@ -223,3 +223,44 @@ def test_torch_gru_cell_loop(dynamo):
     result = assert_round_trips(model)
     (g,) = result.groups
     assert g.size == HIDDEN
+
+
+class CRNN(torch.nn.Module):
+    """A text recognizer's shape: conv stack -> one feature column per time step -> an LSTM unrolled
+    over the columns (torch.nn.LSTMCell, or written by hand with Linear + chunk(4)) -> a classifier
+    on every step, stacked."""
+
+    def __init__(self, hand: bool):
+        super().__init__()
+        self.cnn = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                       torch.nn.MaxPool2d(2), torch.nn.Conv2d(8, 12, 3, padding=1), torch.nn.ReLU(),
+                                       torch.nn.AdaptiveAvgPool2d((1, None)))
+        self.hand = hand
+        self.cell = torch.nn.LSTMCell(12, 10)
+        self.ih, self.hh = torch.nn.Linear(12, 40), torch.nn.Linear(10, 40)
+        self.fc = torch.nn.Linear(10, 7)
+
+    def forward(self, x):
+        f = self.cnn(x).squeeze(2).permute(2, 0, 1)  # [T, B, C]
+        h = torch.zeros(f.shape[1], 10)
+        c = torch.zeros(f.shape[1], 10)
+        outs = []
+        for t in range(f.shape[0]):
+            if self.hand:
+                i, fg, g, o = (self.ih(f[t]) + self.hh(h)).chunk(4, 1)
+                c = torch.sigmoid(fg) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(c)
+            else:
+                h, c = self.cell(f[t], (h, c))
+            outs.append(self.fc(h))
+        return torch.stack(outs, 0).log_softmax(2)
+
+
+@pytest.mark.parametrize("hand", [False, True], ids=["lstm_cell", "chunked_by_hand"])
+def test_crnn_with_an_unrolled_lstm(hand):
+    """20 of 620 channels moved before (the convs' first layers); now all of them."""
+    torch.manual_seed(0)
+    model = export_module(CRNN(hand), (torch.randn(1, 1, 8, 16),), dynamo=False)
+    result = assert_round_trips(model)
+    assert result.permutable_channels == 620 == result.hidden_channels - result.output_channels
+    assert sorted(g.size for g in result.groups) == [8, 10, 12]
