@@ -332,15 +332,16 @@ def test_int4_copy_perturbed_beyond_its_step_is_perturbed(int4_files):
     assert "beyond its int4 in blocks of 32" in report.summary, report.summary
 
 
-@pytest.mark.parametrize("kind", ["int4", "fp16"])
-def test_lazy_files_get_lazy_canonical_weights(tmp_path, monkeypatch, kind):
+@pytest.mark.parametrize("kind,inline_below", [("int4", 0), ("int4", 1024), ("fp16", 0)])
+def test_lazy_files_get_lazy_canonical_weights(tmp_path, monkeypatch, kind, inline_below):
     """A huge file's weights stay mapped (lazy): its canonical MatMulNBits / float16 weights are
-    computed lazy tensors, equal to the in-memory file's, and the audit says the same."""
+    computed lazy tensors, equal to the in-memory file's, and the audit says the same (also with
+    the small tensors, scales and zero points, read inline as the loader does)."""
     from onnx_resync.audit import audit
     from onnx_resync.io import WeightStore, is_lazy_tensor, load_model
     from onnx_resync.io import load as load_module
 
-    monkeypatch.setattr(load_module, "LAZY_MIN_TENSOR_BYTES", 0)
+    monkeypatch.setattr(load_module, "LAZY_MIN_TENSOR_BYTES", inline_below)
     reference = _mlp(0)
     if kind == "int4":
         model = int4_copy(reference)
@@ -358,6 +359,7 @@ def test_lazy_files_get_lazy_canonical_weights(tmp_path, monkeypatch, kind):
               location="suspect.data")
     lazy = load_model(path, lazy=True)
     assert any(is_lazy_tensor(t) for t in lazy.graph.initializer)
+    assert all(is_lazy_tensor(t) for t in lazy.graph.initializer) == (inline_below == 0)
     eager, mapped = canonicalize(model), canonicalize(lazy)
     e_store, m_store = WeightStore(eager.model), WeightStore(mapped.model)
     weights = [n.input[1] for n in mapped.model.graph.node if n.op_type == "MatMul"]

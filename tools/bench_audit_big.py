@@ -25,7 +25,7 @@ Measured, each in its own process (wall time; peak RSS = ru_maxrss of that proce
   save_as_external_data=True)`; the baseline of an audit is that of its two files, added;
 - `onnx-resync audit SUSPECT --reference reference.onnx --json` for each suspect.
 Targets: audit <= 3x baseline time, peak RSS <= 1.5x the larger file of the two.
-Figures go to docs/performance.md between `<!-- audit-big -->` and `<!-- /audit-big -->`.
+Figures go to docs/performance.md between `<!-- audit-big:CONFIG -->` markers (--doc for a config other than big).
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ BUILD_VERSION = 1  # bump when the files' content changes
 CONFIGS = {
     "big": dict(hidden=1536, heads=12, inter=4096, layers=17, vocab=32000),  # 579M parameters
     "medium": dict(hidden=1024, heads=8, inter=2816, layers=4, vocab=16000),
+    "small": dict(hidden=256, heads=4, inter=704, layers=2, vocab=8000),
     "tiny": dict(hidden=64, heads=4, inter=160, layers=2, vocab=100),
 }
 
@@ -294,27 +295,33 @@ def files_bytes(path: Path) -> int:
 # Runs one command and reports its rusage from wait4 (as tools/bench_huge.py's launcher, with CPU
 # time: on this shared machine the wall time moves with the other processes' load, CPU time less)
 LAUNCHER = r"""
-import json, os, subprocess, sys, time
+import json, os, subprocess, sys, threading, time
 with open(sys.argv[1], "wb") as out, open(sys.argv[2], "wb") as err:
     t0 = time.perf_counter()
-    proc = subprocess.Popen(sys.argv[3:], stdout=out, stderr=err)
+    proc = subprocess.Popen(sys.argv[4:], stdout=out, stderr=err)
+    timer = threading.Timer(float(sys.argv[3]), proc.kill)
+    timer.start()
     _, status, usage = os.wait4(proc.pid, 0)
+    timer.cancel()
     seconds = time.perf_counter() - t0
 print(json.dumps({"seconds": seconds, "cpu": usage.ru_utime + usage.ru_stime, "maxrss_kb": usage.ru_maxrss,
-                  "rc": os.waitstatus_to_exitcode(status)}))
+                  "rc": os.waitstatus_to_exitcode(status), "killed": seconds >= float(sys.argv[3])}))
 """
 
 
-def measured(args: list[str]) -> dict:
-    """A command in its own process: wall time, CPU time, peak RSS (ru_maxrss of that process)."""
+def measured(args: list[str], timeout: float = 1e9) -> dict:
+    """A command in its own process: wall time, CPU time, peak RSS (ru_maxrss of that process);
+    killed after `timeout` seconds (then "killed": True)."""
     with tempfile.TemporaryDirectory() as tmp:
         out, err = Path(tmp) / "out", Path(tmp) / "err"
-        p = subprocess.run([sys.executable, "-c", LAUNCHER, str(out), str(err), *args], capture_output=True, text=True)
+        p = subprocess.run([sys.executable, "-c", LAUNCHER, str(out), str(err), str(timeout), *args],
+                           capture_output=True, text=True)
         if p.returncode != 0:
             raise SystemExit(f"launcher failed: {p.stderr[-2000:]}")
         r = json.loads(p.stdout.strip().splitlines()[-1])
         return {"seconds": r["seconds"], "cpu": r["cpu"], "peak_rss_bytes": r["maxrss_kb"] * 1024, "rc": r["rc"],
-                "stdout": out.read_text(errors="replace"), "stderr": err.read_text(errors="replace")}
+                "killed": r["killed"], "stdout": out.read_text(errors="replace"),
+                "stderr": err.read_text(errors="replace")}
 
 
 def baseline(path: Path) -> dict:
@@ -325,15 +332,19 @@ def baseline(path: Path) -> dict:
     return r
 
 
-def audit(suspect: Path, reference: Path) -> dict:
-    r = measured([sys.executable, "-m", "onnx_resync", "audit", str(suspect), "--reference", str(reference), "--json"])
+def audit(suspect: Path, reference: Path, timeout: float) -> dict:
+    r = measured([sys.executable, "-m", "onnx_resync", "audit", str(suspect), "--reference", str(reference), "--json"],
+                 timeout)
+    if r["killed"]:
+        r["report"] = {"summary": f"(killed after {timeout:.0f} s: no verdict)", "timings": {}}
+        return r
     if r["rc"] not in (0, 1):
         raise SystemExit(f"audit {suspect} failed ({r['rc']}): {r['stderr'][-3000:]}")
     r["report"] = json.loads(r["stdout"])
     return r
 
 
-def measure(paths: dict[str, Path], repeats: int) -> dict:
+def measure(paths: dict[str, Path], repeats: int, timeout: float) -> dict:
     base = {}
     for k in ("reference", "fp16", "int4"):
         runs = [baseline(paths[k]) for _ in range(repeats)]
@@ -342,7 +353,7 @@ def measure(paths: dict[str, Path], repeats: int) -> dict:
               flush=True)
     audits = {}
     for k in ("fp16", "int4"):
-        runs = [audit(paths[k], paths["reference"]) for _ in range(repeats)]
+        runs = [audit(paths[k], paths["reference"], timeout) for _ in range(repeats)]
         audits[k] = min(runs, key=lambda r: r["seconds"])
         rep = audits[k]["report"]
         print(f"audit {k}: {audits[k]['seconds']:.1f} s ({audits[k]['cpu']:.1f} s CPU), peak RSS {audits[k]['peak_rss_bytes'] / 2**30:.2f} GiB, "
@@ -378,15 +389,17 @@ def table(config: str, result: dict) -> str:
     lines += ["", "Per file, load + save alone: " + ", ".join(
         f"{k} {b[k]['seconds']:.1f} s / {b[k]['peak_rss_bytes'] / gib:.2f} GiB peak RSS" for k in b) + "."]
     lines += ["", "Audit stages (s): " + "; ".join(
-        f"{k}: " + ", ".join(f"{s} {v:.1f}" for s, v in a[k]["report"]["timings"].items()) for k in a) + "."]
+        f"{k}: " + (", ".join(f"{s} {v:.1f}" for s, v in a[k]["report"]["timings"].items()) or "-") for k in a) + "."]
     return "\n".join(lines)
 
 
-def write_doc(text: str) -> None:
+def write_doc(text: str, config: str) -> None:
+    """The config's figures between <!-- audit-big:CONFIG --> markers (added at the end the first time)."""
     doc = DOC.read_text()
-    block = f"<!-- audit-big -->\n{text}\n<!-- /audit-big -->"
-    if "<!-- audit-big -->" in doc:
-        doc = re.sub(r"<!-- audit-big -->.*?<!-- /audit-big -->", lambda _: block, doc, flags=re.S)
+    start, end = f"<!-- audit-big:{config} -->", f"<!-- /audit-big:{config} -->"
+    block = f"{start}\n{text}\n{end}"
+    if start in doc:
+        doc = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, doc, flags=re.S)
     else:
         doc = doc.rstrip("\n") + "\n\n" + block + "\n"
     DOC.write_text(doc)
@@ -418,6 +431,9 @@ def main() -> None:
     ap.add_argument("--profile", choices=("fp16", "int4"), help="profile one audit in this process")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--no-doc", action="store_true")
+    ap.add_argument("--timeout", type=float, default=3600, help="an audit still running after this many seconds is "
+                    "killed and reported as such")
+    ap.add_argument("--doc", action="store_true", help="write docs/performance.md for a config other than big too")
     args = ap.parse_args()
     config = "tiny" if args.tiny else args.config
     paths = build(config)
@@ -426,13 +442,13 @@ def main() -> None:
     if args.profile:
         profile(paths, args.profile)
         return
-    result = measure(paths, args.repeats)
+    result = measure(paths, args.repeats, args.timeout)
     text = table(config, result)
     text += f"\n\nCommand: `python tools/bench_audit_big.py --config {config}" + (
         f" --repeats {args.repeats}`" if args.repeats != 1 else "`")
     print(text)
-    if not args.no_doc and config == "big":
-        write_doc(text)
+    if not args.no_doc and (config == "big" or args.doc):
+        write_doc(text, config)
 
 
 if __name__ == "__main__":

@@ -352,7 +352,13 @@ def _streamed_norms(store: WeightStore, name: str, op: str, prefix: str) -> dict
     shape = store.shape(name)
     by_rows = len(shape) == 2 or op in ("Conv", "ConvTranspose")
     rows, cols = [], None
-    for block in store.row_blocks(name):
+    if store.is_lazy(name) and store.reader(name).kind != "mapped":  # computed: once, not once per block
+        whole = store.get(name)
+        step = max(1, (1 << 22) // max(1, math.prod(shape[1:])))
+        blocks = (whole[a:a + step] for a in range(0, shape[0], step))
+    else:
+        blocks = store.row_blocks(name)
+    for block in blocks:
         m = np.asarray(block, dtype=np.float32)
         m = m.reshape(m.shape[0], -1) if by_rows else m.reshape(-1, shape[-1])
         sq = np.square(m, dtype=np.float64) if m.dtype != np.float64 else np.square(m)

@@ -733,11 +733,14 @@ def _row(gr, g, alignment: Alignment, ref_c: CanonicalModel, sus_c: CanonicalMod
             for src in (origin.sources if origin else []):
                 if src not in weights:
                     weights.append(src)
-            r = ref_store.get(slot.weight).astype(np.float64)
-            s = res_store.get(slot.weight).astype(np.float64)
-            scale = float(np.abs(r).max()) if r.size else 0.0
+            r = np.asarray(ref_store.get(slot.weight)).reshape(-1)
+            s = np.asarray(res_store.get(slot.weight)).reshape(-1)
+            scale = diff = 0.0
+            for a in range(0, r.size, PRECISION_CHUNK):  # float64 a piece at a time
+                rp, sp = r[a:a + PRECISION_CHUNK].astype(np.float64), s[a:a + PRECISION_CHUNK].astype(np.float64)
+                scale, diff = max(scale, float(np.abs(rp).max())), max(diff, float(np.abs(sp - rp).max()))
             if scale > 0:
-                max_diff = max(max_diff, float(np.abs(s - r).max() / scale))
+                max_diff = max(max_diff, diff / scale)
     return LayerRow(
         group=gr.key, layers=sus_layers, reference_layers=ref_layers, weights=weights, neurons=int(gr.size),
         matched=int(round(gr.matched_fraction * gr.size)), moved=int(gr.moved),

@@ -648,8 +648,9 @@ def _check_nbits(values, bits: int, block: int, K: int, N: int) -> None:
     """nbits_weight's checks, on shapes and one row (ValueError where it would refuse the node)."""
     B, S, Z, G = values
     blocks = -(-K // block) if block > 0 else 0
-    if B.data_type != onnx.TensorProto.UINT8 or int(np.prod(B.dims)) != N * blocks * block * bits // 8 \
-            or N <= 0 or int(np.prod(S.dims)) != N * blocks:
+    size = lambda v: int(np.prod(v.dims)) if isinstance(v, onnx.TensorProto) else int(v.size)  # noqa: E731
+    if B.data_type != onnx.TensorProto.UINT8 or size(B) != N * blocks * block * bits // 8 \
+            or N <= 0 or size(S) != N * blocks:
         raise ValueError("MatMulNBits shapes")
     row = lambda v: None if v is None else np.asarray(stored(v)).reshape(N, -1)[:1]  # noqa: E731
     nbits_weight(row(B), row(S), row(Z), stored(G) if G is not None else None, bits, block, K, 1)
