@@ -15,7 +15,7 @@ import math
 
 import onnx
 
-from ..errors import ModelMismatchError
+from ..errors import ModelMismatchError, ResyncError
 from ..io import WeightStore
 from ..match.partial import Unpaired, assign_partial, stem
 from .pipeline import reduce_model, reduce_near
@@ -29,9 +29,11 @@ def to_reference(check, suspect: onnx.ModelProto, verify_options: dict | None = 
                  reference: onnx.ModelProto | None = None, ref_walk=None
                  ) -> tuple[onnx.ModelProto, ReduceReport | None]:
     """(the suspect, None) when `check(suspect)` passes; else (the reduced suspect, its report) when
-    the reduced one passes; else, given the reference (and its walk), the reduced suspect padded to
-    the reference's widths when it is a pruned copy; else the check's ModelMismatchError, saying
-    what was reduced."""
+    the reduced one passes; else, given the reference (and its walk), the reduced suspect with the
+    nearest-to-dead or nearest-to-copy neurons of groups still wider removed (the error reported)
+    and, for groups narrower (pruned), `report.reference`: the reference without the neurons left
+    unmatched, to judge the suspect against; else the check's ModelMismatchError, saying what was
+    reduced. A suspect the reduction cannot walk or run keeps the check's error, with the reason."""
     try:
         check(suspect)
         return suspect, None
@@ -41,7 +43,10 @@ def to_reference(check, suspect: onnx.ModelProto, verify_options: dict | None = 
             raise ModelMismatchError(f"{first} (not reduced: {size / 2**30:.1f} GiB of weights, more than the "
                                      f"reduction's {MAX_REDUCE_BYTES / 2**30:.0f} GiB)") from None
         options = _proof_options(verify_options)
-        reduced, report = reduce_model(suspect, verify_options=options)
+        try:
+            reduced, report = reduce_model(suspect, verify_options=options)
+        except ResyncError as exc:  # the suspect cannot be walked or run: the mismatch stands, and why
+            raise ModelMismatchError(f"{first} (not reduced: {exc})") from None
         try:
             check(reduced)
             if not report.changed:
