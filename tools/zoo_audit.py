@@ -246,7 +246,8 @@ def judge(task: dict, rec: dict) -> tuple[bool, str]:
         return True, ""
     names = STORAGE_NAMES.get(task["storage"])
     if names is not None:
-        said = " ".join(rec.get("storage", [])) + (" quantized" if rec.get("quantized") else "")
+        said = " ".join(rec.get("storage", [])) + (" quantized" if rec.get("quantized") else "") \
+            + " " + (rec.get("format_change") or "")  # (int4 is stored packed in uint8: the format names it)
         if not any(n in said for n in names):
             return False, f"{want}, but the {task['storage']} storage is not named (storage {rec.get('storage')})"
     return True, ""
