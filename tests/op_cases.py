@@ -995,3 +995,13 @@ def _qlinear_mul_rank3():  # a [1, 4, H] activation of a transformer: any rank
     g.ranks[y] = 3
     g.output(g.matmul(y, H, 4, "W2"))
     return g.model()
+
+
+@variant("QuantizeLinear", "weight-pair", None, touch=["W1 Wf", "Wf Wfs Wfz W2"], free=())
+def _q_dq_weight_pair():  # a float weight fake-quantized by Q -> DQ (per output channel), as TensorRT QDQ files store it
+    def middle(g, t):
+        s, z = g.const("Wfs", g.rng.uniform(0.002, 0.01, 5)), g.const("Wfz", np.zeros(5), np.int8)
+        w = g.op("DequantizeLinear", [g.op("QuantizeLinear", [g.rand("Wf", [5, C, 1, 1]), s, z], axis=0), s, z], axis=0)
+        return g.op("Conv", [t, w])
+
+    return _conv_chain(middle, out_c=5)

@@ -101,6 +101,23 @@ def test_quantized_and_optimized_walks_like_the_float_model(name, level, ops, tm
     _round_trip(saved, tmp_path, resync=True)
 
 
+def test_fake_quantized_weights_walk_like_the_float_model(tmp_path):
+    """QDQ with the weights kept in float behind a QuantizeLinear -> DequantizeLinear pair (onnxruntime's
+    AddQDQPairToWeight, TensorRT-style QDQ exports; the residual Add reads DequantizeLinear outputs):
+    0 of 0 channels before (every Conv 'with a computed weight', not even counted)."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from quantize_bundled import _Calibration
+
+    x = np.load(MODELS / "resnet_test.npz")["input"]
+    path = tmp_path / "fake_quant.onnx"
+    quantize_static(str(MODELS / "resnet.onnx"), str(path), _Calibration(x), quant_format=QuantFormat.QDQ,
+                    per_channel=True, weight_type=QuantType.QInt8, extra_options={"AddQDQPairToWeight": True})
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops.count("QuantizeLinear") > ops.count("Conv") and "Add" in ops
+    _like(api.groups(path), api.groups(MODELS / "resnet.onnx"))
+    _round_trip(path, tmp_path, resync=True)
+
+
 def test_an_op_without_a_rule_still_pins(tmp_path):
     """The counter-case: ONNX Runtime's NCHWc layout (ORT_ENABLE_ALL on a float CNN) has no walker rule:
     the walk says so and moves nothing it cannot follow (permuting stays exact)."""

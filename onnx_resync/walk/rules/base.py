@@ -88,21 +88,17 @@ def constant_of_shape(ctx, node) -> None:
 
 
 def _is_uniform(ctx, name, axis) -> bool:
-    """`name` holds one value along `axis` (an Expand of a size-1 axis, a filled or all-zero tensor, a
-    small constant that repeats along the axis): it may meet channels in any order."""
-    if axis in ctx.uniform.get(name, ()) or is_zero(ctx, name):
-        return True
-    value = _stored_value(ctx, name)
-    if value is None or not np.issubdtype(value.dtype, np.number) or not 0 <= axis < value.ndim:
-        return False
-    return bool(value.shape[axis] > 0 and (value == np.take(value, [0], axis=axis)).all())
+    """`name` holds one value along `axis` (an Expand of a size-1 axis, a filled tensor): it may meet
+    channels in any order. Decided from the graph's structure, never from a stored tensor's values:
+    a bias that happens to be zero (fresh from its initializer) must walk like any other."""
+    return axis in ctx.uniform.get(name, ())
 
 
 # producers whose output is zero when one operand is (Gemm/MatMul with a zero operand and no bias)
 _ZERO_IF_ANY = {"Mul", "MatMul", "Einsum"}
 # ops that keep an all-zero first input all zero
 _ZERO_VIEWS = {"Identity", "Cast", "CastLike", "Reshape", "Expand", "Unsqueeze", "Squeeze", "Transpose", "Tile",
-               "Slice", "Gather", "Split", "Flatten", "Neg", "Relu", "Abs", "Dropout", "Pad"}
+               "Slice", "Gather", "Split", "Flatten", "Neg", "Relu", "Abs", "Dropout"}
 
 
 def _stored_value(ctx, name: str):
@@ -151,10 +147,12 @@ def is_zero(ctx, name: str, depth: int = 0) -> bool:
 
 
 def zero_product(ctx, node, operands: list[str], bias: str = "") -> bool:
-    """A product with an all-zero operand (Gemm/MatMul reading a zero initial state) is zero, plus its
-    bias: no weight axis it reads is fixed (a shared recurrent weight times zeros reads nothing), and
-    the output is the bias broadcast (indexed by the bias's axes) or uniform zeros. False: no zero operand."""
-    if not any(is_zero(ctx, o) for o in operands):
+    """A product whose data operand (the first) is all zero (Gemm/MatMul reading a zero initial state)
+    is zero, plus its bias: no weight axis it reads is fixed (a shared recurrent weight times zeros
+    reads nothing), and the output is the bias broadcast (indexed by the bias's axes) or uniform
+    zeros. False: the data operand is not known to be zero. (A zero *weight* is a value, not the
+    graph's structure: a suspect fine-tuned from it must walk the same, so it is not looked at.)"""
+    if not is_zero(ctx, operands[0]):
         return False
     for name in operands + [bias]:
         if name and ctx.is_weightlike(name):
@@ -199,7 +197,7 @@ def resolve_weight_axes(view, name: str, axis: int):
     src = node.input[0]
     if op in ("Identity", "Cast"):
         return resolve_weight_axes(view, src, axis)
-    if op == "DequantizeLinear":
+    if op in ("DequantizeLinear", "QuantizeLinear"):  # (a Q -> DQ pair on a float weight: fake quantization)
         targets = resolve_weight_axes(view, src, axis)
         if targets is None or int(attr(node, "block_size")):  # blocked scales: rows may not leave a block
             return None

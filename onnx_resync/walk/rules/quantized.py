@@ -227,7 +227,10 @@ def _concat_dims(node, shape_of):  # QLinearConcat: pieces are inputs 2, 5, 8, .
 
 
 # ---- declarations ---------------------------------------------------------------------------
-declare("QuantizeLinear", quantize_linear, attributes={"axis": 1, "block_size": 0}, trivial=True, foldable=True)
+# (QuantizeLinear of a float weight is still that weight, indexed the same way: the Q -> DQ pair that
+# quantization tools put on weights kept in float, AddQDQPairToWeight, TensorRT's QDQ exports)
+declare("QuantizeLinear", quantize_linear, attributes={"axis": 1, "block_size": 0}, trivial=True, foldable=True,
+        weight_view=True)
 declare("DequantizeLinear", quantize_linear, attributes={"axis": 1, "block_size": 0}, trivial=True, foldable=True,
         weight_view=True)
 declare("DynamicQuantizeLinear", dynamic_quantize_linear)
