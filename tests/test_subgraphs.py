@@ -260,3 +260,14 @@ def test_nested_if_and_a_weight_that_leaves_a_branch():
             runs = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
                     for m in (model, permuted)]
             np.testing.assert_allclose(runs[1], runs[0], rtol=1e-5, atol=1e-6)
+
+
+def test_channels_inside_a_loop_body_are_counted():
+    """A Loop body is not followed; its producers' channels count, pinned with that reason (the
+    model has something it cannot permute, not nothing to permute)."""
+    from test_walk_safety import _loop_model
+
+    result = walk(_loop_model(False))
+    assert result.hidden_channels == 8 + 8 + 3
+    assert ("inside a Loop body (not followed)", 8) in [(p.reason, p.channels) for p in result.pinned]
+    assert result.coverage == 0.5  # fc1's 8 units move, the body's 8 do not

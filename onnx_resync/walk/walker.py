@@ -15,7 +15,7 @@ import onnx
 
 from .channels import ElementTable, Label
 from .groups import Group, GroupSlot, PinnedReason, Producer, Reader, WalkResult, slot_part  # noqa: F401
-from .graph import GraphView, node_inputs
+from .graph import GraphView, node_inputs, outer_scope_names, subgraphs
 from .groups import INPUT_REASON
 from . import registry
 from .rules import resolve_weight_axes, unknown_op
@@ -322,7 +322,51 @@ def walk(model: onnx.ModelProto, view: GraphView | None = None) -> WalkResult:
         _spread_input_values(ctx, node, spec)
         ctx.end_node(node)
     ctx.node = None
-    return _form_groups(ctx)
+    result = _form_groups(ctx)
+    _count_bodies(view, result)
+    return result
+
+
+def _count_bodies(view: GraphView, result: WalkResult) -> None:
+    """Loop and Scan bodies are not followed (their carried state would have to line up across
+    iterations): the channels their producers make are counted, as pinned with that reason, so a
+    model that computes inside a loop never reads as having nothing to permute."""
+    for node in view.nodes:
+        if node.op_type not in ("Loop", "Scan") or node.domain not in ("", "ai.onnx"):
+            continue
+        for body in subgraphs(node):
+            try:
+                count = walk(_body_model(view, body)).hidden_channels
+            except UnsupportedError:  # a body that cannot stand alone (ONNX refuses it): not counted
+                continue
+            if count:
+                result.hidden_channels += count
+                result.pinned.append(PinnedReason(f"inside a {node.op_type} body (not followed)", count,
+                                                  [node.name or node.op_type]))
+    result.pinned.sort(key=lambda p: -p.channels)
+
+
+def _body_model(view: GraphView, body: onnx.GraphProto) -> onnx.ModelProto:
+    """A body as a model of its own: what it reads from outside becomes an input, or the stored
+    weight itself (so its producers are found as in the graph)."""
+    inputs, stored = list(body.input), []
+    for name in sorted(outer_scope_names(body)):
+        tensor = view.stored_tensor(name)
+        if tensor is not None:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(tensor)
+            copy.name = name
+            stored.append(copy)
+        else:
+            shape = view.shape(name)
+            inputs.append(onnx.helper.make_tensor_value_info(
+                name, onnx.TensorProto.FLOAT, None if shape is None else [d if isinstance(d, (int, str)) else None
+                                                                        for d in shape]))
+    graph = onnx.helper.make_graph(list(body.node), body.name or "body", inputs, list(body.output),
+                                   list(body.initializer) + stored)
+    model = onnx.helper.make_model(graph, opset_imports=list(view.model.opset_import))
+    model.ir_version = view.model.ir_version
+    return model
 
 
 def _join_branches(ctx: WalkContext, node: onnx.NodeProto) -> None:
