@@ -16,9 +16,9 @@ their rows. For every vendor file (tests/vendor_models.py finds them in ~/.cache
    images (dark strokes on a light background) for the OCR models, smooth random fields with text for
    the detectors, sentences as token ids for the text encoder. **Quality** = agreement of the
    perturbed model with the unperturbed one, 1 for the unperturbed model, about 0 by chance:
-   detection maps: F1 of the thresholded maps; recognizer: per-frame argmax agreement on the frames
-   that either model does not call blank; classifiers: Cohen's kappa of the argmax (inputs rotated so
-   that every class occurs); text encoder: top-1 retrieval (each sentence's perturbed embedding
+   detection maps: F1 of the thresholded maps; recognizer: Cohen's kappa of the per-frame argmax (blank
+   included: chance-corrected, so the many blank frames do not inflate it); classifiers: Cohen's kappa
+   of the argmax (inputs rotated so that every class occurs); text encoder: top-1 retrieval (each sentence's perturbed embedding
    nearest its own unperturbed one among all), chance-corrected;
 4. resync (match.match, the statistic of resync.decision_statistics: derived at >= 1) and the paper's
    per-layer argmax (tools/robustness.baseline) on the same suspect: neurons placed (%), interchangeable
@@ -123,7 +123,7 @@ def inputs_for(name: str, rng: np.random.Generator) -> tuple[list[dict], str]:
     if name == "ppocr_rec":  # one text line, 48 high, (x - 0.5) / 0.5
         for _ in range(12):
             feeds.append({"x": ((_chw(text_image(48, 320, rng)) - 0.5) / 0.5)[None].astype(np.float32)})
-        return feeds, "ctc_agreement"
+        return feeds, "ctc_kappa"
     if name in ("ppocr_cls", "pplcnet_orientation"):
         h, w, k = (48, 192, 2) if name == "ppocr_cls" else (224, 224, 4)
         for i in range(24):
@@ -176,21 +176,12 @@ def quality(metric: str, ref: list[np.ndarray], sus: list[np.ndarray]) -> float:
             tp = (a & b).sum()
             scores.append(1.0 if not a.any() and not b.any() else 2 * tp / max(a.sum() + b.sum(), 1))
         return float(np.mean(scores))
-    if metric == "ctc_agreement":
-        agree = total = 0
-        for r, s in zip(ref, sus):
-            a, b = r[0].argmax(-1), s[0].argmax(-1)
-            keep = (a != 0) | (b != 0)
-            agree += int((a[keep] == b[keep]).sum())
-            total += int(keep.sum())
-        return agree / total if total else 1.0
+    if metric == "ctc_kappa":  # every frame's argmax (blank included), chance-corrected
+        a = np.concatenate([r[0].argmax(-1) for r in ref])
+        b = np.concatenate([s[0].argmax(-1) for s in sus])
+        return _kappa(a, b)
     if metric == "kappa":
-        a = np.array([r.reshape(-1).argmax() for r in ref])
-        b = np.array([s.reshape(-1).argmax() for s in sus])
-        k = ref[0].size
-        po = (a == b).mean()
-        pe = sum((a == c).mean() * (b == c).mean() for c in range(k))
-        return float((po - pe) / (1 - pe)) if pe < 1 else float(po == 1)
+        return _kappa(np.array([r.reshape(-1).argmax() for r in ref]), np.array([s.reshape(-1).argmax() for s in sus]))
     if metric == "retrieval":
         er = np.array([r.reshape(r.shape[1], -1).mean(0) if r.ndim == 3 else r.reshape(-1) for r in ref])
         es = np.array([s.reshape(s.shape[1], -1).mean(0) if s.ndim == 3 else s.reshape(-1) for s in sus])
@@ -199,6 +190,14 @@ def quality(metric: str, ref: list[np.ndarray], sus: list[np.ndarray]) -> float:
         hit = ((es @ er.T).argmax(1) == np.arange(len(er))).mean()
         return float((hit - 1 / len(er)) / (1 - 1 / len(er)))
     raise KeyError(metric)
+
+
+def _kappa(a: np.ndarray, b: np.ndarray) -> float:
+    """Cohen's kappa of two label sequences: 1 the same, 0 as by chance (given each one's label rates)."""
+    po = float((a == b).mean())
+    labels = np.union1d(a, b)
+    pe = float(sum((a == c).mean() * (b == c).mean() for c in labels))
+    return (po - pe) / (1 - pe) if pe < 1 else float(po == 1)
 
 
 def encoder_output(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -314,8 +313,8 @@ def section(rows: list[dict], names: list[str], seeds: int) -> list[str]:
         "normalization parameters left alone, as in the section above). **Quality**: agreement of the "
         "perturbed model with the unperturbed one on realistic inputs made offline with numpy (1 = same "
         "outputs, about 0 = chance): detectors, F1 of the thresholded detection maps on rendered-text images "
-        "over smooth random fields; recognizer, per-frame argmax agreement on non-blank frames of rendered "
-        "text lines; classifiers, Cohen's kappa of the argmax on rendered text rotated through every "
+        "over smooth random fields; recognizer, Cohen's kappa of the per-frame argmax (blank included) on "
+        "rendered text lines; classifiers, Cohen's kappa of the argmax on rendered text rotated through every "
         "class; text encoder, chance-corrected top-1 retrieval of 32 token-id sentences. **Placed**: neurons "
         "put back in their original place (interchangeable ones, identical twins and decayed neurons that "
         "nothing tells apart, count as placed). **Derived**: resync's decision statistic (the weakest voting "
