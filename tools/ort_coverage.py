@@ -4,7 +4,8 @@ The files: the bundled models saved by ONNX Runtime's optimizer (SessionOptions.
 at its extended level (FusedConv, FusedGemm, FusedMatMul, QuickGelu, BiasGelu, ...) and its full level
 (also the NCHWc layout on CPU), the same for their QDQ and dynamically quantized copies
 (tests/quantize_bundled.py: QLinearConv in NHWC, QLinearAdd, QGemm, DynamicQuantizeMatMul,
-MatMulIntegerToFloat, ...), the zoo's BERT-optimizer files (SkipLayerNormalization, Attention with
+MatMulIntegerToFloat, ...), QDQ copies whose weights stay in float behind a Q -> DQ pair
+(AddQDQPairToWeight, as TensorRT-style exports store them), the zoo's BERT-optimizer files (SkipLayerNormalization, Attention with
 packed QKV, BiasGelu), and, with --decoder DIR, the onnxruntime-genai builder's fp32 and int4 decoders
 (tools/build_decoder.py's export stage: GroupQueryAttention with rotary and a KV cache,
 SkipSimplifiedLayerNormalization, SimplifiedLayerNormalization, MatMulNBits).
@@ -52,6 +53,19 @@ def ort_saved(src: Path, dst: Path, level: str) -> Path:
     return dst
 
 
+def fake_quantized(src: Path, dst: Path, name: str) -> Path:
+    """QDQ with every weight kept in float behind QuantizeLinear -> DequantizeLinear (AddQDQPairToWeight,
+    the form of TensorRT-style QDQ exports)."""
+    import numpy as np
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from quantize_bundled import _Calibration
+
+    x = np.load(ROOT / "models" / f"{name}_test.npz")["input"]
+    quantize_static(str(src), str(dst), _Calibration(x), quant_format=QuantFormat.QDQ, per_channel=True,
+                    weight_type=QuantType.QInt8, extra_options={"AddQDQPairToWeight": True})
+    return dst
+
+
 def files(decoder: Path | None) -> list[tuple[str, Path, dict]]:
     from quantize_bundled import quantize
 
@@ -68,6 +82,11 @@ def files(decoder: Path | None) -> list[tuple[str, Path, dict]]:
             for level in LEVELS:
                 out.append((f"{name} {kind} ort_{level}", ort_saved(q, CACHE / f"{name}.{kind}.ort_{level}.onnx", level),
                             {}))
+    for name in ("resnet", "mobilenet", "transformer"):  # weights kept in float behind a Q -> DQ pair
+        path = CACHE / f"{name}.qdq_weight_pair.onnx"
+        if not path.exists():
+            fake_quantized(ROOT / "models" / f"{name}.onnx", path, name)
+        out.append((f"{name} qdq weight pair", path, {}))
     for variant in ("bert", "bert_fp16"):
         path = ZOO / "transformer" / f"{variant}.onnx"
         if path.exists():
