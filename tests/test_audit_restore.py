@@ -226,3 +226,14 @@ def test_int4_blocks_cannot_be_restored_in_their_own_format(tmp_path):
         api.audit(str(suspect), str(reference), output=str(out))
     assert info.value.exit_code == 3 and info.value.report.derived and not out.exists()
     assert "stored in blocks" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_check_that_cannot_check_writes_nothing(permuted, tmp_path):
+    """Inputs on which nothing finite comes out: the check cannot check (exit 4), nothing written."""
+    perm_path, _ = permuted("mlp")
+    out = tmp_path / "restored.onnx"
+    nan = {"input": np.full((1, 256), np.nan, dtype=np.float32)}
+    with pytest.raises(CheckFailed) as info:
+        api.audit(str(perm_path), str(MODELS / "mlp.onnx"), output=str(out), verify_options={"inputs": nan})
+    assert info.value.exit_code == 4 and "cannot check" in str(info.value) and not out.exists()
+    assert info.value.report.restored["reason"].startswith("cannot check")

@@ -34,7 +34,7 @@ import onnx
 
 from .align import Alignment
 from .canonical import CanonicalModel
-from ..errors import CheckFailed, ResyncError, UnsupportedError
+from ..errors import CheckFailed, ResyncError, UnsupportedError, UsageError
 from ..io import WeightStore, save_model
 from ..permute import PermutationRecord, permuted_copy, slot_indices
 from ..walk import Group, WalkResult, slot_part, walk
@@ -109,7 +109,17 @@ def restore_suspect(suspect: onnx.ModelProto, sus_c: CanonicalModel, ref_c: Cano
     if check:
         from ..verify import explain, verify
 
-        report = verify(suspect, restored, **(verify_options or {}))
+        try:
+            report = verify(suspect, restored, **(verify_options or {}))
+        except (CheckFailed, UsageError):
+            raise
+        except ResyncError as exc:  # no input ONNX Runtime runs: the check cannot check
+            result.reason = f"cannot check the restored file: {str(exc).splitlines()[0] if str(exc) else exc}"
+            failed = CheckFailed(result.reason + "; nothing written (give --inputs or --shape that the check can "
+                                 "run)")
+            failed.exit_code = EXIT_CANNOT_CHECK
+            failed.restore = result
+            raise failed from None
         result.verify = report.to_dict()
         result.verified = bool(report.equivalent)
         if report.verdict == "cannot check":
