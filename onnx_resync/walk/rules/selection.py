@@ -108,15 +108,7 @@ def concat(ctx, node) -> None:
 def split(ctx, node) -> None:
     x = node.input[0]
     labels = ctx.get(x)
-    r = ctx.rank(x)
-    axis = _norm_axis(int(attr(node, "axis")), r)
-    sizes = attr(node, "split")
-    if sizes is None and len(node.input) > 1 and node.input[1]:
-        value = ctx.const(node.input[1])
-        sizes = None if value is None else [int(v) for v in np.atleast_1d(value)]
-    if sizes is None and axis is not None:
-        dims = [ctx.dim(o, axis) for o in node.output]
-        sizes = dims if all(isinstance(d, int) for d in dims) else None
+    axis, sizes = _split_sizes(ctx, node)
     if not ctx.labels.get(x):
         if ctx.is_weightlike(x) and axis is not None and sizes is not None:
             _weight_grid(ctx, node, x, axis, sizes)
@@ -134,6 +126,20 @@ def split(ctx, node) -> None:
         out_labels.update(_cut_stacked(ctx, x, lambda a, n: kept if a == axis else None))
         start += size
         ctx.set(out, out_labels)
+
+
+def _split_sizes(ctx, node):
+    """A Split's axis (normalized) and chunk sizes, from its attribute, its input or its outputs'
+    shapes; None where unknown."""
+    axis = _norm_axis(int(attr(node, "axis")), ctx.rank(node.input[0]))
+    sizes = attr(node, "split")
+    if sizes is None and len(node.input) > 1 and node.input[1]:
+        value = ctx.const(node.input[1])
+        sizes = None if value is None else [int(v) for v in np.atleast_1d(value)]
+    if sizes is None and axis is not None:
+        dims = [ctx.dim(o, axis) for o in node.output]
+        sizes = dims if all(isinstance(d, int) for d in dims) else None
+    return axis, sizes
 
 
 def slice_(ctx, node) -> None:
@@ -173,12 +179,16 @@ _MEET_DEPTH = 12  # elementwise ops followed from each chunk when looking for wh
 
 def _grid_units(ctx, node, label, sizes, outputs):
     """The unit label every chunk carries when `label` is cut into equal `sizes` that meet again."""
+    if label is None or not _equal_chunks_meet(ctx, sizes, len(label), outputs):
+        return None
+    return _grid(ctx, node, label, len(sizes), sizes[0])
+
+
+def _equal_chunks_meet(ctx, sizes, n, outputs) -> bool:
+    """k >= 2 equal chunks covering all n positions, which meet again elementwise."""
     k = len(sizes)
-    if label is None or k < 2 or len(set(sizes)) != 1 or sizes[0] * k != len(label) or sizes[0] < 1:
-        return None
-    if not _chunks_meet(ctx, [[o] for o in outputs]):
-        return None
-    return _grid(ctx, node, label, k, sizes[0])
+    return (k >= 2 and len(set(sizes)) == 1 and sizes[0] >= 1 and sizes[0] * k == n
+            and _chunks_meet(ctx, [[o] for o in outputs]))
 
 
 def _weight_grid(ctx, node, x, axis, sizes) -> None:
@@ -186,10 +196,10 @@ def _weight_grid(ctx, node, x, axis, sizes) -> None:
     by the first cell's Gemm of a zero state, cut into gates): its axis becomes a grid slot and
     every chunk carries the unit label, like a layer's output would."""
     n = ctx.dim(x, axis)
-    if not isinstance(n, int) or sum(sizes) != n:
+    if not isinstance(n, int) or not _equal_chunks_meet(ctx, sizes, n, list(node.output)):
         return
     cells = ctx.new(n, node, x, kind="weight-grid")
-    units = _grid_units(ctx, node, cells, sizes, list(node.output))
+    units = _grid(ctx, node, cells, len(sizes), sizes[0])
     if units is None or not ctx.slot(x, axis, cells):
         return
     uniform = {a for a in ctx.uniform.get(x, ()) if a != axis}
@@ -213,19 +223,12 @@ def weight_chunk_units(ctx, name, axis):
     if key not in cache:
         cache[key] = None
         x = node.input[0]
-        r = ctx.rank(x)
-        split_axis = _norm_axis(int(attr(node, "axis")), r)
-        sizes = attr(node, "split")
-        if sizes is None and len(node.input) > 1 and node.input[1]:
-            value = ctx.const(node.input[1])
-            sizes = None if value is None else [int(v) for v in np.atleast_1d(value)]
-        if sizes is None and split_axis is not None:
-            dims = [ctx.dim(o, split_axis) for o in node.output]
-            sizes = dims if all(isinstance(d, int) for d in dims) else None
+        split_axis, sizes = _split_sizes(ctx, node)
         n = ctx.dim(x, split_axis) if split_axis is not None else None
-        if ctx.is_weightlike(x) and sizes is not None and isinstance(n, int) and sum(sizes) == n and r == ctx.rank(name):
+        if (ctx.is_weightlike(x) and sizes is not None and isinstance(n, int) and ctx.rank(x) == ctx.rank(name)
+                and _equal_chunks_meet(ctx, sizes, n, list(node.output))):
             cells = ctx.new(n, node, x, kind="weight-grid")
-            units = _grid_units(ctx, node, cells, sizes, list(node.output))
+            units = _grid(ctx, node, cells, len(sizes), sizes[0])
             if units is not None and ctx.slot(x, split_axis, cells):
                 cache[key] = (split_axis, units)
     found = cache[key]
