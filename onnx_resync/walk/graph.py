@@ -501,12 +501,19 @@ def _pad_shape(node, shapes, values):
     axes = values.elements(node.input[3]) if len(node.input) > 3 and node.input[3] else list(range(len(x)))
     if axes is None or len(pads) != 2 * len(axes):
         return None
+    if not all(_integral(p) for p in pads):  # float or bool pads: ONNX refuses the node, we read nothing
+        return None
     out = [shapes_module.from_dim(d) for d in x]
     for k, a in enumerate(axes):
         if not isinstance(a, int):
             return None
         out[a % len(x)] = out[a % len(x)] + pads[k] + pads[k + len(axes)]
     return _scaled_dims(out)
+
+
+def _integral(e) -> bool:
+    """An integer or a symbolic integer expression (shapes.Term), not a Fraction or a bool."""
+    return isinstance(e, (int, np.integer, shapes_module.Term)) and not isinstance(e, (bool, np.bool_))
 
 
 def _slice_shape(node, shapes, values):
