@@ -3,7 +3,9 @@
 
 For every bundled model and every attack of tests/attacks.py (dummy, clique and split neurons at 5%
 and 50% of every group the attack can widen; an inserted identity or monomial layer; structured
-pruning of 10% and 50%; adaptive attackers: nearly silent dummies and noisy split copies at 10%), each followed by a random permutation of every group and a neutral
+pruning of 10% and 50%; constant neurons at 10% (zero incoming weights, the readers' biases
+compensating; groups read by Gemm or an unpadded Conv only); adaptive attackers: nearly silent
+dummies and noisy split copies at 10%), each followed by a random permutation of every group and a neutral
 positive rescale (pruning: permutation only): resync the attacked copy against the reference and
 record the verdict, what the reduction removed, the share of reference neurons matched, the
 evidence and whether the restored model was verified equivalent to the suspect; then attack the
@@ -33,7 +35,7 @@ from onnx_resync.errors import ResyncError  # noqa: E402
 
 ATTACKS = [("dummies", 0.05), ("dummies", 0.5), ("cliques", 0.05), ("cliques", 0.5), ("splits", 0.05),
            ("splits", 0.5), ("identity", 0.0), ("monomial", 0.0), ("prune", 0.1), ("prune", 0.5),
-           ("noisy dummies", 0.1), ("noisy splits", 0.1)]
+           ("constants", 0.1), ("noisy dummies", 0.1), ("noisy splits", 0.1)]
 NOISE = 0.01  # adaptive attackers: x the std of the weights (dummies' outgoing, split copies' incoming)
 MODELS = ["mlp", "vgg", "resnet", "mobilenet", "csp", "transformer", "gru"]
 
@@ -41,6 +43,9 @@ MODELS = ["mlp", "vgg", "resnet", "mobilenet", "csp", "transformer", "gru"]
 def _attacked(path: str, kind: str, fraction: float, seed: int):
     if kind.startswith("noisy "):
         return attacks.attack(path, kind.split()[1], fraction, seed, shuffle=True, noise=NOISE)
+    if kind == "constants":
+        model, log = attacks.constants(path, fraction, seed)
+        return attacks.permute_rescale(model, seed), log
     if kind == "prune":
         pruned, log = attacks.prune(onnx.load(path), fraction, seed)
         return attacks.permute_rescale(pruned, seed, rescale=False), log
@@ -63,7 +68,7 @@ def _one(path: str, reference: str, kind: str, fraction: float, seed: int, work:
         return {"cell": f"error (exit {exc.exit_code}): {str(exc)[:80]}", "derived": None}
     seconds = time.perf_counter() - t0
     red = report.reduction or {}
-    removed = red.get("dummy", 0) + red.get("split", 0) + red.get("clique", 0)
+    removed = sum(red.get(k, 0) for k in ("dummy", "split", "clique", "constant"))
     pruned = sum(p["removed"] for p in red.get("pruned", []))
     near = sum(p["removed"] for p in red.get("approximate", []))
     what = ", ".join(x for x in (
