@@ -106,6 +106,13 @@ def restore_suspect(suspect: onnx.ModelProto, sus_c: CanonicalModel, ref_c: Cano
         not_restored=[{"group": g.key, "neurons": g.size, "reason": reasons.get(g.key, "no suspect group")}
                       for g in ref_groups if g.key not in applied],
         record=record)
+    if not result.restored and any(n["neurons"] > 1 for n in result.not_restored):  # nothing to write
+        result.reason = (f"none of the reference's {result.groups} groups maps to a group of the suspect's own file "
+                         f"({result.not_restored[0]['group']}: {result.not_restored[0]['reason']})")
+        failed = CheckFailed(f"cannot restore the suspect's own file: {result.reason}; nothing written")
+        failed.exit_code = UnsupportedError.exit_code
+        failed.restore = result
+        raise failed
     if check:
         from ..verify import explain, verify
 
@@ -155,13 +162,6 @@ def restore_audited(report, output: str | os.PathLike, suspect: onnx.ModelProto,
         restore = getattr(failed, "restore", None)
         report.restored = restore.to_dict() if restore is not None else {
             "output": None, "written": False, "reason": str(failed).split("; nothing written")[0]}
-        return failed
-    if not result.restored and any(n["neurons"] > 1 for n in result.not_restored):
-        result.reason = (f"none of the reference's {result.groups} groups maps to a group of the suspect's own file "
-                         f"({result.not_restored[0]['group']}: {result.not_restored[0]['reason']})")
-        report.restored = result.to_dict()
-        failed = CheckFailed(f"cannot restore the suspect's own file: {result.reason}; nothing written")
-        failed.exit_code = UnsupportedError.exit_code
         return failed
     save_model(restored, output, inputs=inputs)  # atomic: a temporary file renamed into place
     result.output, result.written = str(output), True
