@@ -335,11 +335,15 @@ class _Matcher:
         if sampled:
             # an unbiased estimate of every similarity: assignments accepted only with a wide margin
             # (all pairs exact: it only estimates the runner-ups for the report, a smaller sample)
-            C = f.sampled_gram(SAMPLE_COLUMNS if len(rest) else SAMPLE_COLUMNS // 4, np.random.default_rng(gi))
+            C = f.sampled_gram(SAMPLE_COLUMNS if len(rest) else SAMPLE_COLUMNS // 4, np.random.default_rng(gi),
+                               kernels=False)
             margin = SAMPLED_MARGIN
         else:
-            C = f.gram()
+            C = f.gram(kernels=False)
             margin = self.margin
+        K = _kernel_gram(f.kernels) if f.kernels else None  # (once: the statistics take it out again)
+        if K is not None:
+            C += K
         settled = n - len(rest)
         if len(rest):
             taken = np.zeros(n, dtype=bool)
@@ -359,16 +363,14 @@ class _Matcher:
         # the evidence comes from the slots of 2+ entries: a 1-D slot places a neuron that nothing
         # else does, but one value per neuron agreeing is no evidence of a copy (an inconsistent
         # shuffle keeps each slot's values)
-        if f.kernels and (f.dims >= 2).any():
-            K = _kernel_gram(f.kernels)
+        if K is not None and (f.dims >= 2).any():
             C -= K
             runner_up, _ = _runner_up(C, rows, perm, columns=False)
             null = null - K[:, null_cols]
             margin_v = cos - K[rows, perm] - runner_up
-            del K
         else:
             margin_v = margin
-        del C
+        del C, K
         gap = margin_v / np.maximum(_spread(null, null_cols, perm), 1e-12)
         return f, perm, cos, margin, settled, gap, rest
 
@@ -458,7 +460,7 @@ class _Features:
             C += _kernel_gram(self.kernels, cols, suspect)
         return C
 
-    def sampled_gram(self, k: int, rng: np.random.Generator) -> np.ndarray:
+    def sampled_gram(self, k: int, rng: np.random.Generator, kernels: bool = True) -> np.ndarray:
         """An unbiased estimate of gram() from about k entries per row: k columns drawn at random
         from the held part, and evenly spread ones from each wide slot, shared out by width."""
         width = self.width
@@ -473,7 +475,7 @@ class _Features:
             # the scales applied to the sample's columns, not to the n x n product
             xr = xr * (sr * (w.width / xr.shape[0]))[None, :].astype(np.float32)
             C += xr.T @ (xs * ss[None, :].astype(np.float32))
-        if self.kernels:  # (exact: cheap)
+        if self.kernels and kernels:  # (exact: cheap)
             C += _kernel_gram(self.kernels)
         return C
 
@@ -581,15 +583,13 @@ def _scalar_kernel(ref: np.ndarray, sus: np.ndarray, noise: float, top: int):
     return r, s, h, max(info, 1.0)
 
 
-def _kernel_gram(kernels, cols: np.ndarray | None = None, suspect: bool = True, rows: np.ndarray | None = None):
+def _kernel_gram(kernels, cols: np.ndarray | None = None, suspect: bool = True):
     """The 1-D slots' part of gram(): sum over kernels of ref scale x other scale x kernel value."""
     out = None
     for r, s, h, wr, ws in kernels.values():
         o, wo = (s, ws) if suspect else (r, wr)
         if cols is not None:
             o, wo = o[cols], wo[cols]
-        if rows is not None:
-            r, wr = r[rows], wr[rows]
         if out is None:
             out = np.zeros((len(r), len(o)), dtype=np.float32)
         step = max(1, (1 << 22) // max(len(o), 1))
