@@ -5,7 +5,8 @@ at its extended level (FusedConv, FusedGemm, FusedMatMul, QuickGelu, BiasGelu, .
 (also the NCHWc layout on CPU), the same for their QDQ and dynamically quantized copies
 (tests/quantize_bundled.py: QLinearConv in NHWC, QLinearAdd, QGemm, DynamicQuantizeMatMul,
 MatMulIntegerToFloat, ...), QDQ copies whose weights stay in float behind a Q -> DQ pair
-(AddQDQPairToWeight, as TensorRT-style exports store them), the zoo's BERT-optimizer files (SkipLayerNormalization, Attention with
+(AddQDQPairToWeight, as TensorRT-style exports store them), the zoo's BERT-optimizer files and the
+vendor MiniLM through the same optimizer (SkipLayerNormalization, Attention with
 packed QKV, BiasGelu), and, with --decoder DIR, the onnxruntime-genai builder's fp32 and int4 decoders
 (tools/build_decoder.py's export stage: GroupQueryAttention with rotary and a KV cache,
 SkipSimplifiedLayerNormalization, SimplifiedLayerNormalization, MatMulNBits).
@@ -91,6 +92,17 @@ def files(decoder: Path | None) -> list[tuple[str, Path, dict]]:
         path = ZOO / "transformer" / f"{variant}.onnx"
         if path.exists():
             out.append((f"zoo transformer {variant}", path, {}))
+    try:  # a real BERT (the vendor MiniLM) through onnxruntime.transformers' optimizer
+        import vendor_models
+        from onnxruntime.transformers import optimizer
+
+        path = CACHE / "minilm.bert_optimized.onnx"
+        if not path.exists():
+            optimizer.optimize_model(str(vendor_models.fetch("minilm")), model_type="bert", num_heads=0,
+                                     hidden_size=0).save_model_to_file(str(path))
+        out.append(("vendor minilm bert optimizer", path, {}))
+    except Exception as exc:  # no vendor cache and no registry: said, not hidden
+        print(f"skip vendor minilm: {exc}", file=sys.stderr)
     if decoder is not None:
         for variant in ("genai_fp32", "genai_int4"):
             path = decoder / variant / "model.onnx"
