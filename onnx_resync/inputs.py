@@ -21,8 +21,11 @@ each side of it:
 The *input plan* (`plan_inputs`): for every graph input, a shape and values the model accepts, read
 from the graph, with the reason; runtime.settle tries it in ONNX Runtime:
 
-- dims: a dim given with --shape binds every input dim of the same name; a dim that a Reshape target,
-  a Concat partner or a constant operand of Add/Sub/Mul/Div fixes takes that size first; the spatial
+- dims: a dim given with --shape binds every input dim of the same name; a dim whose size the op
+  reading the input requires (its registry entry's `input_dims`: an attention cache's heads, head size
+  and an empty past, a rotary table's width, a recurrent state's hidden size; walk/registry.py), then a
+  dim that a Reshape target, a Concat partner or a constant operand of Add/Sub/Mul/Div fixes takes
+  that size first; the spatial
   dims of an image-like input (4-D float, NCHW or NHWC) take the sizes detectors and classifiers use,
   multiples of 32 from 224 to 640, smallest first (when height and width are separate dims, the
   text-line sizes 48, 32 and 64 high by 320 wide come right after 224: a model that refuses 224x224
@@ -40,7 +43,8 @@ from the graph, with the reason; runtime.settle tries it in ONNX Runtime:
   try whose shapes equal an earlier one's is skipped; at most MAX_TRIES tries (runtime.settle keeps
   the first that ONNX Runtime runs, and records the others' messages).
 
-Pure graph reading (onnx and numpy): no ONNX Runtime here, so the CLI can import the limits.
+Pure graph reading (onnx, numpy, walk's registry and shapes): no ONNX Runtime here, so the CLI can
+import the limits.
 """
 
 from __future__ import annotations
@@ -53,6 +57,10 @@ from itertools import product
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+
+from .errors import UnsupportedError
+from .walk import registry
+from .walk.graph import GraphView
 
 # random input batches per check: more is refused (the CLI's --samples says so)
 MAX_SAMPLES = 1000
@@ -650,6 +658,9 @@ class _Reader(_Graph):
                         if name:
                             self.consumers[name].append((node, idx))
         self._cap: int | None | bool = False
+        self.model = model
+        self.opsets = {("" if o.domain == "ai.onnx" else o.domain): o.version for o in model.opset_import}
+        self._view: GraphView | None | bool = None
 
     # constants -------------------------------------------------------------------------------------
 
@@ -741,6 +752,7 @@ class _Reader(_Graph):
         symbolic = [a for a, d in enumerate(decl) if not isinstance(d, int)]
         if not symbolic:
             return out
+        out.update(self.required_dims(name, decl))
         for node, idx, _ in self._forward(name, frozenset({"Cast", "Identity"})):
             if node.domain not in _DEFAULT_DOMAINS:
                 continue
@@ -770,6 +782,32 @@ class _Reader(_Graph):
                             out.setdefault(a, (int(shape[a - offset]),
                                                f"the constant it meets in {node.op_type} {label!r} fixes it"))
         return out
+
+    def required_dims(self, name: str, decl: list) -> dict[int, tuple[int, str]]:
+        """Axes whose size the op reading `name` (through Cast/Identity) requires: its registry
+        entry's `input_dims` (walk/registry.py), read with the inferred shapes of its other inputs."""
+        out: dict[int, tuple[int, str]] = {}
+        for node, idx, _ in self._forward(name, frozenset({"Cast", "Identity"})):
+            spec = registry.spec_of(node, self.opsets)
+            if spec is None or spec.input_dims is None:
+                continue
+            wanted = spec.input_dims(node, lambda i: self.inferred_shape(node.input[i])
+                                     if i < len(node.input) and node.input[i] else None).get(idx, {})
+            label = node.name or node.output[0]
+            for axis, (size, words) in sorted(wanted.items()):
+                if 0 <= axis < len(decl) and not isinstance(decl[axis], int):
+                    out.setdefault(axis, (int(size), f"{node.op_type} {label!r} {words}"))
+        return out
+
+    def inferred_shape(self, name: str) -> list | None:
+        """The dims of any tensor by ONNX shape inference and the registry's output shapes (walk's
+        GraphView, built on first use: most inputs never need it); None when unknown."""
+        if self._view is None:
+            try:
+                self._view = GraphView(self.model)
+            except UnsupportedError:
+                self._view = False  # a graph the walker refuses: no inferred shapes, ORT judges
+        return self._view.shape(name) if self._view else None
 
     def length_cap(self) -> int | None:
         """Rows of the smallest positional table: a constant Gather table indexed by a Range or a

@@ -461,7 +461,8 @@ def verify(reference, candidate, *, inputs=None, shapes=None, samples: int = 1, 
                 skipped += 1
                 continue
             empty = _empty_input(feed)
-            if empty is None:
+            # an empty input the plan chose (a KV cache's past length 0) is no excuse: ORT refused the plan
+            if empty is None or (input_plan is not None and not input_plan.settled):
                 raise _run_failed(input_plan, feed, str(exc)) from None
             failed_empty = empty
             continue

@@ -430,3 +430,89 @@ def test_a_given_shape_binds_the_dims_of_the_same_name(tmp_path):
     assert "given with --shape" in report.inputs[0]["why"]
     # before, each input took its own: the others stayed 1x1 and the model could not run
     assert verify(str(src), str(src), shapes={"input_ids": [2, 5]}, device="cpu").equivalent
+
+
+# --- sizes an op's schema requires of an input (registry input_dims): KV caches, recurrent states ----
+
+MS = helper.make_opsetid("com.microsoft", 1)
+
+
+def gqa_decoder(head_sizes=(8,)) -> onnx.ModelProto:
+    """A genai-style decoder block: x -> packed QKV MatMul -> GroupQueryAttention (num_heads 4,
+    kv_num_heads 2) reading KV-cache graph inputs declared [batch, 2, past, kv_cache_dim], its lengths
+    from attention_mask -> out projection. Several head sizes: one GQA each, all reading the same cache
+    (a contradiction no feed satisfies)."""
+    rng = np.random.default_rng(5)
+    w = {"one": np.array([1], np.int64), "idx1": np.array(1, np.int64)}
+    nodes = [helper.make_node("ReduceSum", ["attention_mask", "one"], ["sum"], keepdims=0),
+             helper.make_node("Sub", ["sum", "one"], ["seqlens64"]),
+             helper.make_node("Cast", ["seqlens64"], ["seqlens_k"], to=T.INT32),
+             helper.make_node("Shape", ["attention_mask"], ["mshape"]),
+             helper.make_node("Gather", ["mshape", "idx1"], ["total64"]),
+             helper.make_node("Cast", ["total64"], ["total"], to=T.INT32)]
+    outs = []
+    for k, head in enumerate(head_sizes):
+        w[f"Wqkv{k}"] = _f32(rng, 32, (4 + 2 * 2) * head)
+        w[f"Wo{k}"] = _f32(rng, 4 * head, 32)
+        nodes += [helper.make_node("MatMul", ["x", f"Wqkv{k}"], [f"qkv{k}"]),
+                  helper.make_node("GroupQueryAttention", [f"qkv{k}", "", "", "past_key", "past_value", "seqlens_k",
+                                                           "total"], [f"att{k}", f"present_key{k}", f"present_value{k}"],
+                                   name=f"gqa{k}", domain="com.microsoft", num_heads=4, kv_num_heads=2),
+                  helper.make_node("MatMul", [f"att{k}", f"Wo{k}"], [f"y{k}"])]
+        outs.append(helper.make_tensor_value_info(f"y{k}", T.FLOAT, ["batch", "seq", 32]))
+    cache = ["batch", 2, "past_sequence_length", "kv_cache_dim"]
+    ins = [helper.make_tensor_value_info("x", T.FLOAT, ["batch", "seq", 32]),
+           helper.make_tensor_value_info("attention_mask", T.INT64, ["batch", "total_sequence_length"]),
+           helper.make_tensor_value_info("past_key", T.FLOAT, cache),
+           helper.make_tensor_value_info("past_value", T.FLOAT, cache)]
+    graph = helper.make_graph(nodes, "gqa", ins, outs, [numpy_helper.from_array(v, k) for k, v in w.items()])
+    return helper.make_model(graph, ir_version=8, opset_imports=OPSET + [MS])
+
+
+def test_a_kv_cache_takes_the_head_size_its_attention_needs(tmp_path):
+    """kv_cache_dim is named only: GroupQueryAttention's entry says head size = 64 / (4 + 2*2) = 8, an
+    empty past (length 0, a first step); no --shape needed to permute and verify."""
+    src = tmp_path / "gqa.onnx"
+    onnx.save(gqa_decoder(), src)
+    report = api.inputs(str(src), device="cpu")
+    plan = {d["name"]: d for d in report.inputs}
+    assert report.runs and not report.tries
+    assert plan["past_key"]["shape"] == plan["past_value"]["shape"] == [1, 2, 0, 8]
+    assert "GroupQueryAttention 'gqa0' needs head size 8" in plan["past_key"]["why"]
+    assert "empty cache" in plan["past_key"]["why"]
+    assert plan["x"]["shape"] == [1, 16, 32] and plan["attention_mask"]["shape"] == [1, 16]
+    _, result = api.permute(str(src), tmp_path / "p.onnx", seed=1, verify_options={"device": "cpu"})
+    assert result.verified
+    proc = cli_run("verify", src, tmp_path / "p.onnx", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_a_kv_cache_two_attentions_disagree_on_gets_onnx_runtimes_message(tmp_path):
+    """The cache feeds a GQA of head size 8 and one of 16: no shape serves both; the first
+    requirement is tried, ORT refuses, and its message comes whole on one line."""
+    src = tmp_path / "gqa2.onnx"
+    onnx.save(gqa_decoder((8, 16)), src)
+    proc = cli_run("verify", src, src, "--device", "cpu")
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr
+    (line,) = [ln for ln in proc.stderr.splitlines() if "Status Message" in ln]
+    assert "gqa1" in line and "1x2x0x8" in proc.stderr
+
+
+def test_a_recurrent_state_takes_its_directions_and_hidden_size(tmp_path):
+    """A bidirectional LSTM whose X, initial_h and initial_c name every dim: features 4 from W, states
+    [2 directions, batch, hidden 8] from the LSTM's attributes."""
+    rng = np.random.default_rng(6)
+    w = {"W": _f32(rng, 2, 32, 4), "R": _f32(rng, 2, 32, 8)}
+    nodes = [helper.make_node("LSTM", ["X", "W", "R", "", "", "h0", "c0"], ["Y"], name="lstm", hidden_size=8,
+                              direction="bidirectional")]
+    ins = [helper.make_tensor_value_info("X", T.FLOAT, ["seq", "batch", "features"]),
+           helper.make_tensor_value_info("h0", T.FLOAT, ["dirs", "batch", "hidden"]),
+           helper.make_tensor_value_info("c0", T.FLOAT, ["dirs", "batch", "hidden"])]
+    src = tmp_path / "lstm.onnx"
+    onnx.save(_model(nodes, ins, [helper.make_tensor_value_info("Y", T.FLOAT, None)], w), src)
+    report = api.inputs(str(src), device="cpu")
+    plan = {d["name"]: d for d in report.inputs}
+    assert report.runs and not report.tries
+    assert plan["X"]["shape"][2] == 4 and "LSTM 'lstm' needs 4 input features" in plan["X"]["why"]
+    assert plan["h0"]["shape"] == plan["c0"]["shape"] == [2, plan["X"]["shape"][1], 8]
+    assert "needs hidden size 8" in plan["h0"]["why"] and "needs 2 directions" in plan["h0"]["why"]

@@ -22,7 +22,7 @@ ALLOWED = {
     "permute": {"walk", "io", "errors", "jsonable"},
     "match": {"walk", "permute", "io", "errors"},
     "runtime": {"io", "errors"},
-    "inputs": {"runtime", "io", "errors"},
+    "inputs": {"walk", "runtime", "io", "errors"},
     "verify": {"runtime", "inputs", "io", "errors", "jsonable"},
     "reduce": {"match", "permute", "walk", "verify", "runtime", "inputs", "io", "errors", "jsonable"},
     "resync": {"reduce", "match", "permute", "walk", "verify", "runtime", "inputs", "io", "errors", "jsonable"},

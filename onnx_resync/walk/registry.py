@@ -23,7 +23,11 @@ one by hand), and the *properties* that other stages ask about:
 - `output_shapes`: for ops ONNX shape inference does not know (ONNX Runtime's contrib ops), a
   function (node, shape_of) -> per output its dims (None: unknown), or (dims, element type or the
   name of the input whose element type it has), where shape_of(i) is
-  the dims of input i (None when absent or unknown); walk/graph.py feeds the results back.
+  the dims of input i (None when absent or unknown); walk/graph.py feeds the results back;
+- `input_dims`: the sizes the op's schema requires of its inputs' axes (an attention cache's heads and
+  head size, a recurrent state's hidden size), a function (node, shape_of) -> {input index: {axis:
+  (size, words)}}, words such as "needs head size 16"; the input plan (inputs.py) sizes a graph input's
+  symbolic dims by them.
 
 An op that is not registered has no rule: the walker pins everything it touches (nothing is
 guessed). A registered op with `rule=None` is known to the other stages and pinned by the walker.
@@ -61,6 +65,7 @@ class OpSpec:
     output_type: str | None = None
     shape_reader: bool = False
     output_shapes: Callable | None = None
+    input_dims: Callable | None = None
 
     @property
     def name(self) -> str:

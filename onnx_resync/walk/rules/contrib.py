@@ -581,6 +581,69 @@ def _gqa_dims(node, shape_of):
     return [[q[0], q[1], q[2]]]
 
 
+# ---- input dims (the sizes a graph input fed to these ops must have: inputs.py) ------------------
+EMPTY_CACHE = (0, "takes an empty cache (past length 0: a first step)")
+
+
+def _heads_of(shape, heads: int) -> int | None:
+    """Head size of a [B, S, heads * head_size] tensor."""
+    if shape is None or len(shape) != 3 or not isinstance(shape[2], int) or heads <= 0 or shape[2] % heads:
+        return None
+    return shape[2] // heads
+
+
+def _cache(heads: int, head: int | None, head_axis: int = 3) -> dict:
+    """A cache [B, heads, S_past, head_size] (head_axis 3; Attention's [2, B, heads, S_past, head]: 4)."""
+    out = {head_axis - 2: (heads, f"needs {heads} heads")} if heads > 0 else {}
+    out[head_axis - 1] = EMPTY_CACHE
+    if head:
+        out[head_axis] = (head, f"needs head size {head}")
+    return out
+
+
+def _gqa_inputs(node, shape_of):
+    """past_key/past_value [B, kv_num_heads, S_past, head_size], head_size = query hidden / num_heads
+    (packed QKV: / (num_heads + 2 kv_num_heads)); cos/sin caches [positions, head_size / 2]."""
+    heads, kv = int(attr(node, "num_heads")), int(attr(node, "kv_num_heads"))
+    head = _heads_of(shape_of(0), heads + 2 * kv if not _inputs(node, 1) else heads)
+    out = {3: _cache(kv, head), 4: _cache(kv, head)}
+    if head and int(attr(node, "do_rotary")):
+        out[7] = out[8] = {1: (head // 2, f"needs a rotary table of width {head // 2} (head size / 2)")}
+    return out
+
+
+def _mha_inputs(node, shape_of):
+    """past_key [B, num_heads, S_past, Q's head size], past_value [..., V's head size]."""
+    heads = int(attr(node, "num_heads"))
+    head = _heads_of(shape_of(0), heads)
+    v_head = _heads_of(shape_of(2), heads) or head
+    return {6: _cache(heads, head), 7: _cache(heads, v_head)}
+
+
+def _attention_inputs(node, shape_of):
+    """input [B, S, rows of weights]; past [2, B, num_heads, S_past, head_size]."""
+    heads, w = int(attr(node, "num_heads")), shape_of(1)
+    if w is None or len(w) != 2 or not all(isinstance(d, int) for d in w):
+        return {}
+    sizes = [int(s) for s in attr(node, "qkv_hidden_sizes")] or [w[1] // 3] * 3
+    head = sizes[1] // heads if heads > 0 and sizes[1] % heads == 0 else None
+    past = {0: (2, "needs 2 (key and value)")}
+    past.update(_cache(heads, head, head_axis=4))
+    return {0: {2: (w[0], f"needs {w[0]} features (the rows of its weights)")}, 4: past}
+
+
+def _rotary_inputs(node, shape_of):
+    """cos/sin caches [positions, rotary dim / 2]: rotary_embedding_dim, else the head size."""
+    x, heads = shape_of(0), int(attr(node, "num_heads"))
+    dim = int(attr(node, "rotary_embedding_dim"))
+    if not dim:
+        dim = (x[3] if x is not None and len(x) == 4 and isinstance(x[3], int) else _heads_of(x, heads)) or 0
+    if dim <= 0:
+        return {}
+    width = {1: (dim // 2, f"needs a rotary table of width {dim // 2} (rotary dim / 2)")}
+    return {2: width, 3: width}
+
+
 _CONV = {"group": 1, "kernel_shape": None, "strides": None, "dilations": None, "pads": None,
          "auto_pad": "NOTSET", "activation": None, "activation_params": None}
 
@@ -605,10 +668,13 @@ declare("SimplifiedLayerNormalization", simplified_layer_norm, domain=STANDARD, 
         trivial=True, output_shapes=_simplified_norm_dims)
 declare("EmbedLayerNormalization", embed_layer_norm, domain=MICROSOFT, output_shapes=_embed_dims)
 declare("Attention", attention, domain=MICROSOFT,
-        attributes={"num_heads": None, "qkv_hidden_sizes": [], "do_rotary": 0}, output_shapes=_attention_dims)
+        attributes={"num_heads": None, "qkv_hidden_sizes": [], "do_rotary": 0}, output_shapes=_attention_dims,
+        input_dims=_attention_inputs)
 declare("MultiHeadAttention", multi_head_attention, domain=MICROSOFT, attributes={"num_heads": None},
-        output_shapes=_mha_dims)
+        output_shapes=_mha_dims, input_dims=_mha_inputs)
 declare("GroupQueryAttention", group_query_attention, domain=MICROSOFT,
-        attributes={"num_heads": None, "kv_num_heads": None, "do_rotary": 0}, output_shapes=_gqa_dims)
+        attributes={"num_heads": None, "kv_num_heads": None, "do_rotary": 0}, output_shapes=_gqa_dims,
+        input_dims=_gqa_inputs)
 declare("RotaryEmbedding", rotary_embedding, domain=MICROSOFT,
-        attributes={"num_heads": 0, "rotary_embedding_dim": 0}, output_shapes=_same)
+        attributes={"num_heads": 0, "rotary_embedding_dim": 0}, output_shapes=_same,
+        input_dims=_rotary_inputs)

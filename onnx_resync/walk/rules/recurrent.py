@@ -105,8 +105,26 @@ def dynamic_quantize_lstm(ctx, node) -> None:
     rnn(ctx, node, transposed=True)
 
 
+def _rnn_inputs(node, shape_of):
+    """X [.., .., input size] (W's input axis); initial_h/initial_c [directions, B, hidden_size]
+    (layout 1: [B, directions, hidden_size])."""
+    hidden = int(attr(node, "hidden_size"))
+    dirs = 2 if attr(node, "direction") in (b"bidirectional", "bidirectional") else 1
+    out = {}
+    w = shape_of(1)
+    in_axis = 1 if node.op_type == "DynamicQuantizeLSTM" else 2
+    if w is not None and len(w) == 3 and isinstance(w[in_axis], int):
+        out[0] = {2: (w[in_axis], f"needs {w[in_axis]} input features (its W)")}
+    state = {1 if int(attr(node, "layout")) else 0: (dirs, f"needs {dirs} direction{'s' * (dirs > 1)}")}
+    if hidden > 0:
+        state[2] = (hidden, f"needs hidden size {hidden}")
+    out[5] = out[6] = state
+    return out
+
+
 # ---- declarations ---------------------------------------------------------------------------
 _RNN = {"hidden_size": 0, "direction": b"forward", "layout": 0}
 for _op in ("LSTM", "GRU", "RNN"):
-    declare(_op, rnn, attributes=_RNN, stacked=True)
-declare("DynamicQuantizeLSTM", dynamic_quantize_lstm, domain=MICROSOFT, attributes=_RNN, stacked=True)
+    declare(_op, rnn, attributes=_RNN, stacked=True, input_dims=_rnn_inputs)
+declare("DynamicQuantizeLSTM", dynamic_quantize_lstm, domain=MICROSOFT, attributes=_RNN, stacked=True,
+        input_dims=_rnn_inputs)
