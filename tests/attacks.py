@@ -229,6 +229,7 @@ def prune(model: onnx.ModelProto, fraction: float, seed: int = 0, keys: list[str
           ) -> tuple[onnx.ModelProto, AttackLog]:
     """Remove `fraction` of each chosen group's neurons (rows of the producer, columns of readers)."""
     from onnx_resync.reduce.widths import Widths
+    from onnx_resync.verify import verify
 
     rng = np.random.default_rng(seed)
     log = AttackLog("prune")
@@ -245,9 +246,11 @@ def prune(model: onnx.ModelProto, fraction: float, seed: int = 0, keys: list[str
         w = Widths(trial)
         w.remove(group, drop.tolist())
         w.write()
-        try:
+        try:  # the width may also be elsewhere (a Split's sizes, a Reshape into heads): then left alone
             walk(trial)
-        except Exception:  # noqa: BLE001 - the width is also elsewhere (a Split's sizes): left alone
+            if verify(model, trial).verdict == "cannot check":
+                continue
+        except Exception:  # noqa: BLE001 - ONNX or ONNX Runtime refuses the pruned graph
             continue
         current = trial
         log.per_group[key] = k
@@ -375,8 +378,10 @@ def constants(path: str, fraction: float = 0.05, seed: int = 0) -> tuple[onnx.Mo
     current = model
     for key in proven_groups(path, "dummies"):
         group = next((g for g in walk(current).groups if _same_group(g.key, key)), None)
-        if group is None or const.readers(current, group) is None:
-            continue
+        slots = None if group is None else const.readers(current, group)
+        if slots is None or any(len(current.graph.node[k].input) < 3 or not current.graph.node[k].input[2]
+                                for k, _ in slots):
+            continue  # (a reader without a bias would need one added: another structure)
         store = WeightStore(current)
         arrays = [store.get(s.weight).astype(np.float64) for s in group.slots]
         new = []

@@ -92,7 +92,7 @@ def main() -> int:
     args = ap.parse_args()
     models = Path(args.models)
     names = [n for n in MODELS if not args.only or n in args.only.split(",")]
-    rows, wrong = [], []
+    rows, wrong, refused = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for name in names:
@@ -105,6 +105,8 @@ def main() -> int:
                 rows.append((name, label, own, unrelated))
                 if own.get("derived") is False:
                     wrong.append(f"{name} {label}: the attacked copy is not derived")
+                if own["cell"].startswith("error"):
+                    refused.append(f"{name} {label}")
                 if unrelated.get("derived"):
                     wrong.append(f"{name} {label}: the attacked unrelated model is derived")
                 print(f"{name:12} {label:12} {own['cell']} | seed1: {unrelated['cell']}", flush=True)
@@ -130,7 +132,8 @@ def main() -> int:
         "|---|---|---|---|",
     ]
     lines += [f"| {n} | {a} | {o['cell']} | {u['cell']} |" for n, a, o, u in rows]
-    lines += ["", f"Wrong verdicts: {len(wrong)}" + (": " + "; ".join(wrong) if wrong else "."), ""]
+    lines += ["", f"Wrong verdicts: {len(wrong)}" + (": " + "; ".join(wrong) if wrong else ".") + " Attacked copies "
+              f"refused (exit 3, no verdict): {len(refused)}" + (": " + "; ".join(refused) if refused else "."), ""]
     lines += [
         "Notes:",
         "",
