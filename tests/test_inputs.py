@@ -516,3 +516,44 @@ def test_a_recurrent_state_takes_its_directions_and_hidden_size(tmp_path):
     assert plan["X"]["shape"][2] == 4 and "LSTM 'lstm' needs 4 input features" in plan["X"]["why"]
     assert plan["h0"]["shape"] == plan["c0"]["shape"] == [2, plan["X"]["shape"][1], 8]
     assert "needs hidden size 8" in plan["h0"]["why"] and "needs 2 directions" in plan["h0"]["why"]
+
+
+def _contrib_model(nodes, ins, w) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "c", ins, [helper.make_tensor_value_info("y", T.FLOAT, None)],
+                              [numpy_helper.from_array(v, k) for k, v in w.items()])
+    return helper.make_model(graph, ir_version=8, opset_imports=OPSET + [MS])
+
+
+def _mha(rng):
+    w = {"Wq": _f32(rng, 32, 32), "Wk": _f32(rng, 32, 32), "Wv": _f32(rng, 32, 32)}
+    nodes = [helper.make_node("MatMul", ["x", n], [n.lower()]) for n in w] + [
+        helper.make_node("MultiHeadAttention", ["wq", "wk", "wv", "", "", "", "past_key", "past_value"],
+                         ["y", "pk", "pv"], name="mha", domain="com.microsoft", num_heads=4)]
+    cache = ["batch", "heads", "past", "head_size"]
+    ins = [helper.make_tensor_value_info("x", T.FLOAT, ["batch", "seq", 32]),
+           helper.make_tensor_value_info("past_key", T.FLOAT, cache),
+           helper.make_tensor_value_info("past_value", T.FLOAT, ["batch", "heads", "past", "v_head_size"])]
+    return _contrib_model(nodes, ins, w), {"past_key": [1, 4, 0, 8], "past_value": [1, 4, 0, 8]}, "needs head size 8"
+
+
+def _attention(rng):
+    nodes = [helper.make_node("Attention", ["x", "W", "B", "", "past"], ["y", "present"], name="att",
+                              domain="com.microsoft", num_heads=4, unidirectional=1)]
+    ins = [helper.make_tensor_value_info("x", T.FLOAT, ["batch", "seq", "hidden"]),
+           helper.make_tensor_value_info("past", T.FLOAT, ["two", "batch", "heads", "past", "head_size"])]
+    return (_contrib_model(nodes, ins, {"W": _f32(rng, 32, 96), "B": _f32(rng, 96)}),
+            {"x": [1, 16, 32], "past": [2, 1, 4, 0, 8]}, "needs 32 features")
+
+
+@pytest.mark.parametrize("build", [_mha, _attention], ids=["MultiHeadAttention", "Attention"])
+def test_contrib_inputs_take_the_sizes_their_op_requires(build, tmp_path):
+    """Every dim of these inputs is named only; each op's registry entry sizes them and ORT runs the
+    first try (caches empty: ORT accepts a past of length 0 for each)."""
+    model, shapes, words = build(np.random.default_rng(7))
+    src = tmp_path / "c.onnx"
+    onnx.save(model, src)
+    report = api.inputs(str(src), device="cpu")
+    plan = {d["name"]: d for d in report.inputs}
+    assert report.runs and not report.tries
+    assert {n: plan[n]["shape"] for n in shapes} == shapes
+    assert any(words in plan[n]["why"] for n in shapes)

@@ -25,7 +25,7 @@ one by hand), and the *properties* that other stages ask about:
   name of the input whose element type it has), where shape_of(i) is
   the dims of input i (None when absent or unknown); walk/graph.py feeds the results back;
 - `input_dims`: the sizes the op's schema requires of its inputs' axes (an attention cache's heads and
-  head size, a recurrent state's hidden size), a function (node, shape_of) -> {input index: {axis:
+  head size, a recurrent state's hidden size; a preferred size too: an empty past), a function (node, shape_of) -> {input index: {axis:
   (size, words)}}, words such as "needs head size 16"; the input plan (inputs.py) sizes a graph input's
   symbolic dims by them.
 

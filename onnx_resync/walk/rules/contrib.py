@@ -603,13 +603,11 @@ def _cache(heads: int, head: int | None, head_axis: int = 3) -> dict:
 
 def _gqa_inputs(node, shape_of):
     """past_key/past_value [B, kv_num_heads, S_past, head_size], head_size = query hidden / num_heads
-    (packed QKV: / (num_heads + 2 kv_num_heads)); cos/sin caches [positions, head_size / 2]."""
+    (packed QKV: / (num_heads + 2 kv_num_heads)). Cos/sin caches fed as inputs are not sized: their rows
+    must cover the positions fed, which no single size states (ORT refuses a table it must extend)."""
     heads, kv = int(attr(node, "num_heads")), int(attr(node, "kv_num_heads"))
     head = _heads_of(shape_of(0), heads + 2 * kv if not _inputs(node, 1) else heads)
-    out = {3: _cache(kv, head), 4: _cache(kv, head)}
-    if head and int(attr(node, "do_rotary")):
-        out[7] = out[8] = {1: (head // 2, f"needs a rotary table of width {head // 2} (head size / 2)")}
-    return out
+    return {3: _cache(kv, head), 4: _cache(kv, head)}
 
 
 def _mha_inputs(node, shape_of):
@@ -630,18 +628,6 @@ def _attention_inputs(node, shape_of):
     past = {0: (2, "needs 2 (key and value)")}
     past.update(_cache(heads, head, head_axis=4))
     return {0: {2: (w[0], f"needs {w[0]} features (the rows of its weights)")}, 4: past}
-
-
-def _rotary_inputs(node, shape_of):
-    """cos/sin caches [positions, rotary dim / 2]: rotary_embedding_dim, else the head size."""
-    x, heads = shape_of(0), int(attr(node, "num_heads"))
-    dim = int(attr(node, "rotary_embedding_dim"))
-    if not dim:
-        dim = (x[3] if x is not None and len(x) == 4 and isinstance(x[3], int) else _heads_of(x, heads)) or 0
-    if dim <= 0:
-        return {}
-    width = {1: (dim // 2, f"needs a rotary table of width {dim // 2} (rotary dim / 2)")}
-    return {2: width, 3: width}
 
 
 _CONV = {"group": 1, "kernel_shape": None, "strides": None, "dilations": None, "pads": None,
@@ -676,5 +662,4 @@ declare("GroupQueryAttention", group_query_attention, domain=MICROSOFT,
         attributes={"num_heads": None, "kv_num_heads": None, "do_rotary": 0}, output_shapes=_gqa_dims,
         input_dims=_gqa_inputs)
 declare("RotaryEmbedding", rotary_embedding, domain=MICROSOFT,
-        attributes={"num_heads": 0, "rotary_embedding_dim": 0}, output_shapes=_same,
-        input_dims=_rotary_inputs)
+        attributes={"num_heads": 0, "rotary_embedding_dim": 0}, output_shapes=_same)
