@@ -21,6 +21,7 @@ import onnx
 from .errors import CheckFailed, UsageError
 from .inputs import MAX_SAMPLES  # noqa: F401  (the bound on --samples; commands read it here)
 from .io import check_outputs, check_tensor_data, load_model, read_input, save_model, write_text_atomic
+from .io.layout import problem as layout_problem
 from .permute import MAX_SEED, PermutationRecord, check_seed, model_sha256, permuted_copy, random_permutations
 from .walk import WalkResult, walk
 
@@ -133,6 +134,10 @@ def permute(
         if not report.equivalent:
             raise CheckFailed(f"the permuted model is not equivalent to the input; nothing written: {explain(report)}")
     if output is not None:
+        why = layout_problem(permuted)  # the input's external-data layout, kept by the save where it can be
+        if why is not None:
+            notes.append(f"external data written anew, not in the input's layout: {why}")
+            record.notes["external_data"] = f"written anew, not in the input's layout: {why}"
         save_model(permuted, output, inputs=inputs)
         if undo is None:  # the record names the file it permuted and the file it wrote
             record.source_sha256 = hashing.result()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import onnx
 
-from . import files, wire
+from . import files, layout, wire
 from ..errors import LoadError
 from .external import FIXED_ITEMSIZE, IN_PLACE_KEY, SUBBYTE_BITS, TYPED_FIELDS, check_external_data, \
     check_graph_limits, check_tensor_data, data_length, expected_nbytes, external_info, external_nbytes, \
@@ -67,9 +67,14 @@ def load_model(path: str | os.PathLike, *, load_weights: bool = True, check: boo
         _check_text(model)
     except UnicodeDecodeError:
         raise LoadError(f"{path}: not a valid ONNX model (a name or attribute is not UTF-8 text)") from None
+    external = layout.external_entries(model) if load_weights else []  # (in the file's order)
     sort_model(model)  # as ONNX Runtime does (io/order.py); a sorted graph is left as it is
     check_opsets(model, path)
     check_external_data(model, path.parent)
+    try:
+        layout.remember(model, external, path.parent)  # a save writes the same layout (io/layout.py)
+    except Exception as exc:
+        raise LoadError(f"{path}: cannot read external data ({exc})") from None
     _map_in_place(model, cuts, path)
     check_tensor_data(model, path)
     if load_weights:

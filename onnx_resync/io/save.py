@@ -8,7 +8,7 @@ from typing import Callable, Iterable, Iterator
 
 import onnx
 
-from . import files, wire
+from . import files, layout, wire
 from ..errors import UsageError
 from .external import external_info, is_in_place, iter_graph_tensors, over_inline_limit, set_external
 from .order import put_back_file_order
@@ -20,7 +20,9 @@ def save_model(
 ) -> Path:
     """Write atomically: temp files in the target folder, then rename; never over an input.
 
-    Models past the protobuf limit get their large tensors in '<name>.data' beside the file.
+    A model loaded from a file with external data keeps that file's layout (io/layout.py) where it
+    can, its data in '<name>.data' beside the file. Otherwise models past the protobuf limit get their
+    large tensors, and lazy models their lazy tensors, in '<name>.data'.
     A run killed at any point leaves the old output or the complete new one.
     """
     out = Path(out_path)
@@ -28,21 +30,8 @@ def save_model(
     files.refuse_overwrite(out, inputs)
     files.check_output_path(out)
     folder = out.parent
-    move_inline = over_inline_limit(model)
-    streamed = not move_inline and streams_inline(model)
-    external = move_inline or (is_lazy_model(model) and not streamed)
     candidates = _data_candidates(out)
     old_data = files.data_files_of(out) & set(candidates)  # our data file that the current output uses
-    data_name = None
-    if external:
-        # never the data file the current output reads (a kill between the two renames would leave the
-        # old model over new data), nor an input's
-        protected = files.protected_files(inputs)
-        data_name = next((c for c in candidates if c not in old_data and not files.is_one_of(folder / c, protected)
-                          and _replaceable(folder / c)), None)
-        if data_name is None:
-            raise UsageError(f"no name for {out}'s external data ({' or '.join(candidates)}) that is neither an "
-                             "input file nor a link or special file")
     tmp_paths: list[Path] = []
     try:
         restore: list[Callable[[], None]] = []
@@ -50,10 +39,22 @@ def save_model(
             put_back = put_back_file_order(model)  # a graph the loader sorted: its file's order again
             if put_back is not None:
                 restore.append(put_back)
+            value, put_layout = layout.take(model)  # the file's external-data layout, kept if it can be
+            if put_layout is not None:
+                restore.append(put_layout)
+            kept, _ = layout.plan(model, value)
+            move_inline = kept is None and over_inline_limit(model)
+            streamed = kept is None and not move_inline and streams_inline(model)
+            external = kept is not None or move_inline or (is_lazy_model(model) and not streamed)
+            data_name = _data_name(out, inputs, candidates, old_data) if external else None
             if external:
                 tmp_paths.append(files.temp_path(folder, data_name))  # (listed at once, for the finally)
                 data_tmp = tmp_paths[-1]
-                _write_external_data(model, data_tmp, data_name, restore, move_inline)
+                if kept is not None:
+                    _write_kept_layout(kept, data_tmp, data_name, restore)
+                    streamed = streams_inline(model)  # the tensors mapped in place, if any, stay inline
+                else:
+                    _write_external_data(model, data_tmp, data_name, restore, move_inline)
             tmp_paths.append(files.temp_path(folder, out.name))
             model_tmp = tmp_paths[-1]
             files.write_bytes(model_tmp, _inline_chunks(model) if streamed else [model.SerializeToString()])
@@ -74,6 +75,18 @@ def save_model(
         for p in tmp_paths:
             p.unlink(missing_ok=True)
     return out
+
+
+def _data_name(out: Path, inputs: list, candidates: list[str], old_data: set[str]) -> str:
+    """The output's data-file name: never the one the current output reads (a kill between the two
+    renames would leave the old model over new data), nor an input's."""
+    protected = files.protected_files(inputs)
+    name = next((c for c in candidates if c not in old_data and not files.is_one_of(out.parent / c, protected)
+                 and _replaceable(out.parent / c)), None)
+    if name is None:
+        raise UsageError(f"no name for {out}'s external data ({' or '.join(candidates)}) that is neither an "
+                         "input file nor a link or special file")
+    return name
 
 
 def _data_candidates(out: Path) -> list[str]:
@@ -103,9 +116,12 @@ def serialize(model: onnx.ModelProto) -> bytes:
     """model.SerializeToString(), also for a model whose weights are mapped in place or computed
     (and a graph the loader sorted in its file's order)."""
     put_back = put_back_file_order(model)
+    _, put_layout = layout.take(model)  # (a save's business: not in the bytes)
     try:
         return _serialize(model)
     finally:
+        if put_layout is not None:
+            put_layout()
         if put_back is not None:
             put_back()
 
@@ -156,6 +172,15 @@ def _write_external_data(model: onnx.ModelProto, data_path: Path, location: str,
             for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
                 entry = tensor.external_data.add()
                 entry.key, entry.value = key, value
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _write_kept_layout(kept: "layout.Plan", data_path: Path, location: str,
+                       restore: list[Callable[[], None]]) -> None:
+    """The data file of a layout kept from the source file (io/layout.py), lazy tensors streamed."""
+    with open(data_path, "wb") as fh:
+        layout.write(kept, fh, location, restore, _write_lazy)
         fh.flush()
         os.fsync(fh.fileno())
 
