@@ -34,7 +34,7 @@ from .lazy import LazyTensor, is_lazy_tensor
 
 LAYOUT_KEY = "onnx-resync:external-layout"
 KEPT_KEYS = {"location", "offset", "length"}
-_ZEROS = bytes(1 << 20)
+_ZEROS = bytes(64 << 10)  # (zeros written, gaps read, this many bytes at a time)
 
 
 def external_entries(model: onnx.ModelProto) -> list[list]:
