@@ -557,3 +557,34 @@ def test_contrib_inputs_take_the_sizes_their_op_requires(build, tmp_path):
     assert report.runs and not report.tries
     assert {n: plan[n]["shape"] for n in shapes} == shapes
     assert any(words in plan[n]["why"] for n in shapes)
+
+
+# --- the zoo's onnxruntime-genai decoders (tools/build_decoder.py): KV caches named only -----------------
+
+GENAI = Path.home() / ".cache" / "onnx-resync" / "zoo" / "decoder" / "_seed0"
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("variant", ["genai_fp32", "genai_int4"])
+def test_genai_decoders_run_end_to_end_with_no_shapes(variant, tmp_path):
+    """past_key_values.N.key/value [batch_size, 2, past_sequence_length, kv_cache_dim] are read by
+    GroupQueryAttention only: the plan sizes them 1x2x0x16 from its entry (before: kv_cache_dim tried
+    at 224.. and refused; every command needed --shape)."""
+    src = GENAI / variant / "model.onnx"
+    if not src.exists():
+        pytest.skip(f"no {src} (python tools/build_decoder.py)")
+    proc = cli_run("inputs", src, "--device", "cpu")
+    assert proc.returncode == 0 and "refused" not in proc.stdout, proc.stdout + proc.stderr
+    assert "1x2x0x16" in proc.stdout and "needs head size 16" in proc.stdout
+    cpu = {"device": "cpu"}
+    perm = tmp_path / "p.onnx"
+    _, result = api.permute(str(src), perm, seed=1, verify_options=cpu)
+    assert result.verified and result.neurons_moved
+    assert api.verify(str(src), str(perm), device="cpu").equivalent
+    _, report = api.resync(str(perm), str(src), tmp_path / "r.onnx", verify_options=cpu)
+    assert report.verified
+    # audit -o of the int4 file stops at restoring its own file (no group of the suspect's file reads
+    # GroupQueryAttention's k weight at the reference's size), not at its inputs: audited without -o
+    out = tmp_path / "a.onnx" if variant == "genai_fp32" else None
+    audit = api.audit(str(perm), str(src), output=out, verify_options=cpu)
+    assert audit.derived and (out is None or out.exists())
