@@ -25,6 +25,7 @@ this one is written).
 from __future__ import annotations
 
 import itertools
+from collections import OrderedDict
 import math
 import mmap as mmap_module
 import os
@@ -49,6 +50,8 @@ LAZY_RESIDENT_BYTES = int(os.environ.get("ONNX_RESYNC_LAZY_RESIDENT_BYTES", 256 
 DEFERRED_PREFIX = "onnx-resync:deferred:"
 COPY_CHUNK_BYTES = 16 << 20  # a mapped tensor is copied this many bytes at a time
 WRITE_PIECE_BYTES = 16 << 20  # a deferred tensor is written this many bytes of rows at a time
+# the newest computed tensors' values kept, for a tensor read in pieces or several times (_Recent)
+COMPUTED_CACHE_BYTES = int(os.environ.get("ONNX_RESYNC_COMPUTED_CACHE_BYTES", 256 << 20))
 
 
 class LazyTensor:
@@ -94,10 +97,15 @@ class LazyTensor:
     def read(self) -> np.ndarray:
         """The values: read-only (memory-mapped) for a mapped tensor, computed for a deferred one."""
         if self.kind == "computed":
+            array = _recent.get(self)
+            if array is not None:
+                return array
             array = np.asarray(self.compute())
             if array.shape != self.shape:
                 raise ValueError(f"weight {self.name!r}: computed shape {array.shape}, expected {self.shape}")
-            return array.astype(self.dtype, copy=False)
+            array = array.astype(self.dtype, copy=False)
+            _recent.put(self, array)
+            return array
         if self.kind == "permuted":
             return self._moved(self.source.read(), self.index.items())
         if math.prod(self.shape) == 0:
@@ -311,3 +319,38 @@ class _Residency:
 
 
 _residency = _Residency()
+
+
+class _Recent:
+    """The values of the most recently computed tensors, COMPUTED_CACHE_BYTES at most: a computed
+    tensor read a piece at a time (rows(), a wide slot) or several times in a row is computed once,
+    not once per read (a dequantized or cast weight of a huge model read in 12 pieces was computed
+    12 times)."""
+
+    def __init__(self) -> None:
+        self._items: "OrderedDict[int, tuple[LazyTensor, np.ndarray]]" = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, lazy: LazyTensor) -> np.ndarray | None:
+        with self._lock:
+            item = self._items.get(id(lazy))
+            if item is None or item[0] is not lazy:
+                return None
+            self._items.move_to_end(id(lazy))
+            return item[1]
+
+    def put(self, lazy: LazyTensor, array: np.ndarray) -> None:
+        if array.nbytes > COMPUTED_CACHE_BYTES:
+            return
+        with self._lock:
+            old = self._items.pop(id(lazy), None)
+            self._bytes -= old[1].nbytes if old is not None else 0
+            self._items[id(lazy)] = (lazy, array)  # the entry keeps `lazy` alive: its id is not reused
+            self._bytes += array.nbytes
+            while self._bytes > COMPUTED_CACHE_BYTES:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self._bytes -= dropped.nbytes
+
+
+_recent = _Recent()
