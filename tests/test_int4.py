@@ -371,3 +371,17 @@ def test_lazy_files_get_lazy_canonical_weights(tmp_path, monkeypatch, kind, inli
     onnx.save(reference, str(ref_path))
     a, b = audit(lazy, str(ref_path)), audit(model, str(ref_path))
     assert a.verdict == b.verdict == "identical" and a.format_change == b.format_change, (a.summary, b.summary)
+
+
+def test_a_computed_weight_read_in_pieces_is_computed_once():
+    """io/lazy.py keeps the newest computed values: rows read a piece at a time (a wide slot, a
+    streamed save) compute the tensor once, not once per piece."""
+    from onnx_resync.io.lazy import LazyTensor
+
+    calls = []
+    t = helper.make_tensor("w", TensorProto.FLOAT, [8, 4], np.zeros(32, np.float32))
+    values = np.arange(32, dtype=np.float32).reshape(8, 4)
+    lazy = LazyTensor.computed(t, lambda: calls.append(1) or values)
+    pieces = [lazy.rows(np.arange(a, a + 2)) for a in range(0, 8, 2)]
+    np.testing.assert_array_equal(np.concatenate(pieces), values)
+    assert len(calls) == 1
