@@ -11,6 +11,7 @@ order (audited again: nothing moved, identical within its storage).
 
 from __future__ import annotations
 
+import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -206,26 +207,105 @@ def test_failed_equivalence_check_writes_nothing(permuted, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_int4_blocks_cannot_be_restored_in_their_own_format(tmp_path):
-    """MatMulNBits stores K in blocks with one scale each: a hidden neuron moved along K would change
-    the blocks (not the same file any more), so the walker pins those neurons and -o says why,
-    writing nothing (exit 3), while the audit itself still finds the copy derived."""
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+def _int4(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Symmetric, as the onnxruntime-genai builder writes int4 (4-bit zero points of an asymmetric
+    copy are packed two blocks to a byte, which pins K: see walk/rules/contrib.py)."""
+    from test_int4 import int4_copy
 
+    return int4_copy(model, block=32, symmetric=True)
+
+
+def _tensors(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    from onnx import numpy_helper
+
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def _undoes(restored_record: dict, known: dict) -> None:
+    """The restore's record (suspect group -> the suspect unit at each reference place) undoes the
+    known permutation's record (permuted place i holds original unit p[i]) group by group."""
+    for key, p in known.items():
+        assert restored_record.get(key, list(range(len(p)))) == np.argsort(p).tolist(), key
+
+
+def test_int4_blocks_are_restored_in_whole_blocks(tmp_path):
+    """The vendor's own int4 file (MatMulNBitsQuantizer, blocks of 32) permuted by the package moves
+    whole blocks of K: the audit's neuron order maps whole blocks to whole blocks, applied to the
+    suspect's block groups: every stored tensor (packed int4 B, scales, zero points) equals the
+    unpermuted int4 file's, verified equivalent to the suspect by ONNX Runtime."""
+    from test_int4 import _mlp
+
+    reference = tmp_path / "ref.onnx"
+    onnx.save(_mlp(0), reference)
+    vendor = _int4(_mlp(0))
+    suspect = tmp_path / "int4_perm.onnx"
+    _, permuted = api.permute(vendor, str(suspect), seed=5)
+    known = {k: p for k, p in permuted.record.perms.items()}
+    assert len(known) == 2 and all(p != sorted(p) for p in known.values()), known  # both hidden layers' blocks
+    assert any(not np.array_equal(a, _tensors(vendor)[k]) for k, a in _tensors(onnx.load(suspect)).items())
+    out = tmp_path / "restored.onnx"
+    report = api.audit(str(suspect), str(reference), output=str(out))
+    r = report.restored
+    assert r["written"] and r["verified"] and r["restored"] == 2 and r["moved"] > 0, r
+    got, want = _tensors(onnx.load(out)), _tensors(vendor)
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+    _undoes(r["record"], known)
+    assert [n.op_type for n in onnx.load(out).graph.node] == [n.op_type for n in vendor.graph.node]
+
+
+def test_int4_blocks_cannot_be_restored_in_their_own_format(tmp_path):
+    """A float model permuted, then quantized in blocks: its blocks were formed from permuted
+    neurons, so the audit's order splits blocks, which MatMulNBits' K (moved in whole blocks only)
+    cannot express: each hidden group is refused with that reason, nothing is written (exit 3),
+    while the audit itself still finds the copy derived."""
     from test_int4 import _mlp
 
     reference = tmp_path / "ref.onnx"
     onnx.save(_mlp(0), reference)
     permuted, _ = api.permute(_mlp(0), seed=3)
-    q = MatMulNBitsQuantizer(permuted, bits=4, block_size=32, is_symmetric=False)
-    q.process()
     suspect = tmp_path / "int4.onnx"
-    onnx.save(q.model.model, suspect)
+    onnx.save(_int4(permuted), suspect)
     out = tmp_path / "restored.onnx"
     with pytest.raises(CheckFailed) as info:
         api.audit(str(suspect), str(reference), output=str(out))
     assert info.value.exit_code == 3 and info.value.report.derived and not out.exists()
-    assert "stored in blocks" in str(info.value) and "\n" not in str(info.value)
+    assert "whole units of 32" in str(info.value) and "\n" not in str(info.value)
+    restored = info.value.report.restored
+    split = [n for n in restored["not_restored"] if "splits units" in n["reason"]]
+    assert not restored["written"] and [n["neurons"] for n in split] == [128, 128], restored["not_restored"]
+
+
+GENAI = Path.home() / ".cache" / "onnx-resync" / "zoo" / "decoder"
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("seed", [None, 3])
+def test_genai_int4_decoder_is_restored_to_the_references_order(seed, tmp_path):
+    """The onnxruntime-genai int4 decoder (MatMulNBits, GroupQueryAttention) permuted by the package
+    (the zoo's genai_int4.perm, seed 1; and seed 3, which moves the residual stream's blocks too),
+    audited against the torch export with -o: the restored file's stored tensors equal the
+    unpermuted genai int4 file's, its record undoes the known one, verified equivalent by ORT."""
+    source = GENAI / "_seed0" / "genai_int4" / "model.onnx"
+    reference = GENAI / "_seed0" / "torch_dynamo.onnx"
+    zoo_perm = GENAI / "genai_int4.perm" / "model.onnx"
+    if not (source.exists() and reference.exists() and zoo_perm.exists()):
+        pytest.skip("no genai decoder in the zoo (python tools/build_decoder.py)")
+    cpu = {"device": "cpu"}
+    if seed is None:
+        suspect = zoo_perm
+        known = json.loads((zoo_perm.parent / "genai_int4.perm.record.json").read_text())["groups"]
+    else:
+        suspect = tmp_path / "perm.onnx"
+        _, permuted = api.permute(str(source), str(suspect), seed=seed, verify_options=cpu)
+        known = dict(permuted.record.perms)
+        assert all(p != sorted(p) for p in known.values()), known
+    out = tmp_path / "restored.onnx"
+    report = api.audit(str(suspect), str(reference), output=str(out), verify_options=cpu)
+    r = report.restored
+    assert report.derived and r["written"] and r["verified"] and r["moved"] > 0, r
+    got, want = _tensors(onnx.load(str(out))), _tensors(onnx.load(str(source)))
+    assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
+    _undoes(r["record"], known)
 
 
 def test_a_check_that_cannot_check_writes_nothing(permuted, tmp_path):

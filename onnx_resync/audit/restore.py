@@ -17,6 +17,14 @@ points included).
   is compared by the sorted values of its slices in R's aligned weights (sorted: the moves of other
   axes, other groups', cannot change them), exactly. S stands for R when exactly one candidate
   agrees; every other reference group is *not restored* and reported with the reason.
+- A suspect group may move R's neurons in *units* (whole blocks of MatMulNBits' K, the cells of a
+  grid whose other factor is pinned): each of its neurons is `unit` consecutive neurons of R (the
+  *outer* factor: R's neuron u * unit + p) or every `size`-th (the *inner* factor: p * size + u).
+  Such a candidate is probed like the others, its cycle expanded to R's neurons. R's perm is then
+  *expressible* in the suspect's file exactly when it maps whole units to whole units in the same
+  inner order; it is applied as the unit permutation. A perm that splits units (a float model
+  permuted, then quantized in blocks: the blocks were re-formed) cannot be written in the suspect's
+  format: R is not restored, with that reason.
 - The *restored file*: each S moved by its R's perm. Two checks before anything is written:
   *order*: the restored file canonicalized again carries, in every aligned weight, exactly (bit for
   bit) the audit's suspect weights with the perms of the restored groups applied; *function*: ONNX
@@ -92,9 +100,13 @@ def restore_suspect(suspect: onnx.ModelProto, sus_c: CanonicalModel, ref_c: Cano
     ref_groups = [g for g in ref_walk.groups if g.key in perms]
     stands_for, reasons = _correspondence(suspect, sus_walk, sus_c, ref_groups, alignment, canonical)
     applied, record = {}, {}
-    for r_key, s_group in stands_for.items():
+    for r_key, stand_in in stands_for.items():
+        units = stand_in.unit_perm(perms[r_key])
+        if units is None:
+            reasons[r_key] = stand_in.split_reason()
+            continue
         applied[r_key] = list(perms[r_key])
-        record[s_group.key] = list(perms[r_key])
+        record[stand_in.group.key] = units
     restored, _ = permuted_copy(suspect, sus_walk, PermutationRecord(dict(record)))
     _check_order(restored, sus_c, ref_walk, alignment, applied, canonical)
     sizes = {g.key: g.size for g in ref_groups}
@@ -178,8 +190,48 @@ def restore_lines(restored: dict) -> list[str]:
 
 
 # ---- correspondence ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StandIn:
+    """The suspect group that stands for a reference group: neuron for neuron (unit 1), or each of
+    its neurons a unit of `unit` of the reference group's neurons (module docstring)."""
+    group: Group
+    unit: int = 1
+    outer: bool = True  # its neurons are the outer factor (units of consecutive neurons)
+
+    def expand(self, units) -> np.ndarray:
+        """The reference group's neuron perm that moving the suspect group by `units` makes."""
+        units = np.asarray(units, dtype=np.int64)
+        if self.outer:
+            return np.add.outer(units * self.unit, np.arange(self.unit)).reshape(-1)
+        return np.add.outer(np.arange(self.unit) * self.group.size, units).reshape(-1)
+
+    def unit_perm(self, perm) -> list[int] | None:
+        """The suspect group's perm that makes the reference group's `perm`, or None when `perm` does
+        not map whole units to whole units in the same inner order."""
+        perm = np.asarray(perm, dtype=np.int64)
+        units = perm[::self.unit] // self.unit if self.outer else perm[:self.group.size]
+        if not np.array_equal(np.sort(units), np.arange(self.group.size)) or \
+                not np.array_equal(self.expand(units), perm):
+            return None
+        return units.tolist()
+
+    def split_reason(self) -> str:
+        return (f"the suspect's file moves these {self.group.size * self.unit} neurons only as {self.group.size} "
+                f"whole units of {self.unit} (stored in blocks: int4 blocks of K, grid cells), and the audit's order "
+                f"splits units: not expressible in the suspect's format")
+
+
+def _stand_ins(g: Group, size: int) -> list[StandIn]:
+    """How suspect group `g` could stand for a reference group of `size` neurons."""
+    if g.size == size:
+        return [StandIn(g)]
+    if 2 <= g.size < size and size % g.size == 0:
+        return [StandIn(g, size // g.size, True), StandIn(g, size // g.size, False)]
+    return []
+
+
 def _correspondence(suspect: onnx.ModelProto, sus_walk: WalkResult, sus_c: CanonicalModel, ref_groups: list[Group],
-                    alignment: Alignment, canonical) -> tuple[dict[str, Group], dict[str, str]]:
+                    alignment: Alignment, canonical) -> tuple[dict[str, StandIn], dict[str, str]]:
     """Reference group key -> the suspect group that stands for it; and why the others have none."""
     reasons: dict[str, str] = {}
     cycles = _probe_cycles(sus_walk)
@@ -195,17 +247,18 @@ def _correspondence(suspect: onnx.ModelProto, sus_walk: WalkResult, sus_c: Canon
         for slot in g.slots:
             if g not in by_tensor.setdefault(slot.weight, []):
                 by_tensor[slot.weight].append(g)
-    found: dict[str, Group] = {}
+    found: dict[str, StandIn] = {}
     for r in ref_groups:
-        candidates = []
+        candidates: list[StandIn] = []
         for slot in r.slots:
             sw = alignment.weight_map.get(slot.weight)
             origin = sus_c.origins.get(sw) if sw else None
             for src in (origin.sources if origin else []):
-                candidates += [g for g in by_tensor.get(src, []) if g.size == r.size and g not in candidates]
+                for g in by_tensor.get(src, []):
+                    candidates += [c for c in _stand_ins(g, r.size) if c not in candidates]
         if not candidates:
             reasons[r.key] = _pinned(r, sus_walk, sus_c, alignment) or \
-                "no group of the suspect's file of its size reads its weights"
+                "no group of the suspect's file of its size (or in whole units of it) reads its weights"
             continue
         if r.size < 2:
             reasons[r.key] = "a single neuron (nothing to move)"
@@ -215,17 +268,18 @@ def _correspondence(suspect: onnx.ModelProto, sus_walk: WalkResult, sus_c: Canon
         if before is None:
             reasons[r.key] = "its weights are not all in the suspect's canonical form"
             continue
-        agree = [g for g in candidates if np.array_equal(after, before[cycles[g.key]])]
+        agree = [c for c in candidates if np.array_equal(after, before[c.expand(cycles[c.group.key])])]
         if len(agree) == 1:
             found[r.key] = agree[0]
         else:
-            reasons[r.key] = ("moving the suspect's neurons does not move it the same way (its neurons are "
-                              "not those of one group of the suspect's file)" if not agree else
+            reasons[r.key] = ((_pinned(r, sus_walk, sus_c, alignment) or
+                               "moving the suspect's neurons does not move it the same way (its neurons are "
+                               "not those of one group of the suspect's file)") if not agree else
                               f"{len(agree)} groups of the suspect's file move it alike")
     # a suspect group stands for one reference group at most
     taken: dict[str, list[str]] = {}
-    for r_key, g in found.items():
-        taken.setdefault(g.key, []).append(r_key)
+    for r_key, c in found.items():
+        taken.setdefault(c.group.key, []).append(r_key)
     for s_key, r_keys in taken.items():
         if len(r_keys) > 1:
             for r_key in r_keys:
