@@ -317,3 +317,28 @@ def test_a_check_that_cannot_check_writes_nothing(permuted, tmp_path):
         api.audit(str(perm_path), str(MODELS / "mlp.onnx"), output=str(out), verify_options={"inputs": nan})
     assert info.value.exit_code == 4 and "cannot check" in str(info.value) and not out.exists()
     assert info.value.report.restored["reason"].startswith("cannot check")
+
+
+def test_audit_layer_rows_show_live_and_decayed_neurons(tmp_path):
+    """Issue 17's decayed neurons in the audit's per-layer rows (JSON, text, HTML): a hidden group
+    with 8 of 48 neurons decayed to 1e-30 reads 8 decayed, 40 live; the same model without decayed
+    neurons reads 0 decayed, 48 live."""
+    from test_decayed import build
+
+    for decayed, want in ((np.arange(8), (40, 8)), (np.array([], dtype=np.int64), (48, 0))):
+        reference = tmp_path / f"ref{len(decayed)}.onnx"
+        onnx.save(build("gemm", 0, decayed, 1e-30, True), reference)
+        suspect = tmp_path / f"perm{len(decayed)}.onnx"
+        api.permute(str(reference), str(suspect), seed=2)
+        html_path = tmp_path / f"a{len(decayed)}.html"
+        report = api.audit(str(suspect), str(reference), html=str(html_path))
+        assert report.derived
+        (row,) = [r for r in report.to_dict()["layers"] if r["neurons"] == 48]
+        assert (row["live"], row["decayed"]) == want, row
+        lines = report.summary_lines()
+        head = next(line for line in lines if line.startswith("suspect layer"))
+        assert head.split()[5:7] == ["live", "decayed"]
+        # columns from the right (a layer name may hold spaces): ... neurons matched moved live decayed + 5
+        (text,) = [line for line in lines[lines.index(head) + 1:] if line.split()[-10:-9] == ["48"]]
+        assert text.split()[-7:-5] == [str(want[0]), str(want[1])], text
+        assert f"{want[0]} live, {want[1]} decayed" in html_path.read_text()

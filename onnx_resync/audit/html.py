@@ -61,7 +61,8 @@ def render_html(report) -> str:
 
 def _summary_table(report) -> str:
     e = html.escape
-    head = ("<tr><th>#</th><th>suspect layer</th><th>neurons</th><th>matched</th><th>moved</th>"
+    head = ("<tr><th>#</th><th>suspect layer</th><th>neurons</th><th>matched</th><th>moved</th><th>live</th>"
+            "<th>decayed</th>"
             "<th>cosine mean</th><th>cosine worst</th><th>margin median</th><th>margin worst</th>"
             "<th>norm ratio</th><th>max rel. diff</th></tr>")
     rows = []
@@ -70,7 +71,7 @@ def _summary_table(report) -> str:
         cls = ' class="bad"' if pct < 99 else ""
         rows.append(
             f'<tr{cls}><td><a href="#layer{k}">{k}</a></td><td>{e(_names(r.layers) or r.group)}</td>'
-            f"<td>{r.neurons}</td><td>{r.matched} ({pct:.1f}%)</td><td>{r.moved}</td>"
+            f"<td>{r.neurons}</td><td>{r.matched} ({pct:.1f}%)</td><td>{r.moved}</td><td>{r.live}</td><td>{r.decayed}</td>"
             f"<td>{r.cosine_mean:.5f}</td><td>{r.cosine_min:.4f}</td><td>{r.margin_median:.4f}</td>"
             f"<td>{r.margin_min:.4f}</td><td>{r.norm_ratio_min:.3f} - {r.norm_ratio_max:.3f}</td>"
             f"<td>{r.max_relative_difference:.2e}</td></tr>")
@@ -93,7 +94,8 @@ def _layer_section(k: int, row, matrix) -> str:
     figs.append(_histogram_svg(row.norm_ratios, "norm ratio (suspect / reference)", centre=1.0))
     weights = ", ".join(row.weights[:6]) + (f" (+{len(row.weights) - 6})" if len(row.weights) > 6 else "")
     return (f'<section id="layer{k}"><h3>{k}. {e(title)}</h3>'
-            f'<p class="meta">{row.neurons} neurons, {row.matched} matched ({pct:.1f}%), {row.moved} moved; '
+            f'<p class="meta">{row.neurons} neurons, {row.matched} matched ({pct:.1f}%), {row.moved} moved, '
+            f"{row.live} live, {row.decayed} decayed (functionally inert, not evidence); "
             f"cosine mean {row.cosine_mean:.5f}, worst {row.cosine_min:.4f}; evidence {row.evidence:.2f}<br>"
             f"weights: {e(weights) or '-'}<br>reference: {e(_names(row.reference_layers, 4))} "
             f"<span class=\"key\">[{e(row.group)}]</span></p>"

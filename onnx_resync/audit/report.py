@@ -77,6 +77,8 @@ class LayerRow:
     norm_ratio_max: float
     evidence: float
     max_relative_difference: float  # after resync, max |suspect - reference| / max |reference| over the slots
+    live: int = 0  # neurons that vote (neither decayed nor interchangeable; resync.GroupReport)
+    decayed: int = 0  # neurons negligible in every slot of 2+ entries (functionally inert: not evidence)
     margins: list[float] = field(default_factory=list, repr=False)
     norm_ratios: list[float] = field(default_factory=list, repr=False)
     cosines: list[float] = field(default_factory=list, repr=False)
@@ -137,13 +139,15 @@ class AuditReport:
         lines = [f"verdict: {self.summary}"]
         lines += [f"  - {e}" for e in self.evidence]
         lines.append("")
-        head = (f"{'suspect layer':<44} {'neurons':>7} {'matched':>8} {'moved':>6} {'cos mean':>9} "
+        head = (f"{'suspect layer':<44} {'neurons':>7} {'matched':>8} {'moved':>6} {'live':>6} {'decayed':>7} "
+                f"{'cos mean':>9} "
                 f"{'cos min':>8} {'margin min':>10} {'norm ratio':>15} {'max diff':>9}")
         lines.append(head)
         for r in self.layers:
             name = _short(", ".join(r.layers) or r.group, 44)
             lines.append(
                 f"{name:<44} {r.neurons:>7} {100 * r.matched / max(r.neurons, 1):>7.1f}% {r.moved:>6} "
+                f"{r.live:>6} {r.decayed:>7} "
                 f"{r.cosine_mean:>9.5f} {r.cosine_min:>8.4f} {r.margin_min:>10.4f} "
                 f"{r.norm_ratio_min:>7.3f}-{r.norm_ratio_max:<7.3f} {r.max_relative_difference:>9.2e}")
         t = self.timings
@@ -749,7 +753,7 @@ def _row(gr, g, alignment: Alignment, ref_c: CanonicalModel, sus_c: CanonicalMod
         norm_ratio_median=float(gr.norm_ratio_median),
         norm_ratio_min=float(ratio.min()) if ratio.size else 1.0,
         norm_ratio_max=float(ratio.max()) if ratio.size else 1.0, evidence=float(gr.evidence),
-        max_relative_difference=max_diff,
+        max_relative_difference=max_diff, live=int(gr.live), decayed=int(gr.decayed),
         margins=[float(x) for x in neurons.get("margin", [])],
         norm_ratios=[float(x) for x in neurons.get("norm_ratio", [])],
         cosines=[float(x) for x in neurons.get("cosine", [])],
