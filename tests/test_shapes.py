@@ -182,7 +182,8 @@ def test_dynamo_batch_and_heads_merged_is_followed(batch):
     with a static batch."""
     result = _prove(dynamo_merged_heads(batch=batch))
     assert result.coverage == 1.0, result.pinned
-    assert sorted(g.size for g in result.groups) == [4, 4]
+    # a static batch tiles the heads over the merged axis: the heads move too (layout._untile)
+    assert sorted(g.size for g in result.groups) == ([2, 4, 4] if batch == 2 else [4, 4])
 
 
 def same_pads_conv(c=6):

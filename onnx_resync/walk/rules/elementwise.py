@@ -69,8 +69,12 @@ def broadcast(ctx, node, data_inputs=None) -> None:
 
 
 def _derive_elementwise(ctx, node, names, ranks, out_rank) -> None:
-    """An unlabelled elementwise result of weights (and broadcast scalars) stays indexable."""
+    """An unlabelled elementwise result of weights (and broadcast scalars) stays indexable. Only
+    then: a result that also reads an activation of its own extent (attention scores masked by
+    Where(mask, -inf, scores)) is an activation, never a weight to slot."""
     if out_rank is None or any(r is None for r in ranks) or not any(ctx.is_weightlike(n) for n in names):
+        return
+    if not all(ctx.is_weightlike(n) or _holds_one_value(ctx, n, r) for n, r in zip(names, ranks)):
         return
     axis_sources = {}
     for oa in range(out_rank):
@@ -88,6 +92,11 @@ def _derive_elementwise(ctx, node, names, ranks, out_rank) -> None:
         if sources:
             axis_sources[oa] = sources
     ctx.derive(node.output[0], axis_sources, names)
+
+
+def _holds_one_value(ctx, name, rank) -> bool:
+    """`name` broadcasts one value (a runtime scale, a filled tensor): each axis of size 1 or uniform."""
+    return all(ctx.dim(name, a) == 1 or _is_uniform(ctx, name, a) for a in range(rank))
 
 
 def variadic(ctx, node) -> None:

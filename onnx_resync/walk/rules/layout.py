@@ -162,10 +162,17 @@ def reshape(ctx, node) -> None:
         inside = [a for a in in_axes if a in labels]
         if not inside:
             continue
+        dims = (_heads_into_batch(ctx, node, labels, in_shape, out_shape, in_axes, out_axes)
+                or _heads_out_of_batch(ctx, node, labels, in_shape, out_shape, in_axes, out_axes))
+        if dims is not None:
+            out.update(dims)
+            continue
         if dim_product([in_shape[b] for b in in_axes]) != dim_product([out_shape[o] for o in out_axes]) or not all(
                 isinstance(in_shape[b], int) for b in in_axes):
+            symbolic_merge = (len(inside) == 1 and sum(1 for o in out_axes if out_shape[o] != 1) == 1 and dim_product(
+                [in_shape[b] for b in in_axes]) == dim_product([out_shape[o] for o in out_axes]))
             for a in inside:
-                ctx.pin(labels[a], "reaches a graph output" if to_output else
+                ctx.pin(labels[a], "reaches a graph output" if to_output else SYMBOLIC_MERGE if symbolic_merge else
                         "Reshape mixes the channel axis with axes of unknown size")
             continue
         real_out = [o for o in out_axes if out_shape[o] != 1]
@@ -188,7 +195,8 @@ def reshape(ctx, node) -> None:
         elif len(real_out) == 0:
             continue  # cannot happen: a label has more than one position
         else:
-            split = _split_label(label, [out_shape[o] for o in real_out], in_shape, in_axes, a)
+            split = (_split_label(label, [out_shape[o] for o in real_out], in_shape, in_axes, a)
+                     or _untile(label, [out_shape[o] for o in real_out]))
             if split is not None:
                 out[real_out[split[0]]] = split[1]
                 continue
@@ -198,6 +206,83 @@ def reshape(ctx, node) -> None:
                 continue
             out.update(zip(real_out, factors))
     ctx.set(node.output[0], out)
+
+
+# A label lists the element at every position of its axis, so an axis of symbolic length holding
+# channels once per batch index (torch dynamo's K as [batch * heads, S, d]) cannot carry one: it would
+# be the heads label repeated `batch` times, a count unknown until run time (and every later rule --
+# Reshape back, batched MatMul, Slice -- would have to read labels as (symbolic count x block)).
+SYMBOLIC_MERGE = "Reshape merges the channel axis with an axis of symbolic length (per-position labels cannot repeat)"
+HEADS_INTO_BATCH = "Reshape merges attention heads into the batch axis (per-position labels cannot tile a batch)"
+
+
+def _heads_into_batch(ctx, node, labels, in_shape, out_shape, in_axes, out_axes):
+    """(batch.., C) -> (batch * H, D) with C = H * D (torch's MultiheadAttention: [S, B, E] ->
+    [S, B * heads, head_dim]): the channels become (head, dim) cells; the dims keep an axis of their
+    own, the heads are merged into the batch. A label lists the element at every position, so an
+    axis of (batch x heads) positions would hold the heads label once per batch index: unknown for
+    a symbolic batch, and a tiled label that later reshapes and batched MatMuls must split back. So
+    the heads keep their places (pinned with that reason) while the dims move inside every head,
+    the same way. A static batch instead tiles the heads label over the merged axis (Label.tile; a
+    later Reshape splits it back, _untile), so the heads move too. Returns output axis -> label, or
+    None where this is not such a Reshape."""
+    from ..graph import dim_product
+
+    a = in_axes[-1]
+    real_out = [o for o in out_axes if out_shape[o] != 1]
+    if len(real_out) < 2 or a not in labels or any(b in labels for b in in_axes[:-1]) or ctx.stacked(node.input[0]):
+        return None
+    label, d = labels[a], out_shape[real_out[-1]]
+    if not isinstance(d, int) or d < 1 or len(label) % d or len(label) == d or in_shape[a] != len(label):
+        return None
+    heads = len(label) // d
+    if dim_product([in_shape[b] for b in in_axes[:-1]] + [heads]) != dim_product([out_shape[o] for o in real_out[:-1]]):
+        return None
+    if not any(dim_product([out_shape[o]]) != dim_product([heads]) for o in real_out[:-1]):
+        return None  # the heads get an axis of their own: a plain split (_split_product)
+    from .selection import _grid
+
+    products = ctx.elements.products
+    if any(int(e) in products for e in label.elem.tolist()):
+        dims = _grid(ctx, node, label, heads, d)  # q, k and v cut from one packed grid share its cells
+    else:  # fresh (head, dim) cells: heads untagged, free to move as wholes
+        factors = _split_product(ctx, node, label, [heads, d])
+        dims = None if factors is None else factors[1]
+    if dims is None:
+        return None
+    heads_label = Label.of([products[int(e)][0] for e in label.elem[::d].tolist()])
+    batch = [in_shape[b] for b in in_axes[:-1]]
+    if len(real_out) == 2 and all(isinstance(b, int) for b in batch):  # a static batch: heads tiled
+        return {real_out[0]: heads_label.tile(int(np.prod(batch, dtype=np.int64))), real_out[1]: dims}
+    ctx.pin(heads_label, HEADS_INTO_BATCH)
+    return {real_out[-1]: dims}
+
+
+def _heads_out_of_batch(ctx, node, labels, in_shape, out_shape, in_axes, out_axes):
+    """(batch * H, D) -> (batch, H * D), the way back. Heads pinned (not on the merged axis): the
+    dims label is the same at every position of the merged axis, so the channel axis holds it once
+    per head (tiled, copies told apart by sub). Heads tiled over the merged axis (a static batch):
+    the block is split off (_untile) and merged with the dims into (head, dim) cells. Returns
+    output axis -> label, or None where this is not such a Reshape."""
+    from ..graph import dim_product
+
+    a = in_axes[-1]
+    real_out = [o for o in out_axes if out_shape[o] != 1]
+    lead = [b for b in in_axes[:-1] if b in labels]
+    if not real_out or a not in labels or (lead and lead != [in_axes[-2]]):
+        return None
+    label, n = labels[a], out_shape[real_out[-1]]
+    if in_shape[a] != len(label) or not isinstance(n, int) or n % len(label) or n == len(label):
+        return None
+    heads = n // len(label)
+    if dim_product([in_shape[b] for b in in_axes[:-1]]) != dim_product([out_shape[o] for o in real_out[:-1]] + [heads]):
+        return None
+    if not lead:
+        return {real_out[-1]: label.tile(heads)}
+    merged = labels[lead[0]]
+    block = _untile(merged, [len(merged) // heads, heads]) if len(merged) % heads == 0 else None
+    cells = None if block is None else _merge_pair(ctx, node, [block[1], label], [heads, len(label)])
+    return None if cells is None else {real_out[-1]: cells}
 
 
 def _move_stacked(ctx, x, where: dict[int, int], node) -> dict:
@@ -272,6 +357,8 @@ def _split_product(ctx, node, label, out_dims):
     """
     if len(out_dims) < 2 or not all(isinstance(d, int) for d in out_dims) or not _plain(label):
         return None
+    if int(np.prod(out_dims, dtype=np.int64)) != len(label):  # another axis is merged in as well
+        return None
     rows = ctx.new(out_dims[0], node, node.output[0], kind="factor")
     if len(out_dims) == 2:
         rest = [ctx.new(out_dims[1], node, node.output[0], kind="factor")]
@@ -294,6 +381,22 @@ def _merge_pair(ctx, node, labels, dims):
         return None  # another non-trivial axis is merged in as well
     cells = ctx.new(len(labels[0]) * len(labels[1]), node, node.output[0], kind="product")
     return cells if ctx.elements.product(cells.elem, labels[0], labels[1]) else None
+
+
+def _untile(label, out_dims):
+    """(batch * heads) -> (batch, heads) where the label is one block repeated per batch index (a
+    static batch merged with the heads, Label.tile): the inner axis holds the block, whatever the
+    batch index. Returns (1, block label) or None."""
+    if len(out_dims) != 2 or not all(isinstance(d, int) and d > 1 for d in out_dims):
+        return None
+    lead, inner = out_dims
+    if lead * inner != len(label):
+        return None
+    elem, sub = label.elem.reshape(lead, inner), label.sub.reshape(lead, inner)
+    offset = sub - sub[:1]
+    if not (elem == elem[:1]).all() or not (offset == offset[:, :1]).all() or len(np.unique(offset[:, 0])) != lead:
+        return None
+    return 1, Label(elem[0].copy(), sub[0].copy())
 
 
 def _split_label(label, out_dims, in_shape, in_axes, a):

@@ -48,6 +48,10 @@ def gather(ctx, node) -> None:
             out_labels[a + idx_rank - 1] = label
         elif idx is not None and idx.ndim == 1:
             out_labels[a] = _distinct_copies(label.take(np.where(idx < 0, idx + len(label), idx)))
+        elif idx is not None and -len(label) <= int(idx) < len(label):
+            # one position read by a fixed index (q, k or v out of a packed projection's (3, ...)
+            # axis): the element there keeps its place, the others still move; the axis is gone
+            ctx.pin(label.take(np.array([int(idx) % len(label)])), "picked by a constant Gather index")
         else:
             ctx.pin(label, "Gather on the channel axis with non-constant or multi-dim indices")
     if idx is not None and ctx.stacked(data):

@@ -1,0 +1,220 @@
+"""Issue 15 follow-ups: torch's MultiheadAttention (q/k/v picked out of the packed in-projection by
+a constant Gather, heads merged into the batch by one Reshape), and an elementwise result that reads
+an activation (masked attention scores) never taken as a weight.
+
+Each positive model: permute + verify with ONNX Runtime, undo byte-exact, api.resync exact
+(test_unrolled_cells.assert_round_trips); each has a negative that still pins with its reason.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from test_unrolled_cells import assert_round_trips
+from onnx_resync.walk import walk
+
+RNG = np.random.default_rng(0)
+
+
+def _w(name, *shape):
+    return helper.make_tensor(name, TensorProto.FLOAT, list(shape), RNG.normal(size=int(np.prod(shape))))
+
+
+def _i(name, values):
+    values = np.asarray(values, dtype=np.int64)
+    return helper.make_tensor(name, TensorProto.INT64, list(values.shape), values.reshape(-1).tolist())
+
+
+def _model(nodes, inits, inputs, y_shape):
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, y_shape)],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+# ---- masked scores are activations (the arabic_gru_decoder bug) --------------------------------
+def masked_attention(fill: str = "constant"):
+    """h = relu(x W1) [B, 8]; keys k = xs Wk [B, S, 8]; scores = h . k masked by Where(mask, -1e4,
+    scores); softmax; context = p k; y = context Wo. fill: the Where's other operand ('constant'),
+    or 'scores' on both sides (no weight at all)."""
+    nodes = [helper.make_node("Gemm", ["x", "w1"], ["g"], transB=1), helper.make_node("Relu", ["g"], ["h"]),
+             helper.make_node("MatMul", ["xs", "wk"], ["k"]),
+             helper.make_node("Unsqueeze", ["h", "ax1"], ["q"]),
+             helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "kt"], ["s"]),
+             helper.make_node("Greater", ["mask", "zero"], ["keep"]),
+             helper.make_node("Where", ["keep", "big" if fill == "constant" else "s", "s"], ["sm"]),
+             helper.make_node("Softmax", ["sm"], ["p"], axis=-1),
+             helper.make_node("MatMul", ["p", "k"], ["c3"]),
+             helper.make_node("Squeeze", ["c3", "ax1"], ["c"]),
+             helper.make_node("Gemm", ["c", "wo"], ["y"], transB=1)]
+    inits = [_w("w1", 8, 4), _w("wk", 4, 8), _w("wo", 3, 8), _i("ax1", [1]),
+             helper.make_tensor("big", TensorProto.FLOAT, [], [-1e4]),
+             helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4]),
+              helper.make_tensor_value_info("xs", TensorProto.FLOAT, [2, 5, 4]),
+              helper.make_tensor_value_info("mask", TensorProto.FLOAT, [2, 1, 5])]
+    return _model(nodes, inits, inputs, [2, 3])
+
+
+def test_masked_scores_are_not_weights():
+    """Where(mask, constant, scores) reads an activation of its own extent: its result is never
+    weight-derived (it was, and the MatMul reading the softmax pinned as 'weight computed in a way
+    the walker cannot index'); the channels of h and k move together."""
+    result = assert_round_trips(masked_attention())
+    assert result.coverage == 1.0 and result.permutable_channels == 16, result.pinned
+    assert not any("cannot index" in p.reason for p in result.pinned)
+
+
+def test_weight_times_a_runtime_scalar_stays_weight_derived():
+    """The counter-case the rule keeps: a bias scaled by a runtime scalar (a dynamically quantized
+    bias's x_scale) is still weight-derived, its slot on the stored bias; a bias scaled by an
+    activation of its own extent is not a weight, so the channels that meet it pin with the reason."""
+    def model(scale_shape):
+        nodes = [helper.make_node("ReduceMax", ["x"], ["m"], keepdims=1),
+                 helper.make_node("Tile", ["x", "ext"], ["sc"]) if scale_shape == [2, 8] else
+                 helper.make_node("Identity", ["m"], ["sc"]),
+                 helper.make_node("Mul", ["b1", "sc"], ["bs"]),
+                 helper.make_node("Gemm", ["x", "w1"], ["g"], transB=1), helper.make_node("Add", ["g", "bs"], ["h"]),
+                 helper.make_node("Relu", ["h"], ["r"]), helper.make_node("Gemm", ["r", "wo"], ["y"], transB=1)]
+        inits = [_w("w1", 8, 4), _w("b1", 8), _w("wo", 3, 8), _i("ext", [1, 2])]
+        return _model(nodes, inits, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])], [2, 3])
+
+    result = assert_round_trips(model([1, 1]))
+    assert any(s.weight == "b1" for g in result.groups for s in g.slots)
+    result = walk(model([2, 8]))  # b1 * tile(x): not a weight
+    assert result.permutable_channels == 0 and not any(s.weight == "b1" for g in result.groups for s in g.slots)
+    assert any("'bs'" in p.reason for p in result.pinned), result.pinned
+
+
+# ---- q/k/v picked by a constant Gather; heads merged into the batch ----------------------------
+def packed_mha(batch=2, seq=5, d=16, heads=4, pick="gather"):
+    """torch.nn.MultiheadAttention as torch.onnx writes it: in-projection [S, B, 3E] -> [S, B, 3, E]
+    -> (3, S, B, E) -> q/k/v by Gather 0/1/2 (pick='gather') or by Gather of a computed index
+    (pick='dynamic', the counter-case) -> [S, B * heads, head_dim] -> (B * heads, S, head_dim) ->
+    scores, softmax, context -> [S, B, E] -> out-projection."""
+    hd = d // heads
+    nodes = [helper.make_node("MatMul", ["x", "w_in"], ["p0"]), helper.make_node("Add", ["p0", "b_in"], ["p1"]),
+             helper.make_node("Reshape", ["p1", "t_qkv"], ["p2"]),
+             helper.make_node("Transpose", ["p2"], ["p3"], perm=[2, 0, 1, 3])]
+    inits = [_w("w_in", 8, 3 * d), _w("b_in", 3 * d), _w("w_out", d, d), _w("w_y", d, 3),
+             _i("t_qkv", [seq, -1, 3, d]), _i("t_heads", [seq, -1, hd]), _i("t_back", [seq, -1, d])]
+    if pick == "dynamic":  # the index is computed from the input's values (0 at run time): no constant
+        nodes += [helper.make_node("Mul", ["x", "zf"], ["x0"]), helper.make_node("ReduceMax", ["x0"], ["m0"], keepdims=0),
+                  helper.make_node("Cast", ["m0"], ["i0"], to=TensorProto.INT64)]
+        inits += [helper.make_tensor("zf", TensorProto.FLOAT, [], [0.0])]
+    for j, t in enumerate("qkv"):
+        idx = "i0" if pick == "dynamic" and t == "q" else f"i{t}"
+        if idx != "i0":
+            inits.append(_i(idx, j))
+        nodes += [helper.make_node("Gather", ["p3", idx], [t], axis=0),
+                  helper.make_node("Reshape", [t, "t_heads"], [f"{t}h"]),
+                  helper.make_node("Transpose", [f"{t}h"], [f"{t}t"], perm=[1, 0, 2])]
+    nodes += [helper.make_node("Transpose", ["kt"], ["ktt"], perm=[0, 2, 1]),
+              helper.make_node("MatMul", ["qt", "ktt"], ["s"]), helper.make_node("Softmax", ["s"], ["a"], axis=-1),
+              helper.make_node("MatMul", ["a", "vt"], ["c"]),
+              helper.make_node("Transpose", ["c"], ["ct"], perm=[1, 0, 2]),
+              helper.make_node("Reshape", ["ct", "t_back"], ["cb"]),
+              helper.make_node("MatMul", ["cb", "w_out"], ["o"]), helper.make_node("Relu", ["o"], ["r"]),
+              helper.make_node("MatMul", ["r", "w_y"], ["y"])]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [seq, batch, 8])
+    return _model(nodes, inits, [x], [seq, batch, 3])
+
+
+@pytest.mark.parametrize("heads", [2, 4])
+def test_packed_qkv_picked_by_gather_and_heads_merged_into_batch(heads):
+    """Before: 'Gather on the channel axis with non-constant or multi-dim indices' pinned the 48
+    in-projection channels. Now q, k, v keep their places (picked by index), the heads keep theirs
+    (merged into the batch), and the head dims move, the same way in every head and in q, k and v.
+    (A symbolic batch: the torch export below, where the heads pin; ONNX's own inference gives this
+    hand-written graph unrelated symbols after each Reshape by -1.)"""
+    result = assert_round_trips(packed_mha(heads=heads))
+    assert result.coverage == 1.0, result.pinned
+    # a static batch: the heads label is tiled over the merged (batch * heads) axis, so heads move too
+    assert sorted(g.size for g in result.groups) == sorted([16 // heads, heads, 16])
+    for g in result.groups:
+        if g.size != 16:
+            assert {s.weight for s in g.slots} == {"w_in", "b_in", "w_out"}  # q, k, v and the out rows
+
+
+def test_q_picked_by_a_computed_index_still_moves_its_dims():
+    """q picked by an index computed at run time: the q/k/v rows pin ('non-constant'), and since
+    the dims move the same way in every row, whichever row is read holds them in the same order:
+    the dims still move, verified by ONNX Runtime."""
+    result = assert_round_trips(packed_mha(pick="dynamic"))
+    assert result.coverage == 1.0, result.pinned
+
+
+def picked_channel(index: str):
+    """h = relu(x W1) [2, 8]; one channel of h picked by Gather (a constant or a run-time index)
+    scales the head's output: y = h[:, i] * (h Wo)."""
+    nodes = [helper.make_node("Gemm", ["x", "w1"], ["g"], transB=1), helper.make_node("Relu", ["g"], ["h"]),
+             helper.make_node("Gather", ["h", "i"], ["hi"], axis=1),
+             helper.make_node("Unsqueeze", ["hi", "ax1"], ["hu"]),
+             helper.make_node("Gemm", ["h", "wo"], ["o"], transB=1), helper.make_node("Mul", ["o", "hu"], ["y"])]
+    inits = [_w("w1", 8, 4), _w("wo", 3, 8), _i("ax1", [1])]
+    if index == "constant":
+        inits.append(_i("i", 5))
+    else:  # 0 at run time, computed from the input's values
+        nodes[2:2] = [helper.make_node("Mul", ["x", "zf"], ["x0"]),
+                      helper.make_node("ReduceMax", ["x0"], ["m0"], keepdims=0),
+                      helper.make_node("Cast", ["m0"], ["i"], to=TensorProto.INT64)]
+        inits.append(helper.make_tensor("zf", TensorProto.FLOAT, [], [0.0]))
+    return _model(nodes, inits, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4])], [2, 3])
+
+
+def test_a_channel_picked_by_a_constant_index_keeps_its_place():
+    """Before: all 8 channels pinned ('non-constant or multi-dim indices'). Now the picked one keeps
+    its place and the 7 others move; a run-time index still pins all 8 with that reason."""
+    result = assert_round_trips(picked_channel("constant"), full_coverage=False)
+    assert result.permutable_channels == 7 and [g.size for g in result.groups] == [7]
+    assert {p.reason: p.channels for p in result.pinned}["picked by a constant Gather index"] == 1
+    result = walk(picked_channel("runtime"))
+    assert result.permutable_channels == 0
+    assert any("non-constant" in p.reason and p.channels == 8 for p in result.pinned), result.pinned
+
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.mark.parametrize("dynamic", [True, False], ids=["dynamic_batch", "static_batch"])
+def test_torch_multihead_attention_dynamo(dynamic):
+    """torch.nn.MultiheadAttention through torch.onnx's dynamo exporter: 32/80 -> 80/80 channels
+    movable; a dynamic batch moves the head dims (heads pinned: merged into the symbolic batch), a
+    static one the heads too; permute verified with ORT (two batch sizes where dynamic), undo exact."""
+    import warnings
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = torch.nn.Linear(8, 16)
+            self.mha = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+            self.out = torch.nn.Linear(16, 3)
+
+        def forward(self, x):
+            z = torch.relu(self.inp(x))
+            return self.out(self.mha(z, z, z, need_weights=False)[0])
+
+    torch.manual_seed(0)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = torch.onnx.export(M().eval(), (torch.randn(2, 5, 8),), dynamo=True, verbose=False,
+                                      dynamic_shapes={"x": {0: torch.export.Dim("batch")}} if dynamic else None
+                                      ).model_proto
+    except Exception as exc:  # noqa: BLE001 - an exporter this torch cannot run
+        pytest.skip(f"torch.onnx (dynamo) cannot export: {type(exc).__name__}")
+    result = walk(model)
+    assert (result.permutable_channels, result.inner_channels) == (80, 80), result.pinned
+    assert sorted(g.size for g in result.groups) == ([4, 16, 16] if dynamic else [4, 4, 16, 16])
+    from onnx_resync.api import permute
+    for b in ((1, 3) if dynamic else (2,)):
+        permuted, info = permute(model, seed=5, verify_options={"shapes": {"x": [b, 5, 8]}})
+        assert info.verified and info.neurons_moved > 0
+    restored, _ = permute(permuted, undo=info.record, check=False)
+    assert restored.SerializeToString() == model.SerializeToString()
