@@ -12,7 +12,8 @@ before -> after column.
 
 Run: python tools/coverage_report.py [--out docs/coverage.md] [--json rows.json] [--before rows.json]
 (vendor files are fetched once; the zoo's torch_dynamo exports are added when ~/.cache/onnx-resync/zoo
-exists)
+exists; torch.nn.MultiheadAttention exported by torch.onnx's dynamo exporter, dynamic and static batch,
+is built once into ~/.cache/onnx-resync/exports where torch is installed)
 """
 
 from __future__ import annotations
@@ -49,6 +50,55 @@ VENDOR = {
     "arabic_gru_decoder": {},
     "minilm": {"input_ids": [1, 8], "attention_mask": [1, 8], "token_type_ids": [1, 8]},
 }
+
+
+# exports this tool builds from public code when torch is installed (cached): name -> input shapes
+EXPORTS = {"torch_mha_dynamic_batch": {"x": [3, 5, 8]}, "torch_mha_static_batch": {}}
+
+
+def build_export(name: str, path: Path) -> None:
+    """torch.nn.MultiheadAttention (8 -> 16 inputs, 4 heads, 16 -> 3 head) through torch.onnx's
+    dynamo exporter, the batch dynamic or not: q/k/v picked by Gather out of the packed
+    in-projection, heads merged into the batch by one Reshape."""
+    import warnings
+
+    import torch
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = torch.nn.Linear(8, 16)
+            self.mha = torch.nn.MultiheadAttention(16, 4, batch_first=True)
+            self.out = torch.nn.Linear(16, 3)
+
+        def forward(self, x):
+            z = torch.relu(self.inp(x))
+            return self.out(self.mha(z, z, z, need_weights=False)[0])
+
+    torch.manual_seed(0)
+    dynamic = {"x": {0: torch.export.Dim("batch")}} if name.endswith("dynamic_batch") else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(Block().eval(), (torch.randn(2, 5, 8),), dynamo=True, verbose=False,
+                                    dynamic_shapes=dynamic)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(program.model_proto, str(path))
+
+
+def export_paths() -> dict[str, Path]:
+    """The exports of EXPORTS, built once into ~/.cache/onnx-resync/exports (none without torch)."""
+    cache = Path(os.environ.get("ONNX_RESYNC_EXPORTS", Path.home() / ".cache" / "onnx-resync" / "exports"))
+    paths = {}
+    for name in EXPORTS:
+        path = cache / f"{name}.onnx"
+        if not path.exists():
+            try:
+                build_export(name, path)
+            except Exception as exc:  # noqa: BLE001 - no torch, or an exporter this torch cannot run
+                print(f"skip {name}: {type(exc).__name__}: {exc}", file=sys.stderr)
+                continue
+        paths[name] = path
+    return paths
 
 
 def measure(name: str, path: Path, shapes: dict) -> dict:
@@ -100,6 +150,8 @@ def main() -> None:
     parser.add_argument("--before", help="rows of an earlier run (--json): a before -> after column")
     parser.add_argument("--before-label", help="what the earlier run was (a commit), for the text")
     parser.add_argument("--no-zoo", action="store_true", help="leave out the zoo's torch_dynamo exports")
+    parser.add_argument("--no-exports", action="store_true",
+                        help="leave out the exports built here (torch MultiheadAttention, needs torch)")
     args = parser.parse_args()
     before = {r["name"]: r for r in json.loads(Path(args.before).read_text())} if args.before else {}
     rows = []
@@ -121,6 +173,8 @@ def main() -> None:
         path = zoo / name / "torch_dynamo.onnx"
         if path.exists():
             rows.append(measure(f"zoo {name} torch_dynamo", path, {}))
+    for name, path in ({} if args.no_exports else export_paths()).items():
+        rows.append(measure(f"export {name}", path, EXPORTS[name]))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
 
