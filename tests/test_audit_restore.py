@@ -280,7 +280,7 @@ GENAI = Path.home() / ".cache" / "onnx-resync" / "zoo" / "decoder"
 
 @pytest.mark.zoo
 @pytest.mark.parametrize("seed", [None, 3])
-def test_genai_int4_decoder_is_restored_to_the_references_order(seed, tmp_path):
+def test_genai_int4_decoder_is_restored_to_the_references_order(seed, tmp_path, capsys):
     """The onnxruntime-genai int4 decoder (MatMulNBits, GroupQueryAttention) permuted by the package
     (the zoo's genai_int4.perm, seed 1; and seed 3, which moves the residual stream's blocks too),
     audited against the torch export with -o: the restored file's stored tensors equal the
@@ -300,9 +300,12 @@ def test_genai_int4_decoder_is_restored_to_the_references_order(seed, tmp_path):
         known = dict(permuted.record.perms)
         assert all(p != sorted(p) for p in known.values()), known
     out = tmp_path / "restored.onnx"
-    report = api.audit(str(suspect), str(reference), output=str(out), verify_options=cpu)
-    r = report.restored
-    assert report.derived and r["written"] and r["verified"] and r["moved"] > 0, r
+    # as a user runs it: the CLI, no --shape (the input plan sizes the key/value caches)
+    assert cli.main(["audit", str(suspect), "--reference", str(reference), "-o", str(out), "--device", "cpu",
+                     "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)["restored"]
+    assert r["written"] and r["verified"] and r["moved"] > 0 and r["restored"] == 3, r
+    assert all("pins its neurons" in n["reason"] for n in r["not_restored"]), r["not_restored"]
     got, want = _tensors(onnx.load(str(out))), _tensors(onnx.load(str(source)))
     assert got.keys() == want.keys() and all(np.array_equal(got[k], want[k]) for k in want)
     _undoes(r["record"], known)
