@@ -345,3 +345,26 @@ def test_audit_layer_rows_show_live_and_decayed_neurons(tmp_path):
         (text,) = [line for line in lines[lines.index(head) + 1:] if line.split()[-10:-9] == ["48"]]
         assert text.split()[-7:-5] == [str(want[0]), str(want[1])], text
         assert f"{want[0]} live, {want[1]} decayed" in html_path.read_text()
+
+
+@pytest.mark.zoo
+def test_genai_decoder_permuted_then_quantized_is_refused_per_group(tmp_path):
+    """The genai fp32 decoder permuted by the package (the zoo's genai_fp32.perm), then quantized to
+    int4 (MatMulNBitsQuantizer, blocks of 32): its blocks were formed from permuted neurons, so the
+    audit's order splits them: derived, each group refused with its reason (the residual stream and
+    both MLPs split units, the head groups pinned by the KV cache), exit 3, nothing written."""
+    from test_int4 import int4_copy
+
+    perm = GENAI / "genai_fp32.perm" / "model.onnx"
+    reference = GENAI / "_seed0" / "torch_dynamo.onnx"
+    if not (perm.exists() and reference.exists()):
+        pytest.skip("no genai decoder in the zoo (python tools/build_decoder.py)")
+    suspect = tmp_path / "int4.onnx"
+    onnx.save(int4_copy(onnx.load(str(perm)), block=32, symmetric=True), suspect)
+    out = tmp_path / "restored.onnx"
+    with pytest.raises(CheckFailed) as info:
+        api.audit(str(suspect), str(reference), output=str(out), verify_options={"device": "cpu"})
+    assert info.value.exit_code == 3 and info.value.report.derived and not out.exists()
+    reasons = Counter("splits units" if "splits units" in n["reason"] else "pins" if "pins its neurons" in n["reason"]
+                      else n["reason"] for n in info.value.report.restored["not_restored"])
+    assert reasons == {"splits units": 3, "pins": 2}, reasons
