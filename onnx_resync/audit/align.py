@@ -54,6 +54,13 @@ at most MAX_CONTENT or below that margin (weights far from their partner's, but 
 every other candidate: a strong perturbation, not an ambiguous pairing). `Alignment.confidence` is the share of contested or inconsistent pairs that are
 clear and consistent (1.0 when nothing was contested); `Alignment.notes` says which are not.
 
+*Alternatives*: a doubtful pair (not clear, above) is a guess that neuron evidence can settle.
+`alternatives()` gives, for each class with doubtful pairs (at most MAX_ALTERNATIVES classes, the one
+whose weakest doubtful pair has the smallest margin first), the class's runner-up assignment: solved
+again with that pair forbidden, the rest of the alignment unchanged. The audit (report.py) resyncs
+them only when the alignment it was given leaves the suspect not derived, and keeps the one with the
+higher decision statistic.
+
 The result is the reference's canonical graph carrying the suspect's weights (same names and
 shapes as the reference), which walk, match and resync take as they are. A reference layer without
 a counterpart, or a suspect layer left over, is a ModelMismatchError naming it.
@@ -102,6 +109,7 @@ EXACT_RUNNER_UP_MAX = 64  # classes up to this size: runner-up by re-solving wit
 REFINE_ROUNDS = 2
 REFINE_MAX = 256  # classes larger than this keep their first assignment
 NOTES_MAX = 6
+MAX_ALTERNATIVES = 3  # runner-up alignments tried on neuron evidence (report.py: one resync each)
 _FORBIDDEN = 1e6
 
 
@@ -144,6 +152,8 @@ class Alignment:
     notes: list[str] = field(default_factory=list)  # why the confidence is below 1, inconsistencies
     contested: int = 0
     inconsistent: int = 0
+    doubtful: list[int] = field(default_factory=list, repr=False)  # reference layers paired doubtfully
+    solver: tuple | None = field(default=None, repr=False, compare=False)  # what alternatives() re-solves
 
     def to_dict(self) -> dict:
         return {"layers": len(self.pairs), "weights": len(self.weight_map), "kept_constants": len(self.kept),
@@ -166,8 +176,42 @@ def align(reference: CanonicalModel, suspect: CanonicalModel) -> Alignment:
         mapping.update(c.solve())
     _raise_unmatched(reference, suspect, ref, sus, mapping)
     mapping = _make_consistent(ref, sus, solved, mapping)
+    return _assemble(reference, suspect, ref, sus, solved, mapping)
+
+
+def alternatives(alignment: Alignment, limit: int = MAX_ALTERNATIVES) -> list[tuple[str, Alignment]]:
+    """Runner-up alignments for the doubtful pairs (module docstring, *Alternatives*): at most
+    `limit`, one per class with doubtful pairs, the class whose weakest doubtful pair has the
+    smallest margin first; each with a phrase naming the pairs it changes."""
+    solver = alignment.solver
+    if solver is None or not alignment.doubtful:
+        return []
+    reference, suspect, ref, sus, classes, mapping = solver
+    weakest: dict[tuple, tuple[float, int]] = {}
+    for i in alignment.doubtful:
+        c = classes[ref.layers[i].key]
+        m = c.margin.get(i, float("inf"))
+        if ref.layers[i].key not in weakest or m < weakest[ref.layers[i].key][0]:
+            weakest[ref.layers[i].key] = (m, i)
+    out = []
+    for key, (_, i) in sorted(weakest.items(), key=lambda kv: (kv[1][0], kv[1][1]))[:limit]:
+        other = classes[key].runner_up(i, mapping)
+        if other is None:
+            continue
+        changed = dict(mapping)
+        changed.update(other)
+        moved = [r for r in classes[key].rows if changed[r] != mapping[r]]
+        what = ", ".join(f"{reference.layer_of(ref.layers[r].node.name)!r} with "
+                         f"{suspect.layer_of(sus.layers[changed[r]].node.name)!r}" for r in moved[:4])
+        out.append((what + (f" (+{len(moved) - 4} more)" if len(moved) > 4 else ""),
+                    _assemble(reference, suspect, ref, sus, classes, changed)))
+    return out
+
+
+def _assemble(reference: CanonicalModel, suspect: CanonicalModel, ref: _Graph, sus: _Graph, solved: dict,
+              mapping: dict[int, int]) -> Alignment:
     bad = _inconsistent(ref, sus, mapping)
-    confidence, notes, contested = _confidence(reference, suspect, ref, sus, solved, mapping, bad)
+    confidence, notes, contested, doubtful = _confidence(reference, suspect, ref, sus, solved, mapping, bad)
 
     model = onnx.ModelProto()
     model.CopyFrom(reference.model)
@@ -190,7 +234,8 @@ def align(reference: CanonicalModel, suspect: CanonicalModel) -> Alignment:
         cost, content, margin = c.about(i, mapping[i])
         result_pairs.append(LayerPair(r.node.name, s.node.name, r.kind, ws, cost, content, margin))
     kept = [n for n in out.names() if n not in weight_map]
-    return Alignment(model, result_pairs, weight_map, node_map, kept, confidence, notes, contested, len(bad))
+    return Alignment(model, result_pairs, weight_map, node_map, kept, confidence, notes, contested, len(bad),
+                     doubtful, (reference, suspect, ref, sus, solved, mapping))
 
 
 def weighted_layers(model: onnx.ModelProto) -> list[Layer]:
@@ -378,6 +423,7 @@ class _Class:
         self.forced = len(rows) == 1 and len(cols) == 1
         self.content = None
         self.margin: dict[int, float] = {}
+        self.extra: np.ndarray | None = None  # the consistency costs the margins were computed with
         if self.forced:
             self.cost = np.zeros((1, 1))
             return
@@ -438,7 +484,7 @@ class _Class:
 
     def margins(self, mapping: dict[int, int], extra: np.ndarray | None = None) -> None:
         """Runner-up cost minus best for each contested pair of a square class (module docstring)."""
-        self.margin = {}
+        self.margin, self.extra = {}, extra
         if self.forced or len(self.rows) != len(self.cols):
             return
         cost = self.cost if extra is None else self.cost + extra
@@ -459,6 +505,20 @@ class _Class:
             delta[self.twin_rows | self.twin_cols[np.ix_(col, col)]] = np.inf
             for i in range(k):
                 self.margin[self.rows[i]] = float(delta[i].min())
+
+    def runner_up(self, r: int, mapping: dict[int, int]) -> dict[int, int] | None:
+        """The class's cheapest assignment that does not pair r with its partner (nor with a twin of
+        it), under the costs its margins were computed with; None where there is none."""
+        if self.forced or len(self.rows) != len(self.cols):
+            return None
+        c2 = self.cost if self.extra is None else self.cost + self.extra
+        c2 = c2.copy()
+        i, j = self.at_row[r], self.at_col[mapping[r]]
+        c2[np.ix_(self.twin_rows[i], self.twin_cols[j])] = _FORBIDDEN
+        a, b = linear_sum_assignment(c2)
+        if float(c2[a, b].sum()) >= _FORBIDDEN / 2:
+            return None
+        return {self.rows[x]: self.cols[y] for x, y in zip(a, b)}
 
     def about(self, r: int, s: int) -> tuple[float, float | None, float | None]:
         a, b = self.at_row[r], self.at_col[s]
@@ -529,9 +589,10 @@ def _make_consistent(ref: _Graph, sus: _Graph, classes: dict, mapping: dict[int,
 
 
 def _confidence(reference: CanonicalModel, suspect: CanonicalModel, ref: _Graph, sus: _Graph,
-                classes: dict, mapping: dict[int, int], bad: list[int]) -> tuple[float, list[str], int]:
+                classes: dict, mapping: dict[int, int], bad: list[int]) -> tuple[float, list[str], int, list[int]]:
     notes: list[str] = []
     doubtful: list[str] = []
+    doubtful_layers: list[int] = []
     at_stake = set(bad)
     contested = 0
     clear = 0
@@ -548,6 +609,7 @@ def _confidence(reference: CanonicalModel, suspect: CanonicalModel, ref: _Graph,
         if content is not None and content > MAX_CONTENT and margin < content:
             why.append(f"its weights resemble its partner's little (content cost {content:.2f})")
         if why:
+            doubtful_layers.append(i)
             doubtful.append(f"{reference.layer_of(r.node.name)!r} paired with "
                             f"{suspect.layer_of(sus.layers[mapping[i]].node.name)!r} with low confidence: "
                             + "; ".join(why))
@@ -566,7 +628,7 @@ def _confidence(reference: CanonicalModel, suspect: CanonicalModel, ref: _Graph,
     if at_stake and confidence < 1.0:
         notes.insert(0, f"alignment confidence {confidence:.2f}: {clear} of {len(at_stake)} layers that could "
                         f"have been paired otherwise are paired clearly")
-    return confidence, notes, contested
+    return confidence, notes, contested, doubtful_layers
 
 
 def _raise_unmatched(reference: CanonicalModel, suspect: CanonicalModel, ref: _Graph, sus: _Graph,

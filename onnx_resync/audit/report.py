@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .align import Alignment, align
+from .align import MAX_ALTERNATIVES, Alignment, align, alternatives
 from .canonical import CanonicalModel, canonicalize
 from .storage import LazyMap, Steps, allowed, float_format, measure_steps, storage_dtype
 from .subgraphs import SubgraphComparison, compare_subgraphs, carry as carry_subgraphs
@@ -195,6 +195,8 @@ def audit(suspect: ModelLike, reference: ModelLike, *, html: str | os.PathLike |
     timings["storage"] = time.perf_counter() - t
     t = time.perf_counter()
     restored, rs = resync(alignment.model, ref_c.model, check=False, max_passes=max_passes)
+    if not rs.derived and alignment.doubtful:  # a "not derived" must not rest on a doubtful pairing
+        alignment, restored, rs = _by_neuron_evidence(alignment, restored, rs, ref_c, sub, max_passes)
     timings["resync"] = time.perf_counter() - t
     t = time.perf_counter()
     report = _build(suspect, reference, ref_c, sus_c, alignment, restored, rs, heatmap_max, sus_steps, ref_steps,
@@ -252,6 +254,41 @@ def audit_file(suspect_path: str, reference_path: str, **options) -> dict:
 
 
 # ---- internals -------------------------------------------------------------------------------
+def _by_neuron_evidence(alignment: Alignment, restored, rs, ref_c: CanonicalModel, sub: SubgraphComparison,
+                        max_passes: int):
+    """The doubtful pairs decided by neuron evidence: each runner-up alignment (align.alternatives, at
+    most align.MAX_ALTERNATIVES, one resync each) is resynced, and the alignment whose resync gives
+    the highest decision statistic is kept; a note says which and why. An alternative that resync
+    cannot take is skipped. No alternative derived: the verdict stays "not derived"."""
+    from ..resync import resync
+
+    name, first, _ = decision(rs)
+    best, tried = (alignment, restored, rs), []
+    for what, other in alternatives(alignment):
+        carry_subgraphs(other.model, sub)
+        try:
+            o_restored, o_rs = resync(other.model, ref_c.model, check=False, max_passes=max_passes)
+        except ResyncError:
+            continue
+        value = decision(o_rs)[1]
+        tried.append((what, value))
+        if value > decision(best[2])[1]:
+            best = (other, o_restored, o_rs)
+    if not tried:
+        return alignment, restored, rs
+    kept, value = best[0], decision(best[2])[1]
+    others = "; ".join(f"{what}: {v:.2f}" for what, v in tried)
+    if kept is alignment:
+        note = (f"doubtful pairs kept by neuron evidence: {name} {first:.2f} as aligned, "
+                f"{value:.2f} at best when paired otherwise ({others})")
+    else:
+        note = (f"{next(w for w, v in tried if v == value)} paired by neuron evidence: {name} {value:.2f} "
+                f"against {first:.2f} as first aligned ({len(tried)} runner-up alignment(s) tried, "
+                f"at most {MAX_ALTERNATIVES})")
+    kept.notes.append(note)
+    return best
+
+
 def _load(model: ModelLike) -> onnx.ModelProto:
     return model if isinstance(model, onnx.ModelProto) else load_model(model)
 
