@@ -16,7 +16,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_resync import api, cli, io
-from onnx_resync.io import load as load_module
+from onnx_resync.io import layout, load as load_module
 
 
 def _mlp(seed: int = 0, hidden: int = 24) -> onnx.ModelProto:
@@ -140,6 +140,15 @@ def test_a_layout_that_cannot_be_kept_is_written_as_before_and_said(tmp_path):
     (tmp_path / "work2").mkdir()
     _, result = api.permute(src2, tmp_path / "work2" / "p.onnx", seed=3)
     assert any("2 data files" in n for n in result.notes)
+    # a tensor that grew (say, a reduced model's): its file's layout no longer fits, the save says why
+    model = io.load_model(_onnx_layout(tmp_path / "src3"))
+    w1 = next(t for t in model.graph.initializer if t.name == "W1")
+    assert layout.problem(model) is None
+    w1.dims[1] += 1
+    w1.raw_data = w1.raw_data + bytes(4 * w1.dims[0])
+    assert "'W1' has" in layout.problem(model)
+    io.save_model(model, tmp_path / "grown.onnx")
+    assert not (tmp_path / "grown.onnx.data").exists()
 
 
 @pytest.mark.parametrize("command", ["resync", "audit"])
