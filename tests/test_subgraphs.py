@@ -263,11 +263,12 @@ def test_nested_if_and_a_weight_that_leaves_a_branch():
 
 
 def test_channels_inside_a_loop_body_are_counted():
-    """A Loop body is not followed; its producers' channels count, pinned with that reason (the
-    model has something it cannot permute, not nothing to permute)."""
+    """A Loop body's producers' channels count (the model has something to permute, not nothing).
+    Bodies are followed since test_walk_followups: the body's 8 reach the graph output as a scan
+    output (interface), fc1's 8 move."""
     from test_walk_safety import _loop_model
 
     result = walk(_loop_model(False))
     assert result.hidden_channels == 8 + 8 + 3
-    assert ("inside a Loop body (not followed)", 8) in [(p.reason, p.channels) for p in result.pinned]
-    assert result.coverage == 0.5  # fc1's 8 units move, the body's 8 do not
+    assert ("reaches a graph output", 8 + 3) in [(p.reason, p.channels) for p in result.pinned]
+    assert result.coverage == 1.0

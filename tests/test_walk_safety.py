@@ -97,7 +97,9 @@ CASES = {
     # If branches are walked (issue 15.4): the branch reading W1 gives the If's output channels that
     # the other branch does not carry, so they pin, and W1's group with them
     "if_branch": (_if_model, "branches carry different channels"),
-    "loop_body": (_loop_model, "subgraph"),
+    # Loop bodies are followed (test_walk_followups): the body's product of W1 is a scan output that
+    # reaches the graph output, so W1's group pins with that reason
+    "loop_body": (_loop_model, "graph output"),
     "weight_is_output": (_weight_output_model, "graph output"),
     "weight_is_input": (_weight_input_model, "graph input"),
     "reduce_axes_at_run_time": (_reduce_model, "run time"),

@@ -53,6 +53,10 @@ class GraphView:
         # If nodes are walked through their branches: the branch a constant condition selects, else
         # both; their nodes come right before the If (branches: If node -> the branch graphs walked)
         self.branches: dict[int, list[onnx.GraphProto]] = {}
+        # Loop/Scan bodies followed (walker._enter_body/_join_body): the node -> its body, whose nodes
+        # come right before it; body_owner: id of each body node -> the Loop/Scan that runs it
+        self.bodies: dict[int, onnx.GraphProto] = {}
+        self.body_owner: dict[int, onnx.NodeProto] = {}
         self.nodes = self._with_branches(self.nodes)
         for node in self.nodes:
             for out in node.output:
@@ -77,8 +81,27 @@ class GraphView:
                     self.branches[id(node)] = chosen
                     for g in chosen:
                         out.extend(self._with_branches(_topological_order(g)))
+            elif self._followed_body(node) is not None:
+                body = self._followed_body(node)
+                self.bodies[id(node)] = body
+                inner = self._with_branches(_topological_order(body))
+                for n in inner:
+                    self.body_owner.setdefault(id(n), node)
+                out.extend(inner)
             out.append(node)
         return out
+
+    def _followed_body(self, node: onnx.NodeProto) -> onnx.GraphProto | None:
+        """The body of a Loop, or of a Scan of opset 9+ (no batch axis), that the walker follows: one
+        without Loop/Scan inside (nested bodies are counted, not followed)."""
+        if node.domain not in ("", "ai.onnx") or node.op_type not in ("Loop", "Scan"):
+            return None
+        if node.op_type == "Scan" and self.opsets.get("", 0) < 9:
+            return None
+        body = next((a.g for a in node.attribute if a.name == "body"), None)
+        if body is None or any(n.op_type in ("Loop", "Scan") for g in nested_graphs(body) for n in g.node):
+            return None
+        return body
 
     # ---- constants and weights -------------------------------------------------------------
     def is_weight(self, name: str) -> bool:
@@ -268,7 +291,8 @@ def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
 
 
 def node_inputs(node: onnx.NodeProto) -> list[str]:
-    """Explicit inputs plus outer-scope names that the node's subgraphs read implicitly."""
+    """Explicit inputs (empty optional ones left out: the implicit names start after
+    sum(1 for i in node.input if i)) plus outer-scope names that the node's subgraphs read."""
     names = [i for i in node.input if i]
     for g in subgraphs(node):
         names.extend(sorted(outer_scope_names(g)))

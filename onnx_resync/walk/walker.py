@@ -259,8 +259,8 @@ class WalkContext:
         """Weight axes this node read without a slot must keep their order; so must every weight its
         subgraphs read where the walker does not follow them (a Loop/Scan body would read the weight
         unpermuted; an If's branches are walked node by node)."""
-        walked = id(node) in self.view.branches
-        for name in ([] if walked else node_inputs(node)[len(node.input):]):
+        walked = id(node) in self.view.branches or id(node) in self.view.bodies
+        for name in ([] if walked else node_inputs(node)[sum(1 for i in node.input if i):]):
             if self.is_weightlike(name):
                 self._fix_all(name, f"read inside a {node.op_type} subgraph (weight {{}})".replace("{{}}", "{}"))
         for name in node.input:
@@ -291,7 +291,12 @@ class WalkContext:
 def walk(model: onnx.ModelProto, view: GraphView | None = None) -> WalkResult:
     view = view or GraphView(model)
     ctx = WalkContext(view)
+    entered: set[int] = set()  # Loop/Scan bodies whose inputs are labelled
     for index, node in enumerate(view.nodes):
+        owner = view.body_owner.get(id(node))
+        if owner is not None and id(owner) not in entered:
+            entered.add(id(owner))
+            _enter_body(ctx, owner)
         ctx.node_index = index
         ctx.node = node
         if node.op_type == "Constant" or (view.is_weight(node.output[0]) if node.output else False):
@@ -306,6 +311,11 @@ def walk(model: onnx.ModelProto, view: GraphView | None = None) -> WalkResult:
                     ctx.tie_directions(name)
             if id(node) in view.branches:  # its branches were walked just before it
                 _join_branches(ctx, node)
+            elif id(node) in view.bodies:  # its body was walked just before it
+                if id(node) not in entered:  # (a body without nodes)
+                    entered.add(id(node))
+                    _enter_body(ctx, node)
+                _join_body(ctx, node)
             elif rule is None:
                 ctx.ops_without_rule[f"{node.domain + '.' if node.domain else ''}{node.op_type}"] += 1
                 unknown_op(ctx, node)
@@ -332,7 +342,7 @@ def _count_bodies(view: GraphView, result: WalkResult) -> None:
     iterations): the channels their producers make are counted, as pinned with that reason, so a
     model that computes inside a loop never reads as having nothing to permute."""
     for node in view.nodes:
-        if node.op_type not in ("Loop", "Scan") or node.domain not in ("", "ai.onnx"):
+        if node.op_type not in ("Loop", "Scan") or node.domain not in ("", "ai.onnx") or id(node) in view.bodies:
             continue
         for body in subgraphs(node):
             try:
@@ -344,6 +354,92 @@ def _count_bodies(view: GraphView, result: WalkResult) -> None:
                 result.pinned.append(PinnedReason(f"inside a {node.op_type} body (not followed)", count,
                                                   [node.name or node.op_type]))
     result.pinned.sort(key=lambda p: -p.channels)
+
+
+# ---- Loop/Scan bodies -------------------------------------------------------------------------
+# A body is walked once, as one iteration: its carried-state inputs hold the initial state's labels,
+# a Scan's per-step inputs the scanned tensor's labels without the scan axis. After it, a carried
+# state must come out holding the channels it came in with, position by position (they are unioned:
+# one neuron in every iteration); where it does not (the body makes the state from a producer, or
+# moves it elsewhere) both sides pin. Scan outputs get the scan axis back.
+BODY_STATE = "the carried state of {op} {name!r} does not line up (the body maps state channels elsewhere)"
+
+
+def _loop_layout(node: onnx.NodeProto, body: onnx.GraphProto):
+    """(carried pairs [(outer initial, body input, body output, node output)], scan inputs [(outer,
+    body input, axis)], scan outputs [(body output, node output, axis)]) of a Loop or Scan."""
+    if node.op_type == "Loop":
+        n = len(node.input) - 2
+        carried = [(node.input[2 + i], body.input[2 + i].name, body.output[1 + i].name,
+                    node.output[i] if i < len(node.output) else "") for i in range(n)]
+        scans = [(body.output[1 + n + k].name, node.output[n + k], 0) for k in range(len(node.output) - n)]
+        return carried, [], scans
+    m = int(next((a.i for a in node.attribute if a.name == "num_scan_inputs"), 0))
+    n = len(node.input) - m
+    in_axes = list(next((a.ints for a in node.attribute if a.name == "scan_input_axes"), [])) or [0] * m
+    out_axes = list(next((a.ints for a in node.attribute if a.name == "scan_output_axes"), [])) or [0] * (
+        len(node.output) - n)
+    carried = [(node.input[i], body.input[i].name, body.output[i].name, node.output[i]) for i in range(n)]
+    ins = [(node.input[n + j], body.input[n + j].name, in_axes[j]) for j in range(m)]
+    scans = [(body.output[n + k].name, node.output[n + k], out_axes[k]) for k in range(len(node.output) - n)]
+    return carried, ins, scans
+
+
+def _enter_body(ctx: WalkContext, node: onnx.NodeProto) -> None:
+    """Label a body's inputs from the Loop/Scan's own inputs, before the body's first node."""
+    carried, ins, _ = _loop_layout(node, ctx.view.bodies[id(node)])
+    for outer, inner, _, _ in carried:
+        if outer:
+            ctx.tie_directions(outer)
+            ctx.set(inner, ctx.get(outer))
+            if outer in ctx.from_input:
+                ctx.from_input[inner] = ctx.from_input[outer]
+    for outer, inner, axis in ins:
+        ctx.tie_directions(outer)
+        rank = ctx.rank(outer)
+        labels = ctx.get(outer)
+        if labels and rank is None:
+            ctx.pin_all(outer, f"{node.op_type} input of unknown rank")
+            continue
+        axis = axis % rank if rank else 0
+        if axis in labels:
+            ctx.pin(labels[axis], f"{node.op_type} iterates over a channel axis")
+        ctx.set(inner, {a - (a > axis): l for a, l in labels.items() if a != axis})
+        if outer in ctx.from_input:
+            ctx.from_input[inner] = ctx.from_input[outer]
+
+
+def _join_body(ctx: WalkContext, node: onnx.NodeProto) -> None:
+    """After the body: carried states line up with what came in (unioned) or pin; outputs labelled."""
+    carried, _, scans = _loop_layout(node, ctx.view.bodies[id(node)])
+    reason = BODY_STATE.format(op=node.op_type, name=node.name or node.op_type)
+    for outer, inner, body_out, out in carried + [("", "", b, "") for b, _, _ in scans]:
+        if body_out and ctx.is_weightlike(body_out):  # a weight that leaves the body keeps its order
+            ctx._fix_all(body_out, f"weight {{}} is an output of {node.op_type} {node.name or node.op_type!r}"
+                         .replace("{{}}", "{}"))
+    for outer, inner, body_out, out in carried:
+        ctx.tie_directions(body_out)
+        before, after = ctx.get(inner), ctx.get(body_out)
+        joined = {}
+        for axis in sorted(set(before) | set(after)):
+            a, b = before.get(axis), after.get(axis)
+            if a is None or b is None or len(a) != len(b) or not np.array_equal(a.sub, b.sub):
+                for l in (a, b):
+                    if l is not None:
+                        ctx.pin(l, reason)
+                continue
+            ctx.union(a, b)
+            joined[axis] = a
+        ctx.set(out, joined)
+    for body_out, out, axis in scans:
+        ctx.tie_directions(body_out)
+        rank = ctx.rank(out)
+        labels = ctx.get(body_out)
+        if labels and rank is None:
+            ctx.pin_all(body_out, f"{node.op_type} output of unknown rank")
+            continue
+        axis = axis % rank if rank else 0
+        ctx.set(out, {a + (a >= axis): l for a, l in labels.items()})
 
 
 def _body_model(view: GraphView, body: onnx.GraphProto) -> onnx.ModelProto:

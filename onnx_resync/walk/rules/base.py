@@ -32,7 +32,7 @@ def unknown_op(ctx, node) -> None:
         ctx.pin_all(name, f"consumed by {node.op_type} (no rule)")
     from ..graph import node_inputs
 
-    for name in node_inputs(node)[len(node.input):]:
+    for name in node_inputs(node)[sum(1 for i in node.input if i):]:
         ctx.pin_all(name, f"read inside a {node.op_type} subgraph")
 
 
