@@ -17,7 +17,9 @@ Verdicts:
   storage explains; kind and strength (noise or further training, quantization beyond the
   storage, pruning, rescaling) are computed on what lies beyond the bound only; `permuted` tells
   whether neurons had also moved;
-- "not derived": no evidence that the suspect comes from the reference;
+- "not derived": no evidence that the suspect comes from the reference, on the alignment given and
+  on the runner-up of each doubtful pairing (align.alternatives; _by_neuron_evidence keeps the one
+  with the highest decision statistic and says so in the evidence);
 - "cannot judge" (exit 4, the code `verify` uses for "cannot check"): less than MIN_COMPARED_SHARE
   of the reference's parameters were compared (weights inside If/Loop/Scan bodies count in the
   reference's total; the canonical form does not reach them: subgraphs.py pairs and compares them
