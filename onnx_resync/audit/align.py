@@ -55,9 +55,9 @@ every other candidate: a strong perturbation, not an ambiguous pairing). `Alignm
 clear and consistent (1.0 when nothing was contested); `Alignment.notes` says which are not.
 
 *Alternatives*: a doubtful pair (not clear, above) is a guess that neuron evidence can settle.
-`alternatives()` gives, for each class with doubtful pairs (at most MAX_ALTERNATIVES classes, the one
-whose weakest doubtful pair has the smallest margin first), the class's runner-up assignment: solved
-again with that pair forbidden, the rest of the alignment unchanged. The audit (report.py) resyncs
+`alternatives()` gives, for each doubtful pair (the smallest margin first), its class's runner-up
+assignment: solved again with that pair forbidden, the rest of the alignment unchanged; distinct
+ones only (both pairs of a swap give the same), at most MAX_ALTERNATIVES. The audit (report.py) resyncs
 them only when the alignment it was given leaves the suspect not derived, and keeps the one with the
 higher decision statistic.
 
@@ -181,26 +181,28 @@ def align(reference: CanonicalModel, suspect: CanonicalModel) -> Alignment:
 
 def alternatives(alignment: Alignment, limit: int = MAX_ALTERNATIVES) -> list[tuple[str, Alignment]]:
     """Runner-up alignments for the doubtful pairs (module docstring, *Alternatives*): at most
-    `limit`, one per class with doubtful pairs, the class whose weakest doubtful pair has the
-    smallest margin first; each with a phrase naming the pairs it changes."""
+    `limit` distinct ones, the doubtful pair with the smallest margin first; each with a phrase
+    naming the pairs it changes."""
     solver = alignment.solver
     if solver is None or not alignment.doubtful:
         return []
     reference, suspect, ref, sus, classes, mapping = solver
-    weakest: dict[tuple, tuple[float, int]] = {}
-    for i in alignment.doubtful:
+    order = sorted(alignment.doubtful, key=lambda i: (classes[ref.layers[i].key].margin.get(i, float("inf")), i))
+    out, seen = [], set()
+    for i in order:
+        if len(out) >= limit:
+            break
         c = classes[ref.layers[i].key]
-        m = c.margin.get(i, float("inf"))
-        if ref.layers[i].key not in weakest or m < weakest[ref.layers[i].key][0]:
-            weakest[ref.layers[i].key] = (m, i)
-    out = []
-    for key, (_, i) in sorted(weakest.items(), key=lambda kv: (kv[1][0], kv[1][1]))[:limit]:
-        other = classes[key].runner_up(i, mapping)
+        other = c.runner_up(i, mapping)
         if other is None:
             continue
         changed = dict(mapping)
         changed.update(other)
-        moved = [r for r in classes[key].rows if changed[r] != mapping[r]]
+        moved = tuple(r for r in c.rows if changed[r] != mapping[r])
+        key = tuple((r, changed[r]) for r in moved)
+        if not moved or key in seen:  # two doubtful pairs of one swap give the same runner-up
+            continue
+        seen.add(key)
         what = ", ".join(f"{reference.layer_of(ref.layers[r].node.name)!r} with "
                          f"{suspect.layer_of(sus.layers[changed[r]].node.name)!r}" for r in moved[:4])
         out.append((what + (f" (+{len(moved) - 4} more)" if len(moved) > 4 else ""),
