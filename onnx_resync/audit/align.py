@@ -58,8 +58,8 @@ clear and consistent (1.0 when nothing was contested); `Alignment.notes` says wh
 `alternatives()` gives, for each doubtful pair (the smallest margin first), its class's runner-up
 assignment: solved again with that pair forbidden, the rest of the alignment unchanged; distinct
 ones only (both pairs of a swap give the same), at most MAX_ALTERNATIVES. The audit (report.py) resyncs
-them only when the alignment it was given leaves the suspect not derived, and keeps the one with the
-higher decision statistic.
+them only when the alignment it was given leaves the suspect not derived, and keeps a derived one
+with the highest decision statistic (none derived: the first stands).
 
 The result is the reference's canonical graph carrying the suspect's weights (same names and
 shapes as the reference), which walk, match and resync take as they are. A reference layer without

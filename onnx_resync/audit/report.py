@@ -18,8 +18,8 @@ Verdicts:
   storage, pruning, rescaling) are computed on what lies beyond the bound only; `permuted` tells
   whether neurons had also moved;
 - "not derived": no evidence that the suspect comes from the reference, on the alignment given and
-  on the runner-up of each doubtful pairing (align.alternatives; _by_neuron_evidence keeps the one
-  with the highest decision statistic and says so in the evidence);
+  on the runner-up of each doubtful pairing (align.alternatives; _by_neuron_evidence keeps a derived
+  one with the highest decision statistic and says so in the evidence);
 - "cannot judge" (exit 4, the code `verify` uses for "cannot check"): less than MIN_COMPARED_SHARE
   of the reference's parameters were compared (weights inside If/Loop/Scan bodies count in the
   reference's total; the canonical form does not reach them: subgraphs.py pairs and compares them
@@ -260,8 +260,9 @@ def _by_neuron_evidence(alignment: Alignment, restored, rs, ref_c: CanonicalMode
                         max_passes: int):
     """The doubtful pairs decided by neuron evidence: each runner-up alignment (align.alternatives, at
     most align.MAX_ALTERNATIVES, one resync each) is resynced, and the alignment whose resync gives
-    the highest decision statistic is kept; a note says which and why. An alternative that resync
-    cannot take is skipped. No alternative derived: the verdict stays "not derived"."""
+    the highest decision statistic is kept when that resync is derived; a note says which and why.
+    An alternative that resync cannot take is skipped. No alternative derived: the first alignment
+    stands (its statistic reported, never a maximum over tries) and the verdict stays "not derived"."""
     from ..resync import resync
 
     name, first, _ = decision(rs)
@@ -274,7 +275,7 @@ def _by_neuron_evidence(alignment: Alignment, restored, rs, ref_c: CanonicalMode
             continue
         value = decision(o_rs)[1]
         tried.append((what, value))
-        if value > decision(best[2])[1]:
+        if o_rs.derived and value > decision(best[2])[1]:  # none derived: the first stands, as reported
             best = (other, o_restored, o_rs)
     if not tried:
         return alignment, restored, rs
@@ -282,7 +283,7 @@ def _by_neuron_evidence(alignment: Alignment, restored, rs, ref_c: CanonicalMode
     others = "; ".join(f"{what}: {v:.2f}" for what, v in tried)
     if kept is alignment:
         note = (f"doubtful pairs kept by neuron evidence: {name} {first:.2f} as aligned, "
-                f"{value:.2f} at best when paired otherwise ({others})")
+                f"{max(v for _, v in tried):.2f} at best when paired otherwise, not derived either ({others})")
     else:
         note = (f"{next(w for w, v in tried if v == value)} paired by neuron evidence: {name} {value:.2f} "
                 f"against {first:.2f} as first aligned ({len(tried)} runner-up alignment(s) tried, "
