@@ -111,7 +111,7 @@ def test_the_repro_is_derived_by_neuron_evidence(swapped):
 def test_the_repro_was_not_derived_without_the_alternatives(swapped, monkeypatch):
     import onnx_resync.audit.report as report
 
-    monkeypatch.setattr(report, "alternatives", lambda alignment: [])  # what the audit did before
+    monkeypatch.setattr(report, "alternatives", lambda alignment, limit=0: [])  # what the audit did before
     r = audit(*swapped)
     assert not r.derived and r.verdict == "not derived"
     assert not any("neuron evidence" in e for e in r.evidence)

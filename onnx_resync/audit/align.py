@@ -58,8 +58,9 @@ clear and consistent (1.0 when nothing was contested); `Alignment.notes` says wh
 `alternatives()` gives, for each doubtful pair (the smallest margin first), its class's runner-up
 assignment: solved again with that pair forbidden, the rest of the alignment unchanged; distinct
 ones only (both pairs of a swap give the same), at most MAX_ALTERNATIVES. The audit (report.py) resyncs
-them only when the alignment it was given leaves the suspect not derived, and keeps a derived one
-with the highest decision statistic (none derived: the first stands).
+them only when the alignment it was given leaves the suspect not derived, adopts the first derived
+one with a higher decision statistic and tries its runner-ups in turn, MAX_ALTERNATIVES resyncs in
+all (none derived: the first alignment stands).
 
 The result is the reference's canonical graph carrying the suspect's weights (same names and
 shapes as the reference), which walk, match and resync take as they are. A reference layer without
@@ -109,7 +110,7 @@ EXACT_RUNNER_UP_MAX = 64  # classes up to this size: runner-up by re-solving wit
 REFINE_ROUNDS = 2
 REFINE_MAX = 256  # classes larger than this keep their first assignment
 NOTES_MAX = 6
-MAX_ALTERNATIVES = 3  # runner-up alignments tried on neuron evidence (report.py: one resync each)
+MAX_ALTERNATIVES = 4  # runner-up alignments resynced in all by one audit (report._by_neuron_evidence)
 _FORBIDDEN = 1e6
 
 

@@ -258,38 +258,55 @@ def audit_file(suspect_path: str, reference_path: str, **options) -> dict:
 # ---- internals -------------------------------------------------------------------------------
 def _by_neuron_evidence(alignment: Alignment, restored, rs, ref_c: CanonicalModel, sub: SubgraphComparison,
                         max_passes: int):
-    """The doubtful pairs decided by neuron evidence: each runner-up alignment (align.alternatives, at
-    most align.MAX_ALTERNATIVES, one resync each) is resynced, and the alignment whose resync gives
-    the highest decision statistic is kept when that resync is derived; a note says which and why.
-    An alternative that resync cannot take is skipped. No alternative derived: the first alignment
-    stands (its statistic reported, never a maximum over tries) and the verdict stays "not derived"."""
+    """The doubtful pairs decided by neuron evidence: runner-up alignments (align.alternatives) are
+    resynced, at most align.MAX_ALTERNATIVES resyncs in all; the first whose resync is derived with a
+    higher decision statistic is adopted and its own runner-ups tried next (a runner-up can fix one
+    wrong pair and still hold another: q paired with v once q and k are unswapped). A note says
+    which was kept and why. An alternative that resync cannot take is skipped. None derived: the
+    first alignment stands (its statistic reported, never a maximum over tries) and the verdict stays
+    "not derived"."""
     from ..resync import resync
 
     name, first, _ = decision(rs)
-    best, tried = (alignment, restored, rs), []
-    for what, other in alternatives(alignment):
-        carry_subgraphs(other.model, sub)
-        try:
-            o_restored, o_rs = resync(other.model, ref_c.model, check=False, max_passes=max_passes)
-        except ResyncError:
-            continue
-        value = decision(o_rs)[1]
-        tried.append((what, value))
-        if o_rs.derived and value > decision(best[2])[1]:  # none derived: the first stands, as reported
-            best = (other, o_restored, o_rs)
+    best, tried, steps = (alignment, restored, rs), [], []
+    seen = {_mapping_key(alignment)}
+    budget = MAX_ALTERNATIVES
+    while budget > 0:
+        adopted = False
+        for what, other in alternatives(best[0], limit=budget):
+            if _mapping_key(other) in seen:
+                continue
+            seen.add(_mapping_key(other))
+            budget -= 1
+            carry_subgraphs(other.model, sub)
+            try:
+                o_restored, o_rs = resync(other.model, ref_c.model, check=False, max_passes=max_passes)
+            except ResyncError:
+                continue
+            value = decision(o_rs)[1]
+            tried.append((what, value))
+            if o_rs.derived and value > decision(best[2])[1]:
+                best, adopted = (other, o_restored, o_rs), True
+                steps.append(what)
+                break
+        if not adopted:
+            break
     if not tried:
         return alignment, restored, rs
     kept, value = best[0], decision(best[2])[1]
-    others = "; ".join(f"{what}: {v:.2f}" for what, v in tried)
     if kept is alignment:
+        others = "; ".join(f"{what}: {v:.2f}" for what, v in tried)
         note = (f"doubtful pairs kept by neuron evidence: {name} {first:.2f} as aligned, "
                 f"{max(v for _, v in tried):.2f} at best when paired otherwise, not derived either ({others})")
     else:
-        note = (f"{next(w for w, v in tried if v == value)} paired by neuron evidence: {name} {value:.2f} "
-                f"against {first:.2f} as first aligned ({len(tried)} runner-up alignment(s) tried, "
-                f"at most {MAX_ALTERNATIVES})")
+        note = (f"{'; then '.join(steps)} paired by neuron evidence: {name} {value:.2f} against {first:.2f} as "
+                f"first aligned ({len(tried)} runner-up alignment(s) resynced, at most {MAX_ALTERNATIVES})")
     kept.notes.append(note)
     return best
+
+
+def _mapping_key(alignment: Alignment) -> frozenset:
+    return frozenset(alignment.node_map.items())
 
 
 def _load(model: ModelLike) -> onnx.ModelProto:
