@@ -270,7 +270,7 @@ def _rewrite(store: WeightStore, read: WeightStore, by_weight: dict[str, list[tu
         if read.is_lazy(weight):  # a huge model: permuted one tensor at a time, when it is saved
             store.set_lazy(weight, _permuted(read.reader(weight), moves))
             continue
-        store.set(weight, _moved(read.get(weight), moves))
+        store.set(weight, apply_moves(read.get(weight), moves))
 
 
 def _moves_by_weight(walk: WalkResult, record: PermutationRecord, store: WeightStore) -> dict[str, list[tuple]]:
@@ -287,11 +287,11 @@ def _permuted(source, moves):
     and a save only a piece at a time. A move inside one direction's slice is not one index per
     axis: that tensor is computed whole."""
     if any(at is not None for _, at, _ in moves):
-        return lambda: _moved(source.read(), moves)
+        return lambda: apply_moves(source.read(), moves)
     return source.permuted({axis: idx for axis, _, idx in moves})
 
 
-def _moved(array: np.ndarray, moves) -> np.ndarray:
+def apply_moves(array: np.ndarray, moves) -> np.ndarray:
     """`array` gathered along each (axis, at, index): the whole axis, or inside the slice `at`."""
     for axis, at, idx in moves:
         if at is None:

@@ -695,19 +695,10 @@ def _restored_steps(steps: Steps, alignment: Alignment, ref_walk, rs, ref_store:
         index = slot_indices(ref_walk, rs.record.perms, lambda w, a: ref_store.shape(w)[a])
 
     def restored(weight: str) -> np.ndarray:  # one weight at a time (storage.LazyMap)
-        from ..walk import slot_part
+        from ..permute import apply_moves
 
         out = steps.steps[names[weight]].reshape(ref_store.shape(weight))
-        for (w, axis, at), idx in index.items():
-            if w != weight:
-                continue
-            if at is None:
-                out = np.take(out, idx, axis=axis)
-            else:
-                out = out.copy()
-                part, part_axis = slot_part(out, axis, at)
-                part[...] = np.take(part, idx, axis=part_axis)
-        return out
+        return apply_moves(out, [(axis, at, idx) for (w, axis, at), idx in index.items() if w == weight])
 
     return LazyMap(names, restored)
 

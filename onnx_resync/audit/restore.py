@@ -44,8 +44,8 @@ from .align import Alignment
 from .canonical import CanonicalModel
 from ..errors import CheckFailed, ResyncError, UnsupportedError, UsageError
 from ..io import WeightStore, save_model
-from ..permute import PermutationRecord, permuted_copy, slot_indices
-from ..walk import Group, WalkResult, slot_part, walk
+from ..permute import PermutationRecord, apply_moves, permuted_copy, slot_indices
+from ..walk import Group, WalkResult, walk
 
 PROBE_SEED = 0x5EED  # the probe's cycles: any seed works, a fixed one makes the result reproducible
 EXIT_CANNOT_CHECK = 4  # as resync -o
@@ -336,18 +336,6 @@ def _features(group: Group, store: WeightStore, alignment: Alignment,
     return np.concatenate(parts, axis=1)
 
 
-def _apply(array: np.ndarray, moves) -> np.ndarray:
-    """`array` gathered along each (axis, at, index), as permute.py moves a weight."""
-    for axis, at, idx in moves:
-        if at is None:
-            array = np.take(array, idx, axis=axis)
-        else:
-            array = array.copy()
-            part, part_axis = slot_part(array, axis, at)
-            part[...] = np.take(part, idx, axis=part_axis)
-    return array
-
-
 # ---- the order check ---------------------------------------------------------------------------
 def _check_order(restored: onnx.ModelProto, sus_c: CanonicalModel, ref_walk: WalkResult, alignment: Alignment,
                  applied: dict[str, list[int]], canonical) -> None:
@@ -367,7 +355,7 @@ def _check_order(restored: onnx.ModelProto, sus_c: CanonicalModel, ref_walk: Wal
     for rw, sw in alignment.weight_map.items():
         expected = aligned.get(rw)
         if rw in moves:
-            expected = _apply(expected, moves[rw])
+            expected = apply_moves(expected, moves[rw])
         got = now.get(sw).astype(np.float32, copy=False).reshape(expected.shape)
         if not np.array_equal(got.view(np.uint32), np.ascontiguousarray(expected, dtype=np.float32).view(np.uint32)):
             raise _order_failed(f"weight {sw!r} is not in the reference's order after the restore")
