@@ -23,8 +23,8 @@ import pytest
 
 from onnx_resync import api, cli
 from onnx_resync.errors import CheckFailed
-from onnx_resync.permute import slot_indices
-from onnx_resync.walk import slot_part, walk
+from onnx_resync.permute import apply_moves, slot_indices
+from onnx_resync.walk import walk
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quantize_bundled import quantize  # noqa: E402
@@ -79,17 +79,6 @@ def _run(path: Path, x: np.ndarray) -> list[np.ndarray]:
     return sess.run(None, {sess.get_inputs()[0].name: x})
 
 
-def _moved(array: np.ndarray, moves) -> np.ndarray:
-    for axis, at, idx in moves:
-        if at is None:
-            array = np.take(array, idx, axis=axis)
-        else:
-            array = array.copy()
-            part, part_axis = slot_part(array, axis, at)
-            part[...] = np.take(part, idx, axis=part_axis)
-    return array
-
-
 def _check_record(permuted_path: Path, record, suspect: onnx.ModelProto, restored: onnx.ModelProto) -> int:
     """Every stored tensor of the suspect that stands for a permuted float weight (same name, or the
     quantizer's `<name>_quantized` with its per-channel `_scale`/`_zero_point`) is, in the restored
@@ -105,7 +94,7 @@ def _check_record(permuted_path: Path, record, suspect: onnx.ModelProto, restore
     for weight, m in moves.items():
         for name in (weight, weight + "_quantized"):
             if name in before and before[name].shape == after[name].shape:
-                np.testing.assert_array_equal(after[name], _moved(before[name], m), err_msg=name)
+                np.testing.assert_array_equal(after[name], apply_moves(before[name], m), err_msg=name)
                 checked += 1
         for part in ("_scale", "_zero_point"):  # per-channel quantization parameters, along the axis they scale
             name = weight + part

@@ -100,6 +100,15 @@ def check_graph_limits(model: onnx.ModelProto, where: str | os.PathLike = "model
         raise LoadError(f"{where}: too many subgraphs ({count} > {MAX_SUBGRAPHS}); refused")
 
 
+def set_inline(tensor: onnx.TensorProto, raw: bytes, had_location: bool) -> None:
+    """Give `tensor` its bytes inline again (undoing a save's move to external data)."""
+    tensor.ClearField("external_data")
+    tensor.ClearField("data_location")
+    if had_location:  # proto2: an explicitly set default is serialized, an unset one is not
+        tensor.data_location = onnx.TensorProto.DEFAULT
+    tensor.raw_data = raw
+
+
 def set_external(tensor: onnx.TensorProto, info: dict[str, str]) -> None:
     """Point the tensor's data at `info` (its external_data entries, in this order)."""
     tensor.ClearField("raw_data")

@@ -29,7 +29,8 @@ from typing import Callable
 
 import onnx
 
-from .external import data_length, external_info, is_in_place, iter_graph_tensors, over_inline_limit, set_external
+from .external import data_length, external_info, is_in_place, iter_graph_tensors, over_inline_limit, set_external, \
+    set_inline
 from .lazy import LazyTensor, is_lazy_tensor
 
 LAYOUT_KEY = "onnx-resync:external-layout"
@@ -200,7 +201,7 @@ def write(kept: Plan, fh, location: str, restore: list[Callable[[], None]], writ
             raw = tensor.raw_data
             fh.write(raw)
             written = len(raw)
-            restore.append(lambda t=tensor, raw=raw, had=tensor.HasField("data_location"): _inline(t, raw, had))
+            restore.append(lambda t=tensor, raw=raw, had=tensor.HasField("data_location"): set_inline(t, raw, had))
         if written != length:
             raise ValueError(f"weight {tensor.name!r}: wrote {written} bytes, expected {length}")
         set_external(tensor, {k: (location if k == "location" else v) for k, v in entries})
@@ -213,10 +214,3 @@ def _zeros(fh, count: int) -> None:
         fh.write(_ZEROS[:min(count, len(_ZEROS))])
         count -= len(_ZEROS)
 
-
-def _inline(tensor: onnx.TensorProto, raw: bytes, had_location: bool) -> None:
-    tensor.ClearField("external_data")
-    tensor.ClearField("data_location")
-    if had_location:  # proto2: an explicitly set default is serialized, an unset one is not
-        tensor.data_location = onnx.TensorProto.DEFAULT
-    tensor.raw_data = raw

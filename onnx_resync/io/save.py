@@ -10,7 +10,8 @@ import onnx
 
 from . import files, layout, wire
 from ..errors import UsageError
-from .external import external_info, is_in_place, iter_graph_tensors, over_inline_limit, set_external
+from .external import external_info, is_in_place, iter_graph_tensors, over_inline_limit, set_external, \
+    set_inline
 from .order import put_back_file_order
 from .lazy import LazyTensor, is_lazy_model, is_lazy_tensor
 
@@ -166,7 +167,7 @@ def _write_external_data(model: onnx.ModelProto, data_path: Path, location: str,
             offset = fh.tell()
             raw = tensor.raw_data
             fh.write(raw)
-            restore.append(lambda t=tensor, raw=raw, had=tensor.HasField("data_location"): _restore_inline(t, raw, had))
+            restore.append(lambda t=tensor, raw=raw, had=tensor.HasField("data_location"): set_inline(t, raw, had))
             tensor.ClearField("raw_data")
             tensor.data_location = onnx.TensorProto.EXTERNAL
             for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
@@ -193,10 +194,3 @@ def _write_lazy(tensor: onnx.TensorProto, fh) -> int:
         fh.write(piece)
     return length
 
-
-def _restore_inline(tensor: onnx.TensorProto, raw: bytes, had_location: bool) -> None:
-    tensor.ClearField("external_data")
-    tensor.ClearField("data_location")
-    if had_location:  # proto2: an explicitly set default is serialized, an unset one is not
-        tensor.data_location = onnx.TensorProto.DEFAULT
-    tensor.raw_data = raw

@@ -262,7 +262,7 @@ class WalkContext:
         walked = id(node) in self.view.branches or id(node) in self.view.bodies
         for name in ([] if walked else node_inputs(node)[sum(1 for i in node.input if i):]):
             if self.is_weightlike(name):
-                self._fix_all(name, f"read inside a {node.op_type} subgraph (weight {{}})".replace("{{}}", "{}"))
+                self._fix_all(name, f"read inside a {node.op_type} subgraph (weight {{}})")
         for name in node.input:
             if not name or not self.is_weightlike(name):
                 continue
@@ -415,8 +415,7 @@ def _join_body(ctx: WalkContext, node: onnx.NodeProto) -> None:
     reason = BODY_STATE.format(op=node.op_type, name=node.name or node.op_type)
     for outer, inner, body_out, out in carried + [("", "", b, "") for b, _, _ in scans]:
         if body_out and ctx.is_weightlike(body_out):  # a weight that leaves the body keeps its order
-            ctx._fix_all(body_out, f"weight {{}} is an output of {node.op_type} {node.name or node.op_type!r}"
-                         .replace("{{}}", "{}"))
+            ctx._fix_all(body_out, f"weight {{}} is an output of {node.op_type} {node.name or node.op_type!r}")
     for outer, inner, body_out, out in carried:
         ctx.tie_directions(body_out)
         before, after = ctx.get(inner), ctx.get(body_out)
