@@ -300,6 +300,23 @@ def test_tile_repeats_computed_from_shape_are_followed():
     assert result.coverage == 1.0, result.pinned
 
 
+@pytest.mark.parametrize("op", ["Tile", "Slice", "Pad"])
+def test_shape_operands_that_are_not_integers_are_unknown_not_a_crash(op):
+    """A float repeats/bounds/pads tensor (ONNX refuses the node; a library caller may still hand
+    us the proto): the output shape is unknown, the walker pins what reads it, and nothing raises
+    (a fuzz draw found Tile multiplying a symbolic dim by a Fraction)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 4, 4])
+    operands = {"Tile": ["f4"], "Slice": ["f1", "f1"], "Pad": ["f8"]}[op]
+    inits = [numpy_helper.from_array(np.full(int(n[1:]), 1.5, np.float32), n) for n in set(operands)]
+    inits.append(numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 1, 1)).astype(np.float32), "w"))
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], kernel_shape=[1, 1]),
+             helper.make_node(op, ["c", *operands], ["y"])]
+    model = _model(nodes, [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    view = GraphView(model)
+    assert view.shapes.get("y") is None
+    walk(model)
+
+
 # ---- weights computed from stored ones by index maps (issue 15.2) -----------------------------------
 def reordered_lstm(hidden=4, feat=3, extra_rows=0, direction="forward"):
     """An LSTM whose W/R/B are computed by Slice + Concat of stored tensors in another gate order

@@ -501,7 +501,7 @@ def _scaled_dims(elements) -> list | None:
 
 
 def _tile_shape(node, shapes, values):
-    x, reps = shapes.get(node.input[0]), values.elements(node.input[1])
+    x, reps = shapes.get(node.input[0]), values.integers(node.input[1])
     if x is None or reps is None or len(reps) != len(x):
         return None
     return _scaled_dims([shapes_module.from_dim(d) * r for d, r in zip(x, reps)])
@@ -519,13 +519,11 @@ def _range_shape(node, shapes, values):
 def _pad_shape(node, shapes, values):
     x = shapes.get(node.input[0])
     pads = registry.attr(node, "pads", None)
-    pads = list(pads) if pads is not None else (values.elements(node.input[1]) if len(node.input) > 1 else None)
+    pads = list(pads) if pads is not None else (values.integers(node.input[1]) if len(node.input) > 1 else None)
     if x is None or pads is None:
         return None
-    axes = values.elements(node.input[3]) if len(node.input) > 3 and node.input[3] else list(range(len(x)))
+    axes = values.integers(node.input[3]) if len(node.input) > 3 and node.input[3] else list(range(len(x)))
     if axes is None or len(pads) != 2 * len(axes):
-        return None
-    if not all(_integral(p) for p in pads):  # float or bool pads: ONNX refuses the node, we read nothing
         return None
     out = [shapes_module.from_dim(d) for d in x]
     for k, a in enumerate(axes):
@@ -535,20 +533,15 @@ def _pad_shape(node, shapes, values):
     return _scaled_dims(out)
 
 
-def _integral(e) -> bool:
-    """An integer or a symbolic integer expression (shapes.Term), not a Fraction or a bool."""
-    return isinstance(e, (int, np.integer, shapes_module.Term)) and not isinstance(e, (bool, np.bool_))
-
-
 def _slice_shape(node, shapes, values):
     """Slice with bounds computed from shapes: exact on axes of known size; a symbolic axis only
     when the bounds keep it whole."""
     x = shapes.get(node.input[0])
     if x is None or len(node.input) < 3:
         return None
-    starts, ends = values.elements(node.input[1]), values.elements(node.input[2])
-    axes = values.elements(node.input[3]) if len(node.input) > 3 and node.input[3] else None
-    steps = values.elements(node.input[4]) if len(node.input) > 4 and node.input[4] else None
+    starts, ends = values.integers(node.input[1]), values.integers(node.input[2])
+    axes = values.integers(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+    steps = values.integers(node.input[4]) if len(node.input) > 4 and node.input[4] else None
     if starts is None or ends is None:
         return None
     axes = list(range(len(starts))) if axes is None else axes

@@ -339,6 +339,15 @@ class ShapeValues:
         value = self.value(name)
         return None if value is None else value.elements()
 
+    def integers(self, name: str) -> list | None:
+        """The elements when every one is an integer or a symbolic integer: shape-op operands
+        (Tile repeats, Pad pads, Slice bounds) of any other kind make ONNX refuse the node."""
+        elements = self.elements(name)
+        if elements is None or not all(isinstance(e, (int, np.integer, Term)) and not isinstance(e, (bool, np.bool_))
+                                       for e in elements):
+            return None
+        return elements
+
     def dims(self, name: str) -> list | None:
         """A 1-D value as graph dims (int or symbol strings): a computed Reshape/Expand target."""
         value = self.value(name)
