@@ -7,8 +7,9 @@ import json
 import math
 import re
 import sys
+from contextlib import contextmanager
 
-from ..errors import UsageError
+from ..errors import CheckFailed, UsageError
 from ..api import MAX_SAMPLES  # one bound, which verify() enforces too
 from ..api import MAX_SEED
 
@@ -101,3 +102,16 @@ def verify_options(args) -> dict:
 def print_json(data) -> None:
     json.dump(data, sys.stdout, indent=1)
     sys.stdout.write("\n")
+
+
+@contextmanager
+def verdict_shown_on_failure(show):
+    """A check that fails after the verdict was found (the restored file is not equivalent): the
+    verdict is printed with show(report) first, then the failure goes on to its exit code."""
+    try:
+        yield
+    except CheckFailed as exc:
+        if getattr(exc, "report", None) is not None:
+            show(exc.report)
+            sys.stdout.flush()
+        raise

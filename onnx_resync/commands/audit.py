@@ -24,8 +24,7 @@ import time
 
 from .. import api
 from ..errors import UsageError
-from ..errors import CheckFailed
-from ._common import add_verify_options, int_arg, print_json, verify_options
+from ._common import add_verify_options, int_arg, print_json, verdict_shown_on_failure, verify_options
 
 VERDICTS = ("identical", "permuted", "perturbed", "not derived", "cannot judge")
 
@@ -74,14 +73,9 @@ def run(args) -> int:
 
 def _single(args) -> int:
     options = verify_options(args) if args.output else None
-    try:
+    with verdict_shown_on_failure(lambda report: _show(args, report)):
         report = api.audit(args.suspects[0], args.reference, html=args.html, output=args.output,
                            verify_options=options)
-    except CheckFailed as exc:
-        if getattr(exc, "report", None) is not None:  # the verdict was found: show it, then the failure
-            _show(args, exc.report)
-            sys.stdout.flush()
-        raise
     _show(args, report)
     return report.exit_code
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 import sys
 
 from ..api import resync
-from ..errors import CheckFailed
-from ._common import add_verify_options, print_json, verify_options
+from ._common import add_verify_options, print_json, verdict_shown_on_failure, verify_options
 
 
 def register(sub) -> None:
@@ -36,7 +35,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    try:
+    with verdict_shown_on_failure(lambda report: _show(args, report)):
         _, report = resync(
             args.suspect,
             args.reference,
@@ -46,11 +45,6 @@ def run(args) -> int:
             verify_options=verify_options(args),
             undo_rescale=not args.keep_rescale,
         )
-    except CheckFailed as exc:
-        if getattr(exc, "report", None) is not None:  # the verdict was found: show it, then the failure
-            _show(args, exc.report)
-            sys.stdout.flush()
-        raise
     _show(args, report)
     if args.no_verify and args.output:
         print("not verified (--no-verify)", file=sys.stderr)
