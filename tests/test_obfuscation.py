@@ -285,3 +285,39 @@ def test_constant_fold_that_padding_breaks_is_refused():
     reduced, report = reduce_model(model)
     assert not report.changed and any(r["what"] == "folding constant neurons" for r in report.refused)
     assert _widths(reduced) == _widths(model)
+
+
+# ---- audit on a pruned copy: layers paired regardless of width (audit/widths.py) -------------
+@pytest.mark.parametrize("name,reference", [("mlp", "mlp"), ("resnet_ft10", "resnet")])
+def test_audit_pruned_copy_is_derived_with_the_map_of_survivors(name, reference, tmp_path):
+    pruned, log = attacks.prune(onnx.load(_path(name)), 0.3, seed=0)
+    suspect = attacks.permute_rescale(pruned, seed=1, rescale=False)
+    onnx.save(suspect, tmp_path / "pruned.onnx")
+    report = api.audit(str(tmp_path / "pruned.onnx"), _path(reference), json_path=tmp_path / "a.json")
+    assert report.derived and report.summary.startswith("derived, pruned: ")
+    data = json.loads((tmp_path / "a.json").read_text())["reduction"]["pruned"]
+    # the map of survivors: the reference neurons kept, per pruned group (canonical keys: compared by content)
+    found = sorted((p["of"], sorted(set(range(p["of"])) - set(p["kept"]))) for p in data)
+    groups = {g.key: g.size for g in walk(onnx.load(_path(reference))).groups}
+    assert found == sorted((groups[k], removed) for k, removed in log.removed.items())
+    assert report.matched >= 0.99 * report.neurons
+    assert "a pruned copy" in report.evidence[0]
+
+
+def test_audit_pruned_unrelated_model_stays_not_derived(tmp_path, capsys):
+    pruned, _ = attacks.prune(onnx.load(_path("vgg_seed1")), 0.5, seed=0)
+    onnx.save(pruned, tmp_path / "other.onnx")
+    assert main(["audit", str(tmp_path / "other.onnx"), "--reference", _path("vgg")]) == 1
+    assert "verdict: not derived" in capsys.readouterr().out
+
+
+def test_audit_refuses_a_narrower_model_of_another_architecture(tmp_path, capsys):
+    """Layers that do not pair whatever their widths: not a pruned copy, the mismatch stands (exit 3)."""
+    from onnx_resync.audit.canonical import canonicalize
+    from onnx_resync.audit.widths import narrow
+
+    pruned, _ = attacks.prune(onnx.load(_path("mlp")), 0.3, seed=0)
+    with pytest.raises(ModelMismatchError, match="not a pruned copy"):
+        narrow(canonicalize(onnx.load(_path("mlp"))), canonicalize(onnx.load(_path("vgg"))))
+    onnx.save(pruned, tmp_path / "p.onnx")
+    assert main(["audit", str(tmp_path / "p.onnx"), "--reference", _path("vgg")]) == 3

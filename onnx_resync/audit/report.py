@@ -185,7 +185,12 @@ def audit(suspect: ModelLike, reference: ModelLike, *, html: str | os.PathLike |
     try:
         alignment = align(ref_c, sus_c)
     except ModelMismatchError:  # a width or depth change: align the suspect without its padding (issue 16)
-        sus_model, reduction = to_reference(lambda m: align(ref_c, _canonical(m, "suspect")), sus_model)
+        from .widths import narrow  # a pruned copy: the reference without its unmatched neurons
+
+        sus_model, reduction = to_reference(lambda m: align(ref_c, _canonical(m, "suspect")), sus_model,
+                                            narrow=lambda m: narrow(ref_c, _canonical(m, "suspect")))
+        if reduction.reference is not None:  # judged on the matched neurons (no integer steps: full shapes)
+            ref_c, ref_steps = reduction.reference, Steps()
         sus_c = _canonical(sus_model, "suspect")
         alignment = align(ref_c, sus_c)
     timings["align"] = time.perf_counter() - t
@@ -851,7 +856,10 @@ def _obfuscated(report: AuditReport, reduction) -> None:
         rest = report.summary.removeprefix("derived").lstrip(", ")
         report.summary = reduction.verdict() + (f"; {rest}" if rest else "")
     report.evidence.insert(0, "the suspect was reduced before alignment (each rewrite proven equivalent by ONNX "
-                              f"Runtime): {reduction.phrase() or reduction.pruned_phrase()}")
+                              f"Runtime): {reduction.phrase()}" if reduction.changed else
+                           "the suspect is narrower than the reference (a pruned copy): its layers paired regardless "
+                           "of width, its neurons by a rectangular assignment (audit/widths.py); judged on the "
+                           f"matched neurons: {reduction.pruned_phrase()}")
     report.evidence[1:1] = [line.strip() for line in reduction.lines()]
 
 

@@ -35,9 +35,12 @@ class Unpaired(Exception):
     """The two models' groups do not pair (or a suspect group is wider): not a pruned copy."""
 
 
-def assign_partial(reference: onnx.ModelProto, ref_walk: WalkResult, suspect: onnx.ModelProto) -> list[dict]:
-    """Per pruned reference group {"layer", "group" (its key), "removed", "of", "kept": the
-    reference neurons matched, in order}; Unpaired when the suspect is not a pruned copy."""
+def assign_partial(reference: onnx.ModelProto, ref_walk: WalkResult, suspect: onnx.ModelProto,
+                   name_of=None) -> list[dict]:
+    """Per pruned reference group {"layer" (its producers, named by `name_of(node name)`), "group"
+    (its key), "removed", "of", "kept": the reference neurons matched, in order}; Unpaired when the
+    suspect is not a pruned copy."""
+    name_of = name_of or (lambda name: name)
     sus_walk = walk(suspect)
     ref_by = {stem(g.key): g for g in ref_walk.groups}
     sus_by = {stem(g.key): g for g in sus_walk.groups}
@@ -66,7 +69,7 @@ def assign_partial(reference: onnx.ModelProto, ref_walk: WalkResult, suspect: on
     for s, g in ref_by.items():
         removed = int((assign[s] < 0).sum())
         if removed:
-            pruned.append({"layer": ", ".join(sorted({p.name for p in g.producers})) or g.key, "group": g.key,
+            pruned.append({"layer": ", ".join(sorted({name_of(p.name) for p in g.producers})) or g.key, "group": g.key,
                            "removed": removed, "of": g.size, "kept": np.flatnonzero(assign[s] >= 0).tolist()})
     return pruned
 

@@ -26,14 +26,17 @@ MAX_REDUCE_BYTES = 1 << 30  # suspects with more weight bytes are not reduced (t
 
 
 def to_reference(check, suspect: onnx.ModelProto, verify_options: dict | None = None, *,
-                 reference: onnx.ModelProto | None = None, ref_walk=None
+                 reference: onnx.ModelProto | None = None, ref_walk=None, narrow=None
                  ) -> tuple[onnx.ModelProto, ReduceReport | None]:
     """(the suspect, None) when `check(suspect)` passes; else (the reduced suspect, its report) when
     the reduced one passes; else, given the reference (and its walk), the reduced suspect with the
     nearest-to-dead or nearest-to-copy neurons of groups still wider removed (the error reported)
     and, for groups narrower (pruned), `report.reference`: the reference without the neurons left
     unmatched, to judge the suspect against; else the check's ModelMismatchError, saying what was
-    reduced. A suspect the reduction cannot walk or run keeps the check's error, with the reason."""
+    reduced. A suspect the reduction cannot walk or run keeps the check's error, with the reason.
+    `narrow(reduced suspect)`, for a caller whose models do not share weight names (audit: it pairs
+    layers by structure, audit/widths.py), replaces the reference path: (the reference to judge
+    against, per group what was pruned), or ModelMismatchError."""
     try:
         check(suspect)
         return suspect, None
@@ -54,8 +57,11 @@ def to_reference(check, suspect: onnx.ModelProto, verify_options: dict | None = 
             return reduced, report
         except ModelMismatchError as again:
             why = again
-            if reference is not None:
+            if reference is not None or narrow is not None:
                 try:
+                    if narrow is not None:
+                        report.reference, report.pruned = narrow(reduced)
+                        return reduced, report
                     return _against_reference(check, reduced, report, reference, ref_walk, options), report
                 except (ModelMismatchError, Unpaired, ValueError) as exc:
                     why = exc if report.changed else ModelMismatchError(f"{first} ({exc})")
@@ -81,7 +87,7 @@ def _against_reference(check, reduced, report: ReduceReport, reference, ref_walk
             return candidate
         except ModelMismatchError:
             pass  # narrower somewhere as well: pruned
-    report.reference, report.pruned = _narrowed(candidate, reference, ref_walk)
+    report.reference, report.pruned = narrowed(candidate, reference, ref_walk)
     return candidate
 
 
@@ -94,13 +100,14 @@ def _wider(ref_walk, model: onnx.ModelProto) -> dict[str, int]:
             if stem(g.key) in sizes and g.size > sizes[stem(g.key)]}
 
 
-def _narrowed(suspect, reference, ref_walk) -> tuple[onnx.ModelProto, list[dict]]:
-    """The reference without the neurons a pruned suspect lacks (its structure then checks against
-    the suspect's), and per group what was pruned."""
+def narrowed(suspect, reference, ref_walk, name_of=None) -> tuple[onnx.ModelProto, list[dict]]:
+    """The reference without the neurons a pruned suspect (with the reference's weight names) lacks
+    (its structure then checks against the suspect's), and per group what was pruned (its layers
+    named by `name_of(node name)`)."""
     from ..walk import walk
 
     ref_walk = ref_walk or walk(reference)
-    pruned = assign_partial(reference, ref_walk, suspect)
+    pruned = assign_partial(reference, ref_walk, suspect, name_of=name_of)
     narrowed = onnx.ModelProto()
     narrowed.CopyFrom(reference)
     widths = Widths(narrowed)
