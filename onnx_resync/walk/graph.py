@@ -54,7 +54,8 @@ class GraphView:
         # both; their nodes come right before the If (branches: If node -> the branch graphs walked)
         self.branches: dict[int, list[onnx.GraphProto]] = {}
         # Loop/Scan bodies followed (walker._enter_body/_join_body): the node -> its body, whose nodes
-        # come right before it; body_owner: id of each body node -> the Loop/Scan that runs it
+        # come right before it; body_owner: id of each body node -> the innermost Loop/Scan that runs
+        # it (a nested Loop/Scan node -> the one around it)
         self.bodies: dict[int, onnx.GraphProto] = {}
         self.body_owner: dict[int, onnx.NodeProto] = {}
         self.nodes = self._with_branches(self.nodes)
@@ -92,16 +93,13 @@ class GraphView:
         return out
 
     def _followed_body(self, node: onnx.NodeProto) -> onnx.GraphProto | None:
-        """The body of a Loop, or of a Scan of opset 9+ (no batch axis), that the walker follows: one
-        without Loop/Scan inside (nested bodies are counted, not followed)."""
+        """The body of a Loop, or of a Scan of opset 9+ (no batch axis), that the walker follows (at any
+        depth: a Loop in a Loop's body or an If's branch is followed inside it)."""
         if node.domain not in ("", "ai.onnx") or node.op_type not in ("Loop", "Scan"):
             return None
         if node.op_type == "Scan" and self.opsets.get("", 0) < 9:
             return None
-        body = next((a.g for a in node.attribute if a.name == "body"), None)
-        if body is None or any(n.op_type in ("Loop", "Scan") for g in nested_graphs(body) for n in g.node):
-            return None
-        return body
+        return next((a.g for a in node.attribute if a.name == "body"), None)
 
     # ---- constants and weights -------------------------------------------------------------
     def is_weight(self, name: str) -> bool:

@@ -19,7 +19,7 @@ from .graph import GraphView, node_inputs, outer_scope_names, subgraphs
 from .groups import INPUT_REASON
 from . import registry
 from .rules import resolve_weight_axes, unknown_op
-from .rules.base import malformed
+from .rules.base import _is_uniform, is_zero, malformed
 from ..errors import UnsupportedError
 
 
@@ -49,6 +49,11 @@ class WalkContext:
         # selected: a recurrent state's layer): tensor -> the graph input. The caller sets their order,
         # so channels that must line up with them are interface, like channels that reach outputs
         self.from_input: dict[str, str] = {name: name for name in view.graph_inputs}
+        # Loop/Scan states that start without channels: (id of the node, carried index) -> axis ->
+        # the layout its body writes there (walker._join_body), learnt by one pass (state_layouts) and
+        # given to the body's state input by the next (states)
+        self.states: dict[tuple[int, int], dict[int, tuple]] = {}
+        self.state_layouts: dict[tuple[int, int], dict[int, tuple]] = {}
 
     # ---- reading -----------------------------------------------------------------------------
     def get(self, name: str) -> dict[int, Label]:
@@ -288,13 +293,40 @@ class WalkContext:
                 self.fixed.setdefault((base, axis), reason.format(repr(base)))
 
 
+# passes over the graph at most: a Loop/Scan state that starts without channels (zeros, or a stored
+# tensor) takes the channels its body writes into it, learnt in one pass and used in the next; a
+# state nested in another body may need one more
+MAX_STATE_PASSES = 4
+
+
 def walk(model: onnx.ModelProto, view: GraphView | None = None) -> WalkResult:
     view = view or GraphView(model)
+    states: dict[tuple[int, int], dict[int, tuple]] = {}
+    for _ in range(MAX_STATE_PASSES):
+        ctx = _walk_nodes(view, states)
+        learnt = {key: {**states.get(key, {}), **axes} for key, axes in ctx.state_layouts.items()}
+        if all(states.get(key, {}).keys() >= axes.keys() for key, axes in learnt.items()):
+            break
+        states = {**states, **learnt}
+    ctx.node = None
+    result = _form_groups(ctx)
+    _count_bodies(view, result)
+    return result
+
+
+def _walk_nodes(view: GraphView, states: dict) -> WalkContext:
+    """One pass of the rules over every node; `states`: the layouts of Loop/Scan states learnt by the
+    previous pass (see _enter_body)."""
     ctx = WalkContext(view)
+    ctx.states = states
     entered: set[int] = set()  # Loop/Scan bodies whose inputs are labelled
     for index, node in enumerate(view.nodes):
+        owners = []  # the bodies this node runs in, innermost first (a Loop in a Loop's body)
         owner = view.body_owner.get(id(node))
-        if owner is not None and id(owner) not in entered:
+        while owner is not None and id(owner) not in entered:
+            owners.append(owner)
+            owner = view.body_owner.get(id(owner))
+        for owner in reversed(owners):  # an outer body's inputs are labelled before an inner one's
             entered.add(id(owner))
             _enter_body(ctx, owner)
         ctx.node_index = index
@@ -331,10 +363,7 @@ def walk(model: onnx.ModelProto, view: GraphView | None = None) -> WalkResult:
         _spread_constant_fill(ctx, node, spec)
         _spread_input_values(ctx, node, spec)
         ctx.end_node(node)
-    ctx.node = None
-    result = _form_groups(ctx)
-    _count_bodies(view, result)
-    return result
+    return ctx
 
 
 def _count_bodies(view: GraphView, result: WalkResult) -> None:
@@ -386,12 +415,19 @@ def _loop_layout(node: onnx.NodeProto, body: onnx.GraphProto):
 
 
 def _enter_body(ctx: WalkContext, node: onnx.NodeProto) -> None:
-    """Label a body's inputs from the Loop/Scan's own inputs, before the body's first node."""
+    """Label a body's inputs from the Loop/Scan's own inputs, before the body's first node. A state
+    that starts without channels on an axis where the previous pass saw the body write channels
+    (`_learn_state`) gets fresh state elements laid out like them; _join_body unites the two."""
     carried, ins, _ = _loop_layout(node, ctx.view.bodies[id(node)])
-    for outer, inner, _, _ in carried:
+    for i, (outer, inner, _, _) in enumerate(carried):
         if outer:
             ctx.tie_directions(outer)
-            ctx.set(inner, ctx.get(outer))
+            labels = ctx.get(outer)
+            for axis, (count, pattern, sub) in ctx.states.get((id(node), i), {}).items():
+                if axis not in labels:
+                    fresh = ctx.new(count, node, output=inner, kind="state")
+                    labels[axis] = Label.of(fresh.elem[pattern], sub)
+            ctx.set(inner, labels)
             if outer in ctx.from_input:
                 ctx.from_input[inner] = ctx.from_input[outer]
     for outer, inner, axis in ins:
@@ -416,12 +452,15 @@ def _join_body(ctx: WalkContext, node: onnx.NodeProto) -> None:
     for outer, inner, body_out, out in carried + [("", "", b, "") for b, _, _ in scans]:
         if body_out and ctx.is_weightlike(body_out):  # a weight that leaves the body keeps its order
             ctx._fix_all(body_out, f"weight {{}} is an output of {node.op_type} {node.name or node.op_type!r}")
-    for outer, inner, body_out, out in carried:
+    for i, (outer, inner, body_out, out) in enumerate(carried):
         ctx.tie_directions(body_out)
         before, after = ctx.get(inner), ctx.get(body_out)
+        started = ctx.get(outer) if outer else {}
         joined = {}
         for axis in sorted(set(before) | set(after)):
             a, b = before.get(axis), after.get(axis)
+            if a is None and b is not None:
+                _learn_state(ctx, node, i, outer, axis, b)
             if a is None or b is None or len(a) != len(b) or not np.array_equal(a.sub, b.sub):
                 for l in (a, b):
                     if l is not None:
@@ -429,6 +468,8 @@ def _join_body(ctx: WalkContext, node: onnx.NodeProto) -> None:
                 continue
             ctx.union(a, b)
             joined[axis] = a
+            if axis not in started and outer and ctx.is_weightlike(outer):
+                ctx.slot(outer, axis, a)  # a stored initial state moves with the state's channels
         ctx.set(out, joined)
     for body_out, out, axis in scans:
         ctx.tie_directions(body_out)
@@ -439,6 +480,19 @@ def _join_body(ctx: WalkContext, node: onnx.NodeProto) -> None:
             continue
         axis = axis % rank if rank else 0
         ctx.set(out, {a + (a >= axis): l for a, l in labels.items()})
+
+
+def _learn_state(ctx: WalkContext, node: onnx.NodeProto, index: int, outer: str, axis: int, written: Label) -> None:
+    """The body writes channels on `axis` of a state that came in without: the state may carry them
+    from the first iteration on where its initial value has no order along that axis (filled with one
+    value: zeros from ConstantOfShape) or is a stored tensor (a slot then moves it with them). Not a
+    graph input's values: the caller's order fixes those (interface)."""
+    if not outer or outer in ctx.from_input or ctx.dim(outer, axis) != len(written):
+        return
+    if not (ctx.is_weightlike(outer) or _is_uniform(ctx, outer, axis) or is_zero(ctx, outer)):
+        return
+    elems, pattern = np.unique(written.elem, return_inverse=True)
+    ctx.state_layouts.setdefault((id(node), index), {})[axis] = (len(elems), pattern.reshape(-1), written.sub.copy())
 
 
 def _body_model(view: GraphView, body: onnx.GraphProto) -> onnx.ModelProto:
