@@ -296,6 +296,8 @@ IMAGE_SIDES = tuple(range(224, 641, 32))  # the sizes detectors and classifiers 
 TEXT_LINES = ((48, 320), (32, 320), (64, 320))  # text recognizers: fixed height, wide lines
 SMALL_SIDES = tuple(range(192, 31, -32)) + (1,)
 LENGTHS = (16, 8, 4, 2, 1)
+# ops whose window must fit the (padded) axis they slide along
+_WINDOWED = frozenset({"Conv", "MaxPool", "AveragePool", "LpPool"})
 INT_HIGH = 10  # integers that no table bounds: 0..9
 RECURRENT = frozenset({"LSTM", "GRU", "RNN", "DynamicQuantizeLSTM"})
 STATE_INPUTS = (5, 6)  # initial_h, initial_c
@@ -550,6 +552,8 @@ def plan_inputs(model: onnx.ModelProto, in_specs, shapes: dict[str, list[int]] |
                                           [why])
                 continue
             candidates, why, role = _generic(axis, decl, layout, cap)
+            if role == "length" and key in reader.length_floors(declared):
+                candidates, why = _at_least(candidates, *reader.length_floors(declared)[key])
             old = dims.get(key)
             if old is None or _RANK[role] > _RANK[old.role]:
                 dims[key] = DimChoice(key, candidates, why, role)
@@ -595,6 +599,16 @@ def _generic(axis: int, decl: list, image: tuple[int, int] | None, cap: int | No
     if cap is not None and cap < LENGTHS[0]:
         why += f" (its positional table has {cap} rows)"
     return lengths, why, "length"
+
+
+def _at_least(lengths: list[int], least: int, words: str) -> tuple[list[int], str]:
+    """Lengths of at least `least` (the usual ones that qualify, else powers of two from there up:
+    an op further on may need more still)."""
+    kept = [n for n in lengths if n >= least]
+    if not kept:
+        start = 1 << (least - 1).bit_length()
+        kept = [start << i for i in range(4)]
+    return kept, f"a length of {kept[0]}: {words} (needs at least {least})"
 
 
 def _values(choice: InputChoice, reader: "_Reader", decl: list) -> None:
@@ -808,6 +822,76 @@ class _Reader(_Graph):
             except UnsupportedError:
                 self._view = False  # a graph the walker refuses: no inferred shapes, ORT judges
         return self._view.shape(name) if self._view else None
+
+    def length_floors(self, declared: dict[str, list]) -> dict[str, tuple[int, str]]:
+        """The least size some op needs of a symbolic input dim, keyed like the plan's dims (the dim's
+        name, or 'input#axis'): a reflect Pad reads more samples than it adds (ORT refuses a 16-long
+        signal padded by 64), a Conv or pool window must fit the padded axis. Read from the inferred
+        shape of the op's input wherever that axis still is the input's own dim."""
+        if getattr(self, "_floors", None) is not None:
+            return self._floors
+        keys = {}  # a dim as shape inference writes it -> the plan's key
+        for name, decl in declared.items():
+            for axis, d in enumerate(decl):
+                key = d if isinstance(d, str) and d not in ("?", "") else f"{name}#{axis}"
+                if not isinstance(d, int):
+                    keys[f"?{name}:{axis}"] = key  # an outer input's dim as seen inside a subgraph
+                    if key == d:
+                        keys[d] = key
+        floors: dict[str, tuple[int, str]] = {}
+        for node in self.nodes:
+            if node.domain not in _DEFAULT_DOMAINS or node.op_type not in _WINDOWED and node.op_type != "Pad":
+                continue
+            for axis, least, words in self._needs(node):
+                shape = self.inferred_shape(node.input[0]) if node.input else None
+                d = shape[axis] if shape is not None and 0 <= axis < len(shape) else None
+                key = keys.get(d) if isinstance(d, str) else None
+                if key is not None and least > floors.get(key, (1, ""))[0]:
+                    floors[key] = (least, f"{node.op_type} {node.name or node.output[0]!r} {words}")
+        self._floors = floors
+        return floors
+
+    def computed_ints(self, names) -> list | None:
+        """A small integer tensor's values, constant or computed from constants and shapes (torch
+        writes a Pad's pads through Reshape/Slice/Transpose/Cast): walk's shape evaluator."""
+        if not names or not names[0]:
+            return None
+        if self.inferred_shape(names[0]) is None and not self._view:
+            return None
+        return self._view.values.integers(names[0]) if self._view else None
+
+    def _needs(self, node: onnx.NodeProto) -> list[tuple[int, int, str]]:
+        """(axis of input 0, least size, why) that `node` needs."""
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "Pad":
+            mode = attrs.get("mode", b"constant")
+            if (mode.decode() if isinstance(mode, bytes) else mode) != "reflect":
+                return []
+            pads = attrs.get("pads")
+            pads = list(pads) if pads is not None else self.computed_ints(node.input[1:2])
+            axes = self.computed_ints(node.input[3:4])
+            if pads is None or not all(isinstance(p, int) for p in pads):
+                return []
+            axes = axes if axes is not None else list(range(len(pads) // 2))
+            if len(pads) != 2 * len(axes):
+                return []
+            return [(a, max(pads[k], pads[k + len(axes)]) + 1, f"reflects {max(pads[k], pads[k + len(axes)])} along it")
+                    for k, a in enumerate(axes) if a >= 0 and max(pads[k], pads[k + len(axes)]) > 0]
+        kernel = attrs.get("kernel_shape")
+        if kernel is None and node.op_type == "Conv" and len(node.input) > 1:
+            w = self.const_shape(node.input[1])
+            kernel = list(w[2:]) if w is not None else None
+        if not kernel or attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            return []
+        pads = list(attrs.get("pads", [0] * 2 * len(kernel)))
+        dil = list(attrs.get("dilations", [1] * len(kernel)))
+        out = []
+        for i, k in enumerate(kernel):
+            span = (int(k) - 1) * int(dil[i]) + 1
+            least = span - int(pads[i]) - int(pads[i + len(kernel)])
+            if least > 1:
+                out.append((2 + i, least, f"has a window of {span} along it"))
+        return out
 
     def length_cap(self) -> int | None:
         """Rows of the smallest positional table: a constant Gather table indexed by a Range or a
