@@ -31,6 +31,14 @@ CASES = {
     "ddddocr_common_old": ({"input1": [1, 1, 64, 64]}, 1.0),
     "arabic_gru_encoder": ({}, 1.0),
     "minilm": ({"input_ids": [1, 8], "attention_mask": [1, 8], "token_type_ids": [1, 8]}, 1.0),
+    # no shapes given: the input plan reads the reflect Pad's and the STFT window's needs
+    "silero_vad_op15": ({}, 0.39),
+    "silero_vad_ifless": ({}, 0.99),
+    "silero_vad_openvino": ({}, 0.59),
+    "silero_vad_v6": ({}, 0.59),
+    # its state's batch is an unnamed dim at axis 1 (LSTM initial_h layout): not yet read from the graph
+    "silero_vad_if": ({"state": [2, 1, 128]}, 0.44),
+    "nudenet_320n": ({}, 0.95),
 }
 
 

@@ -58,6 +58,7 @@ _RAPIDOCR_WHL = "rapidocr_onnxruntime-1.4.4-py3-none-any.whl"
 _DDDDOCR_WHL = "ddddocr-1.6.1-py3-none-any.whl"
 _ARABIC_WHL = "arabic_name_romanizer-0.2.0-py3-none-any.whl"
 _RAPIDOCR_V3_WHL = "rapidocr_onnxruntime-1.2.13-py3-none-any.whl"
+_SILERO_WHL = "silero_vad-6.2.3-py3-none-any.whl"
 
 _ENTRIES = [
     VendorModel(
@@ -189,6 +190,66 @@ _ENTRIES = [
         sha256="b388816f4fe4beccf2106589a786544596eb1385cac0c57c6a4e2a6758215b16",
         size=69060623,
         description="sentence-transformers paraphrase-MiniLM-L3-v2 (3-layer BERT, 12 heads, 384 wide)",
+    ),
+    VendorModel(
+        key="silero_vad_op15",
+        package="silero-vad",
+        version="6.2.3",
+        archive=_SILERO_WHL,
+        member="silero_vad/data/silero_vad_16k_op15.onnx",
+        sha256="7ed98ddbad84ccac4cd0aeb3099049280713df825c610a8ed34543318f1b2c49",
+        size=1289603,
+        description="Silero VAD 16 kHz (torch.onnx, opset 15): reflect-padded STFT conv, conv encoder, LSTM in an If",
+    ),
+    VendorModel(
+        key="silero_vad_ifless",
+        package="silero-vad",
+        version="6.2.3",
+        archive=_SILERO_WHL,
+        member="silero_vad/data/silero_vad_op18_ifless.onnx",
+        sha256="7671cd04b004e9076da0d4a7b1a5aec36adf161c39230c1cb94a4fd5db6bbd28",
+        size=2845718,
+        description="Silero VAD 8 and 16 kHz without If (torch dynamo, opset 18): both rates' weights side by side",
+    ),
+    VendorModel(
+        key="silero_vad_if",
+        package="silero-vad",
+        version="6.2.3",
+        archive=_SILERO_WHL,
+        member="silero_vad/data/silero_vad.onnx",
+        sha256="1a153a22f4509e292a94e67d6f9b85e8deb25b4988682b7e174c65279d8788e3",
+        size=2327524,
+        description="Silero VAD: every weight inside the If on the sample rate (Constant nodes in both branches)",
+    ),
+    VendorModel(
+        key="silero_vad_openvino",
+        package="silero-vad",
+        version="6.2.3",
+        archive=_SILERO_WHL,
+        member="silero_vad/data/silero_vad_openvino_16k.onnx",
+        sha256="7776b81ad1b0350c15d7f1555943b9232eb53e9ca5d989c6d0cea9ebc8664d87",
+        size=1288203,
+        description="Silero VAD 16 kHz for OpenVINO: the weights of silero_vad_op15 with the LSTM out of its If",
+    ),
+    VendorModel(
+        key="silero_vad_v6",
+        package="faster-whisper",
+        version="1.2.1",
+        archive="faster_whisper-1.2.1-py3-none-any.whl",
+        member="faster_whisper/assets/silero_vad_v6.onnx",
+        sha256="4cbf549b8326f60f80f2536d9eefeb450a9abe83365a098031c89719f1be17d2",
+        size=1245151,
+        description="Silero VAD v6 as faster-whisper ships it: fixed 576-sample window, h and c state inputs",
+    ),
+    VendorModel(
+        key="nudenet_320n",
+        package="nudenet",
+        version="3.4.2",
+        archive="nudenet-3.4.2-py3-none-any.whl",
+        member="nudenet/320n.onnx",
+        sha256="c15d8273adad2d0a92f014cc69ab2d6c311a06777a55545f2c4eb46f51911f0f",
+        size=12150158,
+        description="NudeNet detector: an Ultralytics YOLOv8n export (320 input, DFL head)",
     ),
 ]
 
