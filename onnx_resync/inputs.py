@@ -481,6 +481,23 @@ def is_quantized(model: onnx.ModelProto) -> bool:
     return False
 
 
+def activation_quantizers(model: onnx.ModelProto) -> list[tuple[onnx.NodeProto, dict]]:
+    """The nodes that quantize or round their float activations before computing (their registry
+    entry's `quantizes_activations`, e.g. MatMulNBits at accuracy_level 4), each with the attribute
+    values of its exact form, in graph order (subgraphs included)."""
+    if not model.HasField("graph"):
+        return []
+    opsets = {("" if o.domain == "ai.onnx" else o.domain): o.version for o in model.opset_import}
+    found = []
+    for g in _all_graphs(model.graph):
+        for n in g.node:
+            spec = registry.spec_of(n, opsets)
+            exact = spec.quantizes_activations(n) if spec is not None and spec.quantizes_activations else None
+            if exact:
+                found.append((n, exact))
+    return found
+
+
 def half_precision(model: onnx.ModelProto) -> str | None:
     """"float16" or "bfloat16" when the graph computes in it (an initializer of that type or a Cast
     to it), else None."""
@@ -552,6 +569,8 @@ def plan_inputs(model: onnx.ModelProto, in_specs, shapes: dict[str, list[int]] |
                                           [why])
                 continue
             candidates, why, role = _generic(axis, decl, layout, cap)
+            if role == "length" and axis == len(decl) - 2 and reader.is_state(s.name):
+                candidates, why, role = [1], "batch of 1 (a recurrent state is [..., batch, hidden])", "batch"
             if role == "length" and key in reader.length_floors(declared):
                 candidates, why = _at_least(candidates, *reader.length_floors(declared)[key])
             old = dims.get(key)
@@ -664,6 +683,8 @@ class _Reader(_Graph):
         super().__init__(model, input_names)
         self.consumers: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
         self.nodes: list[onnx.NodeProto] = []
+        # an If branch's output i leaves the branch as the If's output i: walks forward go on there
+        self.branch_exits: dict[str, list[str]] = defaultdict(list)
         if model.HasField("graph"):
             for g in _all_graphs(model.graph):
                 for node in g.node:
@@ -671,6 +692,11 @@ class _Reader(_Graph):
                     for idx, name in enumerate(node.input):
                         if name:
                             self.consumers[name].append((node, idx))
+                    if node.op_type == "If" and node.domain in _DEFAULT_DOMAINS:
+                        for branch in _subgraphs(node):
+                            for out, exit_name in zip(branch.output, node.output):
+                                if exit_name:
+                                    self.branch_exits[out.name].append(exit_name)
         self._cap: int | None | bool = False
         self.model = model
         self.opsets = {("" if o.domain == "ai.onnx" else o.domain): o.version for o in model.opset_import}
@@ -718,6 +744,7 @@ class _Reader(_Graph):
             if cur in seen:
                 continue
             seen.add(cur)
+            stack.extend((o, shift) for o in self.branch_exits.get(cur, ()))
             for node, idx in self.consumers.get(cur, ()):
                 yield node, idx, shift
                 standard = node.domain in _DEFAULT_DOMAINS

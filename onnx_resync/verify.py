@@ -40,13 +40,29 @@ between those runs of the reference itself is the output's floor. An output with
 (an output near zero on the chosen inputs, a saturated sigmoid map). A failed check names the output,
 the error, the floor and the inputs (`explain`); it blames the walker only when the reference is
 stable across levels and the error is far above the floor.
+
+Exact form: a node that quantizes or rounds its float activations before computing (its registry
+entry's `quantizes_activations`: MatMulNBits at accuracy_level 4 quantizes them to int8 in blocks of K)
+turns a correct permutation's float rounding upstream (a sum in another order) into a whole
+quantization step, far past any float tolerance. When both models have the same such nodes (op,
+attributes), both are checked in their *exact form* (those attributes set as the entry says: activations
+as given), where the weights and a permutation are the same as written and a correct one computes the
+same up to float rounding: the tolerance above judges it. They are also run as written, on the base
+feeds: each output's error must stay within NOISE_FACTOR x how far quantizing the activations moves the
+reference itself (|as written - exact form|, measured on the run); the report gives both. Models that
+quantize differently are compared as written and the report says why.
+
+A candidate ONNX Runtime cannot open, or cannot run on inputs it runs the reference on, raises
+CandidateRefused (a rewrite it refuses is not proven).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -55,7 +71,8 @@ import onnx
 
 from . import io, runtime
 from .errors import LoadError, ModelMismatchError, ResyncError, UsageError
-from .inputs import MAX_SAMPLES, InputPlan, fill, half_precision, is_quantized, plan_inputs, plan_variations
+from .inputs import (MAX_SAMPLES, InputPlan, activation_quantizers, fill, half_precision, is_quantized, plan_inputs,
+                     plan_variations)
 from .jsonable import json_safe
 
 EQUIVALENT, NOT_EQUIVALENT, CANNOT_CHECK = "equivalent", "not equivalent", "cannot check"
@@ -63,6 +80,10 @@ EQUIVALENT, NOT_EQUIVALENT, CANNOT_CHECK = "equivalent", "not equivalent", "cann
 MIN_COMPARED = 1
 # `onnx-resync verify` exit codes, by verdict
 EXIT_CODES = {EQUIVALENT: 0, NOT_EQUIVALENT: 1, CANNOT_CHECK: 4}
+
+
+class CandidateRefused(ResyncError):
+    """ONNX Runtime cannot open the candidate, or cannot run it on inputs it runs the reference on."""
 
 
 @dataclass
@@ -108,6 +129,11 @@ class VerifyReport:
     input_tries: list[dict] = field(default_factory=list)  # tries ONNX Runtime refused: shapes, its message
     optimization: str = "basic"  # ONNX Runtime's graph optimization level for both sessions, and why
     nudged: str | None = None  # the floor also nudges the inputs by a rounding of: "quantized", "float16", ...
+    # how nodes that quantize their activations were handled (the module docstring), None when none do
+    exact_form: str | None = None
+    # in the exact form: each output as written: name, max_abs_error, normalized_error, quantization
+    # (how far quantizing the activations moves the reference itself), passed
+    as_written: list[dict] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
@@ -148,6 +174,12 @@ class VerifyReport:
         value_s = "value" if self.compared == 1 else "values"
         lines.append(f"check: {rule}; integer/bool outputs exact; compared {self.compared} finite {value_s} "
                      f"(each output needs {MIN_COMPARED})")
+        if self.exact_form:
+            lines.append(f"exact form: {self.exact_form}")
+        for w in self.as_written:
+            lines.append(f"  as written: {w['name']} max_abs_err {w['max_abs_error']:.3e} normalized "
+                         f"{w['normalized_error']:.3e}; quantizing the activations moves the reference itself by "
+                         f"{w['quantization']:.3e}: {'ok' if w['passed'] else 'FAIL'}")
         rows = [("output", "shape", "max_abs_err", "normalized", "floor", "cosine", "compared", "mismatches", "result")]
         for o in self.outputs:
             rows.append((
@@ -406,7 +438,8 @@ def verify(reference, candidate, *, inputs=None, shapes=None, samples: int = 1, 
     inputs: dict name -> array or a .npz path (one sample); otherwise `samples` seeded feeds of the
     input plan (inputs.py: shapes and values read from the graph, tried in ONNX Runtime), with the
     inputs that `shapes` (name -> dims) names fixed. With atol and/or rtol (the other one
-    defaults to 0) the check is element-wise |cand - ref| <= atol + rtol*|ref|.
+    defaults to 0) the check is element-wise |cand - ref| <= atol + rtol*|ref|. Models whose nodes
+    quantize their activations alike are checked in their exact form and as written (module docstring).
     """
     if not isinstance(samples, (int, np.integer)) or not 1 <= samples <= MAX_SAMPLES:
         raise UsageError(f"samples must be from 1 to {MAX_SAMPLES}, not {samples}")
@@ -428,55 +461,68 @@ def verify(reference, candidate, *, inputs=None, shapes=None, samples: int = 1, 
     quantized = is_quantized(ref_graph) or is_quantized(cand_graph)
     half = half_precision(ref_graph) or half_precision(cand_graph)
     level = "all" if quantized else "basic"
-    ref_session = runtime.make_session(reference, device, level=level)
-    provider = runtime.provider(ref_session)
-    # The candidate runs where the reference ran, so both see the same kernels.
-    cand_session = runtime.make_session(candidate, "cuda" if provider == runtime.CUDA else "cpu", level=level)
-    ref_specs, cand_specs = runtime.specs(ref_session), runtime.specs(cand_session)
-    check_signatures(ref_specs, cand_specs)
-    for s in ref_specs[1]:
-        s.dtype  # raises for outputs that cannot be compared (sequences, maps, strings)
+    exact, exact_words = _exact_form_plan(ref_graph, cand_graph)
+    with _exact_forms([reference, candidate] if exact else []) as forms:
+        ref_model, cand_model = forms or (reference, candidate)
+        ref_session = runtime.make_session(ref_model, device, level=level)
+        provider = runtime.provider(ref_session)
+        # The candidate runs where the reference ran, so both see the same kernels.
+        cand_session = _candidate_session(cand_model, provider, level)
+        ref_specs, cand_specs = runtime.specs(ref_session), runtime.specs(cand_session)
+        check_signatures(ref_specs, cand_specs)
+        for s in ref_specs[1]:
+            s.dtype  # raises for outputs that cannot be compared (sequences, maps, strings)
 
-    input_plan = None
-    if inputs is not None:
-        base = [load_inputs(inputs, ref_specs[0])]
-    else:
-        input_plan = planned_inputs(ref_session, ref_graph, ref_specs[0], shapes, seed)
-        runtime.check_input_size(input_plan, samples)
-        base = input_plan.feeds(samples, seed)
-        source = "planned from the graph" if input_plan.inputs else "none"
-    plan = plan_variations([ref_graph, cand_graph], ref_specs[0])
-    assignments, variation = plan.assignments()
-    # a varied feed is made when it runs: up to MAX_VARIED_FEEDS copies of an input are never held at once
-    jobs = [(feed, None) for feed in base] + [(base[0], a) for a in assignments]
+        input_plan = None
+        if inputs is not None:
+            base = [load_inputs(inputs, ref_specs[0])]
+        else:
+            input_plan = planned_inputs(ref_session, ref_graph, ref_specs[0], shapes, seed)
+            runtime.check_input_size(input_plan, samples)
+            base = input_plan.feeds(samples, seed)
+            source = "planned from the graph" if input_plan.inputs else "none"
+        plan = plan_variations([ref_graph, cand_graph], ref_specs[0])
+        assignments, variation = plan.assignments()
+        # a varied feed is made when it runs: up to MAX_VARIED_FEEDS copies of an input are never held at once
+        jobs = [(feed, None) for feed in base] + [(base[0], a) for a in assignments]
 
-    accs = [_Accumulator(s.name) for s in ref_specs[1]]
-    ran, skipped, failed_empty = [], 0, None
-    for src, assignment in jobs:
-        feed = src if assignment is None else fill(src, assignment)
-        try:
-            ref_out = runtime.run(ref_session, feed)
-        except ResyncError as exc:
-            if assignment is not None:  # a value the model does not accept (an index past a table, say)
-                skipped += 1
+        accs = [_Accumulator(s.name) for s in ref_specs[1]]
+        ran, skipped, failed_empty = [], 0, None
+        for src, assignment in jobs:
+            feed = src if assignment is None else fill(src, assignment)
+            try:
+                ref_out = runtime.run(ref_session, feed)
+            except ResyncError as exc:
+                if assignment is not None:  # a value the model does not accept (an index past a table, say)
+                    skipped += 1
+                    continue
+                empty = _empty_input(feed)
+                # an empty input the plan chose (a KV cache's past length 0) is no excuse: ORT refused the plan
+                if empty is None or (input_plan is not None and not input_plan.settled):
+                    raise _run_failed(input_plan, feed, str(exc)) from None
+                failed_empty = empty
                 continue
-            empty = _empty_input(feed)
-            # an empty input the plan chose (a KV cache's past length 0) is no excuse: ORT refused the plan
-            if empty is None or (input_plan is not None and not input_plan.settled):
-                raise _run_failed(input_plan, feed, str(exc)) from None
-            failed_empty = empty
-            continue
-        cand_out = runtime.run(cand_session, feed)
-        for acc, r, c in zip(accs, ref_out, cand_out):
-            acc.add(r, c, tolerance, atol, rtol)
-        del ref_out, cand_out, feed
-        ran.append((src, assignment))
+            cand_out = _run_candidate(cand_session, feed)
+            for acc, r, c in zip(accs, ref_out, cand_out):
+                acc.add(r, c, tolerance, atol, rtol)
+            del ref_out, cand_out, feed
+            ran.append((src, assignment))
 
-    outputs = [acc.result() for acc in accs]
-    if ran and not elementwise and not all(o.passed for o in outputs):
-        _judge_against_noise_floor(reference, provider, (src if a is None else fill(src, a) for src, a in ran),
-                                   outputs, level, "quantized" if quantized else half)
+        outputs = [acc.result() for acc in accs]
+        if ran and not elementwise and not all(o.passed for o in outputs):
+            _judge_against_noise_floor(ref_model, provider, (src if a is None else fill(src, a) for src, a in ran),
+                                       outputs, level, "quantized" if quantized else half)
     verdict, reason = _verdict(outputs, base, failed_empty, len(ran))
+    as_written = []
+    if exact and verdict == EQUIVALENT:
+        as_written = _as_written(reference, candidate, ref_session, provider, level,
+                                 [src for src, a in ran if a is None])
+        bad = next((w for w in as_written if not w["passed"]), None)
+        if bad is not None:
+            verdict = NOT_EQUIVALENT
+            reason = (f"as written, output {bad['name']!r} differs by {bad['max_abs_error']:.2e}, more than "
+                      f"{NOISE_FACTOR:g}x what quantizing the activations moves the reference itself "
+                      f"({bad['quantization']:.2e}); in the exact form it agrees")
     return VerifyReport(
         equivalent=verdict == EQUIVALENT, verdict=verdict, reason=reason, provider=provider,
         device_requested=device, samples=len(base), seed=seed, mode="elementwise" if elementwise else "normalized",
@@ -488,8 +534,115 @@ def verify(reference, candidate, *, inputs=None, shapes=None, samples: int = 1, 
         input_tries=[{"shapes": s, "error": e} for s, e in input_plan.failures] if input_plan and input_plan.settled
         else [],
         optimization="all (a quantized graph: ONNX Runtime runs it quantized there)" if quantized else "basic",
-        nudged="quantized" if quantized else half,
+        nudged="quantized" if quantized else half, exact_form=exact_words, as_written=as_written,
     )
+
+
+def _candidate_session(candidate, provider: str, level: str):
+    try:
+        return runtime.make_session(candidate, "cuda" if provider == runtime.CUDA else "cpu", level=level)
+    except LoadError as exc:
+        raise CandidateRefused(str(exc).replace("cannot open the model", "cannot open the candidate", 1)) from None
+
+
+def _run_candidate(session, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    try:
+        return runtime.run(session, feed)
+    except ResyncError as exc:
+        message = str(exc).removeprefix("onnxruntime failed to run the model: ")
+        raise CandidateRefused(f"onnxruntime runs the reference but not the candidate on the same inputs: "
+                               f"{message}") from None
+
+
+# ---- exact form (the module docstring) ----------------------------------------------------------
+def _exact_form_plan(ref_graph: onnx.ModelProto, cand_graph: onnx.ModelProto) -> tuple[bool, str | None]:
+    """Whether both models are checked in their exact form, and the words for the report."""
+    ref_q, cand_q = activation_quantizers(ref_graph), activation_quantizers(cand_graph)
+    if not ref_q and not cand_q:
+        return False, None
+    ref_kinds, cand_kinds = _quantizer_kinds(ref_q), _quantizer_kinds(cand_q)
+    if ref_kinds != cand_kinds:
+        return False, (f"none: the reference has {_kinds_text(ref_kinds)}, the candidate {_kinds_text(cand_kinds)} "
+                       "(they quantize their activations differently: compared as written)")
+    return True, (f"{_kinds_text(ref_kinds)} in each model quantize or round their activations before computing, "
+                  "where a correct permutation's float rounding upstream can move a value by a whole quantization "
+                  "step; both checked with activations as given (the same weights and permutation), and as "
+                  "written against how far that quantization moves the reference itself")
+
+
+def _quantizer_kinds(found: list[tuple[onnx.NodeProto, dict]]) -> Counter:
+    """(op, the attributes as written, the exact form's) -> node count."""
+    kinds = Counter()
+    for node, exact in found:
+        written = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute if a.name in exact}
+        kinds[(node.op_type, tuple(sorted(written.items())), tuple(sorted(exact.items())))] += 1
+    return kinds
+
+
+def _kinds_text(kinds: Counter) -> str:
+    if not kinds:
+        return "no such node"
+    return ", ".join(f"{n} {op} with {' '.join(f'{k} {v}' for k, v in written) or 'defaults'} (exact form "
+                     f"{' '.join(f'{k} {v}' for k, v in exact)})" for (op, written, exact), n in sorted(kinds.items()))
+
+
+@contextlib.contextmanager
+def _exact_forms(models):
+    """`models` (paths or ModelProtos) in their exact form: a path is loaded, weights and all; a
+    ModelProto is changed in place and given back as it was on exit. Yields the list (empty for none)."""
+    saved = []
+    out = []
+    try:
+        for model in models:
+            if not isinstance(model, onnx.ModelProto):
+                model = io.load_model(model, check=False)
+            for node, exact in activation_quantizers(model):
+                saved.append((node, [onnx.AttributeProto.FromString(a.SerializeToString()) for a in node.attribute]))
+                kept = [a for a in node.attribute if a.name not in exact]
+                del node.attribute[:]
+                node.attribute.extend(kept + [onnx.helper.make_attribute(k, v) for k, v in sorted(exact.items())])
+            out.append(model)
+        yield out
+    finally:
+        for node, attributes in reversed(saved):
+            del node.attribute[:]
+            node.attribute.extend(attributes)
+
+
+def _as_written(reference, candidate, exact_session, provider: str, level: str, feeds: list) -> list[dict]:
+    """Both models as written on `feeds`: per output its error and how far quantizing the activations
+    moves the reference itself (as written vs `exact_session`, the reference in its exact form)."""
+    device = "cuda" if provider == runtime.CUDA else "cpu"
+    ref_session = runtime.make_session(reference, device, level=level)
+    cand_session = _candidate_session(candidate, provider, level)
+    names = [s.name for s in runtime.specs(ref_session)[1]]
+    err, scale, moved = [0.0] * len(names), [0.0] * len(names), [0.0] * len(names)
+    for feed in feeds:
+        written = runtime.run(ref_session, feed)
+        cand = _run_candidate(cand_session, feed)
+        exact = runtime.run(exact_session, feed)
+        for i, (w, c, x) in enumerate(zip(written, cand, exact)):
+            w, c, x = (np.asarray(v, np.float64) for v in (w, c, x))
+            if w.shape != c.shape:
+                err[i] = math.inf
+                continue
+            err[i] = max(err[i], _max_diff(w, c))
+            if w.shape == x.shape:
+                moved[i] = max(moved[i], _max_diff(w, x))
+            finite = np.abs(w[np.isfinite(w)])
+            scale[i] = max(scale[i], float(finite.max(initial=0.0)))
+    return [{"name": n, "max_abs_error": e, "normalized_error": e / max(s, np.finfo(np.float64).tiny) if e else 0.0,
+             "quantization": q, "passed": e <= NOISE_FACTOR * q}
+            for n, e, s, q in zip(names, err, scale, moved)]
+
+
+def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
+    """max |a - b| over values finite on both sides; inf where one side is not finite and they differ."""
+    same = (a == b) | (np.isnan(a) & np.isnan(b))
+    finite = np.isfinite(a) & np.isfinite(b)
+    if (~finite & ~same).any():
+        return math.inf
+    return float(np.abs(a[finite] - b[finite]).max(initial=0.0))
 
 
 def planned_inputs(session, graph: onnx.ModelProto, in_specs, shapes=None, seed: int = 0) -> InputPlan:

@@ -27,7 +27,12 @@ one by hand), and the *properties* that other stages ask about:
 - `input_dims`: the sizes the op's schema requires of its inputs' axes (an attention cache's heads and
   head size, a recurrent state's hidden size; a preferred size too: an empty past), a function (node, shape_of) -> {input index: {axis:
   (size, words)}}, words such as "needs head size 16"; the input plan (inputs.py) sizes a graph input's
-  symbolic dims by them.
+  symbolic dims by them;
+- `quantizes_activations`: the op may quantize or round its float activations before computing
+  (MatMulNBits at accuracy_level 4: int8 per block of K), a function node -> the attribute values
+  under which it computes on them as given (its *exact form*), or None for a node that does not:
+  there a correct permutation that reorders a float sum upstream moves a value across a quantization
+  step, so verify compares two such models in their exact form (verify.py).
 
 An op that is not registered has no rule: the walker pins everything it touches (nothing is
 guessed). A registered op with `rule=None` is known to the other stages and pinned by the walker.
@@ -66,6 +71,7 @@ class OpSpec:
     shape_reader: bool = False
     output_shapes: Callable | None = None
     input_dims: Callable | None = None
+    quantizes_activations: Callable | None = None
 
     @property
     def name(self) -> str:

@@ -581,6 +581,13 @@ def _gqa_dims(node, shape_of):
     return [[q[0], q[1], q[2]]]
 
 
+# ---- activation quantization (verify's exact form: registry.py) --------------------------------
+def _nbits_activations(node):
+    """accuracy_level 2 (fp16), 3 (bf16) and 4 (int8 in blocks of K) round or quantize input A before
+    the product; 0 (unset) and 1 (fp32) compute on A as given: the exact form."""
+    return {"accuracy_level": 0} if int(attr(node, "accuracy_level")) >= 2 else None
+
+
 # ---- input dims (the sizes a graph input fed to these ops must have: inputs.py) ------------------
 EMPTY_CACHE = (0, "takes an empty cache (past length 0: a first step)")
 
@@ -641,7 +648,8 @@ declare("FusedMatMul", fused_matmul, domain=MICROSOFT,
         attributes={"transA": 0, "transB": 0, "transBatchA": 0, "transBatchB": 0, "alpha": 1.0},
         linear_producer=True, homogeneous=True, output_shapes=_fused_matmul_dims)
 declare("MatMulNBits", matmul_nbits, domain=MICROSOFT,
-        attributes={"K": None, "N": None, "bits": 4, "block_size": None}, output_shapes=_nbits_dims)
+        attributes={"K": None, "N": None, "bits": 4, "block_size": None, "accuracy_level": 0},
+        output_shapes=_nbits_dims, quantizes_activations=_nbits_activations)
 declare("DynamicQuantizeMatMul", dynamic_quantize_matmul, domain=MICROSOFT, output_shapes=_plain_matmul_dims)
 declare("MatMulIntegerToFloat", matmul_integer_to_float, domain=MICROSOFT, output_shapes=_matmul_to_float_dims)
 for _op in ("QuickGelu", "Gelu"):
