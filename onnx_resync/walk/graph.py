@@ -47,6 +47,7 @@ class GraphView:
             for name in node_inputs(node):
                 self.consumers[name].append(node)
         self.shapes = _infer_shapes(model)
+        _loop_output_shapes(graph, self.shapes)
         self._const_cache: dict[str, np.ndarray | None] = {}
         # values computed from constants and shapes (shapes.py): computed Reshape/Pad/Slice arguments
         self.values = shapes_module.ShapeValues(self.producer, self.shape, self._stored_constant, registry.attr)
@@ -269,6 +270,57 @@ def _merge_positions(entries):
         else:
             merged[(b, a)] = pos
     return [(b, a, pos) for (b, a), pos in merged.items()]
+
+
+def loop_layout(node: onnx.NodeProto, body: onnx.GraphProto):
+    """(carried pairs [(outer initial, body input, body output, node output)], scan inputs [(outer,
+    body input, axis)], scan outputs [(body output, node output, axis)]) of a Loop or Scan."""
+    if node.op_type == "Loop":
+        n = len(node.input) - 2
+        carried = [(node.input[2 + i], body.input[2 + i].name, body.output[1 + i].name,
+                    node.output[i] if i < len(node.output) else "") for i in range(n)]
+        scans = [(body.output[1 + n + k].name, node.output[n + k], 0) for k in range(len(node.output) - n)]
+        return carried, [], scans
+    m = int(next((a.i for a in node.attribute if a.name == "num_scan_inputs"), 0))
+    n = len(node.input) - m
+    in_axes = list(next((a.ints for a in node.attribute if a.name == "scan_input_axes"), [])) or [0] * m
+    out_axes = list(next((a.ints for a in node.attribute if a.name == "scan_output_axes"), [])) or [0] * (
+        len(node.output) - n)
+    carried = [(node.input[i], body.input[i].name, body.output[i].name, node.output[i]) for i in range(n)]
+    ins = [(node.input[n + j], body.input[n + j].name, in_axes[j]) for j in range(m)]
+    scans = [(body.output[n + k].name, node.output[n + k], out_axes[k]) for k in range(len(node.output) - n)]
+    return carried, ins, scans
+
+
+def _loop_output_shapes(graph: onnx.GraphProto, shapes: dict) -> None:
+    """Loop/Scan outputs that shape inference left without a shape (a body whose outputs it could not
+    relate to the node's: an If or another Loop inside) get their body outputs' ranks: a carried
+    state its body output's dims (the initial's where they agree, else a dim of its own), a scan
+    output those with the iteration axis added. Inner bodies first, so a Loop in a body is known
+    before the body's own outputs are read."""
+    for node in graph.node:
+        for g in subgraphs(node):
+            _loop_output_shapes(g, shapes)
+        if node.op_type not in ("Loop", "Scan") or node.domain not in ("", "ai.onnx"):
+            continue
+        body = next((a.g for a in node.attribute if a.name == "body"), None)
+        if body is None:
+            continue
+        carried, _, scans = loop_layout(node, body)
+        for outer, _, body_out, out in carried:
+            dims, start = shapes.get(body_out), shapes.get(outer)
+            if not out or shapes.get(out) is not None or dims is None:
+                continue
+            shapes[out] = [d if isinstance(d, int) or (start is not None and len(start) == len(dims)
+                                                        and start[a] == d) else f"?{out}:{a}"
+                           for a, d in enumerate(dims)]
+        for body_out, out, axis in scans:
+            dims = shapes.get(body_out)
+            if not out or shapes.get(out) is not None or dims is None:
+                continue
+            dims = [d if isinstance(d, int) else f"?{out}:{a}" for a, d in enumerate(dims)]
+            axis = axis % (len(dims) + 1)
+            shapes[out] = dims[:axis] + [f"?{out}:steps"] + dims[axis:]
 
 
 def nested_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:

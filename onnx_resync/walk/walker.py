@@ -15,8 +15,9 @@ import onnx
 
 from .channels import ElementTable, Label
 from .groups import Group, GroupSlot, PinnedReason, Producer, Reader, WalkResult, slot_part  # noqa: F401
-from .graph import GraphView, node_inputs, outer_scope_names, subgraphs
+from .graph import GraphView, loop_layout, node_inputs, outer_scope_names, subgraphs
 from .groups import INPUT_REASON
+from .heads import split_per_head
 from . import registry
 from .rules import resolve_weight_axes, unknown_op
 from .rules.base import _is_uniform, is_zero, malformed
@@ -394,31 +395,11 @@ def _count_bodies(view: GraphView, result: WalkResult) -> None:
 BODY_STATE = "the carried state of {op} {name!r} does not line up (the body maps state channels elsewhere)"
 
 
-def _loop_layout(node: onnx.NodeProto, body: onnx.GraphProto):
-    """(carried pairs [(outer initial, body input, body output, node output)], scan inputs [(outer,
-    body input, axis)], scan outputs [(body output, node output, axis)]) of a Loop or Scan."""
-    if node.op_type == "Loop":
-        n = len(node.input) - 2
-        carried = [(node.input[2 + i], body.input[2 + i].name, body.output[1 + i].name,
-                    node.output[i] if i < len(node.output) else "") for i in range(n)]
-        scans = [(body.output[1 + n + k].name, node.output[n + k], 0) for k in range(len(node.output) - n)]
-        return carried, [], scans
-    m = int(next((a.i for a in node.attribute if a.name == "num_scan_inputs"), 0))
-    n = len(node.input) - m
-    in_axes = list(next((a.ints for a in node.attribute if a.name == "scan_input_axes"), [])) or [0] * m
-    out_axes = list(next((a.ints for a in node.attribute if a.name == "scan_output_axes"), [])) or [0] * (
-        len(node.output) - n)
-    carried = [(node.input[i], body.input[i].name, body.output[i].name, node.output[i]) for i in range(n)]
-    ins = [(node.input[n + j], body.input[n + j].name, in_axes[j]) for j in range(m)]
-    scans = [(body.output[n + k].name, node.output[n + k], out_axes[k]) for k in range(len(node.output) - n)]
-    return carried, ins, scans
-
-
 def _enter_body(ctx: WalkContext, node: onnx.NodeProto) -> None:
     """Label a body's inputs from the Loop/Scan's own inputs, before the body's first node. A state
     that starts without channels on an axis where the previous pass saw the body write channels
     (`_learn_state`) gets fresh state elements laid out like them; _join_body unites the two."""
-    carried, ins, _ = _loop_layout(node, ctx.view.bodies[id(node)])
+    carried, ins, _ = loop_layout(node, ctx.view.bodies[id(node)])
     for i, (outer, inner, _, _) in enumerate(carried):
         if outer:
             ctx.tie_directions(outer)
@@ -447,7 +428,7 @@ def _enter_body(ctx: WalkContext, node: onnx.NodeProto) -> None:
 
 def _join_body(ctx: WalkContext, node: onnx.NodeProto) -> None:
     """After the body: carried states line up with what came in (unioned) or pin; outputs labelled."""
-    carried, _, scans = _loop_layout(node, ctx.view.bodies[id(node)])
+    carried, _, scans = loop_layout(node, ctx.view.bodies[id(node)])
     reason = BODY_STATE.format(op=node.op_type, name=node.name or node.op_type)
     for outer, inner, body_out, out in carried + [("", "", b, "") for b, _, _ in scans]:
         if body_out and ctx.is_weightlike(body_out):  # a weight that leaves the body keeps its order
@@ -679,6 +660,8 @@ def _form_groups(ctx: WalkContext) -> WalkResult:
     for g in groups:
         g.key = _group_key(g)
     _disambiguate_keys(groups)
+    # the dims inside each head by a permutation of their own, where nothing reads them without it
+    groups = split_per_head(groups, ctx.labels, ctx.slots, roots, products, group_of, rank_of)
     pinned = [PinnedReason(reason, c, sorted(nodes)) for reason, (c, nodes) in pin_counts.items()]
     pinned.sort(key=lambda p: -p.channels)
     return WalkResult(groups, pinned, hidden, permutable, to_output, singletons, dict(ctx.ops_without_rule),
