@@ -211,12 +211,18 @@ BLAME_FACTOR = 100.0
 BLAME_NORMALIZED = 1e-3
 
 
-def explain(report: "VerifyReport") -> str:
+def explain(report: "VerifyReport", rewrite: str | None = None) -> str:
     """Why a check did not pass, for an error message: the output, the error, the floor, the inputs
-    and the option that changes them; a wrong walker rule only when the evidence shows it."""
+    and the option that changes them; a wrong walker rule only when the evidence shows it.
+
+    rewrite: words naming a rewrite the check judged (reduce's folds and removals, "the rewrite"): the
+    message then says what that rewrite did (changes the function, or is not proven within rounding),
+    never blames a walker rule nor asks for other inputs where the evidence is clear."""
     failing = [o for o in report.outputs if not o.passed]
     inputs = "; ".join(_input_line(d) for d in report.input_plan) or f"inputs {report.inputs}"
     if not failing:
+        if rewrite:
+            return f"{rewrite} is not proven: {report.reason}; inputs: {inputs}"
         return f"{report.reason}; inputs: {inputs} ({CHANGE_INPUTS})"
     o = max(failing, key=lambda x: x.normalized_error)
     floor = o.noise_floor
@@ -226,11 +232,19 @@ def explain(report: "VerifyReport") -> str:
     if floor is not None:
         text += (f"; the reference differs from itself by {floor:.2e} between ONNX Runtime's optimization levels"
                  f"{' and on inputs nudged by a rounding' if report.nudged else ''} (its rounding floor)")
+    within_rounding = floor is not None and o.max_abs_error <= BLAME_FACTOR * floor
+    if rewrite:
+        if walker_blamed(o):
+            return f"{rewrite} changes the function: {text}, far above that floor; inputs: {inputs}"
+        advice = "; within what rounding can do on these inputs (larger or real inputs may prove it)" \
+            if within_rounding else ""
+        return f"{rewrite} is not proven: {text}{advice}; ONNX Runtime at optimization {report.optimization}; " \
+               f"inputs: {inputs}"
     text += f"; ONNX Runtime at optimization {report.optimization}; inputs: {inputs} ({CHANGE_INPUTS})"
     if walker_blamed(o):
         text += ("; the reference is stable across optimization levels and the error is far above that floor: "
                  "please report this model (a walker rule is wrong)")
-    elif floor is not None and o.max_abs_error <= BLAME_FACTOR * floor:
+    elif within_rounding:
         text += ("; the error is within what rounding can do on these inputs: try larger or real inputs "
                  "before concluding")
     return text

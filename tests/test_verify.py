@@ -539,3 +539,44 @@ def test_resync_refuses_to_write_when_it_cannot_check(tmp_path, models):
     proc = cli("resync", str(models["perm"]), "--reference", str(models["ref"]), "-o", str(out),
                "--inputs", str(nan), "--device", "cpu")
     assert proc.returncode != 0 and not out.exists() and "cannot check" in proc.stderr
+
+
+# --- a rewrite's refusal (reduce) says what was refused and why --------------------------------
+
+def test_a_refused_rewrite_names_the_rewrite_not_the_walker(models):
+    """reduce checks each rewrite with verify: a rewrite that changes the function is refused with that
+    cause, never 'a walker rule is wrong' nor a request for other inputs (the evidence is clear); a
+    rewritten model ONNX Runtime cannot open is refused as such; a check that cannot run on the input
+    model does not blame the rewrite."""
+    from onnx_resync.reduce.pipeline import _Proof
+    from onnx_resync.verify import explain
+
+    ref = onnx.load(models["ref"])
+    changed = mlp({k: (v + 1.0 if k == "W2" else v) for k, v in mlp_weights().items()})
+    ok, why = _Proof(ref, {"device": "cpu"})(changed)
+    assert not ok and why.startswith("the rewrite changes the function: output 'y' differs by"), why
+    assert "walker" not in why and "--shape" not in why and "far above that floor" in why
+    report = verify(ref, changed, device="cpu")
+    assert "a walker rule is wrong" in explain(report)  # verify's own message (permute's check) as before
+    assert explain(report, rewrite="the fold").startswith("the fold changes the function")
+
+    bad = onnx.load(models["ref"])
+    w1 = next(t for t in bad.graph.initializer if t.name == "W1")
+    w1.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w1)[:, :-1], "W1"))  # one neuron short
+    ok, why = _Proof(ref, {"device": "cpu"})(bad)
+    assert not ok and why.startswith("the rewritten model is refused: onnxruntime cannot open the candidate"), why
+
+    ok, why = _Proof(ref, {"device": "cpu", "shapes": {"x": [1, 17]}})(onnx.load(models["copy"]))
+    assert not ok and why.startswith("the check could not run on the input model (not the rewrite's doing)"), why
+
+
+def test_a_rewrite_within_rounding_is_not_proven_and_says_so(models):
+    """An error the reference's own rounding floor explains: 'not proven', with the floor, never
+    'changes the function'."""
+    from onnx_resync.verify import explain
+
+    report = verify(models["ref"], models["changed"], device="cpu")
+    o = report.outputs[0]
+    o.noise_floor = o.max_abs_error  # as if the reference moved this much by itself
+    text = explain(report, rewrite="the rewrite")
+    assert text.startswith("the rewrite is not proven: output 'y' differs by") and "within what rounding" in text
