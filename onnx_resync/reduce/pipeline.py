@@ -50,17 +50,20 @@ class _Proof:
         self.model, self.options, self.last, self.runs = model, options, None, 0
 
     def __call__(self, candidate: onnx.ModelProto) -> tuple[bool, str]:
-        from ..verify import explain, verify
+        from ..errors import ModelMismatchError
+        from ..verify import CandidateRefused, explain, verify
 
         self.runs += 1
         try:
             result = verify(self.model, candidate, **self.options)
-        except Exception as exc:  # noqa: BLE001 - a candidate ONNX Runtime refuses is not proven
-            return False, f"ONNX Runtime refused the rewrite: {str(exc).strip().splitlines()[0][:200]}"
+        except (CandidateRefused, ModelMismatchError) as exc:  # the rewritten model itself: not proven
+            return False, f"the rewritten model is refused: {exc}"
+        except Exception as exc:  # noqa: BLE001 - the check did not run: nothing is proven, the rewrite not blamed
+            return False, f"the check could not run on the input model (not the rewrite's doing): {exc}"
         if result.equivalent:
             self.last = result
             return True, ""
-        return False, explain(result) if result.verdict != "cannot check" else f"cannot check: {result.reason}"
+        return False, explain(result, rewrite="the rewrite")
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
