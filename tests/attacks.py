@@ -87,19 +87,30 @@ def widen(model: onnx.ModelProto, group, new: list[dict]) -> onnx.ModelProto:
     """A copy of `model` with neurons appended to `group`: new[t][slot index] = the entries of new
     neuron t in that slot (block along the slot's axis); `new[t]["update"]`: {(slot index, neuron):
     entries} replacing existing neurons' entries (a split source's outgoing half)."""
+    return widen_many(model, [(group, new)])
+
+
+def widen_many(model: onnx.ModelProto, edits: list[tuple]) -> onnx.ModelProto:
+    """widen() for several groups of one walk at once, [(group, new)], every insertion in the walk's
+    positions (each head of an attention block widened by one dim: the heads stay equal)."""
     out = copy_model(model)
     store = WeightStore(out)
     arrays: dict[str, np.ndarray] = {}
-    for k, slot in enumerate(group.slots):
-        array = arrays.get(slot.weight, store.get(slot.weight).astype(np.float64))
-        for t in new:
-            for (sk, neuron), values in t.get("update", {}).items():
-                if sk == k:
-                    view = np.moveaxis(array, slot.axis, 0)
-                    view[slot.positions[neuron]] = np.moveaxis(values, slot.axis, 0)
-        at = _insert_at(slot, array.shape[slot.axis], len(new))
-        values = np.concatenate([t[k] for t in new], axis=slot.axis)
-        arrays[slot.weight] = np.insert(array, at, values, axis=slot.axis)
+    inserts: dict[tuple[str, int], list] = {}
+    for group, new in edits:
+        for k, slot in enumerate(group.slots):
+            array = arrays.setdefault(slot.weight, store.get(slot.weight).astype(np.float64))
+            for t in new:
+                for (sk, neuron), values in t.get("update", {}).items():
+                    if sk == k:
+                        view = np.moveaxis(array, slot.axis, 0)
+                        view[slot.positions[neuron]] = np.moveaxis(values, slot.axis, 0)
+            at = _insert_at(slot, array.shape[slot.axis], len(new))
+            inserts.setdefault((slot.weight, slot.axis), []).append(
+                (at, np.concatenate([t[k] for t in new], axis=slot.axis)))
+    for (name, axis), parts in inserts.items():
+        at = np.concatenate([a for a, _ in parts])
+        arrays[name] = np.insert(arrays[name], at, np.concatenate([v for _, v in parts], axis=axis), axis=axis)
     for name, array in arrays.items():
         store.set(name, array)
     del out.graph.value_info[:]
@@ -407,4 +418,51 @@ def constants(path: str, fraction: float = 0.05, seed: int = 0) -> tuple[onnx.Mo
             continue
         current = widened
         log.per_group[key] = len(new)
+    return current, log
+
+
+# ---- attention heads: a whole dummy head, or a split dim in every head ------------------------
+HEAD_ATTACKS = ("dummy heads", "split heads")
+
+
+def heads(path: str, kind: str, seed: int = 0) -> tuple[onnx.ModelProto, AttackLog]:
+    """On every attention block the walker finds (a head group with per-head dim groups):
+    `dummy heads`: one more head, random query/key/value weights, nothing read from it (its rows
+    of the output projection zero); `split heads`: one value dim of every head split in two (the
+    copy's incoming weights equal, the output projection's rows shared), so the heads stay equal.
+    The Reshape targets that hold the number of heads or the head size follow
+    (onnx_resync.reduce.targets, as the reduction's own); each block proven by ONNX Runtime."""
+    from onnx_resync.reduce.pipeline import _feed_shapes
+    from onnx_resync.reduce.targets import refit
+    from onnx_resync.verify import verify
+
+    if kind not in HEAD_ATTACKS:
+        raise ValueError(kind)
+    rng = np.random.default_rng(seed)
+    model = onnx.load(path)
+    shapes = _feed_shapes(model, {})
+    log = AttackLog(kind)
+    current = model
+    for head_key in sorted({g.within[0] for g in walk(model).groups if getattr(g, "within", None)}):
+        groups = walk(current).groups
+        head = next((g for g in groups if _same_group(g.key, head_key)), None)
+        if head is None:
+            continue
+        if kind == "dummy heads":
+            new = _new_neurons(current, head, "dummies", 0.0, rng, False)
+            edits, stride = [(head, new)], head.slots[0].positions.shape[1]
+        else:  # the per-head groups that a weight reads (the value dims; query/key dims meet in a product)
+            within = [g for g in groups if g.within and _same_group(g.within[0], head_key) and -1 in g.sides()]
+            edits, stride = [(g, _new_neurons(current, g, "splits", 0.0, rng, False)) for g in within], 1
+        if not edits or not all(layout_ok(g) for g, _ in edits):
+            continue
+        trial = widen_many(current, edits)
+        refit(current, trial, {stride}, shapes)
+        try:
+            if not verify(current, trial).equivalent:
+                continue
+        except Exception:  # noqa: BLE001 - ORT refuses the widened graph (a target refit could not fit)
+            continue
+        current = trial
+        log.per_group[head_key] = sum(len(new) for _, new in edits)
     return current, log

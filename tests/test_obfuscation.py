@@ -321,3 +321,32 @@ def test_audit_refuses_a_narrower_model_of_another_architecture(tmp_path, capsys
         narrow(canonicalize(onnx.load(_path("mlp"))), canonicalize(onnx.load(_path("vgg"))))
     onnx.save(pruned, tmp_path / "p.onnx")
     assert main(["audit", str(tmp_path / "p.onnx"), "--reference", _path("vgg")]) == 3
+
+
+# ---- attention heads: a dummy head, a split dim in every head (Reshape targets follow) --------
+@pytest.mark.parametrize("kind,count", [("dummy heads", "dummy"), ("split heads", "split")])
+def test_head_attacks_are_reduced_with_their_reshape_targets(kind, count, tmp_path):
+    path = _path("transformer")
+    attacked, log = attacks.heads(path, kind, seed=0)
+    if not log.per_group:
+        pytest.skip("the walker gives no per-head groups here")
+    assert verify(onnx.load(path), attacked).equivalent and _widths(attacked) != _widths(onnx.load(path))
+    onnx.save(attacks.permute_rescale(attacked, seed=2), tmp_path / "heads.onnx")
+    restored, report = api.resync(str(tmp_path / "heads.onnx"), path, tmp_path / "restored.onnx")
+    # a dummy head is one neuron of the head group (its dims go with it, counted once)
+    assert report.verdict == f"derived, structurally obfuscated: {log.neurons} {count}" + (
+        f" neuron{'s' * (log.neurons > 1)}" if count == "dummy" else "")
+    assert report.matched == report.neurons and report.verified
+    assert _widths(restored) == _widths(onnx.load(path))
+
+
+def test_reshape_target_refit_follows_the_heads():
+    """targets.refit: 4 heads of 16 -> 3 heads (split: the heads axis, by the group's stride), and
+    the merge back 64 -> 48; a stride that fits neither axis leaves the target alone."""
+    from onnx_resync.reduce.targets import _fit
+
+    split = np.array([-1, 16, 4, 16])
+    assert _fit((2, 16, 64), (2, 16, 48), (2, 16, 4, 16), split, {16}).tolist() == [-1, 16, 3, 16]
+    assert _fit((2, 16, 64), (2, 16, 48), (2, 16, 4, 16), split, {1}).tolist() == [-1, 16, 4, 12]
+    assert _fit((2, 16, 64), (2, 16, 48), (2, 16, 4, 16), split, {7}) is None  # ambiguous: left to ORT
+    assert _fit((2, 16, 4, 16), (2, 16, 3, 16), (2, 16, 64), np.array([-1, 16, 64]), {16}).tolist() == [-1, 16, 48]

@@ -19,7 +19,7 @@ from ..match.rescale import neutral_groups
 from ..walk import walk
 import numpy as np
 
-from . import constants, layers, neurons
+from . import constants, layers, neurons, targets
 from .report import LayerReduction, ReduceReport
 from .widths import Widths, editable
 
@@ -48,6 +48,13 @@ class _Proof:
 
     def __init__(self, model: onnx.ModelProto, options: dict):
         self.model, self.options, self.last, self.runs = model, options, None, 0
+        self._feed_shapes = None
+
+    def feed_shapes(self) -> dict:
+        """The input plan's shapes (graph input -> shape): what targets.refit infers shapes with."""
+        if self._feed_shapes is None:
+            self._feed_shapes = _feed_shapes(self.model, self.options)
+        return self._feed_shapes
 
     def __call__(self, candidate: onnx.ModelProto) -> tuple[bool, str]:
         from ..errors import ModelMismatchError
@@ -64,6 +71,16 @@ class _Proof:
             self.last = result
             return True, ""
         return False, explain(result, rewrite="the rewrite")
+
+
+def _feed_shapes(model: onnx.ModelProto, options: dict) -> dict:
+    from ..verify import plan_report
+
+    try:
+        _, feed = plan_report(model, **{k: v for k, v in options.items() if k in ("shapes", "device")})
+    except Exception:  # noqa: BLE001 - no plan: targets are not fitted (ORT then refuses the rewrite)
+        return {}
+    return {name: tuple(np.shape(value)) for name, value in feed.items()}
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -146,14 +163,14 @@ def _reduce_neurons(current: onnx.ModelProto, proof: _Proof, report: ReduceRepor
         result = walk(current)
         neutral = {g.key for g in neutral_groups(result)}
         groups = [g for g in _readers_first(current, result.groups) if g.key not in refused and editable(g)]
-        trial, counts = _apply(current, groups, neutral)
+        trial, counts = _apply(current, groups, neutral, shapes=proof.feed_shapes)
         if not counts:
             break
         ok, _ = proof(trial)
         if not ok:  # which group's rewrite is wrong: each alone, the first proven one is kept
             trial = None
             for g in [g for g in groups if g.key in {c[1] for c in counts}]:
-                alone, alone_counts = _apply(current, [g], neutral)
+                alone, alone_counts = _apply(current, [g], neutral, shapes=proof.feed_shapes)
                 ok, why = proof(alone)
                 if ok:
                     trial, counts = alone, alone_counts
@@ -179,7 +196,9 @@ def _readers_first(model: onnx.ModelProto, groups) -> list:
 
 
 def _layer(group) -> str:
-    return ", ".join(sorted({p.name for p in group.producers})) or group.key
+    name = ", ".join(sorted({p.name for p in group.producers})) or group.key
+    within = getattr(group, "within", None)
+    return f"{name} (head {within[1]})" if within else name
 
 
 def reduce_near(model: onnx.ModelProto, needed: dict[str, int], *, verify_options: dict | None = None,
@@ -194,7 +213,8 @@ def reduce_near(model: onnx.ModelProto, needed: dict[str, int], *, verify_option
     result = walk(model)
     neutral = {g.key for g in neutral_groups(result)}
     groups = [g for g in _readers_first(model, result.groups) if needed.get(g.key, 0) > 0 and editable(g)]
-    trial, counts = _apply(model, groups, neutral, find=lambda w, g, n: neurons.find_near(w, g, n, needed[g.key]))
+    trial, counts = _apply(model, groups, neutral, find=lambda w, g, n: neurons.find_near(w, g, n, needed[g.key]),
+                           shapes=lambda: _feed_shapes(model, verify_options or {}))
     if not counts:
         raise ValueError("no neuron is nearly dead or nearly a copy of another")
     options = dict(verify_options or {}, tolerance=limit)
@@ -207,14 +227,29 @@ def reduce_near(model: onnx.ModelProto, needed: dict[str, int], *, verify_option
     return trial, rows, error
 
 
-def _apply(model: onnx.ModelProto, groups, neutral: set[str], find=neurons.find) -> tuple[onnx.ModelProto, list]:
+def _not_gone(widths: Widths, group, found: neurons.Candidates) -> neurons.Candidates:
+    """The candidates without neurons another group of this round already removed whole (a dummy
+    head's dims go with the head: counted once)."""
+    gone = {i for i in set(found.dead) | {j for c in found.clusters for j in [c.representative, *c.copies]}
+            if widths.gone(group, i)}
+    if not gone:
+        return found
+    found.dead = [i for i in found.dead if i not in gone]
+    found.clusters = [c for c in found.clusters if c.representative not in gone and not gone & set(c.copies)]
+    return found
+
+
+def _apply(model: onnx.ModelProto, groups, neutral: set[str], find=neurons.find, shapes=dict
+           ) -> tuple[onnx.ModelProto, list]:
     """A copy of the model with each group's dead neurons removed and its copies merged, and per
-    group that changed: (layer, key, width, new width, {kind: neurons})."""
+    group that changed: (layer, key, width, new width, {kind: neurons}); Reshape targets that carry
+    a changed width fitted (targets.py; `shapes()`: the input plan's shapes)."""
     trial = _copy(model)
     widths = Widths(trial)
-    counts = []
-    for g in groups:
-        found = find(widths, g, g.key in neutral)
+    counts, changed = [], set()
+    # a whole head before its dims (walk/heads.py: a head's dims are a group `within` the head group)
+    for g in sorted(groups, key=lambda g: getattr(g, "within", None) is not None):
+        found = _not_gone(widths, g, find(widths, g, g.key in neutral))
         if not found:
             continue
         kinds = {"dummy": len(found.dead), "split": 0, "clique": 0}
@@ -231,6 +266,9 @@ def _apply(model: onnx.ModelProto, groups, neutral: set[str], find=neurons.find)
                 kinds["split"] += len(cluster.copies)
         widths.remove(g, sorted(gone))
         counts.append((_layer(g), g.key, g.size, g.size - len(gone), kinds))
+        changed |= targets.strides(g)
     if counts:
         widths.write()
+        if targets.has_targets(trial):  # a width also in a Reshape (heads, a head's dims)
+            targets.refit(model, trial, changed, shapes())
     return trial, counts

@@ -77,6 +77,11 @@ class Widths:
         for slot in group.slots:
             self.removed[(slot.weight, slot.axis)].update(slot.positions[list(neurons)].reshape(-1).tolist())
 
+    def gone(self, group: Group, neuron: int) -> bool:
+        """Every entry of the neuron is already removed (by another group's edit)."""
+        return all(set(slot.positions[neuron].tolist()) <= self.removed.get((slot.weight, slot.axis), set())
+                   for slot in group.slots)
+
     def touched(self) -> bool:
         return bool(self.arrays) or any(self.removed.values())
 
