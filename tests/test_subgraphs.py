@@ -272,3 +272,164 @@ def test_channels_inside_a_loop_body_are_counted():
     assert result.hidden_channels == 8 + 8 + 3
     assert ("reaches a graph output", 8 + 3) in [(p.reason, p.channels) for p in result.pinned]
     assert result.coverage == 1.0
+
+
+# ---- generated Loop/Scan graphs: initial states x bodies x nesting (issue 15.4) ---------------------
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+STEPS, UNITS = 3, 6
+
+
+def _vi(name, shape, elem=TensorProto.FLOAT):
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def _loop_body(op, branch_in_body, prefix=""):
+    """One RNN step h' = act(x_t Wx + h Wh) as a Scan or Loop body; act is Tanh, or an If on `cond`
+    between Gemm(s, Wt) -> Tanh and Sigmoid(s) (branch_in_body)."""
+    p = prefix
+    nodes = [helper.make_node("MatMul", ["xt", "wx"], [p + "a"]), helper.make_node("MatMul", [p + "hin", "wh"], [p + "b"]),
+             helper.make_node("Add", [p + "a", p + "b"], [p + "s"])]
+    if branch_in_body:
+        then_g = helper.make_graph([helper.make_node("Gemm", [p + "s", "wt"], [p + "tg"], transB=1),
+                                    helper.make_node("Tanh", [p + "tg"], [p + "tt"])], p + "then", [], [_vi(p + "tt", [2, UNITS])])
+        else_g = helper.make_graph([helper.make_node("Sigmoid", [p + "s"], [p + "ee"])], p + "else", [],
+                                   [_vi(p + "ee", [2, UNITS])])
+        nodes.append(helper.make_node("If", ["cond"], [p + "hout"], then_branch=then_g, else_branch=else_g))
+    else:
+        nodes.append(helper.make_node("Tanh", [p + "s"], [p + "hout"]))
+    nodes.append(helper.make_node("Identity", [p + "hout"], [p + "yt"]))
+    state, outs = _vi(p + "hin", [2, UNITS]), [_vi(p + "hout", [2, UNITS]), _vi(p + "yt", [2, UNITS])]
+    if op == "scan":
+        nodes[0].input[0] = p + "xt"
+        return helper.make_graph(nodes, p + "body", [state, _vi(p + "xt", [2, 4])], outs)
+    nodes[0].input[0] = p + "xt"
+    nodes = [helper.make_node("Gather", ["x", p + "it"], [p + "xt"], axis=0),
+             helper.make_node("Identity", [p + "cin"], [p + "cout"])] + nodes
+    return helper.make_graph(nodes, p + "body", [_vi(p + "it", [], TensorProto.INT64), _vi(p + "cin", [], TensorProto.BOOL),
+                                                 state], [_vi(p + "cout", [], TensorProto.BOOL)] + outs)
+
+
+def _rnn_node(op, h0, hT, ys, body):
+    if op == "scan":
+        return helper.make_node("Scan", [h0, "x"], [hT, ys], body=body, num_scan_inputs=1)
+    return helper.make_node("Loop", ["trips", "", h0], [hT, ys], body=body)
+
+
+def loop_graph(op="scan", start="producer", branch_in_body=False, wrap="none"):
+    """x [3, 2, 4] -> (an initial state h0 [2, 6]) -> an RNN over the 3 steps as Scan or Loop -> the
+    stacked states [3, 2, 6] -> MatMul Wo -> y.
+
+    start: h0 is a Gemm of x[0] ('producer'), ConstantOfShape ('constant_of_shape'), a stored zero
+    tensor ('stored_zeros'), a stored learned tensor ('stored'), a zero expanded ('expand').
+    wrap: 'none'; 'loop_in_loop': an outer Loop of 2 trips carries the state into the RNN and back,
+    stacking its states [2, 3, 2, 6]; 'loop_in_if': the RNN runs in an If's then-branch, the
+    else-branch is x Wx with a Tanh (the same channels, no recurrence)."""
+    rng = np.random.default_rng(3)
+    inits = [_rng_init(rng, "wx", [4, UNITS]), _rng_init(rng, "wh", [UNITS, UNITS]), _rng_init(rng, "wo", [UNITS, 3]),
+             numpy_helper.from_array(np.array(STEPS, dtype=np.int64), "trips"),
+             numpy_helper.from_array(np.array(2, dtype=np.int64), "trips2"),
+             numpy_helper.from_array(np.array(0, dtype=np.int64), "i0")]
+    nodes = []
+    if start == "producer":
+        nodes += [helper.make_node("Gather", ["x", "i0"], ["x0"], axis=0), helper.make_node("Gemm", ["x0", "w0"], ["h0"], transB=1)]
+        inits.append(_rng_init(rng, "w0", [UNITS, 4]))
+    elif start == "constant_of_shape":
+        inits.append(numpy_helper.from_array(np.array([2, UNITS], dtype=np.int64), "hshape"))
+        nodes.append(helper.make_node("ConstantOfShape", ["hshape"], ["h0"]))
+    elif start == "expand":
+        inits += [numpy_helper.from_array(np.zeros((1, 1), np.float32), "zero"),
+                  numpy_helper.from_array(np.array([2, UNITS], dtype=np.int64), "hshape")]
+        nodes.append(helper.make_node("Expand", ["zero", "hshape"], ["h0"]))
+    else:
+        value = np.zeros((2, UNITS), np.float32) if start == "stored_zeros" else rng.standard_normal((2, UNITS)).astype(np.float32)
+        inits.append(numpy_helper.from_array(value, "h0"))
+    if branch_in_body:
+        inits.append(_rng_init(rng, "wt", [UNITS, UNITS]))
+    body = _loop_body(op, branch_in_body)
+    inputs = [_vi("x", [STEPS, 2, 4]), _vi("cond", [], TensorProto.BOOL)]
+    if wrap == "loop_in_loop":
+        inner = _rnn_node(op, "g", "gT", "ys", body)
+        outer = helper.make_graph([helper.make_node("Identity", ["oc"], ["ocout"]), inner], "outer",
+                                  [_vi("oit", [], TensorProto.INT64), _vi("oc", [], TensorProto.BOOL), _vi("g", [2, UNITS])],
+                                  [_vi("ocout", [], TensorProto.BOOL), _vi("gT", [2, UNITS]), _vi("ys", [STEPS, 2, UNITS])])
+        nodes += [helper.make_node("Loop", ["trips2", "", "h0"], ["hT", "yss"], body=outer),
+                  helper.make_node("MatMul", ["yss", "wo"], ["y"])]
+        y_shape = [2, STEPS, 2, 3]
+    elif wrap == "loop_in_if":
+        then_g = helper.make_graph([_rnn_node(op, "h0", "hT", "ys", body)], "then", [], [_vi("ys", [STEPS, 2, UNITS])])
+        else_g = helper.make_graph([helper.make_node("MatMul", ["x", "wx"], ["xe"]), helper.make_node("Tanh", ["xe"], ["ye"])],
+                                   "else", [], [_vi("ye", [STEPS, 2, UNITS])])
+        nodes += [helper.make_node("If", ["cond"], ["yb"], then_branch=then_g, else_branch=else_g),
+                  helper.make_node("MatMul", ["yb", "wo"], ["y"])]
+        y_shape = [STEPS, 2, 3]
+    else:
+        nodes += [_rnn_node(op, "h0", "hT", "ys", body), helper.make_node("MatMul", ["ys", "wo"], ["y"])]
+        y_shape = [STEPS, 2, 3]
+    model = _model(nodes, inputs, [_out("y", y_shape)], inits)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _run_loop(model, cond, seed=1):
+    feeds = {"x": np.random.default_rng(seed).standard_normal((STEPS, 2, 4)).astype(np.float32), "cond": np.array(cond)}
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+def prove_loop(model, seed=3):
+    """Permute every group (never the identity); ORT agrees on both conditions; exactly the slotted
+    weights change; undo byte-exact; resync restores every weight's bytes."""
+    result = walk(model)
+    record = forced_record(result, seed)
+    permuted = onnx.ModelProto()
+    permuted.CopyFrom(model)
+    apply_permutations(permuted, result, record)
+    for cond in (True, False):
+        ref, got = _run_loop(model, cond), _run_loop(permuted, cond)
+        assert np.max(np.abs(ref - got)) <= 1e-5 * max(1.0, float(np.max(np.abs(ref)))), cond
+    a, b = WeightStore(model), WeightStore(permuted)
+    changed = {n for n in a.names() if a.get(n).tobytes() != b.get(n).tobytes()}
+    one_valued = {n for n in a.names() if a.get(n).size and (a.get(n) == a.get(n).reshape(-1)[0]).all()}
+    assert changed == {s.weight for g in result.groups for s in g.slots} - one_valued
+    again = walk(permuted)
+    restored = onnx.ModelProto()
+    restored.CopyFrom(permuted)
+    apply_permutations(restored, again, record.inverse())
+    assert restored.SerializeToString() == model.SerializeToString()
+    back, _ = resync(permuted, model, check=False)
+    c = WeightStore(back)
+    assert all(a.get(n).tobytes() == c.get(n).tobytes() for n in a.names())
+    return result
+
+
+@settings(max_examples=14, deadline=None, derandomize=True)
+@given(op=st.sampled_from(["scan", "loop"]),
+       start=st.sampled_from(["producer", "constant_of_shape", "stored_zeros", "stored", "expand"]),
+       branch_in_body=st.booleans(), wrap=st.sampled_from(["none", "loop_in_loop", "loop_in_if"]))
+def test_generated_loops_are_followed(op, start, branch_in_body, wrap):
+    """Every initial state (a producer's channels, zeros filled or stored, a learned stored state: its
+    slot), with or without an If in the body, alone or in a Loop or an If: the RNN's channels move
+    with the state's (coverage 100%), exactly."""
+    result = prove_loop(loop_graph(op, start, branch_in_body, wrap))
+    assert result.coverage == 1.0, result.pinned
+    (g,) = result.groups
+    slots = {(s.weight, s.axis) for s in g.slots}
+    assert {("wx", 1), ("wh", 0), ("wh", 1), ("wo", 0)} <= slots
+    assert (("h0", 1) in slots) == start.startswith("stored")
+
+
+@pytest.mark.parametrize("wrap", ["none", "loop_in_loop"])
+def test_a_loop_state_the_caller_feeds_is_interface(wrap):
+    """The counter-case: h0 is a graph input: its order is the caller's, so the state never takes the
+    body's channels (not even zeros' way); the RNN's units line up with the input (interface) and
+    do not move. Without the input (a ConstantOfShape start) the same graph moves them."""
+    model = loop_graph("scan", "constant_of_shape", wrap=wrap)
+    model.graph.node.remove(next(n for n in model.graph.node if n.op_type == "ConstantOfShape"))
+    model.graph.input.append(_vi("h0", [2, UNITS]))
+    onnx.checker.check_model(model, full_check=True)
+    result = walk(model)
+    assert result.permutable_channels == 0 and result.input_channels == 12, result.pinned
+    assert any(p.reason.startswith("meets graph input 'h0'") for p in result.pinned), result.pinned
+    assert walk(loop_graph("scan", "constant_of_shape", wrap=wrap)).permutable_channels == 12

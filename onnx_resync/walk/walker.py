@@ -55,6 +55,11 @@ class WalkContext:
         # given to the body's state input by the next (states)
         self.states: dict[tuple[int, int], dict[int, tuple]] = {}
         self.state_layouts: dict[tuple[int, int], dict[int, tuple]] = {}
+        # a body's state input -> axes where it starts without channels because the state of the body
+        # around it does (a Loop in a Loop); speculated: such states given channels in this pass
+        self.orderless_state: dict[str, set[int]] = {}
+        self.speculate = False
+        self.speculated: list[tuple[int, int]] = []
 
     # ---- reading -----------------------------------------------------------------------------
     def get(self, name: str) -> dict[int, Label]:
@@ -304,22 +309,24 @@ def walk(model: onnx.ModelProto, view: GraphView | None = None) -> WalkResult:
     view = view or GraphView(model)
     states: dict[tuple[int, int], dict[int, tuple]] = {}
     for _ in range(MAX_STATE_PASSES):
-        ctx = _walk_nodes(view, states)
+        ctx = _walk_nodes(view, states, speculate=True)
         learnt = {key: {**states.get(key, {}), **axes} for key, axes in ctx.state_layouts.items()}
         if all(states.get(key, {}).keys() >= axes.keys() for key, axes in learnt.items()):
             break
         states = {**states, **learnt}
+    if ctx.speculated:  # an inner state took channels that the outer state around it never did
+        ctx = _walk_nodes(view, states, speculate=False)
     ctx.node = None
     result = _form_groups(ctx)
     _count_bodies(view, result)
     return result
 
 
-def _walk_nodes(view: GraphView, states: dict) -> WalkContext:
+def _walk_nodes(view: GraphView, states: dict, speculate: bool) -> WalkContext:
     """One pass of the rules over every node; `states`: the layouts of Loop/Scan states learnt by the
-    previous pass (see _enter_body)."""
+    previous pass (see _enter_body); `speculate`: see _orderless_start."""
     ctx = WalkContext(view)
-    ctx.states = states
+    ctx.states, ctx.speculate = states, speculate
     entered: set[int] = set()  # Loop/Scan bodies whose inputs are labelled
     for index, node in enumerate(view.nodes):
         owners = []  # the bodies this node runs in, innermost first (a Loop in a Loop's body)
@@ -404,10 +411,17 @@ def _enter_body(ctx: WalkContext, node: onnx.NodeProto) -> None:
         if outer:
             ctx.tie_directions(outer)
             labels = ctx.get(outer)
+            for axis in range(ctx.rank(outer) or 0):
+                if axis not in labels and _orderless_start(ctx, outer, axis) is not None:
+                    ctx.orderless_state.setdefault(inner, set()).add(axis)
             for axis, (count, pattern, sub) in ctx.states.get((id(node), i), {}).items():
-                if axis not in labels:
-                    fresh = ctx.new(count, node, output=inner, kind="state")
-                    labels[axis] = Label.of(fresh.elem[pattern], sub)
+                how = _orderless_start(ctx, outer, axis)
+                if axis in labels or how is None or (how == "speculated" and not ctx.speculate):
+                    continue
+                if how == "speculated":
+                    ctx.speculated.append((id(node), i))
+                fresh = ctx.new(count, node, output=inner, kind="state")
+                labels[axis] = Label.of(fresh.elem[pattern], sub)
             ctx.set(inner, labels)
             if outer in ctx.from_input:
                 ctx.from_input[inner] = ctx.from_input[outer]
@@ -437,6 +451,9 @@ def _join_body(ctx: WalkContext, node: onnx.NodeProto) -> None:
         ctx.tie_directions(body_out)
         before, after = ctx.get(inner), ctx.get(body_out)
         started = ctx.get(outer) if outer else {}
+        # a state the caller feeds (a graph input's values) fixes the order of what lines up with it
+        why = (f"{INPUT_REASON} {ctx.from_input[outer]!r} ({reason})" if outer in ctx.from_input and not started
+               else reason)
         joined = {}
         for axis in sorted(set(before) | set(after)):
             a, b = before.get(axis), after.get(axis)
@@ -445,7 +462,7 @@ def _join_body(ctx: WalkContext, node: onnx.NodeProto) -> None:
             if a is None or b is None or len(a) != len(b) or not np.array_equal(a.sub, b.sub):
                 for l in (a, b):
                     if l is not None:
-                        ctx.pin(l, reason)
+                        ctx.pin(l, why)
                 continue
             ctx.union(a, b)
             joined[axis] = a
@@ -468,12 +485,28 @@ def _learn_state(ctx: WalkContext, node: onnx.NodeProto, index: int, outer: str,
     from the first iteration on where its initial value has no order along that axis (filled with one
     value: zeros from ConstantOfShape) or is a stored tensor (a slot then moves it with them). Not a
     graph input's values: the caller's order fixes those (interface)."""
-    if not outer or outer in ctx.from_input or ctx.dim(outer, axis) != len(written):
-        return
-    if not (ctx.is_weightlike(outer) or _is_uniform(ctx, outer, axis) or is_zero(ctx, outer)):
+    dim = ctx.dim(outer, axis) if outer else None
+    if _orderless_start(ctx, outer, axis) is None or (isinstance(dim, int) and dim != len(written)):
         return
     elems, pattern = np.unique(written.elem, return_inverse=True)
     ctx.state_layouts.setdefault((id(node), index), {})[axis] = (len(elems), pattern.reshape(-1), written.sub.copy())
+
+
+def _orderless_start(ctx: WalkContext, outer: str, axis: int) -> str | None:
+    """Why a state's initial value `outer` may take any channel order along `axis`: 'stored' (a
+    weight: a slot moves it), 'uniform' (one value along the axis: zeros), 'speculated' (the state
+    input of a body around, itself starting so: right only if that state takes channels too, which
+    a later pass shows; a last pass without speculation runs where it did not); None: its order is
+    fixed (a graph input's values: the caller's order, interface)."""
+    if not outer or outer in ctx.from_input:
+        return None
+    if ctx.is_weightlike(outer):
+        return "stored"
+    if _is_uniform(ctx, outer, axis) or is_zero(ctx, outer):
+        return "uniform"
+    if axis in ctx.orderless_state.get(outer, ()):
+        return "speculated"
+    return None
 
 
 def _body_model(view: GraphView, body: onnx.GraphProto) -> onnx.ModelProto:
