@@ -433,3 +433,20 @@ def test_a_loop_state_the_caller_feeds_is_interface(wrap):
     assert result.permutable_channels == 0 and result.input_channels == 12, result.pinned
     assert any(p.reason.startswith("meets graph input 'h0'") for p in result.pinned), result.pinned
     assert walk(loop_graph("scan", "constant_of_shape", wrap=wrap)).permutable_channels == 12
+
+
+def test_an_inner_state_whose_outer_state_takes_no_channels_pins():
+    """The counter-case of speculation: the outer Loop starts its state as zeros but writes back x[0]
+    padded (no channels, not one value): from the outer's second trip the inner Scan starts from
+    values in a fixed order, so the inner state must not take channels (a last pass without
+    speculation); its channels pin, and what moves is exact at every trip."""
+    model = loop_graph("scan", "constant_of_shape", wrap="loop_in_loop")
+    outer = next(n for n in model.graph.node if n.op_type == "Loop").attribute[0].g
+    outer.node.extend([helper.make_node("Gather", ["x", "i0"], ["xg"], axis=0),
+                       helper.make_node("Pad", ["xg", "pads"], ["gx"])])
+    outer.output[1].name = "gx"
+    model.graph.initializer.append(numpy_helper.from_array(np.array([0, 0, 0, 2], dtype=np.int64), "pads"))
+    onnx.checker.check_model(model, full_check=True)
+    result = prove_loop(model)
+    assert result.permutable_channels == 0, result.groups
+    assert any("does not line up" in p.reason for p in result.pinned), result.pinned
