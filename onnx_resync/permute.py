@@ -41,6 +41,9 @@ class PermutationRecord:
     notes: dict = field(default_factory=dict)
     source_sha256: str | None = None
     permuted_sha256: str | None = None
+    # per-head groups (Group.within) move the positions of one head once the heads have moved; an
+    # inverse record undoes them first, then the heads (the two do not commute)
+    per_head_first: bool = False
 
     @property
     def has_hashes(self) -> bool:
@@ -50,6 +53,8 @@ class PermutationRecord:
         data = {"format": self.format, "seed": self.seed, "notes": self.notes}
         if self.has_hashes:
             data.update(source_sha256=self.source_sha256, permuted_sha256=self.permuted_sha256)
+        if self.per_head_first:
+            data["per_head_first"] = True
         data["groups"] = self.perms
         return data
 
@@ -77,7 +82,10 @@ class PermutationRecord:
                 if value is not None and not _is_sha256(value):
                     raise UsageError(f"{where}: {name} {_show(value)} is not a sha256 hex digest")
                 hashes[name] = value
-        return PermutationRecord(perms, seed, format=data["format"], notes=notes, **hashes)
+        order = data.get("per_head_first", False)
+        if not isinstance(order, bool):
+            raise UsageError(f"{where}: per_head_first {_show(order)} is not true or false")
+        return PermutationRecord(perms, seed, format=data["format"], notes=notes, per_head_first=order, **hashes)
 
     def check_groups(self, walk: WalkResult, where: str = "record") -> None:
         """Every group named exists in this model and has as many neurons as the record's permutation."""
@@ -95,7 +103,7 @@ class PermutationRecord:
         if not all(_is_permutation(p) for p in self.perms.values()):
             raise UsageError("record: a group's entries are not a permutation (nothing inverted)")
         return PermutationRecord({k: np.argsort(v).tolist() for k, v in self.perms.items()}, self.seed,
-                                 notes={"inverse_of_seed": self.seed})
+                                 notes={"inverse_of_seed": self.seed}, per_head_first=not self.per_head_first)
 
 
 def _is_int(value) -> bool:
@@ -218,15 +226,22 @@ def select_groups(walk: WalkResult, keys: list[str] | None) -> list[Group]:
     return chosen
 
 
-def slot_indices(walk: WalkResult, perms: dict[str, list[int]], dim_of) -> dict[tuple, np.ndarray]:
+def slot_indices(walk: WalkResult, perms, dim_of) -> dict[tuple, np.ndarray]:
     """For every (weight, axis, at) touched: the gather index that realizes all the group permutations
     (`at`: the slice it applies to, None for the whole weight; see GroupSlot).
 
+    perms: a PermutationRecord, or its group key -> perm (heads before the dims inside them);
     dim_of(weight, axis) gives the axis length.
     """
+    first = False
+    if isinstance(perms, PermutationRecord):
+        perms, first = perms.perms, perms.per_head_first
     by_key = {g.key: g for g in walk.groups}
+    # per-head groups after the others (before them in an inverse record): the order they were made in
+    ordered = sorted(perms, key=lambda k: (by_key[k].within is None) == first if k in by_key else False)
     index: dict[tuple[str, int], np.ndarray] = {}
-    for key, perm in perms.items():
+    for key in ordered:
+        perm = perms[key]
         group = by_key.get(key)
         if group is None:
             raise ModelMismatchError(f"the record names group {key!r}, which this model does not have")
@@ -238,7 +253,8 @@ def slot_indices(walk: WalkResult, perms: dict[str, list[int]], dim_of) -> dict[
             if k not in index:
                 index[k] = np.arange(dim_of(slot.weight, slot.axis))
             # compose: groups on one axis touch disjoint positions, or commute (heads and the dims
-            # inside every head; slices of one axis), so gathering one after the other realizes them all
+            # inside every head; slices of one axis), or come in order (a head's own dims after the
+            # heads), so gathering one after the other realizes them all
             move = np.arange(len(index[k]))
             move[slot.positions.reshape(-1)] = slot.positions[perm].reshape(-1)
             index[k] = index[k][move]
@@ -274,7 +290,7 @@ def _rewrite(store: WeightStore, read: WeightStore, by_weight: dict[str, list[tu
 
 
 def _moves_by_weight(walk: WalkResult, record: PermutationRecord, store: WeightStore) -> dict[str, list[tuple]]:
-    index = slot_indices(walk, record.perms, lambda w, a: store.shape(w)[a])
+    index = slot_indices(walk, record, lambda w, a: store.shape(w)[a])
     by_weight: dict[str, list[tuple]] = defaultdict(list)
     for (weight, axis, at), idx in index.items():
         by_weight[weight].append((axis, at, idx))

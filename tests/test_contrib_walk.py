@@ -136,26 +136,27 @@ def _group_sizes(model: onnx.ModelProto, tmp_path: Path, weight: str, axis: int)
 
 def test_packed_attention_moves_heads_and_dims(tmp_path):
     # Wqkv [8, 24]: its rows are the input's channels; its columns heads (2, in Q, K, V together), Q/K
-    # dims (4) and V dims (4)
+    # dims (4) and V dims (4) inside each head (issue 15.6: each head its own group)
     sizes = _group_sizes(CASES[(MS, "Attention")].build(), tmp_path, "Wqkv", 1)
-    assert sizes == [HEADS, 4, 4]
+    assert sizes == [HEADS] + [4] * 2 * HEADS
 
 
 def test_group_query_attention_moves_kv_heads_with_their_query_heads(tmp_path):
-    # 4 query heads over 2 kv heads (head size 16): kv heads (2), query heads inside a group (2), Q/K dims
+    # 4 query heads over 2 kv heads (head size 16): kv heads (2), query heads inside each kv group (2,
+    # per kv head), Q/K dims per kv head (issue 15.6)
     model = CASES[(MS, "GroupQueryAttention")].build()
-    assert _group_sizes(model, tmp_path, "Wq", 1) == [2, 2, 16]
-    assert _group_sizes(model, tmp_path, "Wk", 1) == [2, 16]
-    assert _group_sizes(model, tmp_path, "Wv", 1) == [2, 16]  # V's dims: their own group, with W2's rows
-    assert _group_sizes(model, tmp_path, "W2", 0) == [2, 2, 16]
+    assert _group_sizes(model, tmp_path, "Wq", 1) == [2, 2, 2, 16, 16]
+    assert _group_sizes(model, tmp_path, "Wk", 1) == [2, 16, 16]
+    assert _group_sizes(model, tmp_path, "Wv", 1) == [2, 16, 16]  # V's dims: their own groups, with W2's rows
+    assert _group_sizes(model, tmp_path, "W2", 0) == [2, 2, 2, 16, 16]
 
 
 def test_rotary_pins_the_dims_inside_a_head(tmp_path):
     model = CASES[(MS, "RotaryEmbedding")].build()
     assert _group_sizes(model, tmp_path, "W1", 1) == [HEADS]  # heads only: no group of dims
     gqa = [c for c in __import__("op_cases").VARIANTS if c.name == "com.microsoft.GroupQueryAttention[rotary]"][0]
-    assert _group_sizes(gqa.build(), tmp_path, "Wq", 1) == [2, 2]  # heads; Q/K dims stay
-    assert _group_sizes(gqa.build(), tmp_path, "Wv", 1) == [2, 16]  # V's dims still move
+    assert _group_sizes(gqa.build(), tmp_path, "Wq", 1) == [2, 2, 2]  # heads; Q/K dims stay
+    assert _group_sizes(gqa.build(), tmp_path, "Wv", 1) == [2, 16, 16]  # V's dims still move, per head
 
 
 def _attention_with_cache(read_present: bool) -> onnx.ModelProto:

@@ -130,13 +130,16 @@ def packed_mha(batch=2, seq=5, d=16, heads=4, pick="gather"):
 def test_packed_qkv_picked_by_gather_and_heads_merged_into_batch(heads):
     """Before: 'Gather on the channel axis with non-constant or multi-dim indices' pinned the 48
     in-projection channels. Now q, k, v keep their places (picked by index), the heads keep theirs
-    (merged into the batch), and the head dims move, the same way in every head and in q, k and v.
+    (merged into the batch), and the head dims move, each head's its own way (issue 15.6), the same
+    way in q, k and v.
     (A symbolic batch: the torch export below, where the heads pin; ONNX's own inference gives this
     hand-written graph unrelated symbols after each Reshape by -1.)"""
     result = assert_round_trips(packed_mha(heads=heads))
     assert result.coverage == 1.0, result.pinned
-    # a static batch: the heads label is tiled over the merged (batch * heads) axis, so heads move too
-    assert sorted(g.size for g in result.groups) == sorted([16 // heads, heads, 16])
+    # a static batch: the heads label is tiled over the merged (batch * heads) axis, so heads move too,
+    # and the dims inside each head are a group of their own
+    assert sorted(g.size for g in result.groups) == sorted([16 // heads] * heads + [heads, 16])
+    assert sorted(g.within[1] for g in result.groups if g.within) == list(range(heads))
     for g in result.groups:
         if g.size != 16:
             assert {s.weight for s in g.slots} == {"w_in", "b_in", "w_out"}  # q, k, v and the out rows
@@ -216,7 +219,10 @@ def test_torch_multihead_attention_dynamo(dynamic):
         pytest.skip(f"torch.onnx (dynamo) cannot export: {type(exc).__name__}")
     result = walk(model)
     assert (result.permutable_channels, result.inner_channels) == (80, 80), result.pinned
-    assert sorted(g.size for g in result.groups) == ([4, 16, 16] if dynamic else [4, 4, 16, 16])
+    # static: the heads move, and the dims inside each of the 4 heads by their own permutation (one
+    # group of 4 per head: q, k and v dims are one neuron each here); dynamic: heads pinned, so the
+    # dims move alike in every head
+    assert sorted(g.size for g in result.groups) == ([4, 16, 16] if dynamic else [4] * 5 + [16, 16])
     from onnx_resync.api import permute
     for b in ((1, 3) if dynamic else (2,)):
         permuted, info = permute(model, seed=5, verify_options={"shapes": {"x": [b, 5, 8]}})

@@ -141,6 +141,13 @@ class _Matcher:
             for slot in g.slots:
                 self.axis_groups.setdefault((slot.weight, slot.axis), []).append((gi, slot))
                 weight_groups.setdefault(slot.weight, set()).add(gi)
+        # per-head groups (the dims inside one head, walk/heads.py) -> their head group: they move
+        # positions once the heads have moved, so their moves compose after it (heads are solved
+        # first, then each head's dims) and count only where the heads' move is applied
+        by_key = {g.key: gi for gi, g in enumerate(self.groups)}
+        self.head_of = {gi: by_key.get(g.within[0]) for gi, g in enumerate(self.groups) if g.within}
+        for members in self.axis_groups.values():
+            members.sort(key=lambda m: m[0] in self.head_of)  # (stable)
         # groups with two axes of one weight (an RNN's recurrent weight): solved against themselves
         self.self_coupled = {gi for gi, g in enumerate(self.groups)
                              if len({s.weight for s in g.slots}) < len(g.slots)}
@@ -205,6 +212,7 @@ class _Matcher:
         R, S = self.arrays(slot.weight)
         s = S
         summarize: dict[int, list] = {}
+        presort: dict[int, dict] = {}  # axis -> {head group: its positions}, sorted inside each head first
         indexes: dict[int, np.ndarray] = {}  # axis -> gather index aligning the suspect there
         block_sort = False
         for o in range(R.ndim):
@@ -215,10 +223,22 @@ class _Matcher:
                 if hj == gi and o == slot.axis and hslot.at == slot.at:
                     continue
                 sliced = slot.at is None and hslot.at is not None  # moves one slice of what is read
-                if self.perm[hj] is not None and sliced:
+                resolved = self.perm[hj] is not None
+                hh = self.head_of.get(hj, -1)  # a per-head group's head group
+                if hj in self.head_of:
+                    if o == slot.axis and not np.isin(hslot.positions, slot.positions).any():
+                        continue  # another head's dims: nothing read moves
+                    heads_moved = hh is None or (self.perm[hh] is not None and not (hh == gi and o == slot.axis))
+                    resolved = resolved and heads_moved
+                    if not resolved and not heads_moved and o != slot.axis and not aligned_only:
+                        # heads and the dims inside each unresolved: sorted inside every head, then
+                        # along the heads (summarize), which no move of either changes
+                        presort.setdefault(o, {}).update((h2, p) for h2, p in self.axis_groups[(slot.weight, o)] if h2 == hh)
+                        continue
+                if resolved and sliced:
                     s = s.copy() if s is S else s
                     _reindex(*hslot.part(s), hslot.positions, self.perm[hj])
-                elif self.perm[hj] is not None:  # (in the slot's own slice, moving the whole axis
+                elif resolved:  # (in the slot's own slice, moving the whole axis
                     move = np.arange(R.shape[o])   # changes nothing that is read)
                     move[hslot.positions.reshape(-1)] = hslot.positions[self.perm[hj]].reshape(-1)
                     index = move if index is None else index[move]
@@ -232,7 +252,7 @@ class _Matcher:
                     summarize.setdefault(o, []).append(hslot.positions)
             if index is not None:
                 indexes[o] = index
-        if not summarize and not block_sort and slot.at is None and s is S and \
+        if not summarize and not presort and not block_sort and slot.at is None and s is S and \
                 WideSlot.worth(R.shape, slot.axis, slot.positions, WIDE_ENTRIES,
                                WIDE_ROWS_BYTES if slot.axis == 0 else WIDE_BYTES):
             return WideSlot(R, S, slot.axis, slot.positions, indexes)
@@ -242,6 +262,10 @@ class _Matcher:
         (r_part, axis), (s_part, _) = slot.part(R), slot.part(s)
         xr, xs = _rows(r_part, axis, slot.positions), _rows(s_part, axis, slot.positions)
         gone = [slot.axis] + ([slot.at[0]] if slot.at else [])  # axes not among the other axes
+        for o, blocks in presort.items():
+            axis = 2 + o - sum(g < o for g in gone)
+            for positions in blocks.values():
+                xr, xs = _sort_blocks(xr, axis, positions), _sort_blocks(xs, axis, positions)
         for o in sorted(summarize, reverse=True):  # (n, b, *other axes); o's place in that
             axis = 2 + o - sum(g < o for g in gone)
             xr, xs = _summarize(xr, axis, summarize[o]), _summarize(xs, axis, summarize[o])
@@ -800,6 +824,17 @@ def _transposed(a: np.ndarray) -> np.ndarray:
         for j in range(0, a.shape[1], t):
             out[j:j + t, i:i + t] = a[i:i + t, j:j + t].T
     return out
+
+
+def _sort_blocks(x: np.ndarray, axis: int, positions: np.ndarray) -> np.ndarray:
+    """Sort inside each neuron's block (positions (n, block)) along `axis`: invariant to any move
+    inside one head (the per-head dims of walk/heads.py)."""
+    x = np.moveaxis(x, axis, -1).copy()
+    flat = positions.reshape(-1)
+    block = x[..., flat].reshape(x.shape[:-1] + positions.shape)
+    block.sort(axis=-1)
+    x[..., flat] = block.reshape(x.shape[:-1] + (-1,))
+    return np.moveaxis(x, -1, axis)
 
 
 def _summarize(x: np.ndarray, axis: int, groups: list[np.ndarray]) -> np.ndarray:

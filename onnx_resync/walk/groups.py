@@ -69,6 +69,9 @@ class Group:
     # ops that read the group's activations: lets resync tell whether rescaling a neuron is neutral
     # (only positively homogeneous readers)
     readers: list["Reader"] = field(default_factory=list)
+    # (head group key, head index): the dims inside one attention head (walk/heads.py), applied
+    # after the head group, at the positions of head `index` once the heads have moved
+    within: tuple[str, int] | None = None
 
     def sides(self) -> list[int]:
         """Per slot: +1 on the producer side, 0 inside a normalization, -1 on the reader side."""
@@ -84,6 +87,7 @@ class Group:
             "producers": [p.name for p in self.producers],
             "slots": [s.to_dict() for s in self.slots],
             "readers": [r.to_dict() for r in self.readers],
+            **({"within": {"heads": self.within[0], "head": self.within[1]}} if self.within else {}),
         }
 
 
