@@ -243,10 +243,12 @@ _BINARY = ["Mul", "Add", "Sub"]
 @st.composite
 def gate_cells(draw):
     """x -> `steps` cells sharing W, R, B: Gemm(x, W, B) + Gemm(h, R), cut into k chunks of h units
-    (one Split, or k Slices), every chunk through a unary op and folded into one by binary ops; h0 is
+    (one Split, or k Slices; or interleaved, unit j of chunk c at j*k + c: Slices with step k, or a
+    Reshape to [.., h, k] and a Gather per chunk on the last axis), every chunk through a unary op and folded into one by binary ops; h0 is
     zeros written one of three ways. The chunks always meet: every model must reach 100%."""
     k, h, steps = draw(st.integers(2, 4)), draw(st.integers(2, 5)), draw(st.integers(1, 3))
-    cut, zero = draw(st.sampled_from(["split", "slice"])), draw(st.sampled_from(["constant", "fill", "expand"]))
+    cut = draw(st.sampled_from(["split", "slice", "strided", "reshape_gather"]))
+    zero = draw(st.sampled_from(["constant", "fill", "expand"]))
     unary = [draw(st.sampled_from(_UNARY)) for _ in range(k)]
     binary = [draw(st.sampled_from(_BINARY)) for _ in range(k - 1)]
     order = draw(st.permutations(range(k)))
@@ -262,6 +264,11 @@ def gate_cells(draw):
         nodes.append(helper.make_node("Expand", ["zero", "zshape"], ["h0"]))
     if cut == "split":
         inits.append(_i("sizes", [h] * k))
+    elif cut == "reshape_gather":  # interleaved: unit j of chunk c at j*k + c, picked by Gather
+        inits += [_i("cells", [2, h, k])] + [helper.make_tensor(f"g{c}", TensorProto.INT64, [], [c]) for c in range(k)]
+    elif cut == "strided":  # interleaved, picked by Slices with step k
+        for c in range(k):
+            inits += [_i(f"s{c}", [c]), _i(f"e{c}", [n]), _i(f"ax{c}", [1]), _i(f"st{c}", [k])]
     else:
         for c in range(k):
             inits += [_i(f"s{c}", [c * h]), _i(f"e{c}", [(c + 1) * h]), _i(f"ax{c}", [1])]
@@ -274,6 +281,12 @@ def gate_cells(draw):
         chunks = [f"{p}c{c}" for c in range(k)]
         if cut == "split":
             nodes.append(helper.make_node("Split", [p + "gates", "sizes"], chunks, axis=1))
+        elif cut == "reshape_gather":
+            nodes.append(helper.make_node("Reshape", [p + "gates", "cells"], [p + "cells"]))
+            nodes += [helper.make_node("Gather", [p + "cells", f"g{c}"], [chunks[c]], axis=2) for c in range(k)]
+        elif cut == "strided":
+            nodes += [helper.make_node("Slice", [p + "gates", f"s{c}", f"e{c}", f"ax{c}", f"st{c}"], [chunks[c]])
+                      for c in range(k)]
         else:
             nodes += [helper.make_node("Slice", [p + "gates", f"s{c}", f"e{c}", f"ax{c}"], [chunks[c]])
                       for c in range(k)]
@@ -297,3 +310,64 @@ def test_generated_gate_grids(case):
     result = check_properties(model, full_coverage=True)
     (g,) = result.groups
     assert g.size == h
+
+
+# ---- interleaved chunks (issue 15.3): a Slice with step k, as GLU or rotary halves are taken --------
+def interleaved(meet: str = "glu", k: int = 2, h: int = 4, steps=None) -> onnx.ModelProto:
+    """x [2, 5] -> Gemm k*h -> chunks c = Slice(start c, step k) -> recombined -> Gemm 3.
+    meet: 'glu' a * sigmoid(b) (k = 2); 'rotary' (k = 2): r1 = a*cos - b*sin, r2 = a*sin + b*cos with
+    stored per-unit cos/sin tables, stacked back interleaved (Unsqueeze, Concat on a new last axis,
+    Reshape [2, 2h]); 'sum' the chunks added. steps: per chunk (start, step) overrides."""
+    n = k * h
+    nodes = [helper.make_node("Gemm", ["x", "w1", "b1"], ["y0"], transB=1)]
+    inits = [_w("w1", n, 5), _w("b1", n)]
+    steps = steps or [(c, k) for c in range(k)]
+    chunks = []
+    for c, (start, step) in enumerate(steps):
+        inits += [_i(f"s{c}", [start]), _i(f"e{c}", [n]), _i(f"ax{c}", [1]), _i(f"st{c}", [step])]
+        nodes.append(helper.make_node("Slice", ["y0", f"s{c}", f"e{c}", f"ax{c}", f"st{c}"], [f"c{c}"]))
+        chunks.append(f"c{c}")
+    out_width = h
+    if meet == "glu":
+        nodes += [helper.make_node("Sigmoid", ["c1"], ["sb"]), helper.make_node("Mul", ["c0", "sb"], ["m"])]
+    elif meet == "rotary":
+        inits += [_w("cos", h), _w("sin", h), _i("last", [2]), _i("flat", [2, 2 * h])]
+        nodes += [helper.make_node("Mul", ["c0", "cos"], ["ac"]), helper.make_node("Mul", ["c1", "sin"], ["bs"]),
+                  helper.make_node("Sub", ["ac", "bs"], ["r1"]),
+                  helper.make_node("Mul", ["c0", "sin"], ["as"]), helper.make_node("Mul", ["c1", "cos"], ["bc"]),
+                  helper.make_node("Add", ["as", "bc"], ["r2"]),
+                  helper.make_node("Unsqueeze", ["r1", "last"], ["u1"]), helper.make_node("Unsqueeze", ["r2", "last"], ["u2"]),
+                  helper.make_node("Concat", ["u1", "u2"], ["st"], axis=2), helper.make_node("Reshape", ["st", "flat"], ["m"])]
+        out_width = 2 * h
+    else:
+        acc = chunks[0]
+        for c in chunks[1:]:
+            nodes.append(helper.make_node("Add", [acc, c], [acc + "_" + c]))
+            acc = acc + "_" + c
+        nodes.append(helper.make_node("Identity", [acc], ["m"]))
+    nodes.append(helper.make_node("Gemm", ["m", "wo"], ["y"], transB=1))
+    inits.append(_w("wo", 3, out_width))
+    return _model(nodes, inits, [2, 5], [2, 3])
+
+
+@pytest.mark.parametrize("meet,k", [("glu", 2), ("rotary", 2), ("sum", 3)])
+def test_interleaved_chunks_are_a_grid(meet, k):
+    """Before: every channel pinned 'tied to another channel of the same layer' (0%). Now units move
+    inside every chunk (and with the rotary tables' entries, their slots), chunks keep their places."""
+    result = assert_round_trips(interleaved(meet, k))
+    assert result.coverage == 1.0, result.pinned
+    (g,) = result.groups
+    assert g.size == 4
+    slots = {s.name(): s for s in g.slots}
+    assert slots["w1:0"].positions.shape == (4, k)  # unit j: positions j*k .. j*k + k - 1
+    assert np.array_equal(slots["w1:0"].positions[0], np.arange(k))
+    if meet == "rotary":
+        assert {"cos:0", "sin:0"} <= set(slots)
+
+
+def test_interleaved_chunks_of_unequal_steps_pin():
+    """The counter-case: chunk 0 takes every 2nd channel, chunk 1 the last half (contiguous): they do
+    not cut one grid, so the channels that meet are tied to others of the same layer and pin."""
+    result = walk(interleaved("glu", 2, steps=[(0, 2), (4, 1)]))
+    assert result.permutable_channels < 8
+    assert any(p.reason == "tied to another channel of the same layer" for p in result.pinned), result.pinned

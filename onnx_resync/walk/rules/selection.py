@@ -243,22 +243,36 @@ def weight_chunk_units(ctx, name, axis):
 
 def _slice_grid(ctx, node, x, axis, kept):
     """A Slice that takes chunk c of k equal ones, where a sibling Slice/Split takes another chunk
-    of the same grid and the two meet again: the unit label (else None)."""
+    of the same grid and the two meet again: the unit label (else None). Chunks are contiguous
+    (positions c*h .. c*h + h - 1) or interleaved (a step of k: positions c, c + k, ..., as GLU or
+    rotary halves of an interleaved layout are taken: unit j of chunk c at j*k + c)."""
     label = ctx.get(x).get(axis)
     n, h = len(label), len(kept)
-    if h < 1 or n % h or n == h or not np.array_equal(kept, np.arange(kept[0], kept[0] + h)) or kept[0] % h:
+    if h < 1 or n % h or n == h:
         return None
+    k = n // h
+    contiguous = _is_chunk(kept, 1, h, h)
+    interleaved = not contiguous and _is_chunk(kept, k, 1, h)
+    if not (contiguous or interleaved):
+        return None
+    step, stride = (k, 1) if interleaved else (1, h)
     siblings = []
     for other in ctx.view.consumers.get(x, []):
         if other is node or other.input[0] != x:
             continue
         if other.op_type == "Slice" and other.domain in ("", "ai.onnx"):
             rng = _slice_range(ctx, other, axis, n)
-            if rng is not None and len(rng) == h and rng[0] % h == 0 and np.array_equal(rng, np.arange(rng[0], rng[0] + h)):
+            if rng is not None and _is_chunk(rng, step, stride, h):
                 siblings.append(list(other.output[:1]))
     if not siblings or not _chunks_meet(ctx, [list(node.output[:1])] + siblings):
         return None
-    return _grid(ctx, node, label, n // h, h)
+    return _grid(ctx, node, label, k, h, interleaved=interleaved)
+
+
+def _is_chunk(kept, step, stride, h) -> bool:
+    """Positions `kept` are one chunk: h positions `step` apart from a multiple of `stride`
+    (contiguous chunks: step 1, stride h; interleaved ones: step k, stride 1)."""
+    return len(kept) == h and kept[0] % stride == 0 and np.array_equal(kept, kept[0] + step * np.arange(h))
 
 
 def _slice_range(ctx, node, axis, n):
@@ -302,29 +316,33 @@ def _chunks_meet(ctx, starts: list[list[str]]) -> bool:
     return False
 
 
-def _grid(ctx, node, label, k, h):
-    """Make `label`'s elements the cells (chunk c, unit j) at position c*h + j (or find that they
-    already are), pin the chunk factors, and return the unit label; None where they cannot be."""
+def _grid(ctx, node, label, k, h, interleaved: bool = False):
+    """Make `label`'s elements the cells (chunk c, unit j) at position c*h + j (interleaved: the
+    cells (unit j, chunk c) at j*k + c) or find that they already are, pin the chunk factors, and
+    return the unit label; None where they cannot be."""
     products = ctx.elements.products
     cells = label.elem
     if label.sub.any() or len(np.unique(cells)) != len(cells):
         return None
+    n_rows, n_cols = (h, k) if interleaved else (k, h)
     if not any(int(e) in products for e in cells.tolist()):
-        rows = ctx.new(k, node, node.output[0], kind="factor")
-        cols = ctx.new(h, node, node.output[0], kind="factor")
+        rows = ctx.new(n_rows, node, node.output[0], kind="factor")
+        cols = ctx.new(n_cols, node, node.output[0], kind="factor")
         if not ctx.elements.product(cells, rows, cols):
             return None
         # chunks are read apart (sigmoid gates, a tanh gate, real and imaginary parts): each keeps
         # its place, told apart by its index (never a group), while units move inside every chunk
-        ctx.elements.tag(rows.elem, [("grid chunk", c) for c in range(k)])
-        return cols
+        chunks, units = (cols, rows) if interleaved else (rows, cols)
+        ctx.elements.tag(chunks.elem, [("grid chunk", c) for c in range(k)])
+        return units
     recs = [products.get(int(e)) for e in cells.tolist()]
-    if any(r is None or r[4:] != (k, h) or r[2:4] != divmod(p, h) for p, r in enumerate(recs)):
+    if any(r is None or r[4:] != (n_rows, n_cols) or r[2:4] != divmod(p, n_cols) for p, r in enumerate(recs)):
         return None  # cells of another grid: the chunks keep their own labels
-    rows, cols = {r[0] for r in recs[::h]}, [r[1] for r in recs[:h]]
-    if len(rows) != k or any(r[1] != cols[p % h] or r[0] != recs[p - p % h][0] for p, r in enumerate(recs)):
+    rows, cols = [r[0] for r in recs[::n_cols]], [r[1] for r in recs[:n_cols]]
+    if (len(set(rows)) != n_rows or len(set(cols)) != n_cols
+            or any(r[1] != cols[p % n_cols] or r[0] != rows[p // n_cols] for p, r in enumerate(recs))):
         return None
-    return Label.of(np.asarray(cols, dtype=np.int64))
+    return Label.of(np.asarray(rows if interleaved else cols, dtype=np.int64))
 
 
 def _clamp(start, end, step, n):
