@@ -224,6 +224,8 @@ def resync(
     # they would otherwise be computed (permuted) once more
     written = load_model(output, lazy=True) if output is not None and failed is None and is_lazy_model(restored) \
         else restored
+    if scales and report is not None and report.equivalent:  # the matched share as restored (issue 16)
+        result = matched_as_restored(result, ref_store, WeightStore(restored), ref_walk)
     summary = build_report(result, ref_store, sus_store, WeightStore(written), scales, seconds)
     summary.record = record
     summary.verified = bool(report and report.equivalent)
@@ -360,6 +362,29 @@ def build_report(result: MatchResult, ref: WeightStore, sus: WeightStore, restor
         live=sum(g.live for g in groups), decayed=sum(g.decayed for g in groups),
         decayed_groups=sum(g.decayed > 0 for g in groups),
     )
+
+
+def matched_as_restored(result: MatchResult, ref: WeightStore, restored: WeightStore, ref_walk: WalkResult
+                        ) -> MatchResult:
+    """The match's cosines and margins measured again once the rescales are undone (the restored
+    model, verified, against the reference): a neuron matched under a compound rescale (0.25x-4x)
+    can have lost its margin to the scaling alone. Where the restored neuron is not its own best
+    match, the first measure stands. Measured only when some neuron is not matched."""
+    from dataclasses import replace
+
+    if not any(np.any(g.margin <= 0) for g in result.groups):
+        return result
+    by_key = {g.key: g for g in match(ref, restored, ref_walk, max_passes=1).groups}
+    groups = []
+    for gm in result.groups:
+        other = by_key.get(gm.key)
+        if other is None:
+            groups.append(gm)
+            continue
+        same = other.perm == np.arange(gm.size)
+        groups.append(replace(gm, margin=np.where(same, other.margin, gm.margin),
+                              cosine=np.where(same, other.cosine, gm.cosine)))
+    return replace(result, groups=groups)
 
 
 def decision_statistics(groups: list[GroupMatch]) -> tuple[float, float]:

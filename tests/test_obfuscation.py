@@ -104,12 +104,9 @@ def test_resync_sees_through_width_obfuscation(name, kind, fraction, shuffle, tm
     red = report.reduction
     assert red["verified"] and red["verify"]["verdict"] == "equivalent"
     assert red[KINDS[kind]] == log.neurons, red["summary"]  # the attack named, with its count
-    # splits rescale by a in [0.5, 2] and the shuffle by another such factor: matching margins are
-    # measured before the rescales are undone, and compounded rescales (0.25x-4x) cost resync some
-    # margins without any obfuscation (mlp permuted and rescaled twice: 366 of 384), while the
-    # restored model is still the reference to rounding
-    share = 0.97 if kind == "splits" and shuffle else 0.99
-    assert report.matched >= share * report.neurons
+    # splits rescale by a in [0.5, 2] and the shuffle by another such factor: the matched share is
+    # measured once the rescales are undone (resync.matched_as_restored)
+    assert report.matched >= 0.99 * report.neurons
     assert report.perturbation["noise_relative_std"] < 1e-5
     assert _widths(restored) == _widths(reference)
     assert report.verified  # the restored (reduced, reordered) model computes what the suspect computes
@@ -350,3 +347,16 @@ def test_reshape_target_refit_follows_the_heads():
     assert _fit((2, 16, 64), (2, 16, 48), (2, 16, 4, 16), split, {1}).tolist() == [-1, 16, 4, 12]
     assert _fit((2, 16, 64), (2, 16, 48), (2, 16, 4, 16), split, {7}) is None  # ambiguous: left to ORT
     assert _fit((2, 16, 4, 16), (2, 16, 3, 16), (2, 16, 64), np.array([-1, 16, 64]), {16}).tolist() == [-1, 16, 48]
+
+
+def test_matched_share_is_measured_once_the_rescales_are_undone(tmp_path):
+    """Permuted and rescaled twice (compound scales 0.25x-4x): before the rescales are undone some
+    margins are lost to the scaling alone (366 of 384 were reported); measured on the restored model,
+    every neuron is matched. The same on an unrelated model stays about half."""
+    for name, least in (("mlp", 1.0), ("mlp_seed1", 0.0)):
+        twice = attacks.permute_rescale(attacks.permute_rescale(onnx.load(_path(name)), seed=1), seed=2)
+        onnx.save(twice, tmp_path / "twice.onnx")
+        _, report = api.resync(str(tmp_path / "twice.onnx"), _path("mlp"))
+        assert report.matched >= least * report.neurons and report.derived == (least == 1.0)
+        if least < 1.0:
+            assert report.matched < 0.8 * report.neurons
