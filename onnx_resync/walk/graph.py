@@ -577,7 +577,7 @@ def _pad_shape(node, shapes, values):
         return None
     out = [shapes_module.from_dim(d) for d in x]
     for k, a in enumerate(axes):
-        if not isinstance(a, int):
+        if not isinstance(a, int) or not -len(x) <= a < len(x):  # ONNX refuses an axis out of range
             return None
         out[a % len(x)] = out[a % len(x)] + pads[k] + pads[k + len(axes)]
     return _scaled_dims(out)
@@ -598,7 +598,7 @@ def _slice_shape(node, shapes, values):
     steps = [1] * len(starts) if steps is None else steps
     out = list(x)
     for a, s, e, st in zip(axes, starts, ends, steps):
-        if not all(isinstance(v, int) for v in (a, s, e, st)) or st == 0:
+        if not all(isinstance(v, int) for v in (a, s, e, st)) or st == 0 or not -len(x) <= a < len(x):
             return None
         a = a % len(x)
         if isinstance(x[a], int):

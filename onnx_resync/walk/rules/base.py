@@ -25,6 +25,25 @@ def _inputs(node, idx):
     return node.input[idx] if len(node.input) > idx and node.input[idx] else ""
 
 
+def const_ints(ctx, name: str) -> list[int] | None:
+    """A constant integer operand (axes, split sizes, pads, Slice bounds, repeats) as a list; None
+    when it is absent, not constant, or not a scalar/1-D integer tensor: ONNX refuses such a node,
+    so a rule treats the operand as unknown (a pin), never as numbers it guessed."""
+    value = ctx.const(name) if name else None
+    if value is None or np.ndim(value) > 1 or np.asarray(value).dtype.kind not in "iu":
+        return None
+    return [int(v) for v in np.atleast_1d(value)]
+
+
+def norm_axes(axes, rank: int | None) -> list[int] | None:
+    """Axes in [-rank, rank) made non-negative; None when the rank is unknown or an axis is out of
+    range or repeated (ONNX refuses the node; a modulo would silently name another axis)."""
+    if axes is None or rank is None or not all(-rank <= int(a) < rank for a in axes):
+        return None
+    out = [int(a) % rank for a in axes]
+    return out if len(set(out)) == len(out) else None
+
+
 # ---- fallbacks ------------------------------------------------------------------------------
 def unknown_op(ctx, node) -> None:
     """No rule: every labelled input pins; outputs carry no label."""

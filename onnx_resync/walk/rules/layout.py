@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..channels import Label
-from .base import (_derive_mapped, _derive_reshaped, _inputs, _is_uniform, _norm_axis, attr, constant_of_shape,
-                   passthrough, shape_only)
+from .base import (_derive_mapped, _derive_reshaped, _inputs, _is_uniform, _norm_axis, attr, const_ints,
+                   constant_of_shape, norm_axes, passthrough, shape_only)
 from ..registry import declare
 
 
@@ -39,15 +39,15 @@ def transpose(ctx, node) -> None:
 def _axes_input(ctx, node, idx=1):
     """The axes from the attribute (older opsets) or the constant input; None when neither is given."""
     axes = attr(node, "axes")
-    if axes is None and len(node.input) > idx and node.input[idx]:
-        value = ctx.const(node.input[idx])
-        axes = None if value is None or np.ndim(value) > 1 else [int(v) for v in np.atleast_1d(value)]
+    if axes is None:
+        axes = const_ints(ctx, _inputs(node, idx))
     return axes
 
 
 def _axes_at_run_time(ctx, node, idx=1) -> bool:
-    """An axes input that is not a constant: which axes the op touches is known only at run time."""
-    return len(node.input) > idx and bool(node.input[idx]) and ctx.const(node.input[idx]) is None
+    """An axes input that is not a constant (or not integers): which axes the op touches is known
+    only at run time."""
+    return bool(_inputs(node, idx)) and const_ints(ctx, node.input[idx]) is None
 
 
 def squeeze(ctx, node) -> None:
@@ -67,7 +67,10 @@ def squeeze(ctx, node) -> None:
         return
     if axes is None:
         axes = [i for i, d in enumerate(shape) if d == 1]
-    axes = sorted(a % r for a in axes)
+    axes = norm_axes(axes, r)
+    if axes is None:
+        ctx.pin_all(x, "Squeeze with axes out of range")
+        return
     out = {}
     for a, l in labels.items():
         if a in axes:
@@ -78,22 +81,29 @@ def squeeze(ctx, node) -> None:
     ctx.set(node.output[0], out)
 
 
+def _unsqueezed(ctx, node) -> list[int] | None:
+    """Where Unsqueeze puts each input axis; None when its axes are unknown or do not fit an output
+    of the input's rank plus one per axis (ONNX's inference of Unsqueeze-1 drops a negative axis
+    that ONNX Runtime inserts: the graph's rank of the output is then wrong)."""
+    axes, r, ro = _axes_input(ctx, node), ctx.rank(node.input[0]), ctx.rank(node.output[0])
+    if axes is None or r is None or ro != r + len(axes):
+        return None
+    axes = norm_axes(axes, ro)
+    return None if axes is None else [i for i in range(ro) if i not in axes]
+
+
 def unsqueeze(ctx, node) -> None:
     _derive_reshaped(ctx, node)
     x = node.input[0]
     labels = ctx.get(x)
-    axes = _axes_input(ctx, node)
-    ro = ctx.rank(node.output[0])
-    if ctx.uniform.get(x) and axes is not None and ro is not None:
-        kept = [i for i in range(ro) if i not in sorted(a % ro for a in axes)]
+    kept = _unsqueezed(ctx, node)
+    if ctx.uniform.get(x) and kept is not None:
         ctx.uniform[node.output[0]] = {kept[a] for a in ctx.uniform[x]}
     if not ctx.labels.get(x):
         return
-    if axes is None or ro is None:
-        ctx.pin_all(x, "Unsqueeze with unknown axes")
+    if kept is None:
+        ctx.pin_all(x, "Unsqueeze with unknown axes or an output rank they do not fit")
         return
-    axes = sorted(a % ro for a in axes)
-    kept = [i for i in range(ro) if i not in axes]
     out = {kept[a]: l for a, l in labels.items()}
     out.update(_move_stacked(ctx, x, dict(enumerate(kept)), node))
     ctx.set(node.output[0], out)
@@ -498,16 +508,15 @@ def pad(ctx, node) -> None:
     labels = ctx.get(x)
     r = ctx.rank(x)
     pads = attr(node, "pads")
-    if pads is None and len(node.input) > 1:
-        value = ctx.const(node.input[1])
-        pads = None if value is None else value.tolist()
-    axes = ctx.const(_inputs(node, 3))
-    if labels and (pads is None or r is None):
+    if pads is None:
+        pads = const_ints(ctx, _inputs(node, 1))
+    axes = const_ints(ctx, _inputs(node, 3)) if _inputs(node, 3) else list(range(r or 0))
+    axes = norm_axes(axes, r)
+    if labels and (pads is None or axes is None or len(pads) != 2 * len(axes)):
         for l in labels.values():
-            ctx.pin(l, "Pad with non-constant pads")
+            ctx.pin(l, "Pad with non-constant or malformed pads")
         return
     if labels:
-        axes = list(range(r)) if axes is None else [int(a) % r for a in axes]
         n = len(axes)
         for i, a in enumerate(axes):
             if a in labels and (pads[i] != 0 or pads[i + n] != 0):
@@ -553,10 +562,10 @@ def expand(ctx, node) -> None:
 
 def tile(ctx, node) -> None:
     labels = ctx.get(node.input[0])
-    reps = ctx.const(_inputs(node, 1))
+    reps = const_ints(ctx, _inputs(node, 1))
     out = {}
     for a, l in labels.items():
-        if reps is not None and np.ndim(reps) == 1 and a < len(reps) and int(reps[a]) == 1:
+        if reps is not None and a < len(reps) and reps[a] == 1:
             out[a] = l
         else:
             ctx.pin(l, "Tile along the channel axis")

@@ -93,7 +93,7 @@ def _per_channel_slots(ctx, node, params, axis) -> None:
     label = labels.get(axis) if axis is not None else None
     for p in params:
         shape = ctx.shape(p) if p else None
-        if shape is None and p:
+        if p and (shape is None or not all(isinstance(d, int) for d in shape)):  # a symbolic dim: not known
             for l in labels.values():
                 ctx.pin(l, f"{node.op_type} quantization parameter {p!r} of unknown shape")
             continue

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 
-from .base import _norm_axis, attr
+from .base import _norm_axis, attr, norm_axes
 from .layout import _axes_at_run_time, _axes_input
 from ..registry import declare
 
@@ -27,7 +27,11 @@ def reduce(ctx, node) -> None:
     if axes is None or len(axes) == 0:
         noop = int(attr(node, "noop_with_empty_axes"))
         axes = [] if noop else list(range(r))
-    axes = sorted(a % r for a in axes)
+    axes = norm_axes(axes, r)
+    if axes is None:
+        for l in labels.values():
+            ctx.pin(l, f"{node.op_type} with axes out of range")
+        return
 
     def moved(a):
         return a if keepdims else a - sum(1 for s in axes if s < a)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..channels import Label
-from .base import _inputs, _norm_axis, attr
+from .base import _inputs, _norm_axis, attr, const_ints, norm_axes
 from .layout import _cut_stacked, _distinct_copies
 from ..registry import declare
 
@@ -30,6 +30,8 @@ def gather(ctx, node) -> None:
             ctx.pin_all(indices, "used as Gather indices")
         return
     idx = ctx.const(indices)
+    if idx is not None and idx.dtype.kind not in "iu":
+        idx = None  # ONNX refuses indices of another type
     ctx.pin_all(indices, "used as Gather indices")
     if axis is None or idx is None or idx.ndim > 1 or any(axis == i for _, i in ctx.stacked(data)):
         ctx.tie_directions(data)  # directions are picked whole, along the outer axis
@@ -46,9 +48,9 @@ def gather(ctx, node) -> None:
             out_labels[a] = label
         elif a > axis:
             out_labels[a + idx_rank - 1] = label
-        elif idx is not None and idx.ndim == 1:
+        elif idx is not None and idx.ndim == 1 and np.all((idx >= -len(label)) & (idx < len(label))):
             out_labels[a] = _distinct_copies(label.take(np.where(idx < 0, idx + len(label), idx)))
-        elif idx is not None and -len(label) <= int(idx) < len(label):
+        elif idx is not None and idx.ndim == 0 and -len(label) <= int(idx) < len(label):
             # one position read by a fixed index (q, k or v out of a packed projection's (3, ...)
             # axis): the element there keeps its place, the others still move; the axis is gone
             ctx.pin(label.take(np.array([int(idx) % len(label)])), "picked by a constant Gather index")
@@ -135,14 +137,20 @@ def split(ctx, node) -> None:
 def _split_sizes(ctx, node):
     """A Split's axis (normalized) and chunk sizes, from its attribute, its input or its outputs'
     shapes; None where unknown."""
-    axis = _norm_axis(int(attr(node, "axis")), ctx.rank(node.input[0]))
+    axis = norm_axes([int(attr(node, "axis"))], ctx.rank(node.input[0]))
+    axis = None if axis is None else axis[0]
     sizes = attr(node, "split")
-    if sizes is None and len(node.input) > 1 and node.input[1]:
-        value = ctx.const(node.input[1])
-        sizes = None if value is None else [int(v) for v in np.atleast_1d(value)]
+    if sizes is None and _inputs(node, 1):
+        sizes = const_ints(ctx, node.input[1])
+        if sizes is None:
+            return axis, None
     if sizes is None and axis is not None:
         dims = [ctx.dim(o, axis) for o in node.output]
         sizes = dims if all(isinstance(d, int) for d in dims) else None
+    n = ctx.dim(node.input[0], axis) if axis is not None else None
+    if sizes is not None and (len(sizes) != len(node.output) or any(s < 0 for s in sizes)
+                              or (isinstance(n, int) and sum(sizes) != n)):
+        sizes = None  # ONNX refuses sizes that do not cut the axis into the outputs
     return axis, sizes
 
 
@@ -152,16 +160,11 @@ def slice_(ctx, node) -> None:
     if not ctx.labels.get(x):
         return
     r = ctx.rank(x)
-    starts, ends = ctx.const(_inputs(node, 1)), ctx.const(_inputs(node, 2))
-    axes, steps = ctx.const(_inputs(node, 3)), ctx.const(_inputs(node, 4))
-    if starts is None and attr(node, "starts") is not None:  # opset < 10
-        starts, ends, axes = attr(node, "starts"), attr(node, "ends"), attr(node, "axes")
-    if starts is None or ends is None or r is None:
-        ctx.pin_all(x, "Slice with non-constant bounds")
+    bounds = _slice_bounds(ctx, node, r)
+    if bounds is None:
+        ctx.pin_all(x, "Slice with non-constant or malformed bounds")
         return
-    starts, ends = np.atleast_1d(starts).tolist(), np.atleast_1d(ends).tolist()
-    axes = list(range(len(starts))) if axes is None else [int(a) % r for a in np.atleast_1d(axes)]
-    steps = [1] * len(starts) if steps is None else np.atleast_1d(steps).tolist()
+    starts, ends, axes, steps = bounds
     out = dict(labels)
     for a, s, e, st in zip(axes, starts, ends, steps):
         if a in labels:
@@ -275,20 +278,34 @@ def _is_chunk(kept, step, stride, h) -> bool:
     return len(kept) == h and kept[0] % stride == 0 and np.array_equal(kept, kept[0] + step * np.arange(h))
 
 
+def _slice_bounds(ctx, node, r):
+    """A Slice's (starts, ends, axes, steps) as integer lists of one length, axes non-negative, from
+    its attributes (opset < 10) or constant inputs; None where unknown or malformed (ONNX refuses
+    bounds of other types or lengths, an axis out of range or repeated, a step of 0)."""
+    if attr(node, "starts") is not None:  # opset < 10
+        starts, ends, axes, steps = attr(node, "starts"), attr(node, "ends"), attr(node, "axes"), None
+        starts, ends = list(starts), None if ends is None else list(ends)
+    else:
+        starts, ends = const_ints(ctx, _inputs(node, 1)), const_ints(ctx, _inputs(node, 2))
+        axes, steps = const_ints(ctx, _inputs(node, 3)), const_ints(ctx, _inputs(node, 4))
+        if (_inputs(node, 3) and axes is None) or (_inputs(node, 4) and steps is None):
+            return None
+    if starts is None or ends is None or r is None:
+        return None
+    axes = norm_axes(list(range(len(starts))) if axes is None else axes, r)
+    steps = [1] * len(starts) if steps is None else list(steps)
+    if axes is None or not len(starts) == len(ends) == len(axes) == len(steps) or 0 in steps:
+        return None
+    return starts, ends, axes, steps
+
+
 def _slice_range(ctx, node, axis, n):
     """Positions a Slice keeps along `axis` (of length n); None if unknown or it cuts other axes too."""
-    starts, ends = ctx.const(_inputs(node, 1)), ctx.const(_inputs(node, 2))
-    axes, steps = ctx.const(_inputs(node, 3)), ctx.const(_inputs(node, 4))
-    if starts is None and attr(node, "starts") is not None:
-        starts, ends, axes = attr(node, "starts"), attr(node, "ends"), attr(node, "axes")
-    r = ctx.rank(node.input[0])
-    if starts is None or ends is None or r is None or np.ndim(starts) > 1 or np.size(starts) != 1:
+    bounds = _slice_bounds(ctx, node, ctx.rank(node.input[0]))
+    if bounds is None or len(bounds[0]) != 1 or bounds[2][0] != axis:
         return None
-    a = 0 if axes is None else int(np.atleast_1d(axes)[0]) % r
-    st = 1 if steps is None else int(np.atleast_1d(steps)[0])
-    if a != axis:
-        return None
-    return np.arange(n)[slice(*_clamp(int(np.atleast_1d(starts)[0]), int(np.atleast_1d(ends)[0]), st, n))]
+    (s,), (e,), _, (st,) = bounds
+    return np.arange(n)[slice(*_clamp(s, e, st, n))]
 
 
 def _chunks_meet(ctx, starts: list[list[str]]) -> bool:

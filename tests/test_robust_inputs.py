@@ -1,0 +1,152 @@
+"""Odd inputs that crashed the walker or were guessed at, each a small graph: what the walker cannot
+read exactly is pinned (or refused in one line), never an exception and never a guess. Found by
+fuzzing random graphs of any op at opsets 7..22 with weights of every dtype (the random_graph
+family of tests/fuzz, HYPOTHESIS_PROFILE=explore); a few cases beside them guard the same rule.
+
+The general rules these graphs broke:
+* an integer operand (axes, split sizes, pads, Slice bounds, Gather indices, repeats) is a scalar or
+  1-D integer tensor whose axes lie in [-rank, rank): any other value makes ONNX refuse the node, so
+  the walker reads it as unknown (rules/base.py const_ints, norm_axes), never as a number it
+  truncated, flattened or wrapped modulo the rank;
+* a dim may be symbolic: a shape is multiplied out only when every dim is a number;
+* ONNX's shape inference can disagree with ONNX Runtime (Unsqueeze-1 with a negative axis): a rule
+  checks the output rank it is given against the one its op computes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_resync import api
+from onnx_resync.errors import ResyncError
+from onnx_resync.io import check_tensor_data
+from onnx_resync.walk import walk
+
+HIDDEN = 6
+
+
+def _mlp_through(nodes, inits=(), opset=17, ir=8, x_shape=("N", 8)):
+    """x -> MatMul W1 -> h -> `nodes` -> t -> MatMul W2 -> y: W1's channels flow through `nodes`."""
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((8, HIDDEN)).astype(np.float32), "W1")
+    w2 = numpy_helper.from_array(rng.standard_normal((HIDDEN, 3)).astype(np.float32), "W2")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W1"], ["h"]), *nodes, helper.make_node("MatMul", ["t", "W2"], ["y"])],
+        "robust", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [x_shape[0], 3])], [w1, w2, *inits])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir
+    return model
+
+
+def _const(name, values, dtype=np.int64):
+    return numpy_helper.from_array(np.asarray(values, dtype=dtype), name)
+
+
+def _walk_unchecked(model):
+    """What the API does with a ModelProto (no checker): only ResyncError may come out."""
+    try:
+        check_tensor_data(model)
+        return walk(model)
+    except ResyncError:
+        return None
+
+
+def _moved(result) -> set[str]:
+    return {s.weight for g in result.groups for s in g.slots}
+
+
+# (name, nodes between h and t, extra initializers, opset): each reads W1's channel axis (axis 1 of
+# h, length 6) through an operand ONNX refuses or a form the walker cannot follow exactly
+_MALFORMED = [
+    ("split sizes 2-D", [helper.make_node("Split", ["h", "sz"], ["a", "b"], axis=1),
+                         helper.make_node("Concat", ["a", "b"], ["t"], axis=1)], [_const("sz", [[3, 3]])], 17),
+    ("split sizes float", [helper.make_node("Split", ["h", "sz"], ["a", "b"], axis=1),
+                           helper.make_node("Concat", ["a", "b"], ["t"], axis=1)],
+     [_const("sz", [3.0, 3.0], np.float32)], 17),
+    ("split sizes past the axis", [helper.make_node("Split", ["h", "sz"], ["a", "b"], axis=1),
+                                   helper.make_node("Concat", ["a", "b"], ["t"], axis=1)], [_const("sz", [4, 4])], 17),
+    ("slice step 0", [helper.make_node("Slice", ["h", "s", "e", "ax", "st"], ["t"])],
+     [_const("s", [0]), _const("e", [6]), _const("ax", [1]), _const("st", [0])], 17),
+    ("slice bounds float", [helper.make_node("Slice", ["h", "s", "e", "ax"], ["t"])],
+     [_const("s", [0.5], np.float32), _const("e", [6.0], np.float32), _const("ax", [1])], 17),
+    ("slice bounds 2-D", [helper.make_node("Slice", ["h", "s", "e"], ["t"])],
+     [_const("s", [[0, 0]]), _const("e", [[5, 6]])], 17),
+    ("slice axis out of range", [helper.make_node("Slice", ["h", "s", "e", "ax"], ["t"])],
+     [_const("s", [0]), _const("e", [6]), _const("ax", [5])], 17),
+    ("slice of a scalar", [helper.make_node("Slice", ["sc", "s", "e", "ax"], ["u"]),
+                           helper.make_node("Add", ["h", "u"], ["t"])],
+     [_const("sc", 1.0, np.float32), _const("s", [0]), _const("e", [1]), _const("ax", [0])], 17),
+    ("pad 2-D pads", [helper.make_node("Pad", ["h", "p"], ["t"])], [_const("p", [[0, 0], [0, 0]])], 17),
+    ("pad axis out of range", [helper.make_node("Pad", ["h", "p", "", "ax"], ["t"])],
+     [_const("p", [0, 1]), _const("ax", [7])], 18),
+    ("pad axis out of range, scalar", [helper.make_node("Pad", ["sc", "p", "", "ax"], ["u"]),
+                                       helper.make_node("Add", ["h", "u"], ["t"])],
+     [_const("sc", 1.0, np.float32), _const("p", [0, 0]), _const("ax", [0])], 18),
+    ("gather float indices", [helper.make_node("Gather", ["h", "i"], ["t"], axis=1)],
+     [_const("i", [0, 1, 2, 3, 4, 5], np.float32)], 17),
+    ("gather indices out of range", [helper.make_node("Gather", ["h", "i"], ["t"], axis=1)],
+     [_const("i", [0, 1, 2, 3, 4, 9])], 17),
+    ("tile repeats 2-D", [helper.make_node("Tile", ["h", "r"], ["t"])], [_const("r", [[1, 1]])], 17),
+    ("reduce axes out of range", [helper.make_node("ReduceMean", ["h"], ["t"], axes=[5], keepdims=1)], [], 13),
+    ("reduce axes float", [helper.make_node("ReduceSum", ["h", "ax"], ["t"], keepdims=1)],
+     [_const("ax", [0.0], np.float32)], 17),
+    ("squeeze axis out of range", [helper.make_node("Unsqueeze", ["h", "a0"], ["u"]),
+                                   helper.make_node("Squeeze", ["u", "a9"], ["t"])],
+     [_const("a0", [0]), _const("a9", [9])], 17),
+    ("unsqueeze axes repeated", [helper.make_node("Unsqueeze", ["h", "a"], ["u"]),
+                                 helper.make_node("Squeeze", ["u", "a"], ["t"])], [_const("a", [0, 0])], 17),
+]
+
+
+@pytest.mark.parametrize("name,nodes,inits,opset", _MALFORMED, ids=[c[0] for c in _MALFORMED])
+def test_malformed_operands_pin_and_never_raise(name, nodes, inits, opset):
+    result = _walk_unchecked(_mlp_through(nodes, inits, opset))
+    if result is not None:  # walked: W1's channels met an operand it cannot read, so they stay put
+        assert "W1" not in _moved(result), name
+
+
+def test_unsqueeze1_negative_axis_follows_onnx_runtime():
+    """Unsqueeze-1 (opset 8) with axes=[-1]: ONNX's inference gives the output h's rank 2 (the
+    axis dropped), ONNX Runtime inserts it (rank 3). The walker indexed past its axis list; now the
+    rank mismatch pins, and the file permutes and verifies with ONNX Runtime."""
+    nodes = [helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Unsqueeze", ["r"], ["u"], axes=[-1]),
+             helper.make_node("Squeeze", ["u"], ["t"], axes=[2])]
+    model = _mlp_through(nodes, opset=8, ir=4)
+    onnx.checker.check_model(model)
+    result = walk(model)
+    assert "W1" not in _moved(result)
+    assert any("Unsqueeze" in p.reason for p in result.pinned)
+    # the same Unsqueeze on a tensor of known rank 3 that ONNX and ORT agree on: followed
+    ok = _mlp_through([helper.make_node("Relu", ["h"], ["r"]), helper.make_node("Unsqueeze", ["r"], ["u"], axes=[0]),
+                       helper.make_node("Squeeze", ["u"], ["t"], axes=[0])], opset=8, ir=4)
+    assert "W1" in _moved(walk(ok))
+
+
+def test_quantized_zero_point_of_symbolic_shape():
+    """MatMulInteger whose B zero point is a graph input with a symbolic dim: its size is unknown,
+    so the channels it could follow pin (np.prod of a dim name raised)."""
+    nodes = [helper.make_node("MatMulInteger", ["xq", "Wq", "", "zp"], ["y"])]
+    graph = helper.make_graph(nodes, "q", [helper.make_tensor_value_info("xq", TensorProto.UINT8, ["N", 4]),
+                                           helper.make_tensor_value_info("zp", TensorProto.UINT8, ["K"])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT32, None)],
+                              [numpy_helper.from_array(np.ones((4, 6), np.uint8), "Wq")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    result = _walk_unchecked(model)
+    assert result is not None and "Wq" not in _moved(result)
+
+
+def test_valid_split_is_still_followed():
+    """The other way: the same Split with valid sizes keeps W1's channels movable, and the
+    permuted file verifies with ONNX Runtime."""
+    nodes = [helper.make_node("Split", ["h", "sz"], ["a", "b"], axis=1),
+             helper.make_node("Concat", ["a", "b"], ["t"], axis=1)]
+    model = _mlp_through(nodes, [_const("sz", [2, 4])])
+    onnx.checker.check_model(model, full_check=True)
+    assert "W1" in _moved(walk(model))  # valid sizes: followed, as before
+    _, res = api.permute(model, seed=3)
+    assert res.verified and res.groups_permuted >= 1
