@@ -23,7 +23,8 @@ from the graph, with the reason; runtime.settle tries it in ONNX Runtime:
 
 - dims: a dim given with --shape binds every input dim of the same name; a dim whose size the op
   reading the input requires (its registry entry's `input_dims`: an attention cache's heads, head size
-  and an empty past, a recurrent input's features and state sizes; walk/registry.py), then a
+  and an empty past, a rotary cos/sin table's width and rows past every position fed, a recurrent
+  input's features and state sizes; walk/registry.py), then a
   dim that a Reshape target, a Concat partner or a constant operand of Add/Sub/Mul/Div fixes takes
   that size first; the spatial
   dims of an image-like input (4-D float, NCHW or NHWC) take the sizes detectors and classifiers use,

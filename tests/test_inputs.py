@@ -437,11 +437,12 @@ def test_a_given_shape_binds_the_dims_of_the_same_name(tmp_path):
 MS = helper.make_opsetid("com.microsoft", 1)
 
 
-def gqa_decoder(head_sizes=(8,)) -> onnx.ModelProto:
+def gqa_decoder(head_sizes=(8,), rotary: bool = False) -> onnx.ModelProto:
     """A genai-style decoder block: x -> packed QKV MatMul -> GroupQueryAttention (num_heads 4,
     kv_num_heads 2) reading KV-cache graph inputs declared [batch, 2, past, kv_cache_dim], its lengths
     from attention_mask -> out projection. Several head sizes: one GQA each, all reading the same cache
-    (a contradiction no feed satisfies)."""
+    (a contradiction no feed satisfies). rotary: do_rotary with cos/sin caches that are graph inputs
+    declared [max_sequence_length, rotary_half]."""
     rng = np.random.default_rng(5)
     w = {"one": np.array([1], np.int64), "idx1": np.array(1, np.int64)}
     nodes = [helper.make_node("ReduceSum", ["attention_mask", "one"], ["sum"], keepdims=0),
@@ -456,8 +457,10 @@ def gqa_decoder(head_sizes=(8,)) -> onnx.ModelProto:
         w[f"Wo{k}"] = _f32(rng, 4 * head, 32)
         nodes += [helper.make_node("MatMul", ["x", f"Wqkv{k}"], [f"qkv{k}"]),
                   helper.make_node("GroupQueryAttention", [f"qkv{k}", "", "", "past_key", "past_value", "seqlens_k",
-                                                           "total"], [f"att{k}", f"present_key{k}", f"present_value{k}"],
-                                   name=f"gqa{k}", domain="com.microsoft", num_heads=4, kv_num_heads=2),
+                                                           "total"] + (["cos_cache", "sin_cache"] if rotary else []),
+                                   [f"att{k}", f"present_key{k}", f"present_value{k}"],
+                                   name=f"gqa{k}", domain="com.microsoft", num_heads=4, kv_num_heads=2,
+                                   do_rotary=int(rotary)),
                   helper.make_node("MatMul", [f"att{k}", f"Wo{k}"], [f"y{k}"])]
         outs.append(helper.make_tensor_value_info(f"y{k}", T.FLOAT, ["batch", "seq", 32]))
     cache = ["batch", 2, "past_sequence_length", "kv_cache_dim"]
@@ -465,6 +468,8 @@ def gqa_decoder(head_sizes=(8,)) -> onnx.ModelProto:
            helper.make_tensor_value_info("attention_mask", T.INT64, ["batch", "total_sequence_length"]),
            helper.make_tensor_value_info("past_key", T.FLOAT, cache),
            helper.make_tensor_value_info("past_value", T.FLOAT, cache)]
+    ins += [helper.make_tensor_value_info(n, T.FLOAT, ["max_sequence_length", "rotary_half"])
+            for n in ("cos_cache", "sin_cache") if rotary]
     graph = helper.make_graph(nodes, "gqa", ins, outs, [numpy_helper.from_array(v, k) for k, v in w.items()])
     return helper.make_model(graph, ir_version=8, opset_imports=OPSET + [MS])
 
@@ -485,6 +490,46 @@ def test_a_kv_cache_takes_the_head_size_its_attention_needs(tmp_path):
     assert result.verified
     proc = cli_run("verify", src, tmp_path / "p.onnx", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr
+
+
+def rotary_block(rotary_dim: int = 0) -> onnx.ModelProto:
+    """x [batch, seq, 96] -> MatMul -> RotaryEmbedding (num_heads 4: head size 24) with position_ids,
+    cos_cache and sin_cache graph inputs, every dim named only -> MatMul."""
+    rng = np.random.default_rng(8)
+    attrs = {"rotary_embedding_dim": rotary_dim} if rotary_dim else {}
+    nodes = [helper.make_node("MatMul", ["x", "Wq"], ["q"]),
+             helper.make_node("RotaryEmbedding", ["q", "position_ids", "cos_cache", "sin_cache"], ["r"],
+                              name="rot", domain="com.microsoft", num_heads=4, **attrs),
+             helper.make_node("MatMul", ["r", "Wo"], ["y"])]
+    table = ["max_sequence_length", "rotary_half"]
+    ins = [helper.make_tensor_value_info("x", T.FLOAT, ["batch", "seq", 96]),
+           helper.make_tensor_value_info("position_ids", T.INT64, ["batch", "seq"]),
+           helper.make_tensor_value_info("cos_cache", T.FLOAT, table),
+           helper.make_tensor_value_info("sin_cache", T.FLOAT, table)]
+    graph = helper.make_graph(nodes, "rot", ins, [helper.make_tensor_value_info("y", T.FLOAT, ["batch", "seq", 8])],
+                              [numpy_helper.from_array(v, k) for k, v in {"Wq": _f32(rng, 96, 96),
+                                                                            "Wo": _f32(rng, 96, 8)}.items()])
+    return helper.make_model(graph, ir_version=8, opset_imports=OPSET + [MS])
+
+
+@pytest.mark.parametrize("build,half,words", [
+    (lambda: rotary_block(), 12, "RotaryEmbedding 'rot' needs half the head size 24"),
+    (lambda: rotary_block(rotary_dim=16), 8, "RotaryEmbedding 'rot' needs rotary_embedding_dim / 2 = 8"),
+    (lambda: gqa_decoder((16,), rotary=True), 8, "GroupQueryAttention 'gqa0' needs half the head size 16")],
+    ids=["RotaryEmbedding", "RotaryEmbedding-rotary_dim", "GroupQueryAttention"])
+def test_rotary_tables_fed_as_inputs_are_sized_by_their_op(build, half, words, tmp_path):
+    """cos_cache/sin_cache graph inputs [max_sequence_length, rotary_half]: the op's entry sizes them
+    (rows past every position fed, columns half the rotated dims); ORT runs the first try, no --shape
+    (before: rotary_half took a length of 16 and max_sequence_length a batch of 1, every try refused)."""
+    src = tmp_path / "rot.onnx"
+    onnx.save(build(), src)
+    report = api.inputs(str(src), device="cpu")
+    plan = {d["name"]: d for d in report.inputs}
+    assert report.runs and not report.tries, report.format_text()
+    assert plan["cos_cache"]["shape"] == plan["sin_cache"]["shape"] == [256, half]
+    assert words in plan["cos_cache"]["why"] and "a table of 256 positions" in plan["cos_cache"]["why"]
+    _, result = api.permute(str(src), tmp_path / "p.onnx", seed=1, verify_options={"device": "cpu"})
+    assert result.verified
 
 
 def test_a_kv_cache_two_attentions_disagree_on_gets_onnx_runtimes_message(tmp_path):
@@ -588,3 +633,30 @@ def test_genai_decoders_run_end_to_end_with_no_shapes(variant, tmp_path):
     out = tmp_path / "a.onnx" if variant == "genai_fp32" else None
     audit = api.audit(str(perm), str(src), output=out, verify_options=cpu)
     assert audit.derived and (out is None or out.exists())
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("variant", ["genai_fp32", "genai_int4"])
+def test_genai_decoders_with_rotary_tables_as_inputs_need_no_shapes(variant, tmp_path):
+    """The genai decoders with cos_cache/sin_cache moved from initializers to graph inputs declared
+    [max_sequence_length, rotary_half] (as builders that share one table across graphs write them):
+    GroupQueryAttention's entry sizes them 256x8; inputs runs the first try, permute and verify pass
+    with no --shape (before: every try refused)."""
+    src = GENAI / variant / "model.onnx"
+    if not src.exists():
+        pytest.skip(f"no {src} (python tools/build_decoder.py)")
+    model = onnx.load(str(src))
+    for name in ("cos_cache", "sin_cache"):
+        (t,) = [t for t in model.graph.initializer if t.name == name]
+        model.graph.initializer.remove(t)
+        model.graph.input.append(helper.make_tensor_value_info(name, t.data_type, ["max_sequence_length",
+                                                                                   "rotary_half"]))
+    moved = tmp_path / "model.onnx"
+    onnx.save(model, str(moved))
+    proc = cli_run("inputs", moved, "--device", "cpu")
+    assert proc.returncode == 0 and "refused" not in proc.stdout, proc.stdout + proc.stderr
+    assert "cos_cache: declared [max_sequence_length, rotary_half] float32, chosen 256x8" in proc.stdout
+    _, result = api.permute(str(moved), tmp_path / "p.onnx", seed=1, verify_options={"device": "cpu"})
+    assert result.verified and result.neurons_moved
+    proc = cli_run("verify", moved, tmp_path / "p.onnx", "--device", "cpu")
+    assert proc.returncode == 0 and "verify: EQUIVALENT" in proc.stdout, proc.stdout + proc.stderr

@@ -590,6 +590,10 @@ def _nbits_activations(node):
 
 # ---- input dims (the sizes a graph input fed to these ops must have: inputs.py) ------------------
 EMPTY_CACHE = (0, "takes an empty cache (past length 0: a first step)")
+# rows of a rotary cos/sin table fed as a graph input: more than any position the input plan feeds
+# (lengths up to 16, ids below 10, a start position plus a length); ORT refuses a table shorter than
+# the sequence and reads past the end of one shorter than a position id
+ROTARY_ROWS = (256, "takes a table of 256 positions (past every position fed)")
 
 
 def _heads_of(shape, heads: int) -> int | None:
@@ -608,13 +612,38 @@ def _cache(heads: int, head: int | None, head_axis: int = 3) -> dict:
     return out
 
 
+def _rotary_table(half: int | None, words: str) -> dict:
+    """A rotary cos or sin table [positions, half]: ROTARY_ROWS rows, `half` columns when known."""
+    out = {0: ROTARY_ROWS}
+    if half:
+        out[1] = (half, words)
+    return out
+
+
 def _gqa_inputs(node, shape_of):
     """past_key/past_value [B, kv_num_heads, S_past, head_size], head_size = query hidden / num_heads
-    (packed QKV: / (num_heads + 2 kv_num_heads)). Cos/sin caches fed as inputs are not sized: their rows
-    must cover the positions fed, which no single size states (ORT refuses a table it must extend)."""
+    (packed QKV: / (num_heads + 2 kv_num_heads)); with do_rotary, cos/sin caches fed as inputs
+    [ROTARY_ROWS, head_size / 2] (a rotation of the whole head)."""
     heads, kv = int(attr(node, "num_heads")), int(attr(node, "kv_num_heads"))
     head = _heads_of(shape_of(0), heads + 2 * kv if not _inputs(node, 1) else heads)
-    return {3: _cache(kv, head), 4: _cache(kv, head)}
+    out = {3: _cache(kv, head), 4: _cache(kv, head)}
+    if int(attr(node, "do_rotary")):
+        out[7] = out[8] = _rotary_table(head // 2 if head else None, f"needs half the head size {head}")
+    return out
+
+
+def _rotary_inputs(node, shape_of):
+    """cos_cache/sin_cache [ROTARY_ROWS, rotary_embedding_dim / 2], or half the head size without it:
+    input [B, S, num_heads * head_size] or [B, num_heads, S, head_size]. With neither num_heads nor
+    rotary_embedding_dim ORT reads the head size off the table: its width is left to the plan."""
+    x, rot, heads = shape_of(0), int(attr(node, "rotary_embedding_dim")), int(attr(node, "num_heads"))
+    if rot > 0:
+        half, words = rot // 2, f"needs rotary_embedding_dim / 2 = {rot // 2}"
+    else:
+        head = x[3] if x is not None and len(x) == 4 and isinstance(x[3], int) else _heads_of(x, heads)
+        half, words = (head // 2 if head else None), f"needs half the head size {head}"
+    table = _rotary_table(half, words)
+    return {2: table, 3: table}
 
 
 def _mha_inputs(node, shape_of):
@@ -670,4 +699,4 @@ declare("GroupQueryAttention", group_query_attention, domain=MICROSOFT,
         attributes={"num_heads": None, "kv_num_heads": None, "do_rotary": 0}, output_shapes=_gqa_dims,
         input_dims=_gqa_inputs)
 declare("RotaryEmbedding", rotary_embedding, domain=MICROSOFT,
-        attributes={"num_heads": 0, "rotary_embedding_dim": 0}, output_shapes=_same)
+        attributes={"num_heads": 0, "rotary_embedding_dim": 0}, output_shapes=_same, input_dims=_rotary_inputs)
