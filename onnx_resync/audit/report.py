@@ -54,6 +54,7 @@ from ..match.sampling import spread
 ModelLike = str | os.PathLike | onnx.ModelProto
 
 MIN_COMPARED_SHARE = 0.5  # of the reference's parameters: below it the verdict is "cannot judge"
+UNSURE_RATIO = 4.0  # doubtful layers' share beyond the bound this x the clear ones' or more: kind not named
 EXIT_CANNOT_JUDGE = 4  # the code `verify` uses for "cannot check"
 STATISTICS_SAMPLE = 1 << 16  # elements per tensor for the statistics of what lies beyond the bound
 HEATMAP_MAX = 80  # similarity matrices larger than this are max-pooled down to it for display
@@ -376,6 +377,7 @@ def _build(suspect, reference, ref_c: CanonicalModel, sus_c: CanonicalModel, ali
     sus_steps, ref_steps = sus_steps or Steps(), ref_steps or Steps()
     steps = _restored_steps(sus_steps, alignment, ref_walk, rs, ref_store)
     precision = _precision(ref_store, res_store, alignment, ref_c, sus_c, steps, ref_steps, sus_steps)
+    beyond_at = precision.pop("_beyond_at")
     compared = _compared(ref_c, alignment)
     _add_subgraphs(compared, sub)
     groups = {g.key: g for g in ref_walk.groups}
@@ -411,6 +413,8 @@ def _build(suspect, reference, ref_c: CanonicalModel, sus_c: CanonicalModel, ali
         perturbation = _beyond_kinds(precision["beyond"], rs.perturbation)
     else:
         perturbation = dict(rs.perturbation)
+    if verdict == "perturbed":
+        _unsure_kind(perturbation, alignment, beyond_at, ref_c)
     re_export = {"suspect": sus_c.changes_list(), "reference": ref_c.changes_list(),
                  "differences": _differences(sus_c, ref_c)}
     summary = _summary(verdict, derived, permuted, perturbation, precision, re_export, moved, rs.neurons,
@@ -573,6 +577,7 @@ def _precision(ref_store: WeightStore, res_store: WeightStore, alignment: Alignm
     quantized = False
     total = beyond = newly_zero = 0
     noise, distinct, distinct_ref = [], [], []
+    beyond_at: dict[str, tuple[int, int]] = {}  # weight -> (elements beyond the bound, elements)
     for rw, sw in alignment.weight_map.items():
         # one weight at a time, in chunks of PRECISION_CHUNK elements (float64 only there): a huge
         # model's weights are mapped or computed, never copied whole in float64
@@ -595,6 +600,7 @@ def _precision(ref_store: WeightStore, res_store: WeightStore, alignment: Alignm
         step_s = np.asarray(step_s).reshape(-1) if step_s is not None else None
         step_r = np.asarray(step_r).reshape(-1) if step_r is not None else None
         size = r_all.size
+        beyond_before = beyond
         scale = 0.0
         moments = np.zeros(2)  # of r: sum, sum of squares
         for a in range(0, size, PRECISION_CHUNK):
@@ -623,6 +629,7 @@ def _precision(ref_store: WeightStore, res_store: WeightStore, alignment: Alignm
             excess = (np.sign(s - r) * np.maximum(diff - bound, 0.0))[~zero]
             excess_moments += (excess.size, excess.sum(), np.square(excess).sum())
         total += size
+        beyond_at[rw] = (beyond - beyond_before, size)
         rel = max_diff / scale if scale > 0 and size else max_diff
         if rel > worst_rel:
             worst_rel, worst_rel_name = rel, shown
@@ -655,6 +662,7 @@ def _precision(ref_store: WeightStore, res_store: WeightStore, alignment: Alignm
         "unmeasured": unmeasured,
         "probes": sus_steps.probes,
         "beyond": beyond_stats,
+        "_beyond_at": beyond_at,  # for _unsure_kind; popped by _build (not serialized)
     }
 
 
@@ -664,6 +672,30 @@ def _weighted_median(pairs: list[tuple[float, int]]) -> float:
     order = np.argsort(values)
     cum = np.cumsum(weights[order])
     return float(values[order][min(int(np.searchsorted(cum, 0.5 * cum[-1])), len(values) - 1)])
+
+
+def _unsure_kind(perturbation: dict, alignment: Alignment, beyond_at: dict, ref_c: CanonicalModel) -> None:
+    """A kind of perturbation is named only where the alignment vouches for it: when what lies
+    beyond the storage's bound is concentrated in layers paired with low confidence (a share of
+    their elements beyond the bound UNSURE_RATIO times that of the clearly paired layers, or more),
+    a wrong pairing explains it as well as a change does, and the kinds are replaced by a phrase
+    saying so (perturbation["kind_named"] False)."""
+    doubtful = {rw for i in alignment.doubtful for rw, _ in alignment.pairs[i].weights}
+    counts = {"doubt": [0, 0], "clear": [0, 0]}
+    for rw, (n, size) in beyond_at.items():
+        side = counts["doubt" if rw in doubtful else "clear"]
+        side[0] += n
+        side[1] += size
+    (nd, sd), (nc, sc) = counts["doubt"], counts["clear"]
+    if not nd or (sc and nc / sc * UNSURE_RATIO > nd / sd):
+        return
+    layers = sorted({ref_c.layer_of(alignment.pairs[i].reference) for i in alignment.doubtful
+                     if any(beyond_at.get(rw, (0, 0))[0] for rw, _ in alignment.pairs[i].weights)})
+    shown = ", ".join(repr(x) for x in layers[:4]) + (f" (+{len(layers) - 4} more)" if len(layers) > 4 else "")
+    perturbation["kinds"] = [f"kind not named: {100 * nd / max(nd + nc, 1):.0f}% of the differences beyond the "
+                             f"storage lie in layers paired with low confidence ({shown}), where a wrong pairing "
+                             "explains them as well as a change"]
+    perturbation["kind_named"] = False
 
 
 def _beyond_kinds(beyond: dict, resync_perturbation: dict) -> dict:
