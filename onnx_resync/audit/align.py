@@ -165,6 +165,14 @@ class Alignment:
     doubtful: list[int] = field(default_factory=list, repr=False)  # reference layers paired doubtfully
     solver: tuple | None = field(default=None, repr=False, compare=False)  # what alternatives() re-solves
 
+    def doubtful_pairs(self) -> list[LayerPair]:
+        """The pairs made with low confidence (module docstring, *Confidence*)."""
+        if self.solver is None or not self.doubtful:
+            return []
+        ref = self.solver[2]
+        names = {ref.layers[i].node.name for i in self.doubtful}
+        return [p for p in self.pairs if p.reference in names]
+
     def to_dict(self) -> dict:
         return {"layers": len(self.pairs), "weights": len(self.weight_map), "kept_constants": len(self.kept),
                 "confidence": round(float(self.confidence), 4), "contested": self.contested,

@@ -680,7 +680,8 @@ def _unsure_kind(perturbation: dict, alignment: Alignment, beyond_at: dict, ref_
     their elements beyond the bound UNSURE_RATIO times that of the clearly paired layers, or more),
     a wrong pairing explains it as well as a change does, and the kinds are replaced by a phrase
     saying so (perturbation["kind_named"] False)."""
-    doubtful = {rw for i in alignment.doubtful for rw, _ in alignment.pairs[i].weights}
+    pairs = alignment.doubtful_pairs()
+    doubtful = {rw for p in pairs for rw, _ in p.weights}
     counts = {"doubt": [0, 0], "clear": [0, 0]}
     for rw, (n, size) in beyond_at.items():
         side = counts["doubt" if rw in doubtful else "clear"]
@@ -689,8 +690,8 @@ def _unsure_kind(perturbation: dict, alignment: Alignment, beyond_at: dict, ref_
     (nd, sd), (nc, sc) = counts["doubt"], counts["clear"]
     if not nd or (sc and nc / sc * UNSURE_RATIO > nd / sd):
         return
-    layers = sorted({ref_c.layer_of(alignment.pairs[i].reference) for i in alignment.doubtful
-                     if any(beyond_at.get(rw, (0, 0))[0] for rw, _ in alignment.pairs[i].weights)})
+    layers = sorted({ref_c.layer_of(p.reference) for p in pairs
+                     if any(beyond_at.get(rw, (0, 0))[0] for rw, _ in p.weights)})
     shown = ", ".join(repr(x) for x in layers[:4]) + (f" (+{len(layers) - 4} more)" if len(layers) > 4 else "")
     perturbation["kinds"] = [f"kind not named: {100 * nd / max(nd + nc, 1):.0f}% of the differences beyond the "
                              f"storage lie in layers paired with low confidence ({shown}), where a wrong pairing "
