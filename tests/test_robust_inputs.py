@@ -150,3 +150,33 @@ def test_valid_split_is_still_followed():
     assert "W1" in _moved(walk(model))  # valid sizes: followed, as before
     _, res = api.permute(model, seed=3)
     assert res.verified and res.groups_permuted >= 1
+
+
+def _f32(name, shape):
+    return numpy_helper.from_array(np.ones(shape, np.float32), name)
+
+
+@pytest.mark.parametrize("opset", [13, 21])
+def test_normalization_parameter_of_too_low_a_rank_pins(opset):
+    """A BatchNorm variance or InstanceNorm scale given as a scalar (ONNX's inference does not check
+    their shapes): the slot has no axis to index, so the channels pin (IndexError before)."""
+    bn = [helper.make_node("BatchNormalization", ["h", "s", "b", "m", "v"], ["t"])]
+    result = _walk_unchecked(_mlp_through(bn, [_f32("s", [6]), _f32("b", [6]), _f32("m", [6]), _f32("v", [])], opset))
+    assert result is not None and "W1" not in _moved(result)
+    assert any("has no axis" in p.reason for p in result.pinned)
+    inorm = [helper.make_node("Unsqueeze", ["h", "ax"], ["h3"]),
+             helper.make_node("InstanceNormalization", ["h3", "s", "b"], ["t3"]),
+             helper.make_node("Squeeze", ["t3", "ax"], ["t"])]
+    result = _walk_unchecked(_mlp_through(inorm, [_const("ax", [2]), _f32("s", []), _f32("b", [6])], opset))
+    assert result is not None and "W1" not in _moved(result)
+
+
+def test_node_of_a_type_onnx_refuses_is_bad_input():
+    """A Conv weight stored as int8 of rank 1 on an input of unknown shape: ONNX's shape inference
+    accepts the node unless asked to check types (check_model does), so the rule's exception read
+    as a bug (exit 5); now ONNX's type check names the node (exit 3, one line)."""
+    nodes = [helper.make_node("ReduceLogSum", ["h", "h"], ["u"], keepdims=0),  # no shape: no rule
+             helper.make_node("Conv", ["u", "Wc"], ["t"], group=2)]
+    model = _mlp_through(nodes, [_const("Wc", [1, 1], np.int8)], 21, ir=10)
+    with pytest.raises(ResyncError, match="unsupported type"):
+        walk(model)

@@ -207,7 +207,11 @@ class WalkContext:
             if stored is not None and stored.data_type in (onnx.TensorProto.UNDEFINED, onnx.TensorProto.STRING):
                 self.pin(label, f"weight {base!r} is not numeric")
                 return False
-            dim = self.view.shape(base)[base_axis]
+            shape = self.view.shape(base) or []
+            if not -len(shape) <= base_axis < len(shape):  # a parameter of too low a rank (a scalar BatchNorm var)
+                self.pin(label, f"weight {base!r} has no axis {base_axis} for {len(label)} channels")
+                return False
+            dim = shape[base_axis]
             if dim != len(label):
                 if dim == 1:
                     continue  # broadcast: the same value for every channel

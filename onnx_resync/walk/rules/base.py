@@ -286,7 +286,7 @@ def malformed(view, node) -> str | None:
     # which the node's own inference takes on trust)
     for candidate in (one, view.model):
         try:
-            onnx.shape_inference.infer_shapes(candidate, strict_mode=True, data_prop=True)
+            onnx.shape_inference.infer_shapes(candidate, check_type=True, strict_mode=True, data_prop=True)
         except Exception as exc:  # noqa: BLE001 - ONNX's verdict, worded on one line
             return " ".join(str(exc).split())[:300] or type(exc).__name__
     return None
