@@ -20,7 +20,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_resync import api, cli
+from onnx_resync import cli
 from onnx_resync import verify as verify_module
 from onnx_resync.verify import CandidateRefused, explain, verify
 
