@@ -180,3 +180,27 @@ def test_node_of_a_type_onnx_refuses_is_bad_input():
     model = _mlp_through(nodes, [_const("Wc", [1, 1], np.int8)], 21, ir=10)
     with pytest.raises(ResyncError, match="unsupported type"):
         walk(model)
+
+
+@pytest.mark.parametrize("bounds", [([[0]], [[6]], [1]), ([0.0], [6.0], [1]), ([0], [6], [7])],
+                         ids=["2-D", "float", "axis out of range"])
+def test_weight_view_slice_with_bounds_onnx_refuses(bounds):
+    """A weight read through a Slice whose bounds ONNX refuses: the view's positions are unknown
+    (graph.GraphView._selected took int() of a 2-D array: TypeError)."""
+    s, e, ax = bounds
+    dtype = np.float32 if isinstance(s[0], float) else np.int64
+    nodes = [helper.make_node("Slice", ["Wb", "s", "e", "ax"], ["Ws"]), helper.make_node("MatMul", ["h", "Ws"], ["t"])]
+    result = _walk_unchecked(_mlp_through(nodes, [_f32("Wb", [6, 12]), _const("s", s, dtype), _const("e", e, dtype),
+                                                  _const("ax", ax)]))
+    assert result is None or "Wb" not in _moved(result)
+
+
+def test_quantize_scale_of_symbolic_length_pins():
+    """QuantizeLinear whose scale is a graph input of symbolic length K: it may be per channel, so
+    the channels it scales pin (comparing the dim name with 1 raised TypeError)."""
+    nodes = [helper.make_node("QuantizeLinear", ["h", "sc"], ["q"], axis=1),
+             helper.make_node("DequantizeLinear", ["q", "sc"], ["t"], axis=1)]
+    model = _mlp_through(nodes)
+    model.graph.input.append(helper.make_tensor_value_info("sc", TensorProto.FLOAT, ["K"]))
+    result = _walk_unchecked(model)
+    assert result is not None and "W1" not in _moved(result)

@@ -221,8 +221,13 @@ class GraphView:
                 steps = self.constant(node.input[4]) if len(node.input) > 4 and node.input[4] else None
                 if starts is None or ends is None:
                     return None
-            axes = list(range(len(starts))) if axes is None else [int(a) % len(in_shape) for a in axes]
-            steps = [1] * len(starts) if steps is None else steps
+                if any(v is not None and (np.ndim(v) != 1 or v.dtype.kind not in "iu") for v in (starts, ends, axes, steps)):
+                    return None  # bounds ONNX refuses (another type, 2-D)
+            axes = list(range(len(starts))) if axes is None else list(axes)
+            steps = [1] * len(starts) if steps is None else list(steps)
+            if not all(-len(in_shape) <= int(a) < len(in_shape) for a in axes) or 0 in steps:
+                return None
+            axes = [int(a) % len(in_shape) for a in axes]
             for a, s, e, st in zip(axes, starts, ends, steps):
                 if a == axis:
                     return np.arange(n)[slice(int(s), int(e), int(st))]
@@ -233,6 +238,8 @@ class GraphView:
         sizes = registry.attr(node, "split", None)
         if sizes is None and len(node.input) > 1 and node.input[1]:
             sizes = self.constant(node.input[1])
+            if sizes is None or sizes.ndim != 1 or sizes.dtype.kind not in "iu":
+                return None
         if sizes is None:
             sizes = [-(-n // len(node.output))] * len(node.output)
         bounds = np.cumsum([0] + [int(v) for v in sizes])

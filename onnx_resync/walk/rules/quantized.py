@@ -20,7 +20,7 @@ def quantize_linear(ctx, node) -> None:
     r = ctx.rank(x)
     axis = _norm_axis(int(attr(node, "axis")), r)
     sshape = ctx.shape(scale) if scale else None
-    per_channel = sshape is not None and len(sshape) == 1 and sshape[0] > 1
+    per_channel = sshape is not None and len(sshape) == 1 and sshape[0] != 1  # (a symbolic length may be)
     if int(attr(node, "block_size")):  # one scale per block of channels: channels may not leave their block
         for l in labels.values():
             ctx.pin(l, f"{node.op_type} with blocked scales")
