@@ -228,6 +228,8 @@ def test_permuted_int4_copy_in_another_order_is_derived_and_permuted(files):
     assert r.format_change.startswith("int4") and "stored as int4" in r.summary
     assert r.matched == r.neurons and r.moved > 0
     assert not any("neuron evidence" in e for e in r.evidence)  # paired right at once
+    # content cannot confirm twins that only structure told apart: said, not hidden
+    assert r.alignment["layers"] == 21 and r.alignment["confidence"] < 1 and r.alignment["notes"]
 
 
 def test_an_unrelated_twin_stays_not_derived():
@@ -271,6 +273,7 @@ def test_a_wrong_pairing_gets_no_kind_named(files, q_with_v, monkeypatch):
     data = r.to_dict()
     assert data["perturbation"]["kind_named"] is False and "_beyond_at" not in data["precision"]
     assert any("low confidence" in e for e in data["evidence"])
+    assert data["alignment"]["confidence"] < 1 and any("'l0.q'" in n for n in data["alignment"]["notes"])
 
 
 def test_without_the_check_the_wrong_pairing_gets_a_wrong_kind(files, q_with_v, monkeypatch):

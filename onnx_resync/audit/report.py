@@ -113,6 +113,8 @@ class AuditReport:
     format_change: str = ""  # "int8 per channel", "float16", ...: the suspect's storage, when not float32
     reduction: dict = field(default_factory=dict)  # reduce.ReduceReport.to_dict(): what the suspect was reduced by
     restored: dict = field(default_factory=dict)  # audit -o: the suspect's own file restored (restore.py)
+    # align.Alignment.to_dict(): layers, confidence (share of contested pairs paired clearly), notes
+    alignment: dict = field(default_factory=dict)
 
     @property
     def matched_fraction(self) -> float | None:
@@ -427,7 +429,7 @@ def _build(suspect, reference, ref_c: CanonicalModel, sus_c: CanonicalModel, ali
         permuted=permuted, perturbed=perturbed, summary=summary, evidence=evidence,
         statistic=decision(rs)[1], neurons=int(rs.neurons), matched=int(rs.matched), moved=moved,
         perturbation=perturbation, precision=precision, re_export=re_export, layers=rows, timings={},
-        similarity=similarity, compared=compared, format_change=format_change,
+        similarity=similarity, compared=compared, format_change=format_change, alignment=alignment.to_dict(),
     )
 
 
