@@ -20,6 +20,7 @@ Categories (each one a family of mutations named in DESIGN/issue 7):
   external                         external-data locations: ../, absolute, links, missing, short,
                                    bad offsets/lengths, the model itself, a folder
   random_graph                     random small graphs of random ops
+  any_op (walker only)             random graphs of any op at any opset 7..22, weights of every dtype
   interface                        valid models whose weights are read where the walker does not
                                    follow (If/Loop/Scan bodies, graph outputs and inputs, run-time
                                    axes): every written model is checked on every branch
@@ -559,6 +560,96 @@ def random_graph(model, rng: random.Random) -> tuple[onnx.ModelProto, str]:
     return m, " ".join(ops)
 
 
+# any op of the default domain at any opset 7..22: the ops a hand-written list misses, old forms of
+# axes/sizes/pads (attributes before the input form), weights of every dtype, empty optional inputs
+_ANY_OP_SKIP = {"If", "Loop", "Scan", "Constant", "Multinomial", "RandomNormal", "RandomUniform", "RandomNormalLike",
+                "RandomUniformLike", "Bernoulli", "StringNormalizer", "TfIdfVectorizer", "RegexFullMatch",
+                "StringConcat", "StringSplit", "ImageDecoder"}
+_ANY_ATTRS = {**_RANDOM_ATTRS, "axis": [0, 1, -1, 2, -2, 3], "axes": [[0], [1], [-1], [0, 3], [1, 2]],
+              "perm": [[1, 0], [0, 2, 1], [0, 1, 3, 2], [2, 0, 1]], "to": [1, 7, 10, 6, 9],
+              "equation": ["ij,jk->ik", "bij->bji", "i,i->", "ij->ji", "...i,ij->...j"],
+              "mode": ["constant", "reflect", "edge", "DCR", "CRD", "nearest", "linear"],
+              "starts": [[0], [1], [-1]], "ends": [[2], [-1], [2**62]], "split": [[1, 1], [2, 6], [4, 4]],
+              "pads": [[0, 1, 0, 1], [1, 1], [0, 0, 0, 0]], "shape": [[-1], [0, -1], [2, -1]], "k": [1, 2],
+              "strides": [[1, 1], [2, 2], [1]], "dilations": [[1, 1], [2, 2]], "num_groups": [1, 2],
+              "direction": ["forward", "bidirectional", "reverse"], "reverse": [0, 1], "exclusive": [0, 1],
+              "largest": [0, 1], "sorted": [0, 1], "spatial": [0, 1], "ratio": [0.5], "min": [0.0], "max": [6.0],
+              "alpha": [0.1, 1.0], "beta": [0.0, 1.0], "size": [3], "block_size": [0, 2], "upper": [0, 1],
+              "batch_dims": [0, 1], "noop_with_empty_axes": [0, 1], "select_last_index": [0, 1],
+              "output_padding": [[1, 1]], "auto_pad": ["NOTSET", "SAME_UPPER", "VALID"],
+              "linear_before_reset": [0, 1], "layout": [0, 1], "p": [1, 2], "reduction": ["none", "add"]}
+_ANY_DTYPES = [np.float32] * 5 + [np.int64] * 2 + [np.float16, np.int32, np.bool_, np.uint8, np.int8]
+_ANY_IR = {7: 4, 8: 4, 9: 4, 10: 5, 11: 6, 12: 7, 13: 7, 14: 7, 15: 8, 16: 8, 17: 8, 18: 8, 19: 9, 20: 9, 21: 10, 22: 10}
+_OPS_AT: dict[int, list[str]] = {}
+
+
+def _ops_at(opset: int) -> list[str]:
+    if opset not in _OPS_AT:
+        names = set()
+        for s in onnx.defs.get_all_schemas_with_history():
+            if s.domain != "" or s.name in _ANY_OP_SKIP or s.deprecated:
+                continue
+            try:
+                current = onnx.defs.get_schema(s.name, opset, "")
+            except Exception:  # noqa: BLE001 - not defined at this opset
+                continue
+            if not current.deprecated:
+                names.add(s.name)
+        _OPS_AT[opset] = sorted(names)
+    return _OPS_AT[opset]
+
+
+def any_op_graph(model, rng: random.Random) -> tuple[onnx.ModelProto, str]:
+    """A random graph of any default-domain op at a random opset 7..22, fed by a hidden layer
+    (x -> MatMul -> h) and often read by one: weights of every dtype (some with a 0 dim), empty
+    optional inputs, attributes from a broad table. Most such graphs are invalid; a few run."""
+    opset = rng.choice(range(7, 23))
+    nprng = np.random.default_rng(rng.randrange(2**32))
+    hidden = rng.choice([4, 6, 8])
+    nodes = [helper.make_node("MatMul", ["x", "Win"], ["h"], name="fc_in")]
+    inits = [numpy_helper.from_array(nprng.standard_normal((8, hidden)).astype(np.float32), "Win")]
+    tensors, ops = ["x", "h", "h"], []
+    for k in range(rng.randint(1, 8)):
+        op = rng.choice(_ops_at(opset))
+        schema = onnx.defs.get_schema(op, opset, "")
+        ops.append(op)
+        ins = []
+        for j in range(rng.randint(schema.min_input, max(schema.min_input, min(schema.max_input, schema.min_input + 2, 8)))):
+            r = rng.random()
+            if r < 0.35:
+                dims = [1, 2, 3, 4, 8, 8, 0] if rng.random() < 0.1 else [1, 2, 3, 4, 8]
+                shape = [rng.choice(dims) for _ in range(rng.randint(0, 4))]
+                dt = rng.choice(_ANY_DTYPES)
+                arr = (nprng.standard_normal(shape) if dt in (np.float32, np.float16)
+                       else nprng.integers(0 if dt in (np.bool_, np.uint8) else -2, 2 if dt == np.bool_ else 5, shape))
+                inits.append(numpy_helper.from_array(np.asarray(arr).astype(dt), f"w{k}_{j}"))
+                ins.append(f"w{k}_{j}")
+            else:
+                ins.append("" if r < 0.4 and j > 0 else rng.choice(tensors))
+        attrs = {name: rng.choice(_ANY_ATTRS[name]) for name, a in schema.attributes.items()
+                 if name in _ANY_ATTRS and (a.required or rng.random() < 0.3)}
+        outs = [f"t{k}_{j}" for j in range(rng.randint(1, max(1, min(schema.max_output, 3))))]
+        nodes.append(helper.make_node(op, ins, outs, name=f"n{k}", **attrs))
+        tensors.extend(outs)
+    last = tensors[-1]
+    if rng.random() < 0.5:
+        nodes.append(helper.make_node("MatMul", [last, "Wout"], ["y"], name="fc_out"))
+        inits.append(numpy_helper.from_array(nprng.standard_normal((hidden, 3)).astype(np.float32), "Wout"))
+        last = "y"
+    graph = helper.make_graph(nodes, "any_op", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info(last, TensorProto.FLOAT, None)], inits)
+    m = helper.make_model(graph, ir_version=_ANY_IR[opset], opset_imports=[helper.make_opsetid("", opset)])
+    try:  # the output as strict inference sees it: a valid graph passes the checker
+        inferred = onnx.shape_inference.infer_shapes(m, strict_mode=True)
+        known = {v.name: v for v in list(inferred.graph.value_info) + list(inferred.graph.output)
+                 if v.type.tensor_type.HasField("shape") or not v.type.HasField("tensor_type")}
+        if last in known:
+            m.graph.output[0].CopyFrom(known[last])
+    except Exception:  # noqa: BLE001 - inference may well fail on a random graph
+        pass
+    return m, f"opset{opset} " + " ".join(ops)
+
+
 def _rename(model: onnx.ModelProto, old: str, new: str) -> None:
     g = model.graph
     for coll in (g.input, g.output, g.value_info, g.initializer):
@@ -699,6 +790,9 @@ STRUCTURED = {
     "random_graph": random_graph, "names": mutate_names, "blowup": mutate_blowup,
     "interface": mutate_interface,
 }
+# families drawn by the in-process walker test only (tests/fuzz/test_inprocess.py): mostly invalid
+# graphs that the loader refuses, so running every command on them would cost much and find little
+WALKER_ONLY = {"any_op": any_op_graph}
 
 
 # ---- byte-level mutations ----------------------------------------------------------------------

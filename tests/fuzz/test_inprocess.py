@@ -71,10 +71,10 @@ def test_loader_and_walker_on_damaged_bytes(data, tmp_path_factory):
 
 
 @settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
-@given(category=st.sampled_from(sorted(cases.STRUCTURED)), rnd=st.randoms(use_true_random=False),
-       seed=st.sampled_from(sorted(cases.SEEDS)))
+@given(category=st.sampled_from(sorted(cases.STRUCTURED) + sorted(cases.WALKER_ONLY)),
+       rnd=st.randoms(use_true_random=False), seed=st.sampled_from(sorted(cases.SEEDS)))
 def test_walker_on_unchecked_graphs(category, rnd, seed):
-    model, _ = cases.STRUCTURED[category](cases.SEEDS[seed](), rnd)
+    model, _ = {**cases.STRUCTURED, **cases.WALKER_ONLY}[category](cases.SEEDS[seed](), rnd)
     with time_limit(30):
         try:
             io.check_tensor_data(model)  # what the API does with a ModelProto before walking it
