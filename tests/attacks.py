@@ -15,6 +15,7 @@ every reader's input axis; the recorded intermediate shapes are dropped (inferre
   removed; the function changes);
 - `insert_layer`: an identity (Net2Net) or monomial (permuted, positively scaled identity) 1x1 conv
   or Gemm + Relu after a Relu whose readers are all linear, the readers compensating the monomial;
+  or a random one (a new layer: the function changes, nothing folds it);
 - `permute_rescale`: a random permutation of every group and a neutral positive rescale;
 - adaptive attackers (`noise`): nearly silent dummies, noisy split copies (the function changes a
   little: the reduction removes them approximately and reports the error).
@@ -304,10 +305,12 @@ def insert_layer(model: onnx.ModelProto, kind: str = "identity", seed: int = 0, 
         trans_b = any(a.name == "transB" and a.i for a in r.attribute)
         axis_of[r.input[1]] = 1 if (r.op_type == "Conv" or trans_b) else 0
     c = store.shape(first.input[1])[axis_of[first.input[1]]]
-    perm = np.arange(c) if kind == "identity" else rng.permutation(c)
-    d = np.ones(c) if kind == "identity" else rng.uniform(0.5, 2.0, c)
+    perm = np.arange(c) if kind in ("identity", "random") else rng.permutation(c)
+    d = np.ones(c) if kind in ("identity", "random") else rng.uniform(0.5, 2.0, c)
     m = np.zeros((c, c))
     m[np.arange(c), perm] = d  # y_k = d_k x_perm(k)
+    if kind == "random":  # a new layer (the function changes; nothing folds it): the readers left as they are
+        m = rng.normal(0, 1 / np.sqrt(c), (c, c))
     for r in rs:  # W'[:, k] = W[:, perm(k)] / d_k
         name, axis = r.input[1], axis_of[r.input[1]]
         w = np.take(store.get(name).astype(np.float64), perm, axis=axis)

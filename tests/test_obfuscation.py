@@ -360,3 +360,23 @@ def test_matched_share_is_measured_once_the_rescales_are_undone(tmp_path):
         assert report.matched >= least * report.neurons and report.derived == (least == 1.0)
         if least < 1.0:
             assert report.matched < 0.8 * report.neurons
+
+
+# ---- depth: a layer that does not fold, found by aligning the layer sequences with gaps --------
+@pytest.mark.parametrize("name,derived", [("vgg", True), ("vgg_seed1", False), ("resnet_ft10", True)])
+def test_audit_reports_an_inserted_layer_that_does_not_fold(name, derived, tmp_path):
+    reference = _path(name.split("_")[0])
+    deeper, log = attacks.insert_layer(onnx.load(_path(name)), "random", seed=0)
+    onnx.save(attacks.permute_rescale(deeper, seed=1), tmp_path / "deeper.onnx")
+    with pytest.raises(ModelMismatchError):  # resync pairs weights by name: the extra layer is refused
+        api.resync(str(tmp_path / "deeper.onnx"), reference)
+    report = api.audit(str(tmp_path / "deeper.onnx"), reference, json_path=tmp_path / "a.json")
+    inserted = json.loads((tmp_path / "a.json").read_text())["reduction"]["inserted"]
+    assert [i["layer"] for i in inserted] == log.layers  # the inserted layer found, by structure
+    assert report.derived == derived
+    if derived:
+        assert report.summary.startswith(f"derived, deepened: 1 inserted layer that does not fold (left out): "
+                                         f"{log.layers[0]}")
+        assert report.matched >= 0.99 * report.neurons
+    else:
+        assert report.summary.startswith("not derived")

@@ -190,11 +190,16 @@ def audit(suspect: ModelLike, reference: ModelLike, *, html: str | os.PathLike |
     except ModelMismatchError:  # a width or depth change: align the suspect without its padding (issue 16)
         from .widths import narrow  # a pruned copy: the reference without its unmatched neurons
 
-        sus_model, reduction = to_reference(lambda m: align(ref_c, _canonical(m, "suspect")), sus_model,
-                                            narrow=lambda m: narrow(ref_c, _canonical(m, "suspect")))
-        if reduction.reference is not None:  # judged on the matched neurons (no integer steps: full shapes)
-            ref_c, ref_steps = reduction.reference, Steps()
-        sus_c = _canonical(sus_model, "suspect")
+        try:
+            sus_model, reduction = to_reference(lambda m: align(ref_c, _canonical(m, "suspect")), sus_model,
+                                                narrow=lambda m: narrow(ref_c, _canonical(m, "suspect")))
+            if reduction.reference is not None:  # judged on the matched neurons (no integer steps: full shapes)
+                ref_c, ref_steps = reduction.reference, Steps()
+            sus_c = _canonical(sus_model, "suspect")
+        except ModelMismatchError as mismatch:  # layers the reference lacks: sequences aligned with gaps
+            from .depth import without_inserted
+
+            sus_c, reduction = without_inserted(ref_c, sus_c, mismatch)
         alignment = align(ref_c, sus_c)
     timings["align"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -890,11 +895,7 @@ def _obfuscated(report: AuditReport, reduction) -> None:
     if report.derived:
         rest = report.summary.removeprefix("derived").lstrip(", ")
         report.summary = reduction.verdict() + (f"; {rest}" if rest else "")
-    report.evidence.insert(0, "the suspect was reduced before alignment (each rewrite proven equivalent by ONNX "
-                              f"Runtime): {reduction.phrase()}" if reduction.changed else
-                           "the suspect is narrower than the reference (a pruned copy): its layers paired regardless "
-                           "of width, its neurons by a rectangular assignment (audit/widths.py); judged on the "
-                           f"matched neurons: {reduction.pruned_phrase()}")
+    report.evidence.insert(0, reduction.headline())
     report.evidence[1:1] = [line.strip() for line in reduction.lines()]
 
 

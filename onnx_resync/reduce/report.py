@@ -44,6 +44,9 @@ class ReduceReport:
     # the max normalized output error the removal introduced (measured by ONNX Runtime)
     approximate: list[dict] = field(default_factory=list)
     approximate_error: float | None = None
+    # layers the reference lacks that do not fold (audit/depth.py: the layer sequences aligned with
+    # gaps): {"layer" (the suspect's), "kind", "weights" (shapes), "chain" (its nodes, bypassed)}
+    inserted: list[dict] = field(default_factory=list)
     rounds: int = 0
     verified: bool = False  # the reduced model was proven equivalent to the input (or nothing changed)
     verify: dict | None = None
@@ -72,7 +75,29 @@ class ReduceReport:
         parts = [f"structurally obfuscated: {self.phrase()}"] if self.changed else []
         parts += [f"perturbed: {self.approximate_phrase()}"] if self.approximate else []
         parts += [f"pruned: {self.pruned_phrase()}"] if self.pruned else []
+        parts += [f"deepened: {self.inserted_phrase()}"] if self.inserted else []
         return "derived, " + "; ".join(parts)
+
+    def inserted_phrase(self) -> str:
+        """'1 inserted layer that does not fold (left out): /blocks.3/extra/Conv'."""
+        n = len(self.inserted)
+        return (f"{n} inserted layer{'s' * (n != 1)} that do{'es' * (n == 1)} not fold (left out): "
+                + ", ".join(i["layer"] for i in self.inserted))
+
+    def headline(self) -> str:
+        """What was done to the suspect before it was aligned (the first line of audit's evidence)."""
+        parts = []
+        if self.changed:
+            parts.append(f"the suspect was reduced before alignment (each rewrite proven equivalent by ONNX Runtime): "
+                         f"{self.phrase()}")
+        if self.pruned:
+            parts.append("the suspect is narrower than the reference (a pruned copy): its layers paired regardless "
+                         "of width, its neurons by a rectangular assignment (audit/widths.py); judged on the matched "
+                         f"neurons: {self.pruned_phrase()}")
+        if self.inserted:
+            parts.append("the suspect has layers the reference lacks: the layer sequences aligned with gaps "
+                         f"(audit/depth.py), {self.inserted_phrase()}; the rest judged")
+        return "; ".join(parts)
 
     def phrase(self) -> str:
         """'19 dummy neurons, 12 split, 1 inserted identity layer' (empty when nothing changed)."""
@@ -110,6 +135,9 @@ class ReduceReport:
         for p in self.pruned:
             out.append(f"  {p['layer']}: {p['removed']} of {p['of']} reference neurons pruned (rectangular "
                        "assignment; judged on the matched ones)")
+        for i in self.inserted:
+            out.append(f"  {i['layer']}: inserted {i['kind']} layer (weights {', '.join(i['weights'])}), not "
+                       f"foldable: left out with {', '.join(i['chain'][1:]) or 'nothing else'}")
         return out
 
     def summary_lines(self) -> list[str]:
@@ -130,7 +158,7 @@ class ReduceReport:
             "dummy": self.count("dummy"), "split": self.count("split"), "clique": self.count("clique"),
             "constant": self.count("constant"),
             "layers": [vars(r) for r in self.layers if r.dummy or r.split or r.clique or r.constant],
-            "pruned": self.pruned,
+            "pruned": self.pruned, "inserted": self.inserted,
             "approximate": self.approximate, "approximate_error": self.approximate_error,
             "folded": self.folded, "refused": self.refused, "rounds": self.rounds, "lines": self.lines(),
             "verified": self.verified, "verify": self.verify, "output": self.output,
