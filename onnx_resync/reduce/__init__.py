@@ -6,8 +6,9 @@ Neural structural obfuscation widens a network without changing its function: du
 Neurons with a constant output (no incoming weight) are folded into their readers' biases.
 `reduce_model` removes them (pipeline.py), each rewrite proven by ONNX Runtime: neurons.py finds
 the redundant neurons of a walker group, constants.py the constant ones, widths.py edits every slot
-of the group at once, layers.py folds inserted layers into their readers, report.py says what went;
-against.py is the step resync and audit run.
+of the group at once, targets.py fits the Reshape targets that hold a changed width (attention
+heads), layers.py folds inserted layers into their readers, report.py says what went; against.py
+is the step resync and audit run (audit's own width and depth pairing: audit/widths.py, depth.py).
 """
 
 from .pipeline import reduce_model  # noqa: F401
