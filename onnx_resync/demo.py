@@ -128,7 +128,7 @@ def run_demo(model_name: str = DEFAULT_MODEL, *, seed: int = 0, noise: float = 0
     log(f"4. resync   against {src.name}: {lines[0]}")
     for line in lines[1:]:
         log(f"           {line}")
-    truth = result.record.inverse()  # what undoes step 2
+    truth = result.record.inverse().heads_first(found)  # what undoes step 2, in resync's order
     correct = total = 0
     for key, perm in truth.perms.items():
         got = np.asarray(rs.record.perms.get(key, list(range(len(perm)))))

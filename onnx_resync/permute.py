@@ -99,6 +99,29 @@ class PermutationRecord:
                 raise UsageError(f"{where}: group {key!r} has {len(perm)} entries, not a permutation of this "
                                  f"model's {group.size} neurons")
 
+    def heads_first(self, walk: WalkResult) -> "PermutationRecord":
+        """The same moves with every per-head group applied after its heads (resync's order), so that
+        two records compare group by group. Applied first, head k's own perm moves the dims of the
+        head that then goes to every place i with heads[i] = k: after the heads, place i takes it."""
+        if not self.per_head_first:
+            return self
+        by_key = {g.key: g for g in walk.groups}
+        sibling = {(g.within[0], g.key.rsplit("~head", 1)[0], g.within[1]): g.key for g in walk.groups if g.within}
+        perms = dict(self.perms)
+        for key, perm in self.perms.items():
+            group = by_key.get(key)
+            if group is None or group.within is None:
+                continue
+            heads_key, i = group.within
+            heads = self.perms.get(heads_key)
+            source = sibling.get((heads_key, key.rsplit("~head", 1)[0], heads[i] if heads is not None else i))
+            perms[key] = list(self.perms.get(source, range(len(perm))))
+        for (heads_key, base, i), key in sibling.items():  # a head whose own perm the record left out
+            heads = self.perms.get(heads_key)
+            if key not in perms and heads is not None and sibling.get((heads_key, base, heads[i])) in self.perms:
+                perms[key] = list(self.perms[sibling[(heads_key, base, heads[i])]])
+        return PermutationRecord(perms, self.seed, notes=dict(self.notes))
+
     def inverse(self) -> "PermutationRecord":
         if not all(_is_permutation(p) for p in self.perms.values()):
             raise UsageError("record: a group's entries are not a permutation (nothing inverted)")

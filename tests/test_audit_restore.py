@@ -84,7 +84,7 @@ def _check_record(permuted_path: Path, record, suspect: onnx.ModelProto, restore
     quantizer's `<name>_quantized` with its per-channel `_scale`/`_zero_point`) is, in the restored
     file, the suspect's re-indexed by the inverse of the record. Returns how many were checked."""
     fp32 = onnx.load(permuted_path)
-    index = slot_indices(walk(fp32), record.inverse().perms,
+    index = slot_indices(walk(fp32), record.inverse(),
                          lambda w, a: next(t.dims for t in fp32.graph.initializer if t.name == w)[a])
     moves: dict[str, list] = {}
     for (weight, axis, at), idx in index.items():

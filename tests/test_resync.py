@@ -108,7 +108,9 @@ def permuted(model, seed):
     out = onnx.ModelProto()
     out.CopyFrom(model)
     apply_permutations(out, wk, truth)
-    return out, truth
+    # per group, what resync must undo: a per-head group's in the heads-first frame of resync's record
+    # (the dims of the head that moved to place i), inverted back to read like the forward draw
+    return out, truth.inverse().heads_first(wk).inverse()
 
 
 def success(report, truth) -> float:

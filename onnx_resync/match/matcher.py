@@ -233,7 +233,7 @@ class _Matcher:
                     if not resolved and not heads_moved and o != slot.axis and not aligned_only:
                         # heads and the dims inside each unresolved: sorted inside every head, then
                         # along the heads (summarize), which no move of either changes
-                        presort.setdefault(o, {}).update((h2, p) for h2, p in self.axis_groups[(slot.weight, o)] if h2 == hh)
+                        presort.setdefault(o, {}).update((h2, hs.positions) for h2, hs in self.axis_groups[(slot.weight, o)] if h2 == hh)
                         continue
                 if resolved and sliced:
                     s = s.copy() if s is S else s

@@ -4,16 +4,21 @@ Vocabulary (walker.py, channels.ElementTable.products): a *grid* makes channels 
 its *head group* H moves heads as wholes, a *dim group* D moves the dims. Shared, D moves the same
 dims in every head. D is *per head* when every place one of its dims appears carries the dim's head:
 
-- a cell whose other factors include exactly one neuron of H (Wq's rows, Wo's columns; in
-  GroupQueryAttention a query head is itself a cell (kv head, rank) and the kv head is H's);
+- a cell whose other factors hold exactly one *head* (Wq's columns, Wo's rows; in
+  GroupQueryAttention a query head is itself a cell (kv head, rank) and its kv head is the head);
 - a tensor axis labelled by the bare dims ([B, heads, S, dims] after a Reshape into heads) in a
-  tensor that also has an axis whose every position is a cell of one of H's heads, or one of them.
+  tensor that also has an axis holding a head at every position, read only by ops that keep each
+  head's index apart (the registry's `stacked` ops, elementwise ops, Concat, Expand, Tile,
+  reductions (what they reduce is checked as a tensor in turn), MatMul, a Softmax over another axis).
 
-Then head i's dims may move by a permutation of their own, and D is replaced by one group per head
-(`Group.within` = (H's key, i)) whose slots are D's positions in head i. Anything else keeps D
-shared: a dim read without its head (a norm weight of head_dim shared by all heads, a sum over
-heads, a weight with a heads axis and a dims axis, which a one-axis slot cannot move per head), a
-stacked label, heads that are not a group, a head group that is itself split.
+The heads are H's neurons, or, where the heads do not move (no group: a kv head whose query heads
+are tied to it, heads an output pins), the neurons in that place, each standing still. Then head
+i's dims may move by a permutation of their own, and D is replaced by one group per head
+(`Group.within` = (H's key or None, i)) whose slots are D's positions in head i. Anything else keeps
+D shared: a dim read without its head (a norm weight of head_dim shared by all heads, a mean over
+the heads, a weight with a heads axis and a dims axis, which a one-axis slot cannot move per head),
+an op that mixes the heads of a tensor that keeps them (a Softmax over the heads), a stacked label,
+a tied chunk (rules/selection.py: chunks carry tags, never heads), a head group that is itself split.
 
 A per-head group moves the positions of head i once the heads have moved (records are ordered:
 permute.py applies them after the head group, and undoes them before); the matcher solves the
@@ -22,30 +27,43 @@ heads first, then each head's dims.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
+from . import registry
 from .groups import Group, GroupSlot
 
+# ops that keep each head's index apart without being `stacked` or elementwise in the registry
+_KEEP_HEADS = {"Concat", "Expand", "Tile", "MatMul", "Identity"}
+_ALONG_ONE_AXIS = {"Softmax", "LogSoftmax", "Hardmax"}  # keep them unless the axis is the heads'
 
-def split_per_head(groups: list[Group], labels: dict, slot_labels: dict, roots: np.ndarray, products: dict,
-                   group_of: np.ndarray, rank_of: np.ndarray) -> list[Group]:
+
+@dataclass
+class _Heads:
+    group: int | None  # the head group, None: heads that do not move
+    index: dict  # head neuron -> its place (rank in the group, or order among the still heads)
+
+
+def split_per_head(groups: list[Group], ctx, roots: np.ndarray, products: dict, group_of: np.ndarray,
+                   rank_of: np.ndarray) -> list[Group]:
     """`groups` with every per-head dim group replaced by its per-head groups (appended last, after
-    every group they are applied after). labels: tensor -> {axis: Label}; slot_labels: the walker's
-    slot key -> Label; products: neuron -> (row, col, i, j, rows, cols); group_of/rank_of: per element."""
+    every group they are applied after). ctx: the walk's context (labels, slots, the graph);
+    products: neuron -> (row, col, i, j, rows, cols); group_of/rank_of: per element."""
     if not products or not groups:
         return groups
     leaves = _Leaves(products, roots)
-    heads_of = _candidates(groups, slot_labels, leaves, roots, group_of, products)
-    heads_of = {d: h for d, h in heads_of.items() if h not in heads_of}  # a head group is never split
-    if not heads_of:
-        return groups
-    bad = _checked_activations(heads_of, labels, leaves, roots, group_of)
-    heads_of = {d: h for d, h in heads_of.items() if d not in bad}
+    tagged = {int(roots[e]) for e in ctx.elements.tags}
+    heads_of = _candidates(groups, leaves, roots, group_of, rank_of, products, tagged)
+    split_ids = set(heads_of)
+    heads_of = {d: h for d, h in heads_of.items() if h.group not in split_ids}  # a head group is never split
+    bad = _checked_activations(heads_of, ctx, leaves, roots, group_of)
     split: dict[int, list[Group]] = {}
     for d, h in heads_of.items():
-        parts = _split(groups[d], groups[h], slot_labels, leaves, roots, group_of, rank_of, h)
-        if parts is not None:
-            split[d] = parts
+        if d not in bad:
+            parts = _split(groups[d], groups[h.group].key if h.group is not None else None, h, ctx.slots, leaves, roots)
+            if parts is not None:
+                split[d] = parts
     if not split:
         return groups
     kept = [g for g in groups if g.id not in split]
@@ -73,47 +91,56 @@ class _Leaves:
         return out
 
 
-def _column_leaves(products: dict, roots: np.ndarray, leaves: _Leaves) -> set[int]:
-    """Neurons that are a grid's innermost column (its dims: (q/k/v, (head, dim)) nests)."""
-    return {leaves(int(roots[b]))[-1] for _, b, *_ in products.values()}
-
-
-def _candidates(groups, slot_labels, leaves, roots, group_of, products) -> dict[int, int]:
-    """Dim group -> the one head group every cell holding one of its dims has a neuron of."""
-    cols = _column_leaves(products, roots, leaves)
-    common: dict[int, set[int] | None] = {}
+def _candidates(groups, leaves, roots, group_of, rank_of, products, tagged) -> dict[int, _Heads]:
+    """Dim group -> its heads: one head group every cell holding one of its dims has exactly one
+    neuron of, or else exactly one factor in no group in every such cell (still heads)."""
+    cols = {leaves(int(roots[b]))[-1] for _, b, *_ in products.values()}  # innermost columns: dims
+    common: dict[int, set | None] = {}
+    still: dict[int, set | None] = {}  # the still heads, None once a cell has none or two
     for r in products:
         ls = leaves(r)
         for k, leaf in enumerate(ls):
             d = int(group_of[leaf])
             if d < 0 or leaf not in cols:
                 continue
-            others = [int(group_of[x]) for x in ls[:k] + ls[k + 1:]]
-            mine = {g for g in others if g >= 0 and g != d and others.count(g) == 1}
-            common[d] = mine if common.get(d) is None else common[d] & mine
+            others = ls[:k] + ls[k + 1:]
+            gs = [int(group_of[x]) for x in others]
+            mine = {g for g in gs if g >= 0 and g != d and gs.count(g) == 1}
+            common[d] = mine if common.get(d, None) is None else common[d] & mine
+            loose = [x for x, g in zip(others, gs) if g < 0]
+            if d not in still or still[d] is not None:
+                ok = len(loose) == 1 and loose[0] not in tagged
+                still[d] = (still.get(d) or set()) | {loose[0]} if ok else None
     out = {}
     for d, hs in common.items():
-        if hs and len(groups[d].slots) and all(g < len(groups) for g in hs):
-            out[d] = min(hs)
+        if hs:
+            h = min(hs)
+            members = np.flatnonzero(group_of == h)
+            members = members[roots[members] == members]
+            out[d] = _Heads(h, {int(m): int(rank_of[m]) for m in members})
+        elif still.get(d) and len(still[d]) >= 2:
+            out[d] = _Heads(None, {m: i for i, m in enumerate(sorted(still[d]))})
     return out
 
 
-def _head_key(elem_roots: np.ndarray, h: int, leaves, group_of) -> np.ndarray:
-    """Per position: the neuron of head group h among the position's cell factors (itself if it is
-    one of h's neurons), -1 where there is none or more than one."""
+def _head_key(elem_roots: np.ndarray, heads: _Heads, leaves) -> np.ndarray:
+    """Per position: the place of its head (its own, or the one among its cell's factors), -1 where
+    there is none or more than one."""
     out = np.full(len(elem_roots), -1, dtype=np.int64)
     uniq, inv = np.unique(elem_roots, return_inverse=True)
     for u, r in enumerate(uniq.tolist()):
-        found = [x for x in leaves(r) if group_of[x] == h]
+        found = [heads.index[x] for x in leaves(r) if x in heads.index]
         if len(found) == 1:
             out[inv == u] = found[0]
     return out
 
 
-def _checked_activations(heads_of: dict[int, int], labels: dict, leaves, roots, group_of) -> set[int]:
-    """Dim groups some tensor carries without their heads (see the module docstring)."""
+def _checked_activations(heads_of: dict[int, _Heads], ctx, leaves, roots, group_of) -> set[int]:
+    """Dim groups some tensor carries without their heads, or hands to an op that may mix them."""
     bad: set[int] = set()
-    for by_axis in labels.values():
+    if not heads_of:
+        return bad
+    for name, by_axis in ctx.labels.items():
         axes = {axis: roots[label.elem] for axis, label in by_axis.items()}
         for axis, r in axes.items():
             for u in np.unique(r).tolist():
@@ -122,21 +149,43 @@ def _checked_activations(heads_of: dict[int, int], labels: dict, leaves, roots, 
                     d = int(group_of[leaf])
                     if d not in heads_of or d in bad:
                         continue
-                    h = heads_of[d]
+                    heads = heads_of[d]
                     if isinstance(axis, tuple):  # a stacked label: its outer index is no head
                         bad.add(d)
-                    elif len(ls) > 1:  # a cell: exactly one of its factors is a head of h
-                        if sum(int(group_of[x]) == h for x in ls) != 1:
+                    elif len(ls) > 1:  # a cell: exactly one of its factors is a head
+                        if sum(x in heads.index for x in ls) != 1:
                             bad.add(d)
-                    elif not any(other != axis and not isinstance(other, tuple)
-                                 and (_head_key(o, h, leaves, group_of) >= 0).all() for other, o in axes.items()):
-                        bad.add(d)  # bare dims, and no axis of this tensor holds their heads
+                    else:  # bare dims: an axis of this tensor holds their heads, which its readers keep apart
+                        at = [o for o, other in axes.items() if o != axis and not isinstance(o, tuple)
+                              and (_head_key(other, heads, leaves) >= 0).all()]
+                        if not at or not all(_keeps_heads(ctx, node, name, at[0])
+                                             for node in ctx.view.consumers.get(name, [])):
+                            bad.add(d)
     return bad
 
 
-def _split(dim: Group, head: Group, slot_labels: dict, leaves, roots, group_of, rank_of, h: int):
-    """One group per head of `head`: the dims of `dim` in that head; None if a slot's block columns
-    do not each lie in one head (or a position lies in none)."""
+def _keeps_heads(ctx, node, name: str, axis: int) -> bool:
+    """Whether `node` reading `name` keeps the index along `axis` (the heads) apart."""
+    if node.domain not in ("", "ai.onnx"):
+        return False
+    spec = registry.spec_of(node, ctx.view.opsets)
+    if spec is None:
+        return False
+    module = getattr(spec.rule, "__module__", "") or ""
+    if spec.stacked or module.endswith((".elementwise", ".reduction")) or node.op_type in _KEEP_HEADS:
+        return True  # (a reduction over the heads leaves dims without heads: that tensor is checked)
+    if node.op_type in _ALONG_ONE_AXIS and node.input[0] == name:
+        r, since13 = ctx.rank(name), ctx.view.opsets.get("", 0) >= 13
+        given = registry.attr(node, "axis", -1 if since13 else 1)
+        if r is None or not -r <= given < r:
+            return False
+        return axis != given % r if since13 else axis < given % r
+    return False
+
+
+def _split(dim: Group, heads_key: str | None, heads: _Heads, slot_labels: dict, leaves, roots):
+    """One group per head: the dims of `dim` in that head; None if a slot's block columns do not each
+    lie in one head (or a position lies in none)."""
     per_head: dict[int, list[GroupSlot]] = {}
     for slot in dim.slots:
         key = (slot.weight, slot.axis) if slot.at is None else (slot.weight, slot.axis, slot.at)
@@ -144,16 +193,12 @@ def _split(dim: Group, head: Group, slot_labels: dict, leaves, roots, group_of, 
         if label is None:
             return None
         pos = slot.positions
-        found = _head_key(roots[label.elem[pos.reshape(-1)]], h, leaves, group_of).reshape(pos.shape)
-        if (found < 0).any():
+        place = _head_key(roots[label.elem[pos.reshape(-1)]], heads, leaves).reshape(pos.shape)
+        if (place < 0).any() or (place != place[:1]).any():  # a block column holds one head in every row
             return None
-        rank = rank_of[found]
-        if (rank != rank[:1]).any():  # a block column holds one head in every row
-            return None
-        for i in np.unique(rank[0]).tolist():
-            per_head.setdefault(i, []).append(GroupSlot(slot.weight, slot.axis, pos[:, rank[0] == i], slot.at))
+        for i in np.unique(place[0]).tolist():
+            per_head.setdefault(i, []).append(GroupSlot(slot.weight, slot.axis, pos[:, place[0] == i], slot.at))
     if len(per_head) < 2:
         return None
     return [Group(-1, dim.size, list(dim.producers), slots, f"{dim.key}~head{i}", list(dim.readers),
-                  within=(head.key, i)) for i, slots in sorted(per_head.items())]
-
+                  within=(heads_key, i)) for i, slots in sorted(per_head.items())]

@@ -698,7 +698,7 @@ def _form_groups(ctx: WalkContext) -> WalkResult:
         g.key = _group_key(g)
     _disambiguate_keys(groups)
     # the dims inside each head by a permutation of their own, where nothing reads them without it
-    groups = split_per_head(groups, ctx.labels, ctx.slots, roots, products, group_of, rank_of)
+    groups = split_per_head(groups, ctx, roots, products, group_of, rank_of)
     pinned = [PinnedReason(reason, c, sorted(nodes)) for reason, (c, nodes) in pin_counts.items()]
     pinned.sort(key=lambda p: -p.channels)
     return WalkResult(groups, pinned, hidden, permutable, to_output, singletons, dict(ctx.ops_without_rule),
