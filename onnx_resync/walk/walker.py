@@ -83,7 +83,18 @@ class WalkContext:
         return self.view.is_weight(name)
 
     def is_weightlike(self, name: str) -> bool:
-        """A weight, or a tensor computed elementwise from weights (see `derived`)."""
+        """A weight, or a tensor computed elementwise from weights (see `derived`) that holds no
+        activation's values (not `scaled`)."""
+        return self.view.is_weight(name) or (name in self.derived_bases and not self.scaled(name))
+
+    def scaled(self, name: str) -> bool:
+        """`name` is computed from weights and from a channel-free activation that varies along
+        another axis (a LayerNorm's scale times the per-sample 1/std: an axis indexed by `[]`): a
+        slot may land on its weights' axes, but it is data, never a producer's weight."""
+        return any(not found for found in self.derived.get(name, {}).values())
+
+    def indexed(self, name: str) -> bool:
+        """A weight or a tensor derived from weights (scaled ones too): its readers account for its axes."""
         return self.view.is_weight(name) or name in self.derived_bases
 
     def sources(self, name: str, axis: int) -> list[tuple[str, int]] | None:
@@ -111,7 +122,7 @@ class WalkContext:
 
     def derive(self, out: str, axis_sources: dict[int, list[tuple[str, int]]], inputs: list[str]) -> None:
         """Record that `out` is computed from weight-like `inputs`, indexed along some axes."""
-        bases = set().union(*(self.bases(i) for i in inputs if self.is_weightlike(i)))
+        bases = set().union(*(self.bases(i) for i in inputs if self.indexed(i)))
         if bases:
             self.derived[out] = axis_sources
             self.derived_bases[out] = bases
@@ -190,6 +201,8 @@ class WalkContext:
         self._node_slots.add((tensor, axis))
         targets = self.sources(tensor, axis)
         pieces = [(b, a, label) for b, a in targets] if targets is not None else self._mapped(tensor, axis, label)
+        if targets == []:  # a weight-derived tensor's axis that only an activation varies along
+            pieces = f"{tensor!r} varies along this axis with an unlabelled activation, not with a weight"
         outers = self._outer_index(tensor, at) if at is not None else {}
         if pieces is None or outers is None or isinstance(pieces, str):
             reason = pieces if isinstance(pieces, str) else f"weight {tensor!r} is computed in a way the walker cannot index"
@@ -276,10 +289,10 @@ class WalkContext:
         unpermuted; an If's branches are walked node by node)."""
         walked = id(node) in self.view.branches or id(node) in self.view.bodies
         for name in ([] if walked else node_inputs(node)[sum(1 for i in node.input if i):]):
-            if self.is_weightlike(name):
+            if self.indexed(name):
                 self._fix_all(name, f"read inside a {node.op_type} subgraph (weight {{}})")
         for name in node.input:
-            if not name or not self.is_weightlike(name):
+            if not name or not self.indexed(name):
                 continue
             reason = f"{node.op_type} {node.name!r}".replace("{", "{{").replace("}", "}}") + " reads weight {} unpermuted"
             shape = self.view.shape(name)

@@ -71,7 +71,7 @@ def passthrough(ctx, node) -> None:
         ctx.set(out, labels)
         if uniform:
             ctx.uniform[out] = set(uniform)
-    if node.input and ctx.is_weightlike(node.input[0]) and node.output:
+    if node.input and ctx.indexed(node.input[0]) and node.output:
         _derive_mapped(ctx, node, {a: a for a in range(ctx.rank(node.input[0]) or 0)})
 
 
@@ -79,7 +79,7 @@ def _derive_reshaped(ctx, node) -> None:
     """Reshape/Squeeze/Unsqueeze of a weight-like tensor that only adds or drops size-1 axes."""
     src, out = node.input[0], node.output[0]
     in_shape, out_shape = ctx.shape(src), ctx.shape(out)
-    if not ctx.is_weightlike(src) or in_shape is None or out_shape is None:
+    if not ctx.indexed(src) or in_shape is None or out_shape is None:
         return
     in_real = [i for i, d in enumerate(in_shape) if d != 1]
     out_real = [i for i, d in enumerate(out_shape) if d != 1]

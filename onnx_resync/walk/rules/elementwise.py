@@ -17,7 +17,7 @@ def broadcast(ctx, node, data_inputs=None) -> None:
     ranks = [ctx.rank(n) for n in names]
     labelled = [n for n in names if ctx.get(n)]
     for n, r in zip(names, ranks):  # a weight's axis along which it holds one value is read in no order
-        if ctx.is_weightlike(n):
+        if ctx.indexed(n):
             for ia in range(r or 0):
                 if _is_uniform(ctx, n, ia):
                     ctx.mark_read(n, ia)
@@ -52,7 +52,7 @@ def broadcast(ctx, node, data_inputs=None) -> None:
             dim = ctx.dim(n, ia)
             if dim == 1 or _is_uniform(ctx, n, ia):
                 continue
-            if ctx.is_weightlike(n):
+            if ctx.indexed(n):  # a weight, or a weight scaled by a channel-free activation
                 from .selection import weight_chunk_units
 
                 units = weight_chunk_units(ctx, n, ia)  # a chunk of a weight cut into gates
@@ -69,34 +69,40 @@ def broadcast(ctx, node, data_inputs=None) -> None:
 
 
 def _derive_elementwise(ctx, node, names, ranks, out_rank) -> None:
-    """An unlabelled elementwise result of weights (and broadcast scalars) stays indexable. Only
-    then: a result that also reads an activation of its own extent (attention scores masked by
-    Where(mask, -inf, scores)) is an activation, never a weight to slot."""
-    if out_rank is None or any(r is None for r in ranks) or not any(ctx.is_weightlike(n) for n in names):
+    """An unlabelled elementwise result of weights stays indexed by them. Its other operands are
+    channel-free activations (a per-sample LayerNorm statistic, a runtime scale): along each axis
+    either the weights vary and every activation holds one value (size 1 or uniform: the axis is
+    indexed by the weights' axes), or only activations vary (the axis is indexed by no weight: `[]`,
+    a slot there pins). Where both vary (attention scores masked by Where(mask, -inf, scores)) the
+    result is an activation, never a weight to slot."""
+    if out_rank is None or any(r is None for r in ranks) or not any(ctx.indexed(n) for n in names):
         return
-    if not all(ctx.is_weightlike(n) or _holds_one_value(ctx, n, r) for n, r in zip(names, ranks)):
-        return
-    axis_sources = {}
+    axis_sources, read = {}, []
     for oa in range(out_rank):
-        sources = []
+        sources, free = [], False
         for n, r in zip(names, ranks):
             ia = oa - (out_rank - r)
             if ia < 0 or ctx.dim(n, ia) == 1 or _is_uniform(ctx, n, ia):
                 continue
-            found = ctx.sources(n, ia)
-            if found is None:
+            found = ctx.sources(n, ia) if ctx.indexed(n) else []
+            if found is None:  # a weight axis that cannot be indexed: so is the result's
                 sources = None
                 break
+            free = free or not found  # an activation (or a result of one) varies along this axis
             sources.extend(found)
-            ctx.mark_read(n, ia)
-        if sources:
+            read.append((n, ia))
+        if sources is None:
+            continue
+        if free and sources:  # a weight index times an activation along the same axis
+            return
+        if sources or free:
             axis_sources[oa] = sources
+    if any(not s for s in axis_sources.values()) and not any(axis_sources.values()):
+        return  # activations only, times weight scalars (a mask scaled by -10000): an activation
+    for n, ia in read:
+        if ctx.indexed(n):
+            ctx.mark_read(n, ia)
     ctx.derive(node.output[0], axis_sources, names)
-
-
-def _holds_one_value(ctx, name, rank) -> bool:
-    """`name` broadcasts one value (a runtime scale, a filled tensor): each axis of size 1 or uniform."""
-    return all(ctx.dim(name, a) == 1 or _is_uniform(ctx, name, a) for a in range(rank))
 
 
 def variadic(ctx, node) -> None:
