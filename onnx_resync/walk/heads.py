@@ -77,7 +77,7 @@ class _Leaves:
     """Neuron -> the neurons a cell is made of (nested grids: q/k/v x heads x dims), memoized."""
 
     def __init__(self, products: dict, roots: np.ndarray):
-        self.products, self.roots, self.memo = products, roots, {}
+        self.products, self.roots, self.memo = products, roots.tolist(), {}  # (a list: fast scalar reads)
 
     def __call__(self, r: int, depth: int = 0) -> tuple[int, ...]:
         if r in self.memo:
@@ -86,7 +86,7 @@ class _Leaves:
         if rec is None or depth > 8:
             out = (r,)
         else:
-            out = self(int(self.roots[rec[0]]), depth + 1) + self(int(self.roots[rec[1]]), depth + 1)
+            out = self(self.roots[rec[0]], depth + 1) + self(self.roots[rec[1]], depth + 1)
         self.memo[r] = out
         return out
 
@@ -94,17 +94,18 @@ class _Leaves:
 def _candidates(groups, leaves, roots, group_of, rank_of, products, tagged) -> dict[int, _Heads]:
     """Dim group -> its heads: one head group every cell holding one of its dims has exactly one
     neuron of, or else exactly one factor in no group in every such cell (still heads)."""
-    cols = {leaves(int(roots[b]))[-1] for _, b, *_ in products.values()}  # innermost columns: dims
+    cols = {leaves(leaves.roots[b])[-1] for _, b, *_ in products.values()}  # innermost columns: dims
+    gof = group_of.tolist()  # (fast scalar reads)
     common: dict[int, set | None] = {}
     still: dict[int, set | None] = {}  # the still heads, None once a cell has none or two
     for r in products:
         ls = leaves(r)
         for k, leaf in enumerate(ls):
-            d = int(group_of[leaf])
+            d = gof[leaf]
             if d < 0 or leaf not in cols:
                 continue
             others = ls[:k] + ls[k + 1:]
-            gs = [int(group_of[x]) for x in others]
+            gs = [gof[x] for x in others]
             mine = {g for g in gs if g >= 0 and g != d and gs.count(g) == 1}
             common[d] = mine if common.get(d, None) is None else common[d] & mine
             loose = [x for x, g in zip(others, gs) if g < 0]
@@ -126,41 +127,41 @@ def _candidates(groups, leaves, roots, group_of, rank_of, products, tagged) -> d
 def _head_key(elem_roots: np.ndarray, heads: _Heads, leaves) -> np.ndarray:
     """Per position: the place of its head (its own, or the one among its cell's factors), -1 where
     there is none or more than one."""
-    out = np.full(len(elem_roots), -1, dtype=np.int64)
     uniq, inv = np.unique(elem_roots, return_inverse=True)
+    place = np.full(len(uniq), -1, dtype=np.int64)
     for u, r in enumerate(uniq.tolist()):
         found = [heads.index[x] for x in leaves(r) if x in heads.index]
         if len(found) == 1:
-            out[inv == u] = found[0]
-    return out
+            place[u] = found[0]
+    return place[inv.reshape(-1)]
 
 
 def _checked_activations(heads_of: dict[int, _Heads], ctx, leaves, roots, group_of) -> set[int]:
-    """Dim groups some tensor carries without their heads, or hands to an op that may mix them."""
+    """Dim groups some tensor carries without their heads, or hands to an op that may mix them. (A
+    cell's heads were checked with the candidates: every cell holding a dim has exactly one head.)"""
     bad: set[int] = set()
     if not heads_of:
         return bad
+    dim = np.full(len(roots), -1, dtype=np.int64)  # neuron -> its candidate dim group
+    for d in heads_of:
+        dim[np.flatnonzero(group_of == d)] = d
+    in_cell = np.zeros(len(roots), dtype=bool)  # cells holding a candidate's dim
+    for r in leaves.products:
+        in_cell[r] = any(dim[x] >= 0 for x in leaves(r))
     for name, by_axis in ctx.labels.items():
         axes = {axis: roots[label.elem] for axis, label in by_axis.items()}
         for axis, r in axes.items():
-            for u in np.unique(r).tolist():
-                ls = leaves(u)
-                for leaf in ls:
-                    d = int(group_of[leaf])
-                    if d not in heads_of or d in bad:
-                        continue
-                    heads = heads_of[d]
-                    if isinstance(axis, tuple):  # a stacked label: its outer index is no head
-                        bad.add(d)
-                    elif len(ls) > 1:  # a cell: exactly one of its factors is a head
-                        if sum(x in heads.index for x in ls) != 1:
-                            bad.add(d)
-                    else:  # bare dims: an axis of this tensor holds their heads, which its readers keep apart
-                        at = [o for o, other in axes.items() if o != axis and not isinstance(o, tuple)
-                              and (_head_key(other, heads, leaves) >= 0).all()]
-                        if not at or not all(_keeps_heads(ctx, node, name, at[0])
-                                             for node in ctx.view.consumers.get(name, [])):
-                            bad.add(d)
+            if isinstance(axis, tuple):  # a stacked label: its outer index is no head
+                found = set(dim[r][dim[r] >= 0].tolist()) | {int(dim[x]) for u in np.unique(r[in_cell[r]]).tolist()
+                                                            for x in leaves(u) if dim[x] >= 0}
+                bad |= found
+                continue
+            for d in set(dim[r][dim[r] >= 0].tolist()) - bad:  # bare dims: an axis of this tensor holds
+                heads = heads_of[d]                            # their heads, which its readers keep apart
+                at = [o for o, other in axes.items() if o != axis and not isinstance(o, tuple)
+                      and (_head_key(other, heads, leaves) >= 0).all()]
+                if not at or not all(_keeps_heads(ctx, node, name, at[0]) for node in ctx.view.consumers.get(name, [])):
+                    bad.add(d)
     return bad
 
 
