@@ -22,7 +22,9 @@ it (profiles compared as stored: `_rms` patched to 1) the same file is paired in
 
 Honest kind (report.py, _unsure_kind): a derived suspect whose differences beyond its storage lie in
 layers paired with low confidence gets no kind of perturbation named (a wrong pairing explains them
-as well as a change), and the low confidence is in the report's evidence (text and JSON).
+as well as a change), and the low confidence is in the report's evidence (text and JSON). Before
+that is said, the runner-ups of those pairs are resynced and one that puts every weight within the
+storage's bound is kept (report._by_storage_bound).
 """
 
 from __future__ import annotations
@@ -286,3 +288,17 @@ def test_without_the_check_the_wrong_pairing_gets_a_wrong_kind(files, q_with_v, 
     r = audit(suspect, ref)
     assert r.verdict == "perturbed" and r.perturbation["kinds"], r.summary
     assert "pruned" in r.summary and "kind not named" not in r.summary  # what the issue saw on an int8 copy
+
+
+def test_a_wrong_pairing_is_undone_by_the_storage_bound(files, q_with_v, monkeypatch):
+    """Given the q/v swap with its runner-ups available, the audit resyncs them and keeps the one that
+    puts every weight within the int4 bound (report._by_storage_bound)."""
+    import onnx_resync.audit.report as report
+
+    ref, _, suspect = files
+    monkeypatch.setattr(report, "align", lambda reference, suspect: q_with_v)
+    r = audit(suspect, ref)
+    assert r.derived and r.verdict == "permuted", r.summary
+    assert r.matched == r.neurons
+    note = next(e for e in r.evidence if "paired by the storage's bound" in e)
+    assert "'l0.q' with 'l0.q_Q4'" in note

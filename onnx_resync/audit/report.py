@@ -216,6 +216,10 @@ def audit(suspect: ModelLike, reference: ModelLike, *, html: str | os.PathLike |
     t = time.perf_counter()
     report = _build(suspect, reference, ref_c, sus_c, alignment, restored, rs, heatmap_max, sus_steps, ref_steps,
                     sub)
+    if report.perturbation.get("kind_named") is False:  # differences only where the pairing is doubtful
+        alignment, restored, rs, report = _by_storage_bound(
+            alignment, restored, rs, report, ref_c, sub, max_passes,
+            lambda a, r, s: _build(suspect, reference, ref_c, sus_c, a, r, s, heatmap_max, sus_steps, ref_steps, sub))
     if reduction is not None:
         _obfuscated(report, reduction)
     timings["report"] = time.perf_counter() - t
@@ -316,6 +320,41 @@ def _by_neuron_evidence(alignment: Alignment, restored, rs, ref_c: CanonicalMode
                 f"first aligned ({len(tried)} runner-up alignment(s) resynced, at most {MAX_ALTERNATIVES})")
     kept.notes.append(note)
     return best
+
+
+def _by_storage_bound(alignment: Alignment, restored, rs, report: "AuditReport", ref_c: CanonicalModel,
+                      sub: SubgraphComparison, max_passes: int, build):
+    """A derived suspect whose differences beyond its storage lie in layers paired with low
+    confidence (_unsure_kind): the runner-up alignments of those pairs (align.alternatives, at most
+    MAX_ALTERNATIVES) are resynced, and the first whose restored weights all lie within the
+    storage's bound (verdict identical or permuted) is kept, with a note: a wrong pairing of
+    distinct layers does not put every weight within the storage's rounding of the reference's.
+    None: the first alignment stands, its kind not named, and the evidence lists what was tried."""
+    from ..resync import resync
+
+    tried = []
+    for what, other in alternatives(alignment):
+        carry_subgraphs(other.model, sub)
+        try:
+            o_restored, o_rs = resync(other.model, ref_c.model, check=False, max_passes=max_passes)
+        except ResyncError:
+            continue
+        if not o_rs.derived:
+            tried.append(f"{what}: not derived")
+            continue
+        o_report = build(other, o_restored, o_rs)
+        tried.append(f"{what}: {o_report.verdict}")
+        if o_report.verdict in ("identical", "permuted"):
+            note = (f"{what} paired by the storage's bound: every weight within it, where the first alignment left "
+                    f"differences in layers paired with low confidence ({len(tried)} runner-up alignment(s) resynced)")
+            other.notes.append(note)
+            o_report.evidence.append(f"alignment: {note}")
+            o_report.alignment = other.to_dict()
+            return other, o_restored, o_rs, o_report
+    if tried:
+        report.evidence.append("alignment: no runner-up alignment puts every weight within the storage's bound ("
+                               + "; ".join(tried) + ")")
+    return alignment, restored, rs, report
 
 
 def _mapping_key(alignment: Alignment) -> frozenset:
