@@ -16,7 +16,12 @@ Verdicts:
 - "perturbed": derived (resync's evidence statistic) but some weights differ beyond what the
   storage explains; kind and strength (noise or further training, quantization beyond the
   storage, pruning, rescaling) are computed on what lies beyond the bound only; `permuted` tells
-  whether neurons had also moved;
+  whether neurons had also moved. The kind is named only where the alignment vouches for it: when
+  the differences lie in layers paired with low confidence, the runner-ups of those pairs are
+  resynced and one that puts every weight within the bound is kept (_by_storage_bound); none: "kind
+  not named" (_unsure_kind, perturbation.kind_named False), since a wrong pairing of same-shape
+  twins explains them as well as a change. The alignment's confidence and notes are in the report
+  (`alignment`, and the evidence);
 - "not derived": no evidence that the suspect comes from the reference, on the alignment given and
   on the runner-up of each doubtful pairing (align.alternatives; _by_neuron_evidence keeps a derived
   one with the highest decision statistic and says so in the evidence);
