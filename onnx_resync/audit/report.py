@@ -63,8 +63,9 @@ UNSURE_RATIO = 4.0  # doubtful layers' share beyond the bound this x the clear o
 EXIT_CANNOT_JUDGE = 4  # the code `verify` uses for "cannot check"
 STATISTICS_SAMPLE = 1 << 16  # elements per tensor for the statistics of what lies beyond the bound
 HEATMAP_MAX = 80  # similarity matrices larger than this are max-pooled down to it for display
-PRECISION_CHUNK = 1 << 22  # elements of a weight compared with its bound at a time
-SIMILARITY_COLUMNS = 16384  # a heatmap's cosines read at most about this many evenly spread feature columns
+PRECISION_CHUNK = 1 << 20  # elements of a weight compared with its bound at a time (float64: 8 MiB per array)
+SIMILARITY_COLUMNS = 16384  # a heatmap's cosines read at most about this many evenly spread feature columns ...
+SIMILARITY_WORK = 1 << 32  # ... and fewer where its n x n product would take more multiply-adds than this
 
 
 @dataclass
@@ -432,10 +433,10 @@ def _build(suspect, reference, ref_c: CanonicalModel, sus_c: CanonicalModel, ali
     compared = _compared(ref_c, alignment)
     _add_subgraphs(compared, sub)
     groups = {g.key: g for g in ref_walk.groups}
-    rows, similarity = [], {}
+    rows, similarity, differences = [], {}, {}
     for gr in rs.groups:
         g = groups.get(gr.key)
-        rows.append(_row(gr, g, alignment, ref_c, sus_c, ref_store, res_store))
+        rows.append(_row(gr, g, alignment, ref_c, sus_c, ref_store, res_store, differences))
         if g is not None:
             similarity[gr.key] = _downsample(similarity_matrix(g, ref_store, res_store), heatmap_max)
     moved = int(rs.moved)
@@ -856,7 +857,10 @@ def _add_subgraphs(compared: dict, sub: SubgraphComparison) -> None:
 
 
 def _row(gr, g, alignment: Alignment, ref_c: CanonicalModel, sus_c: CanonicalModel,
-         ref_store: WeightStore, res_store: WeightStore) -> LayerRow:
+         ref_store: WeightStore, res_store: WeightStore, differences: dict | None = None) -> LayerRow:
+    """differences: {weight: (max |reference|, max |restored - reference|)}, shared by the rows
+    of one report (a weight is in several groups' slots: read once)."""
+    differences = {} if differences is None else differences
     neurons = gr.neurons or {}
     ratio = np.asarray(neurons.get("norm_ratio", [gr.norm_ratio_median]), dtype=np.float64)
     sus_layers, ref_layers, weights = [], [], []
@@ -874,12 +878,15 @@ def _row(gr, g, alignment: Alignment, ref_c: CanonicalModel, sus_c: CanonicalMod
             for src in (origin.sources if origin else []):
                 if src not in weights:
                     weights.append(src)
-            r = np.asarray(ref_store.get(slot.weight)).reshape(-1)
-            s = np.asarray(res_store.get(slot.weight)).reshape(-1)
-            scale = diff = 0.0
-            for a in range(0, r.size, PRECISION_CHUNK):  # float64 a piece at a time
-                rp, sp = r[a:a + PRECISION_CHUNK].astype(np.float64), s[a:a + PRECISION_CHUNK].astype(np.float64)
-                scale, diff = max(scale, float(np.abs(rp).max())), max(diff, float(np.abs(sp - rp).max()))
+            if slot.weight not in differences:
+                r = np.asarray(ref_store.get(slot.weight)).reshape(-1)
+                s = np.asarray(res_store.get(slot.weight)).reshape(-1)
+                scale = diff = 0.0
+                for a in range(0, r.size, PRECISION_CHUNK):  # float64 a piece at a time
+                    rp, sp = r[a:a + PRECISION_CHUNK].astype(np.float64), s[a:a + PRECISION_CHUNK].astype(np.float64)
+                    scale, diff = max(scale, float(np.abs(rp).max())), max(diff, float(np.abs(sp - rp).max()))
+                differences[slot.weight] = (scale, diff)
+            scale, diff = differences[slot.weight]
             if scale > 0:
                 max_diff = max(max_diff, diff / scale)
     return LayerRow(
@@ -904,15 +911,14 @@ def similarity_matrix(group, ref_store: WeightStore, sus_store: WeightStore) -> 
     feature, so the cosine is the size-weighted mean of per-slot cosines (as in match.py)."""
     n = group.size
     parts_r, parts_s, dims = [], [], []
-    # a display: each slot's cosines from evenly spread columns, SIMILARITY_COLUMNS in all
-    cap = max(64, SIMILARITY_COLUMNS // max(1, len(group.slots)))
+    # a display: each slot's cosines from evenly spread columns, SIMILARITY_COLUMNS in all (fewer
+    # for a large group: SIMILARITY_WORK)
+    columns = min(SIMILARITY_COLUMNS, SIMILARITY_WORK // max(1, n * n))
+    cap = max(64, columns // max(1, len(group.slots)))
     for slot in group.slots:
-        r = _rows(*slot.part(ref_store.get(slot.weight)), slot.positions)
-        s = _rows(*slot.part(sus_store.get(slot.weight)), slot.positions)
-        dims.append(r.shape[1])  # the slot's weight: its whole width
-        if r.shape[1] > cap:
-            pick = spread(r.shape[1], cap)
-            r, s = r[:, pick], s[:, pick]
+        r, width = _slot_columns(ref_store, slot, cap)
+        s, _ = _slot_columns(sus_store, slot, cap)
+        dims.append(width)  # the slot's weight: its whole width
         parts_r.append(r)
         parts_s.append(s)
     total = float(sum(dims)) or 1.0
@@ -921,10 +927,20 @@ def similarity_matrix(group, ref_store: WeightStore, sus_store: WeightStore) -> 
     return (fr @ fs.T).astype(np.float32)
 
 
-def _rows(a: np.ndarray, axis: int, positions: np.ndarray) -> np.ndarray:
-    n = positions.shape[0]
-    taken = np.take(np.asarray(a, dtype=np.float32), positions.reshape(-1), axis=axis)
-    return np.moveaxis(taken, axis, 0).reshape(n, -1)
+def _slot_columns(store: WeightStore, slot, cap: int) -> tuple[np.ndarray, int]:
+    """A slot's rows (one per neuron: its positions along the axis, the other axes flattened) on at
+    most `cap` evenly spread columns, float32, gathered straight from the weight (no copy of it);
+    and the rows' whole width."""
+    a, axis = slot.part(store.get(slot.weight))
+    a = np.moveaxis(np.asarray(a), axis, 0)  # (axis, *other axes)
+    others = a.shape[1:]
+    per = math.prod(others)
+    width = slot.positions.shape[1] * per
+    pick = spread(width, cap) if width > cap else np.arange(width)
+    block, rest = np.divmod(pick, per)
+    index = (slot.positions[:, block],) + tuple(o[None, :] for o in np.unravel_index(rest, others)) if others \
+        else (slot.positions[:, block],)
+    return np.asarray(a[index], dtype=np.float32), width
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -57,6 +57,14 @@ WIDE_BYTES = 32 << 20  # ... and this many bytes of rows is read in pieces, neve
 # ... or this many where the neurons are the weight's rows: they are views then, and reading in
 # pieces (the suspect aligned piece by piece) would cost several times the one aligned copy
 WIDE_ROWS_BYTES = 512 << 20
+# a group whose neurons each have more than GROUP_COLUMNS entries in its 2+-entry slots, that take
+# more than GROUP_BYTES per model as rows and cost more than GROUP_WORK multiply-adds per similarity
+# matrix (a transformer's residual stream: its neurons' slices of nearly every weight) is compared on
+# an evenly spread sample of GROUP_COLUMNS entries per neuron, shared out over its slots by width;
+# its norms, hashes and byte-identity are still taken on every entry, a slot at a time (_sampled)
+GROUP_COLUMNS = 16384
+GROUP_BYTES = 64 << 20
+GROUP_WORK = 1 << 35
 DECAYED = 1e-3  # a neuron's slot this far below the group's 90th-percentile norm is negligible; a neuron
 #                 negligible in every slot of 2+ entries is decayed (functionally inert, see _decayed)
 REWEIGHT = 0.9  # a neuron's slot whose expected matched cosine (see _signal) is below this: the group is
@@ -157,6 +165,7 @@ class _Matcher:
                 self.neighbours[gi] |= members - {gi}
         self.solves = 0
         self.noise: dict[int, dict] = {}  # per group: {slot index: noise norm per neuron} (last solve)
+        self._sample_cache: dict = {}  # aligned_only -> (state, rows): the last sampled group's (see features)
 
     def run(self, max_passes: int) -> MatchResult:
         # topological sweep: axes of groups not resolved yet are summarized; large groups are
@@ -187,13 +196,19 @@ class _Matcher:
 
     # ---- features ----------------------------------------------------------------------------
     def arrays(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        if name not in self._arrays:
-            r, s = self.ref.get(name), self.sus.get(name)
-            if r.shape != s.shape:
-                raise ModelMismatchError(f"weight {name!r} has shape {list(s.shape)} in the suspect, "
-                                         f"{list(r.shape)} in the reference")
-            self._arrays[name] = (_as_float(r), _as_float(s))
-        return self._arrays[name]
+        """(reference, suspect) values of a weight, float. Kept for in-memory weights only: a lazy
+        weight is mapped again or computed again (io/lazy.py keeps the newest) when asked, never
+        held for the whole run (a cast or dequantized huge model would be held whole)."""
+        if name in self._arrays:
+            return self._arrays[name]
+        r, s = self.ref.get(name), self.sus.get(name)
+        if r.shape != s.shape:
+            raise ModelMismatchError(f"weight {name!r} has shape {list(s.shape)} in the suspect, "
+                                     f"{list(r.shape)} in the reference")
+        pair = (_as_float(r), _as_float(s))
+        if not (self.ref.is_lazy(name) or self.sus.is_lazy(name)):
+            self._arrays[name] = pair
+        return pair
 
     def slot_features(self, gi: int, slot, aligned_only: bool = False):
         """(reference rows, suspect rows): one row per neuron, the suspect in its own order (None if
@@ -281,43 +296,76 @@ class _Matcher:
         slots = self.groups[gi].slots
         self.pending[gi] = any(self.perm[hj] is None for slot in slots for o in range(len(self.ref.shape(slot.weight)))
                                for hj, _ in self.axis_groups.get((slot.weight, o), ()) if hj != gi)
-        used, feats = [], []
-        for k, slot in enumerate(slots):
-            rows = self.slot_features(gi, slot, aligned_only)
-            if rows is not None:
+        columns = self._sample_columns(gi)  # per slot: how many of its entries are compared (None: all)
+        # a sampled group's samples are kept while nothing they depend on changes (the group is
+        # solved again with other slot weights, its capacity measured): its slots are read, aligned
+        # and summarized once, not once per solve
+        state = (gi, tuple(None if p is None else p.tobytes() for p in self.perm)) if columns else None
+        cached = self._sample_cache.get(aligned_only) if state is not None else None
+        if cached is not None and cached[0] == state:
+            used, feats, dims, nr, ns, held, keys, pairs, decayed, carry, classes = cached[1]
+        else:
+            # (the samples of another group or state go: their memory is free for these)
+            self._sample_cache = {a: c for a, c in self._sample_cache.items() if c[0] == state}
+            used, feats, dims, norms = [], [], [], []
+            for k, slot in enumerate(slots):  # (a slot at a time: a sampled group holds one slot whole at most)
+                rows = self.slot_features(gi, slot, aligned_only)
+                if rows is None:
+                    continue
                 used.append(k)
-                feats.append(rows)
-        if not feats:
-            return None
-        dims = np.array([x.width if isinstance(x, WideSlot) else x[0].shape[1] for x in feats], dtype=np.int64)
-        norms = [x.norms() if isinstance(x, WideSlot) else (_row_norms(x[0]), _row_norms(x[1])) for x in feats]
-        for k, pair in zip(used, norms):
-            for side, values in zip(("reference", "suspect"), pair):
-                if not np.isfinite(values).all():  # (norms add up in float64: only NaN or Inf get here)
-                    raise UnsupportedError(f"weight {slots[k].weight!r} holds NaN or infinite values in the "
-                                           f"{side}: its neurons cannot be compared")
-        nr = np.stack([r for r, _ in norms], axis=1)
-        ns = np.stack([s for _, s in norms], axis=1)
-        eps = np.array([(noise or {}).get(k, -1.0) for k in used])  # (-1: not known)
-        fr, fs, wide, blocks, kernels = _combined(feats, dims, nr, ns, eps)
-        keys = _keys(feats)
-        pairs = _exact_pairs(keys["ref_key"], keys["sus_key"])
-        i = np.flatnonzero(pairs >= 0)
-        for x in feats:  # the hash said equal: check it
-            if isinstance(x, WideSlot):
-                for xr, xs in x.chunks():  # (np.take: a column gather 4x faster than indexing)
-                    mine = xr if len(i) == x.n else np.take(xr, i, axis=1)  # (all: in order)
-                    same = (mine == np.take(xs, pairs[i], axis=1)).all(axis=0)
+                dims.append(rows.width if isinstance(rows, WideSlot) else rows[0].shape[1])
+                norms.append(rows.norms() if isinstance(rows, WideSlot) else (_row_norms(rows[0]), _row_norms(rows[1])))
+                feats.append(rows if columns is None else _sampled(rows, columns[k]))
+                del rows
+            if not feats:
+                return None
+            dims = np.array(dims, dtype=np.int64)
+            for k, pair in zip(used, norms):
+                for side, values in zip(("reference", "suspect"), pair):
+                    if not np.isfinite(values).all():  # (norms add up in float64: only NaN or Inf get here)
+                        raise UnsupportedError(f"weight {slots[k].weight!r} holds NaN or infinite values in the "
+                                               f"{side}: its neurons cannot be compared")
+            nr = np.stack([r for r, _ in norms], axis=1)
+            ns = np.stack([s for _, s in norms], axis=1)
+            # (a sampled group's rows are unit rows of the sample: scaled by the sample's norms)
+            held = None if columns is None else [(_row_norms(x[0]), _row_norms(x[1])) for x in feats]
+            # byte identity is a matter of every entry: a sampled group's slots are read again for it
+            whole = feats if columns is None else _Reread(self, gi, [slots[k] for k in used], aligned_only)
+            keys = _keys(feats, whole)
+            pairs = _exact_pairs(keys["ref_key"], keys["sus_key"])
+            i = np.flatnonzero(pairs >= 0)
+            for x in (whole if len(i) else ()):  # the hash said equal: check it
+                if isinstance(x, WideSlot):
+                    for xr, xs in x.chunks():  # (np.take: a column gather 4x faster than indexing)
+                        mine = xr if len(i) == x.n else np.take(xr, i, axis=1)  # (all: in order)
+                        same = (mine == np.take(xs, pairs[i], axis=1)).all(axis=0)
+                        pairs[i[~same]] = -1
+                        i = i[same]
+                else:
+                    same = _rows_equal(x[0], x[1], i, pairs[i])
                     pairs[i[~same]] = -1
                     i = i[same]
-            else:
-                same = _rows_equal(x[0], x[1], i, pairs[i])
-                pairs[i[~same]] = -1
-                i = i[same]
-        decayed, carry, classes = _decayed(feats, dims, nr)
+            del whole
+            decayed, carry, classes = _decayed(feats, dims, nr)
+            if state is not None:
+                self._sample_cache[aligned_only] = (state, (used, feats, dims, nr, ns, held, keys, pairs, decayed, carry,
+                                                            classes))
+        eps = np.array([(noise or {}).get(k, -1.0) for k in used])  # (-1: not known)
+        fr, fs, wide, blocks, kernels = _combined(feats, dims, nr, ns, eps, held)
+        pairs = pairs.copy()  # (the caller's to change)
         return _Features(slots=used, dims=dims, fr=fr, fs=fs, wide=wide, nr=nr, ns=ns, pairs=pairs, blocks=blocks,
                          kernels=kernels,
                          decayed=decayed, carry=carry, decayed_class=classes, noise=eps, **keys)
+
+    def _sample_columns(self, gi: int) -> list[int] | None:
+        """Per slot of the group: how many of its entries per neuron are compared, where the group
+        is compared on a sample (GROUP_COLUMNS, shared out by width; 1-D slots whole); None: all."""
+        g = self.groups[gi]
+        widths = [_slot_width(self.ref.shape(s.weight), s) for s in g.slots]
+        total = sum(w for w in widths if w >= 2)
+        if total <= GROUP_COLUMNS or g.size * total * 4 <= GROUP_BYTES or g.size * g.size * total <= GROUP_WORK:
+            return None
+        return [w if w < 2 else max(2, min(w, round(GROUP_COLUMNS * w / total))) for w in widths]
 
     def solve(self, gi: int, first: bool = False) -> None:
         """Byte-identical neurons are paired outright; the rest go through the assignment.
@@ -522,7 +570,7 @@ class _Features:
         return cos, C
 
 
-def _combined(feats, dims, nr, ns, noise=None):
+def _combined(feats, dims, nr, ns, noise=None, held_norms=None):
     """Unit rows per slot, each weighted by the square root of its share of the row, side by side,
     so that a dot product is the weighted mean of slot cosines; rows end at unit length.
 
@@ -542,7 +590,8 @@ def _combined(feats, dims, nr, ns, noise=None):
     top = max((int(dims[k]) for k in vec), default=1)
     scalars = {k: _scalar_kernel(feats[k][0], feats[k][1], noise[k], top) for k in small}
     total = max(float(dims[vec].sum()) + sum(x[3] for x in scalars.values()), 1.0)
-    width = int(dims[held].sum())
+    columns = {k: feats[k][0].shape[1] for k in held}  # (a sample of the slot: fewer than dims[k])
+    width = sum(columns.values())
     out, scales, blocks = [], {}, {}
     for side, norms in ((0, nr), (1, ns)):
         f = np.empty((n, width), dtype=np.float32)
@@ -563,7 +612,10 @@ def _combined(feats, dims, nr, ns, noise=None):
             if k not in held:
                 scales.setdefault(k, []).append(scale)
                 continue
-            stop = col + int(dims[k])
+            if held_norms is not None:  # a sample: unit rows of what is held
+                mine = held_norms[k][side]
+                scale = np.divide(np.sqrt(share[:, k]), mine, out=np.zeros(n), where=(mine > 0) & (norms[:, k] > 0))
+            stop = col + columns[k]
             np.multiply(feats[k][side], scale[:, None].astype(np.float32), out=f[:, col:stop], casting="unsafe")
             blocks[k] = slice(col, stop)
             col = stop
@@ -653,7 +705,7 @@ def _slot_cosines(f: "_Features", perm: np.ndarray) -> dict[int, np.ndarray]:
     """Per slot of 2+ entries (index into f.slots): cosine of each reference neuron with its match."""
     out = {}
     for k, cols in f.blocks.items():
-        a, b = f.fr[:, cols], f.fs[perm][:, cols]
+        a, b = f.fr[:, cols], f.fs[perm, cols]  # (only the slot's columns gathered)
         den = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
         out[k] = np.divide(np.einsum("ij,ij->i", a, b), den, out=np.zeros(len(perm)), where=den > 0)
     wide_at = [k for k, d in enumerate(f.dims) if d >= 2 and k not in f.blocks]
@@ -882,15 +934,16 @@ def _null_spread(f: _Features, perm, rng, suspect: bool = True, kernels: bool = 
     return _spread(f.gram(cols, suspect=suspect, kernels=kernels), cols, perm)
 
 
-def _keys(feats) -> dict:
+def _keys(feats, whole=None) -> dict:
     """Per neuron of either model, one key for all its slices: equal slices, equal keys.
 
     A random linear hash of the bits (mod 2^64; different slices collide with probability ~2^-64,
     and exact pairs are checked element by element anyway) of at most HASH_COLUMNS columns per slot;
     the neurons that share such a key are then hashed again on all their entries: wide layers cost
-    a hash of a sample, and of the few collisions."""
+    a hash of a sample, and of the few collisions. whole: the slots whole where feats holds a
+    sample of their entries (a sampled group; read again slot by slot), for that second hash."""
     n = _neurons(feats[0])
-    key = _hash(feats, np.arange(2 * n), HASH_COLUMNS)
+    key = _hash(feats, np.arange(2 * n), HASH_COLUMNS, n)
     # keys shared inside one model (twins, or a sample that cannot tell two neurons apart): one
     # reference and one suspect neuron under a key is the pair that the element-wise check confirms
     inverse = np.unique(key, return_inverse=True)[1].reshape(-1)
@@ -899,9 +952,41 @@ def _keys(feats) -> dict:
     shared = np.flatnonzero((in_ref[inverse] > 1) | (in_sus[inverse] > 1))
     second = np.zeros_like(key)  # unique keys stay unique whatever the second part
     if len(shared):
-        second[shared] = _hash(feats, shared, None)
+        second[shared] = _hash(feats if whole is None else whole, shared, None, n)
     key = np.unique(np.stack([key, second], axis=1), axis=0, return_inverse=True)[1].reshape(2 * n)
     return {"ref_key": key[:n], "sus_key": key[n:]}
+
+
+class _Reread:
+    """A sampled group's slots whole, read again one at a time as they are iterated."""
+
+    def __init__(self, matcher: "_Matcher", gi: int, slots: list, aligned_only: bool):
+        self.matcher, self.gi, self.slots, self.aligned_only = matcher, gi, slots, aligned_only
+
+    def __iter__(self):
+        for slot in self.slots:
+            yield self.matcher.slot_features(self.gi, slot, self.aligned_only)
+
+
+def _sampled(rows, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(reference, suspect) rows on `count` evenly spread entries of a slot (all if it has fewer)."""
+    if isinstance(rows, WideSlot):
+        xr, xs = rows.sample(count)  # (entries, neurons)
+        return np.ascontiguousarray(xr.T), np.ascontiguousarray(xs.T)
+    if count >= rows[0].shape[1]:
+        return rows
+    cols = spread(rows[0].shape[1], count)
+    return np.ascontiguousarray(rows[0][:, cols]), np.ascontiguousarray(rows[1][:, cols])
+
+
+def _slot_width(shape: tuple[int, ...], slot) -> int:
+    """Entries per neuron in a slot of a weight of this shape."""
+    dims = list(shape)
+    axis = slot.axis
+    if slot.at is not None:
+        axis -= slot.axis > slot.at[0]
+        del dims[slot.at[0]]
+    return int(slot.positions.shape[1] * np.prod([d for o, d in enumerate(dims) if o != axis], dtype=np.int64))
 
 
 def _neurons(x) -> int:
@@ -909,10 +994,9 @@ def _neurons(x) -> int:
     return x.n if isinstance(x, WideSlot) else x[0].shape[0]
 
 
-def _hash(feats, which: np.ndarray, columns: int | None) -> np.ndarray:
-    """Hash of neurons `which` (indices over [reference, suspect]) on `columns` evenly spread
-    columns of each slot (None: all; a wide slot: about that many, see WideSlot.sample)."""
-    n = _neurons(feats[0])
+def _hash(feats, which: np.ndarray, columns: int | None, n: int) -> np.ndarray:
+    """Hash of neurons `which` (indices over [reference, suspect], n neurons each) on `columns`
+    evenly spread columns of each slot (None: all; a wide slot: about that many, see WideSlot.sample)."""
     mine, theirs = which[which < n], which[which >= n] - n
     key = np.zeros(len(which), dtype=np.uint64)
     rng = np.random.default_rng(0x5EED)
