@@ -35,7 +35,9 @@ Rounding floor: when an output fails, the reference is run again at the other op
 (and once with no optimization on one thread), and a quantized graph once more on its float inputs
 nudged by a float rounding (a value at a quantization boundary flips one quantum there as it does
 when a permutation reorders a float sum in a part ONNX Runtime does not fuse), a graph computing in
-float16 or bfloat16 on inputs nudged by a rounding of that precision (NUDGE); the largest difference
+float16 or bfloat16 on inputs nudged by a rounding of that precision, any other float graph by one
+float32 rounding (NUDGE: an ill-conditioned output, a probability near zero after an LSTM, moves by
+a rounding of its inputs as it does by a correct permutation's reordered sums); the largest difference
 between those runs of the reference itself is the output's floor. An output within NOISE_FACTOR x its floor passes and says so
 (an output near zero on the chosen inputs, a saturated sigmoid map). A failed check names the output,
 the error, the floor and the inputs (`explain`); it blames the walker only when the reference is
@@ -402,7 +404,9 @@ NOISE_FACTOR = 4.0
 # a quantized graph's floor also takes the reference on its float inputs changed by this much (relative,
 # random sign): the size of a float rounding, which flips a value lying at a quantization boundary;
 # a graph that computes in half precision, by a rounding of that precision
-NUDGE = {"quantized": 2.0 ** -20, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
+# a float32 graph, by one float32 rounding: an output that a rounding of its inputs moves (a probability
+# near zero after an LSTM) moves as much when a correct permutation reorders a float sum
+NUDGE = {"quantized": 2.0 ** -20, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8, "float32": 2.0 ** -23}
 
 
 def _judge_against_noise_floor(reference, provider, feeds, outputs, level: str = "basic",
@@ -525,7 +529,7 @@ def verify(reference, candidate, *, inputs=None, shapes=None, samples: int = 1, 
         outputs = [acc.result() for acc in accs]
         if ran and not elementwise and not all(o.passed for o in outputs):
             _judge_against_noise_floor(ref_model, provider, (src if a is None else fill(src, a) for src, a in ran),
-                                       outputs, level, "quantized" if quantized else half)
+                                       outputs, level, "quantized" if quantized else half or "float32")
     verdict, reason = _verdict(outputs, base, failed_empty, len(ran))
     as_written = []
     if exact and verdict == EQUIVALENT:
@@ -548,7 +552,7 @@ def verify(reference, candidate, *, inputs=None, shapes=None, samples: int = 1, 
         input_tries=[{"shapes": s, "error": e} for s, e in input_plan.failures] if input_plan and input_plan.settled
         else [],
         optimization="all (a quantized graph: ONNX Runtime runs it quantized there)" if quantized else "basic",
-        nudged="quantized" if quantized else half, exact_form=exact_words, as_written=as_written,
+        nudged="quantized" if quantized else half or "float32", exact_form=exact_words, as_written=as_written,
     )
 
 

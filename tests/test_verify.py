@@ -580,3 +580,49 @@ def test_a_rewrite_within_rounding_is_not_proven_and_says_so(models):
     o.noise_floor = o.max_abs_error  # as if the reference moved this much by itself
     text = explain(report, rewrite="the rewrite")
     assert text.startswith("the rewrite is not proven: output 'y' differs by") and "within what rounding" in text
+
+
+# ---- an ill-conditioned float32 output: its floor includes a float32 rounding of the inputs ----
+
+def _ill_conditioned(seed: int = 1, width: int = 512, scale: float = 30.0):
+    """x -> MatMul(large weights) -> Relu -> MatMul(large weights) + bias -> Sigmoid, the bias set so
+    the logit is -14 on the fed x: a probability near 1e-6 whose logit is a sum of large terms that
+    cancel, so a correct permutation's reordered sum moves it by up to 15% (silero-vad's speech
+    probability after its LSTM moved by 1.3e-5 the same way, with a floor of 0 across ORT levels)."""
+    rng = np.random.default_rng(seed)
+    w1 = (rng.standard_normal((16, width)) * scale).astype(np.float32)
+    w2 = (rng.standard_normal((width, 1)) * scale).astype(np.float32)
+    x = rng.standard_normal((1, 16)).astype(np.float32)
+    z = float((np.maximum(x @ w1, 0) @ w2)[0, 0])
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "W2"], ["z"]), helper.make_node("Add", ["z", "b"], ["zb"]),
+             helper.make_node("Sigmoid", ["zb"], ["y"])]
+    graph = helper.make_graph(nodes, "ill", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])],
+                              [numpy_helper.from_array(w1, "W1"), numpy_helper.from_array(w2, "W2"),
+                               numpy_helper.from_array(np.array([-z - 14.0], np.float32), "b")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), x
+
+
+def test_an_ill_conditioned_float32_output_is_judged_against_a_rounding_of_its_inputs(tmp_path):
+    model, x = _ill_conditioned()
+    np.savez(tmp_path / "x.npz", x=x)
+    from onnx_resync import api
+
+    permuted, _ = api.permute(model, seed=0, check=False)
+    report = verify(model, permuted, inputs=str(tmp_path / "x.npz"), device="cpu")
+    (out,) = report.outputs
+    assert out.normalized_error > 1e-2  # far past the tolerance: the sum's order alone did this
+    assert report.equivalent and "float32 rounding" in out.note, out
+
+
+def test_an_ill_conditioned_output_still_catches_a_wrong_weight(tmp_path):
+    model, x = _ill_conditioned()
+    np.savez(tmp_path / "x.npz", x=x)
+    w1 = numpy_helper.to_array(model.graph.initializer[0]).copy()
+    w1[:, [0, 1]] = w1[:, [1, 0]]  # two hidden units swapped on one side only
+    bad = onnx.ModelProto()
+    bad.CopyFrom(model)
+    bad.graph.initializer[0].CopyFrom(numpy_helper.from_array(w1, "W1"))
+    report = verify(model, bad, inputs=str(tmp_path / "x.npz"), device="cpu")
+    assert not report.equivalent and report.outputs[0].normalized_error > 0.5
