@@ -6,6 +6,7 @@ typed inputs), so walking a big model never copies or parses its weight bytes.
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict, deque
 from typing import Iterable, Iterator
 
@@ -443,7 +444,8 @@ def _infer_shapes(model: onnx.ModelProto) -> dict[str, list]:
     (Reshape targets, Expand/Tile/ConstantOfShape/Range/Pad/Slice arguments built from Shape ->
     Gather -> Concat chains) are evaluated by shapes.py (symbolic dims kept symbolic) and fed back as
     declared shapes."""
-    skeleton, shapes = _run_inference(_skeleton(model))
+    skeleton, own = _own_placeholders(_skeleton(model))
+    skeleton, shapes = _run_inference(skeleton)
     declared: dict[str, onnx.ValueInfoProto] = {}
     # each round can sharpen the computed shapes downstream of the last ones; a chain of ops ONNX does
     # not know (contrib ops between Convs) needs a round per op
@@ -484,7 +486,40 @@ def _infer_shapes(model: onnx.ModelProto) -> dict[str, list]:
         # the previous pass's value_info stays in the skeleton, so symbolic dim names stay stable
         skeleton, shapes = _run_inference(skeleton)
         declared = {vi.name: vi for vi in skeleton.graph.value_info if vi.name in declared}
-    return shapes
+    return _placeholders_back(shapes, own)
+
+
+# tf2onnx names a graph input's dynamic dims 'unk__N' itself: the file's own symbols, which `_named`
+# would take for inference's placeholders (a computed shape carrying the input's batch never replaces
+# an inferred placeholder, so a Reshape merging channels after a BroadcastTo pins). While shapes are
+# inferred they carry this prefix.
+_OWN = "own:"
+_PLACEHOLDER = re.compile(r"(own:)?(unk__\w+)")
+
+
+def _own_placeholders(skeleton: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str]]:
+    """The skeleton with the file's own 'unk__N' dim names prefixed (it is a copy), and those names."""
+    own = set()
+    for g in nested_graphs(skeleton.graph):
+        for vi in list(g.input) + list(g.output) + list(g.value_info):
+            for d in vi.type.tensor_type.shape.dim if vi.type.HasField("tensor_type") else []:
+                if d.HasField("dim_param") and _PLACEHOLDER.fullmatch(d.dim_param):
+                    own.add(d.dim_param)
+                    d.dim_param = _OWN + d.dim_param
+    return skeleton, own
+
+
+def _placeholders_back(shapes: dict[str, list], own: set[str]) -> dict[str, list]:
+    """The file's own names again; a placeholder that inference named like one of them (it no longer
+    saw the file's) gets a '?' so that two different dims never share a name."""
+    if not own:
+        return shapes
+
+    def back(match):
+        return match.group(2) if match.group(1) else ("?" + match.group(2) if match.group(2) in own else match.group(0))
+
+    return {name: [_PLACEHOLDER.sub(back, d) if isinstance(d, str) else d for d in dims]
+            for name, dims in shapes.items()}
 
 
 def _sharper(new: list, old: list | None) -> bool:
