@@ -38,6 +38,7 @@ CASES = {
     "silero_vad_v6": ({}, 0.59),
     "silero_vad_if": ({}, 0.44),
     "nudenet_320n": ({}, 0.95),
+    "magika": ({}, 0.88),
 }
 
 

@@ -251,6 +251,17 @@ _ENTRIES = [
         size=12150158,
         description="NudeNet detector: an Ultralytics YOLOv8n export (320 input, DFL head)",
     ),
+    VendorModel(
+        key="magika",
+        package="magika",
+        version="1.0.3",
+        archive="magika-1.0.3-py3-none-manylinux_2_28_x86_64.whl",
+        member="magika/models/standard_v3_3/model.onnx",
+        sha256="fe2d2eb49c5f88a9e0a6c048e15d6ffdf86235519c2afc535044de433169ec8c",
+        size=3163737,
+        description="Google Magika file-type classifier (tf2onnx 1.16.1 of a jax2tf export: one-hot embedding, "
+                    "LayerNorms written out, Conv1D, global max pool)",
+    ),
 ]
 
 MODELS: dict[str, VendorModel] = {m.key: m for m in _ENTRIES}
