@@ -142,6 +142,21 @@ def test_plain_attention_moves_dims_per_head(heads, kv_heads):
     assert result.coverage == 1.0
 
 
+def test_written_out_gqa_moves_kv_heads_with_their_query_heads():
+    """torch's repeat_kv (Unsqueeze, Expand, Reshape merging (kv heads, copies)) makes each position a
+    cell (kv head, copy) (rules/layout.py _repeated_heads): the query heads that meet it stay neurons,
+    cells of their kv head. Before: tied to each other ('tied to another channel of the same layer'),
+    the heads stood still. Now the kv heads move with the query heads sharing them (one group over
+    Wq, Wk, Wv, Wo), the query heads inside each kv group, and the dims per kv head."""
+    result = assert_round_trips(attention(heads=4, head=4, kv_heads=2, bias=True))
+    assert not [p for p in result.pinned if p.reason != "reaches a graph output"], result.pinned
+    kv = [g for g in result.groups if not g.within and {"Wq", "Wk", "Wv", "Wo"} <= {s.weight for s in g.slots}]
+    assert [g.size for g in kv] == [2]
+    ranks = [g for g in result.groups if g.within and g.size == 2]  # query heads inside each kv group
+    assert sorted(g.within[1] for g in ranks) == [0, 1] and all(g.within[0] == kv[0].key for g in ranks)
+    assert {s.weight for g in ranks for s in g.slots} == {"Wq", "bq", "Wo"}
+
+
 def test_rotary_keeps_qk_dims_in_order_and_v_dims_move_per_head():
     result = assert_round_trips(attention(heads=2, head=4, rotary=True), full_coverage=False)
     groups = per_head(result)

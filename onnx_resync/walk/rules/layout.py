@@ -199,6 +199,10 @@ def reshape(ctx, node) -> None:
         if len(real_out) == 1:
             before = [in_shape[b] for b in in_axes if b < a]
             after = [in_shape[b] for b in in_axes if b > a]
+            repeats = _repeated_heads(ctx, node, label, x, in_shape, [b for b in in_axes if b > a], before)
+            if repeats is not None:
+                out[real_out[0]] = repeats
+                continue
             out[real_out[0]] = label.repeat_blocks(int(np.prod(after, dtype=np.int64))).tile(
                 int(np.prod(before, dtype=np.int64))
             )
@@ -381,6 +385,24 @@ def _split_product(ctx, node, label, out_dims):
     if not ctx.elements.product(label.elem, rows, cols):
         return None
     return [rows] + rest
+
+
+def _repeated_heads(ctx, node, label, x, in_shape, after_axes, before):
+    """(heads, copies) -> one axis where the copies axis is uniform (an Expand of a size-1 axis):
+    torch's repeat_kv, each kv head once per query head that reads it. The positions become cells
+    (head, copy) with fresh copy elements, so that the query heads met there stay neurons of their
+    own, each a cell of its kv head (a kv head moves with the query heads sharing it; the copies,
+    equal by construction, may move inside every head). None where it is not that."""
+    sizes = [in_shape[b] for b in after_axes]
+    if (not sizes or not all(isinstance(d, int) for d in sizes) or any(d != 1 for d in before)
+            or not _plain(label) or not all(_is_uniform(ctx, x, b) for b, d in zip(after_axes, sizes) if d != 1)):
+        return None
+    copies = int(np.prod(sizes, dtype=np.int64))
+    if copies < 2:
+        return None
+    ranks = ctx.new(copies, node, node.output[0], kind="factor")
+    cells = ctx.new(len(label) * copies, node, node.output[0], kind="product")
+    return cells if ctx.elements.product(cells.elem, label, ranks) else None
 
 
 def _merge_pair(ctx, node, labels, dims):
