@@ -39,6 +39,10 @@ CASES = {
     "silero_vad_if": ({}, 0.44),
     "nudenet_320n": ({}, 0.95),
     "magika": ({}, 0.88),
+    # keras2onnx 1.7.0 (NHWC input, PRelu, Dense as MatMul + Add)
+    "mtcnn_pnet": ({}, 1.0),
+    "mtcnn_rnet": ({}, 1.0),
+    "mtcnn_onet": ({}, 1.0),
 }
 
 

