@@ -220,9 +220,11 @@ def test_torch_multihead_attention_dynamo(dynamic):
     result = walk(model)
     assert (result.permutable_channels, result.inner_channels) == (80, 80), result.pinned
     # static: the heads move, and the dims inside each of the 4 heads by their own permutation (one
-    # group of 4 per head: q, k and v dims are one neuron each here); dynamic: heads pinned, so the
-    # dims move alike in every head
-    assert sorted(g.size for g in result.groups) == ([4, 16, 16] if dynamic else [4] * 5 + [16, 16])
+    # group of 4 per head: q, k and v dims are one neuron each here); dynamic: the heads ride through
+    # the symbolic batch as batch-merged records (rules/layout.py) and move too (before: pinned,
+    # [4, 16, 16]); the dims move alike in every head or per head
+    sizes = sorted(g.size for g in result.groups)
+    assert sizes in ([[4, 4, 16, 16], [4] * 5 + [16, 16]] if dynamic else [[4] * 5 + [16, 16]]), sizes
     from onnx_resync.api import permute
     for b in ((1, 3) if dynamic else (2,)):
         permuted, info = permute(model, seed=5, verify_options={"shapes": {"x": [b, 5, 8]}})

@@ -54,12 +54,21 @@ VENDOR = {
 
 # exports this tool builds from public code when torch is installed (cached): name -> input shapes
 EXPORTS = {"torch_mha_dynamic_batch": {"x": [3, 5, 8]}, "torch_mha_static_batch": {}}
+# Loop/Scan/If exports (tests/loop_exports.py): x [T, B, 5], run over 4 steps so the state is read back
+import loop_exports  # noqa: E402
+
+EXPORTS.update({name: {"x": [4, 2, loop_exports.FEAT]} for name in loop_exports.NAMES})
 
 
 def build_export(name: str, path: Path) -> None:
-    """torch.nn.MultiheadAttention (8 -> 16 inputs, 4 heads, 16 -> 3 head) through torch.onnx's
+    """Loop exports: tests/loop_exports.py. Else torch.nn.MultiheadAttention (8 -> 16 inputs, 4 heads,
+    16 -> 3 head) through torch.onnx's
     dynamo exporter, the batch dynamic or not: q/k/v picked by Gather out of the packed
     in-projection, heads merged into the batch by one Reshape."""
+    if name in loop_exports.NAMES:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        onnx.save(loop_exports.build(name), str(path))
+        return
     import warnings
 
     import torch

@@ -486,6 +486,8 @@ def _infer_shapes(model: onnx.ModelProto) -> dict[str, list]:
         # the previous pass's value_info stays in the skeleton, so symbolic dim names stay stable
         skeleton, shapes = _run_inference(skeleton)
         declared = {vi.name: vi for vi in skeleton.graph.value_info if vi.name in declared}
+    if declared:
+        _sharpen_downstream(skeleton, declared, shapes)
     return _placeholders_back(shapes, own)
 
 
@@ -520,6 +522,67 @@ def _placeholders_back(shapes: dict[str, list], own: set[str]) -> dict[str, list
 
     return {name: [_PLACEHOLDER.sub(back, d) if isinstance(d, str) else d for d in dims]
             for name, dims in shapes.items()}
+
+
+def _sharpen_downstream(skeleton: onnx.ModelProto, declared: dict, shapes: dict) -> None:
+    """Inference keeps a dim it once left unknown (a Transpose of [4*batch, S, d] stayed [unk__7, d, S]
+    after the Reshape before it was declared [4*batch, S, d]). Run it once more without those entries
+    and take only the dims it now names, as a renaming of the unknown dim everywhere: an unknown dim's
+    own name ('unk__k') ties equal dims together (a residual Add, a Reshape computed from it), and a
+    fresh run would give them other names. An unknown dim named two ways is left as it is."""
+    again = onnx.ModelProto()
+    again.CopyFrom(skeleton)
+    _forget_unknown_readers(again, declared)
+    _, fresh = _run_inference(again)
+    names: dict[str, set] = defaultdict(set)
+    for name, dims in fresh.items():
+        old = shapes.get(name)
+        if old is not None and len(old) == len(dims):
+            for o, n in zip(old, dims):
+                if isinstance(o, str) and not _named(o) and _named(n):
+                    names[o].add(n)
+    rename = {o: next(iter(n)) for o, n in names.items() if len(n) == 1}
+    if not rename:
+        return
+    for name, dims in shapes.items():
+        if any(isinstance(d, str) for d in dims):
+            shapes[name] = [_renamed(d, rename) for d in dims]
+
+
+def _renamed(d, rename: dict):
+    """A dim with its unknown factors renamed ('2*unk__3' -> '2*batch'; a number stays one)."""
+    if not isinstance(d, str):
+        return d
+    if d in rename:
+        return rename[d]
+    parts = d.split("*")
+    if len(parts) == 1 or not any(p in rename for p in parts):
+        return d
+    return dim_format(dim_product([rename.get(p, p) for p in parts]))
+
+
+def _forget_unknown_readers(skeleton: onnx.ModelProto, declared: dict) -> None:
+    """Remove the value_info of tensors downstream of a declared (computed) shape that hold a dim
+    inference could not name, so the next inference computes them from the declared shapes."""
+    graph = skeleton.graph
+    readers, grew = set(declared), True
+    while grew:  # every tensor computed from a declared one, at any distance
+        before = len(readers)
+        readers |= {o for n in graph.node if any(i in readers for i in n.input) for o in n.output if o}
+        grew = len(readers) != before
+    readers -= set(declared)
+    keep = [vi for vi in graph.value_info if vi.name not in readers or _named_shape(vi)]
+    if len(keep) != len(graph.value_info):
+        del graph.value_info[:]
+        graph.value_info.extend(keep)
+
+
+def _named_shape(vi: onnx.ValueInfoProto) -> bool:
+    """Every dim of `vi` says something (see _named)."""
+    if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
+        return False
+    return all(d.HasField("dim_value") or (d.HasField("dim_param") and _named(d.dim_param))
+               for d in vi.type.tensor_type.shape.dim)
 
 
 def _sharper(new: list, old: list | None) -> bool:

@@ -21,6 +21,7 @@ from .heads import split_per_head
 from . import registry
 from .rules import resolve_weight_axes, unknown_op
 from .rules.base import _is_uniform, is_zero, malformed
+from .rules.layout import batch_merged_readers, carry_batch_merged
 from ..errors import UnsupportedError
 
 
@@ -60,6 +61,9 @@ class WalkContext:
         self.orderless_state: dict[str, set[int]] = {}
         self.speculate = False
         self.speculated: list[tuple[int, int]] = []
+        # a labelled axis merged into a batch axis of symbolic length: tensor -> (axis, label of the
+        # inner positions) (rules/layout.py, batch-merged records)
+        self.batch_merged: dict[str, tuple[int, Label]] = {}
 
     # ---- reading -----------------------------------------------------------------------------
     def get(self, name: str) -> dict[int, Label]:
@@ -360,6 +364,8 @@ def _walk_nodes(view: GraphView, states: dict, speculate: bool) -> WalkContext:
             continue  # weights and their views are not activations
         ctx.begin_node()
         _note_readers(ctx, node)
+        if ctx.batch_merged:
+            batch_merged_readers(ctx, node)
         spec = registry.spec_of(node, view.opsets)
         rule = spec.rule if spec is not None else None
         try:
@@ -385,6 +391,8 @@ def _walk_nodes(view: GraphView, states: dict, speculate: bool) -> WalkContext:
             if why is None:
                 raise
             raise UnsupportedError(f"node {node.name or node.op_type!r} ({node.op_type}) is malformed: {why}") from None
+        if ctx.batch_merged:
+            carry_batch_merged(ctx, node)
         _spread_constant_fill(ctx, node, spec)
         _spread_input_values(ctx, node, spec)
         ctx.end_node(node)
@@ -392,9 +400,9 @@ def _walk_nodes(view: GraphView, states: dict, speculate: bool) -> WalkContext:
 
 
 def _count_bodies(view: GraphView, result: WalkResult) -> None:
-    """Loop and Scan bodies are not followed (their carried state would have to line up across
-    iterations): the channels their producers make are counted, as pinned with that reason, so a
-    model that computes inside a loop never reads as having nothing to permute."""
+    """Loop and Scan bodies the walker does not follow (a Scan before opset 9, with its batch axis):
+    the channels their producers make are counted, as pinned with that reason, so a model that
+    computes inside a loop never reads as having nothing to permute."""
     for node in view.nodes:
         if node.op_type not in ("Loop", "Scan") or node.domain not in ("", "ai.onnx") or id(node) in view.bodies:
             continue
@@ -637,6 +645,8 @@ def _form_groups(ctx: WalkContext) -> WalkResult:
                     ctx.pin(l, f"weight {key[0]!r} is indexed both per slice and whole")
     for name in view.graph_outputs:
         ctx.pin_all(name, "reaches a graph output")
+        if name in ctx.batch_merged:
+            ctx.pin(ctx.batch_merged[name][1], "reaches a graph output")
 
     n = len(table)
     if n == 0:

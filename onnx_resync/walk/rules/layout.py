@@ -152,16 +152,17 @@ def reshape(ctx, node) -> None:
     x = node.input[0]
     in_shape, out_shape = ctx.shape(x), ctx.shape(node.output[0])
     labels, in_shape = _merge_stacked(ctx, x, in_shape, out_shape)
-    if not labels:
+    in_batch = ctx.batch_merged.get(x)  # a labelled axis merged into a symbolic batch (below)
+    if not labels and in_batch is None:
         return
     if in_shape is None or out_shape is None:
-        for l in labels.values():
+        for l in list(labels.values()) + ([in_batch[1]] if in_batch else []):
             ctx.pin(l, "Reshape with unknown shapes")
         return
     mapping = _reshape_groups(in_shape, out_shape)
     to_output = node.output[0] in ctx.view.graph_outputs  # the output's own layout is not ours to keep
     if mapping is None:
-        for l in labels.values():
+        for l in list(labels.values()) + ([in_batch[1]] if in_batch else []):
             ctx.pin(l, "reaches a graph output" if to_output else
                     "Reshape that mixes the channel axis in a way the walker cannot follow")
         return
@@ -170,6 +171,8 @@ def reshape(ctx, node) -> None:
     out: dict[int, Label] = {}
     for in_axes, out_axes in mapping:
         inside = [a for a in in_axes if a in labels]
+        if in_batch is not None and in_batch[0] in in_axes:
+            _unmerge_batch(ctx, node, in_batch, in_shape, out_shape, in_axes, out_axes, bool(inside), out)
         if not inside:
             continue
         dims = (_heads_into_batch(ctx, node, labels, in_shape, out_shape, in_axes, out_axes)
@@ -181,6 +184,9 @@ def reshape(ctx, node) -> None:
                 isinstance(in_shape[b], int) for b in in_axes):
             symbolic_merge = (len(inside) == 1 and sum(1 for o in out_axes if out_shape[o] != 1) == 1 and dim_product(
                 [in_shape[b] for b in in_axes]) == dim_product([out_shape[o] for o in out_axes]))
+            if symbolic_merge and not to_output and _merge_into_batch(ctx, node, labels, in_shape, out_shape, in_axes,
+                                                                      out_axes):
+                continue
             for a in inside:
                 ctx.pin(labels[a], "reaches a graph output" if to_output else SYMBOLIC_MERGE if symbolic_merge else
                         "Reshape mixes the channel axis with axes of unknown size")
@@ -268,8 +274,123 @@ def _heads_into_batch(ctx, node, labels, in_shape, out_shape, in_axes, out_axes)
     batch = [in_shape[b] for b in in_axes[:-1]]
     if len(real_out) == 2 and all(isinstance(b, int) for b in batch):  # a static batch: heads tiled
         return {real_out[0]: heads_label.tile(int(np.prod(batch, dtype=np.int64))), real_out[1]: dims}
-    ctx.pin(heads_label, HEADS_INTO_BATCH)
+    if len(real_out) == 2:  # a symbolic batch: the heads ride beside the labels, batch-major
+        ctx.batch_merged[node.output[0]] = (real_out[0], heads_label)
+    else:
+        ctx.pin(heads_label, HEADS_INTO_BATCH)
     return {real_out[-1]: dims}
+
+
+# ---- a labelled axis merged into a batch of symbolic length ------------------------------------
+# A label cannot list the positions of an axis of (batch x heads) positions when the batch is symbolic
+# (torch dynamo's K as [batch * heads, S, d]). Position b * H + h holds head h whatever b is, so the
+# heads ride beside the labels as a *batch-merged* record (ctx.batch_merged: tensor -> (axis, label
+# of the H inner positions)) through ops that keep that axis as a batch axis (_batch_merged_flow:
+# Transpose, unary elementwise ops, Softmax over another axis, elementwise ops and batched MatMuls
+# whose operands carry the same record there or broadcast along it; records that meet are unioned),
+# to the Reshape that splits the axis back into (batch.., H) (_unmerge_batch) or keeps it whole.
+# Any other reader, a graph output or a subgraph's output pins the label (batch_merged_readers): the
+# record never silently drops out of the walk.
+def _merge_into_batch(ctx, node, labels, in_shape, out_shape, in_axes, out_axes) -> bool:
+    """(batch.., L) -> (batch * L) with the batch symbolic and L the labelled last axis of the
+    group: record the label as batch-merged on the output axis (True), else False."""
+    a = in_axes[-1]
+    real_out = [o for o in out_axes if out_shape[o] != 1]
+    if a not in labels or any(b in labels for b in in_axes[:-1]) or len(real_out) != 1 or in_shape[a] != len(labels[a]):
+        return False
+    if ctx.stacked(node.input[0]) or all(isinstance(in_shape[b], int) for b in in_axes):
+        return False
+    ctx.batch_merged[node.output[0]] = (real_out[0], labels[a])
+    return True
+
+
+def _unmerge_batch(ctx, node, merged, in_shape, out_shape, in_axes, out_axes, mixed: bool, out: dict) -> None:
+    """The Reshape group holding a batch-merged axis: split back into (batch.., H) (the label goes on
+    the H axis), kept whole (the record moves), or anything else (the label pins)."""
+    from ..graph import dim_product
+
+    axis, label = merged
+    real_out = [o for o in out_axes if out_shape[o] != 1]
+    h = len(label)
+    whole = dim_product([in_shape[axis]])
+    if not mixed and in_axes == [axis] and real_out:
+        last = out_shape[real_out[-1]]
+        if len(real_out) >= 2 and last == h and dim_product([out_shape[o] for o in real_out[:-1]] + [h]) == whole:
+            out[real_out[-1]] = label
+            return
+        if len(real_out) == 1 and dim_product([out_shape[real_out[0]]]) == whole:
+            ctx.batch_merged[node.output[0]] = (real_out[0], label)
+            return
+    ctx.pin(label, HEADS_INTO_BATCH)
+
+
+def batch_merged_readers(ctx, node) -> None:
+    """Before a node's rule: where batch-merged records go (kept for carry_batch_merged); a reader
+    that does not carry one pins its label (Reshape handles its own; If branches' and Loop/Scan
+    bodies' outputs are read by the node)."""
+    flow = _batch_merged_flow(ctx, node)
+    ctx.batch_merged_flow = flow
+    names = [n for n in node.input if n]
+    for g in ctx.view.branches.get(id(node), []) + ([ctx.view.bodies[id(node)]] if id(node) in ctx.view.bodies else []):
+        names += [o.name for o in g.output]
+    reshaped = node.op_type == "Reshape" and node.domain in ("", "ai.onnx")
+    for name in names:
+        found = ctx.batch_merged.get(name)
+        if found is not None and flow is None and not (reshaped and name == node.input[0]):
+            ctx.pin(found[1], HEADS_INTO_BATCH)
+
+
+def carry_batch_merged(ctx, node) -> None:
+    """After the rule: the output's record (see batch_merged_readers)."""
+    flow, ctx.batch_merged_flow = ctx.__dict__.pop("batch_merged_flow", None), None
+    if flow is not None and node.output and node.output[0]:
+        ctx.batch_merged[node.output[0]] = flow
+
+
+def _batch_merged_flow(ctx, node):
+    """(axis, label) of the output when `node` keeps its inputs' batch-merged axis a batch axis, the
+    records that meet there unioned; None when it does not (or reads none)."""
+    from .base import passthrough
+    from ..registry import spec_of
+
+    recs = [(i, ctx.batch_merged[n]) for i, n in enumerate(node.input) if n and n in ctx.batch_merged]
+    if not recs or node.domain not in ("", "ai.onnx") or not node.output:
+        return None
+    op, spec = node.op_type, spec_of(node, ctx.view.opsets)
+    (first, (axis, label)), out = recs[0], node.output[0]
+    if op == "Transpose":
+        perm, r = attr(node, "perm"), ctx.rank(node.input[0])
+        perm = list(perm) if perm is not None else (list(reversed(range(r))) if r is not None else None)
+        return None if perm is None or axis not in perm else (perm.index(axis), label)
+    if (spec is not None and spec.rule is passthrough and first == 0) or op in ("Identity", "Cast"):
+        return (axis, label) if first == 0 else None
+    if op in ("Softmax", "LogSoftmax"):  # (before opset 13: over every axis from `axis` on)
+        r, since13 = ctx.rank(node.input[0]), ctx.view.opsets.get("", 0) >= 13
+        given = next((a.i for a in node.attribute if a.name == "axis"), -1 if since13 else 1)
+        if r is None or not -r <= given < r:
+            return None
+        given %= r
+        return (axis, label) if (axis != given if since13 else axis < given) else None
+    if op not in ("Add", "Sub", "Mul", "Div", "MatMul"):
+        return None
+    ro = ctx.rank(out)
+    ranks = [ctx.rank(n) for n in node.input]
+    if ro is None or None in ranks:
+        return None
+    at = axis + ro - ranks[first]  # the merged axis, counted in the output
+    if op == "MatMul" and (at >= ro - 2 or min(ranks) < 3):
+        return None  # only a batch axis of a batched MatMul keeps its positions apart
+    for i, name in enumerate(node.input):
+        mine = ctx.batch_merged.get(name)
+        a = at - (ro - ranks[i])
+        if mine is not None:
+            if mine[0] != a or len(mine[1]) != len(label) or not np.array_equal(mine[1].sub, label.sub):
+                return None
+            if i != first:
+                ctx.union(label, mine[1])
+        elif a >= 0 and ctx.dim(name, a) != 1:
+            return None  # values in a fixed order along the merged axis
+    return at, label
 
 
 def _heads_out_of_batch(ctx, node, labels, in_shape, out_shape, in_axes, out_axes):
