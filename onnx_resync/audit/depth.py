@@ -10,7 +10,8 @@ aligned as two sequences with gaps (Needleman-Wunsch):
 - a *pair*: a suspect and a reference layer of the same kind and weight shapes; it costs their
   content distance, min(1, |log| of the ratio of their weights' root mean square) x PAIR_CONTENT;
 - a *gap*: a suspect layer left unpaired, GAP each (every reference layer must be paired: a layer
-  the suspect lacks is another question).
+  the suspect lacks is another question); more than MAX_INSERTED_SHARE of the reference's count is
+  another architecture.
 
 The suspect's gap layers are *inserted*. Each is *bypassed*: the chain that starts at it and goes on
 through gap layers and single-reader ops with one activation input (its Relu) is taken out and its
@@ -40,6 +41,7 @@ from ..walk.graph import node_inputs
 
 GAP = 1.0
 PAIR_CONTENT = 0.5  # a pair of one kind and shapes costs at most this: every pair is cheaper than a gap
+MAX_INSERTED_SHARE = 0.5  # more inserted layers than this share of the reference's: another architecture
 
 
 def without_inserted(reference: CanonicalModel, suspect: CanonicalModel, mismatch: ModelMismatchError):
@@ -53,6 +55,10 @@ def without_inserted(reference: CanonicalModel, suspect: CanonicalModel, mismatc
         raise ModelMismatchError(f"{mismatch} (the layer sequences do not align with layers inserted in the "
                                  "suspect only)") from None
     gaps, pairs = found
+    if len(gaps) > MAX_INSERTED_SHARE * len(ref.layers):
+        raise ModelMismatchError(f"{mismatch} ({len(gaps)} suspect layers would be inserted ones, more than "
+                                 f"{MAX_INSERTED_SHARE:.0%} of the reference's {len(ref.layers)}: another "
+                                 "architecture, not a deepened copy)") from None
     model = onnx.ModelProto()
     model.CopyFrom(suspect.model)
     inserted, taken, readers = [], set(), []
