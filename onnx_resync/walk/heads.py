@@ -11,8 +11,8 @@ dims in every head. D is *per head* when every place one of its dims appears car
   head's index apart (the registry's `stacked` ops, elementwise ops, Concat, Expand, Tile,
   reductions (what they reduce is checked as a tensor in turn), MatMul, a Softmax over another axis).
 
-The heads are H's neurons, or, where the heads do not move (no group: a kv head whose query heads
-are tied to it, heads an output pins), the neurons in that place, each standing still. Then head
+The heads are H's neurons, or, where the heads do not move (no group: heads something pins), the
+neurons in that place, each standing still. Then head
 i's dims may move by a permutation of their own, and D is replaced by one group per head
 (`Group.within` = (H's key or None, i)) whose slots are D's positions in head i. Anything else keeps
 D shared: a dim read without its head (a norm weight of head_dim shared by all heads, a mean over
