@@ -500,13 +500,15 @@ _PLACEHOLDER = re.compile(r"(own:)?(unk__\w+)")
 
 
 def _own_placeholders(skeleton: onnx.ModelProto) -> tuple[onnx.ModelProto, set[str]]:
-    """The skeleton with the file's own 'unk__N' dim names prefixed (it is a copy), and those names."""
-    own = set()
-    for g in nested_graphs(skeleton.graph):
+    """The skeleton with the 'unk__N' dim names of the graph's inputs prefixed wherever they occur (it
+    is a copy), and those names. Only the inputs' (the caller feeds them): a value_info's 'unk__N' is
+    a placeholder a previous inference wrote into the file."""
+    own = {d.dim_param for vi in skeleton.graph.input if vi.type.HasField("tensor_type")
+           for d in vi.type.tensor_type.shape.dim if d.HasField("dim_param") and _PLACEHOLDER.fullmatch(d.dim_param)}
+    for g in nested_graphs(skeleton.graph) if own else []:
         for vi in list(g.input) + list(g.output) + list(g.value_info):
             for d in vi.type.tensor_type.shape.dim if vi.type.HasField("tensor_type") else []:
-                if d.HasField("dim_param") and _PLACEHOLDER.fullmatch(d.dim_param):
-                    own.add(d.dim_param)
+                if d.HasField("dim_param") and d.dim_param in own:
                     d.dim_param = _OWN + d.dim_param
     return skeleton, own
 
