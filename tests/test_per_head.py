@@ -284,3 +284,37 @@ def test_contrib_attention_moves_dims_per_head(name, build, qk, v):
     for parts in groups.values():
         if parts[0].size > 2:
             assert len({tuple(done.record.perms[g.key]) for g in parts}) > 1
+
+
+# ---- records: ordered, and rewritten into resync's order -------------------------------------------
+def test_an_inverse_record_keeps_its_order_through_json():
+    """An inverse record undoes the per-head groups first (per_head_first), through its JSON too;
+    heads_first(walk) rewrites it into resync's order with the same effect; a bad value is refused."""
+    import json
+
+    from onnx_resync.errors import UsageError
+
+    model = attention(heads=3, head=4)
+    result = walk(model)
+    permuted, done = api.permute(model, seed=2, check=False)
+    undo = PermutationRecord.from_dict(json.loads(done.record.inverse().to_json()))
+    assert undo.per_head_first and not done.record.per_head_first
+    again = walk(permuted)
+    outs = []
+    for record in (undo, undo.heads_first(again)):
+        back = onnx.ModelProto()
+        back.CopyFrom(permuted)
+        apply_permutations(back, again, record)
+        outs.append(back.SerializeToString())
+    assert outs[0] == outs[1] == model.SerializeToString()
+    # (the same perms in the wrong order do not undo it: the order is what makes the record exact)
+    wrong = PermutationRecord(undo.perms)
+    back = onnx.ModelProto()
+    back.CopyFrom(permuted)
+    apply_permutations(back, again, wrong)
+    assert back.SerializeToString() != model.SerializeToString()
+    data = json.loads(undo.to_json())
+    data["per_head_first"] = "yes"
+    with pytest.raises(UsageError, match="per_head_first"):
+        PermutationRecord.from_dict(data)
+    assert result.groups
