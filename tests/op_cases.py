@@ -399,6 +399,16 @@ def _matmul():
     return g.model()
 
 
+@case("Einsum", touch=_sets("W1 Wop", "Wop W2"))
+def _einsum():  # Keras' EinsumDense as tf2onnx writes it: a weight-only letter makes fresh channels
+    g = G()
+    t = g.matmul(g.input("X", [2, 4, 3]), 3, C, "W1")
+    y = g.op("Einsum", [t, g.rand("Wop", [C, 5])], equation="abc,cd->abd")
+    g.ranks[y] = 3
+    g.output(g.matmul(y, 5, 4, "W2"))
+    return g.model()
+
+
 # ---- selection -----------------------------------------------------------------------------------------------
 case("Gather", touch=_sets("W1 W2"))(lambda: _conv_chain(
     lambda g, t: g.op("Gather", [t, g.const("idx", [0, 2, 3, 5], np.int64)], axis=1), out_c=4))

@@ -291,8 +291,69 @@ def test_generated_tf2onnx_mlps(widths, data):
 
 
 @settings(max_examples=6, **SETTINGS)
-@given(st.integers(2, 5), st.integers(2, 4), st.sampled_from([1, 2, 4]), st.integers(2, 6))
-def test_generated_magika_layouts(vocab, embed, merge, filters):
-    model = magika_like(seed=vocab, vocab=vocab, embed=embed, merge=merge, filters=filters)
+@given(st.integers(2, 5), st.integers(2, 4), st.sampled_from([1, 2, 4]), st.integers(2, 6), st.just(False))
+def test_generated_magika_layouts(vocab, embed, merge, filters, broadcast_to):
+    model = magika_like(seed=vocab, vocab=vocab, embed=embed, merge=merge, filters=filters,
+                        broadcast_to=broadcast_to)
     result = check_properties(model, full_coverage=True, constructs=["jax2tf"])
     assert sorted(g.size for g in result.groups) == sorted([embed, filters])
+
+
+# ---- Einsum: Keras MultiHeadAttention as tf2onnx writes it (EinsumDense and attention einsums) ------
+def keras_attention(seq: int = 4, feat: int = 5, width: int = 6, heads: int = 2, head_dim: int = 3,
+                    classes: int = 3, seed: int = 0) -> onnx.ModelProto:
+    g = JaxGraph(seed, feat=feat, seq=seq)
+    h = g.node("Relu", [g.dense("x", feat, width)])
+
+    def einsum_dense(x, equation, shape, bias_shape):
+        y = g.node("Einsum", [x, g.weight(shape)], "einsum/Einsum", equation=equation)
+        return g.node("Add", [y, g.weight(bias_shape, 0.1, "add")])
+
+    q = einsum_dense(h, "abc,cde->abde", (width, heads, head_dim), (heads, head_dim))
+    k = einsum_dense(h, "abc,cde->abde", (width, heads, head_dim), (heads, head_dim))
+    v = einsum_dense(h, "abc,cde->abde", (width, heads, head_dim), (heads, head_dim))
+    q = g.node("Mul", [q, g.scalar(1.0 / np.sqrt(head_dim))])
+    scores = g.node("Einsum", [k, q], "einsum/Einsum", equation="aecd,abcd->acbe")
+    probs = g.node("Softmax", [scores], axis=-1)
+    ctx = g.node("Einsum", [probs, v], "einsum_1/Einsum", equation="acbe,aecd->abcd")
+    out = einsum_dense(ctx, "abcd,cde->abe", (heads, head_dim, width), (width,))
+    pooled = g.node("ReduceMean", [g.node("Add", [h, out])], axes=[1], keepdims=0)
+    g.seq = None
+    return g.model(g.dense(pooled, width, classes), [BATCH_DIM, classes])
+
+
+def test_keras_attention_einsums_move_heads_and_dims():
+    result = assert_round_trips(keras_attention())
+    assert result.coverage == 1.0
+    # the residual stream (6), the heads of q, k, v and the output (2), q/k dims (3), v/output dims (3)
+    assert sorted(g.size for g in result.groups) == [2, 3, 3, 6]
+
+
+def test_einsum_meeting_an_unlabelled_activation_pins():
+    g = JaxGraph(0, feat=5, seq=4)
+    g.inputs.append(helper.make_tensor_value_info("side", TensorProto.FLOAT, [BATCH_DIM, 4, 6]))
+    h = g.node("Relu", [g.dense("x", 5, 6)])
+    side = g.node("Mul", ["side", "side"])  # an activation computed from an input, unlabelled
+    mixed = g.node("Einsum", [h, side], equation="abc,abc->ab")  # channel c against its c
+    model = g.model(mixed, [BATCH_DIM, 4])
+    result = check_properties(model)
+    assert result.coverage == 0.0
+    assert any("Einsum mixes channels with an unlabelled tensor" in p.reason for p in result.pinned)
+
+
+def test_einsum_subscripts():
+    from onnx_resync.walk.rules.einsum import subscripts
+
+    assert subscripts("abc,cde->abde", [3, 3]) == ([list("abc"), list("cde")], list("abde"))
+    assert subscripts("ij,jk", [2, 2]) == ([list("ij"), list("jk")], list("ik"))  # implicit output
+    subs, out = subscripts("...ij,jk->...ik", [4, 2])
+    assert len(subs[0]) == 4 and subs[1] == list("jk") and out[-2:] == list("ik") and out[:2] == subs[0][:2]
+    assert subscripts("ii->i", [2]) is None  # a diagonal
+    assert subscripts("abc,cd->abd", [2, 2]) is None  # does not fit the ranks
+
+
+@settings(max_examples=6, **SETTINGS)
+@given(st.integers(2, 4), st.integers(1, 3), st.integers(2, 4), st.integers(2, 5))
+def test_generated_keras_attention(seq, heads, head_dim, width):
+    model = keras_attention(seq=seq, width=width, heads=heads, head_dim=head_dim, seed=seq)
+    check_properties(model, full_coverage=heads > 1, constructs=["keras_attention"])
