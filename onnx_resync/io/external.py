@@ -57,14 +57,22 @@ _TYPED_COUNT.update({t: ("int32_data", 1) for t, size in FIXED_ITEMSIZE.items()
 
 
 def iter_graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    """Every TensorProto that may carry weight data, subgraphs included."""
+    """Every TensorProto that may carry weight data, subgraphs included (a sparse tensor's values
+    and indices too: either may be external data, read from the model's folder like any other)."""
     yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
     for node in graph.node:
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.TENSOR:
                 yield attr.t
             elif attr.type == onnx.AttributeProto.TENSORS:
                 yield from attr.tensors
+            elif attr.type == onnx.AttributeProto.SPARSE_TENSOR:
+                yield from (attr.sparse_tensor.values, attr.sparse_tensor.indices)
+            elif attr.type == onnx.AttributeProto.SPARSE_TENSORS:
+                for sparse in attr.sparse_tensors:
+                    yield from (sparse.values, sparse.indices)
             elif attr.type == onnx.AttributeProto.GRAPH:
                 yield from iter_graph_tensors(attr.g)
             elif attr.type == onnx.AttributeProto.GRAPHS:
