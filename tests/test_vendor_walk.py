@@ -43,6 +43,8 @@ CASES = {
     "mtcnn_pnet": ({}, 1.0),
     "mtcnn_rnet": ({}, 1.0),
     "mtcnn_onet": ({}, 1.0),
+    # tf2onnx 1.15.1: the CQT bins are an ordered axis (harmonic stacking pads and slices them) and pin
+    "basic_pitch": ({}, 0.09),
 }
 
 

@@ -293,6 +293,17 @@ _ENTRIES = [
         size=1559570,
         description="MTCNN output net (keras2onnx 1.7.0: Conv + PRelu, NHWC Flatten, Dense heads)",
     ),
+    VendorModel(
+        key="basic_pitch",
+        package="basic-pitch",
+        version="0.4.0",
+        archive="basic_pitch-0.4.0-py2.py3-none-any.whl",
+        member="basic_pitch/saved_models/icassp_2022/nmp.onnx",
+        sha256="2c3c1d144bfa61ad236e92e169c13535c880469a12a047d4e73451f2c059a0ec",
+        size=230444,
+        description="Spotify Basic Pitch (tf2onnx 1.15.1 of a Keras model: a CQT as shared conv1d kernels per "
+                    "octave, harmonic stacking by Pad/Slice along the bins, Conv2D + BatchNorm)",
+    ),
 ]
 
 MODELS: dict[str, VendorModel] = {m.key: m for m in _ENTRIES}
