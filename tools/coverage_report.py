@@ -214,6 +214,11 @@ def main() -> None:
             lines.append(f"- {r['name']}: " + "; ".join(f"{c} channels: {reason}" for reason, c in pins) + extra)
     if all(not [p for p, _ in r["pinned"] if not p.startswith(interface)] and not r["no_rule"] for r in rows):
         lines.append("Nothing but interface channels.")
+    # a section another tool writes between its markers (tools/per_head_report.py) is kept
+    old = Path(args.out).read_text() if Path(args.out).exists() else ""
+    begin, end = "<!-- per-head: begin", "<!-- per-head: end -->"
+    if begin in old and end in old:
+        lines += ["", old[old.index(begin):old.index(end) + len(end)]]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
