@@ -70,6 +70,12 @@ them only when the alignment it was given leaves the suspect not derived, adopts
 one with a higher decision statistic and tries its runner-ups in turn, MAX_ALTERNATIVES resyncs in
 all (none derived: the first alignment stands).
 
+*Bodies*: layers inside If/Loop/Scan bodies are layers like the others (bodies.flattened: the
+bodies' nodes inline, linked to the control node's inputs and outputs; their weights are the
+bodies' Constant nodes and initializers as well as outer-scope ones). A layer inside a body may
+stay unpaired (a branch the other file does not have, or writes with other ops): it is left out,
+its weights count as not compared (report._compared); a main-graph layer never is.
+
 The result is the reference's canonical graph carrying the suspect's weights (same names and
 shapes as the reference), which walk, match and resync take as they are. A reference layer without
 a counterpart, or a suspect layer left over, is a ModelMismatchError naming it.
@@ -86,6 +92,7 @@ import onnx
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
 
+from .bodies import LINK_DOMAIN, flattened
 from .canonical import CanonicalModel, topological
 from ..errors import ModelMismatchError
 from ..io import WeightStore
@@ -239,6 +246,8 @@ def _assemble(reference: CanonicalModel, suspect: CanonicalModel, ref: _Graph, s
     sus_store = sus.store
     weight_map, node_map, result_pairs = {}, {}, []
     for i, r in enumerate(ref.layers):
+        if i not in mapping:  # a layer inside a body, left unpaired (bodies.py)
+            continue
         s = sus.layers[mapping[i]]
         c = solved[r.key]
         node_map[r.node.name] = s.node.name
@@ -322,9 +331,10 @@ class _Graph:
 
     def __init__(self, model: onnx.ModelProto):
         self.model = model
-        weights = {t.name: t for t in model.graph.initializer}
-        nodes = topological(list(model.graph.node))
+        # every layer, those inside If/Loop/Scan bodies too (bodies.py: `inside` may stay unpaired)
+        nodes, weights, inside = flattened(model)
         self.layers = _layers_of(nodes, weights)
+        self.inside = {i for i, layer in enumerate(self.layers) if id(layer.node) in inside}
         self.store = WeightStore(model)
         at = {id(layer.node): i for i, layer in enumerate(self.layers)}
         n = len(self.layers)
@@ -355,7 +365,7 @@ class _Graph:
             if self.succs[i]:
                 self.depth_out[i] = 1 + max(self.depth_out[c] for c in self.succs[i])
         self.desc = [(layer.kind, tuple(layer.shapes)) for layer in self.layers]
-        self.roles = _Roles(model)
+        self.roles = _Roles(model, nodes, weights)
         self._signature: dict[int, tuple] = {}
         self._content: dict[int, dict] = {}
 
@@ -639,6 +649,8 @@ def _confidence(reference: CanonicalModel, suspect: CanonicalModel, ref: _Graph,
     contested = 0
     clear = 0
     for i, r in enumerate(ref.layers):
+        if i not in mapping:  # a layer inside a body, left unpaired (bodies.py)
+            continue
         c = classes[r.key]
         if not c.contested(i):
             continue
@@ -676,9 +688,9 @@ def _confidence(reference: CanonicalModel, suspect: CanonicalModel, ref: _Graph,
 def _raise_unmatched(reference: CanonicalModel, suspect: CanonicalModel, ref: _Graph, sus: _Graph,
                      mapping: dict[int, int]) -> None:
     used = set(mapping.values())
-    free = [s for j, s in enumerate(sus.layers) if j not in used]
+    free = [s for j, s in enumerate(sus.layers) if j not in used and j not in sus.inside]
     for i, r in enumerate(ref.layers):
-        if i not in mapping:
+        if i not in mapping and i not in ref.inside:  # inside a body: may stay unpaired (bodies.py)
             raise ModelMismatchError(_no_match_message(r, reference, free, suspect))
     if free:
         s = free[0]
@@ -714,18 +726,19 @@ class _Roles:
     Independent of node order: every reachable use is collected, then the first ROLE_FANOUT in
     sorted order are kept."""
 
-    def __init__(self, model: onnx.ModelProto):
-        self.weights = {t.name for t in model.graph.initializer}
+    def __init__(self, model: onnx.ModelProto, nodes: list[onnx.NodeProto] | None = None,
+                 weights: dict | None = None):
+        self.weights = set(weights) if weights is not None else {t.name for t in model.graph.initializer}
         self.outputs = {o.name for o in model.graph.output}
         self.users: dict[str, list[tuple[onnx.NodeProto, int]]] = defaultdict(list)
-        for node in model.graph.node:
+        for node in (nodes if nodes is not None else model.graph.node):
             for k, name in enumerate(node.input):
                 if name:
                     self.users[name].append((node, k))
         self.cache: dict[int, tuple] = {}
 
     def _trivial(self, node: onnx.NodeProto) -> bool:
-        if node.op_type in TRIVIAL:
+        if node.op_type in TRIVIAL or node.domain == LINK_DOMAIN:  # a body's boundary (bodies.py)
             return True
         data = [i for i in node.input if i and i not in self.weights]
         return len(data) <= 1 and node.op_type in ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min")

@@ -9,7 +9,7 @@ passes/ over it, in this order (each file's docstring says what form it reaches 
 3. nodes of constants evaluated into constants: dequantized, cast or transposed weights become
    plain weights (constants.py);
 4. quantized graphs (QDQ, QOperator, dynamic) back to the float graph (dequantize.py), then 3 again
-   for what that exposed;
+   for what that exposed; the same inside If/Loop/Scan bodies (bodies.py);
 5. every float tensor float32 (floats.py);
 6. ONNX Runtime's contrib ops written out in standard ops: the NCHWc layout back to NCHW
    (nchwc.py), fused GELU / QuickGelu / FusedMatMul (contrib.py), Skip/Simplified/Embed layer
@@ -36,6 +36,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .bodies import body_names, fold_bodies
 from .passes.affine import fold_into_producers, gemm_as_matmul, zero_biases
 from .passes.attention import expand_attention
 from .passes.cleanup import drop_noops, drop_unused
@@ -56,6 +57,7 @@ PASSES = (
     (fold_constants, False),
     (dequantize, False),
     (fold_constants, False),
+    (fold_bodies, False),  # the same inside If/Loop/Scan bodies (bodies.py)
     (to_float32, False),
     (expand_nchwc, False),
     (expand_contrib, False),
@@ -138,6 +140,9 @@ def _build(ws: Workspace) -> CanonicalModel:
         o = ws.origins.get(name) or WeightOrigin([name], str(ws.dtype(name)))
         o.layer = readers.get(name, "")
         origins[name] = o
+    for name in body_names(model):  # weights inside If/Loop/Scan bodies: their storage (bodies.py)
+        if name in ws.origins:
+            origins[name] = ws.origins[name]
     node_origins = {n.name: ws.shown.get(n.name, n.name) for n in nodes}
     return CanonicalModel(model, origins, node_origins, ws.changes)
 

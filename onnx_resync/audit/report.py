@@ -27,9 +27,14 @@ Verdicts:
   one with the highest decision statistic and says so in the evidence);
 - "cannot judge" (exit 4, the code `verify` uses for "cannot check"): less than MIN_COMPARED_SHARE
   of the reference's parameters were compared (weights inside If/Loop/Scan bodies count in the
-  reference's total; the canonical form does not reach them: subgraphs.py pairs and compares them
-  by value up to permutation, and only those it compared count as compared). No verdict is
-  stronger than its evidence: nothing compared is never "identical".
+  reference's total, a copy stored in each branch once; layers inside bodies are aligned
+  (bodies.py), what is left subgraphs.py pairs and compares by value up to permutation, and only
+  what was compared counts as compared). No verdict is stronger than its evidence: nothing
+  compared is never "identical". Each line under it states what was measured, on the compared
+  part only.
+
+A weight that differs only by an order no neuron group reaches (a layer the walk pins) is not a
+change: unreached.py checks it by value, and the verdict says "permuted".
 
 `audit_file` is the per-file function for batches: top level, picklable arguments, never raises.
 """
@@ -50,6 +55,7 @@ from .align import MAX_ALTERNATIVES, Alignment, align, alternatives
 from .canonical import CanonicalModel, canonicalize
 from .storage import LazyMap, Steps, allowed, float_format, measure_steps, storage_dtype
 from .subgraphs import SubgraphComparison, compare_subgraphs, carry as carry_subgraphs
+from .unreached import explained_by_order
 from ..errors import ModelMismatchError, ResyncError, UnsupportedError
 from ..reduce.against import to_reference
 from ..io import WeightStore, load_model, write_text_atomic
@@ -209,7 +215,7 @@ def audit(suspect: ModelLike, reference: ModelLike, *, html: str | os.PathLike |
         alignment = align(ref_c, sus_c)
     timings["align"] = time.perf_counter() - t
     t = time.perf_counter()
-    sub = compare_subgraphs(ref_c.model, sus_c.model)  # weights inside If/Loop/Scan bodies (subgraphs.py)
+    sub = compare_subgraphs(ref_c.model, sus_c.model, alignment.weight_map)  # the rest inside bodies (subgraphs.py)
     carry_subgraphs(alignment.model, sub)
     sus_steps = measure_steps(sus_model, sus_c, set(alignment.weight_map.values()),
                               lambda m: _canonical(m, "suspect"))
@@ -424,7 +430,7 @@ def _build(suspect, reference, ref_c: CanonicalModel, sus_c: CanonicalModel, ali
 
     ref_store, res_store = WeightStore(ref_c.model), WeightStore(restored)
     ref_walk = walk(ref_c.model)
-    sub = sub if sub is not None else compare_subgraphs(ref_c.model, sus_c.model)
+    sub = sub if sub is not None else compare_subgraphs(ref_c.model, sus_c.model, alignment.weight_map)
     rs = _without_groups(rs, ref_walk, sub.unpaired)
     sus_steps, ref_steps = sus_steps or Steps(), ref_steps or Steps()
     steps = _restored_steps(sus_steps, alignment, ref_walk, rs, ref_store)
@@ -440,6 +446,11 @@ def _build(suspect, reference, ref_c: CanonicalModel, sus_c: CanonicalModel, ali
         if g is not None:
             similarity[gr.key] = _downsample(similarity_matrix(g, ref_store, res_store), heatmap_max)
     moved = int(rs.moved)
+    # a layer no group reaches keeps the suspect's order: equal up to it is no change (unreached.py)
+    reordered = explained_by_order(alignment, ref_walk, ref_store, res_store, sus_c) \
+        if not precision["within"] and rs.derived else None
+    if reordered:
+        precision["within"], precision["reordered"] = True, reordered
     within = precision["within"] and sub.within
     judged = compared["share"] is not None and compared["share"] >= MIN_COMPARED_SHARE
     # the main graph's evidence; where it compared nothing (every weight in a body), the bodies'
@@ -449,13 +460,13 @@ def _build(suspect, reference, ref_c: CanonicalModel, sus_c: CanonicalModel, ali
         verdict = "cannot judge"
     elif not derived:
         verdict = "not derived"
-    elif within and moved == 0 and not sub.moved:
+    elif within and moved == 0 and not sub.moved and not reordered:
         verdict = "identical"
     elif within:
         verdict = "permuted"
     else:
         verdict = "perturbed"
-    permuted = derived and (moved > 0 or sub.moved)
+    permuted = derived and (moved > 0 or sub.moved or bool(reordered))
     perturbed = verdict == "perturbed"
     format_change = ", ".join(precision["formats"])
     if verdict in ("identical", "permuted", "not derived", "cannot judge"):
@@ -472,6 +483,10 @@ def _build(suspect, reference, ref_c: CanonicalModel, sus_c: CanonicalModel, ali
     summary = _summary(verdict, derived, permuted, perturbation, precision, re_export, moved, rs.neurons,
                        compared, looks_derived, format_change)
     evidence = _evidence(rs, precision, re_export, alignment, moved, derived, compared, perturbation)
+    if reordered:
+        evidence.append(f"{len(reordered)} weights equal the reference's only once their rows and columns are "
+                        "matched by value: an order no neuron group reaches (resync cannot put it back), not a "
+                        "change: " + ", ".join(reordered[:4]) + (" ..." if len(reordered) > 4 else ""))
     if sub.weights:
         evidence.append(sub.phrase())
     return AuditReport(
@@ -528,7 +543,7 @@ def _compared_phrase(compared) -> str:
             f"({100 * compared['share']:.1f}%)")
     reached = compared.get("in_subgraphs_compared", 0)
     if reached:
-        text += f"; {reached:,} of them inside If/Loop/Scan bodies, compared by value up to permutation"
+        text += f"; {reached:,} of them inside If/Loop/Scan bodies"
     if compared["in_subgraphs"] - reached:
         text += (f"; {compared['in_subgraphs'] - reached:,} sit inside If/Loop/Scan bodies, which the comparison "
                  "does not reach")
@@ -538,16 +553,20 @@ def _compared_phrase(compared) -> str:
 def _evidence(rs, precision, re_export, alignment, moved, derived, compared, perturbation) -> list[str]:
     name, value, threshold = decision(rs)
     at = f"derived at >= {threshold:g}; " if math.isfinite(threshold) else ""
-    out = [f"{name} {value:.2f} ({at}unrelated models score about 0)"]
+    judged = compared["share"] is not None and compared["share"] >= MIN_COMPARED_SHARE
+    # each line states what was measured; under "cannot judge" it is on the compared part only
+    on = "" if judged else "on the compared part only (too little for a verdict): "
+    out = [f"{on}{name} {value:.2f} ({at}unrelated models score about 0)"]
+    share = f"{100 * rs.matched / rs.neurons:.1f}%" if rs.neurons else ""
     if not rs.neurons:
-        out.append("the reference has no permutable neuron group: the verdict rests on weight equality alone")
-    elif derived:
-        out.append(f"{rs.matched} of {rs.neurons} neurons ({100 * rs.matched / rs.neurons:.1f}%) matched to their "
-                   f"best candidate in {len(rs.groups)} groups; {moved} had been moved")
+        out.append("no permutable neuron group among the compared weights: the verdict rests on weight equality "
+                   "alone" if judged else "no permutable neuron group among the compared weights")
+    elif rs.derived:
+        out.append(f"{on}{rs.matched} of {rs.neurons} neurons ({share}) matched to their best candidate in "
+                   f"{len(rs.groups)} groups; {moved} had been moved")
     else:
-        out.append(f"only {rs.matched} of {rs.neurons} neurons ({100 * rs.matched / rs.neurons:.1f}%) are their "
-                   f"counterpart's best candidate in {len(rs.groups)} groups, and the matches do not stand out "
-                   "from unrelated neurons")
+        out.append(f"{on}{rs.matched} of {rs.neurons} neurons ({share}) are their counterpart's best candidate in "
+                   f"{len(rs.groups)} groups, and the matches do not stand out from unrelated neurons")
     if rs.groups:
         cmean = sum(g.cosine_mean * g.size for g in rs.groups) / max(rs.neurons, 1)
         out.append(f"cosine of matched neurons: mean {cmean:.5f}, worst {min(g.cosine_min for g in rs.groups):.4f}")
@@ -800,24 +819,23 @@ def _compared(ref_c: CanonicalModel, alignment: Alignment) -> dict:
     """How many of the reference's parameters (float weights of its canonical form, those inside
     If/Loop/Scan bodies included; synthetic ones, such as zero biases the canonical form adds, not)
     the alignment compared."""
-    from ..io import iter_graph_tensors
+    from .subgraphs import body_sizes
 
     sizes = {}
     for t in ref_c.model.graph.initializer:
         o = ref_c.origins.get(t.name)
         if t.data_type in _FLOATS and not (o is not None and not o.sources):
             sizes[t.name] = int(np.prod(t.dims)) if t.dims else 1
-    inside = 0
-    for node in ref_c.model.graph.node:
-        for a in node.attribute:
-            for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else
-                      list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []):
-                inside += sum(int(np.prod(t.dims)) if t.dims else 1 for t in iter_graph_tensors(g)
-                              if t.data_type in _FLOATS)
-    parameters = sum(sizes.get(rw, 0) for rw in alignment.weight_map)
+    body = body_sizes(ref_c.model)  # layers inside bodies are aligned too (bodies.py); a copy counts once
+    distinct = {digest: size for size, digest in body.values()}
+    inside = sum(distinct.values())
+    reached = {body[rw][1] for rw in alignment.weight_map if rw in body and rw not in sizes}
+    aligned_inside = sum(distinct[d] for d in reached)
+    parameters = sum(sizes.get(rw, 0) for rw in alignment.weight_map) + aligned_inside
     of = sum(sizes.values()) + inside
     return {"parameters": int(parameters), "of": int(of), "share": parameters / of if of else None,
-            "in_subgraphs": int(inside), "min_share": MIN_COMPARED_SHARE}
+            "in_subgraphs": int(inside), "in_subgraphs_aligned": int(aligned_inside),
+            "min_share": MIN_COMPARED_SHARE}
 
 
 def _without_groups(rs, ref_walk, unpaired: set):
@@ -849,8 +867,8 @@ def _without_groups(rs, ref_walk, unpaired: set):
 def _add_subgraphs(compared: dict, sub: SubgraphComparison) -> None:
     """The subgraph weights that were paired and compared count as compared ("in_subgraphs" stays
     the reference's total inside bodies; "in_subgraphs_compared" of them were compared)."""
-    reached = min(sub.parameters, compared["in_subgraphs"])
-    compared["in_subgraphs_compared"] = int(reached)
+    reached = min(sub.parameters, compared["in_subgraphs"] - compared.get("in_subgraphs_aligned", 0))
+    compared["in_subgraphs_compared"] = int(reached) + compared.get("in_subgraphs_aligned", 0)
     if reached:
         compared["parameters"] += int(reached)
         compared["share"] = compared["parameters"] / compared["of"] if compared["of"] else None

@@ -1,9 +1,14 @@
-"""Weights inside If/Loop/Scan bodies: compared by value, up to permutation, where they can be paired.
+"""Weights inside If/Loop/Scan bodies that alignment did not pair: compared by value, up to
+permutation, where they can be paired.
 
-The canonical form and the alignment do not reach into subgraphs (a body is kept as the file wrote
-it). Their float weights still count in the reference's parameters (report._compared); this module
-compares what it can, so that a model whose weights all sit in branches is judged rather than
-taken on trust.
+Layers inside bodies are aligned like the main graph's (bodies.py: constants folded there, one
+flat view of every layer), and their weights counted as compared (report._compared). What is left
+(a body weight that no aligned layer reads, a layer of a branch the other file writes another
+way) still counts in the reference's parameters; this module compares what it can of it
+(`compare_subgraphs(reference, suspect, aligned)`: the alignment's weight map is left out), so
+that a model whose weights all sit in branches is judged rather than taken on trust. `unpaired`
+also names the main graph's weights that alignment left unfilled (read only by a body layer left
+unpaired): groups that touch them compare the reference with itself.
 
 - A *subgraph weight* is a float initializer of a body, or a float Constant node's value there, at
   any depth; its *scope* is the path of (op type, attribute) from the main graph down to its body
@@ -141,6 +146,31 @@ def subgraph_weights(model: onnx.ModelProto) -> list[SubgraphWeight]:
     return out
 
 
+def body_sizes(model: onnx.ModelProto) -> dict[str, tuple[int, bytes]]:
+    """Float weights inside bodies (subgraph_weights, any size): name -> (elements, digest of the
+    values). A weight stored twice (a copy in each branch of an If, or folded into each, bodies.py)
+    has one digest: the share compared counts it once (report._compared)."""
+    import hashlib
+
+    out: dict[str, tuple[int, bytes]] = {}
+    stack = [g for node in model.graph.node for a in node.attribute for g in _graphs(a)]
+    while stack:
+        graph = stack.pop()
+        tensors = [(t.name, t) for t in graph.initializer]
+        for node in graph.node:
+            for a in node.attribute:
+                if node.op_type == "Constant" and node.domain in ("", "ai.onnx") and node.output \
+                        and a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                    tensors.append((node.output[0], a.t))
+                stack.extend(_graphs(a))
+        for name, t in tensors:
+            if t.data_type in STORAGE_BOUND:
+                values = np.ascontiguousarray(numpy_helper.to_array(t), dtype=np.float32)
+                digest = hashlib.blake2b(values.tobytes() + repr(values.shape).encode(), digest_size=16).digest()
+                out[name] = (int(values.size), digest)
+    return out
+
+
 def _graphs(a: onnx.AttributeProto) -> list[onnx.GraphProto]:
     if a.type == onnx.AttributeProto.GRAPH:
         return [a.g]
@@ -149,10 +179,20 @@ def _graphs(a: onnx.AttributeProto) -> list[onnx.GraphProto]:
     return []
 
 
-def compare_subgraphs(reference: onnx.ModelProto, suspect: onnx.ModelProto) -> SubgraphComparison:
-    """Pair and compare the two models' subgraph weights (module docstring)."""
-    ref, sus = subgraph_weights(reference), subgraph_weights(suspect)
+def compare_subgraphs(reference: onnx.ModelProto, suspect: onnx.ModelProto,
+                      aligned: dict[str, str] | None = None) -> SubgraphComparison:
+    """Pair and compare the two models' subgraph weights (module docstring) that the alignment
+    (`aligned`: reference weight -> suspect weight, align.Alignment.weight_map) has not paired."""
+    aligned = aligned or {}
+    taken = set(aligned.values())
+    ref = [w for w in subgraph_weights(reference) if w.name not in aligned]
+    sus = [w for w in subgraph_weights(suspect) if w.name not in taken]
     result = SubgraphComparison(weights=len(ref))
+    # the main graph's weights that alignment left unfilled (read only by a body layer left
+    # unpaired): the aligned model holds the reference's own values there, as for unpaired ones
+    result.unpaired.update(t.name for t in reference.graph.initializer
+                           if t.name not in aligned and t.data_type in STORAGE_BOUND
+                           and int(np.prod(t.dims)) >= 2)
     buckets: dict[tuple, tuple[list, list]] = {}
     for w in ref:
         buckets.setdefault((w.scope, w.shape), ([], []))[0].append(w)
@@ -192,7 +232,8 @@ def carry(model: onnx.ModelProto, comparison: SubgraphComparison) -> None:
 
     store = WeightStore(model)
     for name, values in comparison.pairs.items():
-        if name in store and tuple(store.shape(name)) == values.shape:
+        # a scalar is never a neuron's slot (and WeightStore.set would write a 0-d value as [1])
+        if values.size >= 2 and name in store and tuple(store.shape(name)) == values.shape:
             store.set(name, values.astype(np.float32))
 
 

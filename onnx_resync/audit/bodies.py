@@ -1,0 +1,239 @@
+"""Layers inside If/Loop/Scan bodies: their weights folded, and one flat view of every layer.
+
+Exporters put a model's layers inside bodies more often than one would think: torch.onnx writes
+an LSTM inside an If on whether a state was given (its weights sliced into ONNX's gate order
+inside the branch), a model that serves two sample rates holds each rate's weights in a branch,
+as Constant nodes or as outer-scope initializers. Another exporter writes the same network
+without the If. For the audit, a layer is a layer wherever it sits.
+
+- `fold_bodies` (a canonical pass, canonical.py): inside every body, at any depth, a node that
+  canonical's `fold_constants` would fold (registry `foldable`, standard domain) whose inputs are
+  all constants (the body's initializers and Constant nodes, the enclosing scopes' constants,
+  the main graph's) is evaluated by ONNX's reference implementation; what the remaining nodes
+  still read of it becomes a Constant node at the head of the body (named by the output, so a
+  weight keeps one name), and constants nothing reads any more are dropped. A body's outputs are
+  never folded (the node that writes them stays).
+  A Conv or ConvTranspose without a bias gets a zero one there too (affine.zero_biases).
+- `flattened` (align.py's view): the main graph's nodes in topological order with each
+  If/Loop/Scan node replaced by its bodies' nodes (recursively), framed by two *links*: an
+  `enter` node from the control node's explicit inputs to the body's inputs, and an `exit` node
+  from every body's outputs to the control node's outputs, so that "which layer feeds which"
+  crosses the body's boundary. *Weights* are every initializer and every Constant node's value,
+  in any scope (names are unique across scopes in a valid model). `inside` holds the ids of the
+  nodes that sit in a body: their layers may stay unpaired (a branch the other file does not
+  have, or writes with other ops): align leaves them out, and their weights count as not
+  compared (report._compared).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from .passes.affine import _CHANNELS
+from .passes.constants import _VIEW_STEPS, MAX_FOLD_ELEMENTS
+from .rewrite import STANDARD, WeightOrigin, Workspace, topological
+from ..walk import registry
+from ..walk.graph import constant_node_value, node_inputs, subgraphs
+
+LINK_DOMAIN = "onnx_resync.body"  # the domain of flattened's link nodes (never written to a file)
+
+
+def fold_bodies(ws: Workspace) -> bool:
+    """Fold the constant chains inside every body of the workspace's nodes (module docstring)."""
+    scope: dict[str, np.ndarray] = {}
+    for name in ws.constants:
+        scope[name] = None  # read when a body needs it (ws.const), never all at once
+    for node in ws.nodes:
+        if node.op_type == "Constant" and node.domain in STANDARD and node.output:
+            value = constant_node_value(node)
+            if value is not None:
+                scope[node.output[0]] = value
+    folded = 0
+    for node in ws.nodes:
+        for g in subgraphs(node):
+            folded += _fold_graph(g, _Scope(ws, scope), ws)
+    if folded:
+        ws.record("constants folded inside If/Loop/Scan bodies", folded)
+    return bool(folded)
+
+
+class _Scope:
+    """The constants a body sees: its own, then its enclosing bodies', then the main graph's."""
+
+    def __init__(self, ws: Workspace | None, values: dict, parent: "_Scope | None" = None):
+        self.ws, self.values, self.parent = ws, values, parent
+
+    def get(self, name: str):
+        s = self
+        while s is not None:
+            if name in s.values:
+                v = s.values[name]
+                if v is None and s.ws is not None:
+                    v = s.ws.const(name)
+                    s.values[name] = v
+                return v
+            s = s.parent
+        return None
+
+    def __contains__(self, name: str) -> bool:
+        s = self
+        while s is not None:
+            if name in s.values:
+                return True
+            s = s.parent
+        return False
+
+
+def _fold_graph(g: onnx.GraphProto, outer: _Scope, ws: Workspace) -> int:
+    """Fold `g` in place; every stored body weight and folded constant gets its origin in
+    ws.origins (its sources and storage type: the audit's storage check reads them)."""
+    foldable = registry.having("foldable")
+    own: dict[str, np.ndarray] = {}
+    scope = _Scope(None, own, outer)
+    for t in g.initializer:
+        own[t.name] = numpy_helper.to_array(t)
+        ws.origins.setdefault(t.name, WeightOrigin([t.name], str(own[t.name].dtype)))
+    protected = {o.name for o in g.output}
+    kept, removed, count = [], [], 0
+    for node in topological(list(g.node)):
+        if node.op_type == "Constant" and node.domain in STANDARD and node.output:
+            value = constant_node_value(node)
+            if value is not None:
+                own[node.output[0]] = value
+                ws.origins.setdefault(node.output[0], WeightOrigin([node.output[0]], str(value.dtype)))
+            kept.append(node)
+            continue
+        inputs = [i for i in node.input if i]
+        if (node.op_type in foldable and node.domain in STANDARD and inputs
+                and not any(o in protected for o in node.output) and not list(subgraphs(node))
+                and all(i in scope for i in inputs)):
+            values = _evaluate(node, {i: scope.get(i) for i in inputs})
+            if values is not None:
+                origin = ws.origin_of(inputs, _step(node, scope.get(inputs[0]), values[0]))
+                for name, value in zip(node.output, values):
+                    if name:
+                        own[name] = value
+                        ws.origins[name] = origin
+                removed.append(node)
+                count += 1
+                continue
+        for sub in subgraphs(node):
+            count += _fold_graph(sub, scope, ws)
+        count += _zero_bias(node, scope, own, ws)
+        kept.append(node)
+    if not count:
+        return 0
+    used = set(protected)
+    for node in kept:
+        if node.op_type != "Constant":
+            used.update(node_inputs(node))
+    written = {o for node in removed for o in node.output if o} | {n for n in own if n.endswith("/zero_bias")}
+    heads = [onnx.helper.make_node("Constant", [], [name], name=f"{name}/folded",
+                                   value=numpy_helper.from_array(np.asarray(own[name]), name))
+             for name in sorted(written & used)]
+    kept = [n for n in kept if not (n.op_type == "Constant" and n.output and n.output[0] not in used)]
+    del g.node[:]
+    g.node.extend(heads + kept)
+    return count
+
+
+def _zero_bias(node: onnx.NodeProto, scope: _Scope, own: dict, ws: Workspace) -> int:
+    """A Conv/ConvTranspose without a bias gets a zero one, as canonical's zero_biases gives the
+    main graph's (a layer has the same weights wherever it sits); 1 if added."""
+    if node.op_type not in ("Conv", "ConvTranspose") or node.domain not in STANDARD or len(node.input) < 2 \
+            or (len(node.input) > 2 and node.input[2]) or scope.get(node.input[1]) is None:
+        return 0
+    name = node.input[1] + "/zero_bias"
+    own[name] = np.zeros(_CHANNELS[node.op_type](node, scope.get(node.input[1])), dtype=np.float32)
+    ws.origins[name] = WeightOrigin([], "float32", ["synthetic zero bias"])
+    while len(node.input) < 3:
+        node.input.append("")
+    node.input[2] = name
+    ws.record("zero bias added")
+    return 1
+
+
+def _step(node: onnx.NodeProto, first: np.ndarray, out: np.ndarray) -> str:
+    """The step's name as canonical's fold_constants writes it (constants._step_name)."""
+    if node.op_type == "Cast":
+        return f"cast {np.asarray(first).dtype} -> {out.dtype}"
+    if node.op_type == "DequantizeLinear":
+        return f"dequantized {np.asarray(first).dtype}"
+    if node.op_type in _VIEW_STEPS:
+        return f"view {node.op_type}"
+    return f"computed {node.op_type}"
+
+
+def _evaluate(node: onnx.NodeProto, feeds: dict) -> list[np.ndarray] | None:
+    if any(v is None for v in feeds.values()):
+        return None
+    if node.op_type == "Identity":
+        return [np.asarray(feeds[node.input[0]])]
+    if node.op_type in ("Expand", "Tile", "ConstantOfShape", "Range"):
+        return None  # a body's shapes are its own business; weights are never built this way here
+    try:
+        from onnx.reference import ReferenceEvaluator
+
+        out = ReferenceEvaluator(node).run(None, {k: np.asarray(v) for k, v in feeds.items()})
+    except Exception:
+        return None  # leave it to the graph
+    if any(not isinstance(o, np.ndarray) or o.size > MAX_FOLD_ELEMENTS for o in out):
+        return None
+    return [np.asarray(o) for o in out]
+
+
+def flattened(model: onnx.ModelProto) -> tuple[list[onnx.NodeProto], dict[str, onnx.TensorProto], set[int]]:
+    """(nodes, weights, ids of the nodes inside bodies): the module docstring's flat view."""
+    weights = {t.name: t for t in model.graph.initializer}
+    out: list[onnx.NodeProto] = []
+    inside: set[int] = set()
+
+    def visit(nodes: list[onnx.NodeProto], depth: int) -> None:
+        for node in nodes:
+            if node.op_type == "Constant" and node.domain in STANDARD and node.output:
+                for a in node.attribute:
+                    if a.name == "value" and a.type == onnx.AttributeProto.TENSOR:
+                        weights.setdefault(node.output[0], a.t)
+            bodies = list(subgraphs(node))
+            if not bodies:
+                out.append(node)
+                if depth:
+                    inside.add(id(node))
+                continue
+            ends = []
+            for g in bodies:
+                for t in g.initializer:
+                    weights.setdefault(t.name, t)
+                if g.input:
+                    out.append(_link("enter", [i for i in node.input if i], [i.name for i in g.input]))
+                visit(topological(list(g.node)), depth + 1)
+                ends += [o.name for o in g.output]
+            out.append(_link("exit", ends, [o for o in node.output if o]))
+
+    visit(topological(list(model.graph.node)), 0)
+    return out, weights, inside
+
+
+def has_bodies(model: onnx.ModelProto) -> bool:
+    return any(True for node in model.graph.node for _ in subgraphs(node))
+
+
+def _link(kind: str, inputs: list[str], outputs: list[str]) -> onnx.NodeProto:
+    return onnx.helper.make_node(kind, inputs, outputs, domain=LINK_DOMAIN)
+
+
+def body_names(model: onnx.ModelProto) -> set[str]:
+    """Names of the weights that sit inside bodies (initializers and Constant nodes at any depth)."""
+    names: set[str] = set()
+    stack = [g for node in model.graph.node for g in subgraphs(node)]
+    while stack:
+        g = stack.pop()
+        names.update(t.name for t in g.initializer)
+        for node in g.node:
+            if node.op_type == "Constant" and node.output:
+                names.add(node.output[0])
+            stack.extend(subgraphs(node))
+    return names
+
