@@ -1,16 +1,18 @@
 #!/usr/bin/env python3
-"""Structural obfuscation against resync: docs/obfuscation.md (table attack x model).
+"""Structural obfuscation against resync and audit: docs/obfuscation.md (table attack x model).
 
 For every bundled model and every attack of tests/attacks.py (dummy, clique and split neurons at 5%
 and 50% of every group the attack can widen; an inserted identity or monomial layer; structured
 pruning of 10% and 50%; constant neurons at 10% (zero incoming weights, the readers' biases
 compensating; groups read by Gemm or an unpadded Conv only); adaptive attackers: nearly silent
-dummies and noisy split copies at 10%), each followed by a random permutation of every group and a neutral
-positive rescale (pruning: permutation only): resync the attacked copy against the reference and
-record the verdict, what the reduction removed, the share of reference neurons matched, the
-evidence and whether the restored model was verified equivalent to the suspect; then attack the
-model's `_seed1` variant (trained from another seed: unrelated) the same way and resync it against
-the same reference: it must stay not derived.
+dummies and noisy split copies at 10%; attention heads: a dummy head per block, a split value dim in
+every head; deepened: a random 1x1 conv (Gemm) + Relu inserted, which nothing folds), each followed
+by a random permutation of every group and a neutral positive rescale (pruning: permutation only):
+resync the attacked copy against the reference and record the verdict, what the reduction removed,
+the share of reference neurons matched, the evidence and whether the restored model was verified
+equivalent to the suspect, and audit the same copy; then attack the model's `_seed1` variant
+(trained from another seed: unrelated) the same way and resync and audit it against the same
+reference: it must stay not derived.
 
 Usage: python tools/obfuscation.py [--models models] [--only mlp,vgg] [--out docs/obfuscation.md]
 """
@@ -18,6 +20,7 @@ Usage: python tools/obfuscation.py [--models models] [--only mlp,vgg] [--out doc
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 import sys
 import tempfile
 import time
@@ -35,7 +38,8 @@ from onnx_resync.errors import ResyncError  # noqa: E402
 
 ATTACKS = [("dummies", 0.05), ("dummies", 0.5), ("cliques", 0.05), ("cliques", 0.5), ("splits", 0.05),
            ("splits", 0.5), ("identity", 0.0), ("monomial", 0.0), ("prune", 0.1), ("prune", 0.5),
-           ("constants", 0.1), ("noisy dummies", 0.1), ("noisy splits", 0.1)]
+           ("constants", 0.1), ("noisy dummies", 0.1), ("noisy splits", 0.1), ("dummy heads", 0.0),
+           ("split heads", 0.0), ("deepened", 0.0)]
 NOISE = 0.01  # adaptive attackers: x the std of the weights (dummies' outgoing, split copies' incoming)
 MODELS = ["mlp", "vgg", "resnet", "mobilenet", "csp", "transformer", "gru"]
 
@@ -45,6 +49,12 @@ def _attacked(path: str, kind: str, fraction: float, seed: int):
         return attacks.attack(path, kind.split()[1], fraction, seed, shuffle=True, noise=NOISE)
     if kind == "constants":
         model, log = attacks.constants(path, fraction, seed)
+        return attacks.permute_rescale(model, seed), log
+    if kind == "deepened":  # a random 1x1 conv (Gemm) + Relu: a new layer, nothing folds it
+        model, log = attacks.insert_layer(onnx.load(path), "random", seed)
+        return attacks.permute_rescale(model, seed), log
+    if kind in attacks.HEAD_ATTACKS:
+        model, log = attacks.heads(path, kind, seed)
         return attacks.permute_rescale(model, seed), log
     if kind == "prune":
         pruned, log = attacks.prune(onnx.load(path), fraction, seed)
@@ -57,7 +67,7 @@ def _one(path: str, reference: str, kind: str, fraction: float, seed: int, work:
         model, log = _attacked(path, kind, fraction, seed)
     except ValueError as exc:  # no site for the attack (no Relu read only by linear layers)
         return {"cell": f"n/a ({exc})"}
-    if kind not in ("identity", "monomial") and not log.per_group:
+    if kind not in ("identity", "monomial", "deepened") and not log.per_group:
         return {"cell": "n/a (no group the attack can change)"}
     suspect, out = work / "suspect.onnx", work / "restored.onnx"
     onnx.save(model, suspect)
@@ -65,7 +75,8 @@ def _one(path: str, reference: str, kind: str, fraction: float, seed: int, work:
     try:
         _, report = api.resync(str(suspect), reference, out)
     except ResyncError as exc:
-        return {"cell": f"error (exit {exc.exit_code}): {str(exc)[:80]}", "derived": None}
+        return {"cell": f"error (exit {exc.exit_code}): {str(exc)[:80]}", "derived": None,
+                "audit": _audit(suspect, reference)}
     seconds = time.perf_counter() - t0
     red = report.reduction or {}
     removed = sum(red.get(k, 0) for k in ("dummy", "split", "clique", "constant"))
@@ -81,7 +92,25 @@ def _one(path: str, reference: str, kind: str, fraction: float, seed: int, work:
     cell = f"{word}; {what or 'nothing reduced'}; {share:.1f}% matched; ev {evidence}" + ("" if report.verified else
                                                                                           "; NOT verified")
     added = log.neurons if kind not in ("identity", "monomial") else 1
-    return {"cell": cell, "derived": report.derived, "seconds": seconds, "added": added}
+    return {"cell": cell, "derived": report.derived, "seconds": seconds, "added": added,
+            "audit": _audit(suspect, reference)}
+
+
+def _audit(suspect: Path, reference: str) -> dict:
+    """The audit of the same attacked copy: its verdict (exit 3: refused)."""
+    try:
+        report = api.audit(str(suspect), reference)
+    except ResyncError as exc:
+        return {"cell": f"error (exit {exc.exit_code})", "derived": None}
+    red = report.reduction or {}
+    pruned = sum(p["removed"] for p in red.get("pruned", []))
+    removed = sum(red.get(k, 0) for k in ("dummy", "split", "clique", "constant"))
+    inserted = len(red.get("inserted", []))
+    word = "derived" if report.derived else "not derived"
+    share = 100 * report.matched / max(report.neurons, 1)
+    what = "".join(x for x in (f", {removed} removed" if removed else "", f", {pruned} pruned" if pruned else "",
+                               f", {inserted} inserted layer left out" if inserted else ""))
+    return {"cell": f"{word}{what}; {share:.1f}% matched", "derived": report.derived}
 
 
 def main() -> int:
@@ -93,6 +122,7 @@ def main() -> int:
     models = Path(args.models)
     names = [n for n in MODELS if not args.only or n in args.only.split(",")]
     rows, wrong, refused = [], [], []
+    counts = Counter()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for name in names:
@@ -105,33 +135,56 @@ def main() -> int:
                 rows.append((name, label, own, unrelated))
                 if own.get("derived") is False:
                     wrong.append(f"{name} {label}: the attacked copy is not derived")
-                if own["cell"].startswith("error"):
+                if own["cell"].startswith("error") and kind != "deepened":  # resync pairs weights by name
                     refused.append(f"{name} {label}")
                 if unrelated.get("derived"):
                     wrong.append(f"{name} {label}: the attacked unrelated model is derived")
-                print(f"{name:12} {label:12} {own['cell']} | seed1: {unrelated['cell']}", flush=True)
+                own_audit, other_audit = own.get("audit", {}), unrelated.get("audit", {})
+                if own_audit.get("derived") is False:
+                    wrong.append(f"{name} {label}: audit: the attacked copy is not derived")
+                if own_audit.get("cell", "").startswith("error"):
+                    refused.append(f"{name} {label} (audit)")
+                if other_audit.get("derived"):
+                    wrong.append(f"{name} {label}: audit: the attacked unrelated model is derived")
+                for column, result in (("own", own), ("other", unrelated)):
+                    if result.get("derived") is not None:
+                        counts[(column, bool(result["derived"]))] += 1
+                    if result.get("audit", {}).get("derived") is not None:
+                        counts[(column + " audit", bool(result["audit"]["derived"]))] += 1
+                print(f"{name:12} {label:12} {own['cell']} | seed1: {unrelated['cell']} | audit: "
+                      f"{own.get('audit', {}).get('cell', '-')} | seed1: {unrelated.get('audit', {}).get('cell', '-')}", flush=True)
     lines = [
         "# Structural obfuscation",
         "",
         "Written by `tools/obfuscation.py` (attacks: `tests/attacks.py`; the reduction: `onnx_resync/reduce/`;",
-        "pruned copies: `onnx_resync/match/partial.py`). Each attack is applied to every group of the bundled",
-        "model where it keeps the function (proven with ONNX Runtime; groups whose width is also an",
-        "attribute, a Reshape target or a Split size, such as attention heads, RNN units and the CSP split,",
-        "and residual streams read by LayerNormalization, are left alone, as they would be for an attacker),",
-        "then every group is permuted and every neutral group rescaled (a in [0.5, 2]; pruning: permuted only).",
-        "`resync` then reduces the suspect without the reference (every rewrite proven equivalent by ONNX",
-        "Runtime), pairs a pruned copy by a rectangular assignment, matches, restores (-o) and verifies the",
-        "restored model against the suspect.",
+        "pruned copies: `onnx_resync/match/partial.py`, `onnx_resync/audit/widths.py`; inserted layers:",
+        "`onnx_resync/audit/depth.py`). Each width attack is applied to every group of the bundled model where",
+        "it keeps the function (proven with ONNX Runtime; groups whose width is also an attribute or a Split",
+        "size, such as RNN units and the CSP split, and residual streams read by LayerNormalization, are left",
+        "alone, as they would be for an attacker; attention heads have attacks of their own, which rewrite the",
+        "Reshape targets too), then every group is permuted and every neutral group rescaled (a in [0.5, 2];",
+        "pruning: permuted only). `resync` then reduces the suspect without the reference (every rewrite",
+        "proven equivalent by ONNX Runtime), pairs a pruned copy by a rectangular assignment, matches,",
+        "restores (-o) and verifies the restored model against the suspect; `audit` does the same from the",
+        "canonical form, pairing layers by structure (never by name).",
         "",
-        "Cells: verdict; what the reduction removed (neurons; folded layers; reference neurons found pruned);",
-        "the share of the (kept) reference neurons matched to their best candidate; resync's evidence",
-        "(derived at >= 1, unrelated about 0). The `_seed1` column attacks the model trained from another",
-        "seed the same way and resyncs it against the same reference.",
+        "Cells: verdict; what the reduction removed (neurons; folded layers; reference neurons found pruned;",
+        "inserted layers left out); the share of the (kept) reference neurons matched to their best",
+        "candidate; resync's evidence (derived at >= 1, unrelated about 0). The `_seed1` columns attack the",
+        "model trained from another seed the same way and resync or audit it against the same reference.",
         "",
-        "| model | attack | attacked copy | attacked `_seed1` (unrelated) |",
-        "|---|---|---|---|",
+        "| model | attack | resync: attacked copy | resync: attacked `_seed1` (unrelated) | audit: copy | "
+        "audit: `_seed1` |",
+        "|---|---|---|---|---|---|",
     ]
-    lines += [f"| {n} | {a} | {o['cell']} | {u['cell']} |" for n, a, o, u in rows]
+    lines += [f"| {n} | {a} | {o['cell']} | {u['cell']} | {o.get('audit', {}).get('cell', '-')} | "
+              f"{u.get('audit', {}).get('cell', '-')} |" for n, a, o, u in rows]
+    lines += ["", "Verdicts counted: resync on attacked copies {} derived, {} not derived; on attacked `_seed1` {} "
+              "derived, {} not derived. Audit on attacked copies {} derived, {} not derived; on attacked `_seed1` {} "
+              "derived, {} not derived.".format(
+                  counts[("own", True)], counts[("own", False)], counts[("other", True)], counts[("other", False)],
+                  counts[("own audit", True)], counts[("own audit", False)], counts[("other audit", True)],
+                  counts[("other audit", False)])]
     lines += ["", f"Wrong verdicts: {len(wrong)}" + (": " + "; ".join(wrong) if wrong else ".") + " Attacked copies "
               f"refused (exit 3, no verdict): {len(refused)}" + (": " + "; ".join(refused) if refused else "."), ""]
     lines += [
@@ -139,14 +192,26 @@ def main() -> int:
         "",
         "- identity/monomial: the inserted 1x1 conv (or Gemm) + Relu after a Relu whose readers are all linear;",
         "  after the permutation the inserted identity is a monomial layer and is reported as one.",
-        "- splits with a rescale compound two positive scales (0.25x-4x): resync's matched share is measured",
-        "  before the rescales are undone and dips below 100% there even without obfuscation (mlp permuted",
-        "  and rescaled twice: 366 of 384); the restored model is still the reference to float rounding.",
+        "- splits with a rescale compound two positive scales (0.25x-4x): the matched share is measured once",
+        "  the rescales are undone (resync.matched_as_restored; measured before, mlp permuted and rescaled",
+        "  twice had 372 of 384).",
         f"- noisy: adaptive attackers, noise {NOISE} x the weights' std on the dummies' outgoing and the split",
         "  copies' incoming weights (the function changes a little); resync removes the excess nearest-to-dead",
-        "  or nearest-to-copy neurons and reports the output error that introduces (ONNX Runtime).",
+        "  or nearest-to-copy neurons and reports the output error that introduces (ONNX Runtime). Audit does",
+        "  not do this approximate step (it needs the reference's group of each suspect group): exit 3.",
+        "- dummy heads / split heads: the Reshape targets that hold the head count or the head size follow the",
+        "  width (reduce/targets.py, for the attack and for the reduction); a dummy head counts as one dummy",
+        "  neuron of the head group (its dims go with it).",
+        "- deepened: resync pairs weights by name and refuses the extra layer (exit 3, by design); audit aligns",
+        "  the layer sequences with gaps (audit/depth.py), leaves the inserted layer out and judges the rest.",
+        "  The group around the inserted layer then carries two rescales that do not cancel (its producer's and",
+        "  its readers'), which the audit reports as rescaled neurons and noise.",
+        "- prune: audit pairs the layers regardless of width (audit/widths.py), the neurons by a rectangular",
+        "  assignment (match/partial.py), and judges the suspect against the reference without the unmatched",
+        "  neurons; the JSON report lists the surviving reference neurons per pruned group (reduction.pruned).",
         "- n/a: the model has no group or site the attack can change while keeping the function (GRU: the",
-        "  hidden size is an attribute; transformer: no Relu for an inserted layer).",
+        "  hidden size is an attribute; transformer: no Relu for an inserted layer; heads: only the",
+        "  transformer has attention).",
         "",
     ]
     Path(args.out).write_text("\n".join(lines))
