@@ -826,7 +826,8 @@ def _compared(ref_c: CanonicalModel, alignment: Alignment) -> dict:
         o = ref_c.origins.get(t.name)
         if t.data_type in _FLOATS and not (o is not None and not o.sources):
             sizes[t.name] = int(np.prod(t.dims)) if t.dims else 1
-    body = body_sizes(ref_c.model)  # layers inside bodies are aligned too (bodies.py); a copy counts once
+    body = {k: v for k, v in body_sizes(ref_c.model).items()  # layers inside bodies are aligned too (bodies.py);
+            if not (k in ref_c.origins and not ref_c.origins[k].sources)}  # a copy counts once, a synthetic none
     distinct = {digest: size for size, digest in body.values()}
     inside = sum(distinct.values())
     reached = {body[rw][1] for rw in alignment.weight_map if rw in body and rw not in sizes}
