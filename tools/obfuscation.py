@@ -212,6 +212,8 @@ def main() -> int:
         "- n/a: the model has no group or site the attack can change while keeping the function (GRU: the",
         "  hidden size is an attribute; transformer: no Relu for an inserted layer; heads: only the",
         "  transformer has attention).",
+        "- real files (pruning, an inserted layer, dummy/split heads of a BERT export whose Reshape targets are",
+        "  built at run time): docs/obfuscation_vendor.md (tools/obfuscation_vendor.py).",
         "",
     ]
     Path(args.out).write_text("\n".join(lines))
