@@ -638,3 +638,19 @@ def test_nchwc_layout_is_written_back_in_nchw(tmp_path):
     x = _w(1, 3, 8, 8, scale=1)
     _same(canon, saved, {"x": x}, atol=1e-4, rtol=1e-4)
     _same(canon, model, {"x": x}, atol=1e-4, rtol=1e-4)
+
+
+def test_runtime_layer_norm_below_opset_17_is_written_out():
+    """ONNX Runtime's LayerNormalization in the standard domain at opset 12 (its optimizer writes it
+    there): the exporters' form, computing what ONNX Runtime computes."""
+    h = 6
+    nodes = [helper.make_node("LayerNormalization", ["x", "g", "b"], ["y"], axis=-1, epsilon=1e-5)]
+    graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, h])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, h])],
+                              [numpy_helper.from_array(_w(h) + 1, "g"), numpy_helper.from_array(_w(h), "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)], ir_version=7)
+    canon = _canonical(model)
+    ops = _ops(canon.model)
+    assert "LayerNormalization" not in ops and ops["ReduceMean"] == 2 and ops["Sqrt"] == 1, ops
+    assert "ONNX Runtime's LayerNormalization at opset 12 written out" in canon.changes
+    _same(canon, model, {"x": _w(2, 3, h, scale=1)})

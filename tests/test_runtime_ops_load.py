@@ -41,3 +41,40 @@ def test_unknown_standard_domain_op_is_refused(tmp_path):
     with pytest.raises(LoadError) as info:
         load_model(path)
     assert "NoSuchNormalization" in str(info.value) and "\n" not in str(info.value)
+
+
+def _norm_model(op: str, opset: int) -> onnx.ModelProto:
+    gamma = numpy_helper.from_array(np.linspace(0.5, 1.5, 8, dtype=np.float32), "gamma")
+    beta = numpy_helper.from_array(np.linspace(-0.2, 0.2, 8, dtype=np.float32), "beta")
+    extra = {"num_groups": 2} if op == "GroupNormalization" else {"axis": -1}
+    node = helper.make_node(op, ["x", "gamma", "beta"], ["y"], epsilon=1e-5, **extra)
+    shape = [2, 8, 3] if op == "GroupNormalization" else [2, 3, 8]
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)], [gamma, beta])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], ir_version=7)
+
+
+def test_runtime_op_below_onnx_since_version_loads(tmp_path):
+    """LayerNormalization is ONNX's from opset 17; ONNX Runtime registers it in the standard domain
+    below that, and its optimizer writes it into opset-12 files (PaddleOCR's recognizer saved at the
+    extended level): ONNX Runtime runs it, so the loader accepts it."""
+    import onnxruntime as ort
+
+    path = tmp_path / "ln12.onnx"
+    onnx.save(_norm_model("LayerNormalization", 12), str(path))
+    ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert load_model(path).graph.node[0].op_type == "LayerNormalization"
+
+
+def test_op_below_since_version_that_runtime_lacks_is_refused(tmp_path):
+    """GroupNormalization (ONNX's from opset 18) at opset 12: neither onnx nor ONNX Runtime has it
+    there, so it is refused in one line."""
+    import onnxruntime as ort
+
+    path = tmp_path / "gn12.onnx"
+    onnx.save(_norm_model("GroupNormalization", 12), str(path))
+    with pytest.raises(Exception):
+        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with pytest.raises(LoadError) as info:
+        load_model(path)
+    assert "GroupNormalization" in str(info.value) and "\n" not in str(info.value)

@@ -266,20 +266,37 @@ def _check(model: onnx.ModelProto, path: Path) -> None:
 
 
 def _runtime_standard_ops(model: onnx.ModelProto) -> set[str]:
-    """Ops of the standard domain that the file uses, onnx does not define and ONNX Runtime registers
-    there (SimplifiedLayerNormalization of the onnxruntime-genai builder): ONNX Runtime runs them, so the
-    loader accepts them; onnx.checker would refuse them as unknown."""
+    """Ops of the standard domain that the file uses, onnx does not define at the file's opset and ONNX
+    Runtime registers there at that opset: ops onnx never defined (SimplifiedLayerNormalization of the
+    onnxruntime-genai builder), and ops ONNX Runtime registers below onnx's own since-version
+    (LayerNormalization before opset 17, which ONNX Runtime's optimizer writes into opset-12 files).
+    ONNX Runtime runs them, so the loader accepts them; onnx.checker would refuse them as unknown."""
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     used = {n.op_type for g in _graphs(model.graph) for n in g.node if n.domain in ("", "ai.onnx")}
-    unknown = {op for op in used if not onnx.defs.has(op)}
+    unknown = {op for op in used if not _onnx_defines(op, opset)}
     if not unknown:
         return set()
     try:
         from onnxruntime.capi import onnxruntime_pybind11_state as C
 
-        registered = {s.name for s in C.get_all_operator_schema() if s.domain in ("", "ai.onnx")}
+        registered = {s.name for s in C.get_all_operator_schema()
+                      if s.domain in ("", "ai.onnx") and (opset is None or s.since_version <= opset)}
     except Exception:  # no ONNX Runtime, or one without its schema table: the checker says what it says
         return set()
     return unknown & registered
+
+
+def _onnx_defines(op: str, opset: int | None) -> bool:
+    """Whether onnx has a schema for op in the standard domain at that opset (any, without one)."""
+    if not onnx.defs.has(op):
+        return False
+    if opset is None:
+        return True
+    try:
+        onnx.defs.get_schema(op, opset, "")
+        return True
+    except onnx.defs.SchemaError:
+        return False
 
 
 def _graphs(graph: onnx.GraphProto):

@@ -13,6 +13,9 @@ Canonical form:
   0..S-1, segment), their sum and LayerNormalization (its mask index output, when read, the count of
   ones in each row of the mask, as ONNX Runtime computes it).
 
+- LayerNormalization in the standard domain below opset 17 (ONNX Runtime registers it there, and its
+  optimizer writes it into opset-12 files) is written out as below.
+
 Below opset 17 (no LayerNormalization op) the layer norm is written out as exporters write it there
 (ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt, Div, Mul by gamma, Add of beta). Anything else (a norm
 over another axis, outputs that form does not give) stays as it is.
@@ -42,6 +45,8 @@ def expand_norms(ws: Workspace) -> bool:
             changed |= _simplified(ws, node, version)
         elif node.domain == MS and op == "EmbedLayerNormalization":
             changed |= _embed_layer_norm(ws, node, version)
+        elif op == "LayerNormalization" and node.domain in STANDARD and version < 17:
+            changed |= _layer_norm_below_17(ws, node, version)
     return changed
 
 
@@ -118,6 +123,20 @@ def _simplified(ws: Workspace, node: onnx.NodeProto, version: int) -> bool:
     e = Expansion(ws, node)
     rms_norm(e, x, scale, float(attr(node, "epsilon", 1e-5)), version, y, inv_std)
     e.commit("SimplifiedLayerNormalization written as RMSNorm")
+    return True
+
+
+def _layer_norm_below_17(ws: Workspace, node: onnx.NodeProto, version: int) -> bool:
+    """ONNX Runtime registers LayerNormalization in the standard domain below opset 17, and its optimizer
+    writes it into such files: written out as the exporter wrote it there."""
+    x, gamma, beta, y = _get(node, 0), _get(node, 1), _get(node, 2), _get(node, 0, "output")
+    mean, inv_std = _get(node, 1, "output"), _get(node, 2, "output")
+    if not (x and gamma and y) or attr(node, "axis", -1) != -1:
+        return False
+    e = Expansion(ws, node)
+    if not layer_norm(e, x, gamma, beta, float(attr(node, "epsilon", 1e-5)), version, y, mean, inv_std):
+        return False
+    e.commit(f"ONNX Runtime's LayerNormalization at opset {version} written out")
     return True
 
 

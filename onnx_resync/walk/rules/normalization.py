@@ -3,6 +3,7 @@ InstanceNorm), or the normalized axis keeps its label (LayerNorm, GroupNorm, Sof
 
 from __future__ import annotations
 
+import onnx
 
 from .base import _inputs, _norm_axis, attr, passthrough
 from ..registry import declare
@@ -97,10 +98,21 @@ def softmax(ctx, node) -> None:
     passthrough(ctx, node)  # equivariant along its axis, elementwise along the others
 
 
+def _layer_norm_dims(node, shape_of):
+    """Y as X, mean and inverse std with the normalized axes kept as 1 (float): for ONNX Runtime's
+    LayerNormalization below opset 17, which ONNX shape inference does not know."""
+    x = shape_of(0)
+    if x is None:
+        return [None, None, None]
+    axis = int(attr(node, "axis")) % len(x)
+    stats = (list(x[:axis]) + [1] * (len(x) - axis), onnx.TensorProto.FLOAT)
+    return [x, stats, stats]
+
+
 # ---- declarations ---------------------------------------------------------------------------
 declare("BatchNormalization", batch_norm, trivial=True)
 declare("InstanceNormalization", instance_norm, trivial=True)
-declare("LayerNormalization", layer_norm, attributes={"axis": -1}, trivial=True)
+declare("LayerNormalization", layer_norm, attributes={"axis": -1}, trivial=True, output_shapes=_layer_norm_dims)
 declare("GroupNormalization", group_norm, attributes={"num_groups": 1})
 declare("Softmax", softmax)
 declare("LogSoftmax", softmax)
