@@ -82,7 +82,7 @@ def einsum(ctx, node) -> None:
             varying = [(n, a) for n, a in places if ctx.dim(n, a) != 1]
             dim = ctx.dim(*varying[0]) if varying else None
             # an axis only weights have, kept in the output: fresh channels (a MatMul's columns)
-            if not (letter in outs and has_data and varying and isinstance(dim, int)
+            if not (letter in outs and has_data and varying and isinstance(dim, int) and dim > 1
                     and all(ctx.is_weightlike(n) for n, _ in varying)):
                 continue
             label = ctx.new(dim, node, node.output[0])
