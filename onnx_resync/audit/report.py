@@ -822,10 +822,13 @@ def _compared(ref_c: CanonicalModel, alignment: Alignment) -> dict:
     from .subgraphs import body_sizes
 
     sizes = {}
-    for t in ref_c.model.graph.initializer:
-        o = ref_c.origins.get(t.name)
+    # a Constant node counts like an initializer (canonical keeps one that a body reads as a node)
+    consts = [(n.output[0], a.t) for n in ref_c.model.graph.node if n.op_type == "Constant" and n.output
+              for a in n.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR]
+    for name, t in [(t.name, t) for t in ref_c.model.graph.initializer] + consts:
+        o = ref_c.origins.get(name)
         if t.data_type in _FLOATS and not (o is not None and not o.sources):
-            sizes[t.name] = int(np.prod(t.dims)) if t.dims else 1
+            sizes[name] = int(np.prod(t.dims)) if t.dims else 1
     body = {k: v for k, v in body_sizes(ref_c.model).items()  # layers inside bodies are aligned too (bodies.py);
             if not (k in ref_c.origins and not ref_c.origins[k].sources)}  # a copy counts once, a synthetic none
     distinct = {digest: size for size, digest in body.values()}

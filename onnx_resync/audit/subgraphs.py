@@ -190,8 +190,10 @@ def compare_subgraphs(reference: onnx.ModelProto, suspect: onnx.ModelProto,
     result = SubgraphComparison(weights=len(ref))
     # the main graph's weights that alignment left unfilled (read only by a body layer left
     # unpaired): the aligned model holds the reference's own values there, as for unpaired ones
-    result.unpaired.update(t.name for t in reference.graph.initializer
-                           if t.name not in aligned and t.data_type in STORAGE_BOUND
+    main = [(t.name, t) for t in reference.graph.initializer] + [
+        (n.output[0], a.t) for n in reference.graph.node if n.op_type == "Constant" and n.output
+        for a in n.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR]
+    result.unpaired.update(name for name, t in main if name not in aligned and t.data_type in STORAGE_BOUND
                            and int(np.prod(t.dims)) >= 2)
     buckets: dict[tuple, tuple[list, list]] = {}
     for w in ref:
