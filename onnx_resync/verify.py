@@ -39,7 +39,8 @@ float16 or bfloat16 on inputs nudged by a rounding of that precision, any other 
 float32 rounding (NUDGE: an ill-conditioned output, a probability near zero after an LSTM, moves by
 a rounding of its inputs as it does by a correct permutation's reordered sums); the largest difference
 between those runs of the reference itself is the output's floor. An output within NOISE_FACTOR x its floor passes and says so
-(an output near zero on the chosen inputs, a saturated sigmoid map). A failed check names the output,
+(an output near zero on the chosen inputs, a saturated sigmoid map), unless the tolerance is 0: that
+asks for bitwise equality, which no floor excuses. A failed check names the output,
 the error, the floor and the inputs (`explain`); it blames the walker only when the reference is
 stable across levels and the error is far above the floor.
 
@@ -410,7 +411,7 @@ NUDGE = {"quantized": 2.0 ** -20, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8, 
 
 
 def _judge_against_noise_floor(reference, provider, feeds, outputs, level: str = "basic",
-                               nudge: str | None = None) -> None:
+                               nudge: str | None = None, excuse: bool = True) -> None:
     """Each output's floor: the largest difference between the reference at `level` and the reference
     at every other optimization level and with no optimization on one thread; for a quantized or
     half-precision graph (`nudge`, a key of NUDGE) also the reference on inputs nudged by a rounding."""
@@ -442,7 +443,7 @@ def _judge_against_noise_floor(reference, provider, feeds, outputs, level: str =
     how = "optimization levels" + (f" and inputs nudged by a {nudge} rounding ({NUDGE[nudge]:.0e})" if nudge else "")
     for out, floor in zip(outputs, floors):
         out.noise_floor = floor
-        if not out.passed and not out.note and floor > 0 and out.max_abs_error <= NOISE_FACTOR * floor:
+        if excuse and not out.passed and not out.note and floor > 0 and out.max_abs_error <= NOISE_FACTOR * floor:
             out.passed = True
             out.mismatches = 0
             out.note = f"within {NOISE_FACTOR:g}x the reference's own rounding floor ({floor:.1e}, across {how})"
@@ -529,7 +530,8 @@ def verify(reference, candidate, *, inputs=None, shapes=None, samples: int = 1, 
         outputs = [acc.result() for acc in accs]
         if ran and not elementwise and not all(o.passed for o in outputs):
             _judge_against_noise_floor(ref_model, provider, (src if a is None else fill(src, a) for src, a in ran),
-                                       outputs, level, "quantized" if quantized else half or "float32")
+                                       outputs, level, "quantized" if quantized else half or "float32",
+                                       excuse=tolerance > 0)  # a tolerance of 0 asks for bitwise equality
     verdict, reason = _verdict(outputs, base, failed_empty, len(ran))
     as_written = []
     if exact and verdict == EQUIVALENT:
