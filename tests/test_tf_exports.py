@@ -132,6 +132,16 @@ class JaxGraph:
         centred = self.node("Sub", [x, self.broadcast_stat(mean, axis, c, full)], "LayerNorm/Sub_1")
         return self.node("Add", [self.node("Mul", [centred, scale]), self.weight(shape, 0.1, "Reshape_3")])
 
+    def jax_softmax(self, x: str, c: int) -> str:
+        """jax.nn.softmax over the channels through jax2tf: ReduceMax (keepdims=0), Max(-inf, .),
+        Reshape + BroadcastTo back, Sub, Exp, ReduceSum, Reshape + BroadcastTo, Div."""
+        axes = self.const(np.array([1], np.int64))
+        top = self.node("ReduceMax", [x], "softmax/Max", axes=[1], keepdims=0)
+        top = self.broadcast_stat(self.node("Max", [self.scalar(-np.inf), top], "softmax/Maximum"), 1, c, False)
+        e = self.node("Exp", [self.node("Sub", [x, top], "softmax/Sub")])
+        total = self.node("ReduceSum", [e, axes], "softmax/Sum", keepdims=0, noop_with_empty_axes=1)
+        return self.node("Div", [e, self.broadcast_stat(total, 1, c, False)], "softmax/truediv")
+
     def keras_layernorm(self, x: str, c: int) -> str:
         """tf.keras LayerNormalization through tf2onnx: x * inv + (beta - mean * inv)."""
         mean = self.node("ReduceMean", [x], "moments/mean", axes=[-1], keepdims=1)
@@ -166,7 +176,7 @@ class JaxGraph:
         return model
 
 
-NORMS = ("jax", "jax_full", "keras", "none")
+NORMS = ("jax", "jax_full", "keras", "softmax", "none")
 
 
 def mlp(widths: list[int], norms: list[str], seed: int = 0, gelu: bool = True) -> onnx.ModelProto:
@@ -180,6 +190,8 @@ def mlp(widths: list[int], norms: list[str], seed: int = 0, gelu: bool = True) -
             x = g.jax_layernorm(x, cout, full=norm == "jax_full")
         elif norm == "keras":
             x = g.keras_layernorm(x, cout)
+        elif norm == "softmax":
+            x = g.jax_softmax(x, cout)
     return g.model(g.dense(x, widths[-2], widths[-1]), [BATCH_DIM, widths[-1]])
 
 
@@ -227,7 +239,7 @@ def _slotted(result) -> set[str]:
 def test_layernorm_as_tf2onnx_writes_it_moves_every_channel(norm):
     result = assert_round_trips(mlp([5, 8, 7, 3], [norm, norm]))
     assert result.coverage == 1.0 and len(result.groups) == 2
-    if norm != "none":  # the scale and bias are slots of the channels they normalize
+    if norm not in ("none", "softmax"):  # the scale and bias are slots of the channels they normalize
         scales = {"jax": "Reshape", "jax_full": "Reshape", "keras": "gamma"}[norm]
         assert scales in _slotted(result)
 
