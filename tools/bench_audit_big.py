@@ -3,6 +3,7 @@
     python tools/bench_audit_big.py                  # build (cached), measure, write docs/performance.md
     python tools/bench_audit_big.py --tiny --check   # a small one, each file run in ONNX Runtime
     python tools/bench_audit_big.py --profile int4   # cProfile + tracemalloc of one audit, in this process
+    python tools/bench_audit_big.py --config medium --only fp16 --before /tmp/base   # before -> after, one run
 
 Models (cached in ~/.cache/onnx-resync/big/<config>/; every file is written tensor by tensor, so
 building needs little memory):
@@ -25,6 +26,8 @@ Measured, each in its own process (wall time; peak RSS = ru_maxrss of that proce
   save_as_external_data=True)`; the baseline of an audit is that of its two files, added;
 - `onnx-resync audit SUSPECT --reference reference.onnx --json` for each suspect.
 Targets: audit <= 3x baseline time, peak RSS <= 1.5x the larger file of the two.
+--before DIR also measures the audits with the package of another tree (say `git archive` of an
+earlier commit unpacked in DIR; PYTHONPATH=DIR), in the same run: before -> after on one machine state.
 Figures go to docs/performance.md between `<!-- audit-big:CONFIG -->` markers (--doc for a config other than big).
 """
 
@@ -309,13 +312,13 @@ print(json.dumps({"seconds": seconds, "cpu": usage.ru_utime + usage.ru_stime, "m
 """
 
 
-def measured(args: list[str], timeout: float = 1e9) -> dict:
+def measured(args: list[str], timeout: float = 1e9, env: dict | None = None, cwd: Path | None = None) -> dict:
     """A command in its own process: wall time, CPU time, peak RSS (ru_maxrss of that process);
     killed after `timeout` seconds (then "killed": True)."""
     with tempfile.TemporaryDirectory() as tmp:
         out, err = Path(tmp) / "out", Path(tmp) / "err"
         p = subprocess.run([sys.executable, "-c", LAUNCHER, str(out), str(err), str(timeout), *args],
-                           capture_output=True, text=True)
+                           capture_output=True, text=True, env=env, cwd=cwd)
         if p.returncode != 0:
             raise SystemExit(f"launcher failed: {p.stderr[-2000:]}")
         r = json.loads(p.stdout.strip().splitlines()[-1])
@@ -332,9 +335,11 @@ def baseline(path: Path) -> dict:
     return r
 
 
-def audit(suspect: Path, reference: Path, timeout: float) -> dict:
+def audit(suspect: Path, reference: Path, timeout: float, tree: Path | None = None) -> dict:
+    """tree: run the package of that tree (PYTHONPATH), not this one."""
+    env = dict(os.environ, PYTHONPATH=str(tree)) if tree is not None else None
     r = measured([sys.executable, "-m", "onnx_resync", "audit", str(suspect), "--reference", str(reference), "--json"],
-                 timeout)
+                 timeout, env=env, cwd=tree)
     if r["killed"]:
         r["report"] = {"summary": f"(killed after {timeout:.0f} s: no verdict)", "timings": {}}
         return r
@@ -344,26 +349,29 @@ def audit(suspect: Path, reference: Path, timeout: float) -> dict:
     return r
 
 
-def measure(paths: dict[str, Path], repeats: int, timeout: float) -> dict:
+def measure(paths: dict[str, Path], repeats: int, timeout: float, only: tuple[str, ...] = ("fp16", "int4"),
+            before: Path | None = None) -> dict:
     base = {}
-    for k in ("reference", "fp16", "int4"):
+    for k in ("reference",) + only:
         runs = [baseline(paths[k]) for _ in range(repeats)]
         base[k] = min(runs, key=lambda r: r["seconds"])
         print(f"load+save {k}: {base[k]['seconds']:.1f} s ({base[k]['cpu']:.1f} s CPU), peak RSS {base[k]['peak_rss_bytes'] / 2**30:.2f} GiB",
               flush=True)
-    audits = {}
-    for k in ("fp16", "int4"):
-        runs = [audit(paths[k], paths["reference"], timeout) for _ in range(repeats)]
-        audits[k] = min(runs, key=lambda r: r["seconds"])
-        rep = audits[k]["report"]
-        print(f"audit {k}: {audits[k]['seconds']:.1f} s ({audits[k]['cpu']:.1f} s CPU), peak RSS {audits[k]['peak_rss_bytes'] / 2**30:.2f} GiB, "
-              f"{rep['summary']}; timings {rep['timings']}", flush=True)
-    return {"baseline": base, "audit": audits, "bytes": {k: files_bytes(p) for k, p in paths.items()}}
+    audits, befores = {}, {}
+    for k in only:
+        for tree, into, label in ([(before, befores, f"before ({before})")] if before else []) + [(None, audits, "")]:
+            runs = [audit(paths[k], paths["reference"], timeout, tree) for _ in range(repeats)]
+            into[k] = min(runs, key=lambda r: r["seconds"])
+            rep = into[k]["report"]
+            print(f"audit {k} {label}: {into[k]['seconds']:.1f} s ({into[k]['cpu']:.1f} s CPU), peak RSS "
+                  f"{into[k]['peak_rss_bytes'] / 2**30:.2f} GiB, {rep['summary']}; timings {rep['timings']}", flush=True)
+    return {"baseline": base, "audit": audits, "before": befores, "bytes": {k: files_bytes(p) for k, p in paths.items()}}
 
 
 def table(config: str, result: dict) -> str:
     gib = 2 ** 30
     b, a, size = result["baseline"], result["audit"], result["bytes"]
+    before = result.get("before") or {}
     c = CONFIGS[config]
     params = (c["vocab"] * c["hidden"] * 2 + c["layers"] * (4 * c["hidden"] ** 2 + 3 * c["hidden"] * c["inter"])
               + (2 * c["layers"] + 1) * c["hidden"])
@@ -377,7 +385,7 @@ def table(config: str, result: dict) -> str:
         "| CPU ratio | audit peak RSS (GiB) | larger file (GiB) | RSS / larger file (target <= 1.5) | verdict |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for k in ("fp16", "int4"):
+    for k in a:
         base_s = b[k]["seconds"] + b["reference"]["seconds"]
         base_cpu = b[k]["cpu"] + b["reference"]["cpu"]
         larger = max(size[k], size["reference"])
@@ -388,6 +396,12 @@ def table(config: str, result: dict) -> str:
                      f"| {a[k]['peak_rss_bytes'] / larger:.2f}x | {rep['summary']} |")
     lines += ["", "Per file, load + save alone: " + ", ".join(
         f"{k} {b[k]['seconds']:.1f} s / {b[k]['peak_rss_bytes'] / gib:.2f} GiB peak RSS" for k in b) + "."]
+    for k, r in before.items():
+        base_s = b[k]["seconds"] + b["reference"]["seconds"]
+        larger = max(size[k], size["reference"])
+        lines += ["", f"{k} before (other tree, same run): {r['seconds']:.1f} s ({r['cpu']:.1f} s CPU), "
+                      f"{r['seconds'] / base_s:.2f}x, peak RSS {r['peak_rss_bytes'] / gib:.2f} GiB "
+                      f"({r['peak_rss_bytes'] / larger:.2f}x), {r['report']['summary']}"]
     lines += ["", "Audit stages (s): " + "; ".join(
         f"{k}: " + (", ".join(f"{s} {v:.1f}" for s, v in a[k]["report"]["timings"].items()) or "-") for k in a) + "."]
     return "\n".join(lines)
@@ -434,6 +448,8 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=3600, help="an audit still running after this many seconds is "
                     "killed and reported as such")
     ap.add_argument("--doc", action="store_true", help="write docs/performance.md for a config other than big too")
+    ap.add_argument("--only", choices=("fp16", "int4"), help="audit this suspect only")
+    ap.add_argument("--before", type=Path, help="also audit with the package of this tree (PYTHONPATH), same run")
     args = ap.parse_args()
     config = "tiny" if args.tiny else args.config
     paths = build(config)
@@ -442,7 +458,7 @@ def main() -> None:
     if args.profile:
         profile(paths, args.profile)
         return
-    result = measure(paths, args.repeats, args.timeout)
+    result = measure(paths, args.repeats, args.timeout, (args.only,) if args.only else ("fp16", "int4"), args.before)
     text = table(config, result)
     text += f"\n\nCommand: `python tools/bench_audit_big.py --config {config}" + (
         f" --repeats {args.repeats}`" if args.repeats != 1 else "`")

@@ -51,7 +51,7 @@ DEFERRED_PREFIX = "onnx-resync:deferred:"
 COPY_CHUNK_BYTES = 16 << 20  # a mapped tensor is copied this many bytes at a time
 WRITE_PIECE_BYTES = 16 << 20  # a deferred tensor is written this many bytes of rows at a time
 # the newest computed tensors' values kept, for a tensor read in pieces or several times (_Recent)
-COMPUTED_CACHE_BYTES = int(os.environ.get("ONNX_RESYNC_COMPUTED_CACHE_BYTES", 256 << 20))
+COMPUTED_CACHE_BYTES = int(os.environ.get("ONNX_RESYNC_COMPUTED_CACHE_BYTES", 64 << 20))
 
 
 class LazyTensor:
@@ -322,10 +322,11 @@ _residency = _Residency()
 
 
 class _Recent:
-    """The values of the most recently computed tensors, COMPUTED_CACHE_BYTES at most: a computed
-    tensor read a piece at a time (rows(), a wide slot) or several times in a row is computed once,
-    not once per read (a dequantized or cast weight of a huge model read in 12 pieces was computed
-    12 times)."""
+    """The values of the most recently computed tensors, COMPUTED_CACHE_BYTES at most, or the newest
+    alone where it is larger: a computed tensor read a piece at a time (rows(), a wide slot) or
+    several times in a row is computed once, not once per read (a dequantized or cast weight of a
+    huge model read in 12 pieces was computed 12 times). Small, so that a pass over a whole model
+    (a cast or dequantized one) does not keep a share of it: only its reader's current tensor."""
 
     def __init__(self) -> None:
         self._items: "OrderedDict[int, tuple[LazyTensor, np.ndarray]]" = OrderedDict()
@@ -341,14 +342,12 @@ class _Recent:
             return item[1]
 
     def put(self, lazy: LazyTensor, array: np.ndarray) -> None:
-        if array.nbytes > COMPUTED_CACHE_BYTES:
-            return
         with self._lock:
             old = self._items.pop(id(lazy), None)
             self._bytes -= old[1].nbytes if old is not None else 0
             self._items[id(lazy)] = (lazy, array)  # the entry keeps `lazy` alive: its id is not reused
             self._bytes += array.nbytes
-            while self._bytes > COMPUTED_CACHE_BYTES:
+            while self._bytes > COMPUTED_CACHE_BYTES and len(self._items) > 1:
                 _, (_, dropped) = self._items.popitem(last=False)
                 self._bytes -= dropped.nbytes
 
