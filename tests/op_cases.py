@@ -1015,3 +1015,33 @@ def _q_dq_weight_pair():  # a float weight fake-quantized by Q -> DQ (per output
         return g.op("Conv", [t, w])
 
     return _conv_chain(middle, out_c=5)
+
+
+# ---- sequences: X -> Conv W1 -> a sequence of its output -> a tensor again -> Conv W2 ----------------
+def _sequence_chain(middle) -> onnx.ModelProto:
+    g = G()
+    t = g.conv(g.input("X", [1, 3, 4, 4]), 3, C, "W1")
+    g.output(g.conv(middle(g, t), C, 4, "W2"))
+    return g.model()
+
+
+def _joined(g, seq, axis=0, new_axis=0):
+    return g.op("ConcatFromSequence", [seq], axis=axis, new_axis=new_axis)
+
+
+def _inserted(g, t):  # a list built by appending: SequenceEmpty, SequenceInsert, ConcatFromSequence
+    return _joined(g, g.op("SequenceInsert", [g.op("SequenceEmpty", [], dtype=TP.FLOAT), t]))
+
+
+for _op, _middle in {
+    "SequenceEmpty": _inserted,
+    "SequenceInsert": _inserted,
+    "ConcatFromSequence": lambda g, t: _joined(g, g.op("SequenceConstruct", [t, t]), axis=2),  # along H
+    "SequenceConstruct": lambda g, t: _joined(g, g.op("SequenceConstruct", [t, g.op("Relu", [t])])),
+    "SequenceAt": lambda g, t: g.op("SequenceAt", [g.op("SequenceConstruct", [t]), g.const("pos", 0, np.int64)]),
+    "SequenceErase": lambda g, t: _joined(g, g.op("SequenceErase", [g.op("SequenceConstruct", [t, t]),
+                                                                     g.const("pos", 0, np.int64)])),
+    "SequenceLength": lambda g, t: g.op("Mul", [t, g.cast(g.op("SequenceLength", [g.op("SequenceConstruct", [t])]))]),
+    "SplitToSequence": lambda g, t: _joined(g, g.op("SplitToSequence", [t], axis=3), axis=3),  # along W
+}.items():
+    case(_op, touch=_sets("W1 W2"))(lambda _middle=_middle: _sequence_chain(_middle))

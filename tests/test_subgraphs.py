@@ -450,3 +450,52 @@ def test_an_inner_state_whose_outer_state_takes_no_channels_pins():
     result = prove_loop(model)
     assert result.permutable_channels == 0, result.groups
     assert any("does not line up" in p.reason for p in result.pinned), result.pinned
+
+
+def list_loop(start="empty"):
+    """x [3, 2, 4] -> a Loop appending tanh(x_t Wx) to a list (SequenceInsert), stacked after
+    (ConcatFromSequence, new axis 0) -> MatMul Wo. start: the list starts empty ('empty') or holding
+    x[0] padded to 6 ('input': the caller's values, in their own order)."""
+    rng = np.random.default_rng(4)
+    body = helper.make_graph(
+        [helper.make_node("Gather", ["x", "it"], ["xt"], axis=0), helper.make_node("MatMul", ["xt", "wx"], ["a"]),
+         helper.make_node("Tanh", ["a"], ["ht"]), helper.make_node("SequenceInsert", ["sin", "ht"], ["sout"]),
+         helper.make_node("Identity", ["cin"], ["cout"])], "body",
+        [_vi("it", [], TensorProto.INT64), _vi("cin", [], TensorProto.BOOL),
+         helper.make_tensor_sequence_value_info("sin", TensorProto.FLOAT, None)],
+        [_vi("cout", [], TensorProto.BOOL), helper.make_tensor_sequence_value_info("sout", TensorProto.FLOAT, None)])
+    nodes = []
+    if start == "empty":
+        nodes.append(helper.make_node("SequenceEmpty", [], ["s0"], dtype=TensorProto.FLOAT))
+    else:
+        nodes += [helper.make_node("Gather", ["x", "i0"], ["x0"], axis=0), helper.make_node("Pad", ["x0", "pads"], ["x0p"]),
+                  helper.make_node("SequenceConstruct", ["x0p"], ["s0"])]
+    nodes += [helper.make_node("Loop", ["trips", "", "s0"], ["sT"], body=body),
+              helper.make_node("ConcatFromSequence", ["sT"], ["ys"], axis=0, new_axis=1),
+              helper.make_node("MatMul", ["ys", "wo"], ["y"])]
+    inits = [_rng_init(rng, "wx", [4, UNITS]), _rng_init(rng, "wo", [UNITS, 3]),
+             numpy_helper.from_array(np.array(STEPS, dtype=np.int64), "trips"),
+             numpy_helper.from_array(np.array(0, dtype=np.int64), "i0"),
+             numpy_helper.from_array(np.array([0, 0, 0, 2], dtype=np.int64), "pads")]
+    model = _model(nodes, [_vi("x", [STEPS, 2, 4])], [_out("y", [2, None, 3])], inits)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_a_list_built_in_a_loop_is_followed():
+    """An empty list carried by the Loop takes the layout its body appends: Wx's channels move with
+    Wo's rows; permute + ORT, undo byte-exact, resync exact."""
+    model = list_loop()
+    model.graph.input.append(_vi("cond", [], TensorProto.BOOL))  # (prove_loop feeds one)
+    result = prove_loop(model)
+    assert result.coverage == 1.0 and result.permutable_channels == UNITS, result.pinned
+
+
+def test_a_list_that_starts_with_the_callers_values_pins():
+    """The counter-case: the list starts holding x[0] (in the caller's order), so the channels
+    appended to it would sit beside unpermuted values: they pin with the reason."""
+    model = list_loop("input")
+    model.graph.input.append(_vi("cond", [], TensorProto.BOOL))
+    result = prove_loop(model)
+    assert result.permutable_channels == 0
+    assert any("a sequence holds tensors with and without these channels" in p.reason for p in result.pinned), result.pinned

@@ -461,6 +461,8 @@ def _infer_shapes(model: onnx.ModelProto) -> dict[str, list]:
                 if dims is not None and not _sharper(dims, shapes.get(node.output[0])):
                     dims = None
                 found = [(node.output[0], dims, _computed_elem_type(skeleton, node))]
+            elif node.op_type == "ConcatFromSequence" and node.domain in ("", "ai.onnx"):
+                found = [(node.output[0], _concat_from_sequence_shape(skeleton, node, shapes), None)]
             elif node.output[0] not in shapes:
                 found = _registry_shapes(node, shapes)  # ops ONNX does not know (contrib ops)
             else:
@@ -712,6 +714,45 @@ def _slice_shape(node, shapes, values):
             out[a] = len(range(x[a])[slice(s, e, st)])
         elif not (s == 0 and st == 1 and e >= 2 ** 31 - 1):
             return None
+    return out
+
+
+def _concat_from_sequence_shape(skeleton: onnx.ModelProto, node, shapes) -> list | None:
+    """ConcatFromSequence of a sequence whose tensors' shape is known where they are put in (a list
+    built in a Loop body by SequenceInsert: inference gives the Loop's sequence output none): their
+    dims, the joined axis (new or not) of unknown length."""
+    producers = {o: n for g in nested_graphs(skeleton.graph) for n in g.node for o in n.output if o}
+    name, element = node.input[0], None
+    for _ in range(16):
+        src = producers.get(name)
+        if src is None or src.domain not in ("", "ai.onnx"):
+            return None
+        if src.op_type in ("SequenceInsert", "SequenceConstruct"):
+            element = shapes.get(src.input[1] if src.op_type == "SequenceInsert" else src.input[0])
+            break
+        if src.op_type in ("SequenceErase", "Identity"):
+            name = src.input[0]
+        elif src.op_type in ("Loop", "Scan"):
+            body = next((a.g for a in src.attribute if a.name == "body"), None)
+            carried = loop_layout(src, body)[0] if body is not None else []
+            name = next((b for _, _, b, out in carried if out == name), None)
+            if name is None:
+                return None
+        else:
+            return None
+    if element is None:
+        return None
+    new = int(registry.attr(node, "new_axis", 0))
+    rank = len(element) + (1 if new else 0)
+    axis = int(registry.attr(node, "axis", 0))
+    if not -rank <= axis < rank:
+        return None
+    axis %= rank
+    out = [d if isinstance(d, int) else f"?{node.output[0]}:{a}" for a, d in enumerate(element)]
+    if new:
+        out.insert(axis, f"?{node.output[0]}:{axis}")
+    else:
+        out[axis] = f"?{node.output[0]}:{axis}"
     return out
 
 

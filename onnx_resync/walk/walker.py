@@ -22,6 +22,7 @@ from . import registry
 from .rules import resolve_weight_axes, unknown_op
 from .rules.base import _is_uniform, is_zero, malformed
 from .rules.layout import batch_merged_readers, carry_batch_merged
+from .rules.sequence import is_empty
 from ..errors import UnsupportedError
 
 
@@ -64,6 +65,9 @@ class WalkContext:
         # a labelled axis merged into a batch axis of symbolic length: tensor -> (axis, label of the
         # inner positions) (rules/layout.py, batch-merged records)
         self.batch_merged: dict[str, tuple[int, Label]] = {}
+        # sequences: name -> the rank of the tensors in it (rules/sequence.py; ONNX shape inference
+        # often gives a sequence none)
+        self.sequence_ranks: dict[str, int] = {}
 
     # ---- reading -----------------------------------------------------------------------------
     def get(self, name: str) -> dict[int, Label]:
@@ -470,7 +474,7 @@ def _join_body(ctx: WalkContext, node: onnx.NodeProto) -> None:
     carried, _, scans = loop_layout(node, ctx.view.bodies[id(node)])
     reason = BODY_STATE.format(op=node.op_type, name=node.name or node.op_type)
     for outer, inner, body_out, out in carried + [("", "", b, "") for b, _, _ in scans]:
-        if body_out and ctx.is_weightlike(body_out):  # a weight that leaves the body keeps its order
+        if body_out and ctx.indexed(body_out):  # a weight that leaves the body keeps its order
             ctx._fix_all(body_out, f"weight {{}} is an output of {node.op_type} {node.name or node.op_type!r}")
     for i, (outer, inner, body_out, out) in enumerate(carried):
         ctx.tie_directions(body_out)
@@ -494,6 +498,8 @@ def _join_body(ctx: WalkContext, node: onnx.NodeProto) -> None:
             if axis not in started and outer and ctx.is_weightlike(outer):
                 ctx.slot(outer, axis, a)  # a stored initial state moves with the state's channels
         ctx.set(out, joined)
+        if body_out in ctx.sequence_ranks and out:
+            ctx.sequence_ranks[out] = ctx.sequence_ranks[body_out]
     for body_out, out, axis in scans:
         ctx.tie_directions(body_out)
         rank = ctx.rank(out)
@@ -519,7 +525,7 @@ def _learn_state(ctx: WalkContext, node: onnx.NodeProto, index: int, outer: str,
 
 def _orderless_start(ctx: WalkContext, outer: str, axis: int) -> str | None:
     """Why a state's initial value `outer` may take any channel order along `axis`: 'stored' (a
-    weight: a slot moves it), 'uniform' (one value along the axis: zeros), 'speculated' (the state
+    weight: a slot moves it), 'uniform' (one value along the axis: zeros; an empty sequence), 'speculated' (the state
     input of a body around, itself starting so: right only if that state takes channels too, which
     a later pass shows; a last pass without speculation runs where it did not); None: its order is
     fixed (a graph input's values: the caller's order, interface)."""
@@ -527,7 +533,7 @@ def _orderless_start(ctx: WalkContext, outer: str, axis: int) -> str | None:
         return None
     if ctx.is_weightlike(outer):
         return "stored"
-    if _is_uniform(ctx, outer, axis) or is_zero(ctx, outer):
+    if _is_uniform(ctx, outer, axis) or is_zero(ctx, outer) or is_empty(ctx, outer):
         return "uniform"
     if axis in ctx.orderless_state.get(outer, ()):
         return "speculated"
@@ -569,7 +575,7 @@ def _join_branches(ctx: WalkContext, node: onnx.NodeProto) -> None:
             continue
         for name in names:
             ctx.tie_directions(name)
-            if ctx.is_weightlike(name):
+            if ctx.indexed(name):  # (a scaled one too: its weights are read as stored)
                 ctx._fix_all(name, f"weight {{}} is an output of If {node.name or node.op_type!r}".replace(
                     "{{}}", "{}"))
         per = [{} if ctx.is_weightlike(n) else ctx.get(n) for n in names]
@@ -632,7 +638,7 @@ def _form_groups(ctx: WalkContext) -> WalkResult:
     # a weight that is also a graph output, or a graph input (an initializer a caller may override),
     # is seen from outside in its stored order: none of its axes may move
     for name in view.graph_outputs:
-        if ctx.is_weightlike(name):
+        if ctx.indexed(name):  # (a weight scaled by an activation too)
             ctx._fix_all(name, "weight {} is a graph output")
     for name in view.overridable:
         ctx._fix_all(name, "weight {} is also a graph input (a caller may feed it)")
