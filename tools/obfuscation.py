@@ -152,7 +152,7 @@ def main() -> int:
                     if result.get("audit", {}).get("derived") is not None:
                         counts[(column + " audit", bool(result["audit"]["derived"]))] += 1
                 print(f"{name:12} {label:12} {own['cell']} | seed1: {unrelated['cell']} | audit: "
-                      f"{own.get('audit', {}).get('cell', '-')} | seed1: {unrelated.get('audit', {}).get('cell', '-')}", flush=True)
+                      f"{own_audit.get('cell', '-')} | seed1: {other_audit.get('cell', '-')}", flush=True)
     lines = [
         "# Structural obfuscation",
         "",
