@@ -24,6 +24,8 @@ cases api.permute / undo / api.resync exact. Magika itself is in tests/test_vend
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import onnx
 import pytest
@@ -244,11 +246,23 @@ def test_layernorm_as_tf2onnx_writes_it_moves_every_channel(norm):
         assert scales in _slotted(result)
 
 
-@pytest.mark.parametrize("broadcast_to", [False])
+@pytest.mark.parametrize("broadcast_to", [False, True])
 def test_magika_layout_moves_embedding_and_conv_channels(broadcast_to):
     result = assert_round_trips(magika_like(broadcast_to=broadcast_to))
     assert result.coverage == 1.0
     # the embedding's channels (embed) and the conv's filters; the one-hot's arange keeps its order
+    assert sorted(g.size for g in result.groups) == [4, 6]
+
+
+@pytest.mark.parametrize("batch", ["unk__0", "batch"])
+def test_one_hot_broadcast_to_a_computed_shape_then_merged_into_channels(batch, monkeypatch):
+    """Magika's one-hot: x Reshape'd to [-1, L, 1], BroadcastTo a computed (batch, L, 1); the Reshape
+    merging positions into channels downstream must see one batch dim. tf2onnx names the input's
+    dynamic dims 'unk__N' itself (Magika: unk__214), which are the file's symbols, not inference's
+    placeholders (walk/graph.py _own_placeholders): before, 'unk__0' pinned the embedding's channels
+    ('Reshape mixes the channel axis with axes of unknown size', coverage 0.6)."""
+    monkeypatch.setattr(sys.modules[__name__], "BATCH_DIM", batch)
+    result = check_properties(magika_like(broadcast_to=True), full_coverage=True)
     assert sorted(g.size for g in result.groups) == [4, 6]
 
 
@@ -303,7 +317,7 @@ def test_generated_tf2onnx_mlps(widths, data):
 
 
 @settings(max_examples=6, **SETTINGS)
-@given(st.integers(2, 5), st.integers(2, 4), st.sampled_from([1, 2, 4]), st.integers(2, 6), st.just(False))
+@given(st.integers(2, 5), st.integers(2, 4), st.sampled_from([1, 2, 4]), st.integers(2, 6), st.booleans())
 def test_generated_magika_layouts(vocab, embed, merge, filters, broadcast_to):
     model = magika_like(seed=vocab, vocab=vocab, embed=embed, merge=merge, filters=filters,
                         broadcast_to=broadcast_to)
@@ -369,3 +383,41 @@ def test_einsum_subscripts():
 def test_generated_keras_attention(seq, heads, head_dim, width):
     model = keras_attention(seq=seq, width=width, heads=heads, head_dim=head_dim, seed=seq)
     check_properties(model, full_coverage=heads > 1, constructs=["keras_attention"])
+
+
+def test_a_scaled_tensor_that_leaves_the_graph_keeps_its_weight_in_place():
+    """S = statistic * W handed out as a graph output reads W as stored: W, slotted by the channels
+    elsewhere, must not move (it is fixed, its channels pin) -- else the permuted model's S differs."""
+    g = JaxGraph(0, feat=5)
+    h = g.node("Relu", [g.dense("x", 5, 6)])
+    scale = g.weight((1, 6))
+    stat = g.node("Reshape", [g.node("ReduceSum", [h, g.const(np.array([1], np.int64))], keepdims=0,
+                                     noop_with_empty_axes=1), g.shape_of(1)])
+    scaled = g.node("Mul", [stat, scale], "LayerNorm/Mul")
+    y = g.dense(g.node("Mul", [h, scale]), 6, 3)
+    model = g.model(y, [BATCH_DIM, 3])
+    model.graph.output.append(helper.make_tensor_value_info(scaled, TensorProto.FLOAT, [BATCH_DIM, 6]))
+    result = check_properties(model)
+    assert result.coverage == 0.0
+    assert any("is a graph output" in p.reason for p in result.pinned), [p.reason for p in result.pinned]
+
+
+def test_a_scaled_tensor_that_leaves_an_if_branch_keeps_its_weight_in_place():
+    g = JaxGraph(0, feat=5)
+    g.inputs.append(helper.make_tensor_value_info("cond", TensorProto.BOOL, []))
+    h = g.node("Relu", [g.dense("x", 5, 6)])
+    scale, other = g.weight((1, 6)), g.weight((1, 6))
+    stat = g.node("Reshape", [g.node("ReduceSum", [h, g.const(np.array([1], np.int64))], keepdims=0,
+                                     noop_with_empty_axes=1), g.shape_of(1)])
+    branches = []
+    for k, w in enumerate((scale, other)):
+        out = f"branch{k}"
+        branches.append(helper.make_graph([helper.make_node("Mul", [stat, w], [out])], f"b{k}", [],
+                                          [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)]))
+    chosen = g.node("If", ["cond"], "If", then_branch=branches[0], else_branch=branches[1])
+    y = g.dense(g.node("Mul", [h, scale]), 6, 3)
+    model = g.model(y, [BATCH_DIM, 3])
+    model.graph.output.append(helper.make_tensor_value_info(chosen, TensorProto.FLOAT, None))
+    result = walk(model)
+    assert result.coverage == 0.0
+    assert any("is an output of If" in p.reason for p in result.pinned), [p.reason for p in result.pinned]

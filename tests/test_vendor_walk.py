@@ -38,7 +38,7 @@ CASES = {
     "silero_vad_v6": ({}, 0.59),
     "silero_vad_if": ({}, 0.44),
     "nudenet_320n": ({}, 0.95),
-    "magika": ({}, 0.88),
+    "magika": ({}, 1.0),
     # keras2onnx 1.7.0 (NHWC input, PRelu, Dense as MatMul + Add)
     "mtcnn_pnet": ({}, 1.0),
     "mtcnn_rnet": ({}, 1.0),
