@@ -35,7 +35,10 @@ from . import registry
 from .groups import Group, GroupSlot
 
 # ops that keep each head's index apart without being `stacked` or elementwise in the registry
-_KEEP_HEADS = {"Concat", "Expand", "Tile", "MatMul", "Identity"}
+_KEEP_HEADS = {"Concat", "Expand", "Tile", "MatMul", "Identity",
+               # quantized attention: (de)quantizing is elementwise (a scale per tensor or per one
+               # axis), a dynamic scale is a min/max over the whole tensor, the integer MatMuls are MatMuls
+               "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearMatMul", "MatMulInteger"}
 _ALONG_ONE_AXIS = {"Softmax", "LogSoftmax", "Hardmax"}  # keep them unless the axis is the heads'
 
 
