@@ -356,4 +356,7 @@ def test_genai_decoder_permuted_then_quantized_is_refused_per_group(tmp_path):
     assert info.value.exit_code == 3 and info.value.report.derived and not out.exists()
     reasons = Counter("splits units" if "splits units" in n["reason"] else "pins" if "pins its neurons" in n["reason"]
                       else n["reason"] for n in info.value.report.restored["not_restored"])
-    assert reasons == {"splits units": 3, "pins": 2}, reasons
+    # pinned by the KV cache: each layer's kv-head group and, since per-head dims (walk/heads.py), the
+    # dims of each of its 2 kv heads (query/key dims and value dims): 2 x (1 + 2 x 2)
+    assert reasons == {"splits units": 3, "pins": 10}, reasons
+    assert sum("~head" in n["group"] for n in info.value.report.restored["not_restored"]) == 8
