@@ -413,7 +413,7 @@ def _group_report(gm: GroupMatch, log_scale: np.ndarray | None) -> GroupReport:
     inter = gm.interchangeable
     confident = inter | (gm.margin > 0)
     return GroupReport(
-        key=gm.key, size=gm.size, moved=int((gm.perm != np.arange(gm.size)).sum()),
+        key=gm.key, size=gm.size, moved=int(gm.moved.sum()),
         matched_fraction=float(confident.mean()), cosine_mean=float(gm.cosine.mean()),
         cosine_min=float(gm.cosine.min()), margin_min=float(gm.margin.min()),
         margin_median=float(np.median(gm.margin)), norm_ratio_median=float(np.median(gm.norm_ratio)),

@@ -25,6 +25,10 @@ sample of feature columns, accepted only with a wide margin); then coordinate de
 needed (uncertain groups, groups answered while a neighbour was summarized unless exact, and in
 turn the neighbours of every group whose answer changed), each group solved with all the others
 fixed, until nothing changes. The statistics of each group's last solve are reported.
+
+A group too large to hold as rows (a transformer's residual stream: GROUP_*) is compared throughout
+on an evenly spread sample of its entries, read a slot at a time; its norms, hashes and byte
+identity come from every entry.
 """
 
 from __future__ import annotations
@@ -107,6 +111,15 @@ class GroupMatch:
         """Per reference neuron: it, or the suspect neuron matched to it, has an identical twin (or,
         decayed, nothing tells it from another decayed neuron)."""
         return (self.ref_class >= 0) | (self.sus_class[self.perm] >= 0)
+
+    @property
+    def moved(self) -> np.ndarray:
+        """Per reference position: the suspect neuron there is not the reference's, nor one the reference
+        cannot tell from it (a twin, or a decayed neuron of the same class: any order of those is the
+        same model)."""
+        n = np.arange(self.size)
+        same_class = (self.ref_class >= 0) & (self.ref_class == self.ref_class[self.perm])
+        return (self.perm != n) & ~same_class
 
     @property
     def live(self) -> np.ndarray:
@@ -384,6 +397,7 @@ class _Matcher:
                 break
             noise = new
         self.noise[gi] = noise
+        perm = self._decayed_by_value(gi, f, perm)
         self.perm[gi] = perm
         n = len(perm)
         if settled < n:
@@ -392,6 +406,42 @@ class _Matcher:
             self.uncertain.discard(gi)
         self.describe(gi, f, perm, cos, margin, settled, gap)
         self.result[gi].exact = not len(rest)
+
+    def _decayed_by_value(self, gi: int, f: "_Features", perm: np.ndarray) -> np.ndarray:
+        """Decayed neurons that nothing tells apart (one decayed class) are the same model in any
+        order, but a storage may still show what they hold: a float16 converter clamps every tiny
+        value to +-1e-7 keeping its sign, and a 'decayed' consumer column may still hold values
+        float16 keeps. Among the suspect neurons matched to a class, each is put where its values
+        are closest (squared difference, then the sign of each entry), so that the restored file
+        equals the reference wherever the storage kept something. The neurons matched outside the
+        class keep their places."""
+        classes = f.decayed_class
+        if classes is None or (classes >= 0).sum() < 2:
+            return perm
+        pairs = [self.slot_features(gi, self.groups[gi].slots[k]) for k in f.slots]
+        pairs = [(np.asarray(r, dtype=np.float64), np.asarray(s_, dtype=np.float64)) for r, s_ in
+                 (p for p in pairs if p is not None and not isinstance(p, WideSlot))]
+        if not pairs:
+            return perm
+        from scipy.optimize import linear_sum_assignment
+
+        perm = perm.copy()
+        for c in np.unique(classes[classes >= 0]):
+            idx = np.flatnonzero(classes == c)
+            cand = perm[idx]
+            d2 = np.zeros((len(idx), len(idx)))
+            agree = np.zeros((len(idx), len(idx)))
+            entries = 0
+            for r, s_ in pairs:
+                r, s_ = r.reshape(r.shape[0], -1)[idx], s_.reshape(s_.shape[0], -1)[cand]
+                d2 += (r ** 2).sum(1)[:, None] + (s_ ** 2).sum(1)[None, :] - 2 * r @ s_.T
+                agree += np.sign(r) @ np.sign(s_).T + (r == 0).astype(np.float64) @ (s_ == 0).T.astype(np.float64)
+                entries += r.shape[1]
+            top = d2.max()
+            cost = (np.maximum(d2, 0.0) / top if top > 0 else np.zeros_like(d2)) - 1e-3 * agree / max(entries, 1)
+            _, col = linear_sum_assignment(cost)
+            perm[idx] = cand[col]
+        return perm
 
     def _solve_once(self, gi: int, first: bool, noise: dict | None):
         self.solves += 1
@@ -467,12 +517,14 @@ class _Matcher:
         num = np.sqrt((f.ns[perm] ** 2).sum(axis=1))
         den = np.sqrt((f.nr ** 2).sum(axis=1))
         slot_ratio = np.divide(f.ns[perm], f.nr, out=np.ones_like(f.nr), where=f.nr > 0)
-        detected, one_sided = _rescales(slot_ratio, f.dims, f.nr)
         ref_class = _classes(f.ref_key)
         # decayed neurons that nothing tells apart (no slot beyond the negligible): one class
         ref_class = np.where(f.decayed_class >= 0, f.decayed_class + 2 * n + 1, ref_class)
         sus_class = _classes(f.sus_key)
         live = ~f.decayed & (ref_class < 0) & (sus_class[perm] < 0)
+        # a decayed neuron's norm ratio is a ratio of near-zeros (a float16 clamp makes it 1e18): no
+        # evidence of a rescale
+        detected, one_sided = _rescales(slot_ratio[~f.decayed], f.dims, f.nr[~f.decayed])
         self.result[gi] = GroupMatch(
             key=g.key, size=n, perm=perm, cosine=cos, margin=margin,
             norm_ratio=np.divide(num, den, out=np.ones(n), where=den > 0),
