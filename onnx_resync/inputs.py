@@ -31,7 +31,8 @@ from the graph, with the reason; runtime.settle tries it in ONNX Runtime:
   multiples of 32 from 224 to 640, smallest first (when height and width are separate dims, the
   text-line sizes 48, 32 and 64 high by 320 wide come right after 224: a model that refuses 224x224
   usually wants another shape, not a larger square), then squares of 192 down to 32, then 1; the first
-  dim of an input of rank 2 or more is a batch of 1; every other symbolic dim is a length of 16, 8, 4,
+  dim of an input of rank 2 or more is a batch of 1, unless it sets a Loop's trip count (Shape ->
+  Gather -> M) or a Scan's scan axis: then 4 steps, so a carried state is read back; every other symbolic dim is a length of 16, 8, 4,
   2 or 1, at most the rows of a positional table (a Gather of a constant table by Range or a constant
   index list), and at least what an op reading that axis needs (`length_floors`: a reflect Pad more
   than its pads, a Conv or pool its window less its pads; the usual lengths that qualify, else powers
@@ -306,6 +307,9 @@ LENGTHS = (16, 8, 4, 2, 1)
 _WINDOWED = frozenset({"Conv", "MaxPool", "AveragePool", "LpPool"})
 INT_HIGH = 10  # integers that no table bounds: 0..9
 RECURRENT = frozenset({"LSTM", "GRU", "RNN", "DynamicQuantizeLSTM"})
+# ops whose output keeps the leading axes of their inputs (is_trip_count follows them)
+_KEEPS_LEADING = frozenset({"Add", "Sub", "Mul", "Div", "MatMul", "Relu", "Sigmoid", "Tanh", "Gelu", "Erf", "Cast",
+                            "Identity", "Dropout", "LeakyRelu", "Elu", "Softplus", "Neg", "Exp", "Sqrt", "Clip"})
 STATE_INPUTS = (5, 6)  # initial_h, initial_c
 # ops that move or select values without arithmetic (an index stays an index, a state a state)
 LAYOUT = frozenset({
@@ -575,6 +579,8 @@ def plan_inputs(model: onnx.ModelProto, in_specs, shapes: dict[str, list[int]] |
                                           [why])
                 continue
             candidates, why, role = _generic(axis, decl, layout, cap)
+            if role == "batch" and reader.is_trip_count(s.name, axis):  # one step would read no state back
+                candidates, why, role = [4, 2, 1], "4 steps of a Loop or Scan (its trip count: a carried state is read back)", "length"
             if role == "length" and axis == len(decl) - 2 and reader.is_state(s.name):
                 candidates, why, role = [1], "batch of 1 (a recurrent state is [..., batch, hidden])", "batch"
             if role == "length" and key in reader.length_floors(declared):
@@ -786,6 +792,65 @@ class _Reader(_Graph):
     def is_mask(self, name: str) -> bool:
         return any(n.op_type == "EmbedLayerNormalization" and idx == _EMBED_MASK
                    for n, idx, _ in self._forward(name, LAYOUT))
+
+    def is_trip_count(self, name: str, axis: int) -> bool:
+        """`name`'s dim `axis` is a Loop's trip count: Shape of it (or of what elementwise ops and
+        MatMuls make of it, keeping its leading axes) -> Gather (or Slice) of that axis -> views
+        (Squeeze, Unsqueeze, Cast, Identity, Reshape) -> the Loop's M (TorchScript's
+        `for t in range(x.shape[0])`). A guess for a candidate order only: ONNX Runtime has the last word."""
+        shapes, seen, frontier = [], {name}, [name]
+        for _ in range(8):  # what keeps the leading axes of `name` (a Linear + Relu before the loop)
+            nxt = []
+            for t in frontier:
+                for node, i in self.consumers.get(t, []):
+                    if node.domain not in _DEFAULT_DOMAINS:
+                        continue
+                    if node.op_type == "Scan" and self._scan_axis(node, i) == axis:
+                        return True  # a Scan runs one step per position of its scan axis
+                    if node.op_type == "Shape":
+                        shapes.append(node)
+                    elif node.op_type in _KEEPS_LEADING and node.output and node.output[0] not in seen:
+                        seen.add(node.output[0])
+                        nxt.append(node.output[0])
+            frontier = nxt
+        for shape in shapes:
+            if any(a.name in ("start", "end") for a in shape.attribute):
+                continue
+            for pick, idx in self.consumers.get(shape.output[0], []):
+                if idx != 0 or pick.domain not in _DEFAULT_DOMAINS:
+                    continue
+                if pick.op_type == "Gather":
+                    index = self.const_array(pick.input[1]) if len(pick.input) > 1 else None
+                    if index is None or index.size != 1 or int(index.reshape(-1)[0]) != axis:
+                        continue
+                elif pick.op_type == "Slice":
+                    starts, ends = (self.const_array(i) if len(pick.input) > k else None
+                                    for k, i in ((1, pick.input[1]), (2, pick.input[2])))
+                    if starts is None or ends is None or starts.tolist() != [axis] or ends.tolist() != [axis + 1]:
+                        continue
+                else:
+                    continue
+                frontier = [pick.output[0]]
+                for _ in range(6):
+                    nxt = []
+                    for t in frontier:
+                        for node, i in self.consumers.get(t, []):
+                            if node.op_type == "Loop" and node.domain in _DEFAULT_DOMAINS and i == 0:
+                                return True
+                            if node.op_type in ("Squeeze", "Unsqueeze", "Cast", "Identity", "Reshape") and i == 0:
+                                nxt.extend(o for o in node.output if o)
+                    frontier = nxt
+        return False
+
+    @staticmethod
+    def _scan_axis(node: onnx.NodeProto, index: int) -> int | None:
+        """The axis a Scan iterates over in its input `index` (None: a carried state, not scanned)."""
+        m = next((a.i for a in node.attribute if a.name == "num_scan_inputs"), 0)
+        first = len(node.input) - m
+        if index < first:
+            return None
+        axes = next((list(a.ints) for a in node.attribute if a.name == "scan_input_axes"), [])
+        return axes[index - first] if index - first < len(axes) else 0
 
     def is_state(self, name: str) -> bool:
         return any(n.op_type in RECURRENT and idx in STATE_INPUTS for n, idx, _ in self._forward(name, LAYOUT))

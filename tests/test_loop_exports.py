@@ -104,3 +104,24 @@ def test_torchscript_list_loop():
     'Mul mixes channels with an unlabelled tensor', then 'consumed by SequenceInsert (no rule)')."""
     result = prove("torchscript_gru_list_loop")
     assert result.coverage == 1.0 and result.permutable_channels == 40, result.pinned
+
+
+@pytest.mark.parametrize("name", ["torchscript_lstm_cell_loop", "dynamo_scan_rnn"])
+def test_the_check_runs_the_loop_more_than_once(name):
+    """The input plan gives a Loop's trip count (x.shape[0] through Shape -> Gather) or a Scan's scan
+    axis 4 steps, not a batch of 1 (inputs.py is_trip_count): a recurrent weight scrambled on its
+    state axis is harmless at one step (the state starts at zero) and caught at four. Before: T = 1,
+    and this scrambled file verified 'equivalent'."""
+    from onnx_resync.verify import verify
+
+    model = _load(name)
+    broken = onnx.ModelProto()
+    broken.CopyFrom(model)
+    state_weight = {"torchscript_lstm_cell_loop": "cell.weight_hh", "dynamo_scan_rnn": "wh.weight"}[name]
+    for t in broken.graph.initializer:
+        if t.name == state_weight:
+            value = onnx.numpy_helper.to_array(t)
+            t.CopyFrom(onnx.numpy_helper.from_array(np.ascontiguousarray(value[:, ::-1]), t.name))
+    assert verify(model, broken).verdict == "not equivalent"
+    # one step (what the plan gave before) cannot see it
+    assert verify(model, broken, shapes={"x": [1, 2, loop_exports.FEAT]}).verdict == "equivalent"
