@@ -416,8 +416,8 @@ class _Matcher:
         equals the reference wherever the storage kept something. The neurons matched outside the
         class keep their places."""
         classes = f.decayed_class
-        if classes is None or (classes >= 0).sum() < 2:
-            return perm
+        if classes is None or (classes >= 0).sum() < 2 or self._sample_columns(gi) is not None:
+            return perm  # (a group compared on a sample is too large to read whole once more)
         pairs = [self.slot_features(gi, self.groups[gi].slots[k]) for k in f.slots]
         pairs = [(np.asarray(r, dtype=np.float64), np.asarray(s_, dtype=np.float64)) for r, s_ in
                  (p for p in pairs if p is not None and not isinstance(p, WideSlot))]
