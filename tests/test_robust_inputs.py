@@ -235,3 +235,58 @@ def test_sparse_initializer_with_external_values(tmp_path, monkeypatch):
     api.groups(folder / "m.onnx")
     _, res = api.permute(folder / "m.onnx", tmp_path / "p.onnx", seed=1)
     assert res.verified
+
+
+# ---- odd but valid files real users have: permuted, verified by ONNX Runtime, undone exactly -------
+def _cnn(opset: int, ir: int, inits_as_inputs: bool = False, empty_bias: bool = False):
+    """Conv -> BatchNorm -> Relu -> Conv -> GAP -> Gemm, 4 hidden channels."""
+    rng = np.random.default_rng(1)
+
+    def w(name, *shape):
+        return numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)
+
+    inits = [w("C1", 4, 3, 3, 3), w("cb1", 4), w("g", 4), w("be", 4), w("mu", 4),
+             numpy_helper.from_array((rng.random(4) + 0.5).astype(np.float32), "var"), w("C2", 5, 4, 1, 1),
+             w("W", 2, 5), w("b", 2)]
+    nodes = [helper.make_node("Conv", ["x", "C1", "cb1"], ["c1"], pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c1", "g", "be", "mu", "var"], ["n1"]),
+             helper.make_node("Relu", ["n1"], ["r1"]),
+             helper.make_node("Conv", ["r1", "C2", ""] if empty_bias else ["r1", "C2"], ["c2"]),
+             helper.make_node("GlobalAveragePool", ["c2"], ["p"]), helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("Gemm", ["f", "W", "b"], ["y"], transB=1)]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 5, 5])]
+    if inits_as_inputs:  # IR 3: every initializer is also a graph input (opset < 9 exporters)
+        inputs += [helper.make_tensor_value_info(t.name, TensorProto.FLOAT, list(t.dims)) for t in inits]
+    model = helper.make_model(helper.make_graph(nodes, "cnn", inputs, [helper.make_tensor_value_info(
+        "y", TensorProto.FLOAT, [1, 2])], inits), opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir
+    return model
+
+
+def _fp16_mlp():
+    model = _mlp_through([helper.make_node("Relu", ["h"], ["t"])])
+    for t in model.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    for vi in list(model.graph.input) + list(model.graph.output):
+        vi.type.tensor_type.elem_type = TensorProto.FLOAT16
+    return model
+
+
+_VALID = {  # name: (build, moves): `moves` False where the file's interface pins every channel
+    "opset 7, initializers as inputs": (lambda: _cnn(7, 3, inits_as_inputs=True), False),  # a caller may feed them
+    "opset 22": (lambda: _cnn(22, 10), True),
+    "empty optional bias": (lambda: _cnn(17, 8, empty_bias=True), True),
+    "fp16 graph": (_fp16_mlp, True),
+    "zero-size initializer": (lambda: _mlp_through([helper.make_node("Concat", ["h", "e"], ["t"], axis=0)],
+                                                   [_f32("e", [0, HIDDEN])]), False),
+}
+
+
+@pytest.mark.parametrize("build,moves", list(_VALID.values()), ids=list(_VALID))
+def test_odd_valid_files_permute_verify_and_undo(build, moves):
+    model = build()
+    onnx.checker.check_model(model, full_check=True)
+    permuted, result = api.permute(model, seed=5)
+    assert result.verified and (result.groups_permuted > 0) == moves
+    restored, _ = api.permute(permuted, undo=result.record, check=False)
+    assert restored.SerializeToString() == model.SerializeToString()
