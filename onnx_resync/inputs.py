@@ -32,9 +32,9 @@ from the graph, with the reason; runtime.settle tries it in ONNX Runtime:
   text-line sizes 48, 32 and 64 high by 320 wide come right after 224: a model that refuses 224x224
   usually wants another shape, not a larger square), then squares of 192 down to 32, then 1; the first
   dim of an input of rank 2 or more is a batch of 1, unless it sets a Loop's trip count (Shape ->
-  Gather -> M) or a Scan's scan axis: then 4 steps, so a carried state is read back; every other symbolic dim is a length of 16, 8, 4,
-  2 or 1, at most the rows of a positional table (a Gather of a constant table by Range or a constant
-  index list), and at least what an op reading that axis needs (`length_floors`: a reflect Pad more
+  Gather -> M) or a Scan's scan axis: then 4 steps, so a carried state is read back; every other
+  symbolic dim is a length of 16, 8, 4, 2 or 1, at most the rows of a positional table (a Gather of
+  a constant table by Range or a constant index list), and at least what an op reading that axis needs (`length_floors`: a reflect Pad more
   than its pads, a Conv or pool its window less its pads; the usual lengths that qualify, else powers
   of two from there); the dim before the last of a recurrent initial state is its batch, 1; dims of
   the same name take the same size;
@@ -580,7 +580,8 @@ def plan_inputs(model: onnx.ModelProto, in_specs, shapes: dict[str, list[int]] |
                 continue
             candidates, why, role = _generic(axis, decl, layout, cap)
             if role == "batch" and reader.is_trip_count(s.name, axis):  # one step would read no state back
-                candidates, why, role = [4, 2, 1], "4 steps of a Loop or Scan (its trip count: a carried state is read back)", "length"
+                candidates, role = [4, 2, 1], "length"
+                why = "4 steps of a Loop or Scan (its trip count: a carried state is read back)"
             if role == "length" and axis == len(decl) - 2 and reader.is_state(s.name):
                 candidates, why, role = [1], "batch of 1 (a recurrent state is [..., batch, hidden])", "batch"
             if role == "length" and key in reader.length_floors(declared):

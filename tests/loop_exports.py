@@ -42,7 +42,8 @@ def _modules():
         def __init__(self):
             super().__init__()
             self.hidden = HIDDEN  # (TorchScript reads no globals of a class made in a function)
-            self.inp, self.cell, self.head = torch.nn.Linear(FEAT, 4), torch.nn.LSTMCell(4, HIDDEN), torch.nn.Linear(HIDDEN, 3)
+            self.inp, self.cell = torch.nn.Linear(FEAT, 4), torch.nn.LSTMCell(4, HIDDEN)
+            self.head = torch.nn.Linear(HIDDEN, 3)
 
         def forward(self, x):
             x = torch.relu(self.inp(x))
@@ -111,7 +112,8 @@ def _modules():
         def __init__(self):
             super().__init__()
             self.hidden = HIDDEN  # (TorchScript reads no globals of a class made in a function)
-            self.inp, self.a, self.head = torch.nn.Linear(FEAT, HIDDEN), torch.nn.Linear(HIDDEN, HIDDEN), torch.nn.Linear(HIDDEN, 3)
+            self.inp, self.a = torch.nn.Linear(FEAT, HIDDEN), torch.nn.Linear(HIDDEN, HIDDEN)
+            self.head = torch.nn.Linear(HIDDEN, 3)
 
         def forward(self, x):
             z = torch.relu(self.inp(x[0]))
@@ -126,7 +128,8 @@ def _modules():
         def __init__(self):
             super().__init__()
             self.hidden = HIDDEN  # (TorchScript reads no globals of a class made in a function)
-            self.inp, self.wh, self.head = torch.nn.Linear(FEAT, HIDDEN), torch.nn.Linear(HIDDEN, HIDDEN), torch.nn.Linear(HIDDEN, 3)
+            self.inp, self.wh = torch.nn.Linear(FEAT, HIDDEN), torch.nn.Linear(HIDDEN, HIDDEN)
+            self.head = torch.nn.Linear(HIDDEN, 3)
 
         def forward(self, x):
             from torch._higher_order_ops.scan import scan
