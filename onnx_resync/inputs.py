@@ -36,8 +36,8 @@ from the graph, with the reason; runtime.settle tries it in ONNX Runtime:
   symbolic dim is a length of 16, 8, 4, 2 or 1, at most the rows of a positional table (a Gather of
   a constant table by Range or a constant index list), and at least what an op reading that axis
   needs (`length_floors`: a reflect Pad more than its pads, a Conv or pool its window less its pads;
-  the usual lengths that qualify, else powers of two from there); the dim before the last of a recurrent initial state is its batch, 1; dims of
-  the same name take the same size;
+  the usual lengths that qualify, else powers of two from there); the dim before the last of a
+  recurrent initial state is its batch, 1; dims of the same name take the same size;
 - forward walks from an input (what reads it) go through an If: a branch's output i leaves the
   branch as the If's output i;
 - values: floats N(0,1); integers below the rows of every constant table they index (Gather data,
