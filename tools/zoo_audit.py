@@ -376,6 +376,10 @@ def write_report(path: Path, results: list[tuple[dict, dict]], manifest: dict, t
             f"({timing['cached']} results reused from the cache); per audit median "
             f"{timing['median']:.1f}s, max {timing['max']:.1f}s", ""]
     path.parent.mkdir(parents=True, exist_ok=True)
+    old = path.read_text() if path.exists() else ""
+    begin, end = "<!-- vendor-zoo:begin -->", "<!-- vendor-zoo:end -->"  # tools/vendor_zoo.py's section stays
+    if begin in old and end in old:
+        out += [old[old.index(begin):old.index(end) + len(end)], ""]
     path.write_text("\n".join(out))
     return {"false": n_false, "exit3": exit3, "timeouts": timeouts, "audits": len(results)}
 

@@ -1,0 +1,195 @@
+"""The vendor zoo: real vendor files re-exported by standard tools, each audited against the original.
+
+For each vendor file (tests/vendor_models.py; the cached copy in ~/.cache/onnx-resync/vendor only,
+nothing is downloaded here) the transforms of tools/build_zoo.py (ONNX Runtime's saved optimized
+model, onnxslim, fp16 by two converters, dynamic int8, other node order, other names) are applied
+to the file and to a permuted copy (truth: identical / permuted), and an unrelated twin is drawn:
+every float weight of two or more values redrawn from a normal law with the tensor's own mean and
+std (truth: not derived). Each is audited by the CLI against the original; the truth x verdict
+table goes into docs/zoo.md, section "Vendor files" (between its markers; tools/zoo_audit.py keeps
+it when it rewrites the rest).
+
+    python tools/vendor_zoo.py                      # every cached vendor file of KEYS
+    python tools/vendor_zoo.py ppocr_rec minilm     # some; --rerun audits again after a change
+Built files and results are cached in ~/.cache/onnx-resync/vendor_zoo/<key>/ (results.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+ROOT = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("ONNX_RESYNC_VENDOR_ZOO", Path.home() / ".cache/onnx-resync/vendor_zoo"))
+BEGIN, END = "<!-- vendor-zoo:begin -->", "<!-- vendor-zoo:end -->"
+KEYS = ["ppocr_rec", "ppocr_det", "ppocr_cls", "pplcnet_orientation", "nudenet_320n", "silero_vad_op15", "minilm",
+        "mtcnn_onet", "arabic_gru_encoder", "ddddocr_common"]
+TRANSFORMS = ["plain", "reordered", "renamed", "ort_basic", "ort_extended", "ort_all", "onnxslim",
+              "fp16_ort", "fp16_occ", "dynamic"]
+TWIN_SEED = 7
+TIMEOUT_S = 900
+
+
+def _module(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_twin(src: Path, dst: Path, seed: int = TWIN_SEED) -> None:
+    """Every float weight (initializer or Constant node) of 2+ values redrawn with its mean and std."""
+    model = onnx.load(str(src))
+    rng = np.random.default_rng(seed)
+    tensors = list(model.graph.initializer) + [a.t for n in model.graph.node if n.op_type == "Constant"
+                                               for a in n.attribute if a.name == "value"]
+    for t in tensors:
+        if t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
+            continue
+        w = numpy_helper.to_array(t)
+        if w.size < 2:
+            continue
+        drawn = rng.standard_normal(w.shape) * float(w.astype(np.float64).std()) + float(w.astype(np.float64).mean())
+        t.CopyFrom(numpy_helper.from_array(drawn.astype(w.dtype), t.name))
+    onnx.save(model, str(dst))
+
+
+def audit(suspect: Path, reference: Path) -> dict:
+    t0 = time.time()
+    try:
+        p = subprocess.run([sys.executable, "-m", "onnx_resync", "audit", str(suspect), "--reference", str(reference),
+                            "--json"], capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"rc": None, "verdict": "timeout", "seconds": TIMEOUT_S, "line": "timeout"}
+    seconds = round(time.time() - t0, 1)
+    try:
+        report = json.loads(p.stdout)
+        return {"rc": p.returncode, "verdict": report["verdict"], "seconds": seconds, "line": report["summary"][:300]}
+    except (json.JSONDecodeError, KeyError, TypeError):
+        line = (p.stderr.strip().splitlines() or ["?"])[-1]
+        return {"rc": p.returncode, "verdict": "error (exit 3)" if p.returncode == 3 else f"exit {p.returncode}",
+                "seconds": seconds, "line": line[:300]}
+
+
+def run_key(key: str, transforms: list[str], bz, vm, log, rerun: bool = False) -> list[dict]:
+    src = vm.cached_path(key)
+    if not src.exists():
+        log(f"{key}: not cached ({src}); skipped")
+        return []
+    out = CACHE / key
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = out / "results.json"
+    done = json.loads(results_path.read_text()) if results_path.exists() else {}
+    stamp = f"{src.stat().st_size}:{src.stat().st_mtime_ns}"
+    if rerun or done.get("_stamp") != stamp:
+        done = {"_stamp": stamp}
+    perm = out / "perm.onnx"
+    if not perm.exists():
+        bz.make_permuted(src, perm)
+    jobs = [(f"{t}.{kind}", kind, lambda dst, t=t, s=s: getattr(bz, "t_" + t)(s, dst, key))
+            for t in transforms for kind, s in (("src", src), ("perm", perm))]
+    jobs.append(("twin", "twin", lambda dst: make_twin(src, dst)))
+    rows = []
+    for name, kind, build in jobs:
+        truth = {"src": "identical", "perm": "permuted", "twin": "not derived"}[kind]
+        if name in done:
+            rows.append(done[name])
+            continue
+        dst = out / f"{name}.onnx"
+        try:
+            if not dst.exists():
+                build(dst)
+        except Exception as exc:  # a tool that cannot write this file: reported, not audited
+            row = {"key": key, "name": name, "truth": truth, "verdict": "not built", "rc": None, "seconds": 0,
+                   "line": " ".join(str(exc).split())[:200]}
+        else:
+            row = {"key": key, "name": name, "truth": truth, **audit(dst, src)}
+        log(f"{key} {name}: truth {truth}, verdict {row['verdict']} ({row['seconds']}s) {row['line'][:120]}")
+        rows.append(row)
+        done[name] = row
+        results_path.write_text(json.dumps(done, indent=1))
+    return rows
+
+
+def right(row: dict) -> bool | None:
+    """True: the verdict is the truth; False: a wrong verdict (derived said of the twin, or 'not
+    derived' of a copy, or the wrong kind); None: no verdict (not built, error, cannot judge)."""
+    v = row["verdict"]
+    if v not in ("identical", "permuted", "perturbed", "not derived"):
+        return None
+    return v == row["truth"]
+
+
+def section(rows: list[dict]) -> str:
+    verdicts = ["identical", "permuted", "perturbed", "not derived", "cannot judge"]
+    other = sorted({r["verdict"] for r in rows} - set(verdicts))
+    cols = verdicts + other
+    out = [BEGIN, "## Vendor files (tools/vendor_zoo.py)", "",
+           "Real vendor files (tests/vendor_models.py), each through tools/build_zoo.py's transforms, also on a "
+           "permuted copy, and an unrelated twin (every float weight redrawn with the tensor's mean and std); "
+           "each audited against the original.", "",
+           "| truth \\ verdict | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for truth in ("identical", "permuted", "not derived"):
+        counts = [sum(1 for r in rows if r["truth"] == truth and r["verdict"] == c) for c in cols]
+        out.append(f"| {truth} | " + " | ".join(str(c) for c in counts) + " |")
+    wrong = [r for r in rows if right(r) is False]
+    none = [r for r in rows if right(r) is None]
+    out += ["", f"{len(rows)} audits on {len({r['key'] for r in rows})} files: {len(rows) - len(wrong) - len(none)} "
+            f"right, {len(wrong)} wrong, {len(none)} without a verdict.", ""]
+    if wrong or none:
+        out += ["| file | copy | truth | verdict | what it said |", "|---|---|---|---|---|"]
+        for r in wrong + none:
+            out.append(f"| {r['key']} | {r['name']} | {r['truth']} | {r['verdict']} | "
+                       f"{r['line'].replace('|', '/')[:200]} |")
+        out.append("")
+    secs = sorted(r["seconds"] for r in rows if r.get("seconds"))
+    if secs:
+        out.append(f"Per audit: median {secs[len(secs) // 2]:.1f}s, max {secs[-1]:.1f}s.")
+    out.append(END)
+    return "\n".join(out)
+
+
+def write_section(path: Path, text: str) -> None:
+    old = path.read_text() if path.exists() else ""
+    if BEGIN in old and END in old:
+        new = old[:old.index(BEGIN)] + text + old[old.index(END) + len(END):]
+    else:
+        new = old.rstrip("\n") + "\n\n" + text + "\n"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(new)
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="Audit vendor files re-exported by standard tools; docs/zoo.md")
+    ap.add_argument("keys", nargs="*", default=KEYS)
+    ap.add_argument("--transforms", default=",".join(TRANSFORMS))
+    ap.add_argument("--out", type=Path, default=ROOT / "docs" / "zoo.md")
+    ap.add_argument("--rerun", action="store_true", help="audit again (the built files are kept)")
+    args = ap.parse_args()
+    sys.path.insert(0, str(ROOT / "tests"))
+    sys.path.insert(0, str(ROOT / "tools"))
+    bz = _module("build_zoo", ROOT / "tools" / "build_zoo.py")
+    import vendor_models as vm
+    rows = []
+    for key in args.keys:
+        rows += run_key(key, args.transforms.split(","), bz, vm, lambda m: print(m, flush=True), args.rerun)
+    # the section covers every key with results in the cache, not only this run's
+    for key in sorted({p.parent.name for p in CACHE.glob("*/results.json")} - set(args.keys)):
+        rows += [r for k, r in json.loads((CACHE / key / "results.json").read_text()).items() if k != "_stamp"]
+    write_section(args.out, section(rows))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
