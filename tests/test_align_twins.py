@@ -39,6 +39,8 @@ from onnx_resync.audit import align as align_module
 from onnx_resync.audit.align import align
 from onnx_resync.audit.canonical import canonicalize
 
+from test_align import shuffled
+
 HIDDEN, HEADS, INTER, LAYERS, VOCAB, BLOCK = 256, 4, 96, 2, 50, 32
 TWIN_SPREAD = 0.0007  # relative spread of the twins' norms: a hidden-1024 model's, 1 / sqrt(2 x 1024^2)
 SEED = 4  # compared as stored, this decoder's int4 copy pairs layer 0's q, k and v in a cycle
@@ -169,25 +171,6 @@ def int4(model: onnx.ModelProto) -> onnx.ModelProto:
     del g.initializer[:]
     g.initializer.extend(kept)
     out.opset_import.append(helper.make_opsetid(MS, 1))
-    return out
-
-
-def shuffled(model: onnx.ModelProto, seed: int) -> onnx.ModelProto:
-    """The nodes in a random valid topological order."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    nodes = list(out.graph.node)
-    produced = {o: i for i, n in enumerate(nodes) for o in n.output if o}
-    deps = [{produced[x] for x in n.input if x in produced} for n in nodes]
-    rng = np.random.default_rng(seed)
-    order, placed = [], set()
-    while len(order) < len(nodes):
-        ready = [i for i in range(len(nodes)) if i not in placed and deps[i] <= placed]
-        i = ready[int(rng.integers(len(ready)))]
-        order.append(nodes[i])
-        placed.add(i)
-    del out.graph.node[:]
-    out.graph.node.extend(order)
     return out
 
 

@@ -115,20 +115,27 @@ def _fit_concat(model, node, i_old, i_new, o_old, neuron_strides, constants, sha
     return True
 
 
+def _changed_in_place(model: onnx.ModelProto, name: str, values: np.ndarray) -> bool:
+    """Integer constant `name` given `values` where it is stored (an initializer or a Constant node);
+    False when it is neither."""
+    tensor = numpy_helper.from_array(values.astype(np.int64), name)
+    for t in model.graph.initializer:
+        if t.name == name:
+            t.CopyFrom(tensor)
+            return True
+    for n in model.graph.node:
+        if n.op_type == "Constant" and n.output[0] == name:
+            n.attribute[0].t.CopyFrom(tensor)
+            return True
+    return False
+
+
 def _set_constant(model: onnx.ModelProto, name: str, values: np.ndarray, reader: onnx.NodeProto) -> None:
     """Constant `name` changed where it is when nothing else reads it, else a copy for `reader`'s
     chain (the Unsqueeze or Concat that reads it)."""
     readers = [n for n in model.graph.node if name in n.input]
-    tensor = numpy_helper.from_array(values.astype(np.int64), name)
-    if len(readers) == 1:
-        for t in model.graph.initializer:
-            if t.name == name:
-                t.CopyFrom(tensor)
-                return
-        for n in model.graph.node:
-            if n.op_type == "Constant" and n.output[0] == name:
-                n.attribute[0].t.CopyFrom(tensor)
-                return
+    if len(readers) == 1 and _changed_in_place(model, name, values):
+        return
     fresh = f"{name}.fitted"
     k = 1
     taken = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
@@ -196,16 +203,8 @@ def _set_target(model: onnx.ModelProto, node: onnx.NodeProto, values: np.ndarray
     """The target changed where it is (an initializer or a Constant node) when this Reshape alone
     reads it; else a new initializer for this Reshape."""
     name = node.input[1]
-    if sum(name in n.input for n in model.graph.node) == 1:
-        tensor = numpy_helper.from_array(values.astype(np.int64), name)
-        for t in model.graph.initializer:
-            if t.name == name:
-                t.CopyFrom(tensor)
-                return
-        for n in model.graph.node:
-            if n.op_type == "Constant" and n.output[0] == name:
-                n.attribute[0].t.CopyFrom(tensor)
-                return
+    if sum(name in n.input for n in model.graph.node) == 1 and _changed_in_place(model, name, values):
+        return
     names = {t.name for t in model.graph.initializer} | {o for n in model.graph.node for o in n.output}
     base = f"{node.name or 'reshape'}.fitted_shape"
     name, k = base, 1
