@@ -654,3 +654,31 @@ def test_runtime_layer_norm_below_opset_17_is_written_out():
     assert "LayerNormalization" not in ops and ops["ReduceMean"] == 2 and ops["Sqrt"] == 1, ops
     assert "ONNX Runtime's LayerNormalization at opset 12 written out" in canon.changes
     _same(canon, model, {"x": _w(2, 3, h, scale=1)})
+
+
+def test_nchwc_padding_dropped_through_an_activation(tmp_path):
+    """Conv (20 channels, padded to a block) -> x * Sigmoid(x) (ONNX Runtime fuses it to QuickGelu,
+    which stays between the two nchwc Convs) -> Conv: the padded rows and the reader's zero columns
+    are dropped through the activation (PaddleOCR's recognizer saved at the all level)."""
+    from onnx_resync.audit.passes.nchwc import machine_block_size
+
+    if machine_block_size() is None:
+        import pytest
+
+        pytest.skip("this machine's ONNX Runtime writes no NCHWc layout")
+    nodes = [helper.make_node("Conv", ["x", "w0", "b0"], ["c0"], pads=[1, 1, 1, 1]),
+             helper.make_node("Sigmoid", ["c0"], ["s0"]), helper.make_node("Mul", ["c0", "s0"], ["g0"]),
+             helper.make_node("Conv", ["g0", "w1", "b1"], ["c1"]),
+             helper.make_node("Relu", ["c1"], ["y"])]
+    model = _model(nodes, [("x", TensorProto.FLOAT, [1, 16, 8, 8])], [("y", TensorProto.FLOAT, [1, 32, 8, 8])],
+                   {"w0": _w(20, 16, 3, 3), "b0": _w(20), "w1": _w(32, 20, 1, 1), "b1": _w(32)})
+    saved = _nchwc_file(model, tmp_path / "nchwc_act.onnx")
+    assert any(n.op_type == "QuickGelu" for n in saved.graph.node), _ops(saved)
+    canon = _canonical(saved)
+    assert _std_only(canon.model), _ops(canon.model)
+    shapes = sorted(numpy_helper.to_array(t).shape[:2] for t in canon.model.graph.initializer
+                    if t.name in {n.input[1] for n in canon.model.graph.node if n.op_type == "Conv"})
+    assert shapes == [(20, 16), (32, 20)], shapes
+    x = _w(1, 16, 8, 8, scale=1)
+    _same(canon, saved, {"x": x}, atol=1e-4, rtol=1e-4)
+    _same(canon, model, {"x": x}, atol=1e-4, rtol=1e-4)

@@ -159,6 +159,8 @@ class _Ranks:
             return None
         rank = self.view.rank(name)
         p = self.view.producer.get(name)  # the file's node (the workspace's may be rewritten by now)
+        if rank is None and depth == 0:
+            rank = self._now(name)
         if rank is not None or p is None or depth > 64 or p.domain != MS or not p.input:
             return rank
         if p.op_type in ("Gelu", "BiasGelu", "FastGelu", "QuickGelu"):
@@ -167,6 +169,21 @@ class _Ranks:
             ranks = [self.of(i, depth + 1) for i in p.input[:2]]
             return None if None in ranks else max(ranks)
         return None
+
+
+    def _now(self, name: str) -> int | None:
+        """The rank in the workspace as the earlier passes left it (once, when the file's own view does
+        not know it): ONNX Runtime's NCHWc layout written back as standard ops, which shape inference
+        follows where it could not follow the nchwc ops."""
+        if not hasattr(self, "current"):
+            from ...walk.graph import GraphView
+            from ..canonical import _build
+
+            try:
+                self.current = GraphView(_build(self.ws).model)
+            except Exception:  # no shapes there either: the operand stays fused
+                self.current = None
+        return self.current.rank(name) if self.current is not None else None
 
 
 _EXPAND = {"Gelu": _gelu, "BiasGelu": _bias_gelu, "FastGelu": _fast_gelu, "QuickGelu": _quick_gelu,

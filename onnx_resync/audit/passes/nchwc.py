@@ -118,6 +118,8 @@ def _real_channels(ws: Workspace, blocked: set[str], b: int) -> dict[str, int]:
             k = _padding_rows(ws, node, b, blocked)
             if k:
                 real[node.output[0]] = int(ws.const(node.input[1]).shape[0]) - k
+                for _, read in _through_activations(ws, node.output[0]) or ():
+                    real.setdefault(read, real[node.output[0]])  # (an activation's output between the two)
     return real
 
 
@@ -137,15 +139,41 @@ def _padding_rows(ws: Workspace, node: onnx.NodeProto, b: int, blocked: set[str]
     if bias.shape != (padded,):
         return 0
     k = _trailing(lambda i: not rows[i].any() and bias[i] == 0, padded, b)
-    for r in readers:
+    readers = _through_activations(ws, node.output[0])
+    if readers is None:
+        return 0
+    for r, read in readers:
         R = ws.const(r.input[1]) if r.domain == NCHWC and r.op_type == "Conv" and len(r.input) > 1 \
             and r.input[1] in ws.constants else None
-        if R is None or R.ndim != 4 or r.input[0] != node.output[0] or int(attr(r, "group", 1)) != 1 \
-                or R.shape[1] != padded or R.shape[0] % b or list(r.input[1:]).count(node.output[0]):
+        if R is None or R.ndim != 4 or r.input[0] != read or int(attr(r, "group", 1)) != 1 \
+                or R.shape[1] != padded or R.shape[0] % b or list(r.input[1:]).count(read):
             return 0
         cols = unblock(R, b, True)
         k = min(k, _trailing(lambda j: not cols[:, j].any(), padded, b))
     return k
+
+
+# one input, one output, channel by channel (ONNX Runtime's NCHWc region keeps the fused activations its
+# optimizer wrote between two nchwc Convs, QuickGelu among them): a padded channel stays one channel
+_PER_CHANNEL = {"Relu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu", "Selu", "Softplus",
+                "QuickGelu", "Gelu"}
+
+
+def _through_activations(ws: Workspace, name: str, depth: int = 0) -> list | None:
+    """(reader, the tensor it reads) of a tensor, through per-channel activations; None where an
+    activation's output is a graph output or goes on elsewhere unknown."""
+    out = []
+    for r in ws.consumers(name):
+        if r.op_type in _PER_CHANNEL and len(r.input) == 1 and len(r.output) == 1 and depth < 8:
+            if r.output[0] in ws.protected:
+                return None
+            more = _through_activations(ws, r.output[0], depth + 1)
+            if more is None or not more:
+                return None
+            out += more
+        else:
+            out.append((r, name))
+    return out
 
 
 def _trailing(zero, n: int, b: int) -> int:
