@@ -290,3 +290,24 @@ def test_odd_valid_files_permute_verify_and_undo(build, moves):
     assert result.verified and (result.groups_permuted > 0) == moves
     restored, _ = api.permute(permuted, undo=result.record, check=False)
     assert restored.SerializeToString() == model.SerializeToString()
+
+
+def test_layers_inside_local_functions_are_counted_not_nothing_to_permute(tmp_path):
+    """x -> Dense(W1, b1) -> Relu -> Dense(W2, b2), Dense a model-local FunctionProto (MatMul + Add):
+    the functions are not expanded, so their channels pin with that reason; before, the file read
+    as '0/0 hidden channels (nothing to permute)'."""
+    rng = np.random.default_rng(0)
+    dense = helper.make_function("local", "Dense", ["x", "W", "b"], ["y"],
+                                 [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Add", ["h", "b"], ["y"])],
+                                 [helper.make_opsetid("", 17)])
+    nodes = [helper.make_node("Dense", ["x", "W1", "b1"], ["h1"], domain="local"), helper.make_node("Relu", ["h1"], ["r"]),
+             helper.make_node("Dense", ["r", "W2", "b2"], ["y"], domain="local")]
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n)
+             for n, s in (("W1", (8, 16)), ("b1", (16,)), ("W2", (16, 4)), ("b2", (4,)))]
+    graph = helper.make_graph(nodes, "f", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], inits)
+    model = helper.make_model(graph, functions=[dense], ir_version=8,
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)])
+    result = walk(model)
+    assert result.hidden_channels > 0 and result.coverage == 0.0
+    assert any("local function" in p.reason and "Dense" in p.reason for p in result.pinned), result.pinned

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
+import onnx.inliner
 
 from .channels import ElementTable, Label
 from .groups import Group, GroupSlot, PinnedReason, Producer, Reader, WalkResult, slot_part  # noqa: F401
@@ -344,6 +345,7 @@ def walk(model: onnx.ModelProto, view: GraphView | None = None) -> WalkResult:
     ctx.node = None
     result = _form_groups(ctx)
     _count_bodies(view, result)
+    _count_functions(view, result)
     return result
 
 
@@ -420,6 +422,26 @@ def _count_bodies(view: GraphView, result: WalkResult) -> None:
                 result.pinned.append(PinnedReason(f"inside a {node.op_type} body (not followed)", count,
                                                   [node.name or node.op_type]))
     result.pinned.sort(key=lambda p: -p.channels)
+
+
+def _count_functions(view: GraphView, result: WalkResult) -> None:
+    """Model-local functions the graph calls (a layer written as a FunctionProto) are not expanded:
+    the channels the model makes once they are inlined, beyond those walked, are counted as pinned
+    with that reason, so such a model never reads as having nothing to permute."""
+    model = view.model
+    local = {(f.domain, f.name) for f in model.functions}
+    called = sorted({n.op_type for n in view.nodes if (n.domain, n.op_type) in local})
+    if not called:
+        return
+    try:
+        inlined = walk(onnx.inliner.inline_local_functions(model))
+    except (UnsupportedError, onnx.checker.ValidationError, ValueError):
+        return  # functions ONNX cannot inline: their ops stay in ops_without_rule
+    extra = inlined.hidden_channels - result.hidden_channels
+    if extra > 0:
+        result.hidden_channels += extra
+        result.pinned.append(PinnedReason(f"inside local function(s) {', '.join(called)} (not expanded)", extra, called))
+        result.pinned.sort(key=lambda p: -p.channels)
 
 
 # ---- Loop/Scan bodies -------------------------------------------------------------------------
