@@ -48,13 +48,17 @@ def _module(name: str, path: Path):
 
 
 def make_twin(src: Path, dst: Path, seed: int = TWIN_SEED) -> None:
-    """Every float weight (initializer or Constant node) of 2+ values redrawn with its mean and std."""
+    """Every float weight (initializer or Constant node) of 2+ values redrawn with its mean and std,
+    except BatchNormalization's running mean and variance (statistics; a variance must stay positive)."""
     model = onnx.load(str(src))
     rng = np.random.default_rng(seed)
+    stats = {n.input[i] for n in model.graph.node if n.op_type == "BatchNormalization" for i in (3, 4)
+             if len(n.input) > i}
     tensors = list(model.graph.initializer) + [a.t for n in model.graph.node if n.op_type == "Constant"
                                                for a in n.attribute if a.name == "value"]
     for t in tensors:
-        if t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
+        if t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE) \
+                or t.name in stats:
             continue
         w = numpy_helper.to_array(t)
         if w.size < 2:
