@@ -255,6 +255,22 @@ def test_adaptive_attack_on_unrelated_model_stays_not_derived(tmp_path):
     assert report.reduction["approximate"] and not report.derived
 
 
+def test_audit_takes_the_same_approximate_step_and_seed1_stays_not_derived(tmp_path, capsys):
+    """audit pairs layers by structure (audit/widths.wider), then reduce.against's approximate step
+    (the one resync runs): the noisy copy derived and perturbed, the attacked `_seed1` not derived."""
+    for name, derived in (("mlp", True), ("mlp_seed1", False)):
+        attacked, log = attacks.attack(_path(name), "dummies", 0.1, seed=0, shuffle=True, noise=0.01)
+        onnx.save(attacked, tmp_path / f"{name}.onnx")
+        report = api.audit(str(tmp_path / f"{name}.onnx"), _path("mlp"))
+        red = report.reduction
+        assert sum(r["removed"] for r in red["approximate"]) + red["dummy"] == log.neurons
+        assert 0 < red["approximate_error"] <= 0.05 and report.derived is derived
+        assert report.summary.startswith("derived, perturbed: " if derived else "not derived")
+        assert "removed approximately" in " ".join(report.evidence)
+    assert main(["audit", str(tmp_path / "mlp.onnx"), "--reference", _path("mlp")]) == 0
+    assert "near-copy or near-dummy neurons removed" in capsys.readouterr().out
+
+
 # ---- constant neurons: zero incoming weights, their output in the readers' biases ------------
 def test_constant_neurons_fold_into_biases(tmp_path):
     path = _path("mlp")

@@ -200,11 +200,12 @@ def audit(suspect: ModelLike, reference: ModelLike, *, html: str | os.PathLike |
     try:
         alignment = align(ref_c, sus_c)
     except ModelMismatchError:  # a width or depth change: align the suspect without its padding (issue 16)
-        from .widths import narrow  # a pruned copy: the reference without its unmatched neurons
+        from .widths import narrow, wider  # a pruned copy: the reference without its unmatched neurons
 
-        try:
+        try:  # a padded copy still wider after the exact reduction: reduce.against's approximate step
             sus_model, reduction = to_reference(lambda m: align(ref_c, _canonical(m, "suspect")), sus_model,
-                                                narrow=lambda m: narrow(ref_c, _canonical(m, "suspect")))
+                                                narrow=lambda m: narrow(ref_c, _canonical(m, "suspect")),
+                                                wider=lambda m: wider(ref_c, _canonical(m, "suspect"), m))
             if reduction.reference is not None:  # judged on the matched neurons (no integer steps: full shapes)
                 ref_c, ref_steps = reduction.reference, Steps()
             sus_c = _canonical(sus_model, "suspect")

@@ -65,9 +65,10 @@ def narrow(reference: CanonicalModel, suspect: CanonicalModel) -> tuple[Canonica
     return CanonicalModel(model, reference.origins, reference.node_origins, reference.changes), pruned
 
 
-def pair(reference: onnx.ModelProto, suspect: onnx.ModelProto) -> list[tuple[Layer, Layer]]:
+def pair(reference: onnx.ModelProto, suspect: onnx.ModelProto, wider: bool = False) -> list[tuple[Layer, Layer]]:
     """(reference layer, suspect layer) for every weighted layer, regardless of width (module
-    docstring); ModelMismatchError naming the first kind whose layers do not pair."""
+    docstring; `wider`: the suspect's layers no narrower than the reference's, a padded copy);
+    ModelMismatchError naming the first kind whose layers do not pair."""
     ref, sus = _Layers(reference), _Layers(suspect)
     classes: dict[tuple, tuple[list[int], list[int]]] = {}
     for i, key in enumerate(ref.keys):
@@ -80,13 +81,46 @@ def pair(reference: onnx.ModelProto, suspect: onnx.ModelProto) -> list[tuple[Lay
             raise ModelMismatchError(
                 f"cannot align the suspect: {len(cols)} layers of kind {key[0]} in the suspect, {len(rows)} in the "
                 "reference, whatever their widths (not a pruned copy)")
-        cost = np.array([[_cost(ref, sus, i, j) for j in cols] for i in rows])
+        cost = np.array([[_cost(ref, sus, i, j, wider) for j in cols] for i in rows])
         a, b = linear_sum_assignment(cost)
         if float(cost[a, b].max(initial=0.0)) >= _FORBIDDEN / 2:
             i = rows[a[int(np.argmax(cost[a, b]))]]
             raise ModelMismatchError(f"cannot align the reference's layer {ref.layers[i].node.name!r} with a "
-                                     "suspect layer of its kind no wider than it")
+                                     f"suspect layer of its kind no {'narrower' if wider else 'wider'} than it")
         out += [(ref.layers[rows[x]], sus.layers[cols[y]]) for x, y in zip(a, b)]
+    return out
+
+
+def wider(reference: CanonicalModel, suspect: CanonicalModel, model: onnx.ModelProto) -> dict[str, int]:
+    """Per walker group of `model` (the suspect `suspect` is the canonical form of) wider than the
+    reference group its layers pair with (pair(wider=True)): by how many neurons; what
+    reduce.against asks before removing an adaptive attacker's noisy copies. Groups are related
+    through their producer-side weights: the raw group's, their canonical forms (origins), the
+    paired reference weights. ModelMismatchError when the layers do not pair."""
+    from ..walk import walk
+
+    renamed = {s: r for rl, sl in pair(reference.model, suspect.model, wider=True)
+               for (_, r, _), (_, s, _) in zip(rl.weights, sl.weights)}
+
+    def produced(groups) -> dict[str, object]:  # producer-side weight -> its group
+        return {s.weight: g for g in groups for s, side in zip(g.slots, g.sides()) if side == 1}
+
+    ref_of = produced(walk(reference.model).groups)
+    canonical_of: dict[str, set[str]] = {}
+    for name, origin in suspect.origins.items():
+        for source in origin.sources:
+            canonical_of.setdefault(source, set()).add(name)
+    sus_of = produced(walk(suspect.model).groups)
+    out = {}
+    for g in walk(model).groups:
+        own = {s.weight for s, side in zip(g.slots, g.sides()) if side == 1}
+        canon = {sus_of[c].key: sus_of[c] for w in own for c in canonical_of.get(w, ()) if c in sus_of}
+        refs = {ref_of[renamed[s.weight]].key: ref_of[renamed[s.weight]] for c in canon.values()
+                for s, side in zip(c.slots, c.sides()) if side == 1 and renamed.get(s.weight) in ref_of}
+        if len(canon) == 1 and len(refs) == 1:  # one group each side: the excess is unambiguous
+            (c,), (r,) = canon.values(), refs.values()
+            if c.size == g.size > r.size:
+                out[g.key] = g.size - r.size
     return out
 
 
@@ -166,8 +200,8 @@ def _fits(r: Layer, s: Layer) -> bool:
     return all(a <= b for (_, _, ss), (_, _, rs) in zip(s.weights, r.weights) for a, b in zip(ss, rs))
 
 
-def _cost(ref: _Layers, sus: _Layers, i: int, j: int) -> float:
-    if not _fits(ref.layers[i], sus.layers[j]):
+def _cost(ref: _Layers, sus: _Layers, i: int, j: int, wider: bool = False) -> float:
+    if not (_fits(sus.layers[j], ref.layers[i]) if wider else _fits(ref.layers[i], sus.layers[j])):
         return _FORBIDDEN
     depth = min(1.0, (abs(ref.depth_in[i] - sus.depth_in[j]) + abs(ref.depth_out[i] - sus.depth_out[j]))
                 / DEPTH_SCALE)

@@ -26,7 +26,7 @@ MAX_REDUCE_BYTES = 1 << 30  # suspects with more weight bytes are not reduced (t
 
 
 def to_reference(check, suspect: onnx.ModelProto, verify_options: dict | None = None, *,
-                 reference: onnx.ModelProto | None = None, ref_walk=None, narrow=None
+                 reference: onnx.ModelProto | None = None, ref_walk=None, narrow=None, wider=None
                  ) -> tuple[onnx.ModelProto, ReduceReport | None]:
     """(the suspect, None) when `check(suspect)` passes; else (the reduced suspect, its report) when
     the reduced one passes; else, given the reference (and its walk), the reduced suspect with the
@@ -36,7 +36,9 @@ def to_reference(check, suspect: onnx.ModelProto, verify_options: dict | None = 
     reduced. A suspect the reduction cannot walk or run keeps the check's error, with the reason.
     `narrow(reduced suspect)`, for a caller whose models do not share weight names (audit: it pairs
     layers by structure, audit/widths.py), replaces the reference path: (the reference to judge
-    against, per group what was pruned), or ModelMismatchError."""
+    against, per group what was pruned), or ModelMismatchError; with it, `wider(reduced suspect)`
+    says which groups are still wider than the reference's and by how many neurons (group key ->
+    excess), for the same approximate step (one implementation for both callers)."""
     try:
         check(suspect)
         return suspect, None
@@ -59,10 +61,13 @@ def to_reference(check, suspect: onnx.ModelProto, verify_options: dict | None = 
             why = again
             if reference is not None or narrow is not None:
                 try:
-                    if narrow is not None:
-                        report.reference, report.pruned = narrow(reduced)
-                        return reduced, report
-                    return _against_reference(check, reduced, report, reference, ref_walk, options), report
+                    if narrow is None:  # resync: groups paired by weight names
+                        from ..walk import walk
+
+                        ref_walk = ref_walk or walk(reference)
+                        wider = lambda m: _wider(ref_walk, m)  # noqa: E731
+                        narrow = lambda m: narrowed(m, reference, ref_walk)  # noqa: E731
+                    return _against_reference(check, reduced, report, options, wider, narrow), report
                 except (ModelMismatchError, Unpaired, ValueError) as exc:
                     why = exc if report.changed else ModelMismatchError(f"{first} ({exc})")
             if not report.changed:
@@ -70,24 +75,25 @@ def to_reference(check, suspect: onnx.ModelProto, verify_options: dict | None = 
             raise ModelMismatchError(f"{why} (after reducing the suspect: {report.phrase()})") from first
 
 
-def _against_reference(check, reduced, report: ReduceReport, reference, ref_walk, options) -> onnx.ModelProto:
+def _against_reference(check, reduced, report: ReduceReport, options, wider, narrow) -> onnx.ModelProto:
     """What is left once the exact reduction is done, with the reference's widths as the target:
-    groups still wider lose their nearest-to-dead or nearest-to-copy neurons (an adaptive attacker's
-    noisy copies; the error is measured and reported); groups narrower are a pruned copy, judged
-    against the reference without its unmatched neurons (report.reference)."""
-    from ..walk import walk
-
-    ref_walk = ref_walk or walk(reference)
+    groups still wider (`wider(model)`: group key -> excess) lose their nearest-to-dead or
+    nearest-to-copy neurons (an adaptive attacker's noisy copies; the error is measured and
+    reported); groups narrower are a pruned copy, judged against the reference without its
+    unmatched neurons (`narrow(model)` -> report.reference, report.pruned)."""
     candidate = reduced
-    wider = _wider(ref_walk, reduced)
-    if wider:
-        candidate, report.approximate, report.approximate_error = reduce_near(reduced, wider, verify_options=options)
+    try:
+        excess = wider(reduced) if wider is not None else {}
+    except ModelMismatchError:  # the layers do not pair as a padded copy: pruned, or the mismatch stands
+        excess = {}
+    if excess:
+        candidate, report.approximate, report.approximate_error = reduce_near(reduced, excess, verify_options=options)
         try:
             check(candidate)
             return candidate
         except ModelMismatchError:
             pass  # narrower somewhere as well: pruned
-    report.reference, report.pruned = narrowed(candidate, reference, ref_walk)
+    report.reference, report.pruned = narrow(candidate)
     return candidate
 
 

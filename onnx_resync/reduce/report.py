@@ -90,6 +90,9 @@ class ReduceReport:
         if self.changed:
             parts.append(f"the suspect was reduced before alignment (each rewrite proven equivalent by ONNX Runtime): "
                          f"{self.phrase()}")
+        if self.approximate:
+            parts.append("the suspect was still wider than the reference: its nearest-to-dead or nearest-to-copy "
+                         f"neurons removed (an adaptive attacker's noisy padding): {self.approximate_phrase()}")
         if self.pruned:
             parts.append("the suspect is narrower than the reference (a pruned copy): its layers paired regardless "
                          "of width, its neurons by a rectangular assignment (audit/widths.py); judged on the matched "
