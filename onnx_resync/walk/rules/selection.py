@@ -122,7 +122,8 @@ def split(ctx, node) -> None:
     if axis is None or sizes is None:
         ctx.pin_all(x, "Split with unknown sizes")
         return
-    units = _grid_units(ctx, node, labels.get(axis), sizes, [o for o in node.output]) if axis in labels else None
+    units = (_grid_units(ctx, node, labels.get(axis), sizes, [o for o in node.output], _from_end(ctx, x, axis))
+             if axis in labels else None)
     start = 0
     for out, size in zip(node.output, sizes):
         out_labels = dict(labels)
@@ -169,7 +170,7 @@ def slice_(ctx, node) -> None:
     for a, s, e, st in zip(axes, starts, ends, steps):
         if a in labels:
             kept = np.arange(len(labels[a]))[slice(*_clamp(s, e, st, len(labels[a])))]
-            units = _slice_grid(ctx, node, x, a, kept) if len(axes) == 1 else None
+            units = _slice_grid(ctx, node, x, a, kept)  # (a Slice may cut time too: onnxslim merges them)
             out[a] = labels[a].take(kept) if units is None else Label(units.elem, units.sub)
     cuts = {a: slice(*_clamp(s, e, st, 0)) for a, s, e, st in zip(axes, starts, ends, steps)}
     out.update(_cut_stacked(ctx, x, lambda a, n: np.arange(n)[cuts[a]] if a in cuts else None))
@@ -184,18 +185,24 @@ def slice_(ctx, node) -> None:
 _MEET_DEPTH = 12  # elementwise ops followed from each chunk when looking for where chunks meet
 
 
-def _grid_units(ctx, node, label, sizes, outputs):
+def _grid_units(ctx, node, label, sizes, outputs, back):
     """The unit label every chunk carries when `label` is cut into equal `sizes` that meet again."""
-    if label is None or not _equal_chunks_meet(ctx, sizes, len(label), outputs):
+    if label is None or not _equal_chunks_meet(ctx, sizes, len(label), outputs, back):
         return None
     return _grid(ctx, node, label, len(sizes), sizes[0])
 
 
-def _equal_chunks_meet(ctx, sizes, n, outputs) -> bool:
+def _equal_chunks_meet(ctx, sizes, n, outputs, back) -> bool:
     """k >= 2 equal chunks covering all n positions, which meet again elementwise."""
     k = len(sizes)
     return (k >= 2 and len(set(sizes)) == 1 and sizes[0] >= 1 and sizes[0] * k == n
-            and _chunks_meet(ctx, [[o] for o in outputs]))
+            and _chunks_meet(ctx, [[o] for o in outputs], back))
+
+
+def _from_end(ctx, x, axis):
+    """`axis` of `x` counted from the end (as broadcasting aligns axes), None for an unknown rank."""
+    r = ctx.rank(x)
+    return None if r is None else axis - r
 
 
 def _weight_grid(ctx, node, x, axis, sizes) -> None:
@@ -203,7 +210,7 @@ def _weight_grid(ctx, node, x, axis, sizes) -> None:
     by the first cell's Gemm of a zero state, cut into gates): its axis becomes a grid slot and
     every chunk carries the unit label, like a layer's output would."""
     n = ctx.dim(x, axis)
-    if not isinstance(n, int) or not _equal_chunks_meet(ctx, sizes, n, list(node.output)):
+    if not isinstance(n, int) or not _equal_chunks_meet(ctx, sizes, n, list(node.output), _from_end(ctx, x, axis)):
         return
     cells = ctx.new(n, node, x, kind="weight-grid")
     units = _grid(ctx, node, cells, len(sizes), sizes[0])
@@ -233,7 +240,7 @@ def weight_chunk_units(ctx, name, axis):
         split_axis, sizes = _split_sizes(ctx, node)
         n = ctx.dim(x, split_axis) if split_axis is not None else None
         if (ctx.is_weightlike(x) and sizes is not None and isinstance(n, int) and ctx.rank(x) == ctx.rank(name)
-                and _equal_chunks_meet(ctx, sizes, n, list(node.output))):
+                and _equal_chunks_meet(ctx, sizes, n, list(node.output), _from_end(ctx, x, split_axis))):
             cells = ctx.new(n, node, x, kind="weight-grid")
             units = _grid(ctx, node, cells, len(sizes), sizes[0])
             if units is not None and ctx.slot(x, split_axis, cells):
@@ -267,7 +274,7 @@ def _slice_grid(ctx, node, x, axis, kept):
             rng = _slice_range(ctx, other, axis, n)
             if rng is not None and _is_chunk(rng, step, stride, h):
                 siblings.append(list(other.output[:1]))
-    if not siblings or not _chunks_meet(ctx, [list(node.output[:1])] + siblings):
+    if not siblings or not _chunks_meet(ctx, [list(node.output[:1])] + siblings, _from_end(ctx, x, axis)):
         return None
     return _grid(ctx, node, label, k, h, interleaved=interleaved)
 
@@ -300,16 +307,21 @@ def _slice_bounds(ctx, node, r):
 
 
 def _slice_range(ctx, node, axis, n):
-    """Positions a Slice keeps along `axis` (of length n); None if unknown or it cuts other axes too."""
+    """Positions a Slice keeps along `axis` (of length n: all of them where it cuts other axes only);
+    None if its bounds are unknown."""
     bounds = _slice_bounds(ctx, node, ctx.rank(node.input[0]))
-    if bounds is None or len(bounds[0]) != 1 or bounds[2][0] != axis:
+    if bounds is None:
         return None
-    (s,), (e,), _, (st,) = bounds
-    return np.arange(n)[slice(*_clamp(s, e, st, n))]
+    for s, e, a, st in zip(*bounds):
+        if a == axis:
+            return np.arange(n)[slice(*_clamp(s, e, st, n))]
+    return np.arange(n)
 
 
-def _chunks_meet(ctx, starts: list[list[str]]) -> bool:
-    """Do tensors reached elementwise from two different chunks meet in one node?"""
+def _chunks_meet(ctx, starts: list[list[str]], back) -> bool:
+    """Do tensors reached elementwise from two different chunks meet in one node? Besides elementwise
+    ops, a Slice that leaves the chunk axis (`back`: counted from the end) whole is followed (an
+    STFT's real part sliced again along time before re^2 + im^2)."""
     from .base import passthrough
     from .elementwise import broadcast, clip, prelu, variadic, where
     from ..registry import spec_of
@@ -323,7 +335,8 @@ def _chunks_meet(ctx, starts: list[list[str]]) -> bool:
             for name in frontier:
                 for reader in ctx.view.consumers.get(name, []):
                     spec = spec_of(reader, ctx.view.opsets)
-                    if spec is None or spec.rule not in elementwise or id(reader) in seen:
+                    if spec is None or id(reader) in seen or not (
+                            spec.rule in elementwise or _keeps_axis(ctx, reader, name, back)):
                         continue
                     seen.add(id(reader))
                     if reached.setdefault(id(reader), chunk) != chunk:
@@ -331,6 +344,21 @@ def _chunks_meet(ctx, starts: list[list[str]]) -> bool:
                     nxt.extend(o for o in reader.output if o)
             frontier = nxt
     return False
+
+
+def _keeps_axis(ctx, node, name, back) -> bool:
+    """`node` is a Slice of `name` that keeps every position of its axis `back` (from the end)."""
+    if back is None or node.op_type != "Slice" or node.domain not in ("", "ai.onnx") or node.input[0] != name:
+        return False
+    r = ctx.rank(name)
+    if r is None or not -r <= back < 0:
+        return False
+    n = ctx.dim(name, r + back)
+    if isinstance(n, int):
+        rng = _slice_range(ctx, node, r + back, n)
+        return rng is not None and np.array_equal(rng, np.arange(n))
+    bounds = _slice_bounds(ctx, node, r)
+    return bounds is not None and r + back not in bounds[2]  # it cuts other axes only
 
 
 def _grid(ctx, node, label, k, h, interleaved: bool = False):
