@@ -106,10 +106,12 @@ def _audit(suspect: Path, reference: str) -> dict:
     pruned = sum(p["removed"] for p in red.get("pruned", []))
     removed = sum(red.get(k, 0) for k in ("dummy", "split", "clique", "constant"))
     inserted = len(red.get("inserted", []))
+    near = sum(p["removed"] for p in red.get("approximate", []))
     word = "derived" if report.derived else "not derived"
     share = 100 * report.matched / max(report.neurons, 1)
     what = "".join(x for x in (f", {removed} removed" if removed else "", f", {pruned} pruned" if pruned else "",
-                               f", {inserted} inserted layer left out" if inserted else ""))
+                               f", {near} removed approximately (output error {red['approximate_error']:.1e})"
+                               if near else "", f", {inserted} inserted layer left out" if inserted else ""))
     return {"cell": f"{word}{what}; {share:.1f}% matched", "derived": report.derived}
 
 
@@ -197,8 +199,9 @@ def main() -> int:
         "  twice had 372 of 384).",
         f"- noisy: adaptive attackers, noise {NOISE} x the weights' std on the dummies' outgoing and the split",
         "  copies' incoming weights (the function changes a little); resync removes the excess nearest-to-dead",
-        "  or nearest-to-copy neurons and reports the output error that introduces (ONNX Runtime). Audit does",
-        "  not do this approximate step (it needs the reference's group of each suspect group): exit 3.",
+        "  or nearest-to-copy neurons and reports the output error that introduces (ONNX Runtime). Audit takes",
+        "  the same step (reduce/against.py), each suspect group's excess found by pairing layers by structure",
+        "  (audit/widths.wider).",
         "- dummy heads / split heads: the Reshape targets that hold the head count or the head size follow the",
         "  width (reduce/targets.py, for the attack and for the reduction); a dummy head counts as one dummy",
         "  neuron of the head group (its dims go with it).",
