@@ -94,7 +94,7 @@ from scipy.spatial.distance import cdist
 
 from .bodies import LINK_DOMAIN, flattened
 from .canonical import CanonicalModel, topological
-from ..errors import ModelMismatchError
+from ..errors import ModelMismatchError, UnsupportedError
 from ..io import WeightStore
 from ..match.sampling import sub_grid
 from ..walk import registry
@@ -188,7 +188,7 @@ class Alignment:
 
 def align(reference: CanonicalModel, suspect: CanonicalModel) -> Alignment:
     """Pair the layers and rebuild the suspect's weights into the reference's canonical structure."""
-    ref, sus = _Graph(reference.model), _Graph(suspect.model)
+    ref, sus = _Graph(reference.model, "reference"), _Graph(suspect.model, "suspect")
     classes: dict[tuple, tuple[list[int], list[int]]] = {}
     for i, layer in enumerate(ref.layers):
         classes.setdefault(layer.key, ([], []))[0].append(i)
@@ -329,8 +329,8 @@ class _Graph:
     """A model's weighted layers, which of them feed which (through any unweighted ops), depths,
     neighbour rings, roles and content signatures (computed when asked)."""
 
-    def __init__(self, model: onnx.ModelProto):
-        self.model = model
+    def __init__(self, model: onnx.ModelProto, role: str = "model"):
+        self.model, self.role = model, role
         # every layer, those inside If/Loop/Scan bodies too (bodies.py: `inside` may stay unpaired)
         nodes, weights, inside = flattened(model)
         self.layers = _layers_of(nodes, weights)
@@ -390,7 +390,11 @@ class _Graph:
         layer = self.layers[i]
         parts = {}
         for k, (_, name, _) in enumerate(layer.weights):
-            parts.update(_profiles(self.store, name, layer.node.op_type, singular, f"{k}."))
+            profile = _profiles(self.store, name, layer.node.op_type, singular, f"{k}.")
+            if not all(np.isfinite(p).all() for p in profile.values()):  # a NaN cost has no assignment
+                raise UnsupportedError(f"weight {name!r} of the {self.role} holds NaN or infinite values: its "
+                                       "layer cannot be compared")
+            parts.update(profile)
         self._content[i] = {"parts": parts, "singular": singular}
         return parts
 

@@ -526,7 +526,8 @@ class _Matcher:
         # evidence of a rescale
         detected, one_sided = _rescales(slot_ratio[~f.decayed], f.dims, f.nr[~f.decayed])
         self.result[gi] = GroupMatch(
-            key=g.key, size=n, perm=perm, cosine=cos, margin=margin,
+            # (the 1-D slots' kernels can lift a rounded similarity past 1: a cosine is at most 1)
+            key=g.key, size=n, perm=perm, cosine=np.clip(cos, -1.0, 1.0), margin=margin,
             norm_ratio=np.divide(num, den, out=np.ones(n), where=den > 0),
             slot_names=[g.slots[k].name() for k in f.slots], slot_dims=f.dims,
             slot_ratio=slot_ratio,

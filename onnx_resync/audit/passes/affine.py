@@ -71,7 +71,10 @@ def _affine(ws: Workspace, node: onnx.NodeProto):
         scale, bias, mean, var = (ws.const(i).astype(np.float64) for i in node.input[1:5])
         if len({p.shape for p in (scale, bias, mean, var)}) != 1 or scale.ndim != 1:
             return None  # not one value per channel: a malformed node, left to the graph
-        s = scale / np.sqrt(var + float(attr(node, "epsilon", 1e-5)))
+        denominator = var + float(attr(node, "epsilon", 1e-5))
+        if not (denominator > 0).all():
+            return None  # a variance below -epsilon computes NaN: not folded, compared as stored
+        s = scale / np.sqrt(denominator)
         return node.input[0], s, bias - mean * s, list(node.input[1:5])
     if node.op_type in ("Add", "Mul", "Sub") and len(node.input) == 2:
         a, b = node.input
