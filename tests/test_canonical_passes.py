@@ -682,3 +682,27 @@ def test_nchwc_padding_dropped_through_an_activation(tmp_path):
     x = _w(1, 16, 8, 8, scale=1)
     _same(canon, saved, {"x": x}, atol=1e-4, rtol=1e-4)
     _same(canon, model, {"x": x}, atol=1e-4, rtol=1e-4)
+
+
+def test_a_table_gathered_then_dequantized_is_the_gather_of_the_float_table():
+    """quantize_dynamic's embeddings: Gather(int8 table, ids) -> DequantizeLinear(one scale, one zero
+    point) -> MatMul. Canonical: Gather of the dequantized table (minilm's dynamic copy could not be
+    aligned: its word-embedding Gather read an int8 table), computing the same in ONNX Runtime."""
+    table = _w(50, 8)
+    scale = np.float32(np.abs(table).max() / 127)
+    q = np.clip(np.round(table / scale), -127, 127).astype(np.int8)
+    nodes = [helper.make_node("Gather", ["table_q", "ids"], ["gq"]),
+             helper.make_node("DequantizeLinear", ["gq", "s", "zp"], ["g"]),
+             helper.make_node("MatMul", ["g", "W"], ["y"])]
+    model = _model(nodes, [("ids", TensorProto.INT64, [1, 5])], [("y", TensorProto.FLOAT, [1, 5, 4])],
+                   {"table_q": q, "s": scale, "zp": np.int8(0), "W": _w(8, 4)})
+    canon = _canonical(model)
+    assert _ops(canon.model) == Counter({"Gather": 1, "MatMul": 1})
+    gather = next(n for n in canon.model.graph.node if n.op_type == "Gather")
+    stored = {t.name: t for t in canon.model.graph.initializer}
+    assert stored[gather.input[0]].data_type == TensorProto.FLOAT
+    _same(canon, model, {"ids": np.array([[0, 3, 7, 49, 3]], np.int64)})
+    # a scale per row of the table: left as it is (which axis survives the Gather is not checked)
+    per_row = _model(nodes, [("ids", TensorProto.INT64, [1, 5])], [("y", TensorProto.FLOAT, [1, 5, 4])],
+                     {"table_q": q, "s": np.full(50, scale, np.float32), "zp": np.zeros(50, np.int8), "W": _w(8, 4)})
+    assert "DequantizeLinear" in _ops(_canonical(per_row).model)

@@ -600,6 +600,8 @@ class _Dequantizer:
         """MaxPool, Reshape, Split, Concat, ... on quantized tensors: the same op on the floats; a
         shape reader reads the float tensor's shape."""
         data = list(range(len(node.input))) if node.op_type == "Concat" else [0]
+        if node.op_type == "Gather" and node.input and node.input[0] not in self.real:
+            return self._gathered_table(node)
         if not node.input or any(node.input[k] not in self.real for k in data):
             return []
         if node.op_type == "Concat" and len({self.scale.get(node.input[k]) for k in data}) != 1:
@@ -623,6 +625,33 @@ class _Dequantizer:
         new.attribute.extend(node.attribute)
         for k, o in enumerate(renamed):
             self.ws.set_output(node, k, o)
+        return [new]
+
+    def _gathered_table(self, node) -> list[onnx.NodeProto]:
+        """A quantized table gathered first and dequantized after (quantize_dynamic's embeddings:
+        Gather(int8 table, ids) -> DequantizeLinear with one scale): the Gather of the dequantized
+        table, which is the same tensor when the scale and zero point are one for the whole table."""
+        table, out = node.input[0], node.output[0]
+        values = self.ws.const(table)
+        readers = self.ws.consumers(out)
+        if values is None or values.dtype.kind not in "iu" or not readers:
+            return []
+        if any(r.op_type != "DequantizeLinear" or r.domain not in STANDARD or r.input[0] != out for r in readers):
+            return []
+        scales = {tuple(r.input[1:3]) for r in readers}
+        if len(scales) != 1:
+            return []
+        scale, zero_point = (list(next(iter(scales))) + [""])[:2]
+        s, zp = self.ws.const(scale), self.ws.const(zero_point) if zero_point else None
+        if s is None or s.size != 1 or (zp is not None and zp.size != 1):
+            return []  # a scale per axis: which axis survives the Gather is not checked here
+        dequantized = self._float_input(table, scale, zero_point)
+        if dequantized is None:
+            return []
+        self.scale[out] = scale
+        new = helper.make_node("Gather", [dequantized, node.input[1]], [self._float_output(out)])
+        new.attribute.extend(node.attribute)
+        self.pending = [p for p in self.pending if p[0] != out]  # no requantization
         return [new]
 
     # ---- clean-up ------------------------------------------------------------------------------
