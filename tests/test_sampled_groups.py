@@ -24,6 +24,8 @@ from onnx_resync.permute import apply_permutations, random_permutations
 from onnx_resync.resync import resync
 from onnx_resync.walk import walk
 
+from test_wide_slots import add_noise
+
 MODELS = Path(os.environ.get("ONNX_RESYNC_MODELS", Path(__file__).resolve().parent.parent / "models"))
 BUNDLED = sorted(p.stem for p in MODELS.glob("*.onnx"))
 COLUMNS = 48
@@ -38,13 +40,7 @@ def _suspect(model, w, noise: float, seed: int = 3, off_sample: bool = False):
         a = store.get(name).copy()
         a[0, 1] = np.nextafter(a[0, 1], np.float32(np.inf))
         store.set(name, a)
-    if noise:
-        store, rng = WeightStore(suspect), np.random.default_rng(seed)
-        for name in store.names():
-            a = store.get(name)
-            if a.dtype == np.float32 and a.size > 1:
-                store.set(name, (a + rng.normal(0, noise * a.std(), a.shape)).astype(np.float32))
-    return suspect
+    return add_noise(suspect, noise, seed)
 
 
 def _sampled_everywhere(monkeypatch, made: list):

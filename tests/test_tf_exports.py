@@ -33,8 +33,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
+from test_unrolled_cells import assert_round_trips
 from test_walk_properties import SETTINGS, check_properties
-from onnx_resync import api
 from onnx_resync.walk import walk
 
 BATCH_DIM = "unk__0"
@@ -218,19 +218,6 @@ def magika_like(seed: int = 0, vocab: int = 9, embed: int = 4, seq: int = 12, me
     g.seq = None
     x = g.jax_layernorm(x, filters)
     return g.model(g.dense(x, filters, classes), [BATCH_DIM, classes])
-
-
-def assert_round_trips(model: onnx.ModelProto, full_coverage: bool = True):
-    """Permute + ORT and undo byte-exact (check_properties); api.permute/undo and api.resync exact."""
-    result = check_properties(model, full_coverage=full_coverage)
-    assert result.groups
-    permuted, done = api.permute(model, seed=3)
-    assert done.verified and done.neurons_moved > 0
-    undone, _ = api.permute(permuted, undo=done.record, check=False)
-    assert undone.SerializeToString() == model.SerializeToString()
-    restored, report = api.resync(permuted, model)
-    assert restored.SerializeToString() == model.SerializeToString(), report.verdict
-    return result
 
 
 def _slotted(result) -> set[str]:

@@ -28,13 +28,18 @@ BUNDLED = sorted(p.stem for p in MODELS.glob("*.onnx"))
 def _suspect(model, w, noise: float, seed: int = 3):
     suspect = load_model(MODELS / f"{model}.onnx")
     apply_permutations(suspect, w, random_permutations(w, seed=seed))
+    return add_noise(suspect, noise, seed)
+
+
+def add_noise(model, noise: float, seed: int):
+    """Gaussian noise, `noise` x each float tensor's std, on every float32 tensor of 2+ values (in place)."""
     if noise:
-        store, rng = WeightStore(suspect), np.random.default_rng(seed)
+        store, rng = WeightStore(model), np.random.default_rng(seed)
         for name in store.names():
             a = store.get(name)
             if a.dtype == np.float32 and a.size > 1:
                 store.set(name, (a + rng.normal(0, noise * a.std(), a.shape)).astype(np.float32))
-    return suspect
+    return model
 
 
 @pytest.mark.parametrize("sampled", [False, True], ids=["whole", "sampled"])

@@ -325,6 +325,18 @@ def _describe(layer: Layer) -> str:
 
 
 # ---- the graph of weighted layers ----------------------------------------------------------------
+def neighbour_rings(i: int, preds, succs, key) -> list[Counter]:
+    """The layers 1..HOPS hops up, then 1..HOPS hops down from layer i, one Counter of key[q] per ring."""
+    rings = []
+    for links in (preds, succs):
+        seen, ring = {i}, {i}
+        for _ in range(HOPS):
+            ring = {q for p in ring for q in links[p]} - seen
+            seen |= ring
+            rings.append(Counter(key[q] for q in ring))
+    return rings
+
+
 class _Graph:
     """A model's weighted layers, which of them feed which (through any unweighted ops), depths,
     neighbour rings, roles and content signatures (computed when asked)."""
@@ -372,14 +384,8 @@ class _Graph:
     def signature(self, i: int) -> tuple:
         """(rings up, rings down, role): what structure() compares, hashable."""
         if i not in self._signature:
-            rings = []
-            for links in (self.preds, self.succs):
-                seen, ring = {i}, {i}
-                for _ in range(HOPS):
-                    ring = {q for p in ring for q in links[p]} - seen
-                    seen |= ring
-                    rings.append(tuple(sorted(Counter(self.desc[q] for q in ring).items())))
-            self._signature[i] = (tuple(rings), self.roles.of(self.layers[i].node))
+            rings = tuple(tuple(sorted(r.items())) for r in neighbour_rings(i, self.preds, self.succs, self.desc))
+            self._signature[i] = (rings, self.roles.of(self.layers[i].node))
         return self._signature[i]
 
     def content(self, i: int, singular: bool) -> dict:

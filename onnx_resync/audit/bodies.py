@@ -32,7 +32,7 @@ import onnx
 from onnx import numpy_helper
 
 from .passes.affine import _CHANNELS
-from .passes.constants import _VIEW_STEPS, MAX_FOLD_ELEMENTS
+from .passes.constants import run_node, step_name
 from .rewrite import STANDARD, WeightOrigin, Workspace, topological
 from ..walk import registry
 from ..walk.graph import constant_node_value, node_inputs, subgraphs
@@ -111,7 +111,8 @@ def _fold_graph(g: onnx.GraphProto, outer: _Scope, ws: Workspace) -> int:
                 and all(i in scope for i in inputs)):
             values = _evaluate(node, {i: scope.get(i) for i in inputs})
             if values is not None:
-                origin = ws.origin_of(inputs, _step(node, scope.get(inputs[0]), values[0]))
+                step = step_name(node, np.asarray(scope.get(inputs[0])).dtype, values[0].dtype)
+                origin = ws.origin_of(inputs, step)
                 for name, value in zip(node.output, values):
                     if name:
                         own[name] = value
@@ -155,17 +156,6 @@ def _zero_bias(node: onnx.NodeProto, scope: _Scope, own: dict, ws: Workspace) ->
     return 1
 
 
-def _step(node: onnx.NodeProto, first: np.ndarray, out: np.ndarray) -> str:
-    """The step's name as canonical's fold_constants writes it (constants._step_name)."""
-    if node.op_type == "Cast":
-        return f"cast {np.asarray(first).dtype} -> {out.dtype}"
-    if node.op_type == "DequantizeLinear":
-        return f"dequantized {np.asarray(first).dtype}"
-    if node.op_type in _VIEW_STEPS:
-        return f"view {node.op_type}"
-    return f"computed {node.op_type}"
-
-
 def _evaluate(node: onnx.NodeProto, feeds: dict) -> list[np.ndarray] | None:
     if any(v is None for v in feeds.values()):
         return None
@@ -173,15 +163,7 @@ def _evaluate(node: onnx.NodeProto, feeds: dict) -> list[np.ndarray] | None:
         return [np.asarray(feeds[node.input[0]])]
     if node.op_type in ("Expand", "Tile", "ConstantOfShape", "Range"):
         return None  # a body's shapes are its own business; weights are never built this way here
-    try:
-        from onnx.reference import ReferenceEvaluator
-
-        out = ReferenceEvaluator(node).run(None, {k: np.asarray(v) for k, v in feeds.items()})
-    except Exception:
-        return None  # leave it to the graph
-    if any(not isinstance(o, np.ndarray) or o.size > MAX_FOLD_ELEMENTS for o in out):
-        return None
-    return [np.asarray(o) for o in out]
+    return run_node(node, {k: np.asarray(v) for k, v in feeds.items()})
 
 
 def flattened(model: onnx.ModelProto) -> tuple[list[onnx.NodeProto], dict[str, onnx.TensorProto], set[int]]:

@@ -17,7 +17,7 @@ Vocabulary:
   dimensions is larger;
 - layers of one width-free kind are paired by one linear assignment on *structure* (as align.py,
   never by order or names: depth from the inputs and to the outputs in weighted layers, and the
-  width-free kinds of the layers 1..HOPS hops up and down) plus *content*: |log| of the ratio of the
+  width-free kinds of the layers 1..align.HOPS hops up and down) plus *content*: |log| of the ratio of the
   two layers' weights' root mean square (a pruned copy keeps its weights' scale); an unfit pair is
   forbidden. Both models must have the same number of layers of each width-free kind (a pruned copy
   has: a depth change is another question).
@@ -36,13 +36,12 @@ import numpy as np
 import onnx
 from scipy.optimize import linear_sum_assignment
 
-from .align import Layer, weighted_layers
+from .align import Layer, neighbour_rings, weighted_layers
 from .canonical import CanonicalModel, topological
 from ..errors import ModelMismatchError
 from ..io import WeightStore
 from ..walk.graph import node_inputs
 
-HOPS = 2  # neighbour rings each way (as align.py)
 DEPTH_SCALE = 4.0  # a depth difference (in plus out) this large costs as much as any structure
 _FORBIDDEN = 1e6
 
@@ -174,18 +173,8 @@ class _Layers:
         for i in reversed(range(n)):
             if self.succs[i]:
                 self.depth_out[i] = 1 + max(self.depth_out[c] for c in self.succs[i])
-        self.rings = [self._rings(i) for i in range(n)]
+        self.rings = [neighbour_rings(i, self.preds, self.succs, self.keys) for i in range(n)]
         self.rms = [[_rms(self.store, name) for _, name, _ in layer.weights] for layer in self.layers]
-
-    def _rings(self, i: int) -> list[Counter]:
-        rings = []
-        for links in (self.preds, self.succs):
-            seen, ring = {i}, {i}
-            for _ in range(HOPS):
-                ring = {q for p in ring for q in links[p]} - seen
-                seen |= ring
-                rings.append(Counter(self.keys[q] for q in ring))
-        return rings
 
 
 def _width_free(layer: Layer) -> tuple:

@@ -45,10 +45,16 @@ def fold_constants(ws: Workspace) -> bool:
 
 
 def _step_name(ws: Workspace, node: onnx.NodeProto, outputs) -> str:
+    return step_name(node, ws.dtype(node.input[0]), outputs[0].dtype)
+
+
+def step_name(node: onnx.NodeProto, first: np.dtype, out: np.dtype) -> str:
+    """What folding `node` did to a weight (its origin's step), from its first input's and its
+    output's element types."""
     if node.op_type == "Cast":
-        return f"cast {ws.dtype(node.input[0])} -> {outputs[0].dtype}"
+        return f"cast {first} -> {out}"
     if node.op_type == "DequantizeLinear":
-        return f"dequantized {ws.dtype(node.input[0])}"
+        return f"dequantized {first}"
     if node.op_type in _VIEW_STEPS:
         return f"view {node.op_type}"
     return f"computed {node.op_type}"
@@ -62,6 +68,12 @@ def _evaluate(ws: Workspace, node: onnx.NodeProto) -> list[np.ndarray] | None:
         shape = feeds.get(node.input[1])
         if shape is None or np.prod(np.maximum(shape, 1)) * max(feeds[node.input[0]].size, 1) > MAX_FOLD_ELEMENTS:
             return None
+    return run_node(node, feeds)
+
+
+def run_node(node: onnx.NodeProto, feeds: dict) -> list[np.ndarray] | None:
+    """`node`'s outputs on constant `feeds` by ONNX's reference evaluator; None where it cannot run
+    them or an output is past MAX_FOLD_ELEMENTS (left to the graph)."""
     try:
         from onnx.reference import ReferenceEvaluator
 
