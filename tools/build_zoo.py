@@ -232,13 +232,39 @@ def t_plain(src, dst, model):
     shutil.copyfile(src, dst)
 
 
+def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    out = []
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            out.append(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            out.extend(a.graphs)
+    return out
+
+
+def _outer_names(graph: onnx.GraphProto) -> set[str]:
+    """Names a graph reads from enclosing scopes (a body's implicit inputs): what its nodes and their
+    bodies read that nothing in it defines."""
+    defined = {t.name for t in graph.initializer} | {v.name for v in graph.input}
+    read = set()
+    for n in graph.node:
+        read.update(x for x in n.input if x)
+        for g in _subgraphs(n):
+            read |= _outer_names(g)
+        defined.update(n.output)
+    return read - defined
+
+
 def _topological_shuffle(graph: onnx.GraphProto, rng) -> list[onnx.NodeProto]:
+    """Another valid order of the graph's nodes; a node with a body also waits for what its body reads
+    from this scope."""
     produced_by = {}
     for i, n in enumerate(graph.node):
         for o in n.output:
             if o:
                 produced_by[o] = i
-    deps = [{produced_by[x] for x in n.input if x in produced_by} for n in graph.node]
+    reads = [set(n.input).union(*(_outer_names(g) for g in _subgraphs(n))) for n in graph.node]
+    deps = [{produced_by[x] for x in r if x in produced_by} for r in reads]
     users = [[] for _ in graph.node]
     for i, d in enumerate(deps):
         for j in d:
@@ -258,33 +284,48 @@ def _topological_shuffle(graph: onnx.GraphProto, rng) -> list[onnx.NodeProto]:
     return [graph.node[i] for i in order]
 
 
+def _graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """The graph and every body inside it, at any depth."""
+    out = [graph]
+    for n in graph.node:
+        for g in _subgraphs(n):
+            out += _graphs(g)
+    return out
+
+
 def _reorder(src, dst, seed: int, rename: bool):
+    """Every graph's nodes (bodies of If/Loop/Scan included) in another valid order; with rename, every
+    tensor, node and graph name replaced, the same way in every scope (a body reads outer names)."""
     mp = onnx.load(str(src))
-    g = mp.graph
-    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
-        raise ValueError("subgraphs are not reordered")
     rng = np.random.default_rng(seed)
-    nodes = _topological_shuffle(g, rng)
-    del g.node[:]
-    g.node.extend(nodes)
+    todo = [mp.graph]
+    while todo:  # parents first: extend() copies the nodes, so bodies are reached in the new copies
+        g = todo.pop(0)
+        nodes = _topological_shuffle(g, rng)
+        del g.node[:]
+        g.node.extend(nodes)
+        todo += [b for n in g.node for b in _subgraphs(n)]
+    graphs = _graphs(mp.graph)
     if rename:
         names = set()
-        for n in g.node:
-            names.update(x for x in list(n.input) + list(n.output) if x)
-        names.update(t.name for t in g.initializer)
-        names.update(v.name for v in list(g.input) + list(g.output) + list(g.value_info))
+        for g in graphs:
+            for n in g.node:
+                names.update(x for x in list(n.input) + list(n.output) if x)
+            names.update(t.name for t in g.initializer)
+            names.update(v.name for v in list(g.input) + list(g.output) + list(g.value_info))
         names = sorted(names)
         ids = rng.permutation(len(names))
         new = {old: f"t{ids[i]:05d}" for i, old in enumerate(names)}
-        for k, n in enumerate(g.node):
-            n.input[:] = [new[x] if x else x for x in n.input]
-            n.output[:] = [new[x] if x else x for x in n.output]
-            n.name = f"node{rng.integers(1 << 30):09d}_{k}"
-        for t in g.initializer:
-            t.name = new[t.name]
-        for v in list(g.input) + list(g.output) + list(g.value_info):
-            v.name = new[v.name]
-        g.name = "graph"
+        for depth, g in enumerate(graphs):
+            for k, n in enumerate(g.node):
+                n.input[:] = [new[x] if x else x for x in n.input]
+                n.output[:] = [new[x] if x else x for x in n.output]
+                n.name = f"node{rng.integers(1 << 30):09d}_{k}"
+            for t in g.initializer:
+                t.name = new[t.name]
+            for v in list(g.input) + list(g.output) + list(g.value_info):
+                v.name = new[v.name]
+            g.name = "graph" if depth == 0 else f"graph{depth}"
     onnx.save(mp, str(dst))
 
 
