@@ -15,13 +15,24 @@ weight it was made from, and in words how it is stored ("int8 per channel", "flo
   integer at an end of its range may have been clipped (symmetric int4: +8 stored as +7): one more
   probe moves only those, and their elements are allowed a whole step.
 - **Float storage**: the type's rounding relative to the value (float16 2^-11, bfloat16 2^-8,
-  float8), float16's subnormal step, and the clamp of fp16 converters (onnxconverter-common's
-  defaults): |w| < 1e-7 stored as +-1e-7 (1.19e-7 in float16) or 0, |w| > 1e4 clipped to 1e4.
+  float8), float16's subnormal step, and the clamp of fp16 converters: onnxconverter-common's
+  defaults (0 < |w| < 1e-7 stored as +-1e-7, 1.19e-7 in float16; |w| > 1e4 clipped to 1e4) and ONNX
+  Runtime's (5.96e-8, the smallest subnormal; 65504, the largest float16).
+- **Computed from stored tensors** (a BatchNorm folded into its conv, a per-channel Mul/Div folded,
+  a weight dequantized with a float16 scale): the bound is propagated from each stored operand's
+  storage, never taken from the result's. Measured like an integer step: each low-precision float
+  operand is moved by one unit in its last place (towards zero; a zero to the smallest subnormal)
+  and the file canonicalized again, so 1/sqrt(var + eps) of a rounded variance counts as much as it
+  moves the folded weight. A float16 value at a converter's clamp explains more than its rounding:
+  one more probe moves those to what they may have been (+-1.19e-7 and +-5.96e-8 to 0, +-1e4 and
+  +-65504 to +-inf: any larger original) and their elements are allowed that whole change (inf
+  where a clipped operand leaves the weight unbounded: an unknown variance folds into any scale).
 
-`measure_steps` does the first for a model and its canonical form; `allowed` turns both into one
-bound per element, given the origins of the two weights compared. A step is computed when asked for
-(`LazyMap`: the probes' canonical forms are kept, lazy where the file is), one weight at a time, so
-that a huge int4 file's steps never cost a float copy of the whole model.
+`measure_steps` does the first and the third for a model and its canonical form; `allowed` turns all
+into one bound per element, given the origins of the two weights compared. A step is computed when
+asked for (`LazyMap`: the probes' canonical forms are kept, lazy where the file is), one weight at a
+time and a block of rows at a time, so that a huge int4 file's steps never cost more than two float
+copies of its largest weight besides the one being read.
 """
 
 from __future__ import annotations
@@ -45,6 +56,12 @@ FP16_SUBNORMAL_HALF_STEP = 2.0 ** -25
 FP16_CLAMP_MIN = 1e-7  # fp16 converters write 0 < |w| < this as +-this (or 0) ...
 FP16_CLAMP_STORED = 2.0 ** -23  # ... which float16 stores as 1.19e-7
 FP16_CLAMP_MAX = 1e4  # ... and clip |w| above this to it
+# float16 values a converter writes for any original below / above them (onnxconverter-common's and
+# ONNX Runtime's min_positive_val and max_finite_val, as float16 stores them)
+FP16_CLAMPED_LOW = (2.0 ** -23, 2.0 ** -24)
+FP16_CLAMPED_HIGH = (1e4, 65504.0)
+# elements of a weight's step computed together: a row block of a huge weight, never its float copies
+STEP_BLOCK_ELEMENTS = 1 << 22
 COMPUTED_ABS = 1e-5  # x max|w|: rounding of folded / computed weights (BatchNorm folded on one side only)
 COMPUTED_REL = 2.0 ** -21
 # half a step, and a little for the float rounding of scale products (round(w / scale) in float32)
@@ -73,12 +90,13 @@ def float_format(dtype: str) -> str:
 
 def measure_steps(model: onnx.ModelProto, canon, names, canonicalize) -> Steps:
     """Steps of the canonical weights `names` of `canon` (the canonical form of `model`) that come from
-    stored integer tensors; `canonicalize(model)` is the canonical form as the caller makes it."""
-    origins = {n: canon.origins[n] for n in names if n in canon.origins and canon.origins[n].quantized}
+    stored integer tensors or are computed from low-precision float ones; `canonicalize(model)` is the
+    canonical form as the caller makes it."""
+    stored = _stored(model)
+    origins = {n: canon.origins[n] for n in names if n in canon.origins and _measured(canon.origins[n], stored)}
     out = Steps()
     if not origins:
         return out
-    stored = _stored(model)
     readers = _readers(model)
     data: dict[str, list[str]] = {}
     described: dict[str, str] = {}
@@ -86,7 +104,12 @@ def measure_steps(model: onnx.ModelProto, canon, names, canonicalize) -> Steps:
         data[n] = []
         for src in o.sources:
             t = stored.get(src)
-            if t is None or t.data_type not in _INTEGER or _is_zero_point(src, readers, model):
+            if t is None:
+                continue
+            if t.data_type in _LOW_FLOAT:  # an operand of a computed weight: its rounding propagates
+                data[n].append(src)
+                continue
+            if t.data_type not in _INTEGER or _is_zero_point(src, readers, model):
                 continue
             data[n].append(src)
             if src not in described:
@@ -101,12 +124,8 @@ def measure_steps(model: onnx.ModelProto, canon, names, canonicalize) -> Steps:
         probes.append(list(colour))  # all at once: the products of two roundings
     moved_stores = []
     for flips in probes:
-        probe = copy_without_payloads(model, set(flips))
-        store = WeightStore(probe)
-        for s in flips:
-            store.set(s, _moved_by_one(tensor_values(stored[s]), _bits(s, readers)))
         try:
-            canon2 = canonicalize(probe)
+            canon2 = canonicalize(_probe(model, stored, {s: _moved(stored[s], _bits(s, readers)) for s in flips}))
         except Exception as exc:  # noqa: BLE001 - a probe that fails measures nothing
             out.failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
             return Steps(failed=out.failed, probes=len(moved_stores) + 1)
@@ -119,46 +138,100 @@ def measure_steps(model: onnx.ModelProto, canon, names, canonicalize) -> Steps:
     # Stored integers at an end of their range may have been clipped there: a symmetric quantizer that
     # maps the block's largest magnitude to -8 clips the other sign's +8 to +7 (MatMulNBits' default),
     # one step off, not half. One more probe moves only those: their elements get a step more.
-    edges = None
-    moved_edges = {s: _edges_moved(tensor_values(stored[s]), _bits(s, readers)) for s in colour}
-    moved_edges = {s: v for s, v in moved_edges.items() if v is not None}
-    if moved_edges:
-        probe = copy_without_payloads(model, set(moved_edges))
-        store = WeightStore(probe)
-        for s, v in moved_edges.items():
-            store.set(s, v)
-        try:
-            canon2 = canonicalize(probe)
-            edges = WeightStore(canon2.model)
-            if any(n not in edges or edges.shape(n) != base.shape(n) for n in origins):
-                edges = None
-        except Exception:  # noqa: BLE001 - no edge probe: half a step everywhere, as before
-            edges = None
-    out.probes = len(moved_stores) + (edges is not None)
+    edges = _extra_probe(model, stored, canonicalize, base, origins,
+                         {s: _edges_moved(tensor_values(stored[s]), _bits(s, readers))
+                          for s in colour if stored[s].data_type in _INTEGER})
+    # float16 values at a converter's clamp: moved to what they may have been, the whole change allowed
+    clamps = _extra_probe(model, stored, canonicalize, base, origins,
+                          {s: _clamps_moved(tensor_values(stored[s])) for s in colour
+                           if stored[s].data_type == onnx.TensorProto.FLOAT16})
+    out.probes = len(moved_stores) + (edges is not None) + (clamps is not None)
 
     def step(n: str) -> np.ndarray:
+        """Summed a store at a time (a computed weight is produced whole, once), a block of rows at a
+        time: never a float copy per probe."""
         b = np.asarray(base.get(n), dtype=np.float32)
-        deltas = [np.asarray(m.get(n), dtype=np.float32) - b for m in moved_stores]
-        singles = deltas[:n_colours]
-        total = np.abs(singles[0])
-        for d in singles[1:]:
-            total += np.abs(d)
+        shape = b.shape
+        b = b.reshape(b.shape[0] if b.ndim else 1, -1)
+        total = np.zeros_like(b)
+        signed = np.zeros_like(b) if n_colours > 1 else None  # the sum of the singles' changes
+        rows = max(1, STEP_BLOCK_ELEMENTS // max(b.shape[1], 1))
+
+        def add(store: WeightStore, weight: float, single: bool = False, cross: bool = False) -> None:
+            m = np.asarray(store.get(n)).reshape(b.shape)
+            for a in range(0, b.shape[0], rows):
+                block = slice(a, a + rows)
+                with np.errstate(invalid="ignore", over="ignore"):
+                    d = m[block].astype(np.float32) - b[block]
+                    if single and signed is not None:
+                        signed[block] += d
+                    if cross:  # what moving them all changed beyond the sum of the singles
+                        d -= signed[block]
+                    d = np.abs(d)
+                d[~np.isfinite(d)] = np.inf  # an operand clipped at a clamp: the weight is unbounded there
+                total[block] += weight * d
+
+        for m in moved_stores[:n_colours]:
+            add(m, 1.0, single=True)
         if n_colours > 1:  # a quarter of the product of two roundings, in units of a half step
-            total += 0.5 * np.abs(deltas[-1] - np.sum(singles, axis=0))
+            add(moved_stores[-1], 0.5, cross=True)
         if edges is not None:
-            total += np.abs(np.asarray(edges.get(n), dtype=np.float32) - b)
-        return total
+            add(edges, 1.0)
+        if clamps is not None:  # the whole change (halved with the steps)
+            add(clamps, 2.0)
+        return total.reshape(shape)
 
     measured = [n for n in origins if data[n]]
     out.steps = LazyMap(measured, step)
     for n in measured:
-        kinds = [described[s] for s in data[n]]
+        kinds = [described[s] for s in data[n] if s in described]
+        if not kinds:  # a float weight computed from float16 operands: no integer format to name
+            continue
         if any("{granularity}" in k for k in kinds):
             st = out.steps[n]
-            fallback = "per tensor" if np.ptp(st) <= 1e-3 * max(float(st.max()), 1e-30) else "per channel"
+            st = st[np.isfinite(st)]
+            top = float(st.max()) if st.size else 0.0
+            fallback = "per tensor" if not st.size or np.ptp(st) <= 1e-3 * max(top, 1e-30) else "per channel"
             kinds = [k.replace("{granularity}", fallback) for k in kinds]
         out.formats[n] = ", ".join(dict.fromkeys(kinds))
     return out
+
+
+def _measured(origin: WeightOrigin, stored: dict[str, onnx.TensorProto]) -> bool:
+    """Its step is measured: it comes from stored integers, or is computed from a low-precision float."""
+    if origin.quantized:
+        return True
+    return origin.computed and any(s in stored and stored[s].data_type in _LOW_FLOAT for s in origin.sources)
+
+
+def _moved(tensor: onnx.TensorProto, bits: int | None) -> np.ndarray:
+    """A stored tensor's probe values: integers moved by one, low-precision floats by one ulp."""
+    values = tensor_values(tensor)
+    return _float_moved(values) if tensor.data_type in _LOW_FLOAT else _moved_by_one(values, bits)
+
+
+def _probe(model: onnx.ModelProto, stored: dict[str, onnx.TensorProto], values: dict[str, np.ndarray]):
+    """A copy of the model with these stored tensors' values replaced."""
+    probe = copy_without_payloads(model, set(values))
+    store = WeightStore(probe)
+    for s, v in values.items():
+        store.set(s, v)
+    return probe
+
+
+def _extra_probe(model, stored, canonicalize, base: WeightStore, origins, values: dict[str, np.ndarray | None]):
+    """The canonical store of one more probe (some stored values moved), or None: nothing to move, or
+    a probe that fails or changes the canonical form (then its elements get no more than the steps)."""
+    values = {s: v for s, v in values.items() if v is not None}
+    if not values:
+        return None
+    try:
+        moved = WeightStore(canonicalize(_probe(model, stored, values)).model)
+    except Exception:  # noqa: BLE001 - no extra probe: the steps alone, as before
+        return None
+    if any(n not in moved or moved.shape(n) != base.shape(n) for n in origins):
+        return None
+    return moved
 
 
 class LazyMap(Mapping):
@@ -204,8 +277,8 @@ def allowed(r: np.ndarray, so: WeightOrigin | None, ro: WeightOrigin | None,
             out = out + np.where(a < FP16_CLAMP_MIN, FP16_CLAMP_STORED, 0.0) + np.maximum(a - FP16_CLAMP_MAX, 0.0)
     if (so is not None and so.computed) or (ro is not None and ro.computed):
         out = out + COMPUTED_REL * a + COMPUTED_ABS * scale
-        if so is not None and so.computed and eps > 2 * STORAGE_ROUNDING["float32"]:
-            # folded from several low-precision tensors (BatchNorm of an fp16 model): each
+        if so is not None and so.computed and eps > 2 * STORAGE_ROUNDING["float32"] and step_s is None:
+            # folded from low-precision tensors with no measured step (its probe failed): each
             # rounding counts, and a bias is a difference of larger terms
             out = out + len(so.sources) * eps * (a + scale)
     for step in (step_s, step_r):
@@ -215,6 +288,8 @@ def allowed(r: np.ndarray, so: WeightOrigin | None, ro: WeightOrigin | None,
 
 
 # ---- internals -------------------------------------------------------------------------------
+_LOW_FLOAT = {getattr(onnx.TensorProto, n) for n in (
+    "FLOAT16", "BFLOAT16", "FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ") if hasattr(onnx.TensorProto, n)}
 _INTEGER = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16,
             onnx.TensorProto.INT32, onnx.TensorProto.UINT32} | {
     getattr(onnx.TensorProto, n) for n in ("INT4", "UINT4", "INT2", "UINT2") if hasattr(onnx.TensorProto, n)}
@@ -298,6 +373,32 @@ def _moved_by_one(values: np.ndarray, bits: int | None) -> np.ndarray:
         return values ^ np.asarray(mask, dtype=values.dtype)
     wide = values.astype(np.int16)  # int4 / uint4 (ml_dtypes): flip as integers, store back
     return (wide ^ 1).astype(values.dtype)
+
+
+def _float_moved(values: np.ndarray) -> np.ndarray:
+    """Every stored float moved by one unit in its last place, towards zero (the larger change of a
+    reciprocal or a square root of it); a zero to the smallest subnormal. Representable: same dtype."""
+    info = np.finfo(values.dtype)
+    v = values.astype(np.float64)
+    a = np.abs(v)
+    with np.errstate(divide="ignore"):
+        exponent = np.maximum(np.floor(np.log2(np.where(a > 0, a, 1.0))), info.minexp)
+    ulp = np.exp2(exponent - info.nmant)
+    moved = np.where(a > 0, v - np.sign(v) * ulp, float(info.smallest_subnormal))
+    moved = np.where(np.isfinite(v), moved, v)
+    return moved.astype(values.dtype)
+
+
+def _clamps_moved(values: np.ndarray) -> np.ndarray | None:
+    """float16 values at a converter's clamp moved to what they may have been (FP16_CLAMPED_LOW to
+    0, FP16_CLAMPED_HIGH to +-inf), the others kept; None when there are none."""
+    a = np.abs(values.astype(np.float64))
+    low, high = np.isin(a, FP16_CLAMPED_LOW), np.isin(a, FP16_CLAMPED_HIGH)
+    if not (low.any() or high.any()):
+        return None
+    out = np.where(low, 0.0, values.astype(np.float64))
+    out = np.where(high, np.copysign(np.inf, out), out)
+    return out.astype(values.dtype)
 
 
 _SUBBYTE_RANGES = {"int4": (-8, 7), "uint4": (0, 15), "int2": (-2, 1), "uint2": (0, 3)}
