@@ -8,7 +8,8 @@ passes/ over it, in this order (each file's docstring says what form it reaches 
 2. ONNX Runtime's FusedConv / FusedGemm split into the op and its activation (fused.py);
 3. nodes of constants evaluated into constants: dequantized, cast or transposed weights become
    plain weights (constants.py);
-4. quantized graphs (QDQ, QOperator, dynamic) back to the float graph (dequantize.py), then 3 again
+4. integer ops on operands quantized at run time as the float op on what they quantize (run_time.py);
+   quantized graphs (QDQ, QOperator, dynamic) back to the float graph (dequantize.py), then 3 again
    for what that exposed; the same inside If/Loop/Scan bodies (bodies.py);
 5. every float tensor float32 (floats.py);
 6. ONNX Runtime's contrib ops written out in standard ops: the NCHWc layout back to NCHW
@@ -47,6 +48,7 @@ from .passes.floats import FLOAT_TYPES, to_float32
 from .passes.fused import split_fused
 from .passes.nchwc import expand_nchwc
 from .passes.norms import expand_norms
+from .passes.run_time import read_run_time_quantized
 from .rewrite import WeightOrigin, Workspace, topological  # noqa: F401 (align imports topological)
 from ..walk.graph import node_inputs
 
@@ -55,6 +57,7 @@ PASSES = (
     (drop_unused, False),
     (split_fused, False),
     (fold_constants, False),
+    (read_run_time_quantized, False),  # before dequantize: operands quantized at run time (run_time.py)
     (dequantize, False),
     (fold_constants, False),
     (fold_bodies, False),  # the same inside If/Loop/Scan bodies (bodies.py)

@@ -5,6 +5,8 @@ re-export back to one form and keeps what the graph computes; canonical.py runs 
 
 - fused.py: ONNX Runtime's fused contrib ops back to the op and its activation;
 - constants.py: nodes of constants evaluated into constants;
+- run_time.py: ConvInteger/MatMulInteger on operands quantized at run time (weights stored as
+  float, quantized by DynamicQuantizeLinear) as the float op;
 - dequantize.py: quantized graphs (QDQ, QOperator, dynamic) back to the float graph;
 - floats.py: every float tensor float32;
 - nchwc.py: ONNX Runtime's NCHWc layout (blocked tensors and filters) back to NCHW;

@@ -629,14 +629,13 @@ class _Dequantizer:
 
     def _gathered_table(self, node) -> list[onnx.NodeProto]:
         """A quantized table gathered first and dequantized after (quantize_dynamic's embeddings:
-        Gather(int8 table, ids) -> DequantizeLinear with one scale): the Gather of the dequantized
-        table, which is the same tensor when the scale and zero point are one for the whole table."""
+        Gather(int8 table, ids) -> [views: Transpose, Reshape, ...] -> DequantizeLinear with one
+        scale): the Gather of the dequantized table, which is the same tensor when the scale and zero
+        point are one for the whole table (the views then move float values: `_view`)."""
         table, out = node.input[0], node.output[0]
         values = self.ws.const(table)
-        readers = self.ws.consumers(out)
+        readers = self._dequantizers(out, 8)
         if values is None or values.dtype.kind not in "iu" or not readers:
-            return []
-        if any(r.op_type != "DequantizeLinear" or r.domain not in STANDARD or r.input[0] != out for r in readers):
             return []
         scales = {tuple(r.input[1:3]) for r in readers}
         if len(scales) != 1:
@@ -653,6 +652,29 @@ class _Dequantizer:
         new.attribute.extend(node.attribute)
         self.pending = [p for p in self.pending if p[0] != out]  # no requantization
         return [new]
+
+    def _dequantizers(self, name: str, depth: int) -> list[onnx.NodeProto] | None:
+        """The DequantizeLinear nodes that read quantized tensor `name`, directly or through views
+        (one data input: Transpose, Reshape, ...); None if anything else reads it (a shape reader
+        reads only its shape)."""
+        found = []
+        for r in self.ws.consumers(name):
+            if r.domain not in STANDARD:
+                return None
+            if r.op_type in self.shape_readers:
+                continue
+            if r.op_type == "DequantizeLinear" and r.input[0] == name and name not in r.input[1:]:
+                found.append(r)
+            elif r.op_type in self.views and r.op_type != "Concat" and r.input[0] == name \
+                    and name not in r.input[1:] and depth > 0:
+                for o in r.output:
+                    more = self._dequantizers(o, depth - 1) if o else []
+                    if more is None or (o and o in self.ws.protected):
+                        return None
+                    found += more
+            else:
+                return None
+        return found
 
     # ---- clean-up ------------------------------------------------------------------------------
     def _restore_outputs(self) -> None:
