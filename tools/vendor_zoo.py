@@ -5,12 +5,17 @@ nothing is downloaded here) the transforms of tools/build_zoo.py (ONNX Runtime's
 model, onnxslim, fp16 by two converters, dynamic int8, other node order, other names) are applied
 to the file and to a permuted copy (truth: identical / permuted), and an unrelated twin is drawn:
 every float weight of two or more values redrawn from a normal law with the tensor's own mean and
-std (truth: not derived). Each is audited by the CLI against the original; the truth x verdict
+std (truth: not derived). Dynamic int8 is built as a user builds it (`t_dynamic`): quantize_dynamic on
+the file, and where ONNX Runtime's quantizer refuses it (Paddle files: "Expected conv2d_157.w_0 to be an
+initializer", a Conv with a bias whose weight is a Constant node), ONNX Runtime's quantization
+pre-processing first, as its warning asks (quant_pre_process: its optimizer writes the Constant nodes
+as initializers; symbolic shape inference skipped where it cannot complete, its --skip_symbolic_shape). Each is audited by the CLI against the original; the truth x verdict
 table goes into docs/zoo.md, section "Vendor files" (between its markers; tools/zoo_audit.py keeps
 it when it rewrites the rest).
 
     python tools/vendor_zoo.py                      # every cached vendor file of KEYS
     python tools/vendor_zoo.py ppocr_rec minilm     # some; --rerun audits again after a change
+    python tools/vendor_zoo.py ppocr_rec --transforms dynamic --rerun   # one transform (and the twin) again
 Built files and results are cached in ~/.cache/onnx-resync/vendor_zoo/<key>/ (results.json).
 """
 
@@ -68,6 +73,33 @@ def make_twin(src: Path, dst: Path, seed: int = TWIN_SEED) -> None:
     onnx.save(model, str(dst))
 
 
+def t_dynamic(src: Path, dst: Path, key: str, bz) -> None:
+    """quantize_dynamic (build_zoo.t_dynamic) on the file; where the quantizer refuses it, on the file
+    after ONNX Runtime's quantization pre-processing (module docstring)."""
+    try:
+        bz.t_dynamic(src, dst, key)
+        return
+    except Exception as exc:  # noqa: BLE001 - the quantizer's refusal: pre-process as its warning says
+        first = exc
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = dst.with_name(dst.stem + ".preprocessed.onnx")
+    try:
+        with bz.quiet():
+            try:
+                quant_pre_process(str(src), str(pre))
+            except Exception:  # noqa: BLE001 - "Incomplete symbolic shape inference": without it
+                quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+        bz.t_dynamic(pre, dst, key)
+    except Exception as exc:
+        raise RuntimeError(f"{first}; after quant_pre_process: {exc}") from exc
+    finally:
+        pre.unlink(missing_ok=True)
+
+
+OWN_TRANSFORMS = {"dynamic": t_dynamic}  # transforms built here, not by build_zoo's t_<name>
+
+
 def audit(suspect: Path, reference: Path) -> dict:
     t0 = time.time()
     try:
@@ -95,19 +127,25 @@ def run_key(key: str, transforms: list[str], bz, vm, log, rerun: bool = False) -
     results_path = out / "results.json"
     done = json.loads(results_path.read_text()) if results_path.exists() else {}
     stamp = f"{src.stat().st_size}:{src.stat().st_mtime_ns}"
-    if rerun or done.get("_stamp") != stamp:
+    if done.get("_stamp") != stamp:
         done = {"_stamp": stamp}
+    elif rerun:  # this run's transforms (and the twin) again, the other rows kept
+        done = {k: v for k, v in done.items()
+                if k == "_stamp" or (k.split(".")[0] not in transforms and k != "twin")}
     perm = out / "perm.onnx"
     if not perm.exists():
         bz.make_permuted(src, perm)
-    jobs = [(f"{t}.{kind}", kind, lambda dst, t=t, s=s: getattr(bz, "t_" + t)(s, dst, key))
+
+    def builder(t: str):
+        own = OWN_TRANSFORMS.get(t)
+        return (lambda s, dst, key: own(s, dst, key, bz)) if own else getattr(bz, "t_" + t)
+
+    jobs = [(f"{t}.{kind}", kind, lambda dst, t=t, s=s: builder(t)(s, dst, key))
             for t in transforms for kind, s in (("src", src), ("perm", perm))]
     jobs.append(("twin", "twin", lambda dst: make_twin(src, dst)))
-    rows = []
     for name, kind, build in jobs:
         truth = {"src": "identical", "perm": "permuted", "twin": "not derived"}[kind]
         if name in done:
-            rows.append(done[name])
             continue
         dst = out / f"{name}.onnx"
         try:
@@ -119,10 +157,9 @@ def run_key(key: str, transforms: list[str], bz, vm, log, rerun: bool = False) -
         else:
             row = {"key": key, "name": name, "truth": truth, **audit(dst, src)}
         log(f"{key} {name}: truth {truth}, verdict {row['verdict']} ({row['seconds']}s) {row['line'][:120]}")
-        rows.append(row)
         done[name] = row
         results_path.write_text(json.dumps(done, indent=1))
-    return rows
+    return [row for name, row in done.items() if name != "_stamp"]  # the key's every row, not only this run's
 
 
 def right(row: dict) -> bool | None:
