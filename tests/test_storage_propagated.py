@@ -98,6 +98,7 @@ def test_fp16_copy_of_a_folded_batchnorm_is_identical(converter):
     reference = conv_bn()
     report = audit(fp16(reference, converter), reference)
     assert report.verdict == "identical" and report.format_change == "float16", report.summary
+    assert "converter's clip explains (4 of var at" in report.summary, report.summary  # what "within" rests on
     perm = np.random.default_rng(3).permutation(C_MID)
     report = audit(fp16(conv_bn(perm), converter), reference)
     assert report.verdict == "permuted" and report.moved > 0, report.summary

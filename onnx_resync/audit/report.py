@@ -53,8 +53,7 @@ import onnx
 
 from .align import MAX_ALTERNATIVES, Alignment, align, alternatives
 from .canonical import CanonicalModel, canonicalize
-from .passes.run_time import run_time_format
-from .storage import LazyMap, Steps, allowed, float_format, measure_steps, storage_dtype
+from .storage import LazyMap, Steps, allowed, clip_phrase, float_format, measure_steps, storage_dtype
 from .subgraphs import SubgraphComparison, compare_subgraphs, carry as carry_subgraphs
 from .unreached import explained_by_order
 from ..errors import ModelMismatchError, ResyncError, UnsupportedError
@@ -534,8 +533,10 @@ def _summary(verdict, derived, permuted, perturbation, precision, re_export, mov
 
 def _within_phrase(precision) -> str:
     if precision["quantized"]:
-        return "half a step" + (" or its rounding" if set(precision["storage"]) & {"float16", "bfloat16"} else "")
-    return "its rounding"
+        phrase = "half a step" + (" or its rounding" if set(precision["storage"]) & {"float16", "bfloat16"} else "")
+    else:
+        phrase = "its rounding"
+    return phrase + clip_phrase(precision.get("clipped"))
 
 
 def _compared_phrase(compared) -> str:
@@ -667,7 +668,7 @@ def _precision(ref_store: WeightStore, res_store: WeightStore, alignment: Alignm
                 unmeasured.append(shown)
                 fmt = f"{dtype} (step not measured)"
         else:
-            fmt = float_format(dtype) + run_time_format(so)
+            fmt = float_format(dtype)
         formats += [f for f in fmt.split(", ") if f != "float32" and f not in formats]
         step_s, step_r = steps.get(rw), ref_steps.steps.get(rw)
         step_s = np.asarray(step_s).reshape(-1) if step_s is not None else None
@@ -734,6 +735,7 @@ def _precision(ref_store: WeightStore, res_store: WeightStore, alignment: Alignm
         "quantized": quantized,
         "unmeasured": unmeasured,
         "probes": sus_steps.probes,
+        "clipped": {t: list(v) for t, v in sus_steps.clipped.items()},  # storage.clip_phrase
         "beyond": beyond_stats,
         "_beyond_at": beyond_at,  # for _unsure_kind; popped by _build (not serialized)
     }

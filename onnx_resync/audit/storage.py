@@ -78,6 +78,9 @@ class Steps:
     formats: dict[str, str] = field(default_factory=dict)  # canonical weight -> "int8 per channel", ...
     probes: int = 0  # canonicalizations run to measure them
     failed: str = ""  # why no step could be measured (a probe that changed the canonical structure)
+    # stored tensor -> (values, the value) at a float16 converter's upper clip that measured weights
+    # read: their originals may have been any larger value, and the steps allow it
+    clipped: dict[str, tuple[int, float]] = field(default_factory=dict)
 
 
 def storage_dtype(origin: WeightOrigin | None) -> str:
@@ -120,7 +123,9 @@ def measure_steps(model: onnx.ModelProto, canon, names, canonicalize) -> Steps:
     base = WeightStore(canon.model)
     n_colours = max(colour.values()) + 1
     probes = [[s for s, c in colour.items() if c == k] for k in range(n_colours)]
-    if n_colours > 1:
+    integer_colours = {c for t, c in colour.items() if stored[t].data_type in _INTEGER}
+    cross = len(integer_colours) > 1  # products of two float roundings are below float32's: not probed
+    if cross:
         probes.append(list(colour))  # all at once: the products of two roundings
     moved_stores = []
     for flips in probes:
@@ -146,6 +151,13 @@ def measure_steps(model: onnx.ModelProto, canon, names, canonicalize) -> Steps:
                           {s: _clamps_moved(tensor_values(stored[s])) for s in colour
                            if stored[s].data_type == onnx.TensorProto.FLOAT16})
     out.probes = len(moved_stores) + (edges is not None) + (clamps is not None)
+    if clamps is not None:
+        for t in colour:
+            if stored[t].data_type == onnx.TensorProto.FLOAT16:
+                a = np.abs(tensor_values(stored[t]).astype(np.float64))
+                high = np.isin(a, FP16_CLAMPED_HIGH)
+                if high.any():
+                    out.clipped[t] = (int(high.sum()), float(a[high].max()))
 
     def step(n: str) -> np.ndarray:
         """Summed a store at a time (a computed weight is produced whole, once), a block of rows at a
@@ -154,10 +166,10 @@ def measure_steps(model: onnx.ModelProto, canon, names, canonicalize) -> Steps:
         shape = b.shape
         b = b.reshape(b.shape[0] if b.ndim else 1, -1)
         total = np.zeros_like(b)
-        signed = np.zeros_like(b) if n_colours > 1 else None  # the sum of the singles' changes
+        signed = np.zeros_like(b) if cross else None  # the sum of the singles' changes
         rows = max(1, STEP_BLOCK_ELEMENTS // max(b.shape[1], 1))
 
-        def add(store: WeightStore, weight: float, single: bool = False, cross: bool = False) -> None:
+        def add(store: WeightStore, weight: float, single: bool = False, beyond_sum: bool = False) -> None:
             m = np.asarray(store.get(n)).reshape(b.shape)
             for a in range(0, b.shape[0], rows):
                 block = slice(a, a + rows)
@@ -165,7 +177,7 @@ def measure_steps(model: onnx.ModelProto, canon, names, canonicalize) -> Steps:
                     d = m[block].astype(np.float32) - b[block]
                     if single and signed is not None:
                         signed[block] += d
-                    if cross:  # what moving them all changed beyond the sum of the singles
+                    if beyond_sum:  # what moving them all changed beyond the sum of the singles
                         d -= signed[block]
                     d = np.abs(d)
                 d[~np.isfinite(d)] = np.inf  # an operand clipped at a clamp: the weight is unbounded there
@@ -173,8 +185,8 @@ def measure_steps(model: onnx.ModelProto, canon, names, canonicalize) -> Steps:
 
         for m in moved_stores[:n_colours]:
             add(m, 1.0, single=True)
-        if n_colours > 1:  # a quarter of the product of two roundings, in units of a half step
-            add(moved_stores[-1], 0.5, cross=True)
+        if cross:  # a quarter of the product of two roundings, in units of a half step
+            add(moved_stores[-1], 0.5, beyond_sum=True)
         if edges is not None:
             add(edges, 1.0)
         if clamps is not None:  # the whole change (halved with the steps)
@@ -285,6 +297,17 @@ def allowed(r: np.ndarray, so: WeightOrigin | None, ro: WeightOrigin | None,
         if step is not None:
             out = out + HALF_STEP * step
     return out
+
+
+def clip_phrase(clipped: Mapping[str, tuple[int, float]] | None) -> str:
+    """What a report adds to "every weight within its rounding" when float16 values at a converter's
+    upper clip were read (Steps.clipped): the weights there are allowed any smaller scale."""
+    if not clipped:
+        return ""
+    names = sorted(clipped, key=lambda t: -clipped[t][0])
+    shown = ", ".join(f"{clipped[t][0]} of {t} at {clipped[t][1]:g}" for t in names[:3])
+    more = f" and {len(names) - 3} more tensors" if len(names) > 3 else ""
+    return f", or what the float16 converter's clip explains ({shown}{more}: the original any larger value)"
 
 
 # ---- internals -------------------------------------------------------------------------------
