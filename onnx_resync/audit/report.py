@@ -53,6 +53,7 @@ import onnx
 
 from .align import MAX_ALTERNATIVES, Alignment, align, alternatives
 from .canonical import CanonicalModel, canonicalize
+from .passes.run_time import run_time_format
 from .storage import LazyMap, Steps, allowed, clip_phrase, float_format, measure_steps, storage_dtype
 from .subgraphs import SubgraphComparison, compare_subgraphs, carry as carry_subgraphs
 from .unreached import explained_by_order
@@ -668,7 +669,7 @@ def _precision(ref_store: WeightStore, res_store: WeightStore, alignment: Alignm
                 unmeasured.append(shown)
                 fmt = f"{dtype} (step not measured)"
         else:
-            fmt = float_format(dtype)
+            fmt = float_format(dtype) + run_time_format(so)
         formats += [f for f in fmt.split(", ") if f != "float32" and f not in formats]
         step_s, step_r = steps.get(rw), ref_steps.steps.get(rw)
         step_s = np.asarray(step_s).reshape(-1) if step_s is not None else None
