@@ -25,10 +25,13 @@ from onnx_resync.audit.canonical import canonicalize
 QUANT_OPS = {"DynamicQuantizeLinear", "ConvInteger", "MatMulInteger", "DequantizeLinear"}
 
 
-def _model(seed: int) -> onnx.ModelProto:
+def _model(seed: int, noise: float = 0.0) -> onnx.ModelProto:
     """Conv (no bias) -> BatchNorm -> Relu -> Conv with weights in Constant nodes; an embedding
-    table (initializer) gathered, transposed, then a small MLP."""
+    table (initializer) gathered, transposed, then a small MLP. noise: relative noise added to the
+    second Conv's weight."""
     rng = np.random.default_rng(seed)
+    c2w = (rng.standard_normal((6, 8, 3, 3)) * 0.3).astype(np.float32)
+    c2w = c2w + (noise * 0.3 * np.random.default_rng(99).standard_normal(c2w.shape)).astype(np.float32)
 
     def w(*shape):
         return (rng.standard_normal(shape) * 0.3).astype(np.float32)
@@ -37,7 +40,7 @@ def _model(seed: int) -> onnx.ModelProto:
         return helper.make_node("Constant", [], [name], value=numpy_helper.from_array(value, name))
 
     nodes = [const("c1w", w(8, 3, 3, 3)), const("s1", 1 + w(8)), const("o1", w(8)), const("mu1", w(8)),
-             const("v1", 1 + np.abs(w(8))), const("c2w", w(6, 8, 3, 3)),
+             const("v1", 1 + np.abs(w(8))), const("c2w", c2w),
              const("m1", w(16, 12)), const("b1", w(12)), const("m2", w(12, 5)),
              helper.make_node("Conv", ["x", "c1w"], ["h0"], pads=[1, 1, 1, 1]),
              helper.make_node("BatchNormalization", ["h0", "s1", "o1", "mu1", "v1"], ["h1"]),
@@ -73,16 +76,18 @@ def _run(model: onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
-    """reference, and quantize_dynamic copies of it, of a permuted copy and of an unrelated twin."""
+    """reference, and quantize_dynamic copies of it, of a permuted copy, of a copy with noise on one
+    weight and of an unrelated twin."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     d = tmp_path_factory.mktemp("run_time")
     onnx.save(_model(0), str(d / "reference.onnx"))
     onnx.save(_model(1), str(d / "twin.onnx"))
+    onnx.save(_model(0, noise=0.05), str(d / "noisy.onnx"))
     permuted, info = permute(str(d / "reference.onnx"), seed=1)
     assert info.verified and info.neurons_moved > 0
     onnx.save(permuted, str(d / "permuted.onnx"))
-    for name in ("reference", "permuted", "twin"):
+    for name in ("reference", "permuted", "twin", "noisy"):
         quantize_dynamic(str(d / f"{name}.onnx"), str(d / f"{name}_dynamic.onnx"), weight_type=QuantType.QInt8)
     return d
 
@@ -122,7 +127,7 @@ def test_canonical_form_reads_the_stored_float_weights(made):
 
 
 @pytest.mark.parametrize("suspect, verdict", [("reference_dynamic", "identical"), ("permuted_dynamic", "permuted"),
-                                              ("twin_dynamic", "not derived")])
+                                              ("noisy_dynamic", "perturbed"), ("twin_dynamic", "not derived")])
 def test_audit_of_a_run_time_quantized_copy(made, suspect, verdict):
     report = audit(str(made / f"{suspect}.onnx"), str(made / "reference.onnx"))
     assert report.verdict == verdict, report.summary
