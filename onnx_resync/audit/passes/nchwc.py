@@ -18,9 +18,14 @@ GlobalMaxPool and Upsample have nchwc forms with the plain op's attributes; elem
 Mul, Concat and activations run on blocked tensors as they are (a Reshape pair around an Add whose
 shapes ORT could not prove equal only re-views the blocks).
 
+A tensor of C channels is padded to P (C rounded up to the block): ReorderInput fills the padding
+with zeros, a convolution's filter and bias have zero rows for it and its reader zero columns, a
+depthwise convolution zero weights; ReorderOutput's `channels` drops it. The tensors that hold the
+same channels (through per-channel ops, depthwise convolutions, elementwise ops, Sum inputs, pools)
+share one C (see _real_channels).
+
 Canonical form: what the file was before, in NCHW: a plain Conv with the filter unblocked and the
-padding rows dropped (the real channel count comes from the ReorderOutput at the region's end or
-the convolution that reads the tensor), + Add of the Sum input, + the activation; plain pools;
+padding rows and columns dropped, + Add of the Sum input, + the activation; plain pools;
 Resize (nearest, asymmetric, floor) for Upsample; the Reorder nodes and layout Reshapes gone.
 
 B is not written in the file. It is the one block size that fits every shape in the region
@@ -54,6 +59,8 @@ def expand_nchwc(ws: Workspace) -> bool:
     if block is None:
         return False
     real = _real_channels(ws, blocked, block)
+    if real is None:
+        return False
     changed = False
     for node in ws.nodes:
         if node.domain == NCHWC:
@@ -88,91 +95,249 @@ def _padded(ws: Workspace, node: onnx.NodeProto) -> int | None:
     return int(ws.const(node.input[1]).shape[0]) if node.op_type == "Conv" else None
 
 
-def _real_channels(ws: Workspace, blocked: set[str], b: int) -> dict[str, int]:
-    """Real (unpadded) channels of blocked tensors where the file says: ReorderOutput's `channels`,
-    carried back through ops that keep the channels; and, for a convolution read only by
-    convolutions, the padding rows: trailing rows of its filter and bias that are zero, in the last
-    block, whose columns in every reader's filter are zero too (ONNX Runtime pads a reader's input
-    channels as well; dropping channels that no reader reads is exact)."""
-    real: dict[str, int] = {}
-    for node in reversed(ws.nodes):
-        outs = [real[o] for o in node.output if o in real]
-        keeps = (node.domain == NCHWC and node.op_type in _POOLS + ("Upsample",)) or \
-                (node.domain != NCHWC and node.op_type not in ("Concat", "Reshape"))
-        if node.domain == NCHWC and node.op_type == "Conv":
-            W = ws.const(node.input[1]) if node.input[1] in ws.constants else None
-            if outs and len(node.input) > 3 and node.input[3]:
-                real.setdefault(node.input[3], outs[0])
-            if outs and W is not None and W.ndim == 4 and W.shape[1] == 1 and int(attr(node, "group", 1)) == W.shape[0]:
-                real.setdefault(node.input[0], outs[0])  # depthwise / BatchNorm: channel for channel
-        elif node.domain == NCHWC and node.op_type == "ReorderOutput":
-            channels = attr(node, "channels", 0)
-            if channels:
-                real.setdefault(node.input[0], int(channels))
-        elif keeps and outs:
-            for i in node.input:
-                if i in blocked:
-                    real.setdefault(i, outs[0])
+def _real_channels(ws: Workspace, blocked: set[str], b: int) -> dict[str, int] | None:
+    """Real (unpadded) channels of every blocked tensor; None where the file contradicts itself or
+    padding that a reader would read cannot be dropped exactly (the region is then left as it is).
+
+    ONNX Runtime pads a tensor of C channels to P = C rounded up to the block. Tensors that hold the
+    same channels (through per-channel ops, depthwise convolutions, elementwise ops of two blocked
+    tensors, a Conv's Sum input, pools, layout Reshapes) form a class with one real C, which the file
+    says at the class's edges: a ReorderOutput's `channels`, or the plain channels of what a
+    ReorderInput reads (padded with zeros). A class with neither (a convolution read only by
+    convolutions) is padded where the trailing rows of every convolution writing it and the trailing
+    columns of every one reading it are zero, in the last block. Padding is dropped only where each
+    convolution reading the class has zero columns there (so nothing it computes reads them); a class
+    that anything else reads (a Concat, an op of the standard domain that mixes channels) keeps P."""
+    classes = _classes(ws, blocked)
+    if classes is None:
+        return None
+    members, padded, said, fixed = classes
+    plain = _plain_shapes(ws) if any(n.op_type == "ReorderInput" for n in ws.nodes if n.domain == NCHWC) else {}
     for node in ws.nodes:
-        if node.domain == NCHWC and node.op_type == "Conv" and node.output[0] not in real:
-            k = _padding_rows(ws, node, b, blocked)
-            if k:
-                real[node.output[0]] = int(ws.const(node.input[1]).shape[0]) - k
-                for _, read in _through_activations(ws, node.output[0]) or ():
-                    real.setdefault(read, real[node.output[0]])  # (an activation's output between the two)
+        if node.domain != NCHWC or node.op_type not in ("ReorderInput", "ReorderOutput"):
+            continue
+        last = bool(attr(node, "channels_last", 0))
+        if node.op_type == "ReorderOutput":
+            c, t = int(attr(node, "channels", 0) or 0), node.input[0]
+        else:
+            dims, t = plain.get(node.input[0]), node.output[0]
+            c = dims[-1 if last else 1] if dims and len(dims) == 4 and dims[-1 if last else 1] else 0
+        if c:
+            said.setdefault(members.find(t), set()).add(c)
+    real: dict[str, int] = {}
+    for root, names in members.groups().items():
+        ps = {padded[n] for n in names if n in padded}
+        if len(ps) > 1:
+            return None
+        p = ps.pop() if ps else None
+        cs = said.get(root, set())
+        if len(cs) > 1 or (p is not None and any(-(-c // b) * b != p for c in cs)):
+            return None
+        if p is None:
+            continue
+        c = cs.pop() if cs else (p if root in fixed else p - _padding(ws, names, p, b, blocked))
+        if c < p and (root in fixed or not _unread(ws, names, c, p, b, blocked)):
+            return None
+        real.update((n, c) for n in names)
     return real
 
 
-def _padding_rows(ws: Workspace, node: onnx.NodeProto, b: int, blocked: set[str]) -> int:
-    """How many trailing channels of an nchwc Conv's output are padding that no reader reads (0: none
-    or not known)."""
-    D = ws.const(node.input[1])
-    padded = D.shape[0]
-    readers = ws.consumers(node.output[0])
-    if node.output[0] in ws.protected or not readers or len(node.input) > 3 and node.input[3]:
-        return 0
-    if D.ndim != 4 or padded % b or int(attr(node, "group", 1)) != 1:
-        return 0
-    inner = node.input[0] in blocked and D.shape[1] % b == 0
-    rows = unblock(D, b, inner).reshape(padded, -1)
-    bias = ws.const(node.input[2]) if len(node.input) > 2 and node.input[2] in ws.constants else np.zeros(padded)
-    if bias.shape != (padded,):
-        return 0
-    k = _trailing(lambda i: not rows[i].any() and bias[i] == 0, padded, b)
-    readers = _through_activations(ws, node.output[0])
-    if readers is None:
-        return 0
-    for r, read in readers:
-        R = ws.const(r.input[1]) if r.domain == NCHWC and r.op_type == "Conv" and len(r.input) > 1 \
-            and r.input[1] in ws.constants else None
-        if R is None or R.ndim != 4 or r.input[0] != read or int(attr(r, "group", 1)) != 1 \
-                or R.shape[1] != padded or R.shape[0] % b or list(r.input[1:]).count(read):
-            return 0
-        cols = unblock(R, b, True)
-        k = min(k, _trailing(lambda j: not cols[:, j].any(), padded, b))
-    return k
+class _Classes:
+    """Union-find over tensor names."""
+
+    def __init__(self):
+        self.parent: dict[str, str] = {}
+
+    def find(self, x: str) -> str:
+        self.parent.setdefault(x, x)
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, *xs: str) -> None:
+        roots = [self.find(x) for x in xs if x]
+        for r in roots[1:]:
+            self.parent[r] = roots[0]
+
+    def groups(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for x in list(self.parent):
+            out.setdefault(self.find(x), []).append(x)
+        return out
 
 
 # one input, one output, channel by channel (ONNX Runtime's NCHWc region keeps the fused activations its
 # optimizer wrote between two nchwc Convs, QuickGelu among them): a padded channel stays one channel
 _PER_CHANNEL = {"Relu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "LeakyRelu", "Elu", "Selu", "Softplus",
                 "QuickGelu", "Gelu"}
+# elementwise ops of the standard domain that ONNX Runtime runs on blocked tensors as they are
+_ELEMENTWISE = {"Add", "Sum", "Mul", "Sub", "Div", "Max", "Min", "Mean"}
 
 
-def _through_activations(ws: Workspace, name: str, depth: int = 0) -> list | None:
-    """(reader, the tensor it reads) of a tensor, through per-channel activations; None where an
-    activation's output is a graph output or goes on elsewhere unknown."""
+def _classes(ws: Workspace, blocked: set[str]):
+    """(classes of blocked tensors, padded channels of a tensor, channels said per class root (empty
+    here), roots of classes that must keep their padding); None for a region this pass does not know."""
+    members = _Classes()
+    padded: dict[str, int] = {}
+    fixed: set[str] = set()
+    for t in blocked:
+        members.find(t)
+    for node in ws.nodes:
+        ins = [i for i in node.input if i in blocked]
+        outs = [o for o in node.output if o in blocked]
+        if node.domain == NCHWC:
+            if node.op_type == "Conv":
+                W = ws.const(node.input[1]) if len(node.input) > 1 and node.input[1] in ws.constants else None
+                if W is None or W.ndim != 4:
+                    return None
+                group = int(attr(node, "group", 1))
+                padded[node.output[0]] = int(W.shape[0])
+                if group == 1 and node.input[0] in blocked:
+                    padded[node.input[0]] = int(W.shape[1])
+                if group > 1 and W.shape[1] == 1 and group == W.shape[0]:
+                    members.union(node.input[0], node.output[0])  # depthwise: channel for channel
+                elif group > 1:
+                    fixed.update((node.input[0], node.output[0]))  # grouped: its padding is not known
+                if len(node.input) > 3 and node.input[3]:
+                    members.union(node.input[3], node.output[0])  # Sum: added channel for channel
+            elif node.op_type in _POOLS + ("Upsample",):
+                members.union(node.input[0], node.output[0])
+            elif node.op_type not in ("ReorderInput", "ReorderOutput"):
+                return None
+        elif ins:
+            consts = [i for i in node.input if i and i not in blocked]
+            scalar = all(i in ws.constants and ws.const(i).size == 1 for i in consts)
+            if len(node.output) == 1 and (node.op_type in _PER_CHANNEL and len(ins) == 1 and not consts
+                                          or node.op_type in _ELEMENTWISE and scalar
+                                          or node.op_type == "Reshape" and node.input[0] in blocked):
+                members.union(*ins, node.output[0])
+            else:
+                fixed.update(ins + outs)  # a Concat, or an op that reads channels as they are stored
+        for o in node.output:
+            if o in blocked and o in ws.protected:
+                fixed.add(o)
+    return members, padded, {}, {members.find(t) for t in fixed}
+
+
+def _group_one_convs(ws: Workspace, names: list[str], blocked: set[str]):
+    """(writers, readers): the nchwc Convs of group 1 that write a tensor of the class, and (conv,
+    input position) of those that read one as their convolution input."""
+    names = set(names)
+    writers, readers = [], []
+    for t in names:
+        p = ws.producer(t)
+        if p is not None and p.domain == NCHWC and p.op_type == "Conv" and int(attr(p, "group", 1)) == 1 \
+                and p.output[0] == t:
+            writers.append(p)
+        for r in ws.consumers(t):
+            if r.domain == NCHWC and r.op_type == "Conv" and int(attr(r, "group", 1)) == 1 and r.input[0] == t:
+                readers.append(r)
+    return writers, readers
+
+
+def _padding(ws: Workspace, names: list[str], p: int, b: int, blocked: set[str]) -> int:
+    """Trailing channels (fewer than a block) of a class that the file says nothing of and that are
+    zero padding: zero rows and bias in every group-1 convolution writing it, zero weights and bias
+    in every depthwise one, zero columns in every convolution reading it (0: none, or not known)."""
+    writers, readers = _group_one_convs(ws, names, blocked)
+    if not readers:
+        return 0
+    k = b - 1
+    for t in names:
+        node = ws.producer(t)
+        if node is None or node.domain != NCHWC or node.op_type != "Conv":
+            continue
+        D = ws.const(node.input[1])
+        inner = node.input[0] in blocked and int(attr(node, "group", 1)) == 1 and D.shape[1] % b == 0
+        rows = unblock(D, b, inner).reshape(p, -1)
+        bias = ws.const(node.input[2]) if len(node.input) > 2 and node.input[2] in ws.constants else np.zeros(p)
+        if bias.shape != (p,):
+            return 0
+        k = min(k, _trailing(lambda i: not rows[i].any() and bias[i] == 0, p, b))
+    for r in readers:
+        k = min(k, _trailing(lambda j: not _columns(ws, r, b)[:, j].any(), p, b))
+    return k
+
+
+def _columns(ws: Workspace, r: onnx.NodeProto, b: int) -> np.ndarray:
+    R = ws.const(r.input[1])
+    return unblock(R, b, True)
+
+
+def _unread(ws: Workspace, names: list[str], c: int, p: int, b: int, blocked: set[str]) -> bool:
+    """Whether every group-1 convolution reading the class has zero columns for channels c..p-1:
+    dropping those channels is then exact (a Sum input of the class is dropped with them)."""
+    _, readers = _group_one_convs(ws, names, blocked)
+    for r in readers:
+        R = ws.const(r.input[1]) if len(r.input) > 1 and r.input[1] in ws.constants else None
+        if R is None or R.ndim != 4 or R.shape[1] != p or R.shape[0] % b or p % b:
+            return False
+        if unblock(R, b, True)[:, c:].any():
+            return False
+    return True
+
+
+def _plain_shapes(ws: Workspace) -> dict[str, list]:
+    """Shapes (None: a dim not known) of the tensors outside the region, as far as the nodes that
+    feed a ReorderInput need them: the graph's inputs, constants, ReorderOutput (`channels`),
+    convolutions, and ops that keep or broadcast their input's shape (ONNX shape inference stops at
+    the region's contrib ops)."""
+    shapes: dict[str, list] = {}
+    for vi in ws.graph.input:
+        if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+
+    def shape(name):
+        if name in ws.constants:
+            return list(ws.const(name).shape)
+        return shapes.get(name)
+
+    for node in ws.nodes:
+        if not node.output or not node.output[0]:
+            continue
+        x = shape(node.input[0]) if node.input else None
+        out = None
+        if node.domain == NCHWC and node.op_type == "ReorderOutput":
+            c = int(attr(node, "channels", 0) or 0)
+            out = [None, None, None, c] if attr(node, "channels_last", 0) else [None, c, None, None]
+        elif node.domain not in STANDARD:
+            out = x if node.op_type in _PER_CHANNEL else None
+        elif node.op_type in ("Conv", "ConvTranspose") and len(node.input) > 1 and node.input[1] in ws.constants:
+            W = ws.const(node.input[1])
+            rows = W.shape[0] if node.op_type == "Conv" else W.shape[1] * int(attr(node, "group", 1))
+            out = [x[0] if x else None, int(rows)] + [None] * (W.ndim - 2)
+        elif node.op_type in _PER_CHANNEL or node.op_type in _KEEPS_SHAPE:
+            out = x
+        elif node.op_type in _POOLS or node.op_type in ("Resize", "Upsample", "MaxPool", "LpPool"):
+            out = x[:2] + [None] * (len(x) - 2) if x else None
+        elif node.op_type in _ELEMENTWISE | {"Pow", "Where", "PRelu"}:
+            out = _broadcast([shape(i) for i in node.input if i])
+        elif node.op_type == "Transpose" and x:
+            perm = list(attr(node, "perm", []) or reversed(range(len(x))))
+            out = [x[k] for k in perm] if len(perm) == len(x) else None
+        if out is not None:
+            shapes[node.output[0]] = out
+    return shapes
+
+
+_KEEPS_SHAPE = {"Identity", "Cast", "Clip", "Dropout", "BatchNormalization", "InstanceNormalization", "LRN", "Abs",
+                "Neg", "Exp", "Log", "Sqrt", "Reciprocal", "Floor", "Ceil", "Round", "Erf", "Sin", "Cos", "Softsign",
+                "Mish", "ThresholdedRelu", "Celu"}
+
+
+def _broadcast(shapes: list) -> list | None:
+    """The broadcast of shapes (None: a dim not known); None if one of them is not known."""
+    if any(s is None for s in shapes) or not shapes:
+        return None
+    rank = max(len(s) for s in shapes)
     out = []
-    for r in ws.consumers(name):
-        if r.op_type in _PER_CHANNEL and len(r.input) == 1 and len(r.output) == 1 and depth < 8:
-            if r.output[0] in ws.protected:
-                return None
-            more = _through_activations(ws, r.output[0], depth + 1)
-            if more is None or not more:
-                return None
-            out += more
-        else:
-            out.append((r, name))
+    for k in range(rank):
+        dims = [s[len(s) - rank + k] for s in shapes if len(s) - rank + k >= 0]
+        known = {d for d in dims if d is not None and d != 1}
+        if len(known) > 1:
+            return None
+        out.append(known.pop() if known else (None if None in dims else 1))
     return out
 
 
