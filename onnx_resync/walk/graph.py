@@ -83,6 +83,12 @@ class GraphView:
                         then_g if bool(cond.reshape(-1)[0]) else else_g]
                     self.branches[id(node)] = chosen
                     for g in chosen:
+                        # known before an If inside it reads its condition (computed from the
+                        # branch's shapes: a None evaluated too early would be kept)
+                        for n in g.node:
+                            for o in n.output:
+                                if o:
+                                    self.producer.setdefault(o, n)
                         out.extend(self._with_branches(_topological_order(g)))
             elif self._followed_body(node) is not None:
                 body = self._followed_body(node)
@@ -483,11 +489,20 @@ def _infer_shapes(model: onnx.ModelProto) -> dict[str, list]:
                     declared[name] = skeleton.graph.value_info[-1]
                 shapes[name] = dims  # (the next op of the same round may read it)
                 changed = True
+        for graph, name, dims, elem_type in _decided_if_shapes(skeleton, shapes, values):
+            info = onnx.helper.make_tensor_value_info(name, elem_type, dims)
+            if name in declared:
+                declared[name].CopyFrom(info)
+            else:
+                graph.value_info.append(info)
+                declared[name] = graph.value_info[-1]
+            shapes[name] = dims
+            changed = True
         if not changed:
             break
         # the previous pass's value_info stays in the skeleton, so symbolic dim names stay stable
         skeleton, shapes = _run_inference(skeleton)
-        declared = {vi.name: vi for vi in skeleton.graph.value_info if vi.name in declared}
+        declared = {vi.name: vi for g in nested_graphs(skeleton.graph) for vi in g.value_info if vi.name in declared}
     if declared:
         _sharpen_downstream(skeleton, declared, shapes)
     return _placeholders_back(shapes, own)
@@ -607,8 +622,9 @@ def _named(d) -> bool:
 
 
 def _skeleton_values(skeleton: onnx.ModelProto, shapes: dict) -> shapes_module.ShapeValues:
-    inits = {t.name: t for t in skeleton.graph.initializer}
-    producer = {o: n for n in skeleton.graph.node for o in n.output if o}
+    # every scope's (names are unique across scopes): an If inside a branch tests that branch's shapes
+    inits = {t.name: t for g in nested_graphs(skeleton.graph) for t in g.initializer}
+    producer = {o: n for g in nested_graphs(skeleton.graph) for n in g.node for o in n.output if o}
 
     def constant(name):
         t = inits.get(name)
@@ -754,6 +770,32 @@ def _concat_from_sequence_shape(skeleton: onnx.ModelProto, node, shapes) -> list
     else:
         out[axis] = f"?{node.output[0]}:{axis}"
     return out
+
+
+def _decided_if_shapes(skeleton: onnx.ModelProto, shapes: dict, values) -> list:
+    """[(graph holding the If, output, dims, element type)] for each If (at any depth) whose condition
+    the graph's shapes decide (torch's `x.squeeze(1)` written as If(shape[1] == 1, Squeeze, Identity),
+    `if x.dim() == 2: x = x.unsqueeze(0)`): its outputs have the shapes of the branch that runs.
+    Inference gives them none where the branches' ranks differ, and everything after them goes
+    unknown."""
+    found = []
+    for graph in nested_graphs(skeleton.graph):
+        for node in graph.node:
+            if node.op_type != "If" or node.domain not in ("", "ai.onnx") or not node.input:
+                continue
+            cond = values.numeric(node.input[0])
+            if cond is None or cond.size != 1:
+                continue
+            branch = next((a.g for a in node.attribute
+                           if a.name == ("then_branch" if bool(cond.reshape(-1)[0]) else "else_branch")), None)
+            if branch is None:
+                continue
+            for name, result in zip(node.output, branch.output):
+                dims = shapes.get(result.name)
+                if name and dims is not None and dims != shapes.get(name) and _sharper(dims, shapes.get(name)) \
+                        and result.type.HasField("tensor_type"):
+                    found.append((graph, name, dims, result.type.tensor_type.elem_type))
+    return found
 
 
 # ops whose output shape is computed from a value (shapes.py evaluates it)
