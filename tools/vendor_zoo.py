@@ -22,11 +22,13 @@ Built files and results are cached in ~/.cache/onnx-resync/vendor_zoo/<key>/ (re
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -83,18 +85,18 @@ def t_dynamic(src: Path, dst: Path, key: str, bz) -> None:
         first = exc
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    pre = dst.with_name(dst.stem + ".preprocessed.onnx")
-    try:
-        with bz.quiet():
-            try:
-                quant_pre_process(str(src), str(pre))
-            except Exception:  # noqa: BLE001 - "Incomplete symbolic shape inference": without it
-                quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-        bz.t_dynamic(pre, dst, key)
-    except Exception as exc:
-        raise RuntimeError(f"{first}; after quant_pre_process: {exc}") from exc
-    finally:
-        pre.unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        pre = Path(tmp) / "preprocessed.onnx"
+        try:
+            # (in tmp: a failed symbolic shape inference leaves sym_shape_infer_temp.onnx in the cwd)
+            with bz.quiet(), contextlib.chdir(tmp):
+                try:
+                    quant_pre_process(str(src), str(pre))
+                except Exception:  # noqa: BLE001 - "Incomplete symbolic shape inference": without it
+                    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+            bz.t_dynamic(pre, dst, key)
+        except Exception as exc:
+            raise RuntimeError(f"{first}; after quant_pre_process: {exc}") from exc
 
 
 OWN_TRANSFORMS = {"dynamic": t_dynamic}  # transforms built here, not by build_zoo's t_<name>
