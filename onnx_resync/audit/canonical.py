@@ -15,6 +15,7 @@ passes/ over it, in this order (each file's docstring says what form it reaches 
 6. ONNX Runtime's contrib ops written out in standard ops: the NCHWc layout back to NCHW
    (nchwc.py), fused GELU / QuickGelu / FusedMatMul (contrib.py), Skip/Simplified/Embed layer
    normalizations (norms.py), packed-QKV Attention (attention.py);
+   recurrent cells' zero initial states left out, as their default (recurrent.py);
 7. no-op nodes removed: Identity, Dropout, Cast to the same type (cleanup.py);
 8. BatchNormalization and per-channel Add/Mul/Sub folded into the Conv, ConvTranspose or Gemm
    before them, to a fixed point (affine.py);
@@ -48,6 +49,7 @@ from .passes.floats import FLOAT_TYPES, to_float32
 from .passes.fused import split_fused
 from .passes.nchwc import expand_nchwc
 from .passes.norms import expand_norms
+from .passes.recurrent import drop_default_inputs
 from .passes.run_time import read_run_time_quantized
 from .rewrite import WeightOrigin, Workspace, topological  # noqa: F401 (align imports topological)
 from ..walk.graph import node_inputs
@@ -66,6 +68,7 @@ PASSES = (
     (expand_contrib, False),
     (expand_norms, False),
     (expand_attention, False),
+    (drop_default_inputs, False),
     (drop_noops, False),
     (fold_into_producers, True),
     (gemm_as_matmul, False),

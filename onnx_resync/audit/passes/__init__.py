@@ -14,6 +14,7 @@ re-export back to one form and keeps what the graph computes; canonical.py runs 
 - norms.py: SkipLayerNormalization, (Skip)SimplifiedLayerNormalization, EmbedLayerNormalization as
   Add + LayerNormalization / RMSNorm and embedding Gathers;
 - attention.py: packed-QKV Attention as three projections and scaled dot-product attention;
+- recurrent.py: LSTM/GRU/RNN initial states (and peepholes) of zeros left out, as the default;
 - cleanup.py: no-op nodes (Identity, Dropout, Cast to the same type) and unused nodes removed;
 - affine.py: BatchNormalization and per-channel Add/Mul/Sub folded into their producer, Gemm
   written as MatMul (+ Add), Conv biases made explicit.
