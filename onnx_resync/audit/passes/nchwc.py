@@ -90,11 +90,6 @@ def _blocked_tensors(ws: Workspace) -> set[str]:
     return blocked
 
 
-def _padded(ws: Workspace, node: onnx.NodeProto) -> int | None:
-    """Channels (padded) of an nchwc Conv's output."""
-    return int(ws.const(node.input[1]).shape[0]) if node.op_type == "Conv" else None
-
-
 def _real_channels(ws: Workspace, blocked: set[str], b: int) -> dict[str, int] | None:
     """Real (unpadded) channels of every blocked tensor; None where the file contradicts itself or
     padding that a reader would read cannot be dropped exactly (the region is then left as it is).
@@ -111,7 +106,8 @@ def _real_channels(ws: Workspace, blocked: set[str], b: int) -> dict[str, int] |
     classes = _classes(ws, blocked)
     if classes is None:
         return None
-    members, padded, said, fixed = classes
+    members, padded, fixed = classes
+    said: dict[str, set[int]] = {}  # class root -> channel counts the file says
     plain = _plain_shapes(ws) if any(n.op_type == "ReorderInput" for n in ws.nodes if n.domain == NCHWC) else {}
     for node in ws.nodes:
         if node.domain != NCHWC or node.op_type not in ("ReorderInput", "ReorderOutput"):
@@ -136,7 +132,7 @@ def _real_channels(ws: Workspace, blocked: set[str], b: int) -> dict[str, int] |
         if p is None:
             continue
         c = cs.pop() if cs else (p if root in fixed else p - _padding(ws, names, p, b, blocked))
-        if c < p and (root in fixed or not _unread(ws, names, c, p, b, blocked)):
+        if c < p and (root in fixed or not _unread(ws, names, c, p, b)):
             return None
         real.update((n, c) for n in names)
     return real
@@ -176,8 +172,8 @@ _ELEMENTWISE = {"Add", "Sum", "Mul", "Sub", "Div", "Max", "Min", "Mean"}
 
 
 def _classes(ws: Workspace, blocked: set[str]):
-    """(classes of blocked tensors, padded channels of a tensor, channels said per class root (empty
-    here), roots of classes that must keep their padding); None for a region this pass does not know."""
+    """(classes of blocked tensors, padded channels of a tensor, roots of the classes that must keep
+    their padding); None for a region this pass does not know."""
     members = _Classes()
     padded: dict[str, int] = {}
     fixed: set[str] = set()
@@ -217,30 +213,20 @@ def _classes(ws: Workspace, blocked: set[str]):
         for o in node.output:
             if o in blocked and o in ws.protected:
                 fixed.add(o)
-    return members, padded, {}, {members.find(t) for t in fixed}
+    return members, padded, {members.find(t) for t in fixed}
 
 
-def _group_one_convs(ws: Workspace, names: list[str], blocked: set[str]):
-    """(writers, readers): the nchwc Convs of group 1 that write a tensor of the class, and (conv,
-    input position) of those that read one as their convolution input."""
-    names = set(names)
-    writers, readers = [], []
-    for t in names:
-        p = ws.producer(t)
-        if p is not None and p.domain == NCHWC and p.op_type == "Conv" and int(attr(p, "group", 1)) == 1 \
-                and p.output[0] == t:
-            writers.append(p)
-        for r in ws.consumers(t):
-            if r.domain == NCHWC and r.op_type == "Conv" and int(attr(r, "group", 1)) == 1 and r.input[0] == t:
-                readers.append(r)
-    return writers, readers
+def _readers(ws: Workspace, names: list[str]) -> list[onnx.NodeProto]:
+    """The nchwc Convs of group 1 that read a tensor of the class as their convolution input."""
+    return [r for t in names for r in ws.consumers(t)
+            if r.domain == NCHWC and r.op_type == "Conv" and int(attr(r, "group", 1)) == 1 and r.input[0] == t]
 
 
 def _padding(ws: Workspace, names: list[str], p: int, b: int, blocked: set[str]) -> int:
     """Trailing channels (fewer than a block) of a class that the file says nothing of and that are
     zero padding: zero rows and bias in every group-1 convolution writing it, zero weights and bias
     in every depthwise one, zero columns in every convolution reading it (0: none, or not known)."""
-    writers, readers = _group_one_convs(ws, names, blocked)
+    readers = _readers(ws, names)
     if not readers:
         return 0
     k = b - 1
@@ -256,20 +242,18 @@ def _padding(ws: Workspace, names: list[str], p: int, b: int, blocked: set[str])
             return 0
         k = min(k, _trailing(lambda i: not rows[i].any() and bias[i] == 0, p, b))
     for r in readers:
-        k = min(k, _trailing(lambda j: not _columns(ws, r, b)[:, j].any(), p, b))
+        R = ws.const(r.input[1])
+        if R.ndim != 4 or R.shape[1] != p or R.shape[0] % b:
+            return 0
+        cols = unblock(R, b, True)
+        k = min(k, _trailing(lambda j: not cols[:, j].any(), p, b))
     return k
 
 
-def _columns(ws: Workspace, r: onnx.NodeProto, b: int) -> np.ndarray:
-    R = ws.const(r.input[1])
-    return unblock(R, b, True)
-
-
-def _unread(ws: Workspace, names: list[str], c: int, p: int, b: int, blocked: set[str]) -> bool:
+def _unread(ws: Workspace, names: list[str], c: int, p: int, b: int) -> bool:
     """Whether every group-1 convolution reading the class has zero columns for channels c..p-1:
     dropping those channels is then exact (a Sum input of the class is dropped with them)."""
-    _, readers = _group_one_convs(ws, names, blocked)
-    for r in readers:
+    for r in _readers(ws, names):
         R = ws.const(r.input[1]) if len(r.input) > 1 and r.input[1] in ws.constants else None
         if R is None or R.ndim != 4 or R.shape[1] != p or R.shape[0] % b or p % b:
             return False
