@@ -55,6 +55,11 @@ RESCALE_SCALAR_FLOOR = 0.1  # a 1-D slot's ratio counts where its value is at le
 SAMPLE_COLUMNS = 1024  # the sweep compares large groups on a random sample of feature columns ...
 SAMPLE_WORK = 1 << 28  # ... where n * n * feature width exceeds this ...
 SAMPLED_MARGIN = 0.25  # ... and accepts a mutual best there only with this margin (else: full solve)
+# the sweep solves a group on its slots that need no summary alone (no sort of its other slots along
+# unresolved neighbours: a residual stream by its embedding and lm_head, whose other axes are pinned)
+# where they hold this many entries per neuron (a sample of them places random rows far apart) ...
+PARTIAL_ENTRIES = 1024
+PARTIAL_MARGIN = SAMPLED_MARGIN  # ... and every neuron is a mutual best by this margin (else: every slot)
 HASH_COLUMNS = 64  # columns per slot hashed to find byte-identical neurons (collisions then compared whole)
 WIDE_ENTRIES = 4096  # a slot with this many entries per neuron ...
 WIDE_BYTES = 32 << 20  # ... and this many bytes of rows is read in pieces, never copied whole (wide.py)
@@ -179,6 +184,7 @@ class _Matcher:
         self.solves = 0
         self.noise: dict[int, dict] = {}  # per group: {slot index: noise norm per neuron} (last solve)
         self._sample_cache: dict = {}  # aligned_only -> (state, rows): the last sampled group's (see features)
+        self.partial: set[int] = set()  # groups whose last solve read only the slots needing no summary
 
     def run(self, max_passes: int) -> MatchResult:
         # topological sweep: axes of groups not resolved yet are summarized; large groups are
@@ -190,7 +196,7 @@ class _Matcher:
         # ... and the groups answered while a neighbour was summarized, unless their matches are
         # exact (a pure permutation: aligned features cannot say otherwise)
         inexact = {gi for gi, r in enumerate(self.result) if self.pending[gi] and r.cosine.min() < EXACT_COSINE}
-        dirty = self.uncertain | self.self_coupled | inexact
+        dirty = self.uncertain | self.self_coupled | inexact | self.partial  # (partial: the others' slots unread)
         passes = 1
         while dirty and passes <= max_passes:
             changed = set()
@@ -218,9 +224,9 @@ class _Matcher:
         if r.shape != s.shape:
             raise ModelMismatchError(f"weight {name!r} has shape {list(s.shape)} in the suspect, "
                                      f"{list(r.shape)} in the reference")
-        pair = (_as_float(r), _as_float(s))
-        if not (self.ref.is_lazy(name) or self.sus.is_lazy(name)):
-            self._arrays[name] = pair
+        if self.ref.is_lazy(name) or self.sus.is_lazy(name):
+            return r, s  # (as stored: slot_features casts the part it reads, not the whole weight)
+        pair = self._arrays[name] = (_as_float(r), _as_float(s))
         return pair
 
     def slot_features(self, gi: int, slot, aligned_only: bool = False):
@@ -284,11 +290,19 @@ class _Matcher:
                 WideSlot.worth(R.shape, slot.axis, slot.positions, WIDE_ENTRIES,
                                WIDE_ROWS_BYTES if slot.axis == 0 else WIDE_BYTES):
             return WideSlot(R, S, slot.axis, slot.positions, indexes)
+        n, b = slot.positions.shape
+        positions = slot.positions
+        if slot.at is None and positions.size < R.shape[slot.axis]:
+            # a part of the axis (a head's block): picked first (the suspect through its alignment
+            # there), so that the other axes are aligned and cast on that part only
+            along = indexes.pop(slot.axis, None)
+            R = np.take(R, positions.reshape(-1), axis=slot.axis)
+            s = np.take(s, (positions if along is None else along[positions]).reshape(-1), axis=slot.axis)
+            positions = np.arange(n * b).reshape(n, b)
         for o, index in indexes.items():
             s = np.take(s, index, axis=o)
-        n, b = slot.positions.shape
         (r_part, axis), (s_part, _) = slot.part(R), slot.part(s)
-        xr, xs = _rows(r_part, axis, slot.positions), _rows(s_part, axis, slot.positions)
+        xr, xs = _as_float(_rows(r_part, axis, positions)), _as_float(_rows(s_part, axis, positions))
         gone = [slot.axis] + ([slot.at[0]] if slot.at else [])  # axes not among the other axes
         for o, blocks in presort.items():
             axis = 2 + o - sum(g < o for g in gone)
@@ -297,8 +311,10 @@ class _Matcher:
         for o in sorted(summarize, reverse=True):  # (n, b, *other axes); o's place in that
             axis = 2 + o - sum(g < o for g in gone)
             xr, xs = _summarize(xr, axis, summarize[o]), _summarize(xs, axis, summarize[o])
-        if block_sort:
-            xr, xs = np.sort(np.moveaxis(xr, 1, -1), axis=-1), np.sort(np.moveaxis(xs, 1, -1), axis=-1)
+        if block_sort:  # (the block last and contiguous: a sort along a strided axis is 3x slower)
+            xr, xs = np.moveaxis(xr, 1, -1).copy(), np.moveaxis(xs, 1, -1).copy()  # (ours to sort)
+            xr.sort(axis=-1)
+            xs.sort(axis=-1)
         return xr.reshape(n, -1), xs.reshape(n, -1)
 
     # ---- one group ---------------------------------------------------------------------------
@@ -447,9 +463,23 @@ class _Matcher:
         self.solves += 1
         f = self.features(gi, aligned_only=True, noise=noise) if first else None
         complete = f is not None and len(f.slots) == len(self.groups[gi].slots)
+        self.partial.discard(gi)
         if not complete and (f is None or (f.pairs < 0).any() or (_classes(f.ref_key) >= 0).any()):
+            if f is not None and int(f.dims[f.dims >= 2].sum()) >= PARTIAL_ENTRIES:
+                # the slots that need no summary may place every neuron alone (a residual stream
+                # by its embedding and lm_head): no sort of the rest, which the descent then reads
+                # aligned; accepted only where every neuron stands out by PARTIAL_MARGIN
+                out = self._assign_features(gi, f, first, PARTIAL_MARGIN)
+                if out[3] == len(out[0]):
+                    self.partial.add(gi)
+                    return (f,) + out
             # no exact copy (or twins that only the other slots tell apart): every slot
             f = self.features(gi, noise=noise)
+        return (f,) + self._assign_features(gi, f, first)
+
+    def _assign_features(self, gi: int, f: "_Features", first: bool, margin: float | None = None):
+        """perm, cos, margin, settled, gap, rest of one solve on features f; margin: the shortcut's
+        (None: the sweep's sampled margin or the matcher's)."""
         perm = f.pairs.copy()
         n, width = len(perm), f.width
         rest = np.flatnonzero(perm < 0)
@@ -459,10 +489,10 @@ class _Matcher:
             # (all pairs exact: it only estimates the runner-ups for the report, a smaller sample)
             C = f.sampled_gram(SAMPLE_COLUMNS if len(rest) else SAMPLE_COLUMNS // 4, np.random.default_rng(gi),
                                kernels=False)
-            margin = SAMPLED_MARGIN
+            margin = max(SAMPLED_MARGIN, margin or 0.0)
         else:
             C = f.gram(kernels=False)
-            margin = self.margin
+            margin = margin or self.margin
         K = _kernel_gram(f.kernels) if f.kernels else None  # (once: the statistics take it out again)
         if K is not None:
             C += K
@@ -494,7 +524,7 @@ class _Matcher:
             margin_v = margin
         del C, K
         gap = margin_v / np.maximum(_spread(null, null_cols, perm), 1e-12)
-        return f, perm, cos, margin, settled, gap, rest
+        return perm, cos, margin, settled, gap, rest
 
     def capacity(self, gi: int) -> float:
         """The evidence an exact copy would give: the reference matched against itself."""
