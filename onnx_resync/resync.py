@@ -173,6 +173,7 @@ def resync(
     verify_options: dict | None = None,
     undo_rescale: bool = True,
     max_passes: int = 8,
+    ref_walk: WalkResult | None = None,
 ) -> tuple[onnx.ModelProto, ResyncReport]:
     """Recover every group's permutation, write the suspect in the reference's order, and judge it.
 
@@ -180,12 +181,14 @@ def resync(
     check=False; when the check fails nothing is written and CheckFailed is raised with the report,
     as written to `report_path`, in its `.report` and exit_code EXIT_CANNOT_CHECK or EXIT_NOT_EQUIVALENT); neutral rescales across positively homogeneous activations are undone (only when
     checked: the check is what proves a rescale neutral; unchecked they are reported).
+    `ref_walk`: the reference's walk when the caller has it (an audit walks its reference once), else
+    walked here.
     """
     inputs = [m for m in (suspect, reference) if not isinstance(m, onnx.ModelProto)]
     check_outputs([report_path], inputs, models=[output])  # before any work; no two outputs on one file
     sus_model, ref_model = _load(suspect), _load(reference)
     t0 = time.perf_counter()
-    ref_walk = walk(ref_model)
+    ref_walk = ref_walk if ref_walk is not None else walk(ref_model)
     # a width or depth change: the suspect without its structural padding, proven equivalent (issue 16)
     sus_model, reduction = to_reference(lambda m: check_structure(ref_model, m, ref_walk), sus_model, verify_options,
                                         reference=ref_model, ref_walk=ref_walk)

@@ -4,7 +4,8 @@ similarity matrix with histograms of margins and norm ratios.
 No network, no scripts: each figure is an inline SVG (the heatmap's pixels are a PNG inside the SVG,
 written here with zlib, so a 256x256 matrix stays a few kB). The similarity matrix has the reference's
 neurons as rows and the suspect's, put back in the reference's order, as columns: a derived model
-shows a bright diagonal; matrices larger than the display size are max-pooled (audit.HEATMAP_MAX).
+shows a bright diagonal; matrices larger than the display size are max-pooled (heatmaps.py: computed
+when this page reads them).
 """
 
 from __future__ import annotations

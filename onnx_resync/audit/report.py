@@ -45,7 +45,8 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +54,7 @@ import onnx
 
 from .align import MAX_ALTERNATIVES, Alignment, align, alternatives
 from .canonical import CanonicalModel, canonicalize
+from .heatmaps import HEATMAP_MAX, Heatmaps
 from .passes.run_time import run_time_format
 from .storage import LazyMap, Steps, allowed, clip_phrase, float_format, measure_steps, storage_dtype
 from .subgraphs import SubgraphComparison, compare_subgraphs, carry as carry_subgraphs
@@ -61,7 +63,7 @@ from ..errors import ModelMismatchError, ResyncError, UnsupportedError
 from ..reduce.against import to_reference
 from ..io import WeightStore, load_model, write_text_atomic
 from ..jsonable import json_safe
-from ..match.sampling import spread
+from ..walk import walk
 
 ModelLike = str | os.PathLike | onnx.ModelProto
 
@@ -69,10 +71,8 @@ MIN_COMPARED_SHARE = 0.5  # of the reference's parameters: below it the verdict 
 UNSURE_RATIO = 4.0  # doubtful layers' share beyond the bound this x the clear ones' or more: kind not named
 EXIT_CANNOT_JUDGE = 4  # the code `verify` uses for "cannot check"
 STATISTICS_SAMPLE = 1 << 16  # elements per tensor for the statistics of what lies beyond the bound
-HEATMAP_MAX = 80  # similarity matrices larger than this are max-pooled down to it for display
 PRECISION_CHUNK = 1 << 20  # elements of a weight compared with its bound at a time (float64: 8 MiB per array)
-SIMILARITY_COLUMNS = 16384  # a heatmap's cosines read at most about this many evenly spread feature columns ...
-SIMILARITY_WORK = 1 << 32  # ... and fewer where its n x n product would take more multiply-adds than this
+SCREEN_MARGIN = 1e-3  # a difference this far (relative) below its bound in float32 is within it in float64 too
 
 
 @dataclass
@@ -119,7 +119,8 @@ class AuditReport:
     re_export: dict  # what canonicalization undid: {"suspect": [...], "reference": [...]}
     layers: list[LayerRow]
     timings: dict
-    similarity: dict = field(default_factory=dict, repr=False)  # group -> matrix (display size), not serialized
+    # group -> similarity matrix (display size; heatmaps.Heatmaps: computed when read), not serialized
+    similarity: Mapping = field(default_factory=dict, repr=False)
     # the reference's parameters compared: {"parameters", "of", "share" (None: nothing to compare),
     # "in_subgraphs" (inside If/Loop/Scan bodies), "in_subgraphs_compared" (of them), "min_share"}
     compared: dict = field(default_factory=dict)
@@ -141,7 +142,7 @@ class AuditReport:
         return 0 if self.derived else 1
 
     def to_dict(self, detail: bool = True) -> dict:
-        data = asdict(self)
+        data = asdict(replace(self, similarity={}))  # (the heatmaps are a display, computed when shown)
         data.pop("similarity")
         data["matched_fraction"] = self.matched_fraction
         for row in data["layers"]:
@@ -223,17 +224,19 @@ def audit(suspect: ModelLike, reference: ModelLike, *, html: str | os.PathLike |
                               lambda m: _canonical(m, "suspect"))
     timings["storage"] = time.perf_counter() - t
     t = time.perf_counter()
-    restored, rs = resync(alignment.model, ref_c.model, check=False, max_passes=max_passes)
+    ref_walk = walk(ref_c.model)  # once per audit: every resync below and the report read it
+    restored, rs = resync(alignment.model, ref_c.model, check=False, max_passes=max_passes, ref_walk=ref_walk)
     if not rs.derived and alignment.doubtful:  # a "not derived" must not rest on a doubtful pairing
-        alignment, restored, rs = _by_neuron_evidence(alignment, restored, rs, ref_c, sub, max_passes)
+        alignment, restored, rs = _by_neuron_evidence(alignment, restored, rs, ref_c, sub, max_passes, ref_walk)
     timings["resync"] = time.perf_counter() - t
     t = time.perf_counter()
     report = _build(suspect, reference, ref_c, sus_c, alignment, restored, rs, heatmap_max, sus_steps, ref_steps,
-                    sub)
+                    sub, ref_walk)
     if report.perturbation.get("kind_named") is False:  # differences only where the pairing is doubtful
         alignment, restored, rs, report = _by_storage_bound(
             alignment, restored, rs, report, ref_c, sub, max_passes,
-            lambda a, r, s: _build(suspect, reference, ref_c, sus_c, a, r, s, heatmap_max, sus_steps, ref_steps, sub))
+            lambda a, r, s: _build(suspect, reference, ref_c, sus_c, a, r, s, heatmap_max, sus_steps, ref_steps, sub,
+                                   ref_walk), ref_walk)
     if reduction is not None:
         _obfuscated(report, reduction)
     timings["report"] = time.perf_counter() - t
@@ -288,7 +291,7 @@ def audit_file(suspect_path: str, reference_path: str, **options) -> dict:
 
 # ---- internals -------------------------------------------------------------------------------
 def _by_neuron_evidence(alignment: Alignment, restored, rs, ref_c: CanonicalModel, sub: SubgraphComparison,
-                        max_passes: int):
+                        max_passes: int, ref_walk=None):
     """The doubtful pairs decided by neuron evidence: runner-up alignments (align.alternatives) are
     resynced, at most align.MAX_ALTERNATIVES resyncs in all; the first whose resync is derived with a
     higher decision statistic is adopted and its own runner-ups tried next (a runner-up can fix one
@@ -311,7 +314,8 @@ def _by_neuron_evidence(alignment: Alignment, restored, rs, ref_c: CanonicalMode
             budget -= 1
             carry_subgraphs(other.model, sub)
             try:
-                o_restored, o_rs = resync(other.model, ref_c.model, check=False, max_passes=max_passes)
+                o_restored, o_rs = resync(other.model, ref_c.model, check=False, max_passes=max_passes,
+                                          ref_walk=ref_walk)
             except ResyncError:
                 continue
             value = decision(o_rs)[1]
@@ -337,7 +341,7 @@ def _by_neuron_evidence(alignment: Alignment, restored, rs, ref_c: CanonicalMode
 
 
 def _by_storage_bound(alignment: Alignment, restored, rs, report: "AuditReport", ref_c: CanonicalModel,
-                      sub: SubgraphComparison, max_passes: int, build):
+                      sub: SubgraphComparison, max_passes: int, build, ref_walk=None):
     """A derived suspect whose differences beyond its storage lie in layers paired with low
     confidence (_unsure_kind): the runner-up alignments of those pairs (align.alternatives, at most
     MAX_ALTERNATIVES) are resynced, and the first whose restored weights all lie within the
@@ -350,7 +354,8 @@ def _by_storage_bound(alignment: Alignment, restored, rs, report: "AuditReport",
     for what, other in alternatives(alignment):
         carry_subgraphs(other.model, sub)
         try:
-            o_restored, o_rs = resync(other.model, ref_c.model, check=False, max_passes=max_passes)
+            o_restored, o_rs = resync(other.model, ref_c.model, check=False, max_passes=max_passes,
+                                      ref_walk=ref_walk)
         except ResyncError:
             continue
         if not o_rs.derived:
@@ -427,26 +432,24 @@ def _name(model: ModelLike) -> str:
 
 def _build(suspect, reference, ref_c: CanonicalModel, sus_c: CanonicalModel, alignment: Alignment,
            restored: onnx.ModelProto, rs, heatmap_max: int, sus_steps: Steps | None = None,
-           ref_steps: Steps | None = None, sub: SubgraphComparison | None = None) -> AuditReport:
-    from ..walk import walk
-
+           ref_steps: Steps | None = None, sub: SubgraphComparison | None = None, ref_walk=None) -> AuditReport:
+    """ref_walk: the walk of ref_c.model (walked here when not given)."""
     ref_store, res_store = WeightStore(ref_c.model), WeightStore(restored)
-    ref_walk = walk(ref_c.model)
+    ref_walk = ref_walk if ref_walk is not None else walk(ref_c.model)
     sub = sub if sub is not None else compare_subgraphs(ref_c.model, sus_c.model, alignment.weight_map)
     rs = _without_groups(rs, ref_walk, sub.unpaired)
     sus_steps, ref_steps = sus_steps or Steps(), ref_steps or Steps()
     steps = _restored_steps(sus_steps, alignment, ref_walk, rs, ref_store)
     precision = _precision(ref_store, res_store, alignment, ref_c, sus_c, steps, ref_steps, sus_steps)
-    beyond_at = precision.pop("_beyond_at")
+    beyond_at, differences = precision.pop("_beyond_at"), precision.pop("_differences")
     compared = _compared(ref_c, alignment)
     _add_subgraphs(compared, sub)
     groups = {g.key: g for g in ref_walk.groups}
-    rows, similarity, differences = [], {}, {}
+    rows = []
     for gr in rs.groups:
-        g = groups.get(gr.key)
-        rows.append(_row(gr, g, alignment, ref_c, sus_c, ref_store, res_store, differences))
-        if g is not None:
-            similarity[gr.key] = _downsample(similarity_matrix(g, ref_store, res_store), heatmap_max)
+        rows.append(_row(gr, groups.get(gr.key), alignment, ref_c, sus_c, ref_store, res_store, differences))
+    similarity = Heatmaps({gr.key: groups[gr.key] for gr in rs.groups if gr.key in groups}, ref_store, res_store,
+                          heatmap_max)
     moved = int(rs.moved)
     # a layer no group reaches keeps the suspect's order: equal up to it is no change (unreached.py)
     reordered = explained_by_order(alignment, ref_walk, ref_store, res_store, sus_c) \
@@ -653,6 +656,7 @@ def _precision(ref_store: WeightStore, res_store: WeightStore, alignment: Alignm
     total = beyond = newly_zero = 0
     noise, distinct, distinct_ref = [], [], []
     beyond_at: dict[str, tuple[int, int]] = {}  # weight -> (elements beyond the bound, elements)
+    differences: dict[str, tuple[float, float]] = {}  # weight -> (max |reference|, max |restored - reference|)
     for rw, sw in alignment.weight_map.items():
         # one weight at a time, in chunks of PRECISION_CHUNK elements (float64 only there): a huge
         # model's weights are mapped or computed, never copied whole in float64
@@ -687,10 +691,15 @@ def _precision(ref_store: WeightStore, res_store: WeightStore, alignment: Alignm
         excess_moments = np.zeros(3)  # of the excess where kept: count, sum, sum of squares
         for a in range(0, size, PRECISION_CHUNK):
             piece = slice(a, a + PRECISION_CHUNK)
+            piece_steps = (step_s[piece] if step_s is not None else None, step_r[piece] if step_r is not None else None)
+            clear = _clearly_within(r_all[piece], s_all[piece], so, ro, piece_steps, scale)
+            if clear is not None:  # nothing beyond the bound, no excess: the piece's largest ratio and difference
+                top, max_diff = max(top, clear[0]), max(max_diff, clear[1])
+                excess_moments[0] += r_all[piece].size
+                continue
             r = r_all[piece].astype(np.float64)
             s = s_all[piece].astype(np.float64)
-            bound = allowed(r, so, ro, step_s[piece] if step_s is not None else None,
-                            step_r[piece] if step_r is not None else None, scale=scale)
+            bound = allowed(r, so, ro, *piece_steps, scale=scale)
             diff = np.abs(s - r)
             max_diff = max(max_diff, float(diff.max()))
             with np.errstate(divide="ignore", invalid="ignore"):
@@ -705,6 +714,7 @@ def _precision(ref_store: WeightStore, res_store: WeightStore, alignment: Alignm
             excess_moments += (excess.size, excess.sum(), np.square(excess).sum())
         total += size
         beyond_at[rw] = (beyond - beyond_before, size)
+        differences[rw] = (scale, max_diff)
         rel = max_diff / scale if scale > 0 and size else max_diff
         if rel > worst_rel:
             worst_rel, worst_rel_name = rel, shown
@@ -739,7 +749,39 @@ def _precision(ref_store: WeightStore, res_store: WeightStore, alignment: Alignm
         "clipped": {t: list(v) for t, v in sus_steps.clipped.items()},  # storage.clip_phrase
         "beyond": beyond_stats,
         "_beyond_at": beyond_at,  # for _unsure_kind; popped by _build (not serialized)
+        "_differences": differences,  # for the layer rows (_row); popped by _build
     }
+
+
+def _clearly_within(r: np.ndarray, s: np.ndarray, so, ro, steps: tuple, scale: float) -> tuple[float, float] | None:
+    """The exact check's float32 screen (float32 pieces only): None unless every element's
+    difference lies below its bound by SCREEN_MARGIN, more than float32's rounding of either can
+    move (~1e-6 relative; a bound too small for float32's relative precision is left to the exact
+    check). Then nothing lies beyond the bound, and the piece's largest ratio to the bound and
+    largest difference are computed again in float64 on the elements within the margin of either's
+    float32 maximum: the values the float64 check gives."""
+    if r.dtype != np.float32 or s.dtype != np.float32:
+        return None
+    bound = allowed(r, so, ro, *steps, scale=scale)
+    if not bound.min() >= np.finfo(np.float32).tiny:  # (zero, subnormal or NaN somewhere)
+        return None
+    diff = np.abs(s - r)
+    ratio = diff / bound
+    top32, max32 = ratio.max(), diff.max()
+    if not top32 <= 1 - SCREEN_MARGIN:  # (a NaN fails too: the exact check counts it)
+        return None
+    top = max_diff = 0.0
+    if top32 > 0:
+        near = np.flatnonzero(ratio >= top32 * (1 - SCREEN_MARGIN))
+        r64, s64 = r[near].astype(np.float64), s[near].astype(np.float64)
+        b64 = allowed(r64, so, ro, *(st[near] if st is not None else None for st in steps), scale=scale)
+        d64 = np.abs(s64 - r64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            top = float(np.where(d64 > 0, d64 / np.where(b64 > 0, b64, 0.0), 0.0).max())
+    if max32 > 0:
+        near = np.flatnonzero(diff >= max32 * (1 - SCREEN_MARGIN))
+        max_diff = float(np.abs(s[near].astype(np.float64) - r[near].astype(np.float64)).max())
+    return top, max_diff
 
 
 def _weighted_median(pairs: list[tuple[float, int]]) -> float:
@@ -886,7 +928,7 @@ def _add_subgraphs(compared: dict, sub: SubgraphComparison) -> None:
 def _row(gr, g, alignment: Alignment, ref_c: CanonicalModel, sus_c: CanonicalModel,
          ref_store: WeightStore, res_store: WeightStore, differences: dict | None = None) -> LayerRow:
     """differences: {weight: (max |reference|, max |restored - reference|)}, shared by the rows
-    of one report (a weight is in several groups' slots: read once)."""
+    of one report (a weight is in several groups' slots: read once; _precision gives those it compared)."""
     differences = {} if differences is None else differences
     neurons = gr.neurons or {}
     ratio = np.asarray(neurons.get("norm_ratio", [gr.norm_ratio_median]), dtype=np.float64)
@@ -931,50 +973,6 @@ def _row(gr, g, alignment: Alignment, ref_c: CanonicalModel, sus_c: CanonicalMod
     )
 
 
-def similarity_matrix(group, ref_store: WeightStore, sus_store: WeightStore) -> np.ndarray:
-    """Cosine of every reference neuron's feature with every suspect neuron's (both in the reference's
-    order, so matched pairs are on the diagonal). A feature is the neuron's slices in all the group's
-    slots, each slot scaled to unit length and weighted by the square root of its share of the
-    feature, so the cosine is the size-weighted mean of per-slot cosines (as in match.py)."""
-    n = group.size
-    parts_r, parts_s, dims = [], [], []
-    # a display: each slot's cosines from evenly spread columns, SIMILARITY_COLUMNS in all (fewer
-    # for a large group: SIMILARITY_WORK)
-    columns = min(SIMILARITY_COLUMNS, SIMILARITY_WORK // max(1, n * n))
-    cap = max(64, columns // max(1, len(group.slots)))
-    for slot in group.slots:
-        r, width = _slot_columns(ref_store, slot, cap)
-        s, _ = _slot_columns(sus_store, slot, cap)
-        dims.append(width)  # the slot's weight: its whole width
-        parts_r.append(r)
-        parts_s.append(s)
-    total = float(sum(dims)) or 1.0
-    fr = np.concatenate([_unit(x) * math.sqrt(d / total) for x, d in zip(parts_r, dims)], axis=1) if dims else np.zeros((n, 0))
-    fs = np.concatenate([_unit(x) * math.sqrt(d / total) for x, d in zip(parts_s, dims)], axis=1) if dims else np.zeros((n, 0))
-    return (fr @ fs.T).astype(np.float32)
-
-
-def _slot_columns(store: WeightStore, slot, cap: int) -> tuple[np.ndarray, int]:
-    """A slot's rows (one per neuron: its positions along the axis, the other axes flattened) on at
-    most `cap` evenly spread columns, float32, gathered straight from the weight (no copy of it);
-    and the rows' whole width."""
-    a, axis = slot.part(store.get(slot.weight))
-    a = np.moveaxis(np.asarray(a), axis, 0)  # (axis, *other axes)
-    others = a.shape[1:]
-    per = math.prod(others)
-    width = slot.positions.shape[1] * per
-    pick = spread(width, cap) if width > cap else np.arange(width)
-    block, rest = np.divmod(pick, per)
-    index = (slot.positions[:, block],) + tuple(o[None, :] for o in np.unravel_index(rest, others)) if others \
-        else (slot.positions[:, block],)
-    return np.asarray(a[index], dtype=np.float32), width
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
-
-
 def _obfuscated(report: AuditReport, reduction) -> None:
     """A suspect reduced before alignment (structural obfuscation, issue 16): say so in the verdict
     (when derived) and list what was removed, per layer, in the evidence."""
@@ -984,16 +982,6 @@ def _obfuscated(report: AuditReport, reduction) -> None:
         report.summary = reduction.verdict() + (f"; {rest}" if rest else "")
     report.evidence.insert(0, reduction.headline())
     report.evidence[1:1] = [line.strip() for line in reduction.lines()]
-
-
-def _downsample(m: np.ndarray, size: int) -> np.ndarray:
-    """Max-pool a square matrix to at most size x size (the diagonal of a good match stays visible)."""
-    n = m.shape[0]
-    if n <= size:
-        return m
-    edges = np.linspace(0, n, size + 1).astype(int)
-    rows = np.maximum.reduceat(m, edges[:-1], axis=0)
-    return np.maximum.reduceat(rows, edges[:-1], axis=1)
 
 
 def _short(text: str, width: int) -> str:
