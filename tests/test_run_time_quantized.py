@@ -167,3 +167,28 @@ def test_two_activations_quantized_at_run_time_and_what_is_left_alone():
     assert float(np.abs(ours - theirs).max() / np.abs(theirs).max()) < 0.05
     wrong = canonicalize(_integer_matmul(["as", "as"]))
     assert "MatMulInteger" in {n.op_type for n in wrong.model.graph.node}
+
+
+def test_restore_puts_the_weights_quantized_at_run_time_back(made, tmp_path):
+    """audit -o of the permuted copy: the suspect's own file (DynamicQuantizeLinear of its Constant
+    weights kept) with every group in the reference's order, verified; its stored float weights are
+    then the reference copy's, bit for bit (the walker reads a weight through DynamicQuantizeLinear:
+    one scale from the whole tensor's min and max, which no permutation changes)."""
+    from onnx_resync import api
+
+    out = tmp_path / "restored.onnx"
+    report = api.audit(str(made / "permuted_dynamic.onnx"), str(made / "reference.onnx"), output=str(out))
+    restored = report.restored
+    restored = restored if isinstance(restored, dict) else restored.to_dict()
+    assert restored["written"] and restored["verified"] and restored["restored"] == restored["groups"] == 3, restored
+    model, expected = onnx.load(str(out)), onnx.load(str(made / "reference_dynamic.onnx"))
+    assert Counter(n.op_type for n in model.graph.node)["DynamicQuantizeLinear"] == 4
+
+    def stored(m):
+        out = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+        out.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in m.graph.node if n.op_type == "Constant"})
+        return out
+
+    ours, theirs = stored(model), stored(expected)
+    for name in ("c1w", "c2w", "s1", "o1", "mu1", "v1", "m1", "m2", "b1", "table_quantized"):
+        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)

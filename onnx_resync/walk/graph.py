@@ -171,7 +171,8 @@ class GraphView:
         if node is None or node.domain not in ("", "ai.onnx") or not node.input:
             return None
         op, src = node.op_type, node.input[0]
-        if op in ("Identity", "Cast"):
+        if op in ("Identity", "Cast") or (op == "DynamicQuantizeLinear" and name == node.output[0]):
+            # (DynamicQuantizeLinear: one scale from the whole tensor's min and max, element by element)
             return self.index_sources(src, axis, depth + 1)
         if op == "Transpose":
             perm = registry.attr(node, "perm", None)

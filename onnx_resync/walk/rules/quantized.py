@@ -233,7 +233,9 @@ declare("QuantizeLinear", quantize_linear, attributes={"axis": 1, "block_size": 
         weight_view=True)
 declare("DequantizeLinear", quantize_linear, attributes={"axis": 1, "block_size": 0}, trivial=True, foldable=True,
         weight_view=True)
-declare("DynamicQuantizeLinear", dynamic_quantize_linear)
+# (a float weight quantized at run time, quantize_dynamic's form for weights in Constant nodes, is still
+# that weight: one scale and zero point from its min and max, which no permutation changes)
+declare("DynamicQuantizeLinear", dynamic_quantize_linear, weight_view=True)
 declare("ConvInteger", conv_integer, attributes={"group": 1})
 declare("QLinearConv", qlinear_conv, attributes={"group": 1})
 declare("MatMulInteger", matmul_integer)
