@@ -13,6 +13,7 @@ another If's branch. Where the dim is symbolic the condition stays open and noth
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
@@ -128,3 +129,90 @@ def test_an_open_condition_assumes_no_branch():
     result = walk(squeeze_if_model(channels="C"))
     assert result.coverage < 1.0
     assert any("unknown rank" in p.reason for p in result.pinned), result.pinned
+
+
+# ---- decided by rank: the condition is open, but only one branch lets the graph run -----------------
+
+def rank_if_model(consumer="Gemm", guarded=False) -> onnx.ModelProto:
+    """x [N, 3, T] -> Conv 16 -> Relu -> x.squeeze(-1) as If(shape[-1] == 1, Squeeze, Identity), T
+    symbolic -> consumer -> out. Gemm takes 2-D input only: only the Squeeze branch runs (silero's
+    decoder: an LSTM cell after squeeze(-1)). MatMul takes either rank (the counter-case). guarded: the
+    Gemm sits inside an If on the caller's flag (whose else branch takes any rank): a refusal there
+    proves nothing, that node may never run."""
+    rng = np.random.default_rng(3)
+    w = lambda name, *shape: numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+    nodes = [helper.make_node("Conv", ["x", "W1", "B1"], ["c"], kernel_shape=[1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Shape", ["r"], ["shp"]),
+             helper.make_node("Gather", ["shp", "last"], ["t"], axis=0),
+             helper.make_node("Equal", ["t", "one"], ["cond"])]
+    then_g = helper.make_graph([helper.make_node("Squeeze", ["r", "last"], ["sq"])], "then", [],
+                               [helper.make_tensor_value_info("sq", TensorProto.FLOAT, ["N", 16])])
+    else_g = helper.make_graph([helper.make_node("Identity", ["r"], ["id"])], "else", [],
+                               [helper.make_tensor_value_info("id", TensorProto.FLOAT, ["N", 16, "T"])])
+    nodes.append(helper.make_node("If", ["cond"], ["y"], name="squeeze_if", then_branch=then_g, else_branch=else_g))
+    inits = [w("W1", 16, 3, 1), w("B1", 16), numpy_helper.from_array(np.array([-1], np.int64), "last"),
+             numpy_helper.from_array(np.array([1], np.int64), "one")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "T"])]
+    # a bias added after the If: the Add needs the ranks (broadcast) to follow the channels
+    nodes.append(helper.make_node("Add", ["y", "B2"], ["yb"]))
+    inits.append(w("B2", 16))
+    if consumer == "Gemm":
+        head = [helper.make_node("Gemm", ["yb", "W2"], ["out"], name="gemm", transB=1)]
+        inits.append(w("W2", 4, 16))
+    else:
+        head = [helper.make_node("Transpose", ["W2"], ["W2t"], perm=[1, 0]),
+                helper.make_node("MatMul", ["yb", "W2t"], ["out"], name="matmul")]
+        inits.append(w("W2", 4, 16))
+    if guarded:
+        g_then = helper.make_graph(head, "gemm", [], [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 4])])
+        g_else = helper.make_graph([helper.make_node("ReduceSum", ["yb"], ["any"], keepdims=0)], "any", [],
+                                   [helper.make_tensor_value_info("any", TensorProto.FLOAT, [])])
+        head = [helper.make_node("If", ["flag"], ["o"], name="guard", then_branch=g_then, else_branch=g_else)]
+        inputs.append(helper.make_tensor_value_info("flag", TensorProto.BOOL, []))
+        outputs = [helper.make_tensor_value_info("o", TensorProto.FLOAT, ["N", 4])]
+    else:
+        outputs = [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 4])]
+    model = helper.make_model(helper.make_graph(nodes + head, "g", inputs, outputs, inits),
+                              opset_imports=[helper.make_opsetid("", 16)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _session(model):
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_an_open_if_that_only_one_branch_lets_run_is_that_branch():
+    """Before: the Conv's 16 channels pinned at the Add (unknown rank after the If). The permuted
+    copy agrees in ONNX Runtime where the graph runs (T = 1), and both refuse T = 3 alike."""
+    model = rank_if_model()
+    result = walk(model)
+    assert result.coverage == 1.0 and result.permutable_channels == 16, result.pinned
+    permuted = onnx.ModelProto()
+    permuted.CopyFrom(model)
+    record = forced_record(result, 3)
+    apply_permutations(permuted, result, record)
+    x = np.random.default_rng(1).standard_normal((2, 3, 1)).astype(np.float32)
+    ref, got = (_session(m).run(None, {"x": x})[0] for m in (model, permuted))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    for m in (model, permuted):
+        with pytest.raises(Exception):
+            _session(m).run(None, {"x": np.zeros((2, 3, 3), np.float32)})
+    restored = onnx.ModelProto()
+    restored.CopyFrom(permuted)
+    apply_permutations(restored, walk(permuted), record.inverse())
+    assert restored.SerializeToString() == model.SerializeToString()
+
+
+def test_an_open_if_that_both_branches_let_run_stays_open():
+    """The counter-case: MatMul takes [N, 16] and [N, 16, T] alike: no branch is assumed."""
+    result = walk(rank_if_model(consumer="MatMul"))
+    assert result.coverage < 1.0, result.pinned
+
+
+def test_a_refusal_inside_another_open_if_proves_nothing():
+    """The Gemm that refuses 3-D input runs only when the caller's flag is set: the If stays open."""
+    result = walk(rank_if_model(guarded=True))
+    assert result.coverage < 1.0, result.pinned

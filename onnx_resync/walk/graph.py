@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from ..errors import UnsupportedError
-from . import registry
+from . import branches, registry
 from . import shapes as shapes_module
 from ..io import is_lazy_tensor, tensor_values
 
@@ -47,7 +47,8 @@ class GraphView:
         for node in self.nodes:
             for name in node_inputs(node):
                 self.consumers[name].append(node)
-        self.shapes = _infer_shapes(model)
+        # runs: the If branches that only one rank lets run (branches.py), by the If's first output
+        self.shapes, self.runs = _infer_shapes(model)
         _loop_output_shapes(graph, self.shapes)
         self._const_cache: dict[str, np.ndarray | None] = {}
         # values computed from constants and shapes (shapes.py): computed Reshape/Pad/Slice arguments
@@ -76,6 +77,8 @@ class GraphView:
         for node in nodes:
             if node.op_type == "If" and node.domain in ("", "ai.onnx") and node.input:
                 cond = self.constant(node.input[0])
+                if cond is None and node.output and node.output[0] in self.runs:
+                    cond = np.array(self.runs[node.output[0]])
                 then_g = next((a.g for a in node.attribute if a.name == "then_branch"), None)
                 else_g = next((a.g for a in node.attribute if a.name == "else_branch"), None)
                 if then_g is not None and else_g is not None:
@@ -446,14 +449,28 @@ def _skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
     return skel
 
 
-def _infer_shapes(model: onnx.ModelProto) -> dict[str, list]:
+def _infer_shapes(model: onnx.ModelProto) -> tuple[dict[str, list], dict[str, bool]]:
     """ONNX shape inference, helped where it stops: the outputs of ops whose shape the graph computes
     (Reshape targets, Expand/Tile/ConstantOfShape/Range/Pad/Slice arguments built from Shape ->
     Gather -> Concat chains) are evaluated by shapes.py (symbolic dims kept symbolic) and fed back as
-    declared shapes."""
+    declared shapes, and so are the outputs of an If whose branch the graph decides (branches.py).
+    Returns the shapes and the Ifs decided by rank (branches.by_rank)."""
     skeleton, own = _own_placeholders(_skeleton(model))
     skeleton, shapes = _run_inference(skeleton)
     declared: dict[str, onnx.ValueInfoProto] = {}
+    runs: dict[str, bool] = {}
+    skeleton, shapes = _settle(skeleton, shapes, declared, runs)
+    found = branches.by_rank(skeleton, shapes, _skeleton_values, _run_inference)
+    if found:
+        runs.update(found)
+        skeleton, shapes = _settle(skeleton, shapes, declared, runs)
+    if declared:
+        _sharpen_downstream(skeleton, declared, shapes)
+    return _placeholders_back(shapes, own), runs
+
+
+def _settle(skeleton: onnx.ModelProto, shapes: dict, declared: dict, runs: dict) -> tuple[onnx.ModelProto, dict]:
+    """Rounds of computed shapes declared and inference run again, until nothing changes."""
     # each round can sharpen the computed shapes downstream of the last ones; a chain of ops ONNX does
     # not know (contrib ops between Convs) needs a round per op
     unknown_to_onnx = sum(1 for n in skeleton.graph.node if getattr(registry.spec_of(n), "output_shapes", None))
@@ -490,7 +507,7 @@ def _infer_shapes(model: onnx.ModelProto) -> dict[str, list]:
                     declared[name] = skeleton.graph.value_info[-1]
                 shapes[name] = dims  # (the next op of the same round may read it)
                 changed = True
-        for graph, name, dims, elem_type in _decided_if_shapes(skeleton, shapes, values):
+        for graph, name, dims, elem_type in branches.decided_shapes(skeleton, shapes, values, runs, _sharper):
             info = onnx.helper.make_tensor_value_info(name, elem_type, dims)
             if name in declared:
                 declared[name].CopyFrom(info)
@@ -503,10 +520,10 @@ def _infer_shapes(model: onnx.ModelProto) -> dict[str, list]:
             break
         # the previous pass's value_info stays in the skeleton, so symbolic dim names stay stable
         skeleton, shapes = _run_inference(skeleton)
-        declared = {vi.name: vi for g in nested_graphs(skeleton.graph) for vi in g.value_info if vi.name in declared}
-    if declared:
-        _sharpen_downstream(skeleton, declared, shapes)
-    return _placeholders_back(shapes, own)
+        fresh = {vi.name: vi for g in nested_graphs(skeleton.graph) for vi in g.value_info if vi.name in declared}
+        declared.clear()
+        declared.update(fresh)
+    return skeleton, shapes
 
 
 # tf2onnx names a graph input's dynamic dims 'unk__N' itself: the file's own symbols, which `_named`
@@ -771,32 +788,6 @@ def _concat_from_sequence_shape(skeleton: onnx.ModelProto, node, shapes) -> list
     else:
         out[axis] = f"?{node.output[0]}:{axis}"
     return out
-
-
-def _decided_if_shapes(skeleton: onnx.ModelProto, shapes: dict, values) -> list:
-    """[(graph holding the If, output, dims, element type)] for each If (at any depth) whose condition
-    the graph's shapes decide (torch's `x.squeeze(1)` written as If(shape[1] == 1, Squeeze, Identity),
-    `if x.dim() == 2: x = x.unsqueeze(0)`): its outputs have the shapes of the branch that runs.
-    Inference gives them none where the branches' ranks differ, and everything after them goes
-    unknown."""
-    found = []
-    for graph in nested_graphs(skeleton.graph):
-        for node in graph.node:
-            if node.op_type != "If" or node.domain not in ("", "ai.onnx") or not node.input:
-                continue
-            cond = values.numeric(node.input[0])
-            if cond is None or cond.size != 1:
-                continue
-            branch = next((a.g for a in node.attribute
-                           if a.name == ("then_branch" if bool(cond.reshape(-1)[0]) else "else_branch")), None)
-            if branch is None:
-                continue
-            for name, result in zip(node.output, branch.output):
-                dims = shapes.get(result.name)
-                if name and dims is not None and dims != shapes.get(name) and _sharper(dims, shapes.get(name)) \
-                        and result.type.HasField("tensor_type"):
-                    found.append((graph, name, dims, result.type.tensor_type.elem_type))
-    return found
 
 
 # ops whose output shape is computed from a value (shapes.py evaluates it)
