@@ -131,3 +131,26 @@ def test_an_audit_walks_its_reference_once(suspects, monkeypatch):
         monkeypatch.setattr(module, "walk", lambda m, _real=real: walked.append(m.graph.name) or _real(m))
     assert audit(copies["fp16"], reference).verdict == "permuted"
     assert len(walked) == 1
+
+
+def test_a_float_embedding_stays_mapped_through_the_canonical_form(tmp_path):
+    """The dequantize pass asks a Gather's table for its type only: a float table is never read (a
+    huge model's embedding stays mapped, not copied), an int8 one is still dequantized."""
+    from onnx import TensorProto, helper
+
+    from onnx_resync.audit.canonical import canonicalize
+    from onnx_resync.io import is_lazy_tensor, load_model
+
+    table = np.random.default_rng(0).standard_normal((1024, 512)).astype(np.float32)  # 2 MiB: mapped
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["h"]), helper.make_node("MatMul", ["h", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 8])],
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(table[:512, :8].copy(), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "embedding.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, size_threshold=0, location="embedding.onnx.data")
+    loaded = load_model(path, lazy=True)
+    assert is_lazy_tensor(next(t for t in loaded.graph.initializer if t.name == "table"))
+    canon = canonicalize(loaded)
+    assert is_lazy_tensor(next(t for t in canon.model.graph.initializer if t.name == "table"))

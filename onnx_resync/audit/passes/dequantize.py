@@ -633,9 +633,11 @@ class _Dequantizer:
         scale): the Gather of the dequantized table, which is the same tensor when the scale and zero
         point are one for the whole table (the views then move float values: `_view`)."""
         table, out = node.input[0], node.output[0]
-        values = self.ws.const(table)
+        # (the type alone: a float table is never read here, so a huge model's embedding stays mapped)
+        if table not in self.ws.constants or self.ws.dtype(table).kind not in "iu":
+            return []
         readers = self._dequantizers(out, 8)
-        if values is None or values.dtype.kind not in "iu" or not readers:
+        if not readers:
             return []
         scales = {tuple(r.input[1:3]) for r in readers}
         if len(scales) != 1:
