@@ -110,3 +110,36 @@ def test_fp16_copy_rescaled_beyond_its_storage_is_perturbed():
     assert report.verdict == "perturbed" and report.derived, report.summary
     assert report.precision["worst_weight"] == "w0", report.precision
     assert report.precision["beyond"]["elements"] <= C_IN * 9 + 1, report.precision["beyond"]  # that channel only
+
+
+def test_a_failing_float_probe_keeps_the_integer_steps():
+    """int8 weights dequantized with a float16 scale: the scale's ulp counts with the integer step;
+    where a probe of the scale fails (a pass reading the constant's value), the integer steps are
+    measured alone rather than none."""
+    from onnx_resync.audit.canonical import canonicalize
+    from onnx_resync.audit.storage import measure_steps
+
+    rng = np.random.default_rng(0)
+    q = rng.integers(-100, 100, (16, 8)).astype(np.int8)
+    scale = np.array(0.0123, np.float16)
+    nodes = [helper.make_node("DequantizeLinear", ["q", "scale"], ["w"]), helper.make_node("MatMul", ["x", "w"], ["h"]),
+             helper.make_node("Relu", ["h"], ["r"]), helper.make_node("MatMul", ["r", "w2"], ["y"])]
+    inits = [numpy_helper.from_array(q, "q"), numpy_helper.from_array(scale, "scale"),
+             numpy_helper.from_array(rng.normal(size=(8, 4)).astype(np.float16), "w2")]
+    graph = helper.make_graph(nodes, "dq", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [1, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    canon = canonicalize(model)
+    both = measure_steps(model, canon, list(canon.origins), canonicalize)
+    assert both.probes == 2 and not both.failed  # q and its scale moved apart
+
+    def failing(m: onnx.ModelProto):
+        if numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == "scale")) != scale:
+            raise ValueError("a pass that reads the scale's value")
+        return canonicalize(m)
+
+    alone = measure_steps(model, canon, list(canon.origins), failing)
+    assert alone.probes == 1 and not alone.failed and list(alone.steps) == ["w"]
+    step = alone.steps["w"]
+    assert np.all(step > 0.9 * float(scale)) and np.all(both.steps["w"] >= step)

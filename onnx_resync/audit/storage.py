@@ -91,12 +91,15 @@ def float_format(dtype: str) -> str:
     return dtype if dtype in STORAGE_ROUNDING else "float32"
 
 
-def measure_steps(model: onnx.ModelProto, canon, names, canonicalize) -> Steps:
+def measure_steps(model: onnx.ModelProto, canon, names, canonicalize, floats: bool = True) -> Steps:
     """Steps of the canonical weights `names` of `canon` (the canonical form of `model`) that come from
     stored integer tensors or are computed from low-precision float ones; `canonicalize(model)` is the
-    canonical form as the caller makes it."""
+    canonical form as the caller makes it. Where a float operand's probe fails (a pass that reads a
+    constant's value, one ulp off, differently), the integer steps are measured alone (`floats`
+    False: such weights keep allowed()'s estimate)."""
     stored = _stored(model)
-    origins = {n: canon.origins[n] for n in names if n in canon.origins and _measured(canon.origins[n], stored)}
+    origins = {n: canon.origins[n] for n in names
+               if n in canon.origins and _measured(canon.origins[n], stored, floats)}
     out = Steps()
     if not origins:
         return out
@@ -110,7 +113,8 @@ def measure_steps(model: onnx.ModelProto, canon, names, canonicalize) -> Steps:
             if t is None:
                 continue
             if t.data_type in _LOW_FLOAT:  # an operand of a computed weight: its rounding propagates
-                data[n].append(src)
+                if floats:
+                    data[n].append(src)
                 continue
             if t.data_type not in _INTEGER or _is_zero_point(src, readers, model):
                 continue
@@ -129,16 +133,20 @@ def measure_steps(model: onnx.ModelProto, canon, names, canonicalize) -> Steps:
         probes.append(list(colour))  # all at once: the products of two roundings
     moved_stores = []
     for flips in probes:
+        failed = ""
         try:
             canon2 = canonicalize(_probe(model, stored, {s: _moved(stored[s], _bits(s, readers)) for s in flips}))
         except Exception as exc:  # noqa: BLE001 - a probe that fails measures nothing
-            out.failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-            return Steps(failed=out.failed, probes=len(moved_stores) + 1)
-        moved = WeightStore(canon2.model)
-        for n in origins:
-            if n not in moved or moved.shape(n) != base.shape(n):
-                return Steps(failed=f"moving the stored integers changed the canonical form ({n!r})",
-                             probes=len(moved_stores) + 1)
+            failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+        else:
+            moved = WeightStore(canon2.model)
+            changed = next((n for n in origins if n not in moved or moved.shape(n) != base.shape(n)), None)
+            if changed is not None:
+                failed = f"moving the stored values changed the canonical form ({changed!r})"
+        if failed:
+            if floats and any(stored[s].data_type in _LOW_FLOAT for s in colour):
+                return measure_steps(model, canon, names, canonicalize, floats=False)
+            return Steps(failed=failed, probes=len(moved_stores) + 1)
         moved_stores.append(moved)
     # Stored integers at an end of their range may have been clipped there: a symmetric quantizer that
     # maps the block's largest magnitude to -8 clips the other sign's +8 to +7 (MatMulNBits' default),
@@ -209,11 +217,12 @@ def measure_steps(model: onnx.ModelProto, canon, names, canonicalize) -> Steps:
     return out
 
 
-def _measured(origin: WeightOrigin, stored: dict[str, onnx.TensorProto]) -> bool:
+def _measured(origin: WeightOrigin, stored: dict[str, onnx.TensorProto], floats: bool = True) -> bool:
     """Its step is measured: it comes from stored integers, or is computed from a low-precision float."""
     if origin.quantized:
         return True
-    return origin.computed and any(s in stored and stored[s].data_type in _LOW_FLOAT for s in origin.sources)
+    return floats and origin.computed and any(s in stored and stored[s].data_type in _LOW_FLOAT
+                                              for s in origin.sources)
 
 
 def _moved(tensor: onnx.TensorProto, bits: int | None) -> np.ndarray:
