@@ -154,3 +154,21 @@ def test_a_float_embedding_stays_mapped_through_the_canonical_form(tmp_path):
     assert is_lazy_tensor(next(t for t in loaded.graph.initializer if t.name == "table"))
     canon = canonicalize(loaded)
     assert is_lazy_tensor(next(t for t in canon.model.graph.initializer if t.name == "table"))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("zero_points", ["none", "float"])
+def test_nbits_codes_unpacked_on_bytes_equal_the_per_column_formula(bits, zero_points):
+    """MatMulNBits' weight with its blocks in order (codes shifted and masked out of the bytes) is,
+    bit for bit, the per-column formula's (each code unpacked, then (code - zero point) * scale)."""
+    from onnx_resync.audit.passes.dequantize import nbits_weight
+
+    rng = np.random.default_rng(bits)
+    N, K, block = 5, 40, 16  # K not a multiple of the block: the last block is padded
+    blocks = -(-K // block)
+    B = rng.integers(0, 256, size=(N, blocks, block * bits // 8), dtype=np.uint8)
+    scales = rng.random(N * blocks, dtype=np.float32)
+    zp = None if zero_points == "none" else rng.integers(0, 1 << bits, size=(N, blocks)).astype(np.float32)
+    in_order = nbits_weight(B, scales, zp, None, bits, block, K, N)
+    per_column = nbits_weight(B, scales, zp, np.arange(K) // block, bits, block, K, N)
+    assert in_order.shape == (N, K) and np.array_equal(in_order.view(np.uint32), per_column.view(np.uint32))

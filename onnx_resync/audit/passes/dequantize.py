@@ -746,9 +746,12 @@ def nbits_weight(B: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | No
         # default): which one is meant is not settled, so the node is left as it is
         raise ValueError("MatMulNBits g_idx with packed zero points")
     if g_idx is None:  # blocks in order: scales broadcast over each block, no gathered copies
-        per = 8 // bits  # every byte's codes as floats, by table: one gather
-        table = unpack_codes(np.arange(256, dtype=np.uint8)[:, None], bits, per).astype(np.float32)
-        w = table[B.reshape(N, blocks, block // per)].reshape(N, blocks, block)
+        per = 8 // bits  # codes per byte, low bits first: shifted and masked on the bytes (no index array)
+        b = B.reshape(N, blocks, block // per)
+        codes = np.empty(b.shape + (per,), dtype=np.uint8)
+        for j in range(per):
+            np.bitwise_and(np.right_shift(b, bits * j), (1 << bits) - 1, out=codes[..., j])
+        w = codes.reshape(N, blocks, block).astype(np.float32)
         w -= zp[..., None] if np.ndim(zp) else zp
         w *= s[..., None]
         return w.reshape(N, blocks * block)[:, :K]
