@@ -185,6 +185,11 @@ class _Matcher:
         self.noise: dict[int, dict] = {}  # per group: {slot index: noise norm per neuron} (last solve)
         self._sample_cache: dict = {}  # aligned_only -> (state, rows): the last sampled group's (see features)
         self.partial: set[int] = set()  # groups whose last solve read only the slots needing no summary
+        # what each group's last solve depended on: the noise it started from, the permutations its
+        # slots were read with ({group: perm or None}), whether it was a first-sweep shortcut (see solve)
+        self._last: dict[int, tuple] = {}
+        self._reads: dict | None = None  # the permutations read by the solve under way
+        self._by_first = False  # the solve under way took a first-sweep shortcut (partial, aligned only, sampled)
 
     def run(self, max_passes: int) -> MatchResult:
         # topological sweep: axes of groups not resolved yet are summarized; large groups are
@@ -214,6 +219,11 @@ class _Matcher:
         return MatchResult([r for r in self.result], passes, self.solves)
 
     # ---- features ----------------------------------------------------------------------------
+    def _read(self, gj: int) -> None:
+        """Note that the solve under way reads group gj's permutation (or that it has none yet)."""
+        if self._reads is not None:
+            self._reads[gj] = self.perm[gj]
+
     def arrays(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(reference, suspect) values of a weight, float. Kept for in-memory weights only: a lazy
         weight is mapped again or computed again (io/lazy.py keeps the newest) when asked, never
@@ -263,12 +273,18 @@ class _Matcher:
                     if o == slot.axis and not np.isin(hslot.positions, slot.positions).any():
                         continue  # another head's dims: nothing read moves
                     heads_moved = hh is None or (self.perm[hh] is not None and not (hh == gi and o == slot.axis))
+                    if hh is not None and not (hh == gi and o == slot.axis):
+                        self._read(hh)
+                    if heads_moved:
+                        self._read(hj)
                     resolved = resolved and heads_moved
                     if not resolved and not heads_moved and o != slot.axis and not aligned_only:
                         # heads and the dims inside each unresolved: sorted inside every head, then
                         # along the heads (summarize), which no move of either changes
                         presort.setdefault(o, {}).update((h2, hs.positions) for h2, hs in self.axis_groups[(slot.weight, o)] if h2 == hh)
                         continue
+                else:
+                    self._read(hj)
                 if resolved and sliced:
                     s = s.copy() if s is S else s
                     _reindex(*hslot.part(s), hslot.positions, self.perm[hj])
@@ -333,9 +349,12 @@ class _Matcher:
         cached = self._sample_cache.get(aligned_only) if state is not None else None
         if cached is not None and cached[0] == state:
             used, feats, dims, nr, ns, held, keys, pairs, decayed, carry, classes = cached[1]
+            if self._reads is not None:
+                self._reads.update(cached[2])
         else:
             # (the samples of another group or state go: their memory is free for these)
             self._sample_cache = {a: c for a, c in self._sample_cache.items() if c[0] == state}
+            outer, self._reads = self._reads, {}  # (the permutations these samples are read with)
             used, feats, dims, norms = [], [], [], []
             for k, slot in enumerate(slots):  # (a slot at a time: a sampled group holds one slot whole at most)
                 rows = self.slot_features(gi, slot, aligned_only)
@@ -346,6 +365,9 @@ class _Matcher:
                 norms.append(rows.norms() if isinstance(rows, WideSlot) else (_row_norms(rows[0]), _row_norms(rows[1])))
                 feats.append(rows if columns is None else _sampled(rows, columns[k]))
                 del rows
+            reads, self._reads = self._reads, outer
+            if outer is not None:
+                outer.update(reads)
             if not feats:
                 return None
             dims = np.array(dims, dtype=np.int64)
@@ -378,7 +400,7 @@ class _Matcher:
             decayed, carry, classes = _decayed(feats, dims, nr)
             if state is not None:
                 self._sample_cache[aligned_only] = (state, (used, feats, dims, nr, ns, held, keys, pairs, decayed, carry,
-                                                            classes))
+                                                            classes), reads)
         eps = np.array([(noise or {}).get(k, -1.0) for k in used])  # (-1: not known)
         fr, fs, wide, blocks, kernels = _combined(feats, dims, nr, ns, eps, held)
         pairs = pairs.copy()  # (the caller's to change)
@@ -402,8 +424,18 @@ class _Matcher:
         The matched pairs then measure the noise of each slot (_noise); where some neuron's slot is
         drowned in it (a decayed neuron: its rows are noise, one quantization level, or zero), the
         group is solved once more with every slot of every neuron weighed by what it still carries,
-        so that its other slots (bias, normalization statistics, a consumer's column) place it."""
-        noise = self.noise.get(gi)
+        so that its other slots (bias, normalization statistics, a consumer's column) place it.
+
+        A descent solve whose inputs are those of the group's last solve (the permutations its slots
+        were read with, the noise it started from, no first-sweep shortcut) is skipped: the solve is
+        deterministic, its answer would be the same (a head group, never settled by the shortcut,
+        is otherwise solved again each pass)."""
+        noise = start = self.noise.get(gi)
+        last = self._last.get(gi)
+        if not first and last is not None and not last[2] and last[0] == noise and \
+                all(_same(self.perm[hj], p) for hj, p in last[1].items()):
+            return
+        self._reads, self._by_first = {}, False
         for _ in range(REWEIGH_ROUNDS):  # until the weights are those its own answer measures
             f, perm, cos, margin, settled, gap, rest = self._solve_once(gi, first, noise)
             new = _noise(f, perm)
@@ -414,6 +446,8 @@ class _Matcher:
             noise = new
         self.noise[gi] = noise
         perm = self._decayed_by_value(gi, f, perm)
+        self._last[gi] = (start, self._reads, self._by_first)
+        self._reads = None
         self.perm[gi] = perm
         n = len(perm)
         if settled < n:
@@ -472,9 +506,12 @@ class _Matcher:
                 out = self._assign_features(gi, f, first, PARTIAL_MARGIN)
                 if out[3] == len(out[0]):
                     self.partial.add(gi)
+                    self._by_first = True
                     return (f,) + out
             # no exact copy (or twins that only the other slots tell apart): every slot
             f = self.features(gi, noise=noise)
+        elif not complete:  # an exact copy: the slots that need no summary say all there is to say
+            self._by_first = True
         return (f,) + self._assign_features(gi, f, first)
 
     def _assign_features(self, gi: int, f: "_Features", first: bool, margin: float | None = None):
@@ -484,6 +521,7 @@ class _Matcher:
         n, width = len(perm), f.width
         rest = np.flatnonzero(perm < 0)
         sampled = width > SAMPLE_COLUMNS and n * n * width > SAMPLE_WORK and (first or not len(rest))
+        self._by_first |= sampled and bool(len(rest))  # (a descent solve compares them all)
         if sampled:
             # an unbiased estimate of every similarity: assignments accepted only with a wide margin
             # (all pairs exact: it only estimates the runner-ups for the report, a smaller sample)
@@ -620,11 +658,13 @@ class _Features:
         from the held part, and evenly spread ones from each wide slot, shared out by width."""
         width = self.width
         held = self.fr.shape[1]
-        C = np.zeros((self.fr.shape[0], self.fs.shape[0]), dtype=np.float32)
-        if held:
+        if held:  # (the product scaled in place: an n x n matrix of a wide group is large)
             kh = min(held, max(1, round(k * held / width)))
             cols = np.sort(rng.choice(held, kh, replace=False))
-            C += (self.fr[:, cols] @ self.fs[:, cols].T) * np.float32(held / kh)
+            C = self.fr[:, cols] @ self.fs[:, cols].T
+            C *= np.float32(held / kh)
+        else:
+            C = np.zeros((self.fr.shape[0], self.fs.shape[0]), dtype=np.float32)
         for w, sr, ss in self.wide:
             xr, xs = w.sample(max(1, round(k * w.width / width)))
             # the scales applied to the sample's columns, not to the n x n product
@@ -849,6 +889,11 @@ def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
 
 
 COMPARE_BLOCK_BYTES = 1 << 20
+
+
+def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    """Two permutations (or None: not resolved) are the same."""
+    return a is b or (a is not None and b is not None and np.array_equal(a, b))
 
 
 def _rows_equal(a: np.ndarray, b: np.ndarray, rows_a: np.ndarray, rows_b: np.ndarray) -> np.ndarray:
