@@ -130,6 +130,34 @@ def test_fused_ops_are_split():
     _same(canon, model, {"x": _w(1, 3, 4, 4, scale=1)})
 
 
+def test_fused_ops_inside_if_branches_are_split():
+    """ONNX Runtime fuses inside If bodies too (silero_vad_op18_ifless saved at the extended level:
+    FusedConv in both rate branches left its convs unaligned, 63.6% compared, a permuted copy 'not
+    derived'): FusedConv (Relu; Clip, its bounds Constant nodes in the body) split there as well."""
+    def branch(tag: str, w: str) -> onnx.GraphProto:
+        nodes = [helper.make_node("FusedConv", ["x", w, "b1"], [f"{tag}_c1"], domain=MS, activation="Relu",
+                                  pads=[1, 1, 1, 1], name=f"{tag}_conv1"),
+                 helper.make_node("FusedConv", [f"{tag}_c1", "w2", "b2"], [f"{tag}_y"], domain=MS,
+                                  activation="Clip", activation_params=[-0.5, 0.5], pads=[1, 1, 1, 1],
+                                  name=f"{tag}_conv2")]
+        return helper.make_graph(nodes, tag, [], [helper.make_tensor_value_info(f"{tag}_y", TensorProto.FLOAT,
+                                                                                 [1, 3, 4, 4])])
+    nodes = [helper.make_node("ReduceSum", ["flag"], ["s"], keepdims=0),
+             helper.make_node("Greater", ["s", "zero"], ["c"]),
+             helper.make_node("If", ["c"], ["y"], then_branch=branch("then", "w1"), else_branch=branch("else", "w3"))]
+    model = _model(nodes, [("x", TensorProto.FLOAT, [1, 3, 4, 4]), ("flag", TensorProto.FLOAT, [1])],
+                   [("y", TensorProto.FLOAT, [1, 3, 4, 4])],
+                   {"w1": _w(3, 3, 3, 3), "w3": _w(3, 3, 3, 3), "b1": _w(3), "w2": _w(3, 3, 3, 3), "b2": _w(3),
+                    "zero": np.float32(0)}, ms=True)
+    canon = _canonical(model)
+    body_ops = Counter(n.op_type for node in canon.model.graph.node for a in node.attribute
+                       if a.type == onnx.AttributeProto.GRAPH for n in a.g.node)
+    assert body_ops["FusedConv"] == 0 and body_ops["Conv"] == 4 and body_ops["Relu"] == 2 and body_ops["Clip"] == 2
+    assert canon.changes["ONNX Runtime FusedConv split into Conv + activation"] == 4
+    for flag in (1.0, -1.0):
+        _same(canon, model, {"x": _w(1, 3, 4, 4, scale=1), "flag": np.array([flag], np.float32)})
+
+
 # ---- floats.py --------------------------------------------------------------------------------
 def test_half_precision_becomes_float32():
     """fp16 weights, input, output and a Cast to fp16: all float32; the origin keeps float16."""

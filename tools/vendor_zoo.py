@@ -39,8 +39,13 @@ from onnx import numpy_helper
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("ONNX_RESYNC_VENDOR_ZOO", Path.home() / ".cache/onnx-resync/vendor_zoo"))
 BEGIN, END = "<!-- vendor-zoo:begin -->", "<!-- vendor-zoo:end -->"
+# every catalog file that is a model of its own (silero_vad_openvino: op15's weights, another graph)
 KEYS = ["ppocr_rec", "ppocr_det", "ppocr_cls", "pplcnet_orientation", "nudenet_320n", "silero_vad_op15", "minilm",
-        "mtcnn_onet", "arabic_gru_encoder", "ddddocr_common"]
+        "mtcnn_onet", "arabic_gru_encoder", "ddddocr_common",
+        "ppocrv3_det", "ppocrv3_rec", "picodet_layout", "magika", "basic_pitch", "mtcnn_pnet", "mtcnn_rnet",
+        "silero_vad_openvino", "silero_vad_ifless", "silero_vad_if", "silero_vad_v6", "ddddocr_det",
+        "ddddocr_common_old", "arabic_gru_decoder", "oww_silero_vad", "oww_melspectrogram", "oww_embedding",
+        "oww_hey_mycroft", "dnsmos_sig_bak_ovr", "plcmos_v2"]
 TRANSFORMS = ["plain", "reordered", "renamed", "ort_basic", "ort_extended", "ort_all", "onnxslim",
               "fp16_ort", "fp16_occ", "dynamic"]
 TWIN_SEED = 7
