@@ -21,10 +21,14 @@ else; in the first sweep this is tried on the slots that need no summary, a prod
 its norm parameters), then runs a linear assignment on the similarity matrix of the rest, with the
 mutual-best shortcut; the matched pairs measure each slot's noise, and where that noise drowns some
 neuron's slice the group is solved once more with the slots so weighed. A topological sweep gives a starting point (large groups compared on a random
-sample of feature columns, accepted only with a wide margin); then coordinate descent where it is
-needed (uncertain groups, groups answered while a neighbour was summarized unless exact, and in
-turn the neighbours of every group whose answer changed), each group solved with all the others
-fixed, until nothing changes. The statistics of each group's last solve are reported.
+sample of feature columns, accepted only with a wide margin; a group whose slots that need no
+summary place every neuron by a wide margin alone, a residual stream by its embedding and lm_head,
+is *partial*: its other slots are not sorted); then coordinate descent where it is
+needed (uncertain groups, groups answered while a neighbour was summarized unless exact, partial
+groups, and in turn the neighbours of every group whose answer changed), each group solved with all
+the others fixed, until nothing changes; a solve whose inputs (the permutations its slots are read
+with, its starting noise) are those of the group's last solve is skipped. The statistics of each
+group's last solve are reported.
 
 A group too large to hold as rows (a transformer's residual stream: GROUP_*) is compared throughout
 on an evenly spread sample of its entries, read a slot at a time; its norms, hashes and byte
@@ -190,6 +194,7 @@ class _Matcher:
         self._last: dict[int, tuple] = {}
         self._reads: dict | None = None  # the permutations read by the solve under way
         self._by_first = False  # the solve under way took a first-sweep shortcut (partial, aligned only, sampled)
+        self._overlaps: dict = {}  # (id(slot), id(slot)) -> they share a position (_overlap; slots live as long)
 
     def run(self, max_passes: int) -> MatchResult:
         # topological sweep: axes of groups not resolved yet are summarized; large groups are
@@ -219,6 +224,14 @@ class _Matcher:
         return MatchResult([r for r in self.result], passes, self.solves)
 
     # ---- features ----------------------------------------------------------------------------
+    def _overlap(self, a, b) -> bool:
+        """Slots a and b (on one axis of one weight) share some position (once per pair of slots:
+        a layer's per-head groups are each read with every other's)."""
+        key = (id(a), id(b))
+        if key not in self._overlaps:
+            self._overlaps[key] = bool(np.isin(a.positions, b.positions).any())
+        return self._overlaps[key]
+
     def _read(self, gj: int) -> None:
         """Note that the solve under way reads group gj's permutation (or that it has none yet)."""
         if self._reads is not None:
@@ -270,7 +283,7 @@ class _Matcher:
                 resolved = self.perm[hj] is not None
                 hh = self.head_of.get(hj, -1)  # a per-head group's head group
                 if hj in self.head_of:
-                    if o == slot.axis and not np.isin(hslot.positions, slot.positions).any():
+                    if o == slot.axis and not self._overlap(hslot, slot):
                         continue  # another head's dims: nothing read moves
                     heads_moved = hh is None or (self.perm[hh] is not None and not (hh == gi and o == slot.axis))
                     if hh is not None and not (hh == gi and o == slot.axis):
@@ -539,7 +552,9 @@ class _Matcher:
             taken = np.zeros(n, dtype=bool)
             taken[perm[perm >= 0]] = True
             free = np.flatnonzero(~taken)
-            sub, _, _, ok = assign(np.ascontiguousarray(C[np.ix_(rest, free)]), margin)
+            # (all of C: itself, not a copy; assign restores what it changes)
+            sub, _, _, ok = assign(C if len(rest) == n else np.ascontiguousarray(C[np.ix_(rest, free)]), margin,
+                                   stats=False)
             perm[rest] = free[sub]
             settled += ok
         rows = np.arange(n)
@@ -925,14 +940,15 @@ def _put_unit(out: np.ndarray, x: np.ndarray, weight: float) -> None:
 
 
 # ---- assignment ------------------------------------------------------------------------------
-def assign(C: np.ndarray, margin: float = SHORTCUT_MARGIN):
+def assign(C: np.ndarray, margin: float = SHORTCUT_MARGIN, stats: bool = True):
     """Maximize the total similarity of a bijection rows -> columns.
 
     Rows whose best column picks them back (mutual best) with a gap of at least `margin` to the
     runner-up, in the row and in the column, are accepted as they are; the O(n^3) solve
     (scipy.optimize.linear_sum_assignment) runs on the rest only. A few passes over C, no copies
     (C is modified and restored).
-    Returns (perm, matched similarity, margin to the runner-up, number settled by the shortcut).
+    Returns (perm, matched similarity, margin to the runner-up, number settled by the shortcut);
+    stats=False: (perm, None, None, settled), one pass over C fewer.
     """
     n = C.shape[0]
     rows = np.arange(n)
@@ -954,6 +970,8 @@ def assign(C: np.ndarray, margin: float = SHORTCUT_MARGIN):
 
         ri, ci = linear_sum_assignment(C[np.ix_(rest_r, rest_c)], maximize=True)
         perm[rest_r[ri]] = rest_c[ci]
+    if not stats:
+        return perm, None, None, int(ok.sum())
     matched = C[rows, perm]
     runner_up, _ = _runner_up(C, rows, perm, columns=False)
     return perm, matched.astype(np.float64), (matched - runner_up).astype(np.float64), int(ok.sum())
