@@ -122,3 +122,37 @@ def test_padding_a_reader_reads_is_kept(saved):
     canon = canonicalize(saved)
     assert any(n.domain == NCHWC for n in canon.model.graph.node)
     assert not any(what.startswith("NCHWc block size") for what in canon.changes)
+
+
+def test_channels_last_input_and_a_squeeze_excite_block(tmp_path):
+    """An NHWC input of 20 channels (ReorderInput channels_last pads it), a depthwise conv, and a
+    squeeze-excite block in standard ops (GlobalAveragePool, conv, Sigmoid, Mul: ONNX Runtime reorders
+    out and back in around them, each ReorderInput padding 24 channels): the reference's shapes, the
+    file's outputs."""
+    if machine_block_size() is None:
+        pytest.skip("this machine's ONNX Runtime writes no NCHWc layout")
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 3, 1, 2]),
+             helper.make_node("Conv", ["t", "w0", "b0"], ["c0"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c0"], ["r0"]),
+             helper.make_node("Conv", ["r0", "wd", "bd"], ["c1"], pads=[1, 1, 1, 1], group=24),
+             helper.make_node("Relu", ["c1"], ["r1"]),
+             helper.make_node("GlobalAveragePool", ["r1"], ["p"]),
+             helper.make_node("Conv", ["p", "w2", "b2"], ["c2"]), helper.make_node("Sigmoid", ["c2"], ["s2"]),
+             helper.make_node("Mul", ["r1", "s2"], ["m"]),
+             helper.make_node("Conv", ["m", "w3", "b3"], ["c3"]),
+             helper.make_node("Transpose", ["c3"], ["y"], perm=[0, 2, 3, 1])]
+    inits = {"w0": _w(24, 20, 3, 3), "b0": _w(24), "wd": _w(24, 1, 3, 3), "bd": _w(24), "w2": _w(24, 24, 1, 1),
+             "b2": _w(24), "w3": _w(12, 24, 1, 1), "b3": _w(12)}
+    graph = helper.make_graph(nodes, "nhwc", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 8, 20])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 12])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    saved = _saved_all_level(model, tmp_path / "nhwc.onnx")
+    assert any(n.op_type == "ReorderInput" and any(a.name == "channels_last" and a.i for a in n.attribute)
+               for n in saved.graph.node)
+    canon = canonicalize(saved).model
+    assert all(n.domain in ("", "ai.onnx") for n in canon.graph.node)
+    assert _conv_shapes(canon) == _conv_shapes(model)
+    x = RNG.normal(size=(1, 8, 8, 20)).astype(np.float32)
+    np.testing.assert_allclose(_run(canon, x)[0], _run(saved, x)[0], rtol=1e-4, atol=1e-4)
