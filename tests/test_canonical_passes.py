@@ -158,6 +158,31 @@ def test_fused_ops_inside_if_branches_are_split():
         _same(canon, model, {"x": _w(1, 3, 4, 4, scale=1), "flag": np.array([flag], np.float32)})
 
 
+def test_gemm_inside_if_branches_is_written_as_matmul():
+    """A body's Gemm with constant weights is MatMul (+ Add), as the main graph's (ONNX Runtime's
+    quantization pre-processing writes silero_vad_op18_ifless's LSTM-cell Gemms so: the reference's
+    Gemms and the copy's MatMuls were left unpaired, 51.5% compared, a permuted copy 'perturbed:
+    rescaled'). transB, alpha, beta and a 1 x N bias; a Gemm without C."""
+    def branch(tag: str) -> onnx.GraphProto:
+        nodes = [helper.make_node("Gemm", ["x", "g1", "c1"], [f"{tag}_h"], transB=1, alpha=0.5, beta=2.0,
+                                  name=f"{tag}_gemm1"),
+                 helper.make_node("Gemm", [f"{tag}_h", "g2"], [f"{tag}_y"], name=f"{tag}_gemm2")]
+        return helper.make_graph(nodes, tag, [], [helper.make_tensor_value_info(f"{tag}_y", TensorProto.FLOAT,
+                                                                                 [2, 4])])
+    nodes = [helper.make_node("ReduceSum", ["flag"], ["s"], keepdims=0),
+             helper.make_node("Greater", ["s", "zero"], ["c"]),
+             helper.make_node("If", ["c"], ["y"], then_branch=branch("then"), else_branch=branch("else"))]
+    model = _model(nodes, [("x", TensorProto.FLOAT, [2, 6]), ("flag", TensorProto.FLOAT, [1])],
+                   [("y", TensorProto.FLOAT, [2, 4])],
+                   {"g1": _w(5, 6), "c1": _w(1, 5), "g2": _w(5, 4), "zero": np.float32(0)})
+    canon = _canonical(model)
+    body_ops = Counter(n.op_type for node in canon.model.graph.node for a in node.attribute
+                       if a.type == onnx.AttributeProto.GRAPH for n in a.g.node)
+    assert body_ops["Gemm"] == 0 and body_ops["MatMul"] == 4 and body_ops["Add"] == 2
+    for flag in (1.0, -1.0):
+        _same(canon, model, {"x": _w(2, 6, scale=1), "flag": np.array([flag], np.float32)})
+
+
 # ---- floats.py --------------------------------------------------------------------------------
 def test_half_precision_becomes_float32():
     """fp16 weights, input, output and a Cast to fp16: all float32; the origin keeps float16."""

@@ -13,7 +13,8 @@ without the If. For the audit, a layer is a layer wherever it sits.
   still read of it becomes a Constant node at the head of the body (named by the output, so a
   weight keeps one name), and constants nothing reads any more are dropped. A body's outputs are
   never folded (the node that writes them stays).
-  A Conv or ConvTranspose without a bias gets a zero one there too (affine.zero_biases).
+  A Conv or ConvTranspose without a bias gets a zero one there too (affine.zero_biases), and a
+  Gemm with constant weights is written as MatMul (+ Add) (affine.gemm_as_matmul).
 - `flattened` (align.py's view): the main graph's nodes in topological order with each
   If/Loop/Scan node replaced by its bodies' nodes (recursively), framed by two *links*: an
   `enter` node from the control node's explicit inputs to the body's inputs, and an `exit` node
@@ -52,8 +53,18 @@ def fold_bodies(ws: Workspace) -> bool:
                 scope[node.output[0]] = value
     folded = 0
     for node in ws.nodes:
-        for g in subgraphs(node):
+        bodies = list(subgraphs(node))
+        if not bodies:
+            continue
+        before = node_inputs(node)
+        for g in bodies:
             folded += _fold_graph(g, _Scope(ws, scope), ws)
+        # a body that no longer reads an outer name (a Gemm's B now a body constant): the
+        # workspace's consumer map follows
+        for name in before:
+            ws._consumers[name].remove(node)
+        for name in node_inputs(node):
+            ws._consumers[name].append(node)
     if folded:
         ws.record("constants folded inside If/Loop/Scan bodies", folded)
     return bool(folded)
@@ -123,6 +134,11 @@ def _fold_graph(g: onnx.GraphProto, outer: _Scope, ws: Workspace) -> int:
         for sub in subgraphs(node):
             count += _fold_graph(sub, scope, ws)
         count += _zero_bias(node, scope, own, ws)
+        matmul = _gemm_as_matmul(node, scope, own, ws)
+        if matmul:
+            kept += matmul
+            count += 1
+            continue
         kept.append(node)
     if not count:
         return 0
@@ -130,7 +146,7 @@ def _fold_graph(g: onnx.GraphProto, outer: _Scope, ws: Workspace) -> int:
     for node in kept:
         if node.op_type != "Constant":
             used.update(node_inputs(node))
-    written = {o for node in removed for o in node.output if o} | {n for n in own if n.endswith("/zero_bias")}
+    written = {o for node in removed for o in node.output if o} | {n for n in own if any(m in n for m in _MADE)}
     heads = [onnx.helper.make_node("Constant", [], [name], name=f"{name}/folded",
                                    value=numpy_helper.from_array(np.asarray(own[name]), name))
              for name in sorted(written & used)]
@@ -154,6 +170,53 @@ def _zero_bias(node: onnx.NodeProto, scope: _Scope, own: dict, ws: Workspace) ->
     node.input[2] = name
     ws.record("zero bias added")
     return 1
+
+
+# constants made here (written as Constant nodes; new_name may add a suffix)
+_MADE = ("/zero_bias", "/gemm_matmul", "/gemm_bias")
+
+
+def _gemm_as_matmul(node: onnx.NodeProto, scope: _Scope, own: dict, ws: Workspace) -> list[onnx.NodeProto]:
+    """A Gemm with constant B (and C) as MatMul (+ Add), as canonical's gemm_as_matmul writes the
+    main graph's (ONNX Runtime's quantization pre-processing writes a body's Gemm so); [] if not."""
+    if node.op_type != "Gemm" or node.domain not in STANDARD or _attr(node, "transA", 0) or len(node.input) < 2:
+        return []
+    b_name = node.input[1]
+    c_name = node.input[2] if len(node.input) > 2 and node.input[2] else ""
+    B = scope.get(b_name)
+    C = scope.get(c_name) if c_name else None
+    if B is None or B.ndim != 2 or (c_name and C is None):
+        return []
+    alpha, beta = float(_attr(node, "alpha", 1.0)), float(_attr(node, "beta", 1.0))
+    trans_b = _attr(node, "transB", 0)
+    Bn = np.asarray(B).T if trans_b else np.asarray(B)
+    origin = ws.origin_of([b_name], "view Gemm transB" if trans_b else "view Gemm")
+    if alpha != 1.0:
+        Bn = (Bn.astype(np.float64) * alpha).astype(B.dtype)
+        origin.steps.append("computed Gemm alpha")
+    w = ws.new_name(b_name + "/gemm_matmul")
+    own[w], ws.origins[w] = np.ascontiguousarray(Bn), origin
+    out = node.output[0]
+    if not c_name:
+        return [onnx.helper.make_node("MatMul", [node.input[0], w], [out], name=node.name)]
+    C = np.asarray(C)
+    if C.ndim == 2 and C.shape[0] == 1:
+        C = C.reshape(-1)
+    if beta != 1.0:
+        C = (C.astype(np.float64) * beta).astype(np.float32)
+    c = ws.new_name(c_name + "/gemm_bias")
+    own[c], ws.origins[c] = C, ws.origin_of([c_name], "view Gemm bias")
+    mid = ws.new_name(out + "/matmul")
+    ws.record("Gemm written as MatMul + Add")
+    return [onnx.helper.make_node("MatMul", [node.input[0], w], [mid], name=node.name),
+            onnx.helper.make_node("Add", [mid, c], [out], name=ws.new_name(node.name + "/bias"))]
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
 
 
 def _evaluate(node: onnx.NodeProto, feeds: dict) -> list[np.ndarray] | None:
