@@ -21,6 +21,7 @@ branch that runs (True: then_branch).
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Callable
 
@@ -142,7 +143,20 @@ def _proves(refusal: str, ancestors: list[str]) -> bool:
 
 
 def by_rank(skeleton: onnx.ModelProto, shapes: dict, values_of: Callable, infer: Callable) -> dict[str, bool]:
-    """runs for the Ifs that shapes leave open but that only one branch lets run (see the module)."""
+    """runs for the Ifs that shapes leave open but that only one branch lets run (see the module).
+    Remembered per skeleton (by its bytes): permute, verify and audit walk the same file again."""
+    key = hashlib.sha256(skeleton.SerializeToString()).digest()
+    if key not in _MEMO:
+        if len(_MEMO) >= 32:
+            _MEMO.pop(next(iter(_MEMO)))
+        _MEMO[key] = _by_rank(skeleton, shapes, values_of, infer)
+    return dict(_MEMO[key])
+
+
+_MEMO: dict[bytes, dict[str, bool]] = {}
+
+
+def _by_rank(skeleton: onnx.ModelProto, shapes: dict, values_of: Callable, infer: Callable) -> dict[str, bool]:
     candidates = []
     for node, _, _ in _ifs(skeleton.graph):
         then_g, else_g = branch(node, True), branch(node, False)
