@@ -151,9 +151,12 @@ def reshape(ctx, node) -> None:
     _derive_reshaped(ctx, node)
     x = node.input[0]
     in_shape, out_shape = ctx.shape(x), ctx.shape(node.output[0])
-    labels, in_shape = _merge_stacked(ctx, x, in_shape, out_shape)
+    kept = _keep_stacked(ctx, x, in_shape, out_shape)
+    labels, in_shape = (ctx.get(x), in_shape) if kept else _merge_stacked(ctx, x, in_shape, out_shape)
     in_batch = ctx.batch_merged.get(x)  # a labelled axis merged into a symbolic batch (below)
     if not labels and in_batch is None:
+        if kept:
+            ctx.set(node.output[0], kept)
         return
     if in_shape is None or out_shape is None:
         for l in list(labels.values()) + ([in_batch[1]] if in_batch else []):
@@ -225,6 +228,7 @@ def reshape(ctx, node) -> None:
                 ctx.pin(label, "Reshape splits the channel axis in an irregular layout")
                 continue
             out.update(zip(real_out, factors))
+    out.update(kept)
     ctx.set(node.output[0], out)
 
 
@@ -454,6 +458,25 @@ def _cut_stacked(ctx, x, pick, where: dict[int, int] | None = None) -> dict:
         else:
             out[(where_o, where_i)] = cut
     return out
+
+
+def _keep_stacked(ctx, x, in_shape, out_shape) -> dict:
+    """Before a Reshape: the stacked labels moved to the output when the Reshape keeps both their axes
+    whole, each the only axis of more than one entry in its run of axes on both sides (onnxslim's
+    Reshape for a Transpose that moves only a size-1 axis: [seq, 2, 1, H] -> [seq, 1, 2, H]); {} when
+    it does not keep every one of them (then _merge_stacked decides)."""
+    stacked = ctx.stacked(x)
+    if not stacked or in_shape is None or out_shape is None:
+        return {}
+    where = {}
+    for gi, go in _reshape_groups(in_shape, out_shape) or []:
+        real_in = [a for a in gi if in_shape[a] != 1]
+        real_out = [b for b in go if out_shape[b] != 1]
+        if len(real_in) == 1 and len(real_out) == 1 and in_shape[real_in[0]] == out_shape[real_out[0]]:
+            where[real_in[0]] = real_out[0]
+    if not all(o in where and i in where for o, i in stacked):
+        return {}
+    return {(where[o], where[i]): label for (o, i), label in stacked.items()}
 
 
 def _merge_stacked(ctx, x, in_shape, out_shape):
