@@ -16,7 +16,9 @@ passes/ over it, in this order (each file's docstring says what form it reaches 
    (nchwc.py), fused GELU / QuickGelu / FusedMatMul (contrib.py), Skip/Simplified/Embed layer
    normalizations (norms.py), packed-QKV Attention (attention.py);
    recurrent cells' zero initial states left out, as their default (recurrent.py);
-7. no-op nodes removed: Identity, Dropout, Cast to the same type (cleanup.py);
+7. no-op nodes removed: Identity, Dropout, Cast to the same type (cleanup.py); a Transpose read by
+   an Add/Sub/Mul/Div of a constant moved after it, as ONNX Runtime's optimizer saves it
+   (transposes.py);
 8. BatchNormalization and per-channel Add/Mul/Sub folded into the Conv, ConvTranspose or Gemm
    before them, to a fixed point (affine.py);
 9. Gemm with a constant B written as MatMul (+ Add), a Conv without a bias given a zero bias
@@ -51,6 +53,7 @@ from .passes.nchwc import expand_nchwc
 from .passes.norms import expand_norms
 from .passes.recurrent import drop_default_inputs
 from .passes.run_time import read_run_time_quantized
+from .passes.transposes import sink_transposes
 from .rewrite import WeightOrigin, Workspace, topological  # noqa: F401 (align imports topological)
 from ..walk.graph import node_inputs
 
@@ -70,6 +73,7 @@ PASSES = (
     (expand_attention, False),
     (drop_default_inputs, False),
     (drop_noops, False),
+    (sink_transposes, False),
     (fold_into_producers, True),
     (gemm_as_matmul, False),
     (zero_biases, False),
