@@ -123,12 +123,24 @@ def _settled(model: onnx.ModelProto, values_of: Callable, infer: Callable) -> on
     return model
 
 
-def _refusal(model: onnx.ModelProto) -> str | None:
-    try:
-        onnx.shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
-    except Exception as exc:  # inference's own errors (InferenceError, ValidationError...)
-        return str(exc) or type(exc).__name__
-    return None
+def _refused(model: onnx.ModelProto, ancestors: list[str], values_of: Callable, infer: Callable) -> bool:
+    """Strict inference refuses, with every If that shapes decide replaced by its branch, a node that
+    runs whenever the If whose ancestors these are runs. A refusal that proves nothing yet (inside an
+    If not yet replaced) lets the round go on without strictness."""
+    for _ in range(16):
+        try:
+            inferred, shapes = infer(model, strict=True)
+        except Exception as exc:  # inference's own errors (InferenceError, ValidationError...)
+            if _proves(str(exc), ancestors):
+                return True
+            inferred, shapes = infer(model)
+        values = values_of(inferred, shapes)
+        chosen = {node.output[0]: flag for node, _, _ in _ifs(inferred.graph) if node.output
+                  for flag in [condition(node, values, {})] if flag is not None}
+        if not chosen or not _inline(inferred.graph, chosen):
+            return False
+        model = inferred
+    return False
 
 
 def _proves(refusal: str, ancestors: list[str]) -> bool:
@@ -175,7 +187,9 @@ def _by_rank(skeleton: onnx.ModelProto, shapes: dict, values_of: Callable, infer
             if vi.type.HasField("tensor_type"):
                 vi.type.tensor_type.ClearField("shape")
     base = _settled(base, values_of, infer)
-    if _refusal(base) is not None:
+    try:
+        infer(base, strict=True)
+    except Exception:  # refused before any branch is chosen: no refusal can be pinned on one
         return {}
     runs: dict[str, bool] = {}
     open_ifs = {node.output[0]: ancestors for node, _, ancestors in _ifs(base.graph) if node.output}
@@ -186,8 +200,7 @@ def _by_rank(skeleton: onnx.ModelProto, shapes: dict, values_of: Callable, infer
             trial = onnx.ModelProto()
             trial.CopyFrom(base)
             _inline(trial.graph, {name: flag})
-            refusal = _refusal(_settled(trial, values_of, infer))
-            refused[flag] = refusal is not None and _proves(refusal, open_ifs[name])
+            refused[flag] = _refused(trial, open_ifs[name], values_of, infer)
         if refused[True] != refused[False]:
             runs[name] = not refused[True]
     return runs

@@ -879,10 +879,13 @@ def _elem_type(model: onnx.ModelProto, name: str) -> int:
     return onnx.TensorProto.FLOAT
 
 
-def _run_inference(skeleton: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, list]]:
+def _run_inference(skeleton: onnx.ModelProto, strict: bool = False) -> tuple[onnx.ModelProto, dict[str, list]]:
+    """(inferred model, shapes); strict: inference's refusal of a node is raised (branches.py)."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(skeleton, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(skeleton, strict_mode=strict, data_prop=True)
     except Exception:
+        if strict:
+            raise
         inferred = skeleton  # shape inference failed: fall back to what the file declares
     shapes: dict[str, list] = {}
     infos = []
