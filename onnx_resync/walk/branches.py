@@ -156,8 +156,9 @@ def _proves(refusal: str, ancestors: list[str]) -> bool:
 
 def by_rank(skeleton: onnx.ModelProto, shapes: dict, values_of: Callable, infer: Callable) -> dict[str, bool]:
     """runs for the Ifs that shapes leave open but that only one branch lets run (see the module).
-    Remembered per skeleton (by its bytes): permute, verify and audit walk the same file again."""
-    key = hashlib.sha256(skeleton.SerializeToString()).digest()
+    Remembered per skeleton (`_memo_key`): permute, verify and audit walk the same file, and copies
+    of it with other weights, again."""
+    key = _memo_key(skeleton)
     if key not in _MEMO:
         if len(_MEMO) >= 32:
             _MEMO.pop(next(iter(_MEMO)))
@@ -166,6 +167,41 @@ def by_rank(skeleton: onnx.ModelProto, shapes: dict, values_of: Callable, infer:
 
 
 _MEMO: dict[bytes, dict[str, bool]] = {}
+
+# ops that read no value of their weight inputs to give their output's shape, and whose outputs
+# shapes.py never evaluates: a float tensor only they read decides no branch
+_VALUE_BLIND = {"Conv", "ConvTranspose", "Gemm", "MatMul", "LSTM", "GRU", "RNN", "BatchNormalization",
+                "LayerNormalization", "InstanceNormalization", "GroupNormalization", "PRelu"}
+_FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}
+
+
+def _memo_key(skeleton: onnx.ModelProto) -> bytes:
+    """The skeleton's bytes without the values of the float tensors that only _VALUE_BLIND ops read
+    (a permuted, perturbed or redrawn copy asks by_rank the same question)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(skeleton)
+    readers: dict[str, set] = {}
+    for g in _graphs(model.graph):
+        for node in g.node:
+            for name in node.input:
+                readers.setdefault(name, set()).add(node.op_type)
+            for inner in [a.g for a in node.attribute if a.type == onnx.AttributeProto.GRAPH]:
+                for n in inner.node:  # a body's reads of outer names count as the node's too
+                    for name in n.input:
+                        readers.setdefault(name, set()).add(node.op_type)
+
+    def blind(name: str) -> bool:
+        return bool(readers.get(name)) and readers[name] <= _VALUE_BLIND
+
+    for g in _graphs(model.graph):
+        tensors = [t for t in g.initializer if blind(t.name)]
+        tensors += [a.t for n in g.node if n.op_type == "Constant" and n.output and blind(n.output[0])
+                    for a in n.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR]
+        for t in tensors:
+            if t.data_type in _FLOATS:
+                for field in ("raw_data", "float_data", "double_data", "int32_data"):
+                    t.ClearField(field)
+    return hashlib.sha256(model.SerializeToString()).digest()
 
 
 def _by_rank(skeleton: onnx.ModelProto, shapes: dict, values_of: Callable, infer: Callable) -> dict[str, bool]:
