@@ -216,3 +216,23 @@ def test_a_refusal_inside_another_open_if_proves_nothing():
     """The Gemm that refuses 3-D input runs only when the caller's flag is set: the If stays open."""
     result = walk(rank_if_model(guarded=True))
     assert result.coverage < 1.0, result.pinned
+
+
+def test_trials_are_remembered_across_copies_with_other_weights():
+    """by_rank's memo key ignores the values only value-blind ops read (the Conv's weight and bias),
+    so a copy with other Conv weights reuses the trials; a float an Add reads (which shapes.py may
+    evaluate) keys apart."""
+    from onnx_resync.walk.branches import _memo_key
+    from onnx_resync.walk.graph import _skeleton
+
+    def changed(model, names):
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        for t in copy.graph.initializer:
+            if t.name in names:
+                t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) + 1, t.name))
+        return copy
+
+    model = rank_if_model()
+    assert _memo_key(_skeleton(changed(model, {"W1", "B1"}))) == _memo_key(_skeleton(model))
+    assert _memo_key(_skeleton(changed(model, {"B2"}))) != _memo_key(_skeleton(model))
