@@ -288,7 +288,7 @@ def apply_permutations(model: onnx.ModelProto, walk: WalkResult, record: Permuta
     """Rewrite the model's weights in place; returns the number of weight tensors changed."""
     store = WeightStore(model)
     by_weight = _moves_by_weight(walk, record, store)
-    _rewrite(store, store, by_weight)
+    _rewrite(store, store, by_weight, walk.layouts)
     return len(by_weight)
 
 
@@ -299,13 +299,19 @@ def permuted_copy(model: onnx.ModelProto, walk: WalkResult, record: PermutationR
     store = store if store is not None else WeightStore(model)
     by_weight = _moves_by_weight(walk, record, store)
     copy = copy_without_payloads(model, set(by_weight))
-    _rewrite(WeightStore(copy), store, by_weight)
+    _rewrite(WeightStore(copy), store, by_weight, walk.layouts)
     return copy, len(by_weight)
 
 
-def _rewrite(store: WeightStore, read: WeightStore, by_weight: dict[str, list[tuple]]) -> None:
-    """Write each weight's moved values (read from `read`) into `store`."""
+def _rewrite(store: WeightStore, read: WeightStore, by_weight: dict[str, list[tuple]], layouts: dict) -> None:
+    """Write each weight's moved values (read from `read`) into `store`; a weight with a layout
+    (walk/layouts.py: an NCHWc filter) is moved in its logical array and stored back in its own."""
     for weight, moves in by_weight.items():
+        if weight in layouts:  # (WeightStore's own get/set: the stored form, whatever store it is)
+            layout = layouts[weight]
+            WeightStore.set(store, weight, layout.stored(apply_moves(layout.logical(WeightStore.get(read, weight)),
+                                                                     moves)))
+            continue
         if read.is_lazy(weight):  # a huge model: permuted one tensor at a time, when it is saved
             store.set_lazy(weight, _permuted(read.reader(weight), moves))
             continue

@@ -56,6 +56,7 @@ from .reduce.against import to_reference
 from .match.rescale import MIN_LOG_SCALE, find_rescales, neutral_groups, rescaled, undo_rescales
 from .match.sampling import sub_grid
 from .walk import WalkResult, walk
+from .walk.layouts import logical_store
 from .jsonable import json_safe
 
 # `resync` exit codes when the restored model's check fails (the verdict and report are still given):
@@ -196,7 +197,8 @@ def resync(
         ref_model, ref_walk = reduction.reference, walk(reduction.reference)
         check_structure(ref_model, sus_model, ref_walk)
     # read by matching, restoring and the report, never changed here: each weight read once
-    ref_store, sus_store = WeightStore(ref_model, cache=True), WeightStore(sus_model, cache=True)
+    # (a weight stored in a layout, an NCHWc filter, is read as the array its slots index)
+    ref_store, sus_store = logical_store(ref_model, ref_walk, cache=True), logical_store(sus_model, ref_walk, cache=True)
     result = match(ref_store, sus_store, ref_walk, max_passes=max_passes)
     # an undo claims that the rescale is neutral, which only the check proves (an Add of a constant
     # between the activation and its consumers, say, makes it not neutral): unchecked, report it only
@@ -228,8 +230,8 @@ def resync(
     written = load_model(output, lazy=True) if output is not None and failed is None and is_lazy_model(restored) \
         else restored
     if scales and report is not None and report.equivalent:  # the matched share as restored (issue 16)
-        result = matched_as_restored(result, ref_store, WeightStore(restored), ref_walk)
-    summary = build_report(result, ref_store, sus_store, WeightStore(written), scales, seconds)
+        result = matched_as_restored(result, ref_store, logical_store(restored, ref_walk), ref_walk)
+    summary = build_report(result, ref_store, sus_store, logical_store(written, ref_walk), scales, seconds)
     summary.record = record
     summary.verified = bool(report and report.equivalent)
     summary.verify = report.to_dict() if report else None

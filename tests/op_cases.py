@@ -1045,3 +1045,49 @@ for _op, _middle in {
     "SplitToSequence": lambda g, t: _joined(g, g.op("SplitToSequence", [t], axis=3), axis=3),  # along W
 }.items():
     case(_op, touch=_sets("W1 W2"))(lambda _middle=_middle: _sequence_chain(_middle))
+
+
+# ---- ONNX Runtime's NCHWc ops (com.microsoft.nchwc): its own "all"-level save of X -> Conv W1 -> op ->
+# Conv W2 with 16 channels (a multiple of the block: no padding), read back; the filters are renamed
+NCHWC_OPS = {"ReorderInput": ("Relu", {}), "ReorderOutput": ("Relu", {}), "Conv": ("Relu", {}),
+             "MaxPool": ("MaxPool", {"kernel_shape": [2, 2], "strides": [2, 2]}),
+             "AveragePool": ("AveragePool", {"kernel_shape": [2, 2], "strides": [2, 2]}),
+             "GlobalMaxPool": ("GlobalMaxPool", {}), "GlobalAveragePool": ("GlobalAveragePool", {}),
+             "Upsample": ("Resize", {"mode": "nearest", "coordinate_transformation_mode": "asymmetric",
+                                     "nearest_mode": "floor"})}
+
+
+def _nchwc(op: str):
+    def build():
+        import tempfile
+        from pathlib import Path
+
+        import onnxruntime as ort
+
+        g = G(opset=13)
+        t = g.conv(g.input("X", [1, 16, 8, 8]), 16, 16, "W1")
+        middle, attrs = NCHWC_OPS[op]
+        if middle == "Resize":
+            t = g.op("Resize", [t, "", g.const("scales", [1, 1, 2, 2])], **attrs)
+        else:
+            t = g.op(middle, [t], **attrs)
+        g.ranks[t] = 4
+        g.output(g.conv(t, 16, 16, "W2"))
+        with tempfile.TemporaryDirectory() as tmp:
+            options = ort.SessionOptions()
+            options.log_severity_level = 4
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            options.optimized_model_filepath = str(Path(tmp) / "all.onnx")
+            ort.InferenceSession(g.model().SerializeToString(), options, providers=["CPUExecutionProvider"])
+            saved = onnx.load(options.optimized_model_filepath)
+        from onnx_resync.walk.layouts import NCHWC, machine_block_size
+
+        if machine_block_size() is not None:  # (a machine whose ONNX Runtime writes NCHWc)
+            assert any(n.domain == NCHWC and n.op_type == op for n in saved.graph.node), op
+        return saved
+
+    return build
+
+
+for _op in NCHWC_OPS:
+    case(_op, domain="com.microsoft.nchwc")(_nchwc(_op))

@@ -118,12 +118,25 @@ def test_fake_quantized_weights_walk_like_the_float_model(tmp_path):
     _round_trip(path, tmp_path, resync=True)
 
 
-def test_an_op_without_a_rule_still_pins(tmp_path):
-    """The counter-case: ONNX Runtime's NCHWc layout (ORT_ENABLE_ALL on a float CNN) has no walker rule:
-    the walk says so and moves nothing it cannot follow (permuting stays exact)."""
+def test_nchwc_layout_walks_like_the_float_model(tmp_path):
+    """ONNX Runtime's NCHWc layout (ORT_ENABLE_ALL on a float CNN; walk/rules/nchwc.py): the groups of
+    the float model, its blocked filters permuted through their layout, exact."""
     saved = _ort_saved(MODELS / "vgg.onnx", tmp_path / "ort.onnx", "all")
-    result = api.groups(saved)
-    assert any(op.startswith("com.microsoft.nchwc.") for op in result.ops_without_rule)
+    assert any(n.domain == "com.microsoft.nchwc" for n in onnx.load(str(saved)).graph.node)
+    _like(api.groups(saved), api.groups(MODELS / "vgg.onnx"))
+    _round_trip(saved, tmp_path)
+
+
+def test_an_op_without_a_rule_still_pins(tmp_path):
+    """The counter-case: an op the registry does not know (the NCHWc save with its convolutions renamed)
+    has no walker rule: the walk says so and moves nothing it cannot follow."""
+    saved = onnx.load(str(_ort_saved(MODELS / "vgg.onnx", tmp_path / "ort.onnx", "all")))
+    for node in saved.graph.node:
+        if node.domain == "com.microsoft.nchwc" and node.op_type == "Conv":
+            node.op_type = "ConvWithoutRule"
+    onnx.save(saved, tmp_path / "unknown.onnx")
+    result = api.groups(tmp_path / "unknown.onnx")
+    assert "com.microsoft.nchwc.ConvWithoutRule" in result.ops_without_rule
     assert result.permutable_channels < api.groups(MODELS / "vgg.onnx").permutable_channels
 
 

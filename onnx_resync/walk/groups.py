@@ -113,6 +113,8 @@ class WalkResult:
     singleton_channels: int  # hidden channels alone in their group (nothing to swap with)
     ops_without_rule: dict[str, int] = field(default_factory=dict)
     input_channels: int = 0  # hidden channels pinned because they meet a graph input's values
+    # stored weight -> its layout (walk/layouts.py: an NCHWc filter): its slots index `logical(stored)`
+    layouts: dict = field(default_factory=dict)
 
     @property
     def interface_channels(self) -> int:

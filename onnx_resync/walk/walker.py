@@ -19,6 +19,7 @@ from .groups import Group, GroupSlot, PinnedReason, Producer, Reader, WalkResult
 from .graph import GraphView, loop_layout, node_inputs, outer_scope_names, subgraphs
 from .groups import INPUT_REASON
 from .heads import split_per_head
+from .layouts import nchwc_layouts
 from . import registry
 from .rules import resolve_weight_axes, unknown_op
 from .rules.base import _is_uniform, is_zero, malformed
@@ -346,6 +347,8 @@ def walk(model: onnx.ModelProto, view: GraphView | None = None) -> WalkResult:
     result = _form_groups(ctx)
     _count_bodies(view, result)
     _count_functions(view, result)
+    result.layouts = {w: l for w, l in nchwc_layouts(view)[1].items() if any(
+        s.weight == w for g in result.groups for s in g.slots)}
     return result
 
 

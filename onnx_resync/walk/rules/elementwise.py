@@ -14,6 +14,10 @@ def broadcast(ctx, node, data_inputs=None) -> None:
     names = [n for n in (data_inputs if data_inputs is not None else node.input) if n]
     out = node.output[0]
     out_rank = ctx.rank(out)
+    if _stacked_union(ctx, node, names, out_rank):
+        return
+    for n in names:  # any other stacked operand: its directions (blocks) move together from here on
+        ctx.tie_directions(n)
     ranks = [ctx.rank(n) for n in names]
     labelled = [n for n in names if ctx.get(n)]
     for n, r in zip(names, ranks):  # a weight's axis along which it holds one value is read in no order
@@ -66,6 +70,32 @@ def broadcast(ctx, node, data_inputs=None) -> None:
     # outputs beyond the first (rare) carry the same labels
     for o in node.output:
         ctx.set(o, out_labels)
+
+
+def _stacked_union(ctx, node, names, out_rank) -> bool:
+    """Operands that carry stacked labels on the same pairs of axes (two bidirectional layers' Y, two
+    views of NCHWc blocks) and nothing else, the others one value each: unioned pair by pair, and the
+    output keeps the stacked labels (each direction, each block, stays apart). False: not that case."""
+    carriers = [n for n in names if ctx.stacked(n)]
+    if not carriers or out_rank is None:
+        return False
+    keys = set(ctx.stacked(carriers[0]))
+    for n in names:
+        if ctx.get(n) or ctx.rank(n) is None:
+            return False
+        if n in carriers:
+            if set(ctx.stacked(n)) != keys or ctx.rank(n) != out_rank or any(
+                    len(ctx.stacked(n)[k]) != len(ctx.stacked(carriers[0])[k]) for k in keys):
+                return False
+        elif not all(ctx.dim(n, a) == 1 for a in range(ctx.rank(n))):
+            return False
+    first = ctx.stacked(carriers[0])
+    for n in carriers[1:]:
+        for k in keys:
+            ctx.union(first[k], ctx.stacked(n)[k])
+    for o in node.output:
+        ctx.set(o, dict(first))
+    return True
 
 
 def _derive_elementwise(ctx, node, names, ranks, out_rank) -> None:
@@ -142,7 +172,7 @@ for _op in UNARY:
             weight_view=_op in ("Identity", "Cast"), quantized_view=_op == "Identity",
             output_type="bool" if _op in _BOOL else None)
 for _op in BINARY:
-    declare(_op, broadcast, homogeneous=_op in ("Add", "Sub", "Mul", "Sum"),
+    declare(_op, broadcast, stacked=True, homogeneous=_op in ("Add", "Sub", "Mul", "Sum"),
             homogeneous_joint=_op in ("Add", "Sub", "Sum"), foldable=_op in ("Mul", "Add", "Sub", "Div", "Pow"),
             commutative=_op in ("Add", "Mul", "Sum", "Max", "Min", "Mean"), output_type="bool" if _op in _BOOL else None)
 declare("Where", where)

@@ -149,6 +149,10 @@ def _merge_axes(ctx, node, labels, in_shape, groups_of_axes) -> None:
 
 def reshape(ctx, node) -> None:
     _derive_reshaped(ctx, node)
+    from .nchwc import block_view  # (nchwc.py builds on this family)
+
+    if block_view(ctx, node):  # ONNX Runtime's view of NCHWc blocks
+        return
     x = node.input[0]
     in_shape, out_shape = ctx.shape(x), ctx.shape(node.output[0])
     kept = _keep_stacked(ctx, x, in_shape, out_shape)
