@@ -183,6 +183,42 @@ def test_gemm_inside_if_branches_is_written_as_matmul():
         _same(canon, model, {"x": _w(2, 6, scale=1), "flag": np.array([flag], np.float32)})
 
 
+# ---- transposes.py -----------------------------------------------------------------------------
+def test_transpose_before_an_op_of_a_constant_is_moved_after_it():
+    """ONNX Runtime's transpose optimizer saves Mul(Transpose(x), c) as Transpose(Mul(x, c')) (Basic
+    Pitch's CQT scale: the layer read [309, 1, 1] against [1, 1, 309, 1], exit 3 on every ORT save):
+    both files reach one form, with the constant in one shape; Sub keeps its operand order, a chain
+    of two ops ends with the Transpose, a scalar operand leaves it where it is."""
+    c, d = _w(5, 1, 1), _w(5, 1, 1)
+    perm = [0, 2, 1, 3]
+    ref = _model([helper.make_node("Transpose", ["x"], ["t"], perm=perm),
+                  helper.make_node("Mul", ["t", "c"], ["m"]),
+                  helper.make_node("Sub", ["d", "m"], ["s"]),
+                  helper.make_node("Transpose", ["s"], ["u"], perm=perm),
+                  helper.make_node("Mul", ["u", "two"], ["y"])],
+                 [("x", TensorProto.FLOAT, [1, 5, 5, 4])], [("y", TensorProto.FLOAT, [1, 5, 5, 4])],
+                 {"c": c, "d": d, "two": np.float32(2)})
+    inv = list(np.argsort(perm))
+    saved = _model([helper.make_node("Mul", ["x", "c2"], ["m"]),
+                    helper.make_node("Sub", ["d2", "m"], ["s"]),
+                    helper.make_node("Transpose", ["s"], ["t"], perm=perm),
+                    helper.make_node("Transpose", ["t"], ["u"], perm=perm),
+                    helper.make_node("Mul", ["u", "two"], ["y"])],
+                   [("x", TensorProto.FLOAT, [1, 5, 5, 4])], [("y", TensorProto.FLOAT, [1, 5, 5, 4])],
+                   {"c2": c[None].transpose(inv), "d2": d[None].transpose(inv), "two": np.float32(2)})
+    forms = []
+    for model in (ref, saved):
+        canon = _canonical(model)
+        _same(canon, model, {"x": _w(1, 5, 5, 4, scale=1)})
+        forms.append([(n.op_type, [tuple(canon.model.graph.initializer[[t.name for t in canon.model.graph.initializer]
+                                                                        .index(i)].dims)
+                                   for i in n.input if i in {t.name for t in canon.model.graph.initializer}])
+                      for n in canon.model.graph.node])
+    assert forms[0] == forms[1]
+    assert forms[0][:2] == [("Mul", [(1, 1, 5, 1)]), ("Sub", [(1, 1, 5, 1)])]
+    assert [op for op, _ in forms[0]][2:] == ["Transpose", "Transpose", "Mul"]
+
+
 # ---- floats.py --------------------------------------------------------------------------------
 def test_half_precision_becomes_float32():
     """fp16 weights, input, output and a Cast to fp16: all float32; the origin keeps float16."""
@@ -735,6 +771,35 @@ def test_nchwc_padding_dropped_through_an_activation(tmp_path):
     x = _w(1, 16, 8, 8, scale=1)
     _same(canon, saved, {"x": x}, atol=1e-4, rtol=1e-4)
     _same(canon, model, {"x": x}, atol=1e-4, rtol=1e-4)
+
+
+def test_a_gathered_table_read_by_matmulinteger_keeps_its_own_scale(tmp_path):
+    """quantize_dynamic on Gather(table) -> Gemm (arabic_gru_decoder): the gathered uint8 codes go to
+    MatMulInteger as they are (the table's zero point as A's), the result times Mul(table scale,
+    weight scale), folded into one constant before dequantization (exit 3: the embedding Gather
+    read an integer table). Canonical: Gather of the table dequantized with its own scale, MatMul
+    with the weight with its own: each within half a step of the float model's, ORT agrees."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    table, W, b = _w(40, 8), _w(6, 8), _w(6)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["g"]),
+             helper.make_node("Gemm", ["g", "W", "b"], ["y"], transB=1)]
+    model = _model(nodes, [("ids", TensorProto.INT64, [5])], [("y", TensorProto.FLOAT, [5, 6])],
+                   {"table": table, "W": W, "b": b})
+    onnx.save(model, tmp_path / "f.onnx")
+    quantize_dynamic(str(tmp_path / "f.onnx"), str(tmp_path / "q.onnx"), weight_type=QuantType.QInt8)
+    quantized = onnx.load(tmp_path / "q.onnx")
+    assert _ops(quantized)["MatMulInteger"] == 1 and _ops(quantized)["DynamicQuantizeLinear"] == 0
+    canon = _canonical(quantized)
+    assert _ops(canon.model) == Counter({"Gather": 1, "MatMul": 1, "Add": 1})
+    stored = {t.name: numpy_helper.to_array(t) for t in canon.model.graph.initializer}
+    gather = next(n for n in canon.model.graph.node if n.op_type == "Gather")
+    matmul = next(n for n in canon.model.graph.node if n.op_type == "MatMul")
+    steps = {t.name: float(numpy_helper.to_array(t)) for t in quantized.graph.initializer
+             if t.name.endswith("_scale")}
+    assert np.abs(stored[gather.input[0]] - table).max() <= steps["table_scale"] / 2 * 1.001
+    assert np.abs(stored[matmul.input[1]] - W.T).max() <= steps["W_scale"] / 2 * 1.001
+    _same(canon, quantized, {"ids": np.array([0, 3, 7, 39, 3], np.int64)})
 
 
 def test_a_table_gathered_then_dequantized_is_the_gather_of_the_float_table():

@@ -340,6 +340,11 @@ class _Dequantizer:
             factors += f[1]
             chain.append(u)
             t = u.output[0]
+            if f[0] == 0 and x_scale in ws.constants and _product_of(ws.origins.get(other)) \
+                    and x_scale in ws.origins[other].sources:
+                # a constant x_scale already folded into this factor (a statically quantized A)
+                factors.append(1.0 / ws.const(x_scale).astype(np.float64))
+                count = 1
         if count != 1:
             return [], True
         C = _channel_vector(_product(factors), channels, W.ndim - 1 if conv else 1)
@@ -637,9 +642,10 @@ class _Dequantizer:
         if table not in self.ws.constants or self.ws.dtype(table).kind not in "iu":
             return []
         readers = self._dequantizers(out, 8)
-        if not readers:
-            return []
-        scales = {tuple(r.input[1:3]) for r in readers}
+        if readers is None:  # read by integer ops as their quantized operand A (quantize_dynamic)
+            scales = self._integer_readers(out)
+        else:
+            scales = {tuple(r.input[1:3]) for r in readers}
         if len(scales) != 1:
             return []
         scale, zero_point = (list(next(iter(scales))) + [""])[:2]
@@ -654,6 +660,42 @@ class _Dequantizer:
         new.attribute.extend(node.attribute)
         self.pending = [p for p in self.pending if p[0] != out]  # no requantization
         return [new]
+
+    def _integer_readers(self, name: str) -> set[tuple[str, str]]:
+        """{(scale, zero point)} of quantized tensor `name` where only ConvInteger/MatMulInteger read
+        it, as operand A with a zero point: quantize_dynamic feeds a gathered quantized table to
+        MatMulInteger as it is, its zero point as A's, and multiplies the result by
+        Mul(A's scale, B's scale) (operators/matmul.py: the scale names in input order). That Mul may
+        already be folded into one constant: its origin's sources keep the order."""
+        found = set()
+        readers = self.ws.consumers(name)
+        if not readers or name in self.ws.protected:
+            return set()
+        for r in readers:
+            if r.domain not in STANDARD or r.op_type not in ("ConvInteger", "MatMulInteger") \
+                    or r.input[0] != name or name in r.input[1:] or len(r.input) < 3 or not r.input[2]:
+                return set()
+            u = self.ws.sole_consumer(r.output[0])
+            if u is not None and u.op_type == "Add":
+                u = self.ws.sole_consumer(u.output[0])
+            if u is None or u.op_type != "Cast":
+                return set()
+            m = self.ws.sole_consumer(u.output[0])
+            if m is None or m.op_type != "Mul" or len(m.input) != 2:
+                return set()
+            product = m.input[1] if m.input[0] == u.output[0] else m.input[0]
+            p = self.ws.producer(product)
+            if p is not None and p.op_type == "Mul" and p.domain in STANDARD and len(p.input) == 2:
+                scale = p.input[0]
+            elif product in self.ws.constants and _product_of(self.ws.origins.get(product), 2):
+                scale = self.ws.origins[product].sources[0]
+            else:
+                return set()
+            s = self.ws.const(scale)
+            if s is None or s.size != 1 or s.dtype.kind != "f":
+                return set()
+            found.add((scale, r.input[2]))
+        return found
 
     def _dequantizers(self, name: str, depth: int) -> list[onnx.NodeProto] | None:
         """The DequantizeLinear nodes that read quantized tensor `name`, directly or through views
@@ -762,6 +804,12 @@ def nbits_weight(B: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | No
     if np.ndim(zp):
         zp = zp[:, which]
     return (codes.astype(np.float32) - zp) * s[:, which]
+
+
+def _product_of(origin, count: int | None = None) -> bool:
+    """Whether a folded constant is the product of its sources (Muls of stored tensors only)."""
+    return origin is not None and bool(origin.steps) and all(st == "computed Mul" for st in origin.steps) \
+        and (count is None or len(origin.sources) == count)
 
 
 def _product(factors: list[np.ndarray]) -> np.ndarray:
