@@ -452,8 +452,9 @@ def _build(suspect, reference, ref_c: CanonicalModel, sus_c: CanonicalModel, ali
                           heatmap_max)
     moved = int(rs.moved)
     # a layer no group reaches keeps the suspect's order: equal up to it is no change (unreached.py)
-    reordered = explained_by_order(alignment, ref_walk, ref_store, res_store, sus_c) \
-        if not precision["within"] and rs.derived else None
+    # (also where no group was matched at all: equality alone must not call an order a change)
+    reordered = explained_by_order(alignment, ref_walk, ref_store, res_store, sus_c, {gr.key for gr in rs.groups}) \
+        if not precision["within"] and (rs.derived or not rs.neurons) else None
     if reordered:
         precision["within"], precision["reordered"] = True, reordered
     within = precision["within"] and sub.within

@@ -263,18 +263,30 @@ def _distance(r: SubgraphWeight, s: SubgraphWeight) -> tuple[float, bool, float]
         matched[order_a] = np.sort(b, kind="stable")
     else:
         m_a, m_b = a.reshape(a.shape[0], -1), b.reshape(a.shape[0], -1)
+        # rows (or columns) alone moved: matched by their values in place; both: by their sorted
+        # values first (a DFT basis's rows all have one sorted profile: only the former tells them apart)
+        tries = []
+        if m_a.shape[0] <= MATCH_MAX:
+            tries.append(m_b[_match(m_a, m_b, in_place=True)])
+        if m_a.shape[1] <= MATCH_MAX:
+            tries.append(m_b[:, _match(m_a.T, m_b.T, in_place=True)])
         if m_a.shape[0] <= MATCH_MAX:
             m_b = m_b[_match(m_a, m_b)]
         if m_a.shape[1] <= MATCH_MAX:
             m_b = m_b[:, _match(m_a.T, m_b.T)]
-        matched = m_b.reshape(a.shape)
+        tries.append(m_b)
+        matched = min(tries, key=lambda t: bounds(t.reshape(a.shape))).reshape(a.shape)
     d, relative = bounds(matched)
     if (d, relative) >= direct:  # the matching did not help (a perturbed copy in place)
         return direct[0], False, direct[1]
     return d, True, relative
 
 
-def _match(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """idx such that b[idx] lines up with a, row by row, by the rows' sorted values."""
-    _, cols = linear_sum_assignment(cdist(np.sort(a, axis=1), np.sort(b, axis=1)))
+def _match(a: np.ndarray, b: np.ndarray, in_place: bool = False) -> np.ndarray:
+    """idx such that b[idx] lines up with a, row by row, by the rows' sorted values (by their
+    values as they stand if `in_place`)."""
+    if in_place:
+        _, cols = linear_sum_assignment(cdist(a, b))
+    else:
+        _, cols = linear_sum_assignment(cdist(np.sort(a, axis=1), np.sort(b, axis=1)))
     return cols

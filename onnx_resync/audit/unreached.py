@@ -34,11 +34,16 @@ _DTYPES = {"float32": onnx.TensorProto.FLOAT, "float16": onnx.TensorProto.FLOAT1
            "bfloat16": onnx.TensorProto.BFLOAT16, "float64": onnx.TensorProto.DOUBLE}
 
 
-def explained_by_order(alignment, ref_walk, ref_store, res_store, sus_c) -> list[str] | None:
+def explained_by_order(alignment, ref_walk, ref_store, res_store, sus_c,
+                       restored: set[str] | None = None) -> list[str] | None:
     """The reference weights that equal the restored ones only up to an order no group reaches,
-    when they are all that differs beyond the bound; else None (module docstring)."""
+    when they are all that differs beyond the bound; else None (module docstring). `restored`: the
+    keys of the groups resync put back (default: every group of the walk); a group it did not
+    (unmatched, dropped) reaches nothing."""
     covered: dict[str, set[int]] = {}
     for g in ref_walk.groups:
+        if restored is not None and g.key not in restored:
+            continue
         for slot in g.slots:
             covered.setdefault(slot.weight, set()).add(slot.axis)
     differing: list[tuple[str, int]] = []
