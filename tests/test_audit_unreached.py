@@ -52,6 +52,7 @@ def test_rows_reordered_where_no_group_reaches_are_permuted_not_unrelated():
     ref = _model(_basis())
     report = audit(_model(_basis()[np.random.default_rng(2).permutation(2 * K)]), ref)
     assert report.derived and report.verdict == "permuted", report.summary
+    assert "1 weight in another order" in report.summary and "0 of 0" not in report.summary, report.summary
     redrawn = np.random.default_rng(3).normal(size=_basis().shape).astype(np.float32)
     report = audit(_model(redrawn), ref)
     assert not report.derived and report.verdict == "not derived", report.summary

@@ -504,6 +504,13 @@ def _build(suspect, reference, ref_c: CanonicalModel, sus_c: CanonicalModel, ali
     )
 
 
+def _permuted_phrase(moved: int, neurons: int, precision: dict) -> str:
+    if neurons or not precision.get("reordered"):
+        return f"permuted ({moved} of {neurons} neurons moved)"
+    n = len(precision["reordered"])  # no group matched: only weights in another row order (unreached.py)
+    return f"permuted ({n} weight{'s' if n > 1 else ''} in another order of rows or columns, no neuron group)"
+
+
 def _summary(verdict, derived, permuted, perturbation, precision, re_export, moved, neurons, compared,
              looks_derived, format_change) -> str:
     if verdict == "cannot judge":
@@ -518,10 +525,10 @@ def _summary(verdict, derived, permuted, perturbation, precision, re_export, mov
     if verdict == "identical":
         parts.append("identical weights")
     elif verdict == "permuted":
-        parts.append(f"permuted ({moved} of {neurons} neurons moved)")
+        parts.append(_permuted_phrase(moved, neurons, precision))
     else:
         if permuted:
-            parts.append(f"permuted ({moved} of {neurons} neurons moved)")
+            parts.append(_permuted_phrase(moved, neurons, precision))
         kinds = perturbation.get("kinds") or ["weights changed"]
         beyond = f" beyond its {format_change} storage" if format_change else ""
         parts.append(f"perturbed{beyond}: " + "; ".join(kinds))
