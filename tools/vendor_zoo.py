@@ -59,15 +59,27 @@ def _module(name: str, path: Path):
     return module
 
 
+def _graphs(g: onnx.GraphProto):
+    """g and every If/Loop/Scan body in it, at any depth."""
+    yield g
+    for n in g.node:
+        for a in n.attribute:
+            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                yield from _graphs(sub)
+
+
 def make_twin(src: Path, dst: Path, seed: int = TWIN_SEED) -> None:
-    """Every float weight (initializer or Constant node) of 2+ values redrawn with its mean and std,
-    except BatchNormalization's running mean and variance (statistics; a variance must stay positive)."""
+    """Every float weight (initializer or Constant node, in the main graph and in every If/Loop/Scan
+    body: silero_vad_if keeps all its weights in its branches) of 2+ values redrawn with its mean and
+    std, except BatchNormalization's running mean and variance (statistics; a variance must stay
+    positive)."""
     model = onnx.load(str(src))
     rng = np.random.default_rng(seed)
-    stats = {n.input[i] for n in model.graph.node if n.op_type == "BatchNormalization" for i in (3, 4)
+    graphs = list(_graphs(model.graph))
+    stats = {n.input[i] for g in graphs for n in g.node if n.op_type == "BatchNormalization" for i in (3, 4)
              if len(n.input) > i}
-    tensors = list(model.graph.initializer) + [a.t for n in model.graph.node if n.op_type == "Constant"
-                                               for a in n.attribute if a.name == "value"]
+    tensors = [t for g in graphs for t in g.initializer] + [
+        a.t for g in graphs for n in g.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
     for t in tensors:
         if t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE) \
                 or t.name in stats:
