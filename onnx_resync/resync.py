@@ -316,7 +316,7 @@ def restore(suspect: onnx.ModelProto, reference: onnx.ModelProto, ref_walk: Walk
     restored, _ = permuted_copy(suspect, ref_walk, result.record(), store=sus_store)
     scales = _rescales(reference, ref_walk, result, ref_store, restored) if undo_rescale else {}
     if scales:
-        undo_rescales(reference, WeightStore(restored), ref_walk.groups, scales)
+        undo_rescales(reference, logical_store(restored, ref_walk), ref_walk.groups, scales)
     return restored, scales
 
 
@@ -331,7 +331,7 @@ def _rescales(model, walk_result, result: MatchResult, ref_store, restored) -> d
         hinted |= gm.rescale_detected > 0 or (med.max() > 1e-4 and med.min() < -1e-4)
     if not hinted:
         return {}
-    return find_rescales(model, ref_store, WeightStore(restored), neutral)
+    return find_rescales(model, ref_store, logical_store(restored, walk_result), neutral)
 
 
 def build_report(result: MatchResult, ref: WeightStore, sus: WeightStore, restored: WeightStore,
