@@ -121,3 +121,14 @@ def test_resync_matches_the_logical_filters(tmp_path):
     got = {t.name: numpy_helper.to_array(t) for t in restored.graph.initializer}
     for t in saved.graph.initializer:
         np.testing.assert_array_equal(got[t.name], numpy_helper.to_array(t), err_msg=t.name)
+
+
+def test_reduce_does_not_edit_widths_of_blocked_filters(tmp_path):
+    """A width edit of a group whose slots lie in a blocked filter cannot be written (a blocked filter
+    holds whole blocks): reduce leaves such groups alone (its candidates were refused by ONNX Runtime
+    one by one before)."""
+    from onnx_resync.reduce.widths import editable
+
+    result = walk(_saved_all_level(_net(), tmp_path / "all.onnx"))
+    blocked = [g for g in result.groups if any(s.weight in result.layouts for s in g.slots)]
+    assert blocked and not any(editable(g, result.layouts) for g in blocked)

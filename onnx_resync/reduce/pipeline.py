@@ -116,7 +116,7 @@ def _fold_constants(current: onnx.ModelProto, proof: _Proof, report: ReduceRepor
     widths = Widths(current)
     plans = []
     for g in result.groups:
-        if not editable(g):
+        if not editable(g, result.layouts):
             continue
         found = constants.zero_incoming(widths, g)
         alive = [int(i) for i in found if np.abs(widths.rows(g, {-1}, [i])).max(initial=0.0) > 0]
@@ -162,7 +162,7 @@ def _reduce_neurons(current: onnx.ModelProto, proof: _Proof, report: ReduceRepor
     for report.rounds in range(1, MAX_ROUNDS + 1):
         result = walk(current)
         neutral = {g.key for g in neutral_groups(result)}
-        groups = [g for g in _readers_first(current, result.groups) if g.key not in refused and editable(g)]
+        groups = [g for g in _readers_first(current, result.groups) if g.key not in refused and editable(g, result.layouts)]
         trial, counts = _apply(current, groups, neutral, shapes=proof.feed_shapes)
         if not counts:
             break
@@ -212,7 +212,7 @@ def reduce_near(model: onnx.ModelProto, needed: dict[str, int], *, verify_option
 
     result = walk(model)
     neutral = {g.key for g in neutral_groups(result)}
-    groups = [g for g in _readers_first(model, result.groups) if needed.get(g.key, 0) > 0 and editable(g)]
+    groups = [g for g in _readers_first(model, result.groups) if needed.get(g.key, 0) > 0 and editable(g, result.layouts)]
     trial, counts = _apply(model, groups, neutral, find=lambda w, g, n: neurons.find_near(w, g, n, needed[g.key]),
                            shapes=lambda: _feed_shapes(model, verify_options or {}))
     if not counts:

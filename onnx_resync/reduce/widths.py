@@ -25,9 +25,10 @@ from ..io import WeightStore
 from ..walk import Group
 
 
-def editable(group: Group) -> bool:
-    """Every slot indexes a whole axis (not one direction's slice of it)."""
-    return bool(group.slots) and all(slot.at is None for slot in group.slots)
+def editable(group: Group, layouts=()) -> bool:
+    """Every slot indexes a whole axis (not one direction's slice of it) of a weight stored as it is
+    read (not in a layout: an NCHWc filter holds whole blocks of channels)."""
+    return bool(group.slots) and all(slot.at is None and slot.weight not in layouts for slot in group.slots)
 
 
 class Widths:
