@@ -1,7 +1,8 @@
 """tools/vendor_zoo.py's unrelated twin redraws every float weight, the ones inside If/Loop/Scan
 bodies too: silero_vad_if keeps all its weights in Constant nodes of its branches, and a twin that
 redrew only the main graph's was the file itself ('derived, identical weights' counted as a false
-verdict on a twin)."""
+verdict on a twin), and a quantized file's int8/uint8 codes (ddddocr's common_old: a twin with its
+ConvInteger codes kept shared every neuron's direction with the file: 'derived, perturbed')."""
 
 from __future__ import annotations
 
@@ -44,7 +45,9 @@ def _model() -> onnx.ModelProto:
     graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("inp", TensorProto.FLOAT, [1, 4]),
                                            helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
-                              [numpy_helper.from_array(rng.normal(size=(4, 4)).astype(np.float32), "main_w")])
+                              [numpy_helper.from_array(rng.normal(size=(4, 4)).astype(np.float32), "main_w"),
+                               numpy_helper.from_array(rng.integers(-127, 128, size=(4, 4)).astype(np.int8), "codes"),
+                               numpy_helper.from_array(np.array([1, -1], np.int64), "shape")])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -53,6 +56,7 @@ def test_twin_redraws_the_weights_inside_bodies(tmp_path):
     onnx.save(_model(), src)
     _vendor_zoo().make_twin(src, dst)
     before, after = _weights(onnx.load(src)), _weights(onnx.load(dst))
-    assert set(before) == {"main_w", "then_w", "else_w"} == set(after)
-    for name in before:
+    assert set(before) == {"main_w", "then_w", "else_w", "codes", "shape"} == set(after)
+    for name in ("main_w", "then_w", "else_w", "codes"):
         assert not np.allclose(before[name], after[name]), name
+    assert after["codes"].dtype == np.int8 and np.array_equal(before["shape"], after["shape"])  # a shape stays

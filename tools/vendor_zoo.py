@@ -5,7 +5,8 @@ nothing is downloaded here) the transforms of tools/build_zoo.py (ONNX Runtime's
 model, onnxslim, fp16 by two converters, dynamic int8, other node order, other names) are applied
 to the file and to a permuted copy (truth: identical / permuted), and an unrelated twin is drawn:
 every float weight of two or more values redrawn from a normal law with the tensor's own mean and
-std (truth: not derived). Dynamic int8 is built as a user builds it (`t_dynamic`): quantize_dynamic on
+std (truth: not derived). A copy ONNX Runtime cannot load is 'not built' (the tool wrote no usable
+file). Dynamic int8 is built as a user builds it (`t_dynamic`): quantize_dynamic on
 the file, and where ONNX Runtime's quantizer refuses it (Paddle files: "Expected conv2d_157.w_0 to be an
 initializer", a Conv with a bias whose weight is a Constant node), ONNX Runtime's quantization
 pre-processing first, as its warning asks (quant_pre_process: its optimizer writes the Constant nodes
@@ -49,6 +50,9 @@ KEYS = ["ppocr_rec", "ppocr_det", "ppocr_cls", "pplcnet_orientation", "nudenet_3
 TRANSFORMS = ["plain", "reordered", "renamed", "ort_basic", "ort_extended", "ort_all", "onnxslim",
               "fp16_ort", "fp16_occ", "dynamic"]
 TWIN_SEED = 7
+# integer weights a quantized file stores (ddddocr's common_old: ConvInteger on int8 codes): a twin
+# that kept them would share every neuron's direction with the file (int64/int32: shapes, indices)
+QUANTIZED = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
 TIMEOUT_S = 900
 
 
@@ -69,10 +73,10 @@ def _graphs(g: onnx.GraphProto):
 
 
 def make_twin(src: Path, dst: Path, seed: int = TWIN_SEED) -> None:
-    """Every float weight (initializer or Constant node, in the main graph and in every If/Loop/Scan
-    body: silero_vad_if keeps all its weights in its branches) of 2+ values redrawn with its mean and
-    std, except BatchNormalization's running mean and variance (statistics; a variance must stay
-    positive)."""
+    """Every float or int8/uint8 weight (initializer or Constant node, in the main graph and in every
+    If/Loop/Scan body: silero_vad_if keeps all its weights in its branches) of 2+ values redrawn with
+    its mean and std (integers rounded and clipped to their type), except BatchNormalization's
+    running mean and variance (statistics; a variance must stay positive)."""
     model = onnx.load(str(src))
     rng = np.random.default_rng(seed)
     graphs = list(_graphs(model.graph))
@@ -81,13 +85,15 @@ def make_twin(src: Path, dst: Path, seed: int = TWIN_SEED) -> None:
     tensors = [t for g in graphs for t in g.initializer] + [
         a.t for g in graphs for n in g.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
     for t in tensors:
-        if t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE) \
+        if t.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE) + QUANTIZED \
                 or t.name in stats:
             continue
         w = numpy_helper.to_array(t)
         if w.size < 2:
             continue
         drawn = rng.standard_normal(w.shape) * float(w.astype(np.float64).std()) + float(w.astype(np.float64).mean())
+        if w.dtype.kind in "iu":  # a quantized weight's codes (its float scales are redrawn too)
+            drawn = np.clip(np.round(drawn), np.iinfo(w.dtype).min, np.iinfo(w.dtype).max)
         t.CopyFrom(numpy_helper.from_array(drawn.astype(w.dtype), t.name))
     onnx.save(model, str(dst))
 
@@ -117,6 +123,19 @@ def t_dynamic(src: Path, dst: Path, key: str, bz) -> None:
 
 
 OWN_TRANSFORMS = {"dynamic": t_dynamic}  # transforms built here, not by build_zoo's t_<name>
+
+
+def refused(path: Path) -> None:
+    """Raise where ONNX Runtime cannot load a written copy: the tool wrote no file a user has (both
+    float16 converters on ddddocr's dynamically quantized model: DynamicQuantizeLinear on float16)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - whatever ORT says is the row's message
+        raise RuntimeError(f"ONNX Runtime cannot load the copy: {exc}") from None
 
 
 def audit(suspect: Path, reference: Path) -> dict:
@@ -170,6 +189,7 @@ def run_key(key: str, transforms: list[str], bz, vm, log, rerun: bool = False) -
         try:
             if not dst.exists():
                 build(dst)
+            refused(dst)
         except Exception as exc:  # a tool that cannot write this file: reported, not audited
             row = {"key": key, "name": name, "truth": truth, "verdict": "not built", "rc": None, "seconds": 0,
                    "line": " ".join(str(exc).split())[:200]}
