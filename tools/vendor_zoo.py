@@ -134,8 +134,9 @@ def refused(path: Path) -> None:
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - whatever ORT says is the row's message
-        raise RuntimeError(f"ONNX Runtime cannot load the copy: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 - whatever ORT says is the row's message (less the path)
+        said = str(exc).split(" failed:", 1)[-1] if str(path) in str(exc) else str(exc)
+        raise RuntimeError(f"ONNX Runtime cannot load the copy: {said}") from None
 
 
 def audit(suspect: Path, reference: Path) -> dict:
