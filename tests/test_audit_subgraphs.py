@@ -162,3 +162,19 @@ def test_loop_body_weights(seed, verdict):
     report = audit(loop_model(seed), loop_model(0))
     assert report.verdict == verdict, report.summary
     _all_compared(report)
+
+
+def test_a_body_value_at_a_float16_converters_clamp_is_explained():
+    """oww's silero VAD keeps a scalar 2^20 in its branches: both float16 converters store it as 65504
+    (their clip), which read 'perturbed beyond its float16 storage' on identical copies. A value at
+    the clamp, same sign, where the reference's lies beyond it, is within; one the reference does not
+    reach is not."""
+    from onnx_resync.audit.subgraphs import SubgraphWeight, _distance
+
+    def d(ref: float, stored: float) -> float:
+        r = SubgraphWeight((), "c", TensorProto.FLOAT, np.array([ref, 0.5], np.float32))
+        s = SubgraphWeight((), "c", TensorProto.FLOAT16, np.array([stored, 0.5], np.float16).astype(np.float32))
+        return _distance(r, s)[0]
+
+    assert d(2.0 ** 20, 65504.0) <= 1.0 and d(-(2.0 ** 20), -65504.0) <= 1.0 and d(3e4, 1e4) <= 1.0
+    assert d(1000.0, 65504.0) > 1.0 and d(2.0 ** 20, -65504.0) > 1.0

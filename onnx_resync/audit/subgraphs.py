@@ -22,7 +22,10 @@ unpaired): groups that touch them compare the reference with itself.
   MATCH_MAX on an axis (beyond it, the axis is compared as it is); a vector by its sorted values.
   The distance is the largest difference in units of the suspect's storage bound (STORAGE_BOUND:
   float32 and float64 rounding, float16 and bfloat16 half a step, relative, with an absolute floor
-  for the converters' clamping of tiny values).
+  for the converters' clamping of tiny values). A float16 value at a converter's clamp
+  (storage.FP16_CLAMPED_HIGH / _LOW, same sign) where the reference's lies beyond it is what the
+  clamp explains, as for the main graph's weights (oww's silero VAD: a scalar 2^20 in its branches
+  stored as 65504 by both converters).
 - *Equal*: every element within the bound after that matching (distance <= 1), *moved* when the
   matching is not the identity. An unrelated (redrawn) weight is nowhere near: its elements differ
   by about their own size, millions of bounds.
@@ -49,6 +52,8 @@ import onnx
 from onnx import numpy_helper
 from scipy.optimize import linear_sum_assignment
 from scipy.spatial.distance import cdist
+
+from .storage import FP16_CLAMP_MIN, FP16_CLAMPED_HIGH, FP16_CLAMPED_LOW
 
 MATCH_MAX = 2048  # rows or columns matched by assignment at most; beyond, that axis is compared as stored
 # per-element bound: relative (half a step of the format) and absolute floor (converters clamp tiny values)
@@ -252,7 +257,10 @@ def _distance(r: SubgraphWeight, s: SubgraphWeight) -> tuple[float, bool, float]
     def bounds(x: np.ndarray) -> tuple[float, float]:
         if not x.size:
             return 0.0, 0.0
-        return float(np.max(np.abs(x - a) / (rel * np.abs(a) + floor))), float(np.linalg.norm(x - a)) / norm
+        diff = np.abs(x - a)
+        if s.dtype == onnx.TensorProto.FLOAT16:
+            diff = np.where(_clamped(a, x), 0.0, diff)
+        return float(np.max(diff / (rel * np.abs(a) + floor))), float(np.linalg.norm(diff)) / norm
 
     direct = bounds(b)
     if direct[0] <= 1.0 or a.size < 2:
@@ -280,6 +288,15 @@ def _distance(r: SubgraphWeight, s: SubgraphWeight) -> tuple[float, bool, float]
     if (d, relative) >= direct:  # the matching did not help (a perturbed copy in place)
         return direct[0], False, direct[1]
     return d, True, relative
+
+
+def _clamped(a: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Where float16 value x is a converter's clamp of reference value a (same sign, a beyond it)."""
+    ax, aa = np.abs(x.astype(np.float64)), np.abs(a.astype(np.float64))
+    same = np.sign(a) * np.sign(x) >= 0
+    high = np.isin(ax, FP16_CLAMPED_HIGH) & (aa >= ax)
+    low = np.isin(ax, FP16_CLAMPED_LOW) & (aa <= FP16_CLAMP_MIN)
+    return same & (high | low)
 
 
 def _match(a: np.ndarray, b: np.ndarray, in_place: bool = False) -> np.ndarray:
