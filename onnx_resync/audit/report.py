@@ -15,7 +15,9 @@ Verdicts:
 - "permuted": the same, once the neurons are put back in the reference's order;
 - "perturbed": derived (resync's evidence statistic) but some weights differ beyond what the
   storage explains; kind and strength (noise or further training, quantization beyond the
-  storage, pruning, rescaling) are computed on what lies beyond the bound only; `permuted` tells
+  storage, pruning, rescaling) are computed on what lies beyond the bound only, and a kind is
+  named only where its shape supports it (beyond.py: noise where a weight's differences are spread
+  over its elements, rescaled where they are whole neurons scaled); `permuted` tells
   whether neurons had also moved. The kind is named only where the alignment vouches for it: when
   the differences lie in layers paired with low confidence, the runner-ups of those pairs are
   resynced and one that puts every weight within the bound is kept (_by_storage_bound); none: "kind
@@ -53,6 +55,7 @@ import numpy as np
 import onnx
 
 from .align import MAX_ALTERNATIVES, Alignment, align, alternatives
+from .beyond import SliceEvidence
 from .canonical import CanonicalModel, canonicalize
 from .heatmaps import HEATMAP_MAX, Heatmaps
 from .passes.run_time import run_time_format
@@ -663,12 +666,16 @@ def _precision(ref_store: WeightStore, res_store: WeightStore, alignment: Alignm
     quantized = False
     total = beyond = newly_zero = 0
     noise, distinct, distinct_ref = [], [], []
+    spread: dict[str, tuple[float, int]] = {}  # weight -> (its noise / std, elements): beyond_kinds' "noise"
+    scaled: dict[str, int] = {}  # weight -> neurons scaled whole (beyond.py)
     beyond_at: dict[str, tuple[int, int]] = {}  # weight -> (elements beyond the bound, elements)
     differences: dict[str, tuple[float, float]] = {}  # weight -> (max |reference|, max |restored - reference|)
     for rw, sw in alignment.weight_map.items():
         # one weight at a time, in chunks of PRECISION_CHUNK elements (float64 only there): a huge
         # model's weights are mapped or computed, never copied whole in float64
-        r_all = np.asarray(ref_store.get(rw)).reshape(-1)
+        r_all = np.asarray(ref_store.get(rw))
+        evidence = SliceEvidence(r_all.shape)
+        r_all = r_all.reshape(-1)
         s_all = np.asarray(res_store.get(rw)).reshape(-1)
         so, ro = sus_c.origins.get(sw), ref_c.origins.get(rw)
         dtype = storage_dtype(so)
@@ -718,6 +725,7 @@ def _precision(ref_store: WeightStore, res_store: WeightStore, alignment: Alignm
             beyond += int(out_of.sum())
             zero = (s == 0) & (r != 0) & out_of  # newly zero where the storage's rounding does not explain it
             newly_zero += int(zero.sum())
+            evidence.add(a, r, s, out_of & ~zero)
             excess = (np.sign(s - r) * np.maximum(diff - bound, 0.0))[~zero]
             excess_moments += (excess.size, excess.sum(), np.square(excess).sum())
         total += size
@@ -729,9 +737,16 @@ def _precision(ref_store: WeightStore, res_store: WeightStore, alignment: Alignm
         if top > worst_ratio or not worst_name:
             worst_ratio, worst_name = top, shown
         count = excess_moments[0]
+        kind, neurons = evidence.kind()
         if size >= 16 and std > 0 and count:
             spread_ = math.sqrt(max(excess_moments[2] / count - (excess_moments[1] / count) ** 2, 0.0))
             noise.append((spread_ / std, size))
+            if kind == "spread":
+                spread[shown] = (spread_ / std, size)
+        if kind == "spread" and shown not in spread:  # too small or constant for a relative noise
+            spread[shown] = (0.0, size)
+        if kind == "scaled":
+            scaled[shown] = neurons
         if size >= 256 and not (so is not None and so.quantized):
             pick = slice(None, None, max(1, size // STATISTICS_SAMPLE))
             distinct.append(len(np.unique(s_all[pick])))
@@ -739,6 +754,11 @@ def _precision(ref_store: WeightStore, res_store: WeightStore, alignment: Alignm
     beyond_stats = {
         "elements": int(beyond), "of": int(total), "fraction": beyond / total if total else 0.0,
         "noise_relative_std": _weighted_median(noise) if noise else 0.0,
+        # by shape (beyond.py): weights whose differences beyond the bound are spread over their
+        # elements (noise / std of each), and weights where whole neurons are scaled (neurons)
+        "spread_weights": {k: float(v[0]) for k, v in spread.items()},
+        "spread_noise_relative_std": _weighted_median(list(spread.values())) if spread else 0.0,
+        "scaled_weights": scaled,
         "extra_zero_fraction": newly_zero / total if total else 0.0,
         "distinct_values_median": int(np.median(distinct)) if distinct else None,
         "distinct_values_reference_median": int(np.median(distinct_ref)) if distinct_ref else None,
@@ -826,8 +846,10 @@ def _unsure_kind(perturbation: dict, alignment: Alignment, beyond_at: dict, ref_
 
 
 def _beyond_kinds(beyond: dict, resync_perturbation: dict) -> dict:
-    """Kind and strength of a perturbation from what lies beyond the storage's bound only (rescales
-    and one-sided norm outliers are resync's: they compare whole neurons)."""
+    """Kind and strength of a perturbation from what lies beyond the storage's bound only, each kind
+    named only where that evidence supports it: noise where a weight's differences are spread over
+    its elements, rescaled where they are whole neurons scaled (beyond.py; resync's count of
+    rescales and one-sided norm outliers is kept then, never passed on alone)."""
     out = dict(resync_perturbation)
     out.update({k: v for k, v in beyond.items() if k not in ("elements", "of")})
     out["beyond_fraction"] = beyond["fraction"]
@@ -840,12 +862,28 @@ def _beyond_kinds(beyond: dict, resync_perturbation: dict) -> dict:
         kinds.append(f"quantized beyond the storage: ~{d} distinct values per tensor (~{bits} bits)")
     if beyond["extra_zero_fraction"] > 0.01:
         kinds.append(f"pruned: {100 * beyond['extra_zero_fraction']:.1f}% of weights newly zero")
-    kinds += [k for k in resync_perturbation.get("kinds", []) if k.startswith(("rescaled", "norm outliers"))]
-    if not quantized and beyond["noise_relative_std"] > 1e-6:
-        kinds.append(f"noise or further training: ~{beyond['noise_relative_std']:.3g} x weight std "
-                     "beyond the storage's rounding")
+    # whole neurons scaled: named where some weight's differences beyond the bound are whole slices
+    # scaled (beyond.py), in resync's words (it counts neurons over a group's slots) when it saw them
+    scaled, spread = beyond.get("scaled_weights", {}), beyond.get("spread_weights", {})
+    if scaled:
+        theirs = [k for k in resync_perturbation.get("kinds", []) if k.startswith(("rescaled", "norm outliers"))]
+        mine = {f"{w}: {n} neuron{'s' if n > 1 else ''}": n for w, n in scaled.items()}
+        kinds += theirs or [f"rescaled: whole neurons scaled in {len(scaled)} weight{'s' if len(scaled) > 1 else ''}"
+                            f" ({_names(mine)})"]
+    # noise: where some weight's differences beyond the bound are spread over its elements; its size
+    # is theirs (a median over every weight would drown one noisy layer in the unchanged ones)
+    if not quantized and spread:
+        out["noise_relative_std"] = beyond["spread_noise_relative_std"]
+        kinds.append(f"noise or further training: ~{beyond['spread_noise_relative_std']:.3g} x weight std "
+                     f"beyond the storage's rounding, in {len(spread)} weight{'s' if len(spread) > 1 else ''}"
+                     f" ({_names(spread)})")
     out["kinds"] = kinds
     return out
+
+
+def _names(weights: Mapping, shown: int = 3) -> str:
+    names = list(weights)
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _restored_steps(steps: Steps, alignment: Alignment, ref_walk, rs, ref_store: WeightStore) -> dict[str, np.ndarray]:

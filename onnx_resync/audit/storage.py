@@ -167,9 +167,11 @@ def measure_steps(model: onnx.ModelProto, canon, names, canonicalize, floats: bo
                 if high.any():
                     out.clipped[t] = (int(high.sum()), float(a[high].max()))
 
-    def step(n: str) -> np.ndarray:
+    def step(n: str, singles_only: bool = False) -> np.ndarray:
         """Summed a store at a time (a computed weight is produced whole, once), a block of rows at a
-        time: never a float copy per probe."""
+        time: never a float copy per probe. `singles_only`: the single-step probes alone (one step of
+        each stored tensor, nothing for the ends of the range or a clamp): what the granularity of
+        the storage is read from."""
         b = np.asarray(base.get(n), dtype=np.float32)
         shape = b.shape
         b = b.reshape(b.shape[0] if b.ndim else 1, -1)
@@ -193,6 +195,8 @@ def measure_steps(model: onnx.ModelProto, canon, names, canonicalize, floats: bo
 
         for m in moved_stores[:n_colours]:
             add(m, 1.0, single=True)
+        if singles_only:
+            return total.reshape(shape)
         if cross:  # a quarter of the product of two roundings, in units of a half step
             add(moved_stores[-1], 0.5, beyond_sum=True)
         if edges is not None:
@@ -208,7 +212,9 @@ def measure_steps(model: onnx.ModelProto, canon, names, canonicalize, floats: bo
         if not kinds:  # a float weight computed from float16 operands: no integer format to name
             continue
         if any("{granularity}" in k for k in kinds):
-            st = out.steps[n]
+            # from the single steps only: the extra step of values at an end of the range (or at a
+            # clamp) falls on some elements, and would make a per-tensor step look per channel
+            st = step(n, singles_only=True)
             st = st[np.isfinite(st)]
             top = float(st.max()) if st.size else 0.0
             fallback = "per tensor" if not st.size or np.ptp(st) <= 1e-3 * max(top, 1e-30) else "per channel"
@@ -287,6 +293,8 @@ def allowed(r: np.ndarray, so: WeightOrigin | None, ro: WeightOrigin | None,
     storage alone (steps: measured quantization steps in r's layout, or None). `r` may be a piece of
     the weight: `scale` is then the whole weight's max |r|."""
     a = np.abs(r)
+    # constants in r's float type: a float32 piece (report's float32 screen) keeps a float32 bound
+    real = a.dtype.type if a.dtype.kind == "f" else np.float64
     if scale is None:
         scale = float(a.max()) if a.size else 0.0
     dtype, ref_dtype = storage_dtype(so), storage_dtype(ro)
@@ -295,7 +303,8 @@ def allowed(r: np.ndarray, so: WeightOrigin | None, ro: WeightOrigin | None,
     for d in {dtype, ref_dtype}:
         if d == "float16":
             out = out + FP16_SUBNORMAL_HALF_STEP
-            out = out + np.where(a < FP16_CLAMP_MIN, FP16_CLAMP_STORED, 0.0) + np.maximum(a - FP16_CLAMP_MAX, 0.0)
+            out = out + np.where(a < real(FP16_CLAMP_MIN), real(FP16_CLAMP_STORED), real(0.0)) \
+                + np.maximum(a - real(FP16_CLAMP_MAX), real(0.0))
     if (so is not None and so.computed) or (ro is not None and ro.computed):
         out = out + COMPUTED_REL * a + COMPUTED_ABS * scale
         if so is not None and so.computed and eps > 2 * STORAGE_ROUNDING["float32"] and step_s is None:
