@@ -217,8 +217,9 @@ def section(rows: list[dict]) -> str:
     cols = verdicts + other
     out = [BEGIN, "## Vendor files (tools/vendor_zoo.py)", "",
            "Real vendor files (tests/vendor_models.py), each through tools/build_zoo.py's transforms, also on a "
-           "permuted copy, and an unrelated twin (every float weight redrawn with the tensor's mean and std); "
-           "each audited against the original.", "",
+           "permuted copy, and an unrelated twin (every float weight, and int8/uint8 codes, redrawn with the tensor's "
+           "mean and std, in If/Loop/Scan bodies too); each audited against the original ('not built': the tool "
+           "failed, or wrote a copy ONNX Runtime cannot load).", "",
            "| truth \\ verdict | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for truth in ("identical", "permuted", "not derived"):
         counts = [sum(1 for r in rows if r["truth"] == truth and r["verdict"] == c) for c in cols]
