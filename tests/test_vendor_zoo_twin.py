@@ -40,14 +40,16 @@ def _model() -> onnx.ModelProto:
                  helper.make_node("MatMul", ["x", f"{tag}_w"], [f"{tag}_y"])]
         return helper.make_graph(nodes, tag, [], [helper.make_tensor_value_info(f"{tag}_y", TensorProto.FLOAT, [1, 3])])
 
-    nodes = [helper.make_node("MatMul", ["inp", "main_w"], ["x"]),
+    nodes = [helper.make_node("MatMul", ["inp", "main_w"], ["x0"]),
+             helper.make_node("Resize", ["x0", "", "scales"], ["x"]),
              helper.make_node("If", ["flag"], ["y"], then_branch=branch("then"), else_branch=branch("else"))]
     graph = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("inp", TensorProto.FLOAT, [1, 4]),
                                            helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
                               [numpy_helper.from_array(rng.normal(size=(4, 4)).astype(np.float32), "main_w"),
                                numpy_helper.from_array(rng.integers(-127, 128, size=(4, 4)).astype(np.int8), "codes"),
-                               numpy_helper.from_array(np.array([1, -1], np.int64), "shape")])
+                               numpy_helper.from_array(np.array([1, -1], np.int64), "shape"),
+                               numpy_helper.from_array(np.array([1.0, 1.0], np.float32), "scales")])
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
@@ -56,7 +58,8 @@ def test_twin_redraws_the_weights_inside_bodies(tmp_path):
     onnx.save(_model(), src)
     _vendor_zoo().make_twin(src, dst)
     before, after = _weights(onnx.load(src)), _weights(onnx.load(dst))
-    assert set(before) == {"main_w", "then_w", "else_w", "codes", "shape"} == set(after)
+    assert set(before) == {"main_w", "then_w", "else_w", "codes", "shape", "scales"} == set(after)
+    assert np.array_equal(before["scales"], after["scales"])  # a Resize's scales are no weight
     for name in ("main_w", "then_w", "else_w", "codes"):
         assert not np.allclose(before[name], after[name]), name
     assert after["codes"].dtype == np.int8 and np.array_equal(before["shape"], after["shape"])  # a shape stays

@@ -53,6 +53,7 @@ TWIN_SEED = 7
 # integer weights a quantized file stores (ddddocr's common_old: ConvInteger on int8 codes): a twin
 # that kept them would share every neuron's direction with the file (int64/int32: shapes, indices)
 QUANTIZED = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+PARAMETER_INPUTS = {"Resize": (1, 2), "Upsample": (1,), "Clip": (1, 2), "Pad": (1, 2, 3)}  # kept by the twin
 TIMEOUT_S = 900
 
 
@@ -76,12 +77,16 @@ def make_twin(src: Path, dst: Path, seed: int = TWIN_SEED) -> None:
     """Every float or int8/uint8 weight (initializer or Constant node, in the main graph and in every
     If/Loop/Scan body: silero_vad_if keeps all its weights in its branches) of 2+ values redrawn with
     its mean and std (integers rounded and clipped to their type), except BatchNormalization's
-    running mean and variance (statistics; a variance must stay positive)."""
+    running mean and variance (statistics; a variance must stay positive) and an op's parameters
+    (PARAMETER_INPUTS: Resize scales, Clip bounds, Pad values)."""
     model = onnx.load(str(src))
     rng = np.random.default_rng(seed)
     graphs = list(_graphs(model.graph))
     stats = {n.input[i] for g in graphs for n in g.node if n.op_type == "BatchNormalization" for i in (3, 4)
              if len(n.input) > i}
+    # an op's parameters, not weights: redrawn Resize scales give shapes ONNX Runtime refuses
+    stats |= {n.input[i] for g in graphs for n in g.node for i in PARAMETER_INPUTS.get(n.op_type, ())
+              if len(n.input) > i}
     tensors = [t for g in graphs for t in g.initializer] + [
         a.t for g in graphs for n in g.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
     for t in tensors:
