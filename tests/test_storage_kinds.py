@@ -7,7 +7,7 @@ beyond the storage's bound supports it (issue 14.3):
   values at an end of the int8 range); with per_channel=True, its MatMul weights: "per channel";
 - storage.allowed keeps a float32 piece's bound in float32 where a float16 side is involved (the
   report's float32 screen), with the float64 check's values;
-- an fp16 copy with noise on one small layer: "noise" named, in that weight (was no kind: the median
+- an fp16 (and a float32) copy with noise on one small layer: "noise" named, in that weight (was no kind: the median
   over every weight drowned it); one neuron rescaled (row x a, bias x a, consumer column / a):
   "rescaled" and no noise (was "rescaled" and "noise"); one neuron scaled on its producer side only:
   neurons scaled, no noise.
@@ -126,23 +126,25 @@ def _fp16(model: onnx.ModelProto) -> onnx.ModelProto:
         return convert_float_to_float16(model, keep_io_types=True)
 
 
-def test_kinds_beyond_a_float16_storage_are_named_from_their_shape():
+@pytest.mark.parametrize("store", ["float16", "float32"])
+def test_kinds_beyond_the_storage_are_named_from_their_shape(store):
     reference = _conv3()
-    plain = audit(_fp16(reference), reference)
+    stored = _fp16 if store == "float16" else (lambda m: m)
+    plain = audit(stored(reference), reference)
     assert plain.verdict == "identical" and not plain.perturbation["kinds"], plain.summary
 
-    noisy = audit(_fp16(_conv3(noise=0.02)), reference)
+    noisy = audit(stored(_conv3(noise=0.02)), reference)
     kinds = noisy.perturbation["kinds"]
     assert noisy.verdict == "perturbed" and len(kinds) == 1 and kinds[0].startswith("noise"), kinds
     assert "(w0)" in kinds[0] and 0.005 < noisy.perturbation["noise_relative_std"] < 0.03, noisy.perturbation
     assert noisy.precision["beyond"]["spread_weights"].keys() == {"w0"}, noisy.precision["beyond"]
 
-    rescaled = audit(_fp16(_conv3(rescale=5)), reference)
+    rescaled = audit(stored(_conv3(rescale=5)), reference)
     kinds = rescaled.perturbation["kinds"]
     assert rescaled.verdict == "perturbed" and kinds and all(k.startswith("rescaled") for k in kinds), kinds
     assert rescaled.precision["beyond"]["scaled_weights"] == {"w1": 1, "w2": 1}, rescaled.precision["beyond"]
 
-    one_sided = audit(_fp16(_conv3(one_sided=5)), reference)
+    one_sided = audit(stored(_conv3(one_sided=5)), reference)
     kinds = one_sided.perturbation["kinds"]
     assert one_sided.verdict == "perturbed" and kinds and not any(k.startswith("noise") for k in kinds), kinds
     assert one_sided.precision["beyond"]["scaled_weights"] == {"w1": 1}, one_sided.precision["beyond"]

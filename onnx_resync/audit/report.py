@@ -481,10 +481,8 @@ def _build(suspect, reference, ref_c: CanonicalModel, sus_c: CanonicalModel, ali
     if verdict in ("identical", "permuted", "not derived", "cannot judge"):
         perturbation = dict(rs.perturbation) if verdict != "not derived" and derived else {}
         perturbation["kinds"] = []  # what resync sees within the bound is the storage, nothing more
-    elif format_change:
+    else:  # float32 too: resync's whole-tensor statistics name rescales on a copy with noise everywhere
         perturbation = _beyond_kinds(precision["beyond"], rs.perturbation)
-    else:
-        perturbation = dict(rs.perturbation)
     if verdict == "perturbed":
         _unsure_kind(perturbation, alignment, beyond_at, ref_c)
     re_export = {"suspect": sus_c.changes_list(), "reference": ref_c.changes_list(),
