@@ -36,16 +36,13 @@ size), else the largest. If none fits, the region is left as it is (alignment wi
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import onnx
 
 from ..rewrite import STANDARD, Expansion, Workspace, attr, opset
 from .fused import activation
+from ...walk.layouts import CANDIDATES, NCHWC, Blocked, machine_block_size  # the layout facts, said once
 
-NCHWC = "com.microsoft.nchwc"
-CANDIDATES = (16, 8, 4)
 _POOLS = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool")
 
 
@@ -369,52 +366,9 @@ def _fits(ws: Workspace, region, convs, blocked, b: int) -> bool:
     return True
 
 
-@functools.lru_cache(maxsize=1)
-def machine_block_size() -> int | None:
-    """The NCHWc block size of this machine's ONNX Runtime (None: it writes no NCHWc), read from the
-    filter it stores for a small convolution."""
-    import tempfile
-    from pathlib import Path
-
-    from onnx import TensorProto, helper, numpy_helper
-
-    c = max(CANDIDATES)
-    W = np.arange(c * c, dtype=np.float32).reshape(c, c, 1, 1)
-    graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w"], ["y"])], "probe",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, c, 2, 2])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, c, 2, 2])], [numpy_helper.from_array(W, "w")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 7
-    try:
-        import onnxruntime as ort
-
-        with tempfile.TemporaryDirectory(prefix="onnx-resync-nchwc-") as tmp:
-            options = ort.SessionOptions()
-            options.log_severity_level = 4
-            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            options.optimized_model_filepath = str(Path(tmp) / "probe.onnx")
-            ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-            saved = onnx.load(options.optimized_model_filepath)
-    except Exception:
-        return None
-    inits = {t.name: t for t in saved.graph.initializer}
-    for node in saved.graph.node:
-        if node.domain == NCHWC and node.op_type == "Conv" and node.input[1] in inits:
-            D = numpy_helper.to_array(inits[node.input[1]])
-            for b in CANDIDATES:
-                if np.array_equal(unblock(D, b, inner=True), W):
-                    return b
-    return None
-
-
 def unblock(D: np.ndarray, b: int, inner: bool) -> np.ndarray:
-    """The OIHW filter of a stored NCHWc filter: OIHWBiBo (inner: input channels blocked too) or OIHWBo."""
-    O, I, kh, kw = D.shape
-    k = kh * kw
-    if inner:
-        return D.reshape(O // b, I // b, k, b, b).transpose(0, 4, 1, 3, 2).reshape(O, I, kh, kw)
-    return D.reshape(O // b, I, k, b).transpose(0, 3, 1, 2).reshape(O, I, kh, kw)
+    """The OIHW filter of a stored NCHWc filter (walk/layouts.py's Blocked: OIHWBiBo or OIHWBo)."""
+    return Blocked(b, inner=inner).logical(D)
 
 
 # ---- the rewrite --------------------------------------------------------------------------------
