@@ -11,8 +11,6 @@ layer's own weights is still "perturbed".
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import pathlib
 
 import numpy as np
@@ -21,30 +19,16 @@ import pytest
 from onnx import numpy_helper
 
 from onnx_resync import api
+from test_vendor_zoo import _build_zoo, _made as made  # one copy of the vendor-zoo cache helpers
 from vendor_models import vendor_model
 
 pytestmark = pytest.mark.vendor
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-CACHE = pathlib.Path(os.environ.get("ONNX_RESYNC_VENDOR_ZOO", pathlib.Path.home() / ".cache/onnx-resync/vendor_zoo"))
 NOISE = 0.05  # x the weight's std: far beyond float16's rounding
 
 
-def _build_zoo():
-    spec = importlib.util.spec_from_file_location("build_zoo", ROOT / "tools" / "build_zoo.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _made(name: str, make) -> pathlib.Path:
-    path = CACHE / "ppocr_det" / name
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.onnx")
-        make(tmp)
-        os.replace(tmp, path)
-    return path
+    return made(name, make, key="ppocr_det")
 
 
 def _noisy(src: pathlib.Path, dst: pathlib.Path, name: str = "conv2d_159.w_0") -> None:

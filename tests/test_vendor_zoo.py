@@ -43,8 +43,8 @@ def _build_zoo():
     return module
 
 
-def _made(name: str, make) -> pathlib.Path:
-    path = CACHE / "ppocr_rec" / name
+def _made(name: str, make, key: str = "ppocr_rec") -> pathlib.Path:
+    path = CACHE / key / name
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.onnx")

@@ -99,7 +99,9 @@ def logical_store(model, walk, *, cache: bool = False) -> WeightStore:
 
 def blocked_tensors(view) -> set[str]:
     """Tensors in blocked layout: nchwc outputs (not ReorderOutput's) and what other ops compute from
-    them (ONNX Runtime reorders before any reader that does not take blocked input)."""
+    them (ONNX Runtime reorders before any reader that does not take blocked input; what reads
+    blocked tensors is elementwise, also where a later fusion made it a contrib op: QuickGelu).
+    `view`: anything with `.nodes` (the walker's graph view, the audit's rewrite workspace)."""
     blocked: set[str] = set()
     for node in view.nodes:
         if node.domain == NCHWC:

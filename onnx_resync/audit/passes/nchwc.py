@@ -41,7 +41,7 @@ import onnx
 
 from ..rewrite import STANDARD, Expansion, Workspace, attr, opset
 from .fused import activation
-from ...walk.layouts import CANDIDATES, NCHWC, Blocked, machine_block_size  # the layout facts, said once
+from ...walk.layouts import CANDIDATES, NCHWC, Blocked, blocked_tensors, machine_block_size  # the layout facts, said once
 
 _POOLS = ("MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool")
 
@@ -50,7 +50,7 @@ def expand_nchwc(ws: Workspace) -> bool:
     region = [n for n in ws.nodes if n.domain == NCHWC]
     if not region:
         return False
-    blocked = _blocked_tensors(ws)
+    blocked = blocked_tensors(ws)  # the walker's rule: nchwc outputs and what is computed from them
     convs = [n for n in region if n.op_type == "Conv" and len(n.input) > 1 and n.input[1] in ws.constants]
     block, why = _block_size(ws, region, convs, blocked)
     if block is None:
@@ -73,20 +73,6 @@ def expand_nchwc(ws: Workspace) -> bool:
 
 
 # ---- the region ---------------------------------------------------------------------------------
-def _blocked_tensors(ws: Workspace) -> set[str]:
-    """Tensors in blocked layout: nchwc outputs (not ReorderOutput's) and what other ops compute
-    from them (ONNX Runtime reorders before any reader that does not take blocked input; what reads
-    blocked tensors is elementwise, also where a later fusion made it a contrib op: QuickGelu)."""
-    blocked: set[str] = set()
-    for node in ws.nodes:
-        if node.domain == NCHWC:
-            if node.op_type != "ReorderOutput":
-                blocked.update(o for o in node.output if o)
-        elif any(i in blocked for i in node.input if i):
-            blocked.update(o for o in node.output if o)
-    return blocked
-
-
 def _real_channels(ws: Workspace, blocked: set[str], b: int) -> dict[str, int] | None:
     """Real (unpadded) channels of every blocked tensor; None where the file contradicts itself or
     padding that a reader would read cannot be dropped exactly (the region is then left as it is).
