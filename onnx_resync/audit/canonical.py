@@ -19,8 +19,9 @@ passes/ over it, in this order (each file's docstring says what form it reaches 
 7. no-op nodes removed: Identity, Dropout, Cast to the same type (cleanup.py); a Transpose read by
    an Add/Sub/Mul/Div of a constant moved after it, as ONNX Runtime's optimizer saves it
    (transposes.py);
-8. BatchNormalization and per-channel Add/Mul/Sub folded into the Conv, ConvTranspose or Gemm
-   before them, to a fixed point (affine.py);
+8. BatchNormalization, per-channel Add/Mul/Sub and depthwise 1x1 Convs folded into the Conv,
+   ConvTranspose or Gemm before them, to a fixed point; a BatchNormalization or depthwise 1x1 Conv
+   left unfolded written as Mul + Add (affine.py);
 9. Gemm with a constant B written as MatMul (+ Add), a Conv without a bias given a zero bias
    (affine.py).
 
@@ -41,7 +42,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from .bodies import body_names, fold_bodies
-from .passes.affine import fold_into_producers, gemm_as_matmul, zero_biases
+from .passes.affine import fold_into_producers, gemm_as_matmul, unfolded_as_mul_add, zero_biases
 from .passes.attention import expand_attention
 from .passes.cleanup import drop_noops, drop_unused
 from .passes.constants import fold_constants
@@ -75,6 +76,7 @@ PASSES = (
     (drop_noops, False),
     (sink_transposes, False),
     (fold_into_producers, True),
+    (unfolded_as_mul_add, False),
     (gemm_as_matmul, False),
     (zero_biases, False),
 )

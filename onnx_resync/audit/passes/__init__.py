@@ -17,6 +17,6 @@ re-export back to one form and keeps what the graph computes; canonical.py runs 
 - recurrent.py: LSTM/GRU/RNN initial states (and peepholes) of zeros left out, as the default;
 - cleanup.py: no-op nodes (Identity, Dropout, Cast to the same type) and unused nodes removed;
 - transposes.py: a Transpose read by an element-wise op of a constant moved after it;
-- affine.py: BatchNormalization and per-channel Add/Mul/Sub folded into their producer, Gemm
-  written as MatMul (+ Add), Conv biases made explicit.
+- affine.py: BatchNormalization, per-channel Add/Mul/Sub and depthwise 1x1 Convs folded into their
+  producer (left unfolded: Mul + Add), Gemm written as MatMul (+ Add), Conv biases made explicit.
 """

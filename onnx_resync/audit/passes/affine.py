@@ -1,9 +1,16 @@
 """Affine forms of a linear layer: one way to write each.
 
 Canonical form:
-- a BatchNormalization, or an Add/Mul/Sub by a per-channel constant, that is the only reader of a
-  Conv, ConvTranspose or Gemm is folded into that producer's weight and bias (ONNX Runtime and
-  simplifiers fold BatchNorm; a file with the BatchNorm and one without then have the same layer);
+- a BatchNormalization, an Add/Mul/Sub by a per-channel constant, or a depthwise 1x1 Conv (group =
+  channels, one weight per channel, stride 1, no padding: y = x * w[c] + b[c]) that is the only
+  reader of a Conv, ConvTranspose or Gemm is folded into that producer's weight and bias (ONNX
+  Runtime and simplifiers fold BatchNorm; a file with the BatchNorm and one without then have the
+  same layer);
+- a per-channel affine left unfolded (after an activation, a residual Add, ...) is Mul by its scale
+  then Add of its shift, both shaped [C, 1, ...] against the channel axis: a BatchNormalization
+  and a depthwise 1x1 Conv are written so (ONNX Runtime's NCHWc layout writes an unfolded
+  BatchNormalization as a depthwise 1x1 Conv; an exporter may write it as Mul and Add), where the
+  input's rank is known (`_rank`);
 - a Gemm with a constant B is MatMul (+ Add of the bias), as exporters write Linear both ways;
 - a Conv or ConvTranspose without a bias gets a zero bias (so a folded and an unfolded copy have
   the same weights).
@@ -17,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from ..rewrite import STANDARD, Workspace, WeightOrigin, attr, set_attr
+from ..rewrite import STANDARD, Expansion, Workspace, WeightOrigin, attr, set_attr
 from .floats import is_float
 
 
@@ -55,14 +62,99 @@ def fold_into_producers(ws: Workspace) -> bool:
         _fold(ws, p, W, s, t, node, params)
         ws.remove(node)
         ws.set_output(p, 0, node.output[0])
-        ws.record(f"{node.op_type} folded into {p.op_type}")
+        ws.record(f"{_what(node)} folded into {p.op_type}")
         changed = True
     return changed
+
+
+def _what(node: onnx.NodeProto) -> str:
+    return "depthwise 1x1 Conv" if node.op_type == "Conv" else node.op_type
+
+
+def unfolded_as_mul_add(ws: Workspace) -> bool:
+    """A BatchNormalization or depthwise 1x1 Conv that no producer took (run after
+    fold_into_producers) written as Mul by its per-channel scale and Add of its shift."""
+    changed = False
+    for node in ws.nodes:
+        if node.domain not in STANDARD or node.op_type not in ("BatchNormalization", "Conv"):
+            continue
+        found = _affine(ws, node)
+        if found is None:
+            continue
+        x, s, t, params = found
+        conv = node.op_type == "Conv"
+        rank = ws.const(node.input[1]).ndim if conv else _rank(ws, x)
+        if rank is None or rank < 2 or s.shape != t.shape or s.ndim != 1:
+            continue
+        shape = (len(s),) + (1,) * (rank - 2)
+        e = Expansion(ws, node)
+        scale = e.weight("scale", s.reshape(shape).astype(np.float32), params[:1] if conv else [params[0], params[3]],
+                         "view depthwise 1x1 Conv weight as Mul" if conv else "computed BatchNormalization scale")
+        if conv and len(params) < 2:
+            shift = e.ws.add_constant(f"{node.name}/shift", np.zeros(shape, np.float32),
+                                      WeightOrigin([], "float32", ["synthetic zero bias"]))
+        else:
+            shift = e.weight("shift", t.reshape(shape).astype(np.float32), params[1:] if conv else params,
+                             "view depthwise 1x1 Conv bias as Add" if conv else "computed BatchNormalization shift")
+        e.op("Add", [e.op("Mul", [x, scale]), shift], output=node.output[0])
+        e.commit(f"{_what(node)} written as Mul + Add")
+        changed = True
+    return changed
+
+
+# ops whose output has their first input's rank (the walk back to a known rank in _rank)
+_SAME_RANK = {"Relu", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu", "Selu", "Celu",
+              "Softplus", "Softsign", "Clip", "Abs", "Neg", "Exp", "Log", "Sqrt", "Erf", "Gelu", "Mish", "Identity",
+              "Dropout", "Cast", "BatchNormalization", "InstanceNormalization", "LRN", "MaxPool", "AveragePool",
+              "LpPool", "GlobalAveragePool", "GlobalMaxPool", "Softmax", "LogSoftmax", "Resize", "Upsample"}
+_BROADCAST = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Pow"}
+
+
+def _rank(ws: Workspace, name: str) -> int | None:
+    """The rank of tensor `name` as the file says it: declared (an input, value_info), a constant, or
+    the output of a convolution (its weight's rank) reached back through ops that keep their
+    input's rank; None if not known."""
+    declared = {vi.name: vi for vi in list(ws.graph.input) + list(ws.graph.value_info) + list(ws.graph.output)}
+    known: dict[str, int | None] = {}
+
+    def rank(t: str) -> int | None:
+        if t not in known:
+            known[t] = None  # while it is looked for: a cycle knows nothing
+            known[t] = _rank_of(ws, t, declared, rank)
+        return known[t]
+
+    return rank(name)
+
+
+def _rank_of(ws: Workspace, t: str, declared: dict, rank) -> int | None:
+    if t in ws.constants:
+        return ws.const(t).ndim
+    vi = declared.get(t)
+    if vi is not None and vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
+        return len(vi.type.tensor_type.shape.dim)
+    p = ws.producer(t)
+    if p is None or p.domain not in STANDARD or not p.input:
+        return None
+    if p.op_type in ("Conv", "ConvTranspose") and len(p.input) > 1 and p.input[1] in ws.constants:
+        return ws.const(p.input[1]).ndim
+    if p.op_type in _SAME_RANK:
+        return rank(p.input[0])
+    if p.op_type in _BROADCAST:
+        ranks = [rank(i) for i in p.input if i]
+        return None if None in ranks else max(ranks)
+    return None
 
 
 def _affine(ws: Workspace, node: onnx.NodeProto):
     """(input, scale, shift, constant inputs) of y = x * scale + shift; scale None for Add/Mul/Sub,
     whose constant is read against the producer's channels."""
+    if node.op_type == "Conv":
+        if not _depthwise_1x1(ws, node):
+            return None
+        W = ws.const(node.input[1]).astype(np.float64)
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else ""
+        t = ws.const(bias).astype(np.float64).reshape(-1) if bias else np.zeros(W.shape[0])
+        return node.input[0], W.reshape(-1), t, [node.input[1]] + ([bias] if bias else [])
     if node.op_type == "BatchNormalization":
         if len(node.input) < 5 or not all(i in ws.constants for i in node.input[1:5]):
             return None
@@ -83,6 +175,25 @@ def _affine(ws: Workspace, node: onnx.NodeProto):
         if a in ws.constants and b not in ws.constants and node.op_type != "Sub":
             return b, None, None, [a]
     return None
+
+
+def _depthwise_1x1(ws: Workspace, node: onnx.NodeProto) -> bool:
+    """A Conv that scales each channel by its own weight and adds its bias: group = channels, a
+    [C, 1, 1, ...] float weight, a [C] bias (or none), stride 1 and no padding (dilation is moot)."""
+    if node.op_type != "Conv" or node.domain not in STANDARD or len(node.input) < 2 or len(node.output) != 1:
+        return False
+    bias = node.input[2] if len(node.input) > 2 else ""
+    if node.input[1] not in ws.constants or (bias and bias not in ws.constants):
+        return False
+    W = ws.const(node.input[1])
+    if W.ndim < 3 or W.shape[1] != 1 or any(d != 1 for d in W.shape[2:]) or int(attr(node, "group", 1)) != W.shape[0]:
+        return False
+    if not is_float(W.dtype) or (bias and ws.const(bias).shape != (W.shape[0],)):
+        return False
+    spatial = W.ndim - 2
+    return (all(int(k) == 1 for k in attr(node, "kernel_shape", None) or [1] * spatial)
+            and all(int(k) == 1 for k in attr(node, "strides", None) or [1] * spatial)
+            and not any(int(k) for k in attr(node, "pads", None) or []))
 
 
 _CHANNELS = {  # output channels of a producer that folding knows, from its weight

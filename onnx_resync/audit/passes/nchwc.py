@@ -10,7 +10,8 @@ is stored reordered (same 4-D shape, rows padded to a multiple of B):
 - OIHWBo, D[o/B, i, kh, kw, o%B], for a depthwise convolution and for one reading a plain NCHW
   tensor of fewer than B channels (an image);
 - a BatchNormalization becomes a depthwise 1x1 nchwc Conv (group = padded channels) of the folded
-  scale and bias, stored plain.
+  scale and bias, stored plain (a plain depthwise 1x1 Conv here; affine.py folds it or writes it as
+  Mul + Add, as it writes the BatchNormalization of the file before).
 
 nchwc.Conv also carries its activation (`activation`, `activation_params`) and a residual Add as
 its fourth input (Sum): y = act(conv(x) + b + sum). MaxPool, AveragePool, GlobalAveragePool,
