@@ -104,6 +104,7 @@ def measure_steps(model: onnx.ModelProto, canon, names, canonicalize, floats: bo
     if not origins:
         return out
     readers = _readers(model)
+    producers = {o: node for node in model.graph.node for o in node.output if o}
     data: dict[str, list[str]] = {}
     described: dict[str, str] = {}
     for n, o in origins.items():
@@ -120,7 +121,7 @@ def measure_steps(model: onnx.ModelProto, canon, names, canonicalize, floats: bo
                 continue
             data[n].append(src)
             if src not in described:
-                described[src] = _describe(src, t, readers, stored)
+                described[src] = _describe(src, t, readers, stored, producers)
     colour = _colours(data, stored)
     if not colour:
         return out
@@ -467,8 +468,11 @@ def _edges_moved(values: np.ndarray, bits: int | None) -> np.ndarray | None:
     return (wide ^ edge.astype(np.int16)).astype(values.dtype) if edge.any() else None
 
 
-def _describe(name: str, tensor: onnx.TensorProto, readers, stored) -> str:
-    """'int8 per channel', 'int4 in blocks of 32', 'int32 {granularity}' (filled in from the steps)."""
+def _describe(name: str, tensor: onnx.TensorProto, readers, stored, producers=None) -> str:
+    """'int8 per channel', 'int4 in blocks of 32', 'int32 {granularity}' (filled in from the steps).
+    The granularity is the stored scale's: the reader's block size, its scale input's size, or that
+    of the scale the reader's integer result is multiplied by (ConvInteger/MatMulInteger); never the
+    steps of a folded weight, which a folded BatchNormalization scales channel by channel."""
     type_name = helper.tensor_dtype_to_string(tensor.data_type).split(".")[-1].lower()
     bits = _bits(name, readers)
     if bits:
@@ -480,11 +484,46 @@ def _describe(name: str, tensor: onnx.TensorProto, readers, stored) -> str:
             granularity = f"in blocks of {block}"
             break
         scale = _scale_input(node, index)
-        if scale and scale in stored:
-            size = int(np.prod(stored[scale].dims)) if stored[scale].dims else 1
+        size = (int(np.prod(stored[scale].dims)) if stored[scale].dims else 1) if scale and scale in stored \
+            else _scale_after(node, readers, stored, producers or {})
+        if size:
             granularity = "per tensor" if size == 1 else "per channel"
             break
     return f"{type_name} {granularity}"
+
+
+def _scale_after(node: onnx.NodeProto, readers, stored, producers) -> int | None:
+    """Elements of the stored scale that an integer op's result is multiplied by (quantize_dynamic:
+    ConvInteger -> [Add of an integer bias] -> Cast -> Mul by Mul(input scale, weight scale)): the
+    largest stored float constant in that product (a weight's scales per channel, the input's one
+    per tensor); None where the result goes elsewhere or no stored scale is found."""
+    if not node.output or (node.domain or "") not in STANDARD or node.op_type not in ("ConvInteger", "MatMulInteger"):
+        return None
+    t = node.output[0]
+    for _ in range(3):
+        users = readers.get(t, [])
+        if len(users) != 1 or (users[0][0].domain or "") not in STANDARD:
+            return None
+        user = users[0][0]
+        if user.op_type in ("Add", "Cast"):
+            t = user.output[0]
+            continue
+        if user.op_type != "Mul" or len(user.input) != 2:
+            return None
+        sizes, stack = [], [i for i in user.input if i != t]
+        for _ in range(16):  # a product of a few factors
+            if not stack:
+                break
+            x = stack.pop()
+            if x in stored and stored[x].data_type in _FLOAT_SCALES:
+                sizes.append(int(np.prod(stored[x].dims)) if stored[x].dims else 1)
+            elif x in producers and producers[x].op_type == "Mul" and (producers[x].domain or "") in STANDARD:
+                stack.extend(i for i in producers[x].input if i)
+        return max(sizes) if sizes else None
+    return None
+
+
+_FLOAT_SCALES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE)
 
 
 def _scale_input(node: onnx.NodeProto, index: int) -> str:
