@@ -110,14 +110,20 @@ def _inline(graph: onnx.GraphProto, chosen: dict[str, bool]) -> bool:
     return done
 
 
+def _inline_decided(inferred: onnx.ModelProto, shapes: dict, values_of: Callable) -> bool:
+    """One round: every If of `inferred` (at any depth) that shapes decide replaced by its branch, in
+    place; False when shapes decide none (nothing changed)."""
+    values = values_of(inferred, shapes)
+    chosen = {node.output[0]: flag for node, _, _ in _ifs(inferred.graph) if node.output
+              for flag in [condition(node, values, {})] if flag is not None}
+    return bool(chosen) and _inline(inferred.graph, chosen)
+
+
 def _settled(model: onnx.ModelProto, values_of: Callable, infer: Callable) -> onnx.ModelProto:
     """The model with every If that shapes decide replaced by its branch, until none is left."""
     for _ in range(16):
         inferred, shapes = infer(model)
-        values = values_of(inferred, shapes)
-        chosen = {node.output[0]: flag for node, _, _ in _ifs(inferred.graph) if node.output
-                  for flag in [condition(node, values, {})] if flag is not None}
-        if not chosen or not _inline(inferred.graph, chosen):
+        if not _inline_decided(inferred, shapes, values_of):
             return inferred
         model = inferred
     return model
@@ -134,10 +140,7 @@ def _refused(model: onnx.ModelProto, ancestors: list[str], values_of: Callable, 
             if _proves(str(exc), ancestors):
                 return True
             inferred, shapes = infer(model)
-        values = values_of(inferred, shapes)
-        chosen = {node.output[0]: flag for node, _, _ in _ifs(inferred.graph) if node.output
-                  for flag in [condition(node, values, {})] if flag is not None}
-        if not chosen or not _inline(inferred.graph, chosen):
+        if not _inline_decided(inferred, shapes, values_of):
             return False
         model = inferred
     return False
