@@ -26,6 +26,7 @@ from onnx import helper
 
 from ..rewrite import STANDARD, Expansion, Workspace, WeightOrigin, attr, set_attr
 from .floats import is_float
+from ...walk.rules.elementwise import BINARY, UNARY
 
 
 def fold_into_producers(ws: Workspace) -> bool:
@@ -102,12 +103,12 @@ def unfolded_as_mul_add(ws: Workspace) -> bool:
     return changed
 
 
-# ops whose output has their first input's rank (the walk back to a known rank in _rank)
-_SAME_RANK = {"Relu", "LeakyRelu", "PRelu", "Sigmoid", "Tanh", "HardSigmoid", "HardSwish", "Elu", "Selu", "Celu",
-              "Softplus", "Softsign", "Clip", "Abs", "Neg", "Exp", "Log", "Sqrt", "Erf", "Gelu", "Mish", "Identity",
-              "Dropout", "Cast", "BatchNormalization", "InstanceNormalization", "LRN", "MaxPool", "AveragePool",
-              "LpPool", "GlobalAveragePool", "GlobalMaxPool", "Softmax", "LogSoftmax", "Resize", "Upsample"}
-_BROADCAST = {"Add", "Sub", "Mul", "Div", "Max", "Min", "Sum", "Mean", "Pow"}
+# ops whose output has their first input's rank (the walk back to a known rank in _rank): the
+# walker's unary elementwise ops, and per-channel ops, normalizations, pools, resizes
+_SAME_RANK = set(UNARY) | {"Clip", "PRelu", "BatchNormalization", "InstanceNormalization", "LRN", "MaxPool",
+                           "AveragePool", "LpPool", "GlobalAveragePool", "GlobalMaxPool", "Softmax", "LogSoftmax",
+                           "Resize", "Upsample"}
+_BROADCAST = set(BINARY)  # the walker's binary elementwise ops: the larger rank of the two
 
 
 def _rank(ws: Workspace, name: str) -> int | None:
