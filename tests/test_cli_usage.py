@@ -1,5 +1,10 @@
 """Every value a user types is checked: a bad one is one line on stderr and exit 2, never "internal
 error" (issue 18.3); options say what they do and their default; a closed pipe ends quietly (issue 19).
+
+The bad values and help texts run through the CLI's main in one worker process (tests/cli_worker.py:
+the same exit code and file-descriptor output, without an interpreter start per command); the entry
+point `python -m onnx_resync` itself is run for two bad values (one refused by argparse, one by the
+command's own check) and for the pipe tests.
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+import cli_worker
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = Path(os.environ.get("ONNX_RESYNC_MODELS", ROOT / "models"))
@@ -29,8 +36,14 @@ def _env() -> dict:
 
 
 def cli(*args, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -m onnx_resync *args`, a process of its own."""
     return subprocess.run([sys.executable, "-m", "onnx_resync", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=_env(), cwd=ROOT)
+
+
+def in_worker(*args, timeout: int = 300) -> subprocess.CompletedProcess:
+    """The same through the CLI's main in the shared worker."""
+    return cli_worker.run(*args, timeout=timeout)
 
 
 BAD = {
@@ -70,16 +83,25 @@ BAD = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD))
-def test_bad_value_is_one_line_exit_2(case, tmp_path):
+def _bad_value_is_one_line_exit_2(case, tmp_path, run):
     out = tmp_path / "out"
     args = [a.format(mlp=_model("mlp"), out=out) for a in BAD[case]]
-    done = cli(*args)
+    done = run(*args)
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2, (done.returncode, done.stderr)
     assert len(lines) == 1, done.stderr
     assert "internal error" not in done.stderr and "Traceback" not in done.stderr
     assert not out.exists()
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_value_is_one_line_exit_2(case, tmp_path):
+    _bad_value_is_one_line_exit_2(case, tmp_path, in_worker)
+
+
+@pytest.mark.parametrize("case", ["missing argument", "seed -1"])
+def test_bad_value_through_the_entry_point(case, tmp_path):
+    _bad_value_is_one_line_exit_2(case, tmp_path, cli)
 
 
 def test_closed_pipe_ends_quietly():
@@ -100,7 +122,9 @@ def test_pipe_to_head_is_quiet():
 
 
 def _help(command: str) -> str:
-    return " ".join(cli(command, "--help").stdout.split())
+    done = in_worker(command, "--help")
+    assert done.returncode == 0, done.stderr
+    return " ".join(done.stdout.split())
 
 
 def test_help_texts():
