@@ -1,4 +1,7 @@
-"""Loading hostile or broken files gives a clean LoadError; saving is atomic and never over an input."""
+"""Loading hostile or broken files gives a clean LoadError; saving is atomic and never over an input.
+
+The CLI's side of each load error runs through its main in the shared worker (tests/cli_worker.py);
+test_missing_file runs it as a process of its own (`python -m onnx_resync`)."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import cli_worker
 from onnx_resync import io
 from onnx_resync.errors import LoadError, UsageError
 
@@ -47,11 +51,11 @@ def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "onnx_resync", *args], capture_output=True, text=True, timeout=120)
 
 
-def assert_clean_load_error(bad: Path, good: Path) -> None:
+def assert_clean_load_error(bad: Path, good: Path, run=cli_worker.run) -> None:
     """LoadError from the API; through the CLI exit 3 and one 'onnx-resync: error:' line."""
     with pytest.raises(LoadError):
         io.load_model(bad)
-    proc = cli("verify", str(bad), str(good), "--device", "cpu")
+    proc = run("verify", str(bad), str(good), "--device", "cpu")
     assert proc.returncode == 3, proc.stderr
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -62,7 +66,7 @@ def assert_clean_load_error(bad: Path, good: Path) -> None:
 # --- files that are not models ------------------------------------------------------------------
 
 def test_missing_file(tmp_path, good):
-    assert_clean_load_error(tmp_path / "nope.onnx", good)
+    assert_clean_load_error(tmp_path / "nope.onnx", good, run=cli)
 
 
 def test_directory(tmp_path, good):
