@@ -6,7 +6,6 @@ that the in-memory path gives, and a damaged file the same outcome."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import cli_worker
 from onnx_resync import api, io
 from onnx_resync.io import wire
 from onnx_resync.errors import LoadError
@@ -100,8 +100,9 @@ def test_permute_undo_in_place_api(everything_in_place, tmp_path, monkeypatch):
 
 
 def _cli(*args, env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "onnx_resync", *args], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, **env})
+    """The command through the CLI's main in a worker process started with `env` (tests/cli_worker.py:
+    one per environment, since the package reads these variables when it is imported)."""
+    return cli_worker.run(*args, env=env, timeout=600)
 
 
 @pytest.mark.parametrize("name", ["mlp", "vgg", "transformer"])
