@@ -43,6 +43,7 @@ import numpy as np
 
 from ..errors import ModelMismatchError, UnsupportedError
 from ..permute import PermutationRecord
+from .gather import take, transposed as _transposed
 from .sampling import spread
 from ..walk import WalkResult
 from .wide import WideSlot
@@ -325,11 +326,11 @@ class _Matcher:
             # a part of the axis (a head's block): picked first (the suspect through its alignment
             # there), so that the other axes are aligned and cast on that part only
             along = indexes.pop(slot.axis, None)
-            R = np.take(R, positions.reshape(-1), axis=slot.axis)
-            s = np.take(s, (positions if along is None else along[positions]).reshape(-1), axis=slot.axis)
+            R = take(R, positions.reshape(-1), axis=slot.axis)
+            s = take(s, (positions if along is None else along[positions]).reshape(-1), axis=slot.axis)
             positions = np.arange(n * b).reshape(n, b)
         for o, index in indexes.items():
-            s = np.take(s, index, axis=o)
+            s = take(s, index, axis=o)
         (r_part, axis), (s_part, _) = slot.part(R), slot.part(s)
         xr, xs = _as_float(_rows(r_part, axis, positions)), _as_float(_rows(s_part, axis, positions))
         gone = [slot.axis] + ([slot.at[0]] if slot.at else [])  # axes not among the other axes
@@ -400,9 +401,9 @@ class _Matcher:
             i = np.flatnonzero(pairs >= 0)
             for x in (whole if len(i) else ()):  # the hash said equal: check it
                 if isinstance(x, WideSlot):
-                    for xr, xs in x.chunks():  # (np.take: a column gather 4x faster than indexing)
-                        mine = xr if len(i) == x.n else np.take(xr, i, axis=1)  # (all: in order)
-                        same = (mine == np.take(xs, pairs[i], axis=1)).all(axis=0)
+                    for xr, xs in x.chunks():  # (take: a column gather 4x faster than indexing)
+                        mine = xr if len(i) == x.n else take(xr, i, axis=1)  # (all: in order)
+                        same = (mine == take(xs, pairs[i], axis=1)).all(axis=0)
                         pairs[i[~same]] = -1
                         i = i[same]
                 else:
@@ -660,7 +661,7 @@ class _Features:
             part = np.zeros(C.shape)
             for xr, xs in w.chunks():
                 xo = xs if suspect else xr
-                part += xr.T @ (xo if cols is None else np.take(xo, cols, axis=1))
+                part += xr.T @ (xo if cols is None else take(xo, cols, axis=1))
             part *= sr[:, None]  # (in place: an n x n matrix of a wide layer is large)
             part *= so[None, :]
             C += part
@@ -697,8 +698,8 @@ class _Features:
         for w, sr, ss in self.wide:
             part, cross = np.zeros(len(perm)), np.zeros(C.shape)
             for xr, xs in w.chunks():
-                part += np.einsum("ij,ij->j", xr, np.take(xs, perm, axis=1))
-                cross += xr.T @ np.take(xs, cols, axis=1)
+                part += np.einsum("ij,ij->j", xr, take(xs, perm, axis=1))
+                cross += xr.T @ take(xs, cols, axis=1)
             cos += part * sr * ss[perm]
             C += (cross * sr[:, None] * ss[cols][None, :]).astype(C.dtype)
         for r, s, h, wr, ws in self.kernels.values():
@@ -850,7 +851,7 @@ def _slot_cosines(f: "_Features", perm: np.ndarray) -> dict[int, np.ndarray]:
     for k, (w, _, _) in zip(wide_at, f.wide):
         dot = np.zeros(len(perm))
         for xr, xs in w.chunks():
-            dot += np.einsum("ij,ij->j", xr, np.take(xs, perm, axis=1))
+            dot += np.einsum("ij,ij->j", xr, take(xs, perm, axis=1))
         den = f.nr[:, k] * f.ns[perm, k]
         out[k] = np.divide(dot, den, out=np.zeros(len(perm)), where=den > 0)
     return out
@@ -919,8 +920,8 @@ def _rows_equal(a: np.ndarray, b: np.ndarray, rows_a: np.ndarray, rows_b: np.nda
     step = max(1, COMPARE_BLOCK_BYTES // max(1, a[0].nbytes if len(a) else 1))
     for start in range(0, len(rows_a), step):
         stop = min(start + step, len(rows_a))
-        mine = a[start:stop] if in_order else np.take(a, rows_a[start:stop], axis=0)
-        out[start:stop] = (mine == np.take(b, rows_b[start:stop], axis=0)).all(axis=1)
+        mine = a[start:stop] if in_order else take(a, rows_a[start:stop], axis=0)
+        out[start:stop] = (mine == take(b, rows_b[start:stop], axis=0)).all(axis=1)
     return out
 
 
@@ -1005,23 +1006,10 @@ def _rows(a: np.ndarray, axis: int, positions: np.ndarray) -> np.ndarray:
     if axis == 0 and in_order:
         return a.reshape((n, b) + a.shape[1:])  # the neurons are the rows, in order: a view
     if axis == 1 and in_order and a.size == a.shape[0] * a.shape[1]:  # a matrix's columns, in order
-        return _transposed(a.reshape(a.shape[0], a.shape[1])).reshape((n, b) + a.shape[:1] + a.shape[2:])
+        m = a.reshape(a.shape[0], a.shape[1])  # (a transposed view, a dequantized weight: its transpose is C-ordered)
+        return (m.T if m.flags.f_contiguous else _transposed(m)).reshape((n, b) + a.shape[:1] + a.shape[2:])
     picked = np.moveaxis(a, axis, 0)[positions.reshape(-1)]
     return picked.reshape((n, b) + picked.shape[1:])
-
-
-TRANSPOSE_TILE = 64
-
-
-def _transposed(a: np.ndarray) -> np.ndarray:
-    """a.T as a new C-ordered array, copied a tile at a time: numpy's strided copy of a transpose
-    misses the cache on every entry (2-3x slower on a [1000, 2048] weight)."""
-    out = np.empty((a.shape[1], a.shape[0]), dtype=a.dtype)
-    t = TRANSPOSE_TILE
-    for i in range(0, a.shape[0], t):
-        for j in range(0, a.shape[1], t):
-            out[j:j + t, i:i + t] = a[i:i + t, j:j + t].T
-    return out
 
 
 def _sort_blocks(x: np.ndarray, axis: int, positions: np.ndarray) -> np.ndarray:
@@ -1154,7 +1142,7 @@ def _hash(feats, which: np.ndarray, columns: int | None, n: int) -> np.ndarray:
             pieces = [(x[0][:, cols], x[1][:, cols])]
         for xr, xs in pieces:  # (a wide slot's pieces are hashed in turn, like slots)
             if isinstance(x, WideSlot):  # pieces are (entries, neurons)
-                both = np.concatenate([np.take(xr, mine, axis=1), np.take(xs, theirs, axis=1)], axis=1).T + 0
+                both = np.concatenate([take(xr, mine, axis=1), take(xs, theirs, axis=1)], axis=1).T + 0
             else:
                 both = np.concatenate([xr[mine], xs[theirs]]) + 0  # -0.0 and 0.0 alike
             words = np.ascontiguousarray(both).view(np.uint32 if both.itemsize == 4 else np.uint64)

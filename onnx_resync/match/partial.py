@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 
 from ..io import WeightStore
+from .gather import take
 from ..walk import Group, WalkResult, walk
 
 REFINE = 4  # passes of the refinement (it stops earlier when nothing moves)
@@ -84,7 +85,7 @@ def _features(store: WeightStore, group: Group) -> np.ndarray:
     cols = []
     for slot in sorted(group.slots, key=lambda s: (s.weight, s.axis)):
         array = store.get(slot.weight).astype(np.float64)
-        rows = np.moveaxis(np.take(array, slot.positions.reshape(-1), axis=slot.axis), slot.axis, 0)
+        rows = np.moveaxis(take(array, slot.positions.reshape(-1), axis=slot.axis), slot.axis, 0)
         rows = rows.reshape(group.size, -1)
         if array.ndim == 1:
             cols.append(rows)
@@ -115,7 +116,7 @@ def _rows(store: WeightStore, group: Group) -> np.ndarray:
     parts = []
     for slot in sorted(group.slots, key=lambda s: (s.weight, s.axis)):
         array = store.get(slot.weight).astype(np.float64)
-        rows = np.moveaxis(np.take(array, slot.positions.reshape(-1), axis=slot.axis), slot.axis, 0)
+        rows = np.moveaxis(take(array, slot.positions.reshape(-1), axis=slot.axis), slot.axis, 0)
         parts.append(rows.reshape(group.size, -1))
     return np.concatenate(parts, axis=1)
 
@@ -166,7 +167,7 @@ def _pad(reference, suspect, ref_by, sus_by, assign) -> onnx.ModelProto:
                            f"{len(uncovered)} in the reference")
         idx = idx.copy()
         idx[uncovered] = free
-        taken = np.take(array, np.maximum(idx, 0), axis=axis)
+        taken = take(array, np.maximum(idx, 0), axis=axis)
         shape = [1] * taken.ndim
         shape[axis] = -1
         arrays[weight] = np.where((idx >= 0).reshape(shape), taken, np.zeros((), dtype=taken.dtype))

@@ -23,6 +23,7 @@ import math
 
 import numpy as np
 
+from .gather import take
 from .sampling import spread
 
 CHUNK_BYTES = 8 << 20  # rows of one piece, per model: small enough to stay in reused memory
@@ -56,7 +57,7 @@ class WideSlot:
         r, s = self._cut(self.ref, sel), self._cut(self.sus, sel, self.indexes.get(self.cut))
         for o, index in self.indexes.items():
             if o != self.cut:
-                s = np.take(s, index, axis=o)
+                s = take(s, index, axis=o)
         return _neuron_columns(r, self.axis, self.positions), _neuron_columns(s, self.axis, self.positions)
 
     def _cut(self, a: np.ndarray, sel: np.ndarray | slice, align: np.ndarray | None = None) -> np.ndarray:
@@ -64,10 +65,10 @@ class WideSlot:
         any): a view for a run without alignment, else a gather."""
         if align is not None:
             picked = np.arange(a.shape[self.cut])[sel] if isinstance(sel, slice) else sel
-            return np.take(a, align[picked], axis=self.cut)
+            return take(a, align[picked], axis=self.cut)
         if isinstance(sel, slice):
             return a[(slice(None),) * self.cut + (sel,)]
-        return np.take(a, sel, axis=self.cut)
+        return take(a, sel, axis=self.cut)
 
     def chunks(self):
         length = self.ref.shape[self.cut]
@@ -106,6 +107,6 @@ def _neuron_columns(a: np.ndarray, axis: int, positions: np.ndarray) -> np.ndarr
         if block == 1 and np.array_equal(positions[:, 0], np.arange(x.shape[-1])):
             picked = x.reshape(-1, n)  # a view where the axis was already last
         else:
-            x = np.take(x, positions.reshape(-1), axis=-1).reshape(x.shape[:-1] + (n, block))
+            x = take(x, positions.reshape(-1), axis=-1).reshape(x.shape[:-1] + (n, block))
             picked = np.moveaxis(x, -2, -1).reshape(-1, n)
     return picked if picked.dtype in (np.float32, np.float64) else picked.astype(np.float32)
