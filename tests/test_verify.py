@@ -1,4 +1,7 @@
-"""verify: equal models pass, a single changed weight fails, signatures and inputs are checked."""
+"""verify: equal models pass, a single changed weight fails, signatures and inputs are checked.
+
+Command-line tests run the CLI's main in the shared worker (tests/cli_worker.py); the two that check a
+fresh process says nothing on stderr (ONNX Runtime's loader noise) run `python -m onnx_resync`."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import cli_worker
 from onnx_resync import runtime
 from onnx_resync.errors import ModelMismatchError, ResyncError, UsageError
 from onnx_resync.verify import VerifyReport, verify
@@ -68,8 +72,14 @@ def models(tmp_path):
     return paths
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
+def process(*args: str) -> subprocess.CompletedProcess:
+    """`python -m onnx_resync *args`, a process of its own."""
     return subprocess.run([sys.executable, "-m", "onnx_resync", *args], capture_output=True, text=True, timeout=120)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    """The same through the CLI's main in the shared worker."""
+    return cli_worker.run(*args, timeout=120)
 
 
 # --- Python API ---------------------------------------------------------------------------------
@@ -229,16 +239,16 @@ def test_random_inputs_by_dtype():
 # --- command line -------------------------------------------------------------------------------
 
 def test_cli_pass_and_fail(models):
-    ok = cli("verify", str(models["ref"]), str(models["perm"]), "--device", "cpu", "--samples", "2")
+    ok = process("verify", str(models["ref"]), str(models["perm"]), "--device", "cpu", "--samples", "2")
     assert ok.returncode == 0, ok.stderr
     assert "EQUIVALENT" in ok.stdout and "CPUExecutionProvider" in ok.stdout
     assert ok.stderr == ""  # no ORT loader noise
-    bad = cli("verify", str(models["ref"]), str(models["changed"]), "--device", "cpu")
+    bad = process("verify", str(models["ref"]), str(models["changed"]), "--device", "cpu")
     assert bad.returncode == 1 and "NOT EQUIVALENT" in bad.stdout and "Traceback" not in bad.stderr
 
 
 def test_cli_auto_device_is_quiet(models):
-    proc = cli("verify", str(models["ref"]), str(models["copy"]))
+    proc = process("verify", str(models["ref"]), str(models["copy"]))
     assert proc.returncode == 0 and proc.stderr == ""
 
 
