@@ -3,7 +3,8 @@ tried in ONNX Runtime; checks that know their model (quantized graphs, near-zero
 verdict shown when its check fails; `onnx-resync inputs --save` then `--inputs`.
 
 Every model here is built with onnx.helper (ir_version 8, opset 17), except the QDQ one (ORT's
-quantize_static on the bundled ResNet, cached per session)."""
+quantize_static on the bundled ResNet, cached per session). Commands run through the CLI's main in the
+shared worker (tests/cli_worker.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import pytest
 from onnx import TensorProto as T
 from onnx import helper, numpy_helper
 
+import cli_worker
 from onnx_resync import api, cli
 from onnx_resync.errors import CheckFailed, ResyncError
 from onnx_resync.verify import explain, verify, walker_blamed
@@ -36,6 +38,10 @@ def _f32(rng, *shape):
 
 
 def cli_run(*args, cwd=None) -> subprocess.CompletedProcess:
+    """The command through the CLI's main in the shared worker (tests/cli_worker.py); with a working
+    directory, as `python -m onnx_resync` run there."""
+    if cwd is None:
+        return cli_worker.run(*args, timeout=300)
     return subprocess.run([sys.executable, "-m", "onnx_resync", *map(str, args)], capture_output=True, text=True,
                           timeout=300, cwd=cwd)
 
