@@ -5,6 +5,9 @@ right size for this model and which names this very file (its permuted output) b
 anything else is one line on stderr, exit 2, and nothing written. Batch results: a rerun skips a file
 only when its content and the reference's are those of its JSONL line; unusable lines are skipped
 with a warning.
+
+Commands run through the CLI's main in the shared worker (tests/cli_worker.py); the byte-exact undo
+runs `python -m onnx_resync`, a process of its own.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+import cli_worker
 from onnx_resync import api
 from onnx_resync.errors import UsageError
 from onnx_resync.permute import RECORD_FORMAT, PermutationRecord, model_sha256
@@ -32,11 +36,17 @@ def _model(name: str) -> Path:
     return path
 
 
-def cli(*args, timeout: int = 300) -> subprocess.CompletedProcess:
+def process(*args, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`python -m onnx_resync *args`, a process of its own."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("ONNX_RESYNC_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "onnx_resync", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=ROOT)
+
+
+def cli(*args, timeout: int = 300) -> subprocess.CompletedProcess:
+    """The same through the CLI's main in the shared worker."""
+    return cli_worker.run(*args, timeout=timeout)
 
 
 def one_line_usage_error(done: subprocess.CompletedProcess) -> str:
@@ -164,13 +174,13 @@ def test_record_of_another_model_is_refused(permuted):
 def test_valid_record_undoes_byte_exact(tmp_path):
     """The record names both files; undo (checked with ONNX Runtime) gives back the source's bytes."""
     src = _model("mlp")
-    done = cli("permute", src, "-o", tmp_path / "p.onnx", "--record", tmp_path / "r.json", "--seed", "11")
+    done = process("permute", src, "-o", tmp_path / "p.onnx", "--record", tmp_path / "r.json", "--seed", "11")
     assert done.returncode == 0, done.stderr
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["format"] == RECORD_FORMAT
     assert data["source_sha256"] == model_sha256(src)
     assert data["permuted_sha256"] == model_sha256(tmp_path / "p.onnx")
-    done = cli("permute", tmp_path / "p.onnx", "-o", tmp_path / "u.onnx", "--undo", tmp_path / "r.json")
+    done = process("permute", tmp_path / "p.onnx", "-o", tmp_path / "u.onnx", "--undo", tmp_path / "r.json")
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "u.onnx").read_bytes() == src.read_bytes()
 
