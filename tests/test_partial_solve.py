@@ -119,3 +119,21 @@ def test_skipped_descent_solves_give_the_same_answers(decoder):
     every, _ = run(model, sus, w, _same=lambda a, b: False)  # (no inputs ever the same: every dirty group solved)
     assert_same(skipped, every)
     assert skipped.solves < every.solves
+
+
+def test_kept_slots_give_the_same_answers(decoder, monkeypatch):
+    """A sampled group's slot read again with the permutations of its last read (matcher.KEEP_SLOTS)
+    is taken from that read: the same answers as reading it again, with fewer reads."""
+    model, w = decoder
+    sus = suspect(model, w, 0.05)
+    # the residual stream sampled (its rows 64 x 2672 entries), as on a big file: no other group
+    for name, value in (("GROUP_COLUMNS", 1024), ("GROUP_BYTES", 1 << 18), ("GROUP_WORK", 0)):
+        monkeypatch.setattr(matcher, name, value)
+    reads = []
+    plain = matcher._Matcher.slot_features
+    monkeypatch.setattr(matcher._Matcher, "slot_features", lambda self, *a, **k: reads.append(a[0]) or plain(self, *a, **k))
+    kept, _ = run(model, sus, w)
+    kept_reads, reads[:] = len(reads), []
+    again, _ = run(model, sus, w, KEEP_SLOTS=False)
+    assert_same(kept, again)
+    assert kept_reads < len(reads)

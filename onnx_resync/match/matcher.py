@@ -79,6 +79,9 @@ WIDE_ROWS_BYTES = 512 << 20
 GROUP_COLUMNS = 16384
 GROUP_BYTES = 64 << 20
 GROUP_WORK = 1 << 35
+# such a group's slots are kept between its solves, each while the permutations it was read with
+# stand (the embedding and lm_head of a residual stream: read in the first sweep, not again in the descent)
+KEEP_SLOTS = True
 DECAYED = 1e-3  # a neuron's slot this far below the group's 90th-percentile norm is negligible; a neuron
 #                 negligible in every slot of 2+ entries is decayed (functionally inert, see _decayed)
 REWEIGHT = 0.9  # a neuron's slot whose expected matched cosine (see _signal) is below this: the group is
@@ -189,6 +192,9 @@ class _Matcher:
         self.solves = 0
         self.noise: dict[int, dict] = {}  # per group: {slot index: noise norm per neuron} (last solve)
         self._sample_cache: dict = {}  # aligned_only -> (state, rows): the last sampled group's (see features)
+        # slot index -> (permutations it was read with, width, norms, sample): the last sampled group's
+        # slots, each kept while what it was read with stands (see features)
+        self._slot_cache: tuple[int, dict] = (-1, {})
         self.partial: set[int] = set()  # groups whose last solve read only the slots needing no summary
         # what each group's last solve depended on: the noise it started from, the permutations its
         # slots were read with ({group: perm or None}), whether it was a first-sweep shortcut (see solve)
@@ -370,8 +376,29 @@ class _Matcher:
             self._sample_cache = {a: c for a, c in self._sample_cache.items() if c[0] == state}
             outer, self._reads = self._reads, {}  # (the permutations these samples are read with)
             used, feats, dims, norms = [], [], [], []
+            if columns is not None and self._slot_cache[0] != gi:
+                self._slot_cache = (gi, {})  # (another group's slots go)
+            kept = self._slot_cache[1] if columns is not None and KEEP_SLOTS else {}
             for k, slot in enumerate(slots):  # (a slot at a time: a sampled group holds one slot whole at most)
+                old = kept.pop(k, None)
+                if old is not None and (old[4] or not aligned_only) and \
+                        all(_same(self.perm[hj], p) for hj, p in old[0].items()):
+                    # a sampled group's slot read with the permutations of its last read (the embedding
+                    # and lm_head of a residual stream, from the first sweep to the descent): the same
+                    # norms and sample, not read again (one read aligned_only needed no summary: it is
+                    # what a full read gives; a full read may hold a summary aligned_only refuses)
+                    self._reads.update(old[0])
+                    kept[k] = old
+                    used.append(k)
+                    dims.append(old[1])
+                    norms.append(old[2])
+                    feats.append(old[3])
+                    continue
+                del old
+                mine, self._reads = self._reads, {}  # (what this slot is read with)
                 rows = self.slot_features(gi, slot, aligned_only)
+                mine, self._reads = self._reads, mine
+                self._reads.update(mine)
                 if rows is None:
                     continue
                 used.append(k)
@@ -379,6 +406,8 @@ class _Matcher:
                 norms.append(rows.norms() if isinstance(rows, WideSlot) else (_row_norms(rows[0]), _row_norms(rows[1])))
                 feats.append(rows if columns is None else _sampled(rows, columns[k]))
                 del rows
+                if columns is not None and KEEP_SLOTS:
+                    kept[k] = (mine, dims[-1], norms[-1], feats[-1], aligned_only)
             reads, self._reads = self._reads, outer
             if outer is not None:
                 outer.update(reads)
