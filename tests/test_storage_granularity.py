@@ -3,7 +3,10 @@ _describe), not that of the measured steps: quantize_dynamic's per-tensor ConvIn
 BatchNormalization folded into it has one step per channel in the canonical form (the folded scale
 multiplies each channel's step) and read "int8 per channel" (the csp and resnet bundled models'
 dynamic copies in the exporter zoo); its scale is one value: "per tensor". With per-channel scales
-(a MatMulInteger weight's, one per column) it still says "per channel".
+(a MatMulInteger weight's, one per column) it still says "per channel". A DynamicQuantizeLSTM's
+scale of one value per direction is per tensor too (its schema: [num_directions] "per-tensor/layer",
+[num_directions, 4*hidden_size] per channel): ddddocr_common's and oww_hey_mycroft's dynamic copies
+read "int8 per channel" for their bidirectional LSTMs.
 """
 
 from __future__ import annotations
@@ -65,3 +68,21 @@ def test_per_channel_scales_are_per_channel(tmp_path):
     """per_channel=True: quantize_dynamic keeps one scale per ConvInteger weight, and gives the
     MatMulInteger weight one per column."""
     assert set(_formats(tmp_path, per_channel=True).split(", ")) == {"int8 per tensor", "int8 per channel"}
+
+
+def test_one_scale_per_direction_is_per_tensor(tmp_path):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from test_audit_quantized import _lstm_model
+
+    reference = _lstm_model()
+    onnx.save(reference, str(tmp_path / "lstm.onnx"))
+    out = tmp_path / "lstm_dynamic.onnx"
+    quantize_dynamic(str(tmp_path / "lstm.onnx"), str(out), weight_type=QuantType.QInt8)
+    model = onnx.load(str(out))
+    lstm = next(n for n in model.graph.node if n.op_type == "DynamicQuantizeLSTM")
+    scales = {t.name: list(t.dims) for t in model.graph.initializer}
+    assert scales[lstm.input[8]] == [2], scales  # W_scale: one per direction
+    report = audit(str(out), reference)
+    assert report.verdict == "identical", report.summary
+    assert report.format_change == "int8 per tensor", report.format_change
