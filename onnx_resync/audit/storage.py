@@ -486,10 +486,17 @@ def _describe(name: str, tensor: onnx.TensorProto, readers, stored, producers=No
         scale = _scale_input(node, index)
         size = (int(np.prod(stored[scale].dims)) if stored[scale].dims else 1) if scale and scale in stored \
             else _scale_after(node, readers, stored, producers or {})
+        if size and node.op_type in _BY_DIRECTION and tensor.dims and size == tensor.dims[0]:
+            size = 1  # one scale per direction's weight: per tensor (the op's schema says so)
         if size:
             granularity = "per tensor" if size == 1 else "per channel"
             break
     return f"{type_name} {granularity}"
+
+
+# ops whose weight is a stack of one tensor per direction ([num_directions, ...]) and whose scale of
+# [num_directions] is per tensor ("per-tensor/layer quantization"; [num_directions, 4*hidden]: per channel)
+_BY_DIRECTION = {"DynamicQuantizeLSTM"}
 
 
 def _scale_after(node: onnx.NodeProto, readers, stored, producers) -> int | None:
