@@ -4,15 +4,16 @@ files removed on SIGTERM and SIGHUP as on SIGINT; inputs only from regular files
 block, a device is not read), bounded option files and subgraph counts; the loader refuses what
 ONNX Runtime refuses (opset versions) and ambiguous external data (duplicate keys).
 
-CLI cases run `python -m onnx_resync` in a subprocess with a timeout (the old code blocked on a FIFO)
-and a data-size limit (the old code read a device until memory ran out).
+CLI cases run the CLI's main in a worker process (tests/cli_worker.py: the exit code and output of
+`python -m onnx_resync`, without an interpreter start per command) with a timeout (the old code
+blocked on a FIFO) and an address-space limit (the old code read a device until memory ran out);
+signals, the slowed write and the import check run processes of their own.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-import resource
 import signal
 import stat
 import subprocess
@@ -25,6 +26,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import cli_worker
 from onnx_resync import api
 from onnx_resync.errors import LoadError, UsageError
 from onnx_resync.io import external, files, load_model
@@ -47,16 +49,12 @@ def _env(**extra) -> dict:
     return env
 
 
-def _limit_memory() -> None:  # the old code read /dev/zero until memory ran out
-    resource.setrlimit(resource.RLIMIT_DATA, (3 << 30, 3 << 30))
+WORKER_AS_LIMIT = 6 << 30  # address space: the old code read /dev/zero until memory ran out
 
 
-def cli(*args, timeout: int = 60, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "onnx_resync", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=_env(), cwd=cwd, preexec_fn=_limit_memory)
-    proc.seconds = time.perf_counter() - t0
-    return proc
+def cli(*args, timeout: int = 60) -> subprocess.CompletedProcess:
+    """The command in the shared worker, under WORKER_AS_LIMIT; `seconds`: its wall time."""
+    return cli_worker.run(*args, timeout=timeout, as_limit=WORKER_AS_LIMIT)
 
 
 def one_line(proc: subprocess.CompletedProcess, code: int, *needles: str) -> str:
