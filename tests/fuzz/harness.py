@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,6 +161,10 @@ def worker_main(as_limit: int) -> None:
             _reset_peak_rss()
             t0 = time.perf_counter()
             escaped = None
+            # each command warns as in a fresh process: entering catch_warnings resets every module's
+            # "already warned here" registry (and the command's own filter changes end with it)
+            context = warnings.catch_warnings()
+            context.__enter__()
             try:
                 if req.get("equivalent"):
                     diff = _equivalent_everywhere(*req["equivalent"])
@@ -182,6 +187,8 @@ def worker_main(as_limit: int) -> None:
 
                 rc, escaped = 98, f"{type(exc).__name__}: {exc}"
                 traceback.print_exc()
+            finally:
+                context.__exit__(None, None, None)
             seconds = time.perf_counter() - t0
             sys.stdout.flush()
             sys.stderr.flush()
