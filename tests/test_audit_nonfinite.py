@@ -6,19 +6,21 @@ numeric entries', exit 5)."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
+import cli_worker
+
 MODELS = Path(__file__).resolve().parent.parent / "models"
 
 
 def _audit(suspect: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "onnx_resync", "audit", str(suspect), "--reference",
-                           str(MODELS / "resnet.onnx")], capture_output=True, text=True)
+    """The audit command through the CLI's main in the shared worker (tests/cli_worker.py; each command
+    warns there as in a fresh process)."""
+    return cli_worker.run("audit", str(suspect), "--reference", str(MODELS / "resnet.onnx"))
 
 
 def test_a_twin_with_negative_variances_is_not_derived(tmp_path):
