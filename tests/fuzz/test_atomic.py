@@ -24,6 +24,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import cli_worker
 from onnx_resync.io import WeightStore, load_model
 
 KILLS = int(os.environ.get("FUZZ_KILLS", "12"))
@@ -143,7 +144,9 @@ def _wait_for_temp_file(folder: Path, proc, timeout: float) -> None:
 
 # ---- -o equal to an input ------------------------------------------------------------------------
 def _run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "onnx_resync", *args], capture_output=True, text=True, timeout=300)
+    """The command through the CLI's main in the shared worker (tests/cli_worker.py): the exit code and
+    stderr `python -m onnx_resync` gives, without an interpreter start per command."""
+    return cli_worker.run(*args, timeout=300)
 
 
 @pytest.fixture
