@@ -19,6 +19,7 @@ from onnx import TensorProto as TP
 from onnx import helper as oh
 from onnx import numpy_helper as nh
 
+import cli_worker
 from onnx_resync.cli import main
 from onnx_resync.io import WeightStore, load_model
 from onnx_resync.permute import apply_permutations, random_permutations
@@ -374,7 +375,7 @@ def test_non_finite_weight_exits_3_with_one_line(tmp_path, value, side):
     for command in (["resync", str(tmp_path / f"{sus}.onnx"), "--reference", str(tmp_path / f"{ref}.onnx"),
                      "-o", str(tmp_path / "out.onnx")],
                     ["audit", str(tmp_path / f"{sus}.onnx"), "--reference", str(tmp_path / f"{ref}.onnx")]):
-        proc = subprocess.run([sys.executable, "-m", "onnx_resync", *command], capture_output=True, text=True)
+        proc = cli_worker.run(*command)  # the CLI's main in the shared worker (tests/cli_worker.py)
         assert proc.returncode == 3, proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and "NaN or infinite" in lines[0] and w.name in lines[0] and side in lines[0]
