@@ -25,6 +25,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import cli_worker
 from onnx_resync.api import permute
 from onnx_resync.audit import audit, audit_file
 from onnx_resync.audit.canonical import canonicalize
@@ -352,14 +353,15 @@ def test_audit_file_is_picklable_and_never_raises(work):
 
 
 def test_cli_single_exit_codes(work):
+    """Through the CLI's main in the shared worker (tests/cli_worker.py); the batch test above runs
+    `python -m onnx_resync audit` as a process of its own."""
     good = vendor_copy("vgg", work)
-    base = [sys.executable, "-m", "onnx_resync", "audit", "--reference", str(_model_path("vgg"))]
-    done = subprocess.run(base + [str(good), "--json"], capture_output=True, text=True, timeout=120)
+    base = ["audit", "--reference", str(_model_path("vgg"))]
+    done = cli_worker.run(*base, str(good), "--json", timeout=120)
     assert done.returncode == 0 and json.loads(done.stdout)["verdict"] == "permuted"
-    mismatch = subprocess.run(base + [str(_model_path("mlp"))], capture_output=True, text=True, timeout=120)
+    mismatch = cli_worker.run(*base, str(_model_path("mlp")), timeout=120)
     assert mismatch.returncode == 3 and "cannot align" in mismatch.stderr
-    usage = subprocess.run(base + [str(good), str(good), "--html", str(work / "x.html")],
-                           capture_output=True, text=True, timeout=120)
+    usage = cli_worker.run(*base, str(good), str(good), "--html", str(work / "x.html"), timeout=120)
     assert usage.returncode == 2
 
 
