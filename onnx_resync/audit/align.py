@@ -254,8 +254,12 @@ def _assemble(reference: CanonicalModel, suspect: CanonicalModel, ref: _Graph, s
         ws = []
         for (_, rw, _), (_, sw, _) in zip(r.weights, s.weights):
             if out.is_lazy(rw) and sus_store.is_lazy(sw):  # a huge model: read when used, never held
-                out.set_lazy(rw, lambda sw=sw, shape=out.shape(rw):
-                             np.asarray(sus_store.get(sw), dtype=np.float32).reshape(shape))
+                own = sus_store.reader(sw)
+                if own.shape == out.shape(rw) and own.dtype == np.float32:  # its parts read as it allows
+                    out.set_lazy(rw, own)
+                else:
+                    out.set_lazy(rw, lambda sw=sw, shape=out.shape(rw):
+                                 np.asarray(sus_store.get(sw), dtype=np.float32).reshape(shape))
             else:
                 out.set(rw, sus_store.get(sw).astype(np.float32, copy=False).reshape(out.shape(rw)))
             weight_map[rw] = sw

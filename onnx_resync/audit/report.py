@@ -59,12 +59,13 @@ from .beyond import SliceEvidence
 from .canonical import CanonicalModel, canonicalize
 from .heatmaps import HEATMAP_MAX, Heatmaps
 from .passes.run_time import run_time_format
-from .storage import LazyMap, Steps, allowed, clip_phrase, float_format, measure_steps, storage_dtype
+from .storage import LazyMap, Steps, allowed, clip_phrase, float_format, measure_steps, step_part, storage_dtype
 from .subgraphs import SubgraphComparison, compare_subgraphs, carry as carry_subgraphs
 from .unreached import explained_by_order
 from ..errors import ModelMismatchError, ResyncError, UnsupportedError
 from ..reduce.against import to_reference
 from ..io import WeightStore, load_model, write_text_atomic
+from ..io.lazy import select
 from ..jsonable import json_safe
 from ..walk import walk
 
@@ -75,6 +76,7 @@ UNSURE_RATIO = 4.0  # doubtful layers' share beyond the bound this x the clear o
 EXIT_CANNOT_JUDGE = 4  # the code `verify` uses for "cannot check"
 STATISTICS_SAMPLE = 1 << 16  # elements per tensor for the statistics of what lies beyond the bound
 PRECISION_CHUNK = 1 << 20  # elements of a weight compared with its bound at a time (float64: 8 MiB per array)
+PRECISION_ROWS = 1 << 22  # elements of a lazy weight read (restored, with its steps) at a time: 16 MiB in float32
 SCREEN_MARGIN = 1e-3  # a difference this far (relative) below its bound in float32 is within it in float64 too
 
 
@@ -442,7 +444,7 @@ def _build(suspect, reference, ref_c: CanonicalModel, sus_c: CanonicalModel, ali
     sub = sub if sub is not None else compare_subgraphs(ref_c.model, sus_c.model, alignment.weight_map)
     rs = _without_groups(rs, ref_walk, sub.unpaired)
     sus_steps, ref_steps = sus_steps or Steps(), ref_steps or Steps()
-    steps = _restored_steps(sus_steps, alignment, ref_walk, rs, ref_store)
+    steps = _restored_steps(sus_steps, alignment, ref_walk, rs, ref_store, WeightStore(sus_c.model))
     precision = _precision(ref_store, res_store, alignment, ref_c, sus_c, steps, ref_steps, sus_steps)
     beyond_at, differences = precision.pop("_beyond_at"), precision.pop("_differences")
     compared = _compared(ref_c, alignment)
@@ -669,12 +671,13 @@ def _precision(ref_store: WeightStore, res_store: WeightStore, alignment: Alignm
     beyond_at: dict[str, tuple[int, int]] = {}  # weight -> (elements beyond the bound, elements)
     differences: dict[str, tuple[float, float]] = {}  # weight -> (max |reference|, max |restored - reference|)
     for rw, sw in alignment.weight_map.items():
-        # one weight at a time, in chunks of PRECISION_CHUNK elements (float64 only there): a huge
-        # model's weights are mapped or computed, never copied whole in float64
-        r_all = np.asarray(ref_store.get(rw))
-        evidence = SliceEvidence(r_all.shape)
-        r_all = r_all.reshape(-1)
-        s_all = np.asarray(res_store.get(rw)).reshape(-1)
+        # one weight at a time, a block of PRECISION_ROWS rows at a time where the restored weight is
+        # lazy (a huge model's weight: mapped, or computed a block at a time: dequantized, cast,
+        # permuted), in chunks of PRECISION_CHUNK elements (float64 only there): never a whole float
+        # copy of a huge weight, nor of its steps
+        transposed, blocks = _blocks(ref_store.shape(rw), res_store.is_lazy(rw), res_store.major(rw))
+        layout = ref_store.shape(rw)[::-1] if transposed else ref_store.shape(rw)
+        evidence = SliceEvidence(layout)  # (its statistics per slice of both axes: the same for the transpose)
         so, ro = sus_c.origins.get(sw), ref_c.origins.get(rw)
         dtype = storage_dtype(so)
         storage.add(dtype)
@@ -688,44 +691,51 @@ def _precision(ref_store: WeightStore, res_store: WeightStore, alignment: Alignm
         else:
             fmt = float_format(dtype) + run_time_format(so)
         formats += [f for f in fmt.split(", ") if f != "float32" and f not in formats]
-        step_s, step_r = steps.get(rw), ref_steps.steps.get(rw)
-        step_s = np.asarray(step_s).reshape(-1) if step_s is not None else None
-        step_r = np.asarray(step_r).reshape(-1) if step_r is not None else None
-        size = r_all.size
+        size = math.prod(layout)
         beyond_before = beyond
         scale = 0.0
         moments = np.zeros(2)  # of r: sum, sum of squares
-        for a in range(0, size, PRECISION_CHUNK):
-            r = r_all[a:a + PRECISION_CHUNK].astype(np.float64)
-            scale = max(scale, float(np.abs(r).max()))
-            moments += (r.sum(), np.square(r).sum())
+        for _, r_all in _flat(ref_store, rw, blocks, transposed):
+            for a in range(0, r_all.size, PRECISION_CHUNK):
+                r = r_all[a:a + PRECISION_CHUNK].astype(np.float64)
+                scale = max(scale, float(np.abs(r).max()))
+                moments += (r.sum(), np.square(r).sum())
         std = math.sqrt(max(moments[1] / size - (moments[0] / size) ** 2, 0.0)) if size else 0.0
         top = max_diff = 0.0
         excess_moments = np.zeros(3)  # of the excess where kept: count, sum, sum of squares
-        for a in range(0, size, PRECISION_CHUNK):
-            piece = slice(a, a + PRECISION_CHUNK)
-            piece_steps = (step_s[piece] if step_s is not None else None, step_r[piece] if step_r is not None else None)
-            clear = _clearly_within(r_all[piece], s_all[piece], so, ro, piece_steps, scale)
-            if clear is not None:  # nothing beyond the bound, no excess: the piece's largest ratio and difference
-                top, max_diff = max(top, clear[0]), max(max_diff, clear[1])
-                excess_moments[0] += r_all[piece].size
-                continue
-            r = r_all[piece].astype(np.float64)
-            s = s_all[piece].astype(np.float64)
-            bound = allowed(r, so, ro, *piece_steps, scale=scale)
-            diff = np.abs(s - r)
-            max_diff = max(max_diff, float(diff.max()))
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ratio = np.where(diff > 0, diff / np.where(bound > 0, bound, 0.0), 0.0)
-            top = max(top, float(ratio.max()))
-            # what lies beyond the bound, for the kinds of perturbation
-            out_of = diff > bound
-            beyond += int(out_of.sum())
-            zero = (s == 0) & (r != 0) & out_of  # newly zero where the storage's rounding does not explain it
-            newly_zero += int(zero.sum())
-            evidence.add(a, r, s, out_of & ~zero)
-            excess = (np.sign(s - r) * np.maximum(diff - bound, 0.0))[~zero]
-            excess_moments += (excess.size, excess.sum(), np.square(excess).sum())
+        stride = max(1, size // STATISTICS_SAMPLE)
+        picked, picked_ref = [], []  # every stride-th element, for the distinct values
+        for (start, r_all), (_, s_all), (_, step_s), (_, step_r) in zip(
+                _flat(ref_store, rw, blocks, transposed), _flat(res_store, rw, blocks, transposed),
+                _flat(steps, rw, blocks, transposed), _flat(ref_steps.steps, rw, blocks, transposed)):
+            for a in range(0, r_all.size, PRECISION_CHUNK):
+                piece = slice(a, a + PRECISION_CHUNK)
+                piece_steps = (step_s[piece] if step_s is not None else None,
+                               step_r[piece] if step_r is not None else None)
+                clear = _clearly_within(r_all[piece], s_all[piece], so, ro, piece_steps, scale)
+                if clear is not None:  # nothing beyond the bound, no excess: the piece's largest ratio and difference
+                    top, max_diff = max(top, clear[0]), max(max_diff, clear[1])
+                    excess_moments[0] += r_all[piece].size
+                    continue
+                r = r_all[piece].astype(np.float64)
+                s = s_all[piece].astype(np.float64)
+                bound = allowed(r, so, ro, *piece_steps, scale=scale)
+                diff = np.abs(s - r)
+                max_diff = max(max_diff, float(diff.max()))
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    ratio = np.where(diff > 0, diff / np.where(bound > 0, bound, 0.0), 0.0)
+                top = max(top, float(ratio.max()))
+                # what lies beyond the bound, for the kinds of perturbation
+                out_of = diff > bound
+                beyond += int(out_of.sum())
+                zero = (s == 0) & (r != 0) & out_of  # newly zero where the storage's rounding does not explain it
+                newly_zero += int(zero.sum())
+                evidence.add(start + a, r, s, out_of & ~zero)
+                excess = (np.sign(s - r) * np.maximum(diff - bound, 0.0))[~zero]
+                excess_moments += (excess.size, excess.sum(), np.square(excess).sum())
+            first = -start % stride  # this block's first element at a multiple of the stride
+            picked.append(s_all[first::stride])
+            picked_ref.append(r_all[first::stride])
         total += size
         beyond_at[rw] = (beyond - beyond_before, size)
         differences[rw] = (scale, max_diff)
@@ -746,9 +756,8 @@ def _precision(ref_store: WeightStore, res_store: WeightStore, alignment: Alignm
         if kind == "scaled":
             scaled[shown] = neurons
         if size >= 256 and not (so is not None and so.quantized):
-            pick = slice(None, None, max(1, size // STATISTICS_SAMPLE))
-            distinct.append(len(np.unique(s_all[pick])))
-            distinct_ref.append(len(np.unique(r_all[pick])))
+            distinct.append(len(np.unique(np.concatenate(picked))))
+            distinct_ref.append(len(np.unique(np.concatenate(picked_ref))))
     beyond_stats = {
         "elements": int(beyond), "of": int(total), "fraction": beyond / total if total else 0.0,
         "noise_relative_std": _weighted_median(noise) if noise else 0.0,
@@ -777,6 +786,40 @@ def _precision(ref_store: WeightStore, res_store: WeightStore, alignment: Alignm
         "_beyond_at": beyond_at,  # for _unsure_kind; popped by _build (not serialized)
         "_differences": differences,  # for the layer rows (_row); popped by _build
     }
+
+
+def _blocks(shape: tuple[int, ...], lazy: bool, major: int) -> tuple[bool, list[tuple[int, list]]]:
+    """How the precision check reads a weight: in its own layout or transposed (a 2-D weight
+    cheapest to read by columns: LazyTensor.major), and in which blocks, each (first element's flat
+    index in the layout walked, index for select): PRECISION_ROWS elements' worth of rows of that
+    layout at a time where the restored weight is lazy, else the whole weight in one block."""
+    if not lazy or len(shape) < 1 or not math.prod(shape):
+        return False, [(0, [])]
+    transposed = major == 1 and len(shape) == 2
+    layout = shape[::-1] if transposed else shape
+    row = math.prod(layout[1:])
+    rows = max(1, PRECISION_ROWS // max(1, row))
+    blocks = []
+    for a in range(0, layout[0], rows):
+        cut = np.arange(a, min(a + rows, layout[0]))
+        blocks.append((a * row, [None, cut] if transposed else [cut]))
+    return transposed, blocks
+
+
+def _flat(source, name: str, blocks: list[tuple[int, list]], transposed: bool):
+    """(first element's flat index, the block's values flattened in the layout walked) for each
+    block: `source` a WeightStore, or a map of steps (values None where it has no entry)."""
+    for start, index in blocks:
+        if isinstance(source, WeightStore):
+            values = source.get(name) if not index else source.select(name, index)
+        elif name not in source:
+            values = None
+        else:
+            values = source[name] if not index else step_part(source, name, index)
+        if values is not None:
+            values = np.asarray(values)
+            values = (values.T if transposed else values).reshape(-1)
+        yield start, values
 
 
 def _clearly_within(r: np.ndarray, s: np.ndarray, so, ro, steps: tuple, scale: float) -> tuple[float, float] | None:
@@ -884,23 +927,38 @@ def _names(weights: Mapping, shown: int = 3) -> str:
     return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
-def _restored_steps(steps: Steps, alignment: Alignment, ref_walk, rs, ref_store: WeightStore) -> dict[str, np.ndarray]:
+def _restored_steps(steps: Steps, alignment: Alignment, ref_walk, rs, ref_store: WeightStore,
+                    sus_store: WeightStore) -> LazyMap:
     """The suspect's measured steps in the restored (reference's) layout: aligned as its weights
-    were, then moved by resync's permutations."""
+    were, then moved by resync's permutations; a block of rows computed alone where it can be."""
+    from ..permute import apply_moves, slot_indices
+
     names = {rw: sw for rw, sw in alignment.weight_map.items() if sw in steps.steps}
     index = {}
     if names and getattr(rs, "record", None) is not None:
-        from ..permute import slot_indices
-
         index = slot_indices(ref_walk, rs.record.perms, lambda w, a: ref_store.shape(w)[a])
 
+    def moves(weight: str) -> list[tuple]:
+        return [(axis, at, idx) for (w, axis, at), idx in index.items() if w == weight]
+
     def restored(weight: str) -> np.ndarray:  # one weight at a time (storage.LazyMap)
-        from ..permute import apply_moves
-
         out = steps.steps[names[weight]].reshape(ref_store.shape(weight))
-        return apply_moves(out, [(axis, at, idx) for (w, axis, at), idx in index.items() if w == weight])
+        return apply_moves(out, moves(weight))
 
-    return LazyMap(names, restored)
+    def restored_part(weight: str, index: list) -> np.ndarray:
+        """restored(weight) at `index` (io.lazy.select): the suspect's steps at the entries they
+        came from, where the moves allow (whole axes moved; the suspect's weight in the reference's
+        shape)."""
+        mine = moves(weight)
+        if any(at is not None for _, at, _ in mine) or sus_store.shape(names[weight]) != ref_store.shape(weight):
+            return select(out[weight], index)  # (computed whole, once: the map keeps the last one)
+        moved = {axis: idx for axis, _, idx in mine}
+        index = list(index) + [None] * (len(ref_store.shape(weight)) - len(index))
+        source = [moved.get(a) if i is None else (moved[a][i] if a in moved else i) for a, i in enumerate(index)]
+        return step_part(steps.steps, names[weight], source)
+
+    out = LazyMap(names, restored, restored_part)
+    return out
 
 
 _FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16}

@@ -46,6 +46,7 @@ import onnx
 from onnx import helper
 
 from ..io import WeightStore, copy_without_payloads, tensor_values
+from ..io.lazy import select
 from .rewrite import STANDARD, WeightOrigin
 
 # relative rounding of a value stored in this type (round to nearest), against its float32 form
@@ -168,12 +169,14 @@ def measure_steps(model: onnx.ModelProto, canon, names, canonicalize, floats: bo
                 if high.any():
                     out.clipped[t] = (int(high.sum()), float(a[high].max()))
 
-    def step(n: str, singles_only: bool = False) -> np.ndarray:
+    def step(n: str, singles_only: bool = False, index: list | None = None) -> np.ndarray:
         """Summed a store at a time (a computed weight is produced whole, once), a block of rows at a
         time: never a float copy per probe. `singles_only`: the single-step probes alone (one step of
         each stored tensor, nothing for the ends of the range or a clamp): what the granularity of
-        the storage is read from."""
-        b = np.asarray(base.get(n), dtype=np.float32)
+        the storage is read from. `index`: the steps at those entries alone (WeightStore.select),
+        each store read there only (a dequantized or cast weight computes those entries alone)."""
+        read = (lambda store: store.get(n)) if index is None else (lambda store: store.select(n, index))
+        b = np.asarray(read(base), dtype=np.float32)
         shape = b.shape
         b = b.reshape(b.shape[0] if b.ndim else 1, -1)
         total = np.zeros_like(b)
@@ -181,7 +184,7 @@ def measure_steps(model: onnx.ModelProto, canon, names, canonicalize, floats: bo
         rows = max(1, STEP_BLOCK_ELEMENTS // max(b.shape[1], 1))
 
         def add(store: WeightStore, weight: float, single: bool = False, beyond_sum: bool = False) -> None:
-            m = np.asarray(store.get(n)).reshape(b.shape)
+            m = np.asarray(read(store)).reshape(b.shape)
             for a in range(0, b.shape[0], rows):
                 block = slice(a, a + rows)
                 with np.errstate(invalid="ignore", over="ignore"):
@@ -207,7 +210,7 @@ def measure_steps(model: onnx.ModelProto, canon, names, canonicalize, floats: bo
         return total.reshape(shape)
 
     measured = [n for n in origins if data[n]]
-    out.steps = LazyMap(measured, step)
+    out.steps = LazyMap(measured, step, lambda n, index: step(n, index=index))  # (a block: LazyMap.select)
     for n in measured:
         kinds = [described[s] for s in data[n] if s in described]
         if not kinds:  # a float weight computed from float16 operands: no integer format to name
@@ -264,12 +267,20 @@ def _extra_probe(model, stored, canonicalize, base: WeightStore, origins, values
 
 class LazyMap(Mapping):
     """name -> array, computed when asked for (the last one kept): the steps of a huge model's
-    weights are never all held at once."""
+    weights are never all held at once. `select(name, index)`: one's values at some entries of each
+    axis (io.lazy.select), computed alone where the map was given a way to (`compute_part`)."""
 
-    def __init__(self, names, compute):
-        self._names, self._compute = list(dict.fromkeys(names)), compute
+    def __init__(self, names, compute, compute_part=None):
+        self._names, self._compute, self._compute_part = list(dict.fromkeys(names)), compute, compute_part
         self._known = set(self._names)
         self._last: tuple[str, np.ndarray] | None = None
+
+    def select(self, name: str, index: list) -> np.ndarray:
+        if name not in self._known:
+            raise KeyError(name)
+        if self._compute_part is None or (self._last is not None and self._last[0] == name):
+            return select(np.asarray(self[name]), index)
+        return self._compute_part(name, index)
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self._known:
@@ -286,6 +297,11 @@ class LazyMap(Mapping):
 
     def __len__(self) -> int:
         return len(self._names)
+
+
+def step_part(steps: Mapping[str, np.ndarray], name: str, index: list) -> np.ndarray:
+    """steps[name] at `index` (io.lazy.select): computed there alone where `steps` is a LazyMap."""
+    return steps.select(name, index) if isinstance(steps, LazyMap) else select(np.asarray(steps[name]), index)
 
 
 def allowed(r: np.ndarray, so: WeightOrigin | None, ro: WeightOrigin | None,

@@ -11,15 +11,24 @@ the data is. Three kinds:
   index[a][i] of the source): a permutation of a huge model. A sub-grid or some rows read only the
   source entries they need; a permutation of a permuted tensor is composed onto the first source.
 - *computed*: what a function returns (same shape and dtype): new values set for a lazy weight.
+  It may also compute a *part* (`part`: the values at some entries of each axis), so that a sample
+  or a block of rows of a cast or dequantized huge weight costs what it holds, not the whole.
+
+Every kind has a *major* axis: the one along which a block of entries is cheapest to read (its
+entries lie together in storage): 0 for a mapping, the source's for a permutation, and what the
+maker of a computed tensor says (a dequantized MatMulNBits weight [K, N] is stored by rows of N:
+its major axis is 1). A reader of a whole huge tensor in blocks cuts it along that axis.
 
 Permuted and computed tensors are *deferred*: nothing is computed until the data is read or saved.
 Their proto's location is DEFERRED_PREFIX + a number, which names the LazyTensor in the registry
 `DEFERRED` (see DeferredRegistry for who owns an entry and how long it lives).
 
-A LazyTensor reads as a whole (`read`), as a sub-grid (`grid`: values[np.ix_(*index)]), as some
-rows (`rows`: entries along the first axis), or as bytes in pieces for a streaming write (`pieces`:
-copied from the file in chunks, or computed a piece of rows at a time, the next piece computed while
-this one is written).
+A LazyTensor reads as a whole (`read`), as a sub-grid (`grid`: values[np.ix_(*index)]; `select`:
+the same with None for a whole axis), as some rows (`rows`: entries along the first axis), or as
+bytes in pieces for a streaming write (`pieces`: copied from the file in chunks, or computed a piece
+of rows at a time, the next piece computed while this one is written). A part is read from the
+mapping, through the permutation, or computed by `part`, whichever the kind allows; a computed
+tensor without `part`, or whose whole values are at hand (`_recent`), is read whole and indexed.
 """
 
 from __future__ import annotations
@@ -58,16 +67,19 @@ class LazyTensor:
     """One lazy tensor's data: mapped, permuted or computed (see the module's docstring)."""
 
     __slots__ = ("kind", "name", "shape", "dtype", "nbytes", "location", "offset", "stamp", "source", "index",
-                 "compute")
+                 "compute", "part", "computed_major")
 
     def __init__(self, kind: str, name: str, shape: tuple[int, ...], dtype: np.dtype, nbytes: int, *,
                  location: str = "", offset: int = 0, stamp: str | None = None,
                  source: "LazyTensor | None" = None, index: dict[int, np.ndarray] | None = None,
-                 compute: Callable[[], np.ndarray] | None = None):
+                 compute: Callable[[], np.ndarray] | None = None, part: "Callable[[Index], np.ndarray] | None" = None,
+                 computed_major: int = 0):
         self.kind, self.name, self.shape, self.dtype, self.nbytes = kind, name, shape, dtype, nbytes
         self.location, self.offset, self.stamp = location, offset, stamp  # mapped
         self.source, self.index = source, index or {}  # permuted: axis -> source entry of each entry
-        self.compute = compute  # computed
+        self.compute = compute  # computed: the whole
+        self.part = part  # computed, optional: part(index) == select(compute(), index)
+        self.computed_major = computed_major  # computed: its major axis (see the module's docstring)
 
     @staticmethod
     def of(tensor: onnx.TensorProto) -> "LazyTensor":
@@ -81,10 +93,21 @@ class LazyTensor:
                           offset=int(info.get("offset", 0)), stamp=info.get(STAMP_KEY))
 
     @staticmethod
-    def computed(tensor: onnx.TensorProto, compute: Callable[[], np.ndarray]) -> "LazyTensor":
-        """The tensor's new values are what compute() returns (checked against its shape, cast to its dtype)."""
+    def computed(tensor: onnx.TensorProto, compute: Callable[[], np.ndarray],
+                 part: "Callable[[Index], np.ndarray] | None" = None, major: int = 0) -> "LazyTensor":
+        """The tensor's new values are what compute() returns (checked against its shape, cast to its
+        dtype); `part(index)`, where given, computes select(compute(), index) alone; `major`: the
+        axis along which its parts are cheapest."""
         shape, dtype = _layout(tensor)
-        return LazyTensor("computed", tensor.name, shape, dtype, expected_nbytes(tensor) or 0, compute=compute)
+        return LazyTensor("computed", tensor.name, shape, dtype, expected_nbytes(tensor) or 0, compute=compute,
+                          part=part, computed_major=major)
+
+    @property
+    def major(self) -> int:
+        """The axis along which a block of entries is cheapest to read (see the module's docstring)."""
+        if self.kind == "permuted":
+            return self.source.major
+        return self.computed_major if self.kind == "computed" else 0
 
     def permuted(self, index: dict[int, np.ndarray]) -> "LazyTensor":
         """This tensor reindexed: entry i along axis a is this tensor's entry index[a][i]."""
@@ -120,24 +143,34 @@ class LazyTensor:
         _residency.add(mm)
         return mm.view(np.ndarray)
 
-    def grid(self, index: list[np.ndarray]) -> np.ndarray:
-        """values[np.ix_(*index)], reading only that sub-grid where the kind allows (mapped,
-        permuted): samples of a huge model cost what they hold."""
+    def select(self, index: "Index") -> np.ndarray:
+        """values[np.ix_(*index)], an entry of `index` per axis and None for a whole axis: read from the
+        mapping (a run of entries is a view), through the permutation, or computed by `part` (see the
+        module's docstring). Read-only where it is a view of the mapping."""
+        index = list(index) + [None] * (len(self.shape) - len(index))
         if self.kind == "permuted":
-            return self.source.grid([self.index[a][i] if a in self.index else i for a, i in enumerate(index)])
-        return np.asarray(self.read()[np.ix_(*index)])
+            inner = [self.index.get(a) if i is None else (self.index[a][i] if a in self.index else i)
+                     for a, i in enumerate(index)]
+            return self.source.select(inner)
+        if self.kind == "computed" and self.part is not None and _recent.get(self) is None \
+                and any(i is not None for i in index):
+            out = np.asarray(self.part([None if i is None else np.asarray(i) for i in index]))
+            expected = tuple(n if i is None else len(i) for n, i in zip(self.shape, index))
+            if out.shape != expected:
+                raise ValueError(f"weight {self.name!r}: computed part of shape {out.shape}, expected {expected}")
+            return out.astype(self.dtype, copy=False)
+        return select(self.read(), index)
+
+    def grid(self, index: list[np.ndarray]) -> np.ndarray:
+        """values[np.ix_(*index)] (a copy), reading only that sub-grid where the kind allows: samples
+        of a huge model cost what they hold."""
+        out = self.select(index)
+        return out if out.flags.owndata else np.array(out)
 
     def rows(self, index: np.ndarray) -> np.ndarray:
         """values[index] (entries along the first axis), reading only those rows where the kind
         allows: a saved tensor is produced a piece at a time."""
-        if self.kind == "permuted":
-            piece = self.source.rows(self.index[0][index] if 0 in self.index else index)
-            return self._moved(piece, [(a, idx) for a, idx in self.index.items() if a != 0])
-        values = self.read()
-        if self.kind == "mapped" and len(index) and index[-1] - index[0] + 1 == len(index) \
-                and (np.diff(index) == 1).all():
-            return values[int(index[0]):int(index[-1]) + 1]  # a run of rows: a view of the mapping
-        return np.take(values, index, axis=0) if self.kind == "mapped" else values[index]
+        return self.select([np.asarray(index)])
 
     def pieces(self) -> Iterator[memoryview]:
         """The bytes (nbytes of them) in pieces, each valid until the next is asked for: copied from
@@ -191,6 +224,23 @@ class LazyTensor:
                 yield memoryview(piece.reshape(-1)).cast("B")
         if written != expected:
             raise ValueError(f"weight {self.name!r}: computed {written} bytes, expected {expected}")
+
+
+Index = list  # per axis: an array of entries, or None for the whole axis (LazyTensor.select)
+
+
+def select(values: np.ndarray, index: Index) -> np.ndarray:
+    """values[np.ix_(*index)] with None for a whole axis; a run of entries is sliced (a view)."""
+    out = values
+    for axis, idx in enumerate(index):
+        if idx is None:
+            continue
+        idx = np.asarray(idx)
+        if idx.size and idx.ndim == 1 and idx[-1] - idx[0] + 1 == idx.size and (np.diff(idx) == 1).all():
+            out = out[(slice(None),) * axis + (slice(int(idx[0]), int(idx[-1]) + 1),)]
+        else:
+            out = np.take(out, idx, axis=axis)
+    return out
 
 
 def _layout(tensor: onnx.TensorProto) -> tuple[tuple[int, ...], np.dtype]:

@@ -17,7 +17,7 @@ from onnx import numpy_helper
 from . import wire
 from ..errors import LoadError
 from .external import SUBBYTE_BITS, TYPED_FIELDS, is_in_place
-from .lazy import COPY_CHUNK_BYTES, LazyTensor, is_lazy_tensor, point_at
+from .lazy import COPY_CHUNK_BYTES, LazyTensor, is_lazy_tensor, point_at, select
 
 
 def tensor_values(tensor: onnx.TensorProto) -> np.ndarray:
@@ -85,6 +85,23 @@ class WeightStore:
         if is_lazy_tensor(tensor):
             return LazyTensor.of(tensor).grid(index)
         return self.get(name)[np.ix_(*index)]
+
+    def select(self, name: str, index: list) -> np.ndarray:
+        """get(name)[np.ix_(*index)], None for a whole axis; a lazy weight reads or computes only
+        those entries where it can (LazyTensor.select). Read-only where it is a view."""
+        tensor = self._tensors[name]
+        if is_lazy_tensor(tensor):
+            return LazyTensor.of(tensor).select(index)
+        return select(self.get(name), index)
+
+    def rows(self, name: str, index: np.ndarray) -> np.ndarray:
+        """get(name)[index]: entries along the first axis (select)."""
+        return self.select(name, [np.asarray(index)])
+
+    def major(self, name: str) -> int:
+        """The axis along which a block of the weight is cheapest to read (LazyTensor.major)."""
+        tensor = self._tensors[name]
+        return LazyTensor.of(tensor).major if is_lazy_tensor(tensor) else 0
 
     def row_blocks(self, name: str, block_bytes: int = COPY_CHUNK_BYTES) -> Iterator[np.ndarray]:
         """The weight in consecutive blocks of whole rows (first axis) of about block_bytes: a

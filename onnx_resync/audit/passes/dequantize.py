@@ -440,12 +440,16 @@ class _Dequantizer:
             B, S, Z, G = (stored(v) if v is not None else None for v in values)
             return nbits_weight(B, S, Z, G, bits, block, k, n).T
 
+        def part(index) -> np.ndarray:  # [K, N] at index: B's rows and codes read for those alone
+            B, S, Z, G = (stored(v) if v is not None else None for v in values)
+            return nbits_weight(B, S, Z, G, bits, block, k, n, rows=index[1], columns=index[0]).T
+
         origin = ws.origin_of([x for x in (b, s, z) if x], f"dequantized int{bits} in blocks of {block} (MatMulNBits)")
         if isinstance(values[0], onnx.TensorProto) and is_lazy_tensor(values[0]):
             # a huge model's weight: checked on its first rows, computed whenever it is read
             _check_nbits(values, bits, block, k, n)
             w_name = ws.new_name(b + "/dequantized")
-            ws.set_constant(w_name, lazy_weight(w_name, (k, n), weight), origin)
+            ws.set_constant(w_name, lazy_weight(w_name, (k, n), weight, part, major=1), origin)  # (B: rows of N)
         else:
             w_name = ws.add_constant(b + "/dequantized", np.ascontiguousarray(weight()), origin)
         ws.origins[w_name].steps.append("view MatMulNBits layout [N, K] -> [K, N]")
@@ -765,28 +769,57 @@ def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
 
 
 def nbits_weight(B: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, g_idx: np.ndarray | None,
-                 bits: int, block: int, K: int, N: int) -> np.ndarray:
+                 bits: int, block: int, K: int, N: int, rows: np.ndarray | None = None,
+                 columns: np.ndarray | None = None) -> np.ndarray:
     """MatMulNBits' float weight [N, K]: B [N, k_blocks, block * bits / 8] holds each row's K codes
     in blocks of `block`, low bits first; value (code - zero point) * scale with one scale and zero
     point per (row, block) (block of column k: k // block, or g_idx[k]); zero points packed like B
     ([N, ceil(k_blocks * bits / 8)] uint8) or unpacked floats [N, k_blocks]; default 2^(bits - 1).
-    ValueError for what it cannot tell (the caller leaves the node as it is)."""
+    `rows`, `columns`: those entries alone (weight[np.ix_(rows, columns)], the same values), only
+    their rows of B read and only their codes unpacked. ValueError for what it cannot tell (the
+    caller leaves the node as it is)."""
     if bits not in (2, 4, 8) or block < 16 or block & (block - 1) or K <= 0 or N <= 0:
         raise ValueError(f"MatMulNBits bits={bits} block_size={block} K={K} N={N}")
     blocks = -(-K // block)
     if B.dtype != np.uint8 or B.size != N * blocks * block * bits // 8:
         raise ValueError(f"MatMulNBits B {B.shape} {B.dtype}")
-    s = np.asarray(scales).reshape(N, blocks).astype(np.float32)
-    if zero_points is None:
-        zp = np.float32(1 << (bits - 1))
-    elif zero_points.dtype == np.uint8:
-        zp = unpack_codes(zero_points.reshape(N, -1), bits, blocks).astype(np.float32)
-    else:
-        zp = np.asarray(zero_points).reshape(N, blocks).astype(np.float32)
+    s = np.asarray(scales).reshape(N, blocks)
     if g_idx is not None and zero_points is not None and zero_points.dtype == np.uint8:
         # ONNX Runtime's CPU kernel (1.31) reads no packed zero point beside g_idx (it uses the
         # default): which one is meant is not settled, so the node is left as it is
         raise ValueError("MatMulNBits g_idx with packed zero points")
+    zp_rows = None if zero_points is None else np.asarray(zero_points).reshape(N, -1)
+    if rows is not None:  # B, scales and zero points of these rows only (a mapped B: only they are read)
+        rows = np.asarray(rows, dtype=np.int64)
+        B, s = B.reshape(N, -1)[rows], s[rows]
+        zp_rows = None if zp_rows is None else zp_rows[rows]
+        N = len(rows)
+    if zp_rows is not None and zp_rows.dtype != np.uint8 and zp_rows.shape[1] != blocks:
+        raise ValueError(f"MatMulNBits zero points {np.shape(zero_points)}")
+    if g_idx is not None:
+        which = np.asarray(g_idx).reshape(-1).astype(np.int64)
+        if which.size != K or which.min(initial=0) < 0 or which.max(initial=0) >= blocks:
+            raise ValueError("MatMulNBits g_idx")
+    mask = np.uint8((1 << bits) - 1)
+    if columns is not None:  # the codes of these columns alone (code k: bits k * bits.. of its row),
+        #                      and the scales and zero points of the blocks they fall in
+        k = np.asarray(columns, dtype=np.int64)
+        codes = (B.reshape(N, -1)[:, k * bits // 8] >> (k * bits % 8).astype(np.uint8)) & mask
+        used, group = np.unique(k // block if g_idx is None else which[k], return_inverse=True)
+        if zp_rows is None:
+            zp = np.float32(1 << (bits - 1))
+        elif zp_rows.dtype == np.uint8:  # packed like B
+            zp = ((zp_rows[:, used * bits // 8] >> (used * bits % 8).astype(np.uint8)) & mask)[:, group]
+        else:
+            zp = zp_rows[:, used][:, group]
+        return (codes.astype(np.float32) - np.asarray(zp, dtype=np.float32)) * s[:, used].astype(np.float32)[:, group]
+    s = s.astype(np.float32)
+    if zp_rows is None:
+        zp = np.float32(1 << (bits - 1))
+    elif zp_rows.dtype == np.uint8:
+        zp = unpack_codes(zp_rows, bits, blocks).astype(np.float32)
+    else:
+        zp = zp_rows.astype(np.float32)
     if g_idx is None:  # blocks in order: scales broadcast over each block, no gathered copies
         per = 8 // bits  # codes per byte, low bits first: shifted and masked on the bytes (no index array)
         b = B.reshape(N, blocks, block // per)
@@ -797,9 +830,6 @@ def nbits_weight(B: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | No
         w -= zp[..., None] if np.ndim(zp) else zp
         w *= s[..., None]
         return w.reshape(N, blocks * block)[:, :K]
-    which = np.asarray(g_idx).reshape(-1).astype(np.int64)
-    if which.size != K or which.min(initial=0) < 0 or which.max(initial=0) >= blocks:
-        raise ValueError("MatMulNBits g_idx")
     codes = unpack_codes(B.reshape(N, -1), bits, K)
     if np.ndim(zp):
         zp = zp[:, which]

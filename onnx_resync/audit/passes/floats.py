@@ -33,13 +33,18 @@ def is_float(dtype: np.dtype) -> bool:
     return dtype.kind == "f" or dtype.name == "bfloat16" or dtype.name.startswith("float8")
 
 
-def lazy_weight(name: str, shape: tuple[int, ...], compute: Callable[[], np.ndarray]) -> onnx.TensorProto:
+def lazy_weight(name: str, shape: tuple[int, ...], compute: Callable[[], np.ndarray],
+                part: Callable[[list], np.ndarray] | None = None, major: int = 0) -> onnx.TensorProto:
     """A float32 weight computed by `compute()` each time it is read (a computed lazy tensor): what
-    a pass makes of a lazy (mapped) weight, so that the canonical form of a huge model holds no copy."""
+    a pass makes of a lazy (mapped) weight, so that the canonical form of a huge model holds no copy.
+    `part(index)`: the values at `index` alone (LazyTensor.select), where they can be computed so;
+    `major`: the axis along which such parts are cheapest (LazyTensor.major)."""
     t = onnx.TensorProto()
     t.name, t.data_type = name, TensorProto.FLOAT
     t.dims.extend(int(d) for d in shape)
-    point_at(t, LazyTensor.computed(t, lambda: np.asarray(compute(), dtype=np.float32)))
+    point_at(t, LazyTensor.computed(t, lambda: np.asarray(compute(), dtype=np.float32),
+                                    None if part is None else lambda index: np.asarray(part(index), dtype=np.float32),
+                                    major))
     return t
 
 
@@ -58,7 +63,9 @@ def to_float32(ws: Workspace) -> bool:
             value = ws.constants[name]
             if isinstance(value, onnx.TensorProto) and is_lazy_tensor(value):
                 source = LazyTensor.of(value)
-                ws.set_constant(name, lazy_weight(name, source.shape, lambda s=source: s.read().astype(np.float32)))
+                ws.set_constant(name, lazy_weight(name, source.shape, lambda s=source: s.read().astype(np.float32),
+                                                  lambda index, s=source: s.select(index).astype(np.float32),
+                                                  source.major))
             else:
                 ws.set_constant(name, ws.const(name).astype(np.float32))
             ws.origins[name].steps.append(f"cast {dtype} -> float32")
