@@ -34,11 +34,13 @@ def test_nbits_rows_and_columns_are_the_whole_weights_entries(bits, zero_points,
          "float16": rng.random((N, blocks)).astype(np.float16)}[zero_points]
     G = rng.integers(0, blocks, K).astype(np.int32) if g_idx else None
     whole = nbits_weight(B, S, Z, G, bits, block, K, N)
-    rows, columns = rng.permutation(N)[:4], rng.permutation(K)[:11]
-    np.testing.assert_array_equal(nbits_weight(B, S, Z, G, bits, block, K, N, rows=rows, columns=columns),
-                                  whole[np.ix_(rows, columns)])
+    rows = rng.permutation(N)[:4]
     np.testing.assert_array_equal(nbits_weight(B, S, Z, G, bits, block, K, N, rows=rows), whole[rows])
-    np.testing.assert_array_equal(nbits_weight(B, S, Z, G, bits, block, K, N, columns=columns), whole[:, columns])
+    for columns in (rng.permutation(K)[:11], rng.permutation(K)):  # a few codes gathered; all, permuted
+        np.testing.assert_array_equal(nbits_weight(B, S, Z, G, bits, block, K, N, rows=rows, columns=columns),
+                                      whole[np.ix_(rows, columns)])
+        np.testing.assert_array_equal(nbits_weight(B, S, Z, G, bits, block, K, N, columns=columns),
+                                      whole[:, columns])
 
 
 def test_a_computed_part_is_computed_alone_through_a_permutation():

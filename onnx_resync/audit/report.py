@@ -695,7 +695,7 @@ def _precision(ref_store: WeightStore, res_store: WeightStore, alignment: Alignm
         beyond_before = beyond
         scale = 0.0
         moments = np.zeros(2)  # of r: sum, sum of squares
-        for _, r_all in _flat(ref_store, rw, blocks, transposed):
+        for _, r_all in _flat(ref_store, rw, blocks, False):  # (any order: a maximum and sums)
             for a in range(0, r_all.size, PRECISION_CHUNK):
                 r = r_all[a:a + PRECISION_CHUNK].astype(np.float64)
                 scale = max(scale, float(np.abs(r).max()))

@@ -801,6 +801,9 @@ def nbits_weight(B: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | No
         if which.size != K or which.min(initial=0) < 0 or which.max(initial=0) >= blocks:
             raise ValueError("MatMulNBits g_idx")
     mask = np.uint8((1 << bits) - 1)
+    if columns is not None and 4 * len(columns) >= K:  # most columns (a permutation of them all):
+        #   the rows whole, by the block path below, then gathered (cheaper than a gather per code)
+        return np.take(nbits_weight(B, s, zp_rows, g_idx, bits, block, K, N), np.asarray(columns), axis=1)
     if columns is not None:  # the codes of these columns alone (code k: bits k * bits.. of its row),
         #                      and the scales and zero points of the blocks they fall in
         k = np.asarray(columns, dtype=np.int64)
