@@ -88,6 +88,17 @@ def int4_copy(model: onnx.ModelProto, block: int = 32, symmetric: bool = False, 
     return q.model.model
 
 
+def fp16_copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` (one float input and output) with every initializer, its input and output in float16."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for t in out.graph.initializer:
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
+    out.graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    out.graph.output[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    return out
+
+
 # ---- passes ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_matmul_nbits_from_the_quantizer(symmetric):
@@ -343,15 +354,7 @@ def test_lazy_files_get_lazy_canonical_weights(tmp_path, monkeypatch, kind, inli
 
     monkeypatch.setattr(load_module, "LAZY_MIN_TENSOR_BYTES", inline_below)
     reference = _mlp(0)
-    if kind == "int4":
-        model = int4_copy(reference)
-    else:
-        model = onnx.ModelProto()
-        model.CopyFrom(reference)
-        for t in model.graph.initializer:
-            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
-        model.graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT16
-        model.graph.output[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    model = int4_copy(reference) if kind == "int4" else fp16_copy(reference)
     path = tmp_path / "suspect.onnx"
     copy = onnx.ModelProto()
     copy.CopyFrom(model)  # onnx.save moves the copy's data out

@@ -9,12 +9,12 @@ import json
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from onnx_resync.audit.passes.dequantize import nbits_weight
 from onnx_resync.io.lazy import LazyTensor
 
-from test_int4 import _mlp, int4_copy
+from test_int4 import _mlp, fp16_copy, int4_copy
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -119,15 +119,7 @@ def test_the_precision_check_in_blocks_gives_the_report_read_whole(tmp_path, mon
     onnx.save(_mlp(0), str(ref_path), save_as_external_data=True, all_tensors_to_one_file=True, size_threshold=0,
               location="reference.data")
     permuted, _ = permute(_mlp(0, noise=0.3), seed=3)
-    if kind == "int4":
-        model = int4_copy(permuted)
-    else:
-        model = onnx.ModelProto()
-        model.CopyFrom(permuted)
-        for t in model.graph.initializer:
-            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float16), t.name))
-        model.graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT16
-        model.graph.output[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    model = int4_copy(permuted) if kind == "int4" else fp16_copy(permuted)
     path = tmp_path / "suspect.onnx"
     onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, size_threshold=0,
               location="suspect.data")
