@@ -66,6 +66,7 @@ from ..errors import ModelMismatchError, ResyncError, UnsupportedError
 from ..reduce.against import to_reference
 from ..io import WeightStore, load_model, write_text_atomic
 from ..io.lazy import select
+from ..io.prefetch import prefetched
 from ..jsonable import json_safe
 from ..walk import walk
 
@@ -705,9 +706,11 @@ def _precision(ref_store: WeightStore, res_store: WeightStore, alignment: Alignm
         excess_moments = np.zeros(3)  # of the excess where kept: count, sum, sum of squares
         stride = max(1, size // STATISTICS_SAMPLE)
         picked, picked_ref = [], []  # every stride-th element, for the distinct values
-        for (start, r_all), (_, s_all), (_, step_s), (_, step_r) in zip(
-                _flat(ref_store, rw, blocks, transposed), _flat(res_store, rw, blocks, transposed),
-                _flat(steps, rw, blocks, transposed), _flat(ref_steps.steps, rw, blocks, transposed)):
+        pieces = zip(_flat(ref_store, rw, blocks, transposed), _flat(res_store, rw, blocks, transposed),
+                     _flat(steps, rw, blocks, transposed), _flat(ref_steps.steps, rw, blocks, transposed))
+        if len(blocks) > 1:  # the next block read (dequantized, cast, its steps) while this one is checked
+            pieces = prefetched(pieces, depth=1)
+        for (start, r_all), (_, s_all), (_, step_s), (_, step_r) in pieces:
             for a in range(0, r_all.size, PRECISION_CHUNK):
                 piece = slice(a, a + PRECISION_CHUNK)
                 piece_steps = (step_s[piece] if step_s is not None else None,

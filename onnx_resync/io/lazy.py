@@ -170,6 +170,9 @@ class LazyTensor:
     def rows(self, index: np.ndarray) -> np.ndarray:
         """values[index] (entries along the first axis), reading only those rows where the kind
         allows: a saved tensor is produced a piece at a time."""
+        if self.kind == "permuted":  # the source's rows, then its other axes moved
+            piece = self.source.rows(self.index[0][index] if 0 in self.index else index)
+            return self._moved(piece, [(a, idx) for a, idx in self.index.items() if a != 0])
         return self.select([np.asarray(index)])
 
     def pieces(self) -> Iterator[memoryview]:
