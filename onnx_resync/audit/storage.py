@@ -188,14 +188,17 @@ def measure_steps(model: onnx.ModelProto, canon, names, canonicalize, floats: bo
             for a in range(0, b.shape[0], rows):
                 block = slice(a, a + rows)
                 with np.errstate(invalid="ignore", over="ignore"):
-                    d = m[block].astype(np.float32) - b[block]
+                    d = np.subtract(m[block], b[block], dtype=np.float32)
                     if single and signed is not None:
                         signed[block] += d
                     if beyond_sum:  # what moving them all changed beyond the sum of the singles
                         d -= signed[block]
-                    d = np.abs(d)
-                d[~np.isfinite(d)] = np.inf  # an operand clipped at a clamp: the weight is unbounded there
-                total[block] += weight * d
+                    np.abs(d, out=d)
+                    if weight != 1.0:
+                        d *= np.float32(weight)
+                if not np.isfinite(d).all():  # an operand clipped at a clamp: the weight is unbounded there
+                    d[~np.isfinite(d)] = np.inf
+                total[block] += d
 
         for m in moved_stores[:n_colours]:
             add(m, 1.0, single=True)

@@ -154,11 +154,17 @@ class LazyTensor:
             return self.source.select(inner)
         if self.kind == "computed" and self.part is not None and _recent.get(self) is None \
                 and any(i is not None for i in index):
-            out = np.asarray(self.part([None if i is None else np.asarray(i) for i in index]))
-            expected = tuple(n if i is None else len(i) for n, i in zip(self.shape, index))
-            if out.shape != expected:
-                raise ValueError(f"weight {self.name!r}: computed part of shape {out.shape}, expected {expected}")
-            return out.astype(self.dtype, copy=False)
+            index = [None if i is None else np.asarray(i) for i in index]
+            out = _last_part.get(self, index)
+            if out is None:
+                out = np.asarray(self.part(index))
+                expected = tuple(n if i is None else len(i) for n, i in zip(self.shape, index))
+                if out.shape != expected:
+                    raise ValueError(f"weight {self.name!r}: computed part of shape {out.shape}, expected {expected}")
+                out = np.asarray(out, dtype=self.dtype)
+                out.flags.writeable = False  # (handed to every reader of this part: _LastPart)
+                _last_part.put(self, index, out)
+            return out
         return select(self.read(), index)
 
     def grid(self, index: list[np.ndarray]) -> np.ndarray:
@@ -406,3 +412,30 @@ class _Recent:
 
 
 _recent = _Recent()
+
+
+class _LastPart:
+    """The part of a computed tensor computed last (LazyTensor.select), read-only, for a reader that
+    asks for the same part again: the audit's precision check reads a block of the restored weight,
+    then the same block of the suspect's weight for its quantization steps (the same tensor: the
+    restored one is a permutation of it, read at the source's entries)."""
+
+    def __init__(self) -> None:
+        self._item: tuple[LazyTensor, list, np.ndarray] | None = None
+        self._lock = threading.Lock()
+
+    def get(self, lazy: LazyTensor, index: list) -> np.ndarray | None:
+        with self._lock:
+            item = self._item
+        if item is None or item[0] is not lazy or len(item[1]) != len(index):
+            return None
+        same = all(a is b or (a is not None and b is not None and np.array_equal(a, b))
+                   for a, b in zip(item[1], index))
+        return item[2] if same else None
+
+    def put(self, lazy: LazyTensor, index: list, array: np.ndarray) -> None:
+        with self._lock:
+            self._item = (lazy, index, array)
+
+
+_last_part = _LastPart()
