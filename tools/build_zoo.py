@@ -88,6 +88,8 @@ MODELS = ROOT / "models"
 # unpacked there, while the working tree is mid-edit); default: this checkout
 sys.path.insert(0, os.environ.get("ONNX_RESYNC_SRC") or str(ROOT))
 
+from onnx_resync.walk.graph import nested_graphs, subgraphs  # noqa: E402
+
 ZOO_VERSION = 1  # bump when a transform changes: every variant is built again
 DEFAULT_CACHE = Path(os.environ.get("ONNX_RESYNC_ZOO", Path.home() / ".cache" / "onnx-resync" / "zoo"))
 MODEL_NAMES = ["mlp", "vgg", "resnet", "mobilenet", "csp", "transformer", "gru"]
@@ -232,16 +234,6 @@ def t_plain(src, dst, model):
     shutil.copyfile(src, dst)
 
 
-def _subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
-    out = []
-    for a in node.attribute:
-        if a.type == onnx.AttributeProto.GRAPH:
-            out.append(a.g)
-        elif a.type == onnx.AttributeProto.GRAPHS:
-            out.extend(a.graphs)
-    return out
-
-
 def _outer_names(graph: onnx.GraphProto) -> set[str]:
     """Names a graph reads from enclosing scopes (a body's implicit inputs): what its nodes and their
     bodies read that nothing in it defines."""
@@ -249,7 +241,7 @@ def _outer_names(graph: onnx.GraphProto) -> set[str]:
     read = set()
     for n in graph.node:
         read.update(x for x in n.input if x)
-        for g in _subgraphs(n):
+        for g in subgraphs(n):
             read |= _outer_names(g)
         defined.update(n.output)
     return read - defined
@@ -263,7 +255,7 @@ def _topological_shuffle(graph: onnx.GraphProto, rng) -> list[onnx.NodeProto]:
         for o in n.output:
             if o:
                 produced_by[o] = i
-    reads = [set(n.input).union(*(_outer_names(g) for g in _subgraphs(n))) for n in graph.node]
+    reads = [set(n.input).union(*(_outer_names(g) for g in subgraphs(n))) for n in graph.node]
     deps = [{produced_by[x] for x in r if x in produced_by} for r in reads]
     users = [[] for _ in graph.node]
     for i, d in enumerate(deps):
@@ -284,15 +276,6 @@ def _topological_shuffle(graph: onnx.GraphProto, rng) -> list[onnx.NodeProto]:
     return [graph.node[i] for i in order]
 
 
-def _graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
-    """The graph and every body inside it, at any depth."""
-    out = [graph]
-    for n in graph.node:
-        for g in _subgraphs(n):
-            out += _graphs(g)
-    return out
-
-
 def _reorder(src, dst, seed: int, rename: bool):
     """Every graph's nodes (bodies of If/Loop/Scan included) in another valid order; with rename, every
     tensor, node and graph name replaced, the same way in every scope (a body reads outer names)."""
@@ -304,8 +287,8 @@ def _reorder(src, dst, seed: int, rename: bool):
         nodes = _topological_shuffle(g, rng)
         del g.node[:]
         g.node.extend(nodes)
-        todo += [b for n in g.node for b in _subgraphs(n)]
-    graphs = _graphs(mp.graph)
+        todo += [b for n in g.node for b in subgraphs(n)]
+    graphs = list(nested_graphs(mp.graph))
     if rename:
         names = set()
         for g in graphs:

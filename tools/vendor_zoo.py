@@ -37,6 +37,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnx_resync.walk.graph import nested_graphs
+
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("ONNX_RESYNC_VENDOR_ZOO", Path.home() / ".cache/onnx-resync/vendor_zoo"))
 BEGIN, END = "<!-- vendor-zoo:begin -->", "<!-- vendor-zoo:end -->"
@@ -64,15 +66,6 @@ def _module(name: str, path: Path):
     return module
 
 
-def _graphs(g: onnx.GraphProto):
-    """g and every If/Loop/Scan body in it, at any depth."""
-    yield g
-    for n in g.node:
-        for a in n.attribute:
-            for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-                yield from _graphs(sub)
-
-
 def make_twin(src: Path, dst: Path, seed: int = TWIN_SEED) -> None:
     """Every float or int8/uint8 weight (initializer or Constant node, in the main graph and in every
     If/Loop/Scan body: silero_vad_if keeps all its weights in its branches) of 2+ values redrawn with
@@ -81,7 +74,7 @@ def make_twin(src: Path, dst: Path, seed: int = TWIN_SEED) -> None:
     (PARAMETER_INPUTS: Resize scales, Clip bounds, Pad values)."""
     model = onnx.load(str(src))
     rng = np.random.default_rng(seed)
-    graphs = list(_graphs(model.graph))
+    graphs = list(nested_graphs(model.graph))  # (every If/Loop/Scan body too)
     stats = {n.input[i] for g in graphs for n in g.node if n.op_type == "BatchNormalization" for i in (3, 4)
              if len(n.input) > i}
     # an op's parameters, not weights: redrawn Resize scales give shapes ONNX Runtime refuses

@@ -27,6 +27,8 @@ from typing import Callable
 
 import onnx
 
+from . import graph as walk_graph  # (graph.py imports this module: its functions are read when called)
+
 # Ifs tried by rank per model: each trial infers the skeleton a few times per branch. At most
 # MAX_TRIALS, and fewer in a large skeleton: trials x its nodes stays under TRIAL_NODES
 # (silero_vad_if's 700 nodes: all 16; 20,000 nodes: 2). silero_vad_if walks in 1.9 s (0.13 s without)
@@ -76,14 +78,6 @@ def decided_shapes(skeleton: onnx.ModelProto, shapes: dict, values, runs: dict[s
                     and result.type.HasField("tensor_type"):
                 found.append((graph, name, dims, result.type.tensor_type.elem_type))
     return found
-
-
-def _graphs(graph: onnx.GraphProto):
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            for g in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                yield from _graphs(g)
 
 
 def _inline(graph: onnx.GraphProto, chosen: dict[str, bool]) -> bool:
@@ -184,7 +178,7 @@ def _memo_key(skeleton: onnx.ModelProto) -> bytes:
     model = onnx.ModelProto()
     model.CopyFrom(skeleton)
     readers: dict[str, set] = {}
-    for g in _graphs(model.graph):
+    for g in walk_graph.nested_graphs(model.graph):
         for node in g.node:
             for name in node.input:
                 readers.setdefault(name, set()).add(node.op_type)
@@ -196,7 +190,7 @@ def _memo_key(skeleton: onnx.ModelProto) -> bytes:
     def blind(name: str) -> bool:
         return bool(readers.get(name)) and readers[name] <= _VALUE_BLIND
 
-    for g in _graphs(model.graph):
+    for g in walk_graph.nested_graphs(model.graph):
         tensors = [t for t in g.initializer if blind(t.name)]
         tensors += [a.t for n in g.node if n.op_type == "Constant" and n.output and blind(n.output[0])
                     for a in n.attribute if a.name == "value" and a.type == onnx.AttributeProto.TENSOR]
@@ -220,7 +214,7 @@ def _by_rank(skeleton: onnx.ModelProto, shapes: dict, values_of: Callable, infer
         return {}
     base = onnx.ModelProto()
     base.CopyFrom(skeleton)
-    for g in _graphs(base.graph):  # what the file (or an earlier pass) declares is not evidence
+    for g in walk_graph.nested_graphs(base.graph):  # what the file (or an earlier pass) declares is not evidence
         del g.value_info[:]
         for vi in g.output:
             if vi.type.HasField("tensor_type"):
@@ -232,7 +226,7 @@ def _by_rank(skeleton: onnx.ModelProto, shapes: dict, values_of: Callable, infer
         return {}
     runs: dict[str, bool] = {}
     open_ifs = {node.output[0]: ancestors for node, _, ancestors in _ifs(base.graph) if node.output}
-    size = sum(len(g.node) for g in _graphs(base.graph))
+    size = sum(len(g.node) for g in walk_graph.nested_graphs(base.graph))
     for name in [c for c in candidates if c in open_ifs][:min(MAX_TRIALS, TRIAL_NODES // max(size, 1))]:
         refused = {}
         for flag in (True, False):
