@@ -705,7 +705,9 @@ def _precision(ref_store: WeightStore, res_store: WeightStore, alignment: Alignm
         top = max_diff = 0.0
         excess_moments = np.zeros(3)  # of the excess where kept: count, sum, sum of squares
         stride = max(1, size // STATISTICS_SAMPLE)
-        picked, picked_ref = [], []  # every stride-th element, for the distinct values
+        distinct_of = size >= 256 and not (so is not None and so.quantized)  # (a float copy's levels)
+        picked, picked_ref = [], []  # every stride-th element, for the distinct values (copies: a view
+        #                              would keep its whole block alive)
         pieces = zip(_flat(ref_store, rw, blocks, transposed), _flat(res_store, rw, blocks, transposed),
                      _flat(steps, rw, blocks, transposed), _flat(ref_steps.steps, rw, blocks, transposed))
         if len(blocks) > 1:  # the next block read (dequantized, cast, its steps) while this one is checked
@@ -736,9 +738,10 @@ def _precision(ref_store: WeightStore, res_store: WeightStore, alignment: Alignm
                 evidence.add(start + a, r, s, out_of & ~zero)
                 excess = (np.sign(s - r) * np.maximum(diff - bound, 0.0))[~zero]
                 excess_moments += (excess.size, excess.sum(), np.square(excess).sum())
-            first = -start % stride  # this block's first element at a multiple of the stride
-            picked.append(s_all[first::stride])
-            picked_ref.append(r_all[first::stride])
+            if distinct_of:
+                first = -start % stride  # this block's first element at a multiple of the stride
+                picked.append(s_all[first::stride].copy())
+                picked_ref.append(r_all[first::stride].copy())
         total += size
         beyond_at[rw] = (beyond - beyond_before, size)
         differences[rw] = (scale, max_diff)
@@ -758,7 +761,7 @@ def _precision(ref_store: WeightStore, res_store: WeightStore, alignment: Alignm
             spread[shown] = (0.0, size)
         if kind == "scaled":
             scaled[shown] = neurons
-        if size >= 256 and not (so is not None and so.quantized):
+        if distinct_of:
             distinct.append(len(np.unique(np.concatenate(picked))))
             distinct_ref.append(len(np.unique(np.concatenate(picked_ref))))
     beyond_stats = {

@@ -171,7 +171,7 @@ class LazyTensor:
         """values[np.ix_(*index)] (a copy), reading only that sub-grid where the kind allows: samples
         of a huge model cost what they hold."""
         out = self.select(index)
-        return out if out.flags.owndata else np.array(out)
+        return out if out.flags.owndata and out.flags.writeable else np.array(out)  # (a shared part: copied)
 
     def rows(self, index: np.ndarray) -> np.ndarray:
         """values[index] (entries along the first axis), reading only those rows where the kind

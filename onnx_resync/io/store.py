@@ -94,10 +94,6 @@ class WeightStore:
             return LazyTensor.of(tensor).select(index)
         return select(self.get(name), index)
 
-    def rows(self, name: str, index: np.ndarray) -> np.ndarray:
-        """get(name)[index]: entries along the first axis (select)."""
-        return self.select(name, [np.asarray(index)])
-
     def major(self, name: str) -> int:
         """The axis along which a block of the weight is cheapest to read (LazyTensor.major)."""
         tensor = self._tensors[name]
