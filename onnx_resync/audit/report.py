@@ -65,7 +65,7 @@ from .unreached import explained_by_order
 from ..errors import ModelMismatchError, ResyncError, UnsupportedError
 from ..reduce.against import to_reference
 from ..io import WeightStore, load_model, write_text_atomic
-from ..io.lazy import select
+from ..io.lazy import select, through
 from ..io.prefetch import prefetched
 from ..jsonable import json_safe
 from ..walk import walk
@@ -936,7 +936,7 @@ def _names(weights: Mapping, shown: int = 3) -> str:
 def _restored_steps(steps: Steps, alignment: Alignment, ref_walk, rs, ref_store: WeightStore,
                     sus_store: WeightStore) -> LazyMap:
     """The suspect's measured steps in the restored (reference's) layout: aligned as its weights
-    were, then moved by resync's permutations; a block of rows computed alone where it can be."""
+    were, then moved by resync's permutations; a part (a block) computed alone where it can be."""
     from ..permute import apply_moves, slot_indices
 
     names = {rw: sw for rw, sw in alignment.weight_map.items() if sw in steps.steps}
@@ -958,10 +958,8 @@ def _restored_steps(steps: Steps, alignment: Alignment, ref_walk, rs, ref_store:
         mine = moves(weight)
         if any(at is not None for _, at, _ in mine) or sus_store.shape(names[weight]) != ref_store.shape(weight):
             return select(out[weight], index)  # (computed whole, once: the map keeps the last one)
-        moved = {axis: idx for axis, _, idx in mine}
         index = list(index) + [None] * (len(ref_store.shape(weight)) - len(index))
-        source = [moved.get(a) if i is None else (moved[a][i] if a in moved else i) for a, i in enumerate(index)]
-        return step_part(steps.steps, names[weight], source)
+        return step_part(steps.steps, names[weight], through({axis: idx for axis, _, idx in mine}, index))
 
     out = LazyMap(names, restored, restored_part)
     return out

@@ -149,9 +149,7 @@ class LazyTensor:
         module's docstring). Read-only where it is a view of the mapping."""
         index = list(index) + [None] * (len(self.shape) - len(index))
         if self.kind == "permuted":
-            inner = [self.index.get(a) if i is None else (self.index[a][i] if a in self.index else i)
-                     for a, i in enumerate(index)]
-            return self.source.select(inner)
+            return self.source.select(through(self.index, index))
         if self.kind == "computed" and self.part is not None and _recent.get(self) is None \
                 and any(i is not None for i in index):
             index = [None if i is None else np.asarray(i) for i in index]
@@ -236,6 +234,12 @@ class LazyTensor:
 
 
 Index = list  # per axis: an array of entries, or None for the whole axis (LazyTensor.select)
+
+
+def through(moves: dict[int, np.ndarray], index: Index) -> Index:
+    """The source's entries that `index` reads through a permutation (axis -> source entry of each
+    entry, as LazyTensor.index): an axis read whole is read in the permutation's order."""
+    return [moves.get(a) if i is None else (moves[a][i] if a in moves else i) for a, i in enumerate(index)]
 
 
 def select(values: np.ndarray, index: Index) -> np.ndarray:
