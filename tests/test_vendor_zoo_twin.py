@@ -13,6 +13,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from onnx_resync.walk.graph import nested_graphs
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -25,7 +27,7 @@ def _vendor_zoo():
 
 def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     out = {}
-    for g in _vendor_zoo()._graphs(model.graph):
+    for g in nested_graphs(model.graph):
         out.update({t.name: numpy_helper.to_array(t) for t in g.initializer})
         out.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in g.node if n.op_type == "Constant"})
     return out
