@@ -15,13 +15,17 @@ import numpy as np
 TRANSPOSE_TILE = 64
 
 
-def take(a: np.ndarray, index, axis: int = 0) -> np.ndarray:
-    """np.take(a, index, axis=axis): the same values, C-contiguous, read without a copy of all of a."""
+def take(a: np.ndarray, index, axis: int = 0, *, same_layout: bool = False) -> np.ndarray:
+    """np.take(a, index, axis=axis): the same values, C-contiguous, read without a copy of all of a.
+    same_layout: an F-contiguous `a` (a transposed view) gives an F-contiguous answer, the transposed
+    view of its gathered transpose, for a reader that wants it transposed anyway (no copy back and forth)."""
     if a.flags.c_contiguous or a.ndim < 2:
         return np.take(a, index, axis=axis)
     axis = axis % a.ndim
     if a.flags.f_contiguous:  # a transposed view: gather its C-ordered transpose, put the axes back
         out = np.take(a.T, index, axis=a.ndim - 1 - axis)
+        if same_layout:
+            return out.T
         return transposed(out) if out.ndim == 2 else np.ascontiguousarray(out.T)
     return np.ascontiguousarray(a[(slice(None),) * axis + (np.asarray(index),)])
 

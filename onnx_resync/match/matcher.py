@@ -58,6 +58,7 @@ RESCALE_DETECT = 0.1  # |log norm ratio| (against the slot's median) that counts
 RESCALE_ONE_SIDED = float(np.log(1.5))  # a slot this far from its median, the others not: one-sided
 RESCALE_SCALAR_FLOOR = 0.1  # a 1-D slot's ratio counts where its value is at least this x the slot's median
 SAMPLE_COLUMNS = 1024  # the sweep compares large groups on a random sample of feature columns ...
+SAMPLE_FIRST = SAMPLE_COLUMNS // 4  # ... first this many (where every match stands out, enough) ...
 SAMPLE_WORK = 1 << 28  # ... where n * n * feature width exceeds this ...
 SAMPLED_MARGIN = 0.25  # ... and accepts a mutual best there only with this margin (else: full solve)
 # the sweep solves a group on its slots that need no summary alone (no sort of its other slots along
@@ -244,20 +245,28 @@ class _Matcher:
         if self._reads is not None:
             self._reads[gj] = self.perm[gj]
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A weight's shape, the same in both models."""
+        r, s = self.ref.shape(name), self.sus.shape(name)
+        if r != s:
+            raise ModelMismatchError(f"weight {name!r} has shape {list(s)} in the suspect, {list(r)} in the reference")
+        return r
+
     def arrays(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """(reference, suspect) values of a weight, float. Kept for in-memory weights only: a lazy
         weight is mapped again or computed again (io/lazy.py keeps the newest) when asked, never
         held for the whole run (a cast or dequantized huge model would be held whole)."""
         if name in self._arrays:
             return self._arrays[name]
+        self.shape(name)
         r, s = self.ref.get(name), self.sus.get(name)
-        if r.shape != s.shape:
-            raise ModelMismatchError(f"weight {name!r} has shape {list(s.shape)} in the suspect, "
-                                     f"{list(r.shape)} in the reference")
         if self.ref.is_lazy(name) or self.sus.is_lazy(name):
             return r, s  # (as stored: slot_features casts the part it reads, not the whole weight)
         pair = self._arrays[name] = (_as_float(r), _as_float(s))
         return pair
+
+    def _lazy(self, name: str) -> bool:
+        return name not in self._arrays and (self.ref.is_lazy(name) or self.sus.is_lazy(name))
 
     def slot_features(self, gi: int, slot, aligned_only: bool = False):
         """(reference rows, suspect rows): one row per neuron, the suspect in its own order (None if
@@ -273,13 +282,13 @@ class _Matcher:
         A slot in one slice of the weight (slot.at: one direction of an RNN) reads that slice only,
         where the other slices' groups do not reach; a group in one slice seen from a whole-weight
         slot is aligned in its slice, or, unresolved, summarized by sorting the whole axis."""
-        R, S = self.arrays(slot.weight)
-        s = S
+        shape = self.shape(slot.weight)  # (the weight is read once the plan stands: aligned_only may refuse)
         summarize: dict[int, list] = {}
         presort: dict[int, dict] = {}  # axis -> {head group: its positions}, sorted inside each head first
         indexes: dict[int, np.ndarray] = {}  # axis -> gather index aligning the suspect there
         block_sort = False
-        for o in range(R.ndim):
+        sliced_moves: list = []  # (slot of another group in one slice, its permutation): applied in place
+        for o in range(len(shape)):
             index = None
             for hj, hslot in self.axis_groups.get((slot.weight, o), ()):
                 if slot.at is not None and hslot.at not in (None, slot.at):
@@ -306,10 +315,9 @@ class _Matcher:
                 else:
                     self._read(hj)
                 if resolved and sliced:
-                    s = s.copy() if s is S else s
-                    _reindex(*hslot.part(s), hslot.positions, self.perm[hj])
+                    sliced_moves.append((hslot, self.perm[hj]))
                 elif resolved:  # (in the slot's own slice, moving the whole axis
-                    move = np.arange(R.shape[o])   # changes nothing that is read)
+                    move = np.arange(shape[o])   # changes nothing that is read)
                     move[hslot.positions.reshape(-1)] = hslot.positions[self.perm[hj]].reshape(-1)
                     index = move if index is None else index[move]
                 elif aligned_only:
@@ -317,26 +325,35 @@ class _Matcher:
                 elif o == slot.axis:
                     block_sort = True
                 elif sliced:  # sorting the whole axis: invariant to any move in any slice
-                    summarize[o] = [np.arange(R.shape[o])[:, None]]
+                    summarize[o] = [np.arange(shape[o])[:, None]]
                 else:
                     summarize.setdefault(o, []).append(hslot.positions)
             if index is not None:
                 indexes[o] = index
-        if not summarize and not presort and not block_sort and slot.at is None and s is S and \
-                WideSlot.worth(R.shape, slot.axis, slot.positions, WIDE_ENTRIES,
+        if not summarize and not presort and not block_sort and slot.at is None and not sliced_moves and \
+                WideSlot.worth(shape, slot.axis, slot.positions, WIDE_ENTRIES,
                                WIDE_ROWS_BYTES if slot.axis == 0 else WIDE_BYTES):
-            return WideSlot(R, S, slot.axis, slot.positions, indexes)
+            return WideSlot(*self.arrays(slot.weight), slot.axis, slot.positions, indexes)
         n, b = slot.positions.shape
         positions = slot.positions
-        if slot.at is None and positions.size < R.shape[slot.axis]:
+        if slot.at is None and positions.size < shape[slot.axis]:
             # a part of the axis (a head's block): picked first (the suspect through its alignment
-            # there), so that the other axes are aligned and cast on that part only
+            # there), so that the other axes are aligned and cast on that part only; a lazy weight
+            # computes that part alone (a head's columns of a cast or dequantized weight)
             along = indexes.pop(slot.axis, None)
-            R = take(R, positions.reshape(-1), axis=slot.axis)
-            s = take(s, (positions if along is None else along[positions]).reshape(-1), axis=slot.axis)
+            mine, theirs = positions.reshape(-1), (positions if along is None else along[positions]).reshape(-1)
+            if self._lazy(slot.weight) and not sliced_moves:
+                at = [None] * len(shape)
+                R = self.ref.select(slot.weight, at[:slot.axis] + [mine])
+                s = self.sus.select(slot.weight, at[:slot.axis] + [theirs])
+            else:
+                R, s = self._moved(slot.weight, sliced_moves)
+                R, s = take(R, mine, axis=slot.axis, same_layout=True), take(s, theirs, axis=slot.axis, same_layout=True)
             positions = np.arange(n * b).reshape(n, b)
-        for o, index in indexes.items():
-            s = take(s, index, axis=o)
+        else:
+            R, s = self._moved(slot.weight, sliced_moves)
+        for o, index in indexes.items():  # (a dequantized weight, a transposed view, stays one: _rows reads it so)
+            s = take(s, index, axis=o, same_layout=True)
         (r_part, axis), (s_part, _) = slot.part(R), slot.part(s)
         xr, xs = _as_float(_rows(r_part, axis, positions)), _as_float(_rows(s_part, axis, positions))
         gone = [slot.axis] + ([slot.at[0]] if slot.at else [])  # axes not among the other axes
@@ -352,6 +369,15 @@ class _Matcher:
             xr.sort(axis=-1)
             xs.sort(axis=-1)
         return xr.reshape(n, -1), xs.reshape(n, -1)
+
+    def _moved(self, name: str, sliced_moves: list) -> tuple[np.ndarray, np.ndarray]:
+        """(reference, suspect) values of a weight, the suspect's slices moved by sliced_moves (a copy then)."""
+        R, s = self.arrays(name)
+        if sliced_moves:
+            s = s.copy()
+            for hslot, perm in sliced_moves:
+                _reindex(*hslot.part(s), hslot.positions, perm)
+        return R, s
 
     # ---- one group ---------------------------------------------------------------------------
     def features(self, gi: int, aligned_only: bool = False, noise: dict | None = None) -> "_Features | None":
@@ -566,27 +592,36 @@ class _Matcher:
         sampled = width > SAMPLE_COLUMNS and n * n * width > SAMPLE_WORK and (first or not len(rest))
         self._by_first |= sampled and bool(len(rest))  # (a descent solve compares them all)
         if sampled:
-            # an unbiased estimate of every similarity: assignments accepted only with a wide margin
-            # (all pairs exact: it only estimates the runner-ups for the report, a smaller sample)
-            C = f.sampled_gram(SAMPLE_COLUMNS if len(rest) else SAMPLE_COLUMNS // 4, np.random.default_rng(gi),
-                               kernels=False)
+            # an unbiased estimate of every similarity: assignments accepted only with a wide margin,
+            # first on SAMPLE_FIRST columns (a copy's matches stand out there already: an MLP's
+            # 8192 x 8192 product costs a quarter), on SAMPLE_COLUMNS where some neuron does not
+            # (all pairs exact: it only estimates the runner-ups for the report, the small sample)
+            samples = (SAMPLE_FIRST, SAMPLE_COLUMNS) if len(rest) else (SAMPLE_FIRST,)
             margin = max(SAMPLED_MARGIN, margin or 0.0)
         else:
-            C = f.gram(kernels=False)
+            samples = (None,)
             margin = margin or self.margin
         K = _kernel_gram(f.kernels) if f.kernels else None  # (once: the statistics take it out again)
-        if K is not None:
-            C += K
-        settled = n - len(rest)
-        if len(rest):
-            taken = np.zeros(n, dtype=bool)
-            taken[perm[perm >= 0]] = True
-            free = np.flatnonzero(~taken)
+        taken = np.zeros(n, dtype=bool)
+        taken[perm[perm >= 0]] = True
+        free = np.flatnonzero(~taken)
+        for k in samples:
+            C = f.gram(kernels=False) if k is None else \
+                f.sampled_gram(k, np.random.default_rng(gi), kernels=False)
+            if K is not None:
+                C += K
+            settled = n - len(rest)
+            if not len(rest):
+                break
+            final = k == samples[-1]
             # (all of C: itself, not a copy; assign restores what it changes)
             sub, _, _, ok = assign(C if len(rest) == n else np.ascontiguousarray(C[np.ix_(rest, free)]), margin,
-                                   stats=False)
-            perm[rest] = free[sub]
-            settled += ok
+                                   stats=False, solve=final)
+            if final or ok == len(rest):
+                perm[rest] = free[sub]
+                settled += ok
+                break
+            del C
         rows = np.arange(n)
         runner_up, _ = _runner_up(C, rows, perm, columns=False)
         null_cols = _null_columns(n, np.random.default_rng(gi), NULL_COLUMNS_WIDE if f.wide else NULL_COLUMNS)
@@ -970,7 +1005,7 @@ def _put_unit(out: np.ndarray, x: np.ndarray, weight: float) -> None:
 
 
 # ---- assignment ------------------------------------------------------------------------------
-def assign(C: np.ndarray, margin: float = SHORTCUT_MARGIN, stats: bool = True):
+def assign(C: np.ndarray, margin: float = SHORTCUT_MARGIN, stats: bool = True, solve: bool = True):
     """Maximize the total similarity of a bijection rows -> columns.
 
     Rows whose best column picks them back (mutual best) with a gap of at least `margin` to the
@@ -978,7 +1013,8 @@ def assign(C: np.ndarray, margin: float = SHORTCUT_MARGIN, stats: bool = True):
     (scipy.optimize.linear_sum_assignment) runs on the rest only. A few passes over C, no copies
     (C is modified and restored).
     Returns (perm, matched similarity, margin to the runner-up, number settled by the shortcut);
-    stats=False: (perm, None, None, settled), one pass over C fewer.
+    stats=False: (perm, None, None, settled), one pass over C fewer; solve=False: the shortcut alone
+    (perm -1 where it did not settle a row; with stats=False only).
     """
     n = C.shape[0]
     rows = np.arange(n)
@@ -992,6 +1028,8 @@ def assign(C: np.ndarray, margin: float = SHORTCUT_MARGIN, stats: bool = True):
     perm = np.full(n, -1, dtype=np.int64)
     perm[ok] = rbest[ok]
     rest_r = np.flatnonzero(~ok)
+    if len(rest_r) and not solve:
+        return perm, None, None, int(ok.sum())
     if len(rest_r):
         taken = np.zeros(n, dtype=bool)
         taken[perm[ok]] = True
@@ -1032,6 +1070,8 @@ def _rows(a: np.ndarray, axis: int, positions: np.ndarray) -> np.ndarray:
     """(neurons, block, *other axes): each neuron's positions along `axis` (one gather)."""
     n, b = positions.shape
     in_order = positions.size == a.shape[axis] and (positions.reshape(-1) == np.arange(a.shape[axis])).all()
+    if axis == 0 and in_order and a.ndim == 2 and a.flags.f_contiguous and not a.flags.c_contiguous:
+        return _transposed(a.T).reshape((n, b) + a.shape[1:])  # (rows of a transposed view: copied by tiles)
     if axis == 0 and in_order:
         return a.reshape((n, b) + a.shape[1:])  # the neurons are the rows, in order: a view
     if axis == 1 and in_order and a.size == a.shape[0] * a.shape[1]:  # a matrix's columns, in order
