@@ -694,13 +694,22 @@ def _precision(ref_store: WeightStore, res_store: WeightStore, alignment: Alignm
         formats += [f for f in fmt.split(", ") if f != "float32" and f not in formats]
         size = math.prod(layout)
         beyond_before = beyond
+        pieces = zip(_flat(ref_store, rw, blocks, transposed), _flat(res_store, rw, blocks, transposed),
+                     _flat(steps, rw, blocks, transposed), _flat(ref_steps.steps, rw, blocks, transposed))
+        if len(blocks) > 1:  # the next block read (dequantized, cast, its steps) while this one is checked,
+            #                  the first ones while the reference's scale is found
+            pieces = prefetched(pieces, depth=1, now=True)
         scale = 0.0
         moments = np.zeros(2)  # of r: sum, sum of squares
         for _, r_all in _flat(ref_store, rw, blocks, False):  # (any order: a maximum and sums)
             for a in range(0, r_all.size, PRECISION_CHUNK):
-                r = r_all[a:a + PRECISION_CHUNK].astype(np.float64)
-                scale = max(scale, float(np.abs(r).max()))
-                moments += (r.sum(), np.square(r).sum())
+                piece = r_all[a:a + PRECISION_CHUNK]
+                if piece.dtype.kind == "f":  # max |r| in r's own type: the same value, with no float64 copy
+                    scale = max(scale, float(piece.max()), float(-piece.min()))  # (a NaN skipped, as before)
+                r = piece.astype(np.float64)
+                if piece.dtype.kind != "f":
+                    scale = max(scale, float(np.abs(r).max()))
+                moments += (r.sum(), np.square(r, out=r).sum())
         std = math.sqrt(max(moments[1] / size - (moments[0] / size) ** 2, 0.0)) if size else 0.0
         top = max_diff = 0.0
         excess_moments = np.zeros(3)  # of the excess where kept: count, sum, sum of squares
@@ -708,10 +717,6 @@ def _precision(ref_store: WeightStore, res_store: WeightStore, alignment: Alignm
         distinct_of = size >= 256 and not (so is not None and so.quantized)  # (a float copy's levels)
         picked, picked_ref = [], []  # every stride-th element, for the distinct values (copies: a view
         #                              would keep its whole block alive)
-        pieces = zip(_flat(ref_store, rw, blocks, transposed), _flat(res_store, rw, blocks, transposed),
-                     _flat(steps, rw, blocks, transposed), _flat(ref_steps.steps, rw, blocks, transposed))
-        if len(blocks) > 1:  # the next block read (dequantized, cast, its steps) while this one is checked
-            pieces = prefetched(pieces, depth=1)
         for (start, r_all), (_, s_all), (_, step_s), (_, step_r) in pieces:
             for a in range(0, r_all.size, PRECISION_CHUNK):
                 piece = slice(a, a + PRECISION_CHUNK)
@@ -824,8 +829,24 @@ def _flat(source, name: str, blocks: list[tuple[int, list]], transposed: bool):
             values = source[name] if not index else step_part(source, name, index)
         if values is not None:
             values = np.asarray(values)
-            values = (values.T if transposed else values).reshape(-1)
+            values = (_transposed(values) if transposed else values).reshape(-1)
         yield start, values
+
+
+TRANSPOSE_TILE = 16  # rows of a matrix transposed together (_transposed): a cache line of float32 written per row
+
+
+def _transposed(values: np.ndarray) -> np.ndarray:
+    """values.T, contiguous: a view where it is one already (a part computed by columns), else
+    copied TRANSPOSE_TILE source rows at a time (a reference's block of columns: numpy's transposed
+    copy of the whole runs through memory across the rows, several times slower)."""
+    out = values.T
+    if out.flags.c_contiguous or values.ndim != 2:
+        return out
+    out = np.empty(out.shape, values.dtype)
+    for a in range(0, values.shape[0], TRANSPOSE_TILE):
+        out[:, a:a + TRANSPOSE_TILE] = values[a:a + TRANSPOSE_TILE].T
+    return out
 
 
 def _clearly_within(r: np.ndarray, s: np.ndarray, so, ro, steps: tuple, scale: float) -> tuple[float, float] | None:
@@ -840,8 +861,9 @@ def _clearly_within(r: np.ndarray, s: np.ndarray, so, ro, steps: tuple, scale: f
     bound = allowed(r, so, ro, *steps, scale=scale)
     if not bound.min() >= np.finfo(np.float32).tiny:  # (zero, subnormal or NaN somewhere)
         return None
-    diff = np.abs(s - r)
-    ratio = diff / bound
+    diff = np.subtract(s, r)
+    np.abs(diff, out=diff)
+    ratio = np.divide(diff, bound, out=bound)  # (the bound is not read again)
     top32, max32 = ratio.max(), diff.max()
     if not top32 <= 1 - SCREEN_MARGIN:  # (a NaN fails too: the exact check counts it)
         return None

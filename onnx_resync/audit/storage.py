@@ -175,6 +175,16 @@ def measure_steps(model: onnx.ModelProto, canon, names, canonicalize, floats: bo
         each stored tensor, nothing for the ends of the range or a clamp): what the granularity of
         the storage is read from. `index`: the steps at those entries alone (WeightStore.select),
         each store read there only (a dequantized or cast weight computes those entries alone)."""
+        # an axis read whole in another order (a permutation of a restored weight) beside a part of
+        # another: each store read in its own order and the sum gathered once (elementwise: the same
+        # values); the base's part is then the one its reader computed before its gather (LazyTensor.select)
+        gather = [None] * len(base.shape(n))
+        if index is not None:
+            index = list(index) + [None] * (len(gather) - len(index))
+            whole = [i if i is not None and len(i) == dim else None for i, dim in zip(index, base.shape(n))]
+            rest = [None if w is not None else i for i, w in zip(index, whole)]
+            if any(w is not None for w in whole) and any(i is not None for i in rest):
+                gather, index = whole, rest
         read = (lambda store: store.get(n)) if index is None else (lambda store: store.select(n, index))
         b = np.asarray(read(base), dtype=np.float32)
         shape = b.shape
@@ -182,13 +192,14 @@ def measure_steps(model: onnx.ModelProto, canon, names, canonicalize, floats: bo
         total = np.zeros_like(b)
         signed = np.zeros_like(b) if cross else None  # the sum of the singles' changes
         rows = max(1, STEP_BLOCK_ELEMENTS // max(b.shape[1], 1))
+        added = []  # stores added: the first one's changes are written into `total` (0 + d is d)
 
         def add(store: WeightStore, weight: float, single: bool = False, beyond_sum: bool = False) -> None:
             m = np.asarray(read(store)).reshape(b.shape)
             for a in range(0, b.shape[0], rows):
                 block = slice(a, a + rows)
                 with np.errstate(invalid="ignore", over="ignore"):
-                    d = np.subtract(m[block], b[block], dtype=np.float32)
+                    d = np.subtract(m[block], b[block], dtype=np.float32, out=None if added else total[block])
                     if single and signed is not None:
                         signed[block] += d
                     if beyond_sum:  # what moving them all changed beyond the sum of the singles
@@ -196,21 +207,23 @@ def measure_steps(model: onnx.ModelProto, canon, names, canonicalize, floats: bo
                     np.abs(d, out=d)
                     if weight != 1.0:
                         d *= np.float32(weight)
-                if not np.isfinite(d).all():  # an operand clipped at a clamp: the weight is unbounded there
+                if not d.max(initial=0.0) < np.inf:  # (a NaN too) an operand clipped at a clamp: unbounded there
                     d[~np.isfinite(d)] = np.inf
-                total[block] += d
+                if added:
+                    total[block] += d
+            added.append(store)
 
         for m in moved_stores[:n_colours]:
             add(m, 1.0, single=True)
         if singles_only:
-            return total.reshape(shape)
+            return select(total.reshape(shape), gather)
         if cross:  # a quarter of the product of two roundings, in units of a half step
             add(moved_stores[-1], 0.5, beyond_sum=True)
         if edges is not None:
             add(edges, 1.0)
         if clamps is not None:  # the whole change (halved with the steps)
             add(clamps, 2.0)
-        return total.reshape(shape)
+        return select(total.reshape(shape), gather)
 
     measured = [n for n in origins if data[n]]
     out.steps = LazyMap(measured, step, lambda n, index: step(n, index=index))  # (a block: LazyMap.select)
@@ -333,7 +346,11 @@ def allowed(r: np.ndarray, so: WeightOrigin | None, ro: WeightOrigin | None,
             out = out + len(so.sources) * eps * (a + scale)
     for step in (step_s, step_r):
         if step is not None:
-            out = out + HALF_STEP * step
+            term = HALF_STEP * step
+            if isinstance(out, np.ndarray) and out.shape == np.shape(term) and np.result_type(out, term) == out.dtype:
+                out += term  # (in place: the same values, one array fewer)
+            else:
+                out = out + term
     return out
 
 

@@ -153,6 +153,12 @@ class LazyTensor:
         if self.kind == "computed" and self.part is not None and _recent.get(self) is None \
                 and any(i is not None for i in index):
             index = [None if i is None else np.asarray(i) for i in index]
+            # an axis read whole in another order (a permutation) beside a part of another: the part
+            # computed in the stored order, then gathered, so that a reader of the same entries in
+            # that order (the audit's steps) is handed it (_LastPart)
+            whole = [None if i is not None and len(i) == n else i for i, n in zip(index, self.shape)]
+            if any(w is None and i is not None for i, w in zip(index, whole)) and any(w is not None for w in whole):
+                return select(self.select(whole), [i if w is None else None for i, w in zip(index, whole)])
             out = _last_part.get(self, index)
             if out is None:
                 out = np.asarray(self.part(index))
@@ -243,7 +249,9 @@ def through(moves: dict[int, np.ndarray], index: Index) -> Index:
 
 
 def select(values: np.ndarray, index: Index) -> np.ndarray:
-    """values[np.ix_(*index)] with None for a whole axis; a run of entries is sliced (a view)."""
+    """values[np.ix_(*index)] with None for a whole axis; a run of entries is sliced (a view). An
+    array stored by columns (a part computed by rows of its transpose) is gathered in that order,
+    and stays so (numpy's gather writes rows: reading by columns, it runs across memory)."""
     out = values
     for axis, idx in enumerate(index):
         if idx is None:
@@ -251,6 +259,8 @@ def select(values: np.ndarray, index: Index) -> np.ndarray:
         idx = np.asarray(idx)
         if idx.size and idx.ndim == 1 and idx[-1] - idx[0] + 1 == idx.size and (np.diff(idx) == 1).all():
             out = out[(slice(None),) * axis + (slice(int(idx[0]), int(idx[-1]) + 1),)]
+        elif out.ndim > 1 and out.flags.f_contiguous and not out.flags.c_contiguous:
+            out = np.take(out.T, idx, axis=out.ndim - 1 - axis).T
         else:
             out = np.take(out, idx, axis=axis)
     return out

@@ -4,13 +4,16 @@ GIL, so two cores share the work).
 
 Errors raised by the iterator reach the consumer where it would have met them; a consumer that
 stops early (an error of its own, a break) stops the producer, which never runs more than `depth`
-pieces ahead, so at most that many pieces are held at once.
+pieces ahead, so at most that many pieces are held at once. `now`: the producer starts at once, not
+at the first item asked for (a consumer with work of its own before it reads: the first pieces are
+ready then); one dropped before it reads stops the producer too.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import weakref
 from typing import Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -22,8 +25,9 @@ class _Raised:
         self.exc = exc
 
 
-def prefetched(items: Iterable[T], depth: int = 2) -> Iterator[T]:
-    """Yield what `items` yields, computed up to `depth` items ahead in a background thread."""
+def prefetched(items: Iterable[T], depth: int = 2, now: bool = False) -> Iterator[T]:
+    """Yield what `items` yields, computed up to `depth` items ahead in a background thread
+    (started now, or at the first item asked for)."""
     ready: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
@@ -47,7 +51,17 @@ def prefetched(items: Iterable[T], depth: int = 2) -> Iterator[T]:
         put(_DONE)
 
     worker = threading.Thread(target=produce, name="onnx-resync-prefetch", daemon=True)
-    worker.start()
+    consumer = _consumed(ready, stop, worker)
+    if now:
+        worker.start()
+        weakref.finalize(consumer, stop.set)  # (dropped before it ran: its `finally` never runs)
+    return consumer
+
+
+def _consumed(ready: queue.Queue, stop: threading.Event, worker: threading.Thread) -> Iterator:
+    """The consumer's side (the worker started at the first item asked for, unless it runs already)."""
+    if worker.ident is None:
+        worker.start()
     try:
         while True:
             item = ready.get()
