@@ -432,7 +432,8 @@ class _LastPart:
     """The part of a computed tensor computed last (LazyTensor.select), read-only, for a reader that
     asks for the same part again: the audit's precision check reads a block of the restored weight,
     then the same block of the suspect's weight for its quantization steps (the same tensor: the
-    restored one is a permutation of it, read at the source's entries)."""
+    restored one is a permutation of it, read at the source's entries; a whole axis read in another
+    order is kept before its gather, and the steps read it so: storage.measure_steps)."""
 
     def __init__(self) -> None:
         self._item: tuple[LazyTensor, list, np.ndarray] | None = None
