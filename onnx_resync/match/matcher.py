@@ -268,9 +268,10 @@ class _Matcher:
     def _lazy(self, name: str) -> bool:
         return name not in self._arrays and (self.ref.is_lazy(name) or self.sus.is_lazy(name))
 
-    def slot_features(self, gi: int, slot, aligned_only: bool = False):
+    def slot_features(self, gi: int, slot, aligned_only: bool = False, sampled: bool = False):
         """(reference rows, suspect rows): one row per neuron, the suspect in its own order (None if
-        aligned_only and some axis would need a summary).
+        aligned_only and some axis would need a summary). sampled: the caller reads the rows' norms
+        and a sample of their columns only, so rows that are a transposed view stay one (not copied).
 
         Axes of resolved groups are aligned (the suspect reindexed as apply_permutations would; moves
         of groups sharing an axis, heads and the dims inside them, compose); that includes the
@@ -355,7 +356,8 @@ class _Matcher:
         for o, index in indexes.items():  # (a dequantized weight, a transposed view, stays one: _rows reads it so)
             s = take(s, index, axis=o, same_layout=True)
         (r_part, axis), (s_part, _) = slot.part(R), slot.part(s)
-        xr, xs = _as_float(_rows(r_part, axis, positions)), _as_float(_rows(s_part, axis, positions))
+        xr = _as_float(_rows(r_part, axis, positions, copy=not sampled))
+        xs = _as_float(_rows(s_part, axis, positions, copy=not sampled))
         gone = [slot.axis] + ([slot.at[0]] if slot.at else [])  # axes not among the other axes
         for o, blocks in presort.items():
             axis = 2 + o - sum(g < o for g in gone)
@@ -422,7 +424,7 @@ class _Matcher:
                     continue
                 del old
                 mine, self._reads = self._reads, {}  # (what this slot is read with)
-                rows = self.slot_features(gi, slot, aligned_only)
+                rows = self.slot_features(gi, slot, aligned_only, sampled=columns is not None)
                 mine, self._reads = self._reads, mine
                 self._reads.update(mine)
                 if rows is None:
@@ -1066,17 +1068,19 @@ def _reindex(a: np.ndarray, axis: int, positions: np.ndarray, perm: np.ndarray) 
     view[positions.reshape(-1)] = view[positions[perm].reshape(-1)]
 
 
-def _rows(a: np.ndarray, axis: int, positions: np.ndarray) -> np.ndarray:
-    """(neurons, block, *other axes): each neuron's positions along `axis` (one gather)."""
+def _rows(a: np.ndarray, axis: int, positions: np.ndarray, copy: bool = True) -> np.ndarray:
+    """(neurons, block, *other axes): each neuron's positions along `axis` (one gather). A matrix's
+    rows or columns in order are C-ordered rows, copied by tiles where they lie across the storage
+    (copy=False: the transposed view then, for a reader of norms and a sample of columns)."""
     n, b = positions.shape
     in_order = positions.size == a.shape[axis] and (positions.reshape(-1) == np.arange(a.shape[axis])).all()
-    if axis == 0 and in_order and a.ndim == 2 and a.flags.f_contiguous and not a.flags.c_contiguous:
-        return _transposed(a.T).reshape((n, b) + a.shape[1:])  # (rows of a transposed view: copied by tiles)
+    if axis == 0 and in_order and a.ndim == 2 and a.flags.f_contiguous and not a.flags.c_contiguous and copy:
+        return _transposed(a.T).reshape((n, b) + a.shape[1:])  # (rows of a transposed view)
     if axis == 0 and in_order:
         return a.reshape((n, b) + a.shape[1:])  # the neurons are the rows, in order: a view
     if axis == 1 and in_order and a.size == a.shape[0] * a.shape[1]:  # a matrix's columns, in order
         m = a.reshape(a.shape[0], a.shape[1])  # (a transposed view, a dequantized weight: its transpose is C-ordered)
-        return (m.T if m.flags.f_contiguous else _transposed(m)).reshape((n, b) + a.shape[:1] + a.shape[2:])
+        return (m.T if m.flags.f_contiguous or not copy else _transposed(m)).reshape((n, b) + a.shape[:1] + a.shape[2:])
     picked = np.moveaxis(a, axis, 0)[positions.reshape(-1)]
     return picked.reshape((n, b) + picked.shape[1:])
 
