@@ -450,9 +450,10 @@ def _streamed_norms(store: WeightStore, name: str, op: str, prefix: str) -> dict
     for block in blocks:
         m = np.asarray(block, dtype=np.float32)
         m = m.reshape(m.shape[0], -1) if by_rows else m.reshape(-1, shape[-1])
-        sq = np.square(m, dtype=np.float64) if m.dtype != np.float64 else np.square(m)
-        rows.append(sq.sum(axis=1))
-        cols = sq.sum(axis=0) if cols is None else cols + sq.sum(axis=0)
+        # (squares added up in float64 without a float64 copy of the block)
+        rows.append(np.einsum("ij,ij->i", m, m, dtype=np.float64))
+        col = np.einsum("ij,ij->j", m, m, dtype=np.float64)
+        cols = col if cols is None else cols + col
     return {prefix + "rows": np.sort(np.sqrt(np.concatenate(rows))), prefix + "cols": np.sort(np.sqrt(cols))}
 
 
