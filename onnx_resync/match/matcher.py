@@ -203,6 +203,7 @@ class _Matcher:
         self._reads: dict | None = None  # the permutations read by the solve under way
         self._by_first = False  # the solve under way took a first-sweep shortcut (partial, aligned only, sampled)
         self._overlaps: dict = {}  # (id(slot), id(slot)) -> they share a position (_overlap; slots live as long)
+        self._position_sets: dict = {}  # id(slot) -> its positions, a set (_overlap)
 
     def run(self, max_passes: int) -> MatchResult:
         # topological sweep: axes of groups not resolved yet are summarized; large groups are
@@ -236,8 +237,10 @@ class _Matcher:
         """Slots a and b (on one axis of one weight) share some position (once per pair of slots:
         a layer's per-head groups are each read with every other's)."""
         key = (id(a), id(b))
-        if key not in self._overlaps:
-            self._overlaps[key] = bool(np.isin(a.positions, b.positions).any())
+        if key not in self._overlaps:  # (sets of each slot's positions, made once: a pair costs a set test)
+            mine, theirs = (self._position_sets.setdefault(id(x), frozenset(x.positions.reshape(-1).tolist()))
+                            for x in (a, b))
+            self._overlaps[key] = not mine.isdisjoint(theirs)
         return self._overlaps[key]
 
     def _read(self, gj: int) -> None:
