@@ -21,7 +21,7 @@ else; in the first sweep this is tried on the slots that need no summary, a prod
 its norm parameters), then runs a linear assignment on the similarity matrix of the rest, with the
 mutual-best shortcut; the matched pairs measure each slot's noise, and where that noise drowns some
 neuron's slice the group is solved once more with the slots so weighed. A topological sweep gives a starting point (large groups compared on a random
-sample of feature columns, accepted only with a wide margin; a group whose slots that need no
+sample of feature columns, first a quarter of it, accepted only with a wide margin; a group whose slots that need no
 summary place every neuron by a wide margin alone, a residual stream by its embedding and lm_head,
 is *partial*: its other slots are not sorted); then coordinate descent where it is
 needed (uncertain groups, groups answered while a neighbour was summarized unless exact, partial
