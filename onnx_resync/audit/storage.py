@@ -28,6 +28,12 @@ weight it was made from, and in words how it is stored ("int8 per channel", "flo
   +-65504 to +-inf: any larger original) and their elements are allowed that whole change (inf
   where a clipped operand leaves the weight unbounded: an unknown variance folds into any scale).
 
+Where a canonical weight is provably the plain dequantization of stored codes, in the canonical form
+and in every probe's (a lazy MatMulNBits weight that no other pass rewrote: io.lazy's
+LazyTensor.codes, `_derived`), the probes' changes are computed from the codes themselves, by the
+same float operations: the same steps, from one dequantization of the moved codes instead of one
+per probe.
+
 `measure_steps` does the first and the third for a model and its canonical form; `allowed` turns all
 into one bound per element, given the origins of the two weights compared. A step is computed when
 asked for (`LazyMap`: the probes' canonical forms are kept, lazy where the file is), one weight at a
@@ -169,6 +175,9 @@ def measure_steps(model: onnx.ModelProto, canon, names, canonicalize, floats: bo
                 if high.any():
                     out.clipped[t] = (int(high.sum()), float(a[high].max()))
 
+    derived = {n: c for n in origins if (c := _derived(n, data[n], base, [*moved_stores, edges, clamps],
+                                                        colour, stored, readers)) is not None}
+
     def step(n: str, singles_only: bool = False, index: list | None = None) -> np.ndarray:
         """Summed a store at a time (a computed weight is produced whole, once), a block of rows at a
         time: never a float copy per probe. `singles_only`: the single-step probes alone (one step of
@@ -193,6 +202,18 @@ def measure_steps(model: onnx.ModelProto, canon, names, canonicalize, floats: bo
         signed = np.zeros_like(b) if cross else None  # the sum of the singles' changes
         rows = max(1, STEP_BLOCK_ELEMENTS // max(b.shape[1], 1))
         added = []  # stores added: the first one's changes are written into `total` (0 + d is d)
+        if n in derived:  # the probes' changes from the codes (_derived): one more dequantization, not two
+            moved, edge = (x.reshape(b.shape) for x in derived[n].flipped(index or [None] * len(shape)))
+            for a in range(0, b.shape[0], rows):
+                block = slice(a, a + rows)
+                with np.errstate(invalid="ignore", over="ignore"):
+                    d = np.subtract(moved[block], b[block], dtype=np.float32, out=total[block])
+                    np.abs(d, out=d)
+                if not d.max(initial=0.0) < np.inf:
+                    d[~np.isfinite(d)] = np.inf
+                if edges is not None and not singles_only:  # the ends' probe moved them alike: d + d
+                    np.add(d, d, out=d, where=edge[block])
+            return select(total.reshape(shape), gather)
 
         def add(store: WeightStore, weight: float, single: bool = False, beyond_sum: bool = False) -> None:
             m = np.asarray(read(store)).reshape(b.shape)
@@ -241,6 +262,41 @@ def measure_steps(model: onnx.ModelProto, canon, names, canonicalize, floats: bo
             kinds = [k.replace("{granularity}", fallback) for k in kinds]
         out.formats[n] = ", ".join(dict.fromkeys(kinds))
     return out
+
+
+def _derived(n: str, sources: list[str], base: WeightStore, stores: list, colour: dict[str, int],
+             stored: dict[str, onnx.TensorProto], readers):
+    """The codes weight `n` is a plain dequantization of (io.lazy's LazyTensor.codes, as the
+    dequantize pass describes them), where the probes' changes of `n` can be derived from them; else
+    None. Then `n` is, in the canonical form and in every probe's, the same function (`recipe`) of
+    the same stored tensors, of which only the codes are moved, and moved as the codes' own
+    `flipped` moves them: every code's lowest bit (_moved_by_one, the single probe of their colour),
+    the codes at an end of their range alone (_edges_moved). Each element then changes by
+    d = |w(c ^ 1) - w(c)| in the single probe, by the same d in the ends' probe where c is at an
+    end, and not at all in any other probe (0, or inf where d is inf: w(c) not finite), so that
+    the summed step is d, and 2 d at the ends (the same float sums)."""
+    codes = _codes(base, n)
+    if codes is None or sources != [codes.codes] or codes.codes not in stored:
+        return None
+    if stored[codes.codes].data_type != onnx.TensorProto.UINT8 \
+            or _bits(codes.codes, readers) != (codes.bits if codes.bits < 8 else None):
+        return None  # the probes would move the bytes otherwise than `flipped` moves the codes
+    if any(r in colour for r in codes.reads if r != codes.codes):
+        return None  # a probe moves another stored operand
+    key = (codes.codes, codes.reads, codes.recipe, codes.bits)
+    for store in stores:
+        other = None if store is None else _codes(store, n)
+        if store is not None and (other is None or (other.codes, other.reads, other.recipe, other.bits) != key):
+            return None  # a probe's canonical weight is computed otherwise
+    return codes
+
+
+def _codes(store: WeightStore, n: str):
+    """What the lazy weight `n` of `store` says of the codes it dequantizes (LazyTensor.codes), or None."""
+    if n not in store or not store.is_lazy(n):
+        return None
+    lazy = store.reader(n)
+    return lazy.codes if lazy.kind == "computed" else None
 
 
 def _measured(origin: WeightOrigin, stored: dict[str, onnx.TensorProto], floats: bool = True) -> bool:

@@ -12,7 +12,9 @@ the data is. Three kinds:
   source entries they need; a permutation of a permuted tensor is composed onto the first source.
 - *computed*: what a function returns (same shape and dtype): new values set for a lazy weight.
   It may also compute a *part* (`part`: the values at some entries of each axis), so that a sample
-  or a block of rows of a cast or dequantized huge weight costs what it holds, not the whole.
+  or a block of rows of a cast or dequantized huge weight costs what it holds, not the whole. Its
+  maker may say which stored codes it dequantizes (`codes`, opaque here: the audit derives a
+  quantization step from them).
 
 Every kind has a *major* axis: the one along which a block of entries is cheapest to read (its
 entries lie together in storage): 0 for a mapping, the source's for a permutation, and what the
@@ -67,7 +69,7 @@ class LazyTensor:
     """One lazy tensor's data: mapped, permuted or computed (see the module's docstring)."""
 
     __slots__ = ("kind", "name", "shape", "dtype", "nbytes", "location", "offset", "stamp", "source", "index",
-                 "compute", "part", "computed_major")
+                 "compute", "part", "computed_major", "codes")
 
     def __init__(self, kind: str, name: str, shape: tuple[int, ...], dtype: np.dtype, nbytes: int, *,
                  location: str = "", offset: int = 0, stamp: str | None = None,
@@ -80,6 +82,9 @@ class LazyTensor:
         self.compute = compute  # computed: the whole
         self.part = part  # computed, optional: part(index) == select(compute(), index)
         self.computed_major = computed_major  # computed: its major axis (see the module's docstring)
+        # computed, optional, set by its maker: the stored integer codes it dequantizes, as the maker
+        # describes them (audit.storage derives a quantization step from them; opaque here)
+        self.codes = None
 
     @staticmethod
     def of(tensor: onnx.TensorProto) -> "LazyTensor":

@@ -34,6 +34,9 @@ reader may still need the quantized tensor); the pass ends by removing what is t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
@@ -42,6 +45,7 @@ from ..rewrite import STANDARD, Workspace, attr
 from .cleanup import remove_unused
 from .floats import lazy_weight, stored
 from ...io import is_lazy_tensor
+from ...io.lazy import LazyTensor
 from ...walk import registry
 
 MS = "com.microsoft"
@@ -449,7 +453,16 @@ class _Dequantizer:
             # a huge model's weight: checked on its first rows, computed whenever it is read
             _check_nbits(values, bits, block, k, n)
             w_name = ws.new_name(b + "/dequantized")
-            ws.set_constant(w_name, lazy_weight(w_name, (k, n), weight, part, major=1), origin)  # (B: rows of N)
+            t = lazy_weight(w_name, (k, n), weight, part, major=1)  # (B: rows of N)
+
+            def flipped(index) -> tuple[np.ndarray, np.ndarray]:  # part(index) of every code moved by one
+                B, S, Z, G = (stored(v) if v is not None else None for v in values)
+                w, edge = nbits_weight(B, S, Z, G, bits, block, k, n, rows=index[1], columns=index[0], flip=True)
+                return w.T, edge.T
+
+            LazyTensor.of(t).codes = DequantizedCodes(b, tuple(x for x in (b, s, z, g) if x),
+                                                      ("MatMulNBits", s, z, g, bits, block, k, n), bits, flipped)
+            ws.set_constant(w_name, t, origin)
         else:
             w_name = ws.add_constant(b + "/dequantized", np.ascontiguousarray(weight()), origin)
         ws.origins[w_name].steps.append("view MatMulNBits layout [N, K] -> [K, N]")
@@ -743,6 +756,22 @@ class _Dequantizer:
             renamed[x] = y
 
 
+@dataclass(frozen=True)
+class DequantizedCodes:
+    """What a lazy weight says of the stored codes it dequantizes (LazyTensor.codes), each element
+    from one code of `codes`, by a function of `reads` alone that `recipe` names: so that
+    audit.storage may derive the change of storage's probes (every code's lowest bit flipped; the
+    codes at an end of their range alone) from the codes, not from moved copies canonicalized again.
+    `flipped(index)`: (the values at `index` with every code's lowest bit flipped, whether each
+    code is at an end of its range), by the same float operations as the values."""
+
+    codes: str  # the stored tensor of codes
+    reads: tuple[str, ...]  # every stored tensor the values are computed from (codes included)
+    recipe: tuple  # the rest the values depend on (equal recipes: equal functions of `reads`)
+    bits: int  # bits per code (packed several to a byte below 8)
+    flipped: Callable[[list], tuple[np.ndarray, np.ndarray]]
+
+
 def _check_nbits(values, bits: int, block: int, K: int, N: int) -> None:
     """nbits_weight's checks, on shapes and one row (ValueError where it would refuse the node)."""
     B, S, Z, G = values
@@ -770,13 +799,15 @@ def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
 
 def nbits_weight(B: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None, g_idx: np.ndarray | None,
                  bits: int, block: int, K: int, N: int, rows: np.ndarray | None = None,
-                 columns: np.ndarray | None = None) -> np.ndarray:
+                 columns: np.ndarray | None = None, flip: bool = False):
     """MatMulNBits' float weight [N, K]: B [N, k_blocks, block * bits / 8] holds each row's K codes
     in blocks of `block`, low bits first; value (code - zero point) * scale with one scale and zero
     point per (row, block) (block of column k: k // block, or g_idx[k]); zero points packed like B
     ([N, ceil(k_blocks * bits / 8)] uint8) or unpacked floats [N, k_blocks]; default 2^(bits - 1).
     `rows`, `columns`: those entries alone (weight[np.ix_(rows, columns)], the same values), only
-    their rows of B read and only their codes unpacked. ValueError for what it cannot tell (the
+    their rows of B read and only their codes unpacked. `flip`: (the weight of every code with its
+    lowest bit flipped, whether each code is at an end of its range): the values of B moved as
+    storage's probes move them, by the same float operations. ValueError for what it cannot tell (the
     caller leaves the node as it is)."""
     if bits not in (2, 4, 8) or block < 16 or block & (block - 1) or K <= 0 or N <= 0:
         raise ValueError(f"MatMulNBits bits={bits} block_size={block} K={K} N={N}")
@@ -803,11 +834,15 @@ def nbits_weight(B: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | No
     mask = np.uint8((1 << bits) - 1)
     if columns is not None and 4 * len(columns) >= K:  # most columns (a permutation of them all):
         #   the rows whole, by the block path below, then gathered (cheaper than a gather per code)
-        return np.take(nbits_weight(B, s, zp_rows, g_idx, bits, block, K, N), np.asarray(columns), axis=1)
+        whole = nbits_weight(B, s, zp_rows, g_idx, bits, block, K, N, flip=flip)
+        if flip:
+            return tuple(np.take(x, np.asarray(columns), axis=1) for x in whole)
+        return np.take(whole, np.asarray(columns), axis=1)
     if columns is not None:  # the codes of these columns alone (code k: bits k * bits.. of its row),
         #                      and the scales and zero points of the blocks they fall in
         k = np.asarray(columns, dtype=np.int64)
         codes = (B.reshape(N, -1)[:, k * bits // 8] >> (k * bits % 8).astype(np.uint8)) & mask
+        edge = _flipped(codes, mask) if flip else None
         used, group = np.unique(k // block if g_idx is None else which[k], return_inverse=True)
         if zp_rows is None:
             zp = np.float32(1 << (bits - 1))
@@ -815,7 +850,8 @@ def nbits_weight(B: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | No
             zp = ((zp_rows[:, used * bits // 8] >> (used * bits % 8).astype(np.uint8)) & mask)[:, group]
         else:
             zp = zp_rows[:, used][:, group]
-        return (codes.astype(np.float32) - np.asarray(zp, dtype=np.float32)) * s[:, used].astype(np.float32)[:, group]
+        w = (codes.astype(np.float32) - np.asarray(zp, dtype=np.float32)) * s[:, used].astype(np.float32)[:, group]
+        return (w, edge) if flip else w
     s = s.astype(np.float32)
     if zp_rows is None:
         zp = np.float32(1 << (bits - 1))
@@ -829,14 +865,26 @@ def nbits_weight(B: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | No
         codes = np.empty(b.shape + (per,), dtype=np.uint8)
         for j in range(per):
             np.bitwise_and(np.right_shift(b, bits * j), (1 << bits) - 1, out=codes[..., j])
+        edge = _flipped(codes, mask) if flip else None
         w = codes.reshape(N, blocks, block).astype(np.float32)
         w -= zp[..., None] if np.ndim(zp) else zp
         w *= s[..., None]
-        return w.reshape(N, blocks * block)[:, :K]
+        w = w.reshape(N, blocks * block)[:, :K]
+        return (w, edge.reshape(N, blocks * block)[:, :K]) if flip else w
     codes = unpack_codes(B.reshape(N, -1), bits, K)
+    edge = _flipped(codes, mask) if flip else None
     if np.ndim(zp):
         zp = zp[:, which]
-    return (codes.astype(np.float32) - zp) * s[:, which]
+    w = (codes.astype(np.float32) - zp) * s[:, which]
+    return (w, edge) if flip else w
+
+
+def _flipped(codes: np.ndarray, mask: np.uint8) -> np.ndarray:
+    """Flips the lowest bit of every code in place (storage's probe of stored integers); where each
+    was at an end of its range (0 or `mask`: storage's probe of the ends)."""
+    edge = (codes == 0) | (codes == mask)
+    codes ^= np.uint8(1)
+    return edge
 
 
 def _product_of(origin, count: int | None = None) -> bool:
