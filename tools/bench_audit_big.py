@@ -63,6 +63,9 @@ CONFIGS = {
     # 8 key/value heads; an lm_head of its own, where it ties the embedding): 1.5G parameters, a
     # 5.9 GiB reference, a 2.9 GiB fp16 and a 1.7 GiB int4 copy
     "llama1b": dict(hidden=2048, heads=32, inter=8192, layers=16, vocab=128256),
+    # llama1b's width on 2 layers and a small vocabulary: its per-layer costs (32 heads of 64, MLP 8192)
+    # in 20 s, for A/B runs of the matcher (a 0.5 GiB reference)
+    "l2": dict(hidden=2048, heads=32, inter=8192, layers=2, vocab=8000),
     "medium": dict(hidden=1024, heads=8, inter=2816, layers=4, vocab=16000),
     "small": dict(hidden=256, heads=4, inter=704, layers=2, vocab=8000),
     "tiny": dict(hidden=64, heads=4, inter=160, layers=2, vocab=100),
