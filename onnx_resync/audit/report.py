@@ -67,6 +67,7 @@ from ..reduce.against import to_reference
 from ..io import WeightStore, load_model, write_text_atomic
 from ..io.lazy import select, through
 from ..io.prefetch import prefetched
+from ..match.gather import transposed
 from ..jsonable import json_safe
 from ..walk import walk
 
@@ -833,20 +834,11 @@ def _flat(source, name: str, blocks: list[tuple[int, list]], transposed: bool):
         yield start, values
 
 
-TRANSPOSE_TILE = 16  # rows of a matrix transposed together (_transposed): a cache line of float32 written per row
-
-
 def _transposed(values: np.ndarray) -> np.ndarray:
-    """values.T, contiguous: a view where it is one already (a part computed by columns), else
-    copied TRANSPOSE_TILE source rows at a time (a reference's block of columns: numpy's transposed
-    copy of the whole runs through memory across the rows, several times slower)."""
+    """values.T, contiguous: a view where it is one already (a part computed by columns), else a
+    copy by strips of rows (match/gather.transposed: a reference's block of columns)."""
     out = values.T
-    if out.flags.c_contiguous or values.ndim != 2:
-        return out
-    out = np.empty(out.shape, values.dtype)
-    for a in range(0, values.shape[0], TRANSPOSE_TILE):
-        out[:, a:a + TRANSPOSE_TILE] = values[a:a + TRANSPOSE_TILE].T
-    return out
+    return out if out.flags.c_contiguous or values.ndim != 2 else transposed(values)
 
 
 def _clearly_within(r: np.ndarray, s: np.ndarray, so, ro, steps: tuple, scale: float) -> tuple[float, float] | None:
