@@ -52,7 +52,7 @@ import onnx
 from onnx import helper
 
 from ..io import WeightStore, copy_without_payloads, tensor_values
-from ..io.lazy import select
+from ..io.lazy import select, split_whole
 from .rewrite import STANDARD, WeightOrigin
 
 # relative rounding of a value stored in this type (round to nearest), against its float32 form
@@ -190,10 +190,9 @@ def measure_steps(model: onnx.ModelProto, canon, names, canonicalize, floats: bo
         gather = [None] * len(base.shape(n))
         if index is not None:
             index = list(index) + [None] * (len(gather) - len(index))
-            whole = [i if i is not None and len(i) == dim else None for i, dim in zip(index, base.shape(n))]
-            rest = [None if w is not None else i for i, w in zip(index, whole)]
-            if any(w is not None for w in whole) and any(i is not None for i in rest):
-                gather, index = whole, rest
+            split = split_whole(index, base.shape(n))
+            if split is not None:
+                index, gather = split
         read = (lambda store: store.get(n)) if index is None else (lambda store: store.select(n, index))
         b = np.asarray(read(base), dtype=np.float32)
         shape = b.shape

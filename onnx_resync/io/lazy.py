@@ -161,9 +161,9 @@ class LazyTensor:
             # an axis read whole in another order (a permutation) beside a part of another: the part
             # computed in the stored order, then gathered, so that a reader of the same entries in
             # that order (the audit's steps) is handed it (_LastPart)
-            whole = [None if i is not None and len(i) == n else i for i, n in zip(index, self.shape)]
-            if any(w is None and i is not None for i, w in zip(index, whole)) and any(w is not None for w in whole):
-                return select(self.select(whole), [i if w is None else None for i, w in zip(index, whole)])
+            split = split_whole(index, self.shape)
+            if split is not None:
+                return select(self.select(split[0]), split[1])
             out = _last_part.get(self, index)
             if out is None:
                 out = np.asarray(self.part(index))
@@ -251,6 +251,16 @@ def through(moves: dict[int, np.ndarray], index: Index) -> Index:
     """The source's entries that `index` reads through a permutation (axis -> source entry of each
     entry, as LazyTensor.index): an axis read whole is read in the permutation's order."""
     return [moves.get(a) if i is None else (moves[a][i] if a in moves else i) for a, i in enumerate(index)]
+
+
+def split_whole(index: Index, shape: tuple[int, ...]) -> tuple[Index, Index] | None:
+    """(part, gather) where `index` reads some axis whole, in another order (a permutation), beside a
+    part of another axis: select(select(v, part), gather) == select(v, index), the part read in the
+    stored order; None where it does not."""
+    whole = [i is not None and len(i) == n for i, n in zip(index, shape)]
+    if not any(whole) or all(w or i is None for i, w in zip(index, whole)):
+        return None
+    return [None if w else i for i, w in zip(index, whole)], [i if w else None for i, w in zip(index, whole)]
 
 
 def select(values: np.ndarray, index: Index) -> np.ndarray:
