@@ -263,13 +263,14 @@ class _Matcher:
             return self._arrays[name]
         self.shape(name)
         r, s = self.ref.get(name), self.sus.get(name)
-        if self.ref.is_lazy(name) or self.sus.is_lazy(name):
+        if self._lazy(name):
             return r, s  # (as stored: slot_features casts the part it reads, not the whole weight)
         pair = self._arrays[name] = (_as_float(r), _as_float(s))
         return pair
 
     def _lazy(self, name: str) -> bool:
-        return name not in self._arrays and (self.ref.is_lazy(name) or self.sus.is_lazy(name))
+        """The weight stays on disk or is computed when read, in either model (never kept: arrays)."""
+        return self.ref.is_lazy(name) or self.sus.is_lazy(name)
 
     def slot_features(self, gi: int, slot, aligned_only: bool = False, sampled: bool = False):
         """(reference rows, suspect rows): one row per neuron, the suspect in its own order (None if
@@ -347,9 +348,8 @@ class _Matcher:
             along = indexes.pop(slot.axis, None)
             mine, theirs = positions.reshape(-1), (positions if along is None else along[positions]).reshape(-1)
             if self._lazy(slot.weight) and not sliced_moves:
-                at = [None] * len(shape)
-                R = self.ref.select(slot.weight, at[:slot.axis] + [mine])
-                s = self.sus.select(slot.weight, at[:slot.axis] + [theirs])
+                R = self.ref.select(slot.weight, [None] * slot.axis + [mine])
+                s = self.sus.select(slot.weight, [None] * slot.axis + [theirs])
             else:
                 R, s = self._moved(slot.weight, sliced_moves)
                 R, s = take(R, mine, axis=slot.axis, same_layout=True), take(s, theirs, axis=slot.axis, same_layout=True)
